@@ -1,0 +1,55 @@
+"""Device and dtype choice, shared by every command and page."""
+from __future__ import annotations
+
+import torch
+
+from .errors import LabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_devices() -> list[str]:
+    """Devices a user can pick: ``cpu``, each ``cuda:N``, and ``auto`` when a GPU exists."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        out.insert(0, "auto")
+    return out
+
+
+def resolve_device(device: str | None) -> str:
+    """Turn ``None``/``auto``/``cuda``/``cuda:N``/``cpu`` into a concrete device string.
+
+    ``auto`` stays ``auto`` only for Hugging Face loading (accelerate's device_map); everything
+    else needs a single device, so callers that cannot shard get ``cuda:0`` or ``cpu``.
+    """
+    d = (device or "cpu").strip().lower()
+    if d == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if d == "cuda":
+        d = "cuda:0"
+    if d == "cpu":
+        return d
+    if d.startswith("cuda:") and d[5:].isdigit():
+        if not torch.cuda.is_available():
+            raise LabError(f"Device {d} was asked for but no CUDA GPU is visible; use --device cpu.")
+        n = torch.cuda.device_count()
+        if int(d[5:]) >= n:
+            raise LabError(f"Device {d} does not exist: this machine has {n} GPU(s) (cuda:0..cuda:{n - 1}).")
+        return d
+    raise LabError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or auto.")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    if key not in DTYPES:
+        raise LabError(f"Unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))

@@ -1,0 +1,21 @@
+"""User-facing errors.
+
+Every bad input ends in a :class:`LabError` whose message is one sentence saying what to change.
+The CLI prints it and exits with code 2; the app shows it with ``st.error``. Anything else that
+escapes is a bug, not a user mistake.
+"""
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """A problem the user can fix; ``str(err)`` is the message to show them."""
+
+
+class ModelNotAvailableError(LabError):
+    """A model spec that cannot be resolved or fetched (offline, typo, missing folder)."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`LabError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise LabError(message)

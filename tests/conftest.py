@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random GPT-2 / GPT-Neo folders saved with save_pretrained plus a small
+tokenizer trained here, so every test runs offline in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CORPUS = ("Once upon a time there was a little model that learned to speak. "
+          "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+          "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:") * 20
+
+
+def _hf_tokenizer(folder: Path, vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = _hf_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_neo_dir(tmp_path_factory) -> Path:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-neo")
+    tok = _hf_tokenizer(folder)
+    torch.manual_seed(0)
+    # window 8 < context 64 so the local layers' sliding window is exercised
+    cfg = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=4,
+                       num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8,
+                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPTNeoForCausalLM(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gptlab_dir(tmp_path_factory) -> Path:
+    """Our own checkpoint format with real (random) weights and a trained BPE tokenizer."""
+    from core.gpt import GPT, GPTConfig
+    from core.loading import save_checkpoint
+    from core.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("tiny-gptlab")
+    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32))
+    save_checkpoint(folder, model, str(folder / "tokenizer.json"))
+    return folder
