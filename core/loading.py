@@ -161,7 +161,9 @@ def offline_message(spec: str) -> str:
 
 def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
     kwargs = dict(local_files_only=True) if local else {}
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)

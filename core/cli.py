@@ -1,0 +1,269 @@
+"""The command line: ``python -m core <command>``.
+
+Commands are discovered, not listed: every module in :mod:`core.commands` that exposes ``NAME``,
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` becomes a subcommand, so
+adding a command never touches this file. The model flags are declared once here
+(:func:`add_model_args`) and every command that loads a model reuses them with
+:func:`load_from_args`, so ``--model``/``--device``/``--dtype`` mean the same thing everywhere.
+
+Exit codes: 0 success, 1 a check failed (e.g. ``validate``), 2 a usage or input error (one line
+on stderr, ``error: ...``), 130 interrupted with Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+
+from .errors import LabError
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+PROG = "python -m core"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+T = TypeVar("T")
+
+
+class LabArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- discovery ----------------------------------------------------------------------------------
+
+def command_modules() -> list[ModuleType]:
+    """Every command module in :mod:`core.commands`, sorted by command name."""
+    from . import commands
+
+    mods = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if all(hasattr(mod, a) for a in ("NAME", "HELP", "add_arguments", "run")):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: m.NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = LabArgumentParser(prog=PROG, description="GPT Lab: generate, validate, explore consensus, train "
+                                                      "and interpret GPT-style models from the command line.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for mod in command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=_description(mod),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def _description(mod: ModuleType) -> str:
+    doc = (mod.__doc__ or "").strip()
+    return f"{mod.HELP}\n\n{doc}" if doc and doc != mod.HELP else mod.HELP
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except LabError as e:
+        _flush_stdout()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `... | head`: the reader left; stop quietly like other Unix tools
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except KeyboardInterrupt:
+        _flush_stdout()
+        print("\ninterrupted (Ctrl-C).", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            _flush_stdout()
+            print("error: the device ran out of memory; use a smaller model or batch, --dtype bfloat16, "
+                  "or --device cpu.", file=sys.stderr)
+            return 2
+        raise
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+def progress(events: Iterable[T], total: int | None, desc: str = "", *,
+             position: Callable[[T], int | None] | None = None,
+             status: Callable[[T], str | None] | None = None) -> Iterator[T]:
+    """Pass ``events`` through unchanged while drawing a progress bar on stderr.
+
+    Each event moves the bar one step, unless ``position(event)`` gives the absolute count (a
+    training step, say) or ``None`` (the event does not move it). ``status(event)`` may give a
+    short text shown after the bar (a loss). Stopping early (``break``, ``close()``) closes
+    ``events`` as well, so the long job behind it stops with its consumer.
+    """
+    it = iter(events)
+    bar = _Bar(total, desc)
+    try:
+        for ev in it:
+            pos = position(ev) if position is not None else bar.n + 1
+            text = status(ev) if status is not None else None
+            bar.update(pos, text)
+            yield ev
+    finally:
+        bar.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+class _Bar:
+    """tqdm when it is installed (it comes with huggingface_hub), else a plain ``\\r`` line."""
+
+    def __init__(self, total: int | None, desc: str):
+        self.n = 0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._tqdm = None
+            self.total, self.desc, self._last = total, desc, 0.0
+        else:
+            self._tqdm = tqdm(total=total, desc=desc or None, file=sys.stderr, dynamic_ncols=True,
+                              mininterval=0.2, leave=True)
+
+    def update(self, pos: int | None, text: str | None) -> None:
+        if pos is not None:
+            delta, self.n = pos - self.n, pos
+            if self._tqdm is not None:
+                self._tqdm.update(delta)
+        if self._tqdm is not None:
+            if text:
+                self._tqdm.set_postfix_str(text, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= 0.2 or (self.total is not None and self.n >= self.total):
+            self._last = now
+            self._draw(text)
+
+    def _draw(self, text: str | None) -> None:
+        if self.total:
+            frac = min(1.0, self.n / self.total)
+            fill = int(round(30 * frac))
+            line = f"{self.desc} |{'#' * fill}{'-' * (30 - fill)}| {self.n}/{self.total}"
+        else:
+            line = f"{self.desc} {self.n}"
+        sys.stderr.write("\r" + line.strip() + (f"  {text}" if text else ""))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+        else:
+            self._draw(None)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# -- shared model flags ---------------------------------------------------------------------------
+
+def add_device_arg(parser: argparse.ArgumentParser, default: str = "auto", sharded: bool = True) -> None:
+    auto = ("the first GPU when there is one, else cpu; Hugging Face models are spread over all GPUs"
+            if sharded else "the first GPU when there is one, else cpu")
+    parser.add_argument("--device", default=default, metavar="DEVICE",
+                        help=f"cpu, cuda, cuda:N, or auto ({auto}) (default: %(default)s)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
+    """The model flags every model-using command shares, including the reference scripts' spellings."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=default_model, metavar="SPEC",
+                   help="default (the shipped model), a hub id (gpt2, EleutherAI/gpt-neo-125M), a local Hugging "
+                        "Face folder, or a GPT Lab checkpoint folder; with a bare state dict (--weights/--ckpt) "
+                        "it names the architecture (default: %(default)s)")
+    add_device_arg(g)
+    g.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="(default: %(default)s)")
+    g.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
+                   help="use this tokenizer instead of the model's own: a tokenizer.json, a model folder, "
+                        "tiktoken:gpt2, or a hub id")
+    g.add_argument("--checkpoint", "--ckpt", dest="checkpoint", metavar="PATH",
+                   help="load this instead of --model: a GPT Lab checkpoint or run folder (its latest "
+                        "checkpoint), a Hugging Face folder, or a bare GPT-2 state dict (.pt/.safetensors)")
+    g.add_argument("--weights", metavar="FILE|auto",
+                   help="a bare GPT-2 state dict (.pt/.safetensors) with the sizes implied by --model; "
+                        "'auto' loads the model --model names")
+    g.add_argument("--source", choices=("pretrained", "local"),
+                   help="pretrained: load --model; local: load --ckpt/--checkpoint (reference-script spelling)")
+    g.add_argument("--model-version", choices=("gpt2", "gpt3"),
+                   help="accepted for compatibility with the reference generate.py and has no effect: "
+                        "GPT Lab checkpoints carry their own config")
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """A run folder (``runs/<id>``) stands for its newest checkpoint; any other path is itself."""
+    from .loading import is_gptlab_folder
+
+    ckpts = path / "checkpoints"
+    if path.is_dir() and ckpts.is_dir() and not is_gptlab_folder(path):
+        steps = [p for p in ckpts.iterdir() if p.is_dir() and is_gptlab_folder(p)]
+        if not steps:
+            raise LabError(f"Run folder {path} has no checkpoint yet; train longer or pick another run.")
+        return max(steps, key=lambda p: (int(p.name) if p.name.isdigit() else -1, p.name))
+    return path
+
+
+def load_from_args(args: argparse.Namespace) -> "LoadedModel":
+    """The model the shared flags describe (see :func:`add_model_args`)."""
+    from .devices import resolve_device
+    from .loading import load_model
+    from .statedict import load_state_dict_model
+
+    device = getattr(args, "device", "cpu") or "cpu"
+    if device.strip().lower() != "auto":
+        resolve_device(device)  # an unknown or missing device fails before any loading
+    dtype = getattr(args, "dtype", "float32")
+    tokenizer = getattr(args, "tokenizer", None)
+    spec = getattr(args, "model", "default") or "default"
+    checkpoint = getattr(args, "checkpoint", None)
+    weights = getattr(args, "weights", None)
+    source = getattr(args, "source", None)
+    if weights is not None and weights.strip().lower() == "auto":
+        weights = None
+    if checkpoint and weights and Path(checkpoint) != Path(weights):
+        raise LabError("Both --ckpt/--checkpoint and --weights name a file; pass only one of them.")
+    file = checkpoint or weights
+    if source == "local" and not file:
+        raise LabError("--source local loads a local checkpoint; pass it with --ckpt PATH.")
+    if source == "pretrained" and checkpoint:
+        raise LabError("--source pretrained loads --model, but --ckpt was given too; use --source local "
+                       "for a checkpoint or drop --ckpt.")
+    if not file:
+        return load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer)
+    path = Path(file).expanduser()
+    if not path.exists():
+        raise LabError(f"Checkpoint {path} does not exist; check the path.")
+    if path.is_dir():
+        return load_model(str(latest_checkpoint(path)), device=device, dtype=dtype, tokenizer=tokenizer)
+    return load_state_dict_model(path, spec, device=device, dtype=dtype, tokenizer=tokenizer)

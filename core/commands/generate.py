@@ -1,0 +1,217 @@
+"""Greedy decoding, sampling (temperature, top-k, top-p, min-p, repetition penalty) or beam search
+from any model spec. The prompt and completion go to stdout; notes and the timing line to stderr.
+
+Examples:
+  python -m core generate --model gpt2 --prompt "The three laws of robotics are:" --greedy
+  python -m core generate --prompt "ROMEO:" --temperature 0.8 --top-p 0.95 --stream --seed 1
+  python -m core generate --ckpt runs/shakespeare --prompt "To be" --strategy topk --logprobs
+  echo "Once upon a time" | python -m core generate --max-new-tokens 20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TextIO
+
+from ..cli import add_model_args, load_from_args
+from ..errors import LabError
+
+NAME = "generate"
+HELP = "Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities."
+
+STRATEGY_TOP_K = 50    # --strategy topk without --top-k (the reference generate.py's default)
+STRATEGY_TOP_P = 0.9   # --strategy topp without --top-p
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    g = parser.add_argument_group("prompt and output")
+    g.add_argument("--prompt", help="the text to continue (default: read from stdin)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=50,
+                   metavar="K", help="(default: %(default)s)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the completion contains STR (repeatable); the completion ends before it")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--logprobs", action="store_true",
+                   help="print each token's log-probability and the most likely alternatives")
+    g.add_argument("--alternatives", type=int, default=5, metavar="N",
+                   help="alternatives per token for --logprobs and --json (default: %(default)s)")
+    g.add_argument("--perplexity", action="store_true", help="print the prompt's perplexity under the model")
+    g.add_argument("--json", metavar="FILE", help="write the full result (tokens, probabilities, settings) as JSON")
+
+    d = parser.add_argument_group("decoding (default: sampling at temperature 1)")
+    d.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    d.add_argument("--strategy", choices=("greedy", "topk", "topp"),
+                   help=f"reference spelling: greedy = --greedy; topk = sampling with --top-k "
+                        f"(default {STRATEGY_TOP_K}); topp = sampling with --top-p (default {STRATEGY_TOP_P})")
+    d.add_argument("--temperature", type=float, metavar="T", help="divide logits by T (default 1)")
+    d.add_argument("--top-k", "--top_k", dest="top_k", type=int, metavar="K",
+                   help="sample among the K most likely tokens (0 = off)")
+    d.add_argument("--top-p", "--top_p", dest="top_p", type=float, metavar="P",
+                   help="sample from the smallest set of tokens holding probability P (1 = off)")
+    d.add_argument("--min-p", "--min_p", dest="min_p", type=float, metavar="P",
+                   help="drop tokens below P times the top token's probability (0 = off)")
+    d.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
+                   metavar="R", help="make already-seen tokens less likely (>1; default 1 = off)")
+    d.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1, metavar="N",
+                   help="beam search with N beams (deterministic; sampling flags are ignored)")
+    d.add_argument("--length-penalty", dest="length_penalty", type=float, default=1.0, metavar="L",
+                   help="beam scores are sum(logprob) / length**L (default: %(default)s)")
+    d.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: a fresh one, printed)")
+
+
+def sampling_config(args: argparse.Namespace):
+    """The :class:`~core.generation.SamplingConfig` the flags describe (aliases resolved), checked."""
+    from ..generation import SamplingConfig
+
+    if args.greedy and args.strategy in ("topk", "topp"):
+        raise LabError(f"--greedy contradicts --strategy {args.strategy}; drop one of them.")
+    top_k, top_p = args.top_k, args.top_p
+    if args.strategy == "topk" and top_k is None:
+        top_k = STRATEGY_TOP_K
+    if args.strategy == "topp" and top_p is None:
+        top_p = STRATEGY_TOP_P
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=bool(args.greedy or args.strategy == "greedy"),
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p,
+        min_p=0.0 if args.min_p is None else args.min_p,
+        repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
+        stop=list(args.stop or []),
+        seed=args.seed,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        n_alternatives=args.alternatives,
+    )
+    cfg.check()
+    return cfg
+
+
+def ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
+    """Sampling flags that greedy decoding or beam search will not use (for a note, not an error)."""
+    if not (cfg.greedy or cfg.num_beams > 1):
+        return []
+    return ["--" + f.replace("_", "-") for f in SAMPLING_FLAGS if getattr(args, f) is not None]
+
+
+def read_prompt(prompt: str | None, stdin: TextIO | None = None) -> str:
+    """``--prompt``, or all of stdin (one trailing newline dropped) when it is not given."""
+    if prompt is None:
+        stdin = stdin or sys.stdin
+        if stdin is None:
+            raise LabError("No prompt: pass --prompt TEXT or pipe text on stdin.")
+        if stdin.isatty():
+            print("Reading the prompt from stdin (end with Ctrl-D)...", file=sys.stderr)
+        prompt = stdin.read()
+        if prompt.endswith("\n"):
+            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
+    if not prompt.strip():
+        raise LabError("The prompt is empty; pass --prompt TEXT or pipe text on stdin.")
+    return prompt
+
+
+class StreamPrinter:
+    """Prints a growing completion without taking text back: the tail that could still change (an
+    unfinished UTF-8 character, or the start of a stop string) is held until it has settled."""
+
+    def __init__(self, out: TextIO, hold: int):
+        self.out, self.hold, self.shown = out, hold, ""
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.shown += text
+
+    def update(self, completion: str) -> None:
+        safe = completion[:max(0, len(completion) - self.hold)].rstrip("\ufffd")
+        if len(safe) > len(self.shown) and safe.startswith(self.shown):
+            self._write(safe[len(self.shown):])
+
+    def finish(self, completion: str) -> None:
+        if completion.startswith(self.shown):
+            self._write(completion[len(self.shown):])
+
+
+def _pct(p: float) -> str:
+    return f"{p:.1%}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_logprobs(tokens) -> str:
+    """A table of the generated tokens: log-probability, probability and the top alternatives."""
+    rows = [f"{'#':>4}  {'token':<18} {'logprob':>9} {'prob':>7}  alternatives (prob)"]
+    for t in tokens:
+        alts = " | ".join(f"{s!r} {_pct(p)}" for _, s, p in t.alternatives)
+        rows.append(f"{t.index:>4}  {t.text!r:<18} {t.logprob:>9.4f} {_pct(t.prob):>7}  {alts}")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..files import atomic_write_json
+    from ..generation import Finished, Started, TokenEvent, partial_result, stream
+
+    cfg = sampling_config(args)
+    ignored = ignored_flags(args, cfg)
+    if ignored:
+        mode = "--greedy" if cfg.greedy and cfg.num_beams == 1 else "beam search"
+        print(f"note: {mode} ignores {', '.join(ignored)}.", file=sys.stderr)
+    prompt = read_prompt(args.prompt)
+    lm = load_from_args(args)
+    if lm.objective == "diffusion":
+        raise LabError(f"{lm.spec} is a masked-diffusion model; `generate` decodes autoregressive models, "
+                       f"so pick a GPT or GPT-2/Neo model.")
+    if lm.untrained:
+        print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
+
+    out = sys.stdout
+    printer = StreamPrinter(out, max((len(s) for s in cfg.stop), default=1) - 1) if args.stream else None
+    result, tokens, completion = None, [], ""
+    t0 = time.perf_counter()
+    events = stream(lm, prompt, cfg)
+    try:
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                tokens.append(ev.token)
+                completion = ev.completion
+                if printer:
+                    printer.update(completion)
+            elif isinstance(ev, Finished):
+                result = ev.result
+            elif isinstance(ev, Started) and printer:  # the prompt is encoded and fits
+                out.write(prompt)
+                out.flush()
+    except KeyboardInterrupt:
+        events.close()
+        result = partial_result(lm, prompt, cfg, tokens, completion, time.perf_counter() - t0)
+        if printer:
+            printer.finish(result.completion)
+            out.write("\n")
+        if args.json:
+            atomic_write_json(args.json, result.to_json())
+            print(f"wrote the {len(tokens)} tokens generated so far to {args.json}", file=sys.stderr)
+        raise
+    assert result is not None
+
+    if printer:
+        printer.finish(result.completion)
+        out.write("\n")
+    else:
+        print(result.text)
+    if args.logprobs:
+        print()
+        print(format_logprobs(result.tokens))
+    if args.perplexity:
+        ppl = result.prompt_perplexity
+        print(f"prompt perplexity: {ppl:.4f}" if ppl is not None else
+              "prompt perplexity: n/a (the prompt is a single token)")
+    seed = "" if cfg.greedy or cfg.num_beams > 1 else f"; seed {result.settings.get('seed')}"
+    print(f"[{len(result.tokens)} tokens in {result.seconds:.2f}s, {result.tokens_per_s:.1f} tokens/s; "
+          f"stopped by {result.stop_reason}{seed}; model {result.model}]", file=sys.stderr)
+    if args.json:
+        atomic_write_json(args.json, result.to_json())
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,146 @@
+"""Lists the model specs --model accepts here: the shipped `default` (with its card), the known
+hub ids marked cached or not (read from the local Hugging Face cache, never the network), GPT
+Lab checkpoints under runs/*/checkpoints/*, and the architecture presets for training.
+Any other hub id, local Hugging Face folder or checkpoint folder works as a spec too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "models"
+HELP = "List usable model specs: default, known hub ids (cached or not), local checkpoints, presets."
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+PRESET_VOCAB, PRESET_CONTEXT = 50257, 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", default="runs", metavar="DIR",
+                        help="folder of training runs to search for checkpoints (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+
+
+def param_count(cfg) -> int:
+    """Parameters of our GPT for ``cfg``, counted from the shapes (instant even for 175B)."""
+    d, m, b = cfg.d_model, cfg.mlp_expansion, int(cfg.bias)
+    ln = d * (1 + b)
+    block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + (m * d * d + m * d * b) + (m * d * d + d * b)
+    head = 0 if cfg.tie_weights else cfg.vocab_size * d
+    return cfg.vocab_size * d + cfg.block_size * d + cfg.n_layer * block + ln + head
+
+
+def human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def checkpoint_summary(folder: Path) -> dict:
+    """What a GPT Lab model folder's config.json says, without loading any weights."""
+    from ..gpt import GPTConfig
+
+    meta = json.loads((folder / "config.json").read_text())
+    cfg = GPTConfig.from_dict(meta["model"])
+    card = folder / "README.md"
+    title = next((ln.lstrip("# ").strip() for ln in card.read_text(encoding="utf-8").splitlines() if ln.strip()),
+                 None) if card.exists() else None
+    return {"spec": str(folder), "objective": meta.get("objective", "ar"), "untrained": bool(meta.get("untrained")),
+            "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.d_model, "context": cfg.block_size,
+            "vocab": cfg.vocab_size, "causal": cfg.causal, "parameters": param_count(cfg), "card_title": title}
+
+
+def hub_cache_status(repo_id: str) -> bool:
+    """True when config and weights of ``repo_id`` are in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    return cached("config.json") and any(cached(f) for f in WEIGHT_FILES)
+
+
+def find_checkpoints(runs: Path) -> list[dict]:
+    from ..loading import is_gptlab_folder
+
+    found = []
+    for folder in sorted(runs.glob("*/checkpoints/*")):
+        if folder.is_dir() and is_gptlab_folder(folder):
+            try:
+                info = checkpoint_summary(folder)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a checkpoint being written right now
+            info.update(run=folder.parent.parent.name, step=int(folder.name) if folder.name.isdigit() else None)
+            found.append(info)
+    return sorted(found, key=lambda c: (c["run"], c["step"] if c["step"] is not None else -1))
+
+
+def presets() -> list[dict]:
+    from ..gpt import PRESETS, preset_config
+
+    rows = []
+    for name in PRESETS:
+        cfg = preset_config(name, vocab_size=PRESET_VOCAB, block_size=PRESET_CONTEXT)
+        rows.append({"name": name, "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.d_model,
+                     "parameters": param_count(cfg)})
+    return rows
+
+
+def collect(runs: str | Path = "runs") -> dict:
+    """Everything ``models`` shows, as plain data."""
+    from huggingface_hub import constants
+
+    from ..loading import DEFAULT_DIR, KNOWN_HUB_MODELS
+
+    default = checkpoint_summary(DEFAULT_DIR) if (DEFAULT_DIR / "config.json").exists() else None
+    if default is not None:
+        default["spec"] = "default"
+    return {"default": default,
+            "hub_cache": str(constants.HF_HUB_CACHE),
+            "hub": [{"id": m, "cached": hub_cache_status(m)} for m in KNOWN_HUB_MODELS],
+            "checkpoints": find_checkpoints(Path(runs)),
+            "presets": presets(),
+            "preset_vocab": PRESET_VOCAB, "preset_context": PRESET_CONTEXT}
+
+
+def _shape(c: dict) -> str:
+    return (f"{c['layers']} layers, width {c['width']}, {c['heads']} heads, context {c['context']}, "
+            f"vocab {c['vocab']}, {human(c['parameters'])} parameters")
+
+
+def format_models(info: dict, runs: str) -> str:
+    lines = ["Model specs for --model (any other hub id, Hugging Face folder or checkpoint folder works too)", ""]
+    d = info["default"]
+    lines.append("default")
+    if d is None:
+        lines.append("  missing from assets/default: reinstall GPT Lab")
+    else:
+        state = "untrained (random weights: its text is noise)" if d["untrained"] else "trained"
+        lines += [f"  card: {d['card_title'] or 'none'}", f"  state: {state}",
+                  f"  {d['objective']} objective, {_shape(d)}"]
+    lines += ["", f"Hugging Face hub (cache {info['hub_cache']}; offline here, so only cached ones load)"]
+    width = max(len(h["id"]) for h in info["hub"])
+    for h in info["hub"]:
+        lines.append(f"  {h['id']:<{width}}  " + ("cached" if h["cached"] else
+                                                 f"not cached (`hf download {h['id']}` where there is internet)"))
+    lines += ["", f"GPT Lab checkpoints under {runs}/"]
+    if not info["checkpoints"]:
+        lines.append("  none yet (train one with the Training page or `python -m core train`)")
+    for c in info["checkpoints"]:
+        flag = ", untrained" if c["untrained"] else ""
+        lines.append(f"  {c['spec']}  ({c['objective']}{flag}; {_shape(c)})")
+    lines += ["", f"Presets for training (parameters at vocab {info['preset_vocab']}, context {info['preset_context']})",
+              f"  {'name':<14}{'layers':>7}{'heads':>7}{'width':>7}{'parameters':>16}"]
+    for p in info["presets"]:
+        lines.append(f"  {p['name']:<14}{p['layers']:>7}{p['heads']:>7}{p['width']:>7}"
+                     f"{p['parameters']:>16,}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect(args.runs)
+    print(json.dumps(info, indent=2) if args.json else format_models(info, args.runs))
+    return 0

@@ -1,0 +1,54 @@
+"""Loads a GPT-2 model with transformers, converts it to our GPT, and reports: parameter counts,
+weight parity (max |diff| per tensor after the Conv1D transposes), the logit difference on a
+prompt (pass below 1e-4 in float32) and both models' greedy generations side by side.
+Exit code 0 when every check passes, 1 when one fails, 2 for a bad input.
+
+Examples:
+  python -m core validate --model gpt2
+  python -m core validate --model gpt2 --weights data/gpt2_weights.pt --max_new_tokens 70 \\
+      --prompt "The quick brown fox" --gen_prompt "Hello, my name is Larry and"
+  python -m core validate --model path/to/hf-gpt2-folder
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import add_device_arg
+
+NAME = "validate"
+HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, greedy generations."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
+
+    parser.add_argument("--model", default="gpt2", metavar="SPEC",
+                        help="a GPT-2 hub id (gpt2 ... gpt2-xl) or a local Hugging Face GPT-2 folder; with "
+                             "--weights, the architecture of the state dict (default: %(default)s)")
+    parser.add_argument("--weights", metavar="FILE|auto",
+                        help="a bare GPT-2 state dict (.pt/.safetensors) to validate instead of the hub weights; "
+                             "'auto' loads the model --model names")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text for the logit comparison (default: %(default)r)")
+    parser.add_argument("--gen-prompt", "--gen_prompt", dest="gen_prompt", default=DEFAULT_GEN_PROMPT,
+                        help="text both models continue greedily")
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=40,
+                        metavar="K", help="tokens to generate (default: %(default)s)")
+    add_device_arg(parser, default="cpu", sharded=False)
+    parser.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
+                        help="tokenizer to use instead of the model's own")
+    parser.add_argument("--json", metavar="FILE", help="also write the full report (every tensor) as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..files import atomic_write_json
+    from ..validate import format_report, validate_gpt2
+
+    report = validate_gpt2(args.model, prompt=args.prompt, gen_prompt=args.gen_prompt,
+                           max_new_tokens=args.max_new_tokens, weights=args.weights, device=args.device,
+                           tokenizer=args.tokenizer, log=lambda msg: print(f"... {msg}", file=sys.stderr))
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(args.json, report.to_dict())
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if report.passed else 1
