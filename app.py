@@ -1,0 +1,85 @@
+"""GPT Lab, the app: the frame around the workbench pages.
+
+Run with ``streamlit run app.py``. This file owns navigation and the shared sidebar (model picker,
+device, dtype, status); the pages in pages/ are thin views that call into core/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core.devices import available_devices
+from core.loading import KNOWN_HUB_MODELS
+from pages.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, WORKBENCHES, checkpoint_specs,
+                          forget_outcome, load_outcome, spec_label, status_line)
+
+OTHER = "other…"
+CHOICE_KEY = "model_choice"        # the picker's selectbox
+OTHER_KEY = "model_other"          # the picker's free-text spec / path
+_SHOWN_KEY = "_picker_spec"        # the spec the picker showed last run, to notice outside changes
+
+
+def _same_place(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def _sync_picker_from_spec(options: list[str]) -> None:
+    """When a page set ``model_spec`` (e.g. "open in Generate"), point the picker widgets at it
+    before they are drawn."""
+    ss = st.session_state
+    spec = ss.setdefault(SPEC_KEY, "default")
+    if ss.get(_SHOWN_KEY) == spec:
+        return
+    match = next((o for o in options if o == spec), None)
+    if match is None and ("/" in spec or spec.startswith(".")):
+        match = next((o for o in options if o != OTHER and "/" in o and _same_place(o, spec)), None)
+    if match is not None:
+        ss[CHOICE_KEY] = match
+    else:
+        ss[CHOICE_KEY] = OTHER
+        ss[OTHER_KEY] = spec
+    ss[_SHOWN_KEY] = spec
+
+
+def model_sidebar() -> None:
+    ss = st.session_state
+    forget_outcome()
+    options = ["default", *KNOWN_HUB_MODELS, *checkpoint_specs(), OTHER]
+    _sync_picker_from_spec(options)
+    with st.sidebar:
+        st.subheader("Model")
+        choice = st.selectbox("Model", options, key=CHOICE_KEY, format_func=spec_label, label_visibility="collapsed",
+                              help="`default` is the shipped model; hub ids need the Hugging Face cache "
+                                   "(no internet here); runs/… are checkpoints of your training runs.")
+        spec = choice
+        if choice == OTHER:
+            spec = st.text_input("Model spec or path", key=OTHER_KEY, placeholder="gpt2, /path/to/folder, …",
+                                 help="A hub id, a local Hugging Face folder (with config.json), or a GPT Lab "
+                                      "checkpoint folder.").strip()
+        devices = available_devices()
+        if ss.get(DEVICE_KEY) not in devices:
+            ss[DEVICE_KEY] = devices[0]
+        st.selectbox("Device", devices, key=DEVICE_KEY,
+                     help="`auto` spreads a Hugging Face model over the visible GPUs.")
+        st.selectbox("Dtype", DTYPES, key=DTYPE_KEY,
+                     help="16-bit types halve memory; float32 is exact and the only sensible choice on CPU.")
+        if spec:
+            ss[SPEC_KEY] = spec
+            ss[_SHOWN_KEY] = spec
+        model, error = load_outcome()
+        if error:
+            st.error(error)
+        else:
+            st.caption(status_line(model, error))
+
+
+st.set_page_config(page_title="GPT Lab", page_icon=":material/science:", layout="wide")
+pages = [st.Page(HOME.file, title=HOME.title, icon=HOME.icon, default=True)]
+pages += [st.Page(w.file, title=w.title, icon=w.icon) for w in WORKBENCHES if w.exists]
+page = st.navigation(pages)
+model_sidebar()
+page.run()
