@@ -149,6 +149,20 @@ def _prompt_perplexity(prompt_logits: torch.Tensor, ids: torch.Tensor) -> float 
     return float(nll.exp())
 
 
+def _banned_ids(lm: LoadedModel) -> list[int]:
+    """Tokens an autoregressive model must never emit: the diffusion ``<|mask|>`` placeholder,
+    which our shared BPE vocabulary holds but no AR training text contains."""
+    mask = lm.tokenizer.mask_id
+    return [mask] if mask is not None and mask < lm.stack.vocab_size else []
+
+
+def _ban(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    if banned:
+        logits = logits.clone()
+        logits[:, banned] = float("-inf")
+    return logits
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     hits = [text.find(s) for s in stops if s in text]
     return (text[:min(hits)], True) if hits else (text, False)
@@ -180,6 +194,7 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
     tokens: list[TokenInfo] = []
     previous = ids
     completion, reason = "", "max_new_tokens"
+    banned = _banned_ids(lm)
     with torch.inference_mode():
         cache = stack.new_cache()
         prompt_logits = stack.logits(ids, cache=cache)
@@ -189,10 +204,12 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
             for step in range(cfg.max_new_tokens):
                 logp = next_logits.log_softmax(-1)[0]
                 if cfg.greedy:
-                    processed = process_logits(next_logits, previous, repetition_penalty=cfg.repetition_penalty)
+                    processed = process_logits(_ban(next_logits, banned), previous,
+                                               repetition_penalty=cfg.repetition_penalty)
                     tok = int(processed.argmax(-1))
                 else:
-                    processed = process_logits(next_logits, previous, temperature=cfg.temperature, top_k=cfg.top_k,
+                    processed = process_logits(_ban(next_logits, banned), previous, temperature=cfg.temperature,
+                                               top_k=cfg.top_k,
                                                top_p=cfg.top_p, min_p=cfg.min_p,
                                                repetition_penalty=cfg.repetition_penalty)
                     tok = int(torch.multinomial(processed.softmax(-1), 1, generator=gen))
@@ -238,12 +255,13 @@ def _beam_search(lm: LoadedModel, ids_list: list[int], cfg: SamplingConfig) -> l
     logits = logits.repeat(nb, 1)
     finished: list[tuple[float, list[int]]] = []
     prompt_len = len(ids_list)
+    banned = _banned_ids(lm)
 
     def norm(score: float, length: int) -> float:
         return score / max(length, 1) ** cfg.length_penalty
 
     for step in range(cfg.max_new_tokens):
-        logp = process_logits(logits, seqs, repetition_penalty=cfg.repetition_penalty).log_softmax(-1)
+        logp = process_logits(_ban(logits, banned), seqs, repetition_penalty=cfg.repetition_penalty).log_softmax(-1)
         cand = (scores[:, None] + logp).view(-1)              # (nb * V)
         top = torch.topk(cand, 2 * nb)
         V = logp.shape[-1]

@@ -195,3 +195,22 @@ def test_bad_prompts(tiny_gptlab_dir):
         generate(lm, "   ", SamplingConfig())
     with pytest.raises(LabError, match="context"):
         generate(lm, "word " * 200, SamplingConfig(max_new_tokens=1))
+
+
+def test_mask_token_never_sampled_by_autoregressive_models(tiny_gptlab_dir):
+    lm = load_model(str(tiny_gptlab_dir))
+    mask = lm.tokenizer.mask_id
+    assert mask is not None
+    unembed = lm.stack.unembed
+
+    def mask_loving(h):  # make <|mask|> overwhelmingly likely under the raw model
+        logits = unembed(h)
+        logits[..., mask] += 100.0
+        return logits
+
+    lm.stack.unembed = mask_loving
+    assert int(lm.stack.logits(torch.tensor([lm.tokenizer.encode(PROMPT)]))[0, -1].argmax()) == mask
+    lm.tokenizer.eos_id = None
+    for cfg in (SamplingConfig(max_new_tokens=8, greedy=True), SamplingConfig(max_new_tokens=8, seed=1),
+                SamplingConfig(max_new_tokens=3, num_beams=3)):
+        assert mask not in [t.token_id for t in generate(lm, PROMPT, cfg).tokens]
