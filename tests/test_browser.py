@@ -1,0 +1,135 @@
+"""The running app in a real browser: headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright; never a browser download) against `streamlit run app.py` on localhost.
+
+Each page is opened, its main action done with the default model, and checked for the expected
+elements and for the absence of Streamlit's exception box. Screenshots land in
+$GPTLAB_SCREENSHOTS (the README's docs/screenshots when set) or the test's tmp folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)")
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTLAB_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode(errors="replace")[-2000:])
+    yield url, port
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1100})
+    pg = ctx.new_page()
+    yield pg
+    ctx.close()
+
+
+def _shots(tmp_path) -> Path:
+    out = Path(os.environ.get("GPTLAB_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _settle(page, timeout=60_000):
+    """Wait until Streamlit has finished running the script (no running indicator)."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
+    page.wait_for_function(
+        "() => { const w = document.querySelector('[data-testid=\"stStatusWidget\"]');"
+        " return !w || !(w.innerText.includes('Running') || w.innerText.includes('Stop')); }",
+        timeout=timeout)
+    page.wait_for_timeout(500)
+
+
+def _no_exception(page):
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_server_listens_on_localhost_only(server):
+    _, port = server
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("ss is not available")
+    addrs = {line.split()[3].rsplit(":", 1)[0] for line in out.stdout.splitlines() if line.strip()}
+    assert addrs and addrs <= {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}, addrs
+
+
+def test_home_shows_the_model_card(server, page, tmp_path):
+    url, _ = server
+    page.goto(url)
+    page.get_by_text("Parameters").first.wait_for(timeout=90_000)
+    _settle(page)
+    body = page.inner_text("body")
+    assert "GPT Lab" in body and "Parameters" in body and "Generate" in body
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "home.png"), full_page=True)
+
+
+def test_generate_streams_tokens_and_shows_the_token_view(server, page, tmp_path):
+    url, _ = server
+    page.goto(f"{url}/generate")
+    prompt = page.get_by_role("textbox", name="Prompt")
+    prompt.wait_for(timeout=90_000)
+    _settle(page)
+    prompt.fill("ROMEO:")
+    page.get_by_role("spinbutton", name="Max new tokens").fill("12")
+    page.keyboard.press("Tab")
+    _settle(page)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("Prompt perplexity").wait_for(timeout=90_000)
+    _settle(page)
+    body = page.inner_text("body")
+    assert "Stopped by" in body and "max new tokens" in body
+    assert page.locator("span[title]").count() >= 12  # one coloured span per generated token
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "generate.png"), full_page=True)
