@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import KVCache, attend, merge_heads, split_heads
 from .errors import LabError
@@ -212,7 +213,22 @@ class GPTLabStack(LayerStack):
         return self.blocks[i].attn(x, cache, i)
 
 
-class GPT2Stack(LayerStack):
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class _HFMLPMixin:
+    """GPT-2 and GPT-Neo MLPs (c_fc -> act -> c_proj -> dropout) with the tanh GELU as one fused
+    call: transformers' ``gelu_new`` is the same formula written as a chain of Python-level ops,
+    about a tenth of a CPU block's time."""
+
+    def mlp(self, i: int):
+        m = self.blocks[i].mlp
+        if getattr(self.model.config, "activation_function", None) not in _TANH_GELU:
+            return m
+        return lambda x: m.dropout(m.c_proj(F.gelu(m.c_fc(x), approximate="tanh")))
+
+
+class GPT2Stack(_HFMLPMixin, LayerStack):
     """Hugging Face GPT2LMHeadModel (Conv1D projections)."""
 
     family = "gpt2"
@@ -247,7 +263,7 @@ class GPT2Stack(LayerStack):
         return attn.resid_dropout(attn.c_proj(merge_heads(y)))
 
 
-class GPTNeoStack(LayerStack):
+class GPTNeoStack(_HFMLPMixin, LayerStack):
     """Hugging Face GPTNeoForCausalLM: unscaled attention in float32, local layers with a window."""
 
     family = "gpt_neo"

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: one thread beats two that wait on each other
 
 CORPUS = ("Once upon a time there was a little model that learned to speak. "
           "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
