@@ -1,0 +1,721 @@
+"""Consensus: apply a model's layer stack again and again and watch its tokens converge, live.
+
+Three modes share one set of charts: a consensus run (core.consensus.consensus_stream), consensus
+decoding (consensus_decode_stream) and the paper's continuous-time model (core.simulation). All
+the math is in core; this page collects settings, streams the events into live views and keeps
+every finished, stopped or failed run in ``st.session_state[RUNS_KEY]`` as a dict
+``{"label", "kind": "run" | "decode" | "sim", "status": "finished" | "stopped" | "failed",
+"result", "error", "tokens", "settings"}`` so earlier runs can be overlaid and downloaded.
+
+Stop: pressing any button reruns the script, and Streamlit aborts the running loop at its next
+call into Streamlit. The engines fill their result objects in place, and the loop's ``finally``
+archives what was computed (``result.trimmed()``), so a stopped run stays on screen and
+downloadable. A run whose loop could not even reach ``finally`` is settled on the next run from
+``st.session_state[LIVE_KEY]``, set when the run started.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.consensus import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
+                            Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
+                            estimate_bytes, random_prompt_ids)
+from core.consensus_io import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
+                               texts_array)
+from core.consensus_metrics import STAT_NAMES
+from core.errors import LabError
+from core.loading import LoadedModel
+from core.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
+from pages.common import current_model, ensure_frame, spec_label
+
+RUNS_KEY = "cons_runs"        # archived runs, oldest first
+LIVE_KEY = "cons_live"        # the run in progress (its result is filled in place)
+SHOW_KEY = "cons_show"
+OVERLAY_KEY = "cons_overlay"
+MAX_RUNS = 12                 # older runs are dropped (a run with cosine matrices can be large)
+HEATMAP_TOKENS = 128          # tokens shown in the cosine heatmap at most
+MAX_EVENTS = 2000             # progress events per run: Stop is noticed at the next one
+REDRAW_S = 0.5                # the live chart is redrawn at most this often
+STOP_WAIT_S = 20.0            # how long a new script run waits for a stopping run to hand its result over
+
+MODE_RUN, MODE_DECODE, MODE_SIM = "Consensus run", "Consensus decoding", "Simulation"
+DEFAULT_PROMPTS = "The quick brown fox jumps over the lazy dog.\nTo be, or not to be, that is the question."
+SERIES_LABELS = {
+    "metric": "1 - mean |cos(h0, hj)| (the scripts' metric)",
+    "mean_cosine": "mean pairwise cosine",
+    "mean_dot": "mean pairwise dot product",
+    "effective_rank": "effective rank of the token cloud",
+    "centroid_distance": "mean distance to the centroid",
+}
+AXIS_TITLES = {"metric": "1 - mean |cos(h0, hj)|", "mean_cosine": "mean pairwise cosine",
+               "mean_dot": "mean pairwise dot", "effective_rank": "effective rank",
+               "centroid_distance": "distance to centroid"}
+REINIT_LABELS = {"none": "none", "once": "once (--randominit)", "iteration": "after each iteration (--fullrandom)",
+                 "block": "after each block (--const-reset)"}
+REINIT_TAGS = {"none": "", "once": " randominit", "iteration": " fullrandom", "block": " const-reset"}
+KEEP = dict(persist_state="session")  # control values survive mode and page switches
+
+
+@dataclass
+class Request:
+    """A run the controls describe: ``start()`` checks everything and returns the event stream
+    (raising :class:`LabError` for bad settings); ``record_key`` is its record-every widget."""
+
+    kind: str
+    label: str
+    start: Callable[[], Iterator]
+    record_key: str
+    settings: dict
+
+
+# -- controls --------------------------------------------------------------------------------------
+
+def _default(key: str, value) -> None:
+    """Defaults through session state, so callbacks may change these widgets without a warning."""
+    st.session_state.setdefault(key, value)
+
+
+def prompt_controls(lm: LoadedModel | None) -> tuple[str, list[str], int, int]:
+    """The prompt source and its values: ``(source, typed prompts, random N, random L)``."""
+    source = st.radio("Prompts", ["typed", "random"], horizontal=True, key="cons_source", **KEEP,
+                      format_func={"typed": "typed, one per line", "random": "random tokens (N x L)"}.get)
+    typed, n, length = [], 4, 16
+    if source == "typed":
+        text = st.text_area("Prompts, one per line", DEFAULT_PROMPTS, key="cons_prompts", height=100, **KEEP,
+                            help="Each line is one prompt; lines of different token lengths run as separate batches.")
+        typed = [line for line in text.splitlines() if line.strip()]
+    else:
+        c1, c2 = st.columns(2)
+        n = c1.number_input("Random prompts N", 1, 1024, 4, key="cons_rand_n", **KEEP)
+        length = c2.number_input("Tokens per prompt L", 1, 100_000, 16, key="cons_rand_len", **KEEP,
+                                 help="Token ids drawn uniformly from the vocabulary, seeded by the seed below.")
+    return source, typed, int(n), int(length)
+
+
+def stack_controls() -> dict:
+    """The switches a consensus run and consensus decoding share."""
+    _default("cons_record_every", 1)
+    c = st.columns(4)
+    iterations = c[0].number_input("Iterations N", 1, 10_000_000, 20, key="cons_iterations", **KEEP,
+                                   help="One iteration is every block once, in order, then the final norm.")
+    reinit = c[1].selectbox("Re-initialise weights", list(REINIT_LABELS), key="cons_reinit", **KEEP,
+                            format_func=REINIT_LABELS.get,
+                            help="Random weights with the seed (once), SEED+i+1 after iteration i, or SEED+s after "
+                                 "layer-step s; the loaded weights are put back afterwards.")
+    seed = c[2].number_input("Seed", 0, 2**31 - 1, 42, key="cons_seed", **KEEP)
+    record_every = c[3].number_input("Record every k-th layer-step", 1, 10_000_000, key="cons_record_every", **KEEP,
+                                     help="Keep layer-steps 0, k, 2k, ... and the last; for long runs.")
+    skip_mlp = st.toggle("Skip MLPs (--noff)", key="cons_noff", **KEEP,
+                         help="Drop every block's feed-forward sublayer: attention and norms only.")
+    return dict(iterations=int(iterations), reinit=reinit, seed=int(seed), record_every=int(record_every),
+                skip_mlp=bool(skip_mlp))
+
+
+def parse_iterations(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    try:
+        return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
+    except ValueError:
+        raise LabError(f"Decode iterations are comma-separated whole numbers like 0,4,9 (got '{text}').") from None
+
+
+def _prompts_for(lm: LoadedModel, source: str, typed: list[str], n: int, length: int, seed: int):
+    return random_prompt_ids(lm, n, length, seed) if source == "random" else typed
+
+
+def _model_label(lm: LoadedModel, source: str, n: int, length: int, s: dict) -> str:
+    label = f"{spec_label(lm.spec)} N={s['iterations']}" + (" noff" if s["skip_mlp"] else "") + REINIT_TAGS[s["reinit"]]
+    if source == "random":
+        label += f" random {n}x{length}"
+    if source == "random" or s["reinit"] != "none":
+        label += f" seed={s['seed']}"
+    return label
+
+
+def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, length: int,
+                      cfg: ConsensusConfig, new_tokens: int = 0) -> None:
+    lengths = [length] * n if source == "random" else [len(lm.tokenizer.encode(p)) for p in typed]
+    if not lengths or not all(lengths):
+        return
+    lengths = [t + new_tokens for t in lengths]
+    need = estimate_bytes(lengths, lm.stack.n_layer, lm.stack.d_model, cfg, new_tokens)
+    steps = cfg.iterations * lm.stack.n_layer
+    span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
+    st.caption(f"{len(lengths)} prompt(s) of {span} tokens · {steps:,} layer-steps per "
+               f"{'new token' if new_tokens else 'prompt'} · records about {_fmt_bytes(need)} "
+               f"(budget {_fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
+
+
+def run_controls(lm: LoadedModel | None) -> Request | None:
+    source, typed, n, length = prompt_controls(lm)
+    s = stack_controls()
+    c1, c2 = st.columns([1, 2])
+    matrix = c1.toggle("Token cosine matrices", key="cons_matrix", **KEEP,
+                       help="Record the T x T cosine matrix at every recorded layer-step (heatmap, --matrixerror).")
+    decode_text = c2.text_input("Logit-lens decoding after iterations", "", key="cons_decode", **KEEP,
+                                placeholder="e.g. 0,4,9 (0-based)",
+                                help="The argmax token at every position after these iterations' final norm.")
+    if lm is None:
+        return None
+
+    def config() -> ConsensusConfig:
+        return ConsensusConfig(iterations=s["iterations"], skip_mlp=s["skip_mlp"], reinit=s["reinit"], seed=s["seed"],
+                               record_every=s["record_every"], matrix=bool(matrix),
+                               decode_iterations=parse_iterations(decode_text), max_events=MAX_EVENTS)
+
+    try:
+        _estimate_caption(lm, source, typed, n, length, config())
+    except LabError:
+        pass  # shown when Run is pressed
+
+    def start():
+        return consensus_stream(lm, _prompts_for(lm, source, typed, n, length, s["seed"]), config())
+
+    settings = dict(s, matrix=bool(matrix), decode=decode_text, prompts=source)
+    return Request("run", _model_label(lm, source, n, length, s), start, "cons_record_every", settings)
+
+
+def decode_controls(lm: LoadedModel | None) -> Request | None:
+    source, typed, n, length = prompt_controls(lm)
+    s = stack_controls()
+    c = st.columns(3)
+    k = c[0].number_input("New tokens K", 1, 100_000, 10, key="cons_new_tokens", **KEEP,
+                          help="Each new token is sampled after a full consensus run over the whole sequence.")
+    top_p = c[1].slider("Top-p", 0.01, 1.0, 0.8, step=0.01, key="cons_top_p", **KEEP,
+                        help="Nucleus sampling from the final state; 1 turns it off.")
+    temperature = c[2].number_input("Temperature", 0.0, 10.0, 1.0, step=0.05, key="cons_temperature", **KEEP)
+    if lm is None:
+        return None
+    cfg = ConsensusConfig(iterations=s["iterations"], skip_mlp=s["skip_mlp"], reinit=s["reinit"], seed=s["seed"],
+                          record_every=s["record_every"], max_events=MAX_EVENTS)
+    decode = DecodeConfig(new_tokens=int(k), top_p=float(top_p), temperature=float(temperature), seed=s["seed"])
+    try:
+        _estimate_caption(lm, source, typed, n, length, cfg, int(k))
+    except LabError:
+        pass
+
+    def start():
+        return consensus_decode_stream(lm, _prompts_for(lm, source, typed, n, length, s["seed"]), cfg, decode)
+
+    label = _model_label(lm, source, n, length, s) + f" decode K={int(k)} top-p={float(top_p):g}"
+    settings = dict(s, new_tokens=int(k), top_p=float(top_p), temperature=float(temperature), prompts=source)
+    return Request("decode", label, start, "cons_record_every", settings)
+
+
+def sim_controls(lm: LoadedModel | None) -> Request:
+    st.markdown(r"The paper's continuous-time model: $n$ tokens on the unit sphere in $\mathbb{R}^d$, each moving "
+                r"along the tangent projection of its attention-weighted average, "
+                r"$\dot x_i = P_{x_i}\big(\sum_j \operatorname{softmax}_j(\beta\langle Qx_i, Kx_j\rangle)\,Vx_j\big)$, "
+                r"$P_x(y) = y - \langle x, y\rangle x$. One integration step stands where a layer-step does, so "
+                r"the charts line up with model runs.")
+    _default("sim_record_every", 1)
+    c = st.columns(4)
+    tokens = c[0].number_input("Tokens n", 2, 4096, 32, key="sim_tokens", **KEEP)
+    qkv_kind = c[1].selectbox("Q, K, V", ["identity", "random", "layer"], key="sim_qkv", **KEEP,
+                              format_func={"identity": "identity", "random": "random (seeded)",
+                                           "layer": "a layer of the loaded model"}.get)
+    qkv = qkv_kind
+    if qkv_kind == "layer":
+        if lm is None:
+            c[2].caption("Load a model in the sidebar to take Q, K, V from one of its layers.")
+        else:
+            layer = c[2].number_input("Layer", 0, lm.stack.n_layer - 1, 0, key="sim_layer", **KEEP)
+            head = c[3].selectbox("Head", ["all"] + list(range(lm.stack.n_head)), key="sim_head", **KEEP,
+                                  format_func=lambda h: "all (averaged scores, V = W_O W_V)" if h == "all" else str(h))
+            qkv = f"layer:{int(layer)}" + ("" if head == "all" else f":{head}")
+            st.caption(f"d = the model's width, {lm.stack.d_model}.")
+    else:
+        dim = c[2].number_input("Dimension d", 2, 65536, 16, key="sim_dim", **KEEP)
+    c = st.columns(4)
+    dt = c[0].number_input("Step size dt", 0.0, 100.0, 0.1, step=0.01, format="%.4f", key="sim_dt", **KEEP)
+    beta = c[1].number_input("beta (inverse temperature)", -1000.0, 1000.0, 1.0, step=0.1, key="sim_beta", **KEEP)
+    steps = c[2].number_input("Steps", 1, 10_000_000, 200, key="sim_steps", **KEEP)
+    integrator = c[3].selectbox("Integrator", INTEGRATORS, index=1, key="sim_integrator", **KEEP,
+                                help="Each step is followed by re-projection onto the sphere.")
+    c = st.columns(4)
+    batch = c[0].number_input("Initial conditions", 1, 1024, 4, key="sim_inits", **KEEP,
+                              help="Independent random clouds, integrated as one batch.")
+    seed = c[1].number_input("Seed", 0, 2**31 - 1, 42, key="sim_seed", **KEEP)
+    record_every = c[2].number_input("Record every k-th step", 1, 10_000_000, key="sim_record_every", **KEEP)
+    causal = c[3].toggle("Causal (masked) attention", key="sim_causal", **KEEP)
+    matrix = st.toggle("Token cosine matrices", key="sim_matrix", **KEEP)
+    cfg = SimulationConfig(tokens=int(tokens), dim=int(dim) if qkv_kind != "layer" else 16, qkv=qkv, dt=float(dt),
+                           beta=float(beta), steps=int(steps), seed=int(seed), batch=int(batch),
+                           integrator=integrator, causal=bool(causal), record_every=int(record_every),
+                           matrix=bool(matrix), max_events=MAX_EVENTS)
+
+    def start():
+        if qkv_kind == "layer" and lm is None:
+            raise LabError("Q, K, V from a layer need a loaded model; pick one in the sidebar or use identity/random.")
+        return simulation_stream(cfg, lm=lm if qkv_kind == "layer" else None,
+                                 device=lm.stack.device if lm is not None else None)
+
+    label = cfg.label()
+    if qkv_kind == "layer" and lm is not None:
+        label = label.replace(f" d={cfg.dim}", f" d={lm.stack.d_model}") + f" of {spec_label(lm.spec)}"
+    return Request("sim", label + f" seed={int(seed)}", start, "sim_record_every",
+                   dict(tokens=int(tokens), qkv=qkv, dt=float(dt), beta=float(beta), steps=int(steps)))
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def _token_strings(lm: LoadedModel | None, result) -> list[list[str]] | None:
+    if lm is None or isinstance(result, SimulationResult):
+        return None
+    return [[lm.tokenizer.token_str(t) for t in ids] for ids in result.token_ids]
+
+
+def _failure(e: Exception) -> str:
+    if "out of memory" in str(e).lower():
+        return ("The device ran out of memory; use fewer or shorter prompts, drop the cosine matrices, record every "
+                "k-th step, or run on the CPU. What was computed before is kept.")
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"The run failed: {first}. What was computed before is kept."
+
+
+def offer_record_every(message: str, request: Request) -> None:
+    """The memory estimate's message names a record-every that fits: offer it as one click."""
+    found = re.search(r"--record-every (\d+)", message)
+    if not found:
+        return
+    k = int(found.group(1))
+
+    def use():
+        st.session_state[request.record_key] = k
+
+    st.button(f"Record every {k}-th step", key="cons_offer", on_click=use,
+              help="Sets the record-every control; press Run again to start.")
+
+
+def execute(request: Request, lm: LoadedModel | None) -> None:
+    """Stream one run into live views, archiving whatever it computed however it ends."""
+    ss = st.session_state
+    try:
+        events = request.start()
+    except LabError as e:
+        st.error(str(e))
+        offer_record_every(str(e), request)
+        return
+    bar = st.progress(0.0, text="starting…")
+    live_chart, live_text = st.empty(), st.empty()
+    record = None
+    kept = False
+    drawn = 0.0
+    try:
+        for ev in events:
+            if isinstance(ev, Started):
+                record = dict(label=request.label, kind=request.kind, status="running", result=ev.result,
+                              error=None, tokens=_token_strings(lm, ev.result), settings=request.settings,
+                              new_texts=[[] for _ in ev.result.prompts], done=threading.Event())
+                ss[LIVE_KEY] = record
+            elif isinstance(ev, Progress):
+                unit = "steps" if request.kind == "sim" else "layer-steps"
+                bar.progress(min(1.0, ev.step / max(1, ev.total)), text=f"{ev.step:,} / {ev.total:,} {unit}")
+                if time.monotonic() - drawn > REDRAW_S:
+                    live_chart.altair_chart(record_chart(record, "metric", log=False), width="stretch")
+                    drawn = time.monotonic()
+            elif isinstance(ev, Decoded):
+                live_text.dataframe(decodings_frame(record), hide_index=True)
+            elif isinstance(ev, TokenSampled):
+                for r, text in zip(ev.rows, ev.texts):
+                    record["new_texts"][r].append(text)
+                live_text.code("\n\n".join(record["result"].texts), language=None, wrap_lines=True)
+            elif isinstance(ev, Finished):
+                record["result"], record["status"] = ev.result, "finished"
+    except LabError as e:
+        if record is not None:
+            record["status"], record["error"] = "failed", str(e)
+        else:
+            st.error(str(e))
+    except Exception as e:  # a bug or the device failing: one line for the user, no traceback
+        if record is not None:
+            record["status"], record["error"] = "failed", _failure(e)
+        else:
+            st.error(_failure(e))
+    finally:
+        events.close()  # also on Stop, when Streamlit aborts the script mid-loop
+        if record is not None:
+            kept = archive(record)
+            record["done"].set()
+    bar.empty()
+    live_chart.empty()
+    live_text.empty()
+    if record is not None and record["error"] and not kept:  # failed before computing anything to keep
+        st.error(record["error"])
+
+
+def archive(live: dict) -> bool:
+    """Keep a run that ended (finished, stopped or failed) in the list of runs, if it computed
+    anything; True when it did. Archives a copy, once: the live record may still be written by
+    its own thread."""
+    ss = st.session_state
+    if ss.get(LIVE_KEY) is live:
+        ss.pop(LIVE_KEY, None)
+    if live.get("archived"):
+        return False
+    live["archived"] = True
+    record = {k: v for k, v in live.items() if k not in ("done", "archived")}
+    if record["status"] == "running":
+        record["status"] = "stopped"
+    result = record["result"]
+    if isinstance(result, ConsensusResult):
+        if result.columns_done == 0:
+            return False
+        if record["status"] != "finished":
+            record["result"] = result.trimmed()
+    elif isinstance(result, ConsensusDecodeResult) and not np.isfinite(result.traces).any():
+        return False
+    runs = ss.setdefault(RUNS_KEY, [])
+    labels = {r["label"] for r in runs}
+    label, k = record["label"], 2
+    while label in labels:
+        label, k = f"{record['label']} #{k}", k + 1
+    record["label"] = label
+    runs.append(record)
+    del runs[:-MAX_RUNS]
+    ss[SHOW_KEY] = label
+    kept = {r["label"] for r in runs}
+    overlay = [x for x in ss.get(OVERLAY_KEY, []) if x in kept]
+    if record["kind"] != "decode":
+        overlay.append(label)
+    ss[OVERLAY_KEY] = overlay
+    return True
+
+
+def settle_interrupted() -> None:
+    """Settle a run left by an earlier script run of this session.
+
+    Stop (any widget, in fact) starts a new script run at once, in a new thread, while the old
+    one is told to stop and does so at its next call into Streamlit, the next progress event.
+    Wait for it to archive its run, so the results below include it and the model is free;
+    a run whose thread died, or that does not answer in time, is archived from here as it stands.
+    """
+    record = st.session_state.get(LIVE_KEY)
+    if record is None:
+        return
+    done = record.get("done")
+    if done is not None and not done.is_set():
+        with st.spinner("Stopping the run…"):
+            done.wait(STOP_WAIT_S)
+    archive(record)
+
+
+def clear_runs() -> None:
+    ss = st.session_state
+    ss[RUNS_KEY] = []
+    ss[OVERLAY_KEY] = []
+    ss.pop(SHOW_KEY, None)
+
+
+# -- frames and charts ------------------------------------------------------------------------------
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _short(text: str, limit: int = 32) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def prompt_names(result) -> list[str]:
+    return [f"{b}: {_short(p)}" for b, p in enumerate(result.prompts)]
+
+
+def series_frame(record: dict, name: str) -> pd.DataFrame:
+    """Long format ``prompt, step, value`` of one series over the computed columns."""
+    result = record["result"]
+    p = result.columns_done
+    values = result.series(name)[:, :p]  # (B, p)
+    B = values.shape[0]
+    frame = pd.DataFrame({"run": record["label"], "prompt": np.repeat(prompt_names(result), p),
+                          "step": np.tile(result.steps[:p], B), "value": values.reshape(-1).astype(np.float64)})
+    return frame[np.isfinite(frame["value"])]
+
+
+def traces_frame(record: dict) -> pd.DataFrame:
+    """Consensus decoding: ``prompt, token, step, value`` for every computed point of every trace."""
+    result: ConsensusDecodeResult = record["result"]
+    B, K, P = result.traces.shape
+    names = prompt_names(result)
+    rows = []
+    for b in range(B):
+        for k in range(K):
+            vals = result.traces[b, k]
+            ok = np.isfinite(vals)
+            if not ok.any():
+                continue
+            texts = record.get("new_texts") or [[] for _ in range(B)]
+            label = f"{k}" + (f" → {texts[b][k]!r}" if k < len(texts[b]) else " (running)")
+            rows.append(pd.DataFrame({"prompt": names[b], "token": label, "index": k, "step": result.steps[ok],
+                                      "value": vals[ok].astype(np.float64)}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["prompt", "token", "index", "step", "value"])
+
+
+def _y(name: str, log: bool) -> alt.Y:
+    scale = alt.Scale(type="symlog", constant=1e-6) if log else alt.Scale(zero=False)
+    return alt.Y("value:Q", title=AXIS_TITLES[name], scale=scale)
+
+
+def line_chart(frame: pd.DataFrame, name: str, log: bool, color: str, detail: str | None = None,
+               x_title: str = "layer-step") -> alt.Chart:
+    enc = dict(x=alt.X("step:Q", title=x_title), y=_y(name, log),
+               color=alt.Color(f"{color}:N", sort=list(pd.unique(frame[color])),  # first-seen order, not A-Z
+                               legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
+               tooltip=[c for c in ("run", "prompt", "token", "step") if c in frame.columns]
+               + [alt.Tooltip("value:Q", format=".6g")])
+    if detail:
+        enc["detail"] = f"{detail}:N"
+    return alt.Chart(frame).mark_line(point=len(frame) < 60).encode(**enc).properties(height=320)
+
+
+def record_chart(record: dict, name: str, log: bool) -> alt.Chart:
+    """One run: one line per prompt (per initial condition for a simulation; per new token for decoding)."""
+    if record["kind"] == "decode":
+        frame = traces_frame(record)
+        first = prompt_names(record["result"])[0]
+        return line_chart(frame[frame["prompt"] == first], "metric", log, "token")
+    x_title = "integration step" if record["kind"] == "sim" else "layer-step"
+    return line_chart(series_frame(record, name), name, log, "prompt", x_title=x_title)
+
+
+def overlay_chart(records: list[dict], name: str, log: bool) -> alt.Chart:
+    frame = pd.concat([series_frame(r, name) for r in records], ignore_index=True)
+    return line_chart(frame, name, log, "run", detail="prompt",
+                      x_title="layer-step (integration step for simulations)")
+
+
+def heatmap_frame(record: dict, b: int, col: int) -> pd.DataFrame:
+    result = record["result"]
+    T = result.lengths[b]
+    shown = min(T, HEATMAP_TOKENS)
+    cos = result.matrix[b, :shown, :shown, col]  # (shown, shown)
+    names = (record["tokens"][b][:shown] if record.get("tokens") else [f"x{i}" for i in range(shown)])
+    i, j = np.meshgrid(np.arange(shown), np.arange(shown), indexing="ij")
+    return pd.DataFrame({"i": i.reshape(-1), "j": j.reshape(-1), "cos": cos.reshape(-1).astype(np.float64),
+                         "token i": np.asarray(names, dtype=object)[i.reshape(-1)],
+                         "token j": np.asarray(names, dtype=object)[j.reshape(-1)]})
+
+
+def heatmap_chart(frame: pd.DataFrame) -> alt.Chart:
+    return (alt.Chart(frame).mark_rect()
+            .encode(x=alt.X("j:O", title="token j"), y=alt.Y("i:O", title="token i"),
+                    color=alt.Color("cos:Q", title="cos", scale=alt.Scale(domain=[-1, 1], scheme="redblue",
+                                                                        reverse=True)),
+                    tooltip=["i", "token i", "j", "token j", alt.Tooltip("cos:Q", format=".4f")])
+            .properties(height=360))
+
+
+def decodings_frame(record: dict) -> pd.DataFrame:
+    result = record["result"]
+    data = {"prompt": prompt_names(result)}
+    for it, texts in sorted(result.decodings.items()):
+        data[f"after iteration {it}"] = [t if t is not None else "" for t in texts]
+    return pd.DataFrame(data)
+
+
+def csv_bytes(record: dict) -> bytes:
+    """Long format: one row per prompt and recorded step, a column per statistic."""
+    result = record["result"]
+    if record["kind"] == "decode":
+        frame = traces_frame(record).rename(columns={"value": "metric", "index": "new_token"}).drop(columns="token")
+        return frame.to_csv(index=False).encode()
+    p = result.columns_done
+    B = len(result.prompts)
+    frame = pd.DataFrame({"prompt": np.repeat(np.arange(B), p), "prompt_text": np.repeat(result.prompts, p),
+                          "step": np.tile(result.steps[:p], B)})
+    for name in STAT_NAMES:
+        frame[name] = result.series(name)[:, :p].reshape(-1)
+    return frame.to_csv(index=False).encode()
+
+
+def chart_download(chart: alt.Chart, name: str, key: str) -> None:
+    """The chart as a PNG when vl-convert is installed, else as a standalone HTML page."""
+    try:
+        import vl_convert
+    except ImportError:
+        st.download_button("Chart (HTML)", chart.to_html(), file_name=f"{name}.html", mime="text/html", key=key,
+                           on_click="ignore",
+                           help="PNG and SVG export need the vl-convert-python package; the HTML page draws the "
+                                "chart in a browser, which can save it as an image.")
+        return
+    png = vl_convert.vegalite_to_png(chart.to_json(), scale=2)
+    st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "consensus"
+
+
+# -- showing ---------------------------------------------------------------------------------------
+
+def show_status(record: dict) -> None:
+    result = record["result"]
+    if record.get("error"):
+        st.error(record["error"])
+    if record["kind"] == "decode":
+        done = result.tokens_done
+        if record["status"] != "finished":
+            st.warning(f"{record['status'].capitalize()} after {done} of {result.decode.new_tokens} new tokens; "
+                       f"what was computed is kept and downloadable.")
+        st.caption(f"{result.model} · {len(result.prompts)} prompt(s) · {result.seconds:.2f} s on {result.device}")
+        return
+    done = int(result.steps_done.max()) if result.steps_done is not None else 0
+    unit = "steps" if record["kind"] == "sim" else "layer-steps"
+    if record["status"] != "finished":
+        st.warning(f"{record['status'].capitalize()} after {max(done, 0):,} of {result.total_steps:,} {unit}; "
+                   f"what was computed is kept and downloadable.")
+    what = "initial condition(s)" if record["kind"] == "sim" else "prompt(s)"
+    where = f"{result.model} · {len(result.prompts)} {what}"
+    st.caption(f"{where} · {len(result.steps)} recorded points · {result.seconds:.2f} s on {result.device}")
+    if isinstance(result, SimulationResult):
+        st.caption(f"Q, K, V: {result.qkv_description}")
+
+
+def show_run(record: dict, name: str, log: bool) -> None:
+    result = record["result"]
+    show_status(record)
+    prefix = _safe(st.session_state.get("cons_prefix") or "consensus")
+    if record["kind"] == "decode":
+        show_decoding(record, prefix)
+        return
+    chart = record_chart(record, name, log)
+    st.altair_chart(chart, width="stretch")
+    if result.matrix is not None and result.columns_done > 0:
+        show_heatmap(record)
+    if result.decodings:
+        st.markdown("**Logit-lens decodings** (argmax token at every position after the iteration's final norm)")
+        st.dataframe(decodings_frame(record), hide_index=True)
+    cols = st.columns(6)
+    cols[0].download_button("Metric .npy", npy_bytes(metric_array(result)), file_name=f"{prefix}.npy",
+                            key="cons_dl_metric", on_click="ignore", help="float32 [B, P]: the --savefile PREFIX.npy")
+    cols[1].download_button("Hidden .npy", npy_bytes(hidden_array(result)), file_name=f"{prefix}_hidden.npy",
+                            key="cons_dl_hidden", on_click="ignore", help="float32 [B, T, D]: the final state")
+    cols[2].download_button("Eplot .npy", npy_bytes(eplot_array(result)), file_name=f"{prefix}_eplot.npy",
+                            key="cons_dl_eplot", on_click="ignore",
+                            help="float32 [B, P-1, 2]: mean pairwise cosine and dot product (--eplot)")
+    if result.matrix is not None:
+        cols[3].download_button("Matrices .npy", npy_bytes(matrix_array(result)), file_name=f"{prefix}_matrix.npy",
+                                key="cons_dl_matrix", on_click="ignore",
+                                help="float32 [B, T, T, P-1]: token cosine matrices (--matrixerror)")
+    cols[4].download_button("CSV", csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv", key="cons_dl_csv",
+                            on_click="ignore", help="Long format: prompt, step, then one column per statistic.")
+    with cols[5]:
+        chart_download(chart, f"{prefix}_chart", "cons_dl_chart")
+
+
+def show_heatmap(record: dict) -> None:
+    result = record["result"]
+    p = result.columns_done
+    steps = [int(s) for s in result.steps[:p]]
+    st.markdown("**Token-by-token cosine similarity**")
+    c1, c2 = st.columns([1, 3])
+    b = 0
+    if len(result.prompts) > 1:
+        b = c1.selectbox("Prompt", range(len(result.prompts)), key="cons_heat_prompt",
+                         format_func=lambda i: prompt_names(result)[i])
+    if st.session_state.get("cons_heat_step") not in steps:
+        st.session_state["cons_heat_step"] = steps[-1]
+    unit = "Step" if record["kind"] == "sim" else "Layer-step"
+    step = c2.select_slider(unit, steps, key="cons_heat_step",
+                            help="0 is the embeddings (the initial condition); 1 + i*L + l is after block l of "
+                                 "iteration i.")
+    col = steps.index(step)
+    if result.lengths[b] > HEATMAP_TOKENS:
+        st.caption(f"The first {HEATMAP_TOKENS} of {result.lengths[b]} tokens are shown; the download holds them all.")
+    st.altair_chart(heatmap_chart(heatmap_frame(record, b, col)), width="stretch")
+
+
+def show_decoding(record: dict, prefix: str) -> None:
+    result: ConsensusDecodeResult = record["result"]
+    for b, text in enumerate(result.texts):
+        st.markdown(f"**Prompt {b}** · {len(result.new_ids[b])} new token(s)")
+        st.code(text, language=None, wrap_lines=True)
+    frame = traces_frame(record)
+    names = prompt_names(result)
+    b = 0
+    if len(names) > 1:
+        b = st.selectbox("Traces of prompt", range(len(names)), key="cons_trace_prompt", format_func=names.__getitem__)
+    chart = line_chart(frame[frame["prompt"] == names[b]], "metric", False, "token")
+    st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
+    st.altair_chart(chart, width="stretch")
+    cols = st.columns(4)
+    cols[0].download_button("Texts .npy", npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
+                            key="cons_dl_texts", on_click="ignore", help="unicode [B]: prompt + generated text")
+    cols[1].download_button("Traces .npy", npy_bytes(diag_array(result)), file_name=f"{prefix}_diag.npy",
+                            key="cons_dl_diag", on_click="ignore",
+                            help="float32 [K*B, P]: row k*B + b is prompt b's trace for new token k")
+    cols[2].download_button("CSV", csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv", key="cons_dl_csv",
+                            on_click="ignore")
+    with cols[3]:
+        chart_download(chart, f"{prefix}_traces", "cons_dl_chart")
+
+
+def show_results() -> None:
+    ss = st.session_state
+    runs = ss.get(RUNS_KEY, [])
+    if not runs:
+        st.caption("No runs yet: set things up above and press Run.")
+        return
+    st.divider()
+    labels = [r["label"] for r in runs]
+    if ss.get(SHOW_KEY) not in labels:
+        ss[SHOW_KEY] = labels[-1]
+    c = st.columns([3, 2, 1, 2])
+    shown = c[0].selectbox("Run", labels, key=SHOW_KEY)
+    name = c[1].selectbox("Series", STAT_NAMES, key="cons_series", format_func=SERIES_LABELS.get, **KEEP)
+    log = c[2].toggle("Log y", key="cons_log", **KEEP, help="Symmetric log scale: shows the approach to 0.")
+    c[3].text_input("File prefix", "consensus", key="cons_prefix", **KEEP)
+    show_run(runs[labels.index(shown)], name, log)
+
+    st.subheader("Overlay")
+    overlayable = [r["label"] for r in runs if r["kind"] != "decode"]
+    ss[OVERLAY_KEY] = [x for x in ss.get(OVERLAY_KEY, []) if x in overlayable]
+    picked = st.multiselect("Runs to overlay", overlayable, key=OVERLAY_KEY,
+                            help="Earlier runs in one chart: with and without MLPs, trained and random weights, "
+                                 "model and simulation.")
+    if picked:
+        chart = overlay_chart([r for r in runs if r["label"] in picked], name, log)
+        st.altair_chart(chart, width="stretch")
+        with st.columns(4)[0]:
+            chart_download(chart, f"{_safe(ss.get('cons_prefix') or 'consensus')}_overlay", "cons_dl_overlay")
+    st.button("Clear all runs", key="cons_clear", on_click=clear_runs)
+
+
+# -- page ------------------------------------------------------------------------------------------
+
+ensure_frame()
+st.title("Consensus")
+st.markdown("Apply a model's layer stack again and again and watch its tokens converge to one point "
+            "(*Consensus Is All You Get*, Abella, Silvestre & Tabuada, ICML 2025).")
+settle_interrupted()
+lm = current_model()
+mode = st.radio("Mode", [MODE_RUN, MODE_DECODE, MODE_SIM], horizontal=True, key="cons_mode", **KEEP)
+if mode == MODE_RUN:
+    request = run_controls(lm)
+elif mode == MODE_DECODE:
+    request = decode_controls(lm)
+else:
+    request = sim_controls(lm)
+
+b1, b2, _ = st.columns([1, 1, 6])
+go = b1.button("Run", type="primary", key="cons_run", disabled=request is None, width="stretch")
+b2.button("Stop", key="cons_stop", width="stretch", help="Stop the run; what was computed so far is kept.")
+if request is not None and go:
+    execute(request, lm)
+show_results()
