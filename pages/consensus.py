@@ -545,15 +545,9 @@ def csv_bytes(record: dict) -> bytes:
 
 
 def chart_download(chart: alt.Chart, name: str, key: str) -> None:
-    """The chart as a PNG when vl-convert is installed, else as a standalone HTML page."""
-    try:
-        import vl_convert
-    except ImportError:
-        st.download_button("Chart (HTML)", chart.to_html(), file_name=f"{name}.html", mime="text/html", key=key,
-                           on_click="ignore",
-                           help="PNG and SVG export need the vl-convert-python package; the HTML page draws the "
-                                "chart in a browser, which can save it as an image.")
-        return
+    """The chart as a PNG, rendered by vl-convert (no browser needed)."""
+    import vl_convert
+
     png = vl_convert.vegalite_to_png(chart.to_json(), scale=2)
     st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
 

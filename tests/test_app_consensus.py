@@ -107,7 +107,7 @@ def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(lm, downl
     assert table["after iteration 1"].tolist() == expected.decodings[1]
 
     labels = [d.label for d in at.download_button]
-    assert labels[:6] == ["Metric .npy", "Hidden .npy", "Eplot .npy", "Matrices .npy", "CSV", "Chart (HTML)"]
+    assert labels[:6] == ["Metric .npy", "Hidden .npy", "Eplot .npy", "Matrices .npy", "CSV", "Chart (PNG)"]
     np.testing.assert_allclose(npy(downloads, "consensus.npy"), expected.metric, atol=1e-6)
     assert npy(downloads, "consensus.npy").dtype == np.float32
     T = max(len(t) for t in expected.token_ids)
@@ -119,7 +119,7 @@ def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(lm, downl
                                  "effective_rank", "centroid_distance"]
     assert len(csv) == B * P
     np.testing.assert_allclose(csv["mean_dot"].to_numpy().reshape(B, P), expected.mean_dot, rtol=1e-5)
-    assert b"vega" in downloads["consensus_chart.html"].lower()
+    assert downloads["consensus_chart.png"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_random_prompts_run(lm):
@@ -173,7 +173,7 @@ def test_consensus_decoding_mode(downloads):
     spec, data = charts(at)[0]
     assert spec["encoding"]["color"]["field"] == "token" and data["index"].nunique() == 3
     assert len(data) == 3 * 5  # 3 tokens, each a 1-iteration run of 4 blocks + the embeddings
-    assert [d.label for d in at.download_button] == ["Texts .npy", "Traces .npy", "CSV", "Chart (HTML)"]
+    assert [d.label for d in at.download_button] == ["Texts .npy", "Traces .npy", "CSV", "Chart (PNG)"]
     assert npy(downloads, "consensus.npy").tolist() == [shown]
     assert npy(downloads, "consensus_diag.npy").shape == (3, 5)
     assert "decode K=3 top-p=0.8" in at.selectbox(key="cons_show").value

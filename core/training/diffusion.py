@@ -1,0 +1,264 @@
+"""Masked (absorbing-state) diffusion for text, MDLM-style: the training loss and the sampler.
+
+Forward process: every token of a sequence is replaced by ``<|mask|>`` independently with
+probability ``t``, one ``t ~ U(0, 1]`` per sequence. The bidirectional model predicts the
+original tokens at the masked positions. With the linear schedule (alpha_t = 1 - t) the
+continuous-time ELBO of Sahoo et al. 2024 (MDLM, eq. 10) is
+
+    NLL(x) <= E_t [ (1/t) * sum_{i masked} -log p(x_i | x_t) ]
+
+so the per-token loss ``(1/t) * sum_masked CE / T`` is an upper bound on the per-token
+negative log-likelihood, in nats, and can be compared with an autoregressive model's loss.
+
+Sampling runs the process backwards: start from the prompt followed by masks, and at each of
+``steps`` steps reveal a scheduled number of positions (the most confident predictions, or a
+random choice), never touching the prompt, until no mask is left.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Iterator, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LabError
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
+    from ..tokenizer import Tokenizer
+
+T_MIN = 1e-3  # t is drawn from (T_MIN, 1]: t = 0 would mask nothing and weigh it infinitely
+
+
+# -- training objective -------------------------------------------------------------------------
+
+def sample_mask(x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence rates ``t`` ``(B,)`` in (T_MIN, 1] and the boolean mask ``(B, T)`` they draw."""
+    B, T = x0.shape
+    u = torch.rand(B, device=x0.device, generator=generator)
+    t = 1.0 - u * (1.0 - T_MIN)
+    mask = torch.rand(B, T, device=x0.device, generator=generator) < t[:, None]
+    return t, mask
+
+
+def sequence_bound(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                   mask_id: int) -> torch.Tensor:
+    """Per-sequence NLL bound per token ``(B,)``: ``(1/t_b) * sum_{i masked} CE(b, i) / T``.
+
+    Only masked positions are scored; the mask token itself is never a valid prediction (its
+    logit is removed, as in MDLM's "zero masking probabilities").
+    """
+    B, T, V = logits.shape
+    rows = mask.nonzero()[:, 0]                                   # (N,) sequence of each masked token
+    picked = logits[mask].float().index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    ce = F.cross_entropy(picked, x0[mask], reduction="none")      # (N,)
+    per_seq = torch.zeros(B, device=logits.device, dtype=ce.dtype).index_add(0, rows, ce)
+    return per_seq / (t.to(ce.dtype) * T)
+
+
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, mask_id: int, *, t: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training loss on clean tokens ``x0`` ``(B, T)``: the mean of :func:`sequence_bound`.
+
+    ``t`` and ``mask`` may be given (tests, validation); otherwise they are drawn.
+    """
+    if t is None or mask is None:
+        t, mask = sample_mask(x0, generator)
+    xt = x0.masked_fill(mask, mask_id)
+    logits = model(xt)                                            # (B, T, V)
+    return sequence_bound(logits, x0, mask, t, mask_id).mean()
+
+
+def validation_rates(n_rows: int) -> torch.Tensor:
+    """A fixed midpoint grid of rates, one per validation sequence: averaging the bound over it
+    estimates the integral over t in (0, 1] with no sampling noise from t."""
+    return (torch.arange(n_rows, dtype=torch.float32) + 0.5) / n_rows
+
+
+# -- sampler ------------------------------------------------------------------------------------
+
+STRATEGIES = ("confidence", "random")
+
+
+@dataclass
+class DiffusionConfig:
+    gen_length: int = 64           # tokens to generate after the prompt
+    steps: int = 32                # denoising steps (at most gen_length)
+    strategy: str = "confidence"   # reveal the most confident predictions, or random positions
+    temperature: float = 0.0       # 0 = the most likely token at each revealed position
+    top_k: int = 0                 # 0 = off (with temperature > 0)
+    seed: int | None = None
+
+    def check(self, context_left: int | None = None) -> None:
+        if self.gen_length < 1:
+            raise LabError(f"generation length must be at least 1 (got {self.gen_length}).")
+        if context_left is not None and self.gen_length > context_left:
+            raise LabError(f"The prompt leaves room for {max(context_left, 0)} tokens in the model's context; ask for "
+                           f"at most {max(context_left, 0)} tokens or shorten the prompt.")
+        if self.steps < 1:
+            raise LabError(f"steps must be at least 1 (got {self.steps}).")
+        if self.strategy not in STRATEGIES:
+            raise LabError(f"strategy must be one of {', '.join(STRATEGIES)} (got '{self.strategy}').")
+        if self.temperature < 0:
+            raise LabError(f"temperature must be 0 (most likely token) or above (got {self.temperature}).")
+        if self.top_k < 0:
+            raise LabError(f"top-k must be 0 (off) or a positive count (got {self.top_k}).")
+
+
+def unmask_schedule(n: int, steps: int) -> list[int]:
+    """How many positions each step reveals: the linear schedule, masks left after step s =
+    floor(n * (1 - (s+1)/steps)); every step reveals at least one when steps <= n."""
+    steps = max(1, min(steps, n))
+    left = [n * (steps - s - 1) // steps for s in range(steps)]  # integer floor: no float round-off
+    return [(n if s == 0 else left[s - 1]) - left[s] for s in range(steps)]
+
+
+@dataclass
+class DiffusionStarted:
+    prompt_ids: list[int]
+    gen_length: int
+    mask_id: int
+    steps: int
+
+
+@dataclass
+class DenoiseStep:
+    step: int                      # 1-based
+    total_steps: int
+    ids: list[int]                 # prompt + generation; still-masked positions hold mask_id
+    masked: list[bool]             # per position: still masked after this step
+    revealed: list[int]            # absolute positions revealed at this step
+    text: str                      # the generation so far, masks shown as [MASK]
+
+
+@dataclass
+class DiffusionResult:
+    prompt: str
+    completion: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    states: list[list[int]]        # every intermediate state, from all masks to the final one
+    steps: int
+    seconds: float
+    settings: dict
+    model: str
+    mask_id: int
+    reveal_step: list[int] = field(default_factory=list)  # per generated token: step that revealed it
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "text": self.text}
+
+
+@dataclass
+class DiffusionFinished:
+    result: DiffusionResult
+
+
+DiffusionEvent = Union[DiffusionStarted, DenoiseStep, DiffusionFinished]
+
+
+def render(tokenizer: "Tokenizer", ids: list[int], masked: list[bool], mask_text: str = "[MASK]") -> str:
+    """Decode a partly masked sequence, masks shown as ``mask_text``."""
+    out: list[str] = []
+    run: list[int] = []
+    for tok, m in zip(ids, masked):
+        if m:
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            out.append(mask_text)
+        else:
+            run.append(tok)
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+@torch.no_grad()
+def denoise(model: nn.Module, prompt_ids: list[int], mask_id: int, cfg: DiffusionConfig,
+            tokenizer: "Tokenizer | None" = None, seed: int = 0) -> Iterator[DenoiseStep]:
+    """The reverse process on ids: one :class:`DenoiseStep` per step (closing the generator stops it)."""
+    device = next(model.parameters()).device
+    P, L = len(prompt_ids), cfg.gen_length
+    x = torch.tensor([prompt_ids + [mask_id] * L], device=device)          # (1, P + L)
+    masked = torch.zeros(P + L, dtype=torch.bool, device=device)
+    masked[P:] = True
+    gen = torch.Generator(device=device).manual_seed(seed)
+    counts = unmask_schedule(L, cfg.steps)
+    was_training = model.training
+    model.eval()
+    try:
+        for s, k in enumerate(counts):
+            logits = model(x)[0].float()                                      # (P + L, V)
+            logits[:, mask_id] = float("-inf")
+            if cfg.temperature > 0:
+                logits = logits / cfg.temperature
+                if 0 < cfg.top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = logits.softmax(-1)
+                cand = torch.multinomial(probs, 1, generator=gen)[:, 0]        # (P + L,)
+                conf = probs.gather(1, cand[:, None])[:, 0]
+            else:
+                conf, cand = logits.softmax(-1).max(-1)
+            if cfg.strategy == "confidence":
+                score = conf.masked_fill(~masked, float("-inf"))
+                chosen = torch.topk(score, k).indices
+            else:
+                pool = masked.nonzero()[:, 0]
+                chosen = pool[torch.randperm(pool.numel(), generator=gen, device=device)[:k]]
+            x[0, chosen] = cand[chosen]
+            masked[chosen] = False
+            ids, m = x[0].tolist(), masked.tolist()
+            text = render(tokenizer, ids[P:], m[P:]) if tokenizer is not None else ""
+            yield DenoiseStep(step=s + 1, total_steps=len(counts), ids=ids, masked=m,
+                              revealed=sorted(chosen.tolist()), text=text)
+    finally:
+        model.train(was_training)
+
+
+def stream(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig) -> Iterator[DiffusionEvent]:
+    """Diffusion generation from ``prompt`` as events: Started, one DenoiseStep per step, Finished."""
+    from ..generation import encode_prompt
+
+    if lm.objective != "diffusion":
+        raise LabError(f"{lm.name} is an autoregressive model; use ordinary generation for it.")
+    mask_id = getattr(getattr(lm.model, "config", None), "mask_token_id", None)
+    if mask_id is None:
+        mask_id = lm.tokenizer.mask_id
+    if mask_id is None:
+        raise LabError(f"{lm.name} names no mask token; it cannot be sampled as a diffusion model.")
+    ids = encode_prompt(lm, prompt)
+    cfg.check(lm.stack.context_length - len(ids))
+    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    steps = min(cfg.steps, cfg.gen_length)
+    yield DiffusionStarted(prompt_ids=ids, gen_length=cfg.gen_length, mask_id=mask_id, steps=steps)
+    t0 = time.perf_counter()
+    states = [ids + [mask_id] * cfg.gen_length]
+    reveal = [0] * cfg.gen_length
+    P = len(ids)
+    for ev in denoise(lm.model, ids, mask_id, cfg, lm.tokenizer, seed=seed):
+        states.append(ev.ids)
+        for pos in ev.revealed:
+            reveal[pos - P] = ev.step
+        yield ev
+    final = states[-1][P:]
+    yield DiffusionFinished(DiffusionResult(
+        prompt=prompt, completion=lm.tokenizer.decode(final), prompt_ids=ids, completion_ids=final, states=states,
+        steps=steps, seconds=time.perf_counter() - t0, settings={**asdict(cfg), "seed": seed}, model=lm.name,
+        mask_id=mask_id, reveal_step=reveal))
+
+
+def generate(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig | None = None) -> DiffusionResult:
+    for ev in stream(lm, prompt, cfg or DiffusionConfig()):
+        if isinstance(ev, DiffusionFinished):
+            return ev.result
+    raise AssertionError("stream ended without a result")

@@ -1,0 +1,607 @@
+"""The training loop, as a generator of progress events that also writes the run folder.
+
+``train(cfg)`` yields :class:`RunStarted`, then :class:`StepLogged` every ``log_every`` steps
+(and at validation steps, whose record carries ``val_loss``), :class:`Validated`,
+:class:`Previewed`, :class:`CheckpointSaved`, and finally :class:`RunEnded`. The CLI draws a
+progress bar from these; the run folder gets the same facts as files (see
+:mod:`core.training.runs`).
+
+Exact resume. Everything random in step ``s`` (dropout, diffusion masks) is drawn after
+seeding from ``(seed, s, rank)``, the learning rate is a function of ``s``, and the data order
+is a function of ``(seed, epoch)`` with the position saved as two integers. A checkpoint
+therefore holds the weights, the optimiser (and GradScaler) state and a handful of integers,
+and a resumed run retraces an uninterrupted one step for step.
+
+Stopping. SIGTERM, SIGINT, a STOP file in the run folder, or the consumer closing the
+generator all end the run at a step boundary with a checkpoint and status ``stopped``. Under
+torchrun the ranks agree on the stop step (an all-reduce of the flag), so no rank is left
+waiting in a collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import LabError
+from ..files import atomic_write
+from ..gpt import GPT
+from . import runs as runs_mod
+from .config import TrainConfig
+from .data import BatchSampler, TrainingData, prepare_data, validation_windows
+from .diffusion import DiffusionConfig, denoise, diffusion_loss, render, sequence_bound, validation_rates
+from .distributed import Dist, init_distributed
+from .metrics import estimate_training_bytes, flops_per_token, gpu_memory_gb, mfu, peak_flops
+from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
+from .schedules import lr_at
+
+STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = 1
+
+
+# -- events -------------------------------------------------------------------------------------
+
+@dataclass
+class RunStarted:
+    run_dir: str
+    step: int                  # first step to run (0, or the resumed checkpoint's step)
+    max_steps: int
+    resumed: bool
+    n_params: int
+    tokens_per_step: int
+    train_tokens: int
+    val_tokens: int
+    device: str
+    world_size: int
+
+
+@dataclass
+class StepLogged:
+    step: int
+    metrics: dict              # the metrics.jsonl record
+
+
+@dataclass
+class Validated:
+    step: int
+    val_loss: float
+
+
+@dataclass
+class Previewed:
+    step: int
+    prompt: str
+    text: str
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: str
+
+
+@dataclass
+class RunEnded:
+    state: str                 # finished | stopped
+    step: int
+    run_dir: str
+    checkpoint: str | None
+    reason: str | None = None
+    val_loss: float | None = None
+
+
+TrainEvent = Union[RunStarted, StepLogged, Validated, Previewed, CheckpointSaved, RunEnded]
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
+          root: str | os.PathLike | None = None) -> Iterator[TrainEvent]:
+    """Train ``cfg`` into ``run_dir`` (default: a new folder under ``runs/``); ``resume=True``
+    continues ``run_dir`` from its newest checkpoint."""
+    return Trainer(cfg, run_dir, resume=resume, root=root).events()
+
+
+def resume_config(run_dir: str | os.PathLike, **overrides) -> TrainConfig:
+    """The run's saved config with ``overrides`` (fields left ``None`` are kept)."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise LabError(f"{run_dir} holds no config.json; pass the folder of a run to resume.")
+    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno == 28
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    """One run: set up by :meth:`events` (distributed group, data, model, optimisers, resume), then
+    the loop. State lives on the object, so benchmarks and tests can drive it step by step."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike | None, *, resume: bool = False,
+                 root: str | os.PathLike | None = None):
+        cfg.check()
+        self.cfg = cfg
+        self.resume = resume
+        self.root = Path(root) if root is not None else runs_mod.runs_root()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if resume and (self.run_dir is None or not self.run_dir.is_dir()):
+            raise LabError(f"Cannot resume: run folder {run_dir} does not exist.")
+        self.stop_reason: str | None = None
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.last_val: float | None = None
+        self.last_ckpt: Path | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.data: TrainingData = self._data()
+        tok = self.data.tokenizer
+        self.mask_id = tok.mask_id if cfg.objective == "diffusion" else None
+        if cfg.objective == "diffusion" and self.mask_id is None:
+            raise LabError("The tokenizer has no <|mask|> token, which the diffusion objective needs.")
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
+        self.raw = GPT(cfg.gpt_config(tok.vocab_size, self.mask_id)).to(self.device)
+        self.n_params = self.raw.num_params(non_embedding=True)
+        gc = self.raw.config
+        self.flops_token = flops_per_token(self.n_params, gc.n_layer, gc.d_model, gc.block_size)
+        self.peak = peak_flops(self.device)
+        self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed,
+                                    world=self.dist.world, rank=self.dist.rank)
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_acc_steps * self.dist.world
+        steps_per_epoch = max(1, self.sampler.windows_per_epoch // (self.sampler.global_batch * cfg.grad_acc_steps))
+        self.max_steps = cfg.max_steps if cfg.max_steps is not None else \
+            max(1, int(round((cfg.epochs or 1.0) * steps_per_epoch)))
+        self.hp: Hyper = resolve_hyper(cfg, self.max_steps, self.tokens_per_step)
+        self._check_memory()
+        self.optimizers = build_optimizers(self.raw, cfg.optimizer, self.hp)
+        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.amp \
+            else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp and amp_dtype == torch.float16 else None
+        if self.resume:
+            self._load_latest()
+        self.fwd: nn.Module = torch.compile(self.raw) if cfg.compile else self.raw
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model: nn.Module = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.fwd
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+        self._setup_validation()
+
+    def _data(self) -> TrainingData:
+        cfg = self.cfg
+        kw = dict(val_fraction=cfg.val_fraction, need_mask=cfg.objective == "diffusion",
+                  max_tokens=cfg.max_data_tokens, cache_dir=cfg.data_cache, log=self.log)
+        if self.dist.main:
+            data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, build=True, **kw)
+            self.dist.barrier()
+        else:
+            self.dist.barrier()
+            data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, build=False, **kw)
+        m = data.meta
+        self.log(f"data: {data.source_label}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
+                 f"({data.tokenizer.name}; cache {data.folder})")
+        return data
+
+    def _check_memory(self) -> None:
+        """On a GPU, refuse a batch that cannot fit before spending minutes finding out."""
+        if self.device.type != "cuda":
+            return
+        cfg, gc = self.cfg, self.raw.config
+        need = estimate_training_bytes(self.raw.num_params(), batch_size=cfg.batch_size, context=gc.block_size,
+                                       n_layer=gc.n_layer, d_model=gc.d_model, vocab_size=gc.vocab_size,
+                                       amp=cfg.amp)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > free:
+            fits = max(1, int(cfg.batch_size * free / need))
+            raise LabError(f"A batch of {cfg.batch_size} x {gc.block_size} tokens needs about {need / 1e9:.1f} GB on "
+                           f"{self.device} but {free / 1e9:.1f} GB is free; use --batch-size {fits} with "
+                           f"--grad-acc-steps {math.ceil(cfg.batch_size * cfg.grad_acc_steps / fits)}, a shorter "
+                           f"--block-size, or --amp.")
+
+    def _setup_validation(self) -> None:
+        cfg = self.cfg
+        n = cfg.val_batches * cfg.batch_size * self.dist.world
+        windows = validation_windows(self.data.val, cfg.block_size, n)                 # (N, T + 1), all ranks
+        self.val_windows = windows[self.dist.rank::self.dist.world]
+        if cfg.objective == "diffusion" and len(windows):
+            rates = validation_rates(len(windows))                                     # (N,)
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            masks = torch.rand(len(windows), cfg.block_size, generator=g) < rates[:, None]
+            self.val_rates = rates[self.dist.rank::self.dist.world]
+            self.val_masks = masks[self.dist.rank::self.dist.world]
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        """Tensors and plain containers only, so torch.load(weights_only=True) reads it back."""
+        epoch, cursor = self.sampler.position
+        return {"format": STATE_FORMAT, "step": self.step, "epoch": epoch, "cursor": cursor, "tokens": self.tokens,
+                "elapsed": self.elapsed, "val_loss": self.last_val, "world_size": self.dist.world,
+                "batch_size": self.cfg.batch_size, "optimizers": [o.state_dict() for o in self.optimizers],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def save(self) -> Path | None:
+        """Write checkpoints/<step>/ atomically (temp folder, then rename) and keep the last k."""
+        from ..loading import save_checkpoint
+
+        if not self.dist.main:
+            return None
+        root = self.run_dir / "checkpoints"
+        final = root / str(self.step)
+        if final == self.last_ckpt and final.is_dir():
+            return final
+        tmp = root / f".tmp-{self.step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        meta = {"training": {"run": str(self.run_dir), "step": self.step, "tokens": self.tokens,
+                             "val_loss": self.last_val, "config": self.cfg.to_dict()}}
+        try:
+            save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective, extra=meta)
+            state = self._trainer_state()
+            atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            if final.exists():  # the same step saved twice (stop right after a scheduled save)
+                old = root / f".old-{self.step}-{os.getpid()}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no half-written folder
+        self.last_ckpt = final
+        for s in runs_mod.checkpoint_steps(self.run_dir)[:-self.cfg.keep_last]:
+            shutil.rmtree(root / str(s), ignore_errors=True)
+        self.files.status(checkpoint=str(final), step=self.step)
+        self.log(f"checkpoint saved: {final}")
+        return final
+
+    def _load_latest(self) -> None:
+        from safetensors.torch import load_file
+
+        steps = [s for s in runs_mod.checkpoint_steps(self.run_dir)
+                 if (self.run_dir / "checkpoints" / str(s) / STATE_FILE).is_file()]
+        if not steps:
+            self.log("no checkpoint to resume from: starting from step 0")
+            self.files.truncate_after(0)
+            return
+        folder = self.run_dir / "checkpoints" / str(steps[-1])
+        sd = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        if self.raw.config.tie_weights:
+            sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
+        try:
+            self.raw.load_state_dict(sd)
+        except RuntimeError as e:
+            raise LabError(f"Checkpoint {folder} does not match the run's config ({str(e).splitlines()[0]}); "
+                           f"resume with the config it was trained with.") from None
+        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
+        for opt, sd_opt in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd_opt)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.elapsed, self.last_val = float(state.get("elapsed", 0.0)), state.get("val_loss")
+        self.sampler.epoch, self.sampler.cursor = int(state["epoch"]), int(state["cursor"])
+        self.last_ckpt = folder
+        self.files.truncate_after(self.step)
+        self.log(f"resumed from {folder} (step {self.step})")
+
+    # -- one step -----------------------------------------------------------------------------
+    def _seed(self, seed: int) -> None:
+        """Seed this device's default generator only (torch.manual_seed visits every backend and
+        costs ~20x more, which shows on small CPU models)."""
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+
+    def _loss(self, batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        if self.cfg.objective == "diffusion":
+            return diffusion_loss(model, batch[:, :-1], self.mask_id)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        return loss
+
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, base_lr=self.hp.lr, total_steps=self.max_steps, warmup_steps=self.hp.warmup_steps,
+                   min_ratio=self.hp.min_lr_ratio)
+        set_lr(self.optimizers, lr)
+        self._seed(step_seed(cfg.seed, self.step, self.dist.rank))
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_acc_steps):
+            batch = self.sampler.next()
+            if self.device.type == "cuda":  # pinned + async: the CPU queues the next step while the GPU works
+                batch = batch.pin_memory()
+            batch = batch.to(self.device, non_blocking=True)
+            sync = not self.dist.enabled or micro == cfg.grad_acc_steps - 1
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
+                loss = self._loss(batch, self.model)
+            scaled = loss / cfg.grad_acc_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        clip = self.hp.grad_clip if self.hp.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        for opt in self.optimizers:
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / cfg.grad_acc_steps, grad_norm, lr
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation loss per token (AR: cross-entropy; diffusion: the NLL bound)."""
+        if not len(self.val_windows) and not self.dist.enabled:
+            return None
+        self.raw.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)   # (loss sum, rows)
+        B = self.cfg.batch_size
+        try:
+            for i in range(0, len(self.val_windows), B):
+                batch = self.val_windows[i:i + B].to(self.device)
+                with self.autocast():
+                    if self.cfg.objective == "diffusion":
+                        x0, t = batch[:, :-1], self.val_rates[i:i + B].to(self.device)
+                        mask = self.val_masks[i:i + B].to(self.device)
+                        per_seq = sequence_bound(self.fwd(x0.masked_fill(mask, self.mask_id)), x0, mask, t, self.mask_id)
+                        total[0] += per_seq.sum().double()
+                    else:
+                        _, loss = self.fwd(batch[:, :-1], batch[:, 1:])
+                        total[0] += loss.double() * len(batch)
+                total[1] += len(batch)
+        finally:
+            self.raw.train()
+        self.dist.sum(total)
+        if total[1] == 0:
+            return None
+        return float(total[0] / total[1])
+
+    def preview(self) -> tuple[str, str] | None:
+        """A short sample from the fixed prompt (top-k 40, fixed seed), for watching progress."""
+        if not self.dist.main:
+            return None
+        tok = self.data.tokenizer
+        prompt = self.cfg.preview_prompt or self.data.default_prompt
+        ids = tok.encode(prompt)[: self.cfg.block_size - 1]
+        n = min(self.cfg.preview_tokens, self.cfg.block_size - len(ids))
+        if not ids or n < 1:
+            return None
+        self.raw.eval()
+        try:
+            if self.cfg.objective == "diffusion":
+                dcfg = DiffusionConfig(gen_length=n, steps=min(n, 32), temperature=1.0, top_k=40)
+                last = None
+                for last in denoise(self.raw, ids, self.mask_id, dcfg, None, seed=self.cfg.seed):
+                    pass
+                text = render(tok, last.ids[len(ids):], last.masked[len(ids):])
+            else:
+                from ..generation import SamplingConfig, generate
+                from ..loading import LoadedModel
+                from ..stack import stack_for
+
+                lm = LoadedModel(spec=self.run_dir.name, model=self.raw, tokenizer=tok, stack=stack_for(self.raw),
+                                 device=str(self.device), dtype=torch.float32, source=str(self.run_dir))
+                res = generate(lm, prompt, SamplingConfig(max_new_tokens=n, top_k=40, seed=self.cfg.seed,
+                                                           n_alternatives=0))
+                text = res.completion
+        finally:
+            self.raw.train()
+        return prompt, text
+
+    # -- logging ------------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        if self.dist.main and getattr(self, "files", None) is not None:
+            self.files.log(line)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.stop_reason = f"{name} received"
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    def _stop_wanted(self) -> bool:
+        local = self.stop_reason is not None
+        if not local and self.dist.main and self.files.stop_requested():
+            self.stop_reason = "stop requested"
+            local = True
+        wanted = self.dist.any(local) if self.dist.enabled else local
+        if wanted and self.stop_reason is None:
+            self.stop_reason = "stop requested"
+        return wanted
+
+    # -- the loop -----------------------------------------------------------------------------
+    def events(self) -> Iterator[TrainEvent]:
+        cfg = self.cfg
+        self.dist: Dist = init_distributed(cfg.device)
+        self.device = torch.device(self.dist.device)
+        if self.run_dir is None:
+            rid = runs_mod.new_run_id(cfg, self.root) if self.dist.main else None
+            self.run_dir = (self.root / self.dist.broadcast(rid)).resolve()
+        self.files = runs_mod.RunFiles(self.run_dir, enabled=self.dist.main)
+        old_handlers = self._install_signals()
+        try:
+            self.files.write_config(cfg)
+            self.files.clear_stop()
+            self.files.status("running", pid=os.getpid(), pid_start=runs_mod.process_start(os.getpid()),
+                              host=socket.gethostname(), step=0, reason=None,
+                              last_log=[], started=runs_mod.now(), distributed=self.dist.enabled,
+                              world_size=self.dist.world, objective=cfg.objective)
+            self.log(f"{'resuming' if self.resume else 'starting'} run {self.run_dir.name} on {self.device} "
+                     f"(world size {self.dist.world})")
+            self._setup()
+            self.files.status(max_steps=self.max_steps, step=self.step)
+            self.log(f"model: {self.raw.num_params():,} parameters ({self.n_params:,} without position embeddings), "
+                     f"{self.raw.config.n_layer} layers, d_model {self.raw.config.d_model}, "
+                     f"context {self.raw.config.block_size}, {cfg.objective}")
+            self.log(f"optimisation: {cfg.optimizer}, {self.hp}, {self.tokens_per_step:,} tokens per step, "
+                     f"{self.max_steps} steps")
+            yield RunStarted(run_dir=str(self.run_dir), step=self.step, max_steps=self.max_steps, resumed=self.resume,
+                             n_params=self.raw.num_params(), tokens_per_step=self.tokens_per_step,
+                             train_tokens=self.data.train.n_tokens, val_tokens=self.data.val.n_tokens,
+                             device=str(self.device), world_size=self.dist.world)
+            yield from self._loop()
+            state = "stopped" if self.stop_reason else "finished"
+            if state == "finished" and cfg.ckpt_name and self.dist.main:
+                self._export(cfg.ckpt_name)
+            self.files.status(state, step=self.step, reason=self.stop_reason, val_loss=self.last_val)
+            self.log(f"run {state} at step {self.step}" + (f" ({self.stop_reason})" if self.stop_reason else ""))
+            yield RunEnded(state=state, step=self.step, run_dir=str(self.run_dir),
+                           checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
+                           val_loss=self.last_val)
+        except GeneratorExit:  # the consumer stopped iterating: keep the work done so far
+            if getattr(self, "optimizers", None) is not None and self.step > 0:
+                self.save()
+            self.files.status("stopped", step=self.step, reason="stopped by its consumer")
+            self.log(f"run stopped at step {self.step} (stopped by its consumer)")
+            raise
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            self.dist.close()
+
+    def _fail(self, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):
+            reason = "Interrupted (a second Ctrl-C) before a checkpoint could be written."
+        elif _disk_full(e):
+            reason = (f"The disk is full ({e.filename or 'while writing'}); free space, then resume with "
+                      f"`python -m core runs resume {self.run_dir}`; checkpoints already saved are intact.")
+        elif isinstance(e, LabError):
+            reason = str(e)
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        try:
+            if not isinstance(e, (LabError, KeyboardInterrupt)):
+                self.log("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            self.log(f"run failed: {reason}")
+            self.files.status("failed", step=self.step, reason=reason, last_log=runs_mod.log_tail(self.run_dir, 20))
+        except OSError:
+            pass  # the disk may be full: the exception itself still reaches the caller
+
+    def _loop(self) -> Iterator[TrainEvent]:
+        cfg = self.cfg
+        pending: list[torch.Tensor] = []
+        t_last, paused, tokens_last = time.perf_counter(), 0.0, self.tokens
+        self.raw.train()
+        while self.step < self.max_steps:
+            if self._stop_wanted():
+                break
+            try:
+                loss, grad_norm, lr = self._train_step()
+            except torch.OutOfMemoryError:
+                raise LabError(f"{self.device} ran out of memory at batch size {cfg.batch_size}; lower --batch-size "
+                               f"and raise --grad-acc-steps, shorten --block-size, or use --amp.") from None
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            pending.append(loss)
+            last = self.step == self.max_steps
+            do_val = (cfg.val_every and self.step % cfg.val_every == 0) or last
+            if self.step % cfg.log_every == 0 or do_val or last:
+                train_loss = float(self.dist.sum(torch.stack(pending).mean().detach().clone()) / self.dist.world)
+                pending.clear()
+                if not math.isfinite(train_loss):
+                    raise LabError(f"The training loss became {train_loss} at step {self.step}; lower --lr"
+                                   + (", or use --amp-dtype bfloat16" if self.scaler is not None else "")
+                                   + " and start again (earlier checkpoints are kept).")
+                now = time.perf_counter()
+                span = max(1e-9, now - t_last - paused)  # training wall time of this interval (after the sync)
+                self.elapsed += span
+                tps = (self.tokens - tokens_last) / span
+                gn = float(grad_norm)  # inf on a float16 step the GradScaler skips: written as null
+                record = {"step": self.step, "tokens": self.tokens, "epoch": round(self.sampler.epoch_progress, 4),
+                          "train_loss": train_loss, "lr": lr, "grad_norm": gn if math.isfinite(gn) else None,
+                          "tokens_per_s": tps,
+                          "mfu": mfu(tps, self.flops_token, self.peak, self.dist.world),
+                          "gpu_mem_gb": gpu_memory_gb(self.device), "time": round(self.elapsed, 3)}
+                t_last, paused, tokens_last = now, 0.0, self.tokens
+                val_event = None
+                if do_val:
+                    t0 = time.perf_counter()
+                    v = self.validate()
+                    paused += time.perf_counter() - t0
+                    if v is not None:
+                        self.last_val = record["val_loss"] = v
+                        val_event = Validated(step=self.step, val_loss=v)
+                        self.log(f"step {self.step}: validation loss {v:.4f}")
+                self.files.metric(record)
+                self.log(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                         f"grad {gn:.3f} | {tps:,.0f} tok/s")
+                self.files.status(step=self.step, train_loss=train_loss, val_loss=self.last_val, tokens=self.tokens,
+                                  force=do_val)
+                yield StepLogged(step=self.step, metrics=record)
+                if val_event is not None:
+                    yield val_event
+            if cfg.preview_every and self.step % cfg.preview_every == 0:
+                t0 = time.perf_counter()
+                out = self.preview()
+                paused += time.perf_counter() - t0
+                if out is not None:
+                    self.files.preview({"step": self.step, "prompt": out[0], "text": out[1]})
+                    self.log(f"step {self.step}: sample: {out[0]}{out[1]}")
+                    yield Previewed(step=self.step, prompt=out[0], text=out[1])
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                t0 = time.perf_counter()
+                path = self.save()
+                paused += time.perf_counter() - t0
+                if path is not None:
+                    yield CheckpointSaved(step=self.step, path=str(path))
+        if self.stop_reason and self.step > 0:
+            path = self.save()
+            if path is not None:
+                yield CheckpointSaved(step=self.step, path=str(path))
+
+    def _export(self, name: str) -> None:
+        """``--ckpt-name``: the final model, weights only, as ``<run>/<name>/`` (a model spec)."""
+        from ..loading import save_checkpoint
+
+        stem = Path(name).stem
+        folder = self.run_dir / stem
+        tmp = self.run_dir / f".tmp-{stem}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective,
+                        extra={"training": {"run": str(self.run_dir), "step": self.step, "val_loss": self.last_val}})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+        self.log(f"final model exported: {folder}")

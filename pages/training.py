@@ -1,0 +1,244 @@
+"""Training: launch GPT and masked-diffusion runs, watch them live, stop, resume or delete them,
+and open their checkpoints in the other workbenches.
+
+Runs are separate processes (core.training.runs.launch), so they outlive this page; the page only
+reads run folders under the runs folder (``runs/``, or ``$GPTLAB_RUNS``), which also holds the runs
+started with ``python -m core train``. The runs section is a fragment that re-reads those folders
+every :data:`REFRESH_S` seconds while any run is running, and stops polling when none is.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import streamlit as st
+
+from core.errors import LabError
+from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
+                                runs_root, stop)
+from pages.common import ROOT, SPEC_KEY, ensure_frame, spec_label
+from pages.training_charts import draw_charts, metrics_frame
+from pages.training_form import config_from_values, launch_form
+
+REFRESH_S = 2.0
+SELECT_KEY = "tr_show"      # the runs shown (charts overlaid, one panel each)
+NOTICE_KEY = "tr_notice"    # a success message carried over a rerun
+REFUSALS_KEY = "tr_refusals"  # run id -> (engine message, when) of a refused stop / resume / delete
+REFUSAL_SHOW_S = 20.0
+FORM_OPEN_KEY = "tr_new_run"  # the "New run" expander's open state
+_COLLAPSE_KEY = "_tr_collapse_form"  # set by a launch: close the form on the next run, show the runs
+LOG_LINES = 40
+PREVIEWS_SHOWN = 3
+OPEN_IN = [("pages/generate.py", "Generate"), ("pages/consensus.py", "Consensus"), ("pages/features.py", "Features")]
+STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",
+               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]"}
+
+
+def runs_dir() -> Path:
+    return runs_root().expanduser().resolve()
+
+
+def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call the engine; a LabError (or anything unexpected) becomes one line for st.error."""
+    try:
+        return fn(*args, **kwargs), None
+    except LabError as e:
+        return None, str(e)
+    except Exception as e:  # a bug or a file system surprise: still one line, never a traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        return None, f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def fmt_loss(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def fmt_step(info: RunInfo) -> str:
+    return f"{info.step:,}" + (f" / {info.max_steps:,}" if info.max_steps else "")
+
+
+def runs_table(runs: list[RunInfo]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "run": [r.id for r in runs], "state": [r.state for r in runs], "step": [fmt_step(r) for r in runs],
+        "train loss": [r.train_loss for r in runs], "val loss": [r.val_loss for r in runs],
+        "objective": [r.objective for r in runs], "model": [r.model for r in runs],
+        "dataset": [r.dataset for r in runs], "checkpoints": [len(r.checkpoints) for r in runs],
+        "updated": [r.updated for r in runs]})
+
+
+def act(info: RunInfo, fn: Callable[..., Any], notice: str, **kwargs: Any) -> None:
+    """Stop / resume / delete ``info``'s run. Success reruns the whole page (polling may start or
+    stop); a refusal is kept for :data:`REFUSAL_SHOW_S` seconds so the 2-second refresh of a
+    running run's panel does not wipe it before it is read."""
+    _, error = attempt(fn, info.path, **kwargs)
+    if error:
+        st.session_state.setdefault(REFUSALS_KEY, {})[info.id] = (error, time.monotonic())
+        return
+    st.session_state.get(REFUSALS_KEY, {}).pop(info.id, None)
+    st.session_state[NOTICE_KEY] = notice
+    st.rerun()
+
+
+def show_refusal(run_id: str) -> None:
+    refusals = st.session_state.get(REFUSALS_KEY, {})
+    if run_id in refusals:
+        error, at = refusals[run_id]
+        if time.monotonic() - at < REFUSAL_SHOW_S:
+            st.error(error)
+        else:
+            refusals.pop(run_id)
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+def run_actions(info: RunInfo) -> None:
+    cols = st.columns([1, 2, 1], vertical_alignment="bottom")
+    if info.state == "running":
+        if cols[0].button("Stop", key=f"tr_stop_{info.id}", icon=":material/stop:",
+                          help="Writes a checkpoint at the next step, then ends the process."):
+            act(info, stop, notice=f"Stop requested for {info.id}: it saves a checkpoint and stops.")
+    else:
+        more = None
+        if info.state == "finished":
+            more = cols[1].number_input("Train up to step", info.step + 1, 100_000_000,
+                                        max(2 * info.step, info.step + 1), step=1, key=f"tr_more_{info.id}",
+                                        help="A finished run continues only to a larger step count.")
+        if cols[0].button("Resume", key=f"tr_resume_{info.id}", icon=":material/play_arrow:",
+                          help="Continue from the last checkpoint in a new process."):
+            act(info, resume, max_steps=None if more is None else int(more), notice=f"Resumed {info.id}.")
+    with cols[2].popover("Delete", icon=":material/delete:"):
+        st.markdown(f"Delete run **{info.id}** with its checkpoints and metrics? This cannot be undone.")
+        confirmed = st.button(f"Delete {info.id}", key=f"tr_delete_{info.id}", type="primary")
+    if confirmed:
+        act(info, delete, notice=f"Deleted run {info.id}.")
+    show_refusal(info.id)
+
+
+def run_checkpoints(info: RunInfo) -> None:
+    steps = info.checkpoints[::-1]  # newest first
+    if not steps:
+        st.caption("No checkpoint yet: one is written every 'save every' steps, at the end, and on Stop.")
+        return
+    ss = st.session_state
+    pick_key, newest_key = f"tr_ckpt_{info.id}", f"_tr_ckpt_newest_{info.id}"
+    # Follow the newest checkpoint as the run writes more, unless an older one was picked on purpose
+    # (and still exists: kept checkpoints rotate).
+    if ss.get(pick_key) not in steps or ss.get(pick_key) == ss.get(newest_key):
+        ss[pick_key] = steps[0]
+    ss[newest_key] = steps[0]
+    targets = [(page, title) for page, title in OPEN_IN if (ROOT / page).is_file()]
+    cols = st.columns([2] + [1] * len(targets), vertical_alignment="bottom")
+    step = cols[0].selectbox("Checkpoint", steps, format_func=lambda s: f"step {s:,}", key=pick_key)
+    folder = info.path / "checkpoints" / str(step)
+    for cell, (page, title) in zip(cols[1:], targets):
+        if cell.button(f"Open in {title}", key=f"tr_open_{title.lower()}_{info.id}", icon=":material/open_in_new:"):
+            st.session_state[SPEC_KEY] = str(folder)
+            st.switch_page(page)
+    st.caption(f"`{spec_label(str(folder))}` is a model spec: `python -m core generate --model {folder}`")
+
+
+def run_panel(info: RunInfo) -> None:
+    with st.container(border=True, key=f"tr_panel_{info.id}"):
+        st.markdown(f"**{info.id}** {STATE_BADGE.get(info.state, info.state)}  \n"
+                    f":gray[{info.model} · {info.objective} · {info.dataset}]")
+        cols = st.columns(3)
+        cols[0].metric("Step", fmt_step(info))
+        cols[1].metric("Train loss", fmt_loss(info.train_loss))
+        cols[2].metric("Val loss", fmt_loss(info.val_loss))
+        if info.state == "failed":
+            st.error(f"Run failed: {info.reason or 'no reason was recorded'}")
+            if info.last_log:
+                st.code("\n".join(info.last_log), language=None)
+        elif info.state == "stopped" and info.reason:
+            st.caption(f"Stopped: {info.reason}.")
+        run_actions(info)
+        run_checkpoints(info)
+        previews, _ = attempt(read_previews, info.path)
+        if previews:
+            with st.expander(f"Samples ({len(previews)})", expanded=True):
+                for p in previews[-PREVIEWS_SHOWN:][::-1]:
+                    st.caption(f"step {p.get('step')}")
+                    st.text(f"{p.get('prompt', '')}{p.get('text', '')}")
+        with st.expander("Log"):
+            lines, error = attempt(log_tail, info.path, LOG_LINES)
+            if error:
+                st.error(error)
+            else:
+                st.code("\n".join(lines) or "(empty)", language=None)
+
+
+# -- all runs -----------------------------------------------------------------------------------
+
+def runs_view(root: Path, polling: bool) -> None:
+    """Table, chosen runs' charts and panels; a fragment that reruns every REFRESH_S while polling."""
+    runs, error = attempt(list_runs, root)
+    if error:
+        st.error(f"Could not read the runs folder {root}: {error}")
+        return
+    if polling and not any(r.state == "running" for r in runs):
+        st.rerun()  # the last run ended: redraw the page once, without the timer
+    if not runs:
+        st.info(f"No runs under `{root}` yet. Launch one above, or from a shell with `python -m core train`.")
+        return
+    st.dataframe(runs_table(runs), hide_index=True, key="tr_table",
+                 column_config={"train loss": st.column_config.NumberColumn(format="%.4f"),
+                                "val loss": st.column_config.NumberColumn(format="%.4f")})
+    ids = [r.id for r in runs]
+    ss = st.session_state
+    ss[SELECT_KEY] = [i for i in ss.get(SELECT_KEY, ids[:1]) if i in ids]
+    left, right = st.columns([5, 1], vertical_alignment="bottom")
+    chosen = left.multiselect("Show runs", ids, key=SELECT_KEY, persist_state="session",
+                              help="Their curves are overlaid, coloured by run.")
+    log_loss = right.toggle("Log-scale loss", key="tr_log_loss", persist_state="session")
+    if not chosen:
+        st.caption("Pick one or more runs to see their curves, samples, log and checkpoints.")
+        return
+    by_id = {r.id: r for r in runs}
+    records = {rid: attempt(read_metrics, by_id[rid].path)[0] or [] for rid in chosen}
+    draw_charts(metrics_frame(records), log_loss)
+    for rid in chosen:
+        run_panel(by_id[rid])
+
+
+def launch_section(root: Path, has_runs: bool) -> None:
+    ss = st.session_state
+    if ss.pop(_COLLAPSE_KEY, False):
+        ss[FORM_OPEN_KEY] = False
+    with st.expander("New run", expanded=not has_runs, key=FORM_OPEN_KEY, on_change="rerun", icon=":material/add:"):
+        values = launch_form()
+    if values is None:
+        return
+    made, error = attempt(config_from_values, values)
+    if error is None:
+        cfg, name = made
+        info, error = attempt(launch, cfg, name, root)
+    if error:
+        st.error(error)
+        return
+    where = f"{len(cfg.devices)} GPUs under torchrun" if cfg.devices else cfg.device
+    ss[NOTICE_KEY] = f"Launched run **{info.id}** on {where}; it keeps running if you leave this page."
+    ss[SELECT_KEY] = [info.id] + [i for i in ss.get(SELECT_KEY, []) if i != info.id]
+    ss[_COLLAPSE_KEY] = True
+    st.rerun()
+
+
+ensure_frame()
+st.title("Training")
+st.markdown("Train a GPT (next-token) or a masked-diffusion language model on the CPU or local GPUs. Each run is "
+            "its own process writing a run folder: it survives page reloads, and runs started with "
+            "`python -m core train` show here too.")
+root = runs_dir()
+found, _ = attempt(list_runs, root)  # a launch reruns the page, so this stays current
+launch_section(root, has_runs=bool(found))
+
+head, button = st.columns([5, 1], vertical_alignment="bottom")
+head.subheader("Runs")
+button.button("Refresh", key="tr_refresh", icon=":material/refresh:", help="Look for runs started elsewhere.")
+st.caption(f"Runs folder: `{root}` (set GPTLAB_RUNS to use another).")
+notice = st.session_state.pop(NOTICE_KEY, None)
+if notice:
+    st.success(notice)
+polling = any(r.state == "running" for r in found or [])
+st.fragment(runs_view, run_every=REFRESH_S if polling else None)(root, polling)
