@@ -176,8 +176,8 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
     ids_list = encode_prompt(lm, prompt)
     cfg.check(lm.stack.context_length - len(ids_list))
     if lm.objective == "diffusion":
-        raise LabError("This is a diffusion model; use the diffusion sampler (Generate page, or "
-                       "`python -m core generate` which picks it automatically).")
+        raise LabError("This is a diffusion model; sample it with core.training.diffusion.stream or generate "
+                       "(the Generate page and `python -m core generate` pick that sampler automatically).")
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     settings = {**asdict(cfg), "seed": seed}
     if cfg.num_beams > 1:

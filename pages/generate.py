@@ -6,6 +6,9 @@ Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare 
 ``{"status": "running" | "done" | "stopped" | "failed", "result": GenerationResult, "error": str | None,
 "run": int}``. While streaming, "result" is refreshed after every token, so a run interrupted by
 Stop (Streamlit aborts the script and reruns it) keeps what it had produced.
+
+A diffusion model (``lm.objective == "diffusion"``) gets its own controls and a step-by-step
+denoising view instead, from pages/generate_diffusion.py.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from core.generation import (Finished, GenerationResult, SamplingConfig, TokenEv
                              partial_result, perplexity, stream)
 from core.loading import LoadedModel
 from pages.common import current_model, ensure_frame
+from pages.generate_diffusion import diffusion_view
 
 RESULTS_KEY = "gen_results"
 RUN_KEY = "gen_run"
@@ -302,6 +306,36 @@ def show_result(slot: str, record: dict | None, compare: bool) -> None:
                        key=wkey(slot, "download_json"), on_click="ignore")
 
 
+def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
+    """Settings (one column, or A and B side by side), Generate / Stop, and the results."""
+    results = st.session_state.setdefault(RESULTS_KEY, {})
+    compare = st.toggle("Compare two settings side by side", key=COMPARE_KEY, persist_state="session",
+                        help="Two columns of settings, A and B; Generate runs both on the same prompt.")
+    slots = SLOTS if compare else SLOTS[:1]
+    configs: dict[str, SamplingConfig] = {}
+    for slot, column in zip(slots, st.columns(len(slots), border=compare)):
+        with column:
+            if compare:
+                st.markdown(f"**Settings {slot}**")
+            configs[slot] = sampling_controls(slot, 2 if compare else 4)
+
+    b1, b2, _ = st.columns([1, 1, 6])
+    go = b1.button("Generate", type="primary", key="gen_go", disabled=lm is None, width="stretch")
+    stop = b2.button("Stop", key="gen_stop", width="stretch",
+                     help="Stop generating; the tokens produced so far are kept.")
+
+    stopped = settle_interrupted(results, lm)
+    if stopped and not stop:
+        st.info("The last generation was interrupted by a change on the page; its tokens so far are kept.")
+
+    out_columns = st.columns(len(slots))
+    if go and lm is not None:
+        generate_all(lm, prompt, configs, out_columns)
+    for slot, column in zip(slots, out_columns):
+        with column:
+            show_result(slot, results.get(slot), compare)
+
+
 # -- page ------------------------------------------------------------------------------------------
 
 ensure_frame()
@@ -316,28 +350,7 @@ if lm is not None:
     n_prompt = len(lm.tokenizer.encode(prompt)) if prompt else 0
     ctx = lm.stack.context_length
     st.caption(f"{n_prompt} prompt tokens · context {ctx} · room for {max(ctx - n_prompt, 0)} new tokens")
-compare = st.toggle("Compare two settings side by side", key=COMPARE_KEY, persist_state="session",
-                    help="Two columns of settings, A and B; Generate runs both on the same prompt.")
-slots = SLOTS if compare else SLOTS[:1]
-configs: dict[str, SamplingConfig] = {}
-for slot, column in zip(slots, st.columns(len(slots), border=compare)):
-    with column:
-        if compare:
-            st.markdown(f"**Settings {slot}**")
-        configs[slot] = sampling_controls(slot, 2 if compare else 4)
-
-b1, b2, _ = st.columns([1, 1, 6])
-go = b1.button("Generate", type="primary", key="gen_go", disabled=lm is None, width="stretch")
-stop = b2.button("Stop", key="gen_stop", width="stretch",
-                 help="Stop generating; the tokens produced so far are kept.")
-
-stopped = settle_interrupted(results, lm)
-if stopped and not stop:
-    st.info("The last generation was interrupted by a change on the page; its tokens so far are kept.")
-
-out_columns = st.columns(len(slots))
-if go and lm is not None:
-    generate_all(lm, prompt, configs, out_columns)
-for slot, column in zip(slots, out_columns):
-    with column:
-        show_result(slot, results.get(slot), compare)
+if lm is not None and lm.objective == "diffusion":
+    diffusion_view(lm, prompt)
+else:
+    autoregressive_view(lm, prompt)

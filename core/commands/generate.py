@@ -6,6 +6,17 @@ Examples:
   python -m core generate --prompt "ROMEO:" --temperature 0.8 --top-p 0.95 --stream --seed 1
   python -m core generate --ckpt runs/shakespeare --prompt "To be" --strategy topk --logprobs
   echo "Once upon a time" | python -m core generate --max-new-tokens 20
+
+Diffusion models (checkpoints whose config.json says "objective": "diffusion") are decoded by the
+masked-diffusion sampler instead: the completion starts as --gen-length masks and --diffusion-steps
+steps reveal them (--unmask confidence|random); --temperature (default 0 there: the most likely
+token), --top-k and --seed keep their meaning. --stream prints every denoising state on its own line
+(masks as ░, newlines as ↵) and --json keeps every state.
+  python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --gen-length 64 --diffusion-steps 32 --stream
+
+One rule for flags the model's sampler has no use for (--top-p, --min-p, --repetition-penalty,
+--num-beams, --stop, --logprobs... on a diffusion model; the diffusion flags on an autoregressive
+one): they are named in a one-line note on stderr and ignored, never an error.
 """
 from __future__ import annotations
 
@@ -18,11 +29,16 @@ from ..cli import add_model_args, load_from_args
 from ..errors import LabError
 
 NAME = "generate"
-HELP = "Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities."
+HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities; "
+        "diffusion models denoise step by step.")
 
 STRATEGY_TOP_K = 50    # --strategy topk without --top-k (the reference generate.py's default)
 STRATEGY_TOP_P = 0.9   # --strategy topp without --top-p
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
+DIFFUSION_STEPS = 32   # --diffusion-steps default (DiffusionConfig's)
+STRATEGIES = ("confidence", "random")  # = core.training.diffusion.STRATEGIES; building the parser loads no trainer
+DIFFUSION_FLAGS = ("gen_length", "diffusion_steps", "unmask")
+MASK_GLYPH = "\u2591"  # one light shade block per masked token in --stream lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--length-penalty", dest="length_penalty", type=float, default=1.0, metavar="L",
                    help="beam scores are sum(logprob) / length**L (default: %(default)s)")
     d.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: a fresh one, printed)")
+
+    m = parser.add_argument_group(
+        "diffusion models (objective: diffusion)",
+        "  --temperature (default 0 here: the most likely token), --top-k and --seed\n"
+        "  apply too; --greedy means temperature 0. Flags the diffusion sampler has no\n"
+        "  use for are named in a one-line note and ignored.")
+    m.add_argument("--gen-length", "--gen_length", dest="gen_length", type=int, metavar="N",
+                   help="tokens to generate after the prompt (default: --max-new-tokens)")
+    m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int, metavar="N",
+                   help=f"denoising steps; each reveals about gen-length/N tokens (default {DIFFUSION_STEPS}; "
+                        f"at most the generation length)")
+    m.add_argument("--unmask", choices=STRATEGIES,
+                   help="which masked positions each step reveals: the most confident predictions, or random "
+                        "ones (default confidence)")
 
 
 def sampling_config(args: argparse.Namespace):
@@ -150,20 +180,128 @@ def format_logprobs(tokens) -> str:
     return "\n".join(rows)
 
 
+# -- diffusion models -------------------------------------------------------------------------------
+
+def diffusion_config(args: argparse.Namespace):
+    """The :class:`~core.training.diffusion.DiffusionConfig` the flags describe. ``--greedy`` (or
+    ``--strategy greedy``) is temperature 0, which is also the default here."""
+    from ..training.diffusion import DiffusionConfig
+
+    greedy = args.greedy or args.strategy == "greedy"
+    return DiffusionConfig(
+        gen_length=args.max_new_tokens if args.gen_length is None else args.gen_length,
+        steps=DIFFUSION_STEPS if args.diffusion_steps is None else args.diffusion_steps,
+        strategy=args.unmask or "confidence",
+        temperature=0.0 if greedy or args.temperature is None else args.temperature,
+        top_k=0 if args.top_k is None else args.top_k,
+        seed=args.seed,
+    )
+
+
+def diffusion_ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
+    """Flags given on the command line that the diffusion sampler has no use for."""
+    given = [f for f in ("top_p", "min_p", "repetition_penalty") if getattr(args, f) is not None]
+    given += ["num_beams"] if args.num_beams != 1 else []
+    given += ["length_penalty"] if args.length_penalty != 1.0 else []
+    given += ["stop"] if args.stop else []
+    given += [f for f in ("logprobs", "perplexity") if getattr(args, f)]
+    given += ["alternatives"] if args.alternatives != 5 else []
+    flags = ["--" + f.replace("_", "-") for f in given]
+    if args.strategy in ("topk", "topp"):
+        flags.append(f"--strategy {args.strategy}")
+    if (args.greedy or args.strategy == "greedy") and args.temperature:
+        flags.append("--temperature (--greedy means 0)")
+    if cfg.temperature == 0 and cfg.top_k:
+        flags.append("--top-k (it applies only with --temperature above 0)")
+    return flags
+
+
+def one_line(text: str) -> str:
+    """A state of the text on a single line: line breaks shown as ↵."""
+    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+
+
+def run_diffusion(args: argparse.Namespace, lm, prompt: str) -> int:
+    """``generate`` for a masked-diffusion model: the diffusion sampler, step by step."""
+    import secrets
+    from dataclasses import replace
+
+    from ..files import atomic_write_json
+    from ..training.diffusion import (DenoiseStep, DiffusionFinished, DiffusionStarted, partial_result, render,
+                                      result_json, stream)
+
+    cfg = diffusion_config(args)
+    ignored = diffusion_ignored_flags(args, cfg)
+    if ignored:
+        print(f"note: {lm.name} is a diffusion model; its sampler ignores {', '.join(ignored)}.", file=sys.stderr)
+    if cfg.seed is None:
+        cfg = replace(cfg, seed=secrets.randbelow(2**31))  # drawn here so an interrupted run still reports it
+    if lm.untrained:
+        print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
+
+    out, tok = sys.stdout, lm.tokenizer
+    started, steps, result = None, [], None
+    t0 = time.perf_counter()
+    events = stream(lm, prompt, cfg)
+    try:
+        for ev in events:
+            if isinstance(ev, DiffusionStarted):
+                started = ev
+            elif isinstance(ev, DenoiseStep):
+                steps.append(ev)
+                if args.stream:
+                    P = len(started.prompt_ids)
+                    width = len(str(ev.total_steps))
+                    text = prompt + render(tok, ev.ids[P:], ev.masked[P:], MASK_GLYPH)
+                    out.write(f"[{ev.step:>{width}}/{ev.total_steps}] {one_line(text)}\n")
+                    out.flush()
+            elif isinstance(ev, DiffusionFinished):
+                result = ev.result
+    except KeyboardInterrupt:
+        events.close()
+        if args.json and started is not None:
+            partial = partial_result(lm, prompt, cfg, started, steps, time.perf_counter() - t0)
+            atomic_write_json(args.json, result_json(tok, partial, stopped=True))
+            print(f"wrote the {len(steps)} denoising steps done so far to {args.json}", file=sys.stderr)
+        raise
+    assert result is not None
+
+    print(result.text)
+    print(f"[{len(result.completion_ids)} tokens in {result.steps} denoising steps, {result.seconds:.2f}s; "
+          f"{cfg.strategy} unmasking, temperature {cfg.temperature:g}; seed {cfg.seed}; model {result.model}]",
+          file=sys.stderr)
+    if args.json:
+        atomic_write_json(args.json, result_json(tok, result))
+        print(f"wrote {args.json} (all {len(result.states)} states)", file=sys.stderr)
+    return 0
+
+
+# -- autoregressive models ------------------------------------------------------------------------
+
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_json
     from ..generation import Finished, Started, TokenEvent, partial_result, stream
 
-    cfg = sampling_config(args)
+    # The sampling flags are checked before the model loads, but an error is held until the model
+    # says which sampler runs: a diffusion model takes --temperature 0, and ignores the rest.
+    try:
+        cfg, bad_flags = sampling_config(args), None
+    except LabError as e:
+        cfg, bad_flags = None, e
+    prompt = read_prompt(args.prompt)
+    lm = load_from_args(args)
+    if lm.objective == "diffusion":
+        return run_diffusion(args, lm, prompt)
+    if bad_flags is not None:
+        raise bad_flags
+    diffusion_only = ["--" + f.replace("_", "-") for f in DIFFUSION_FLAGS if getattr(args, f) is not None]
+    if diffusion_only:
+        print(f"note: {', '.join(diffusion_only)} apply to diffusion models only; {lm.name} is autoregressive, "
+              f"so they are ignored.", file=sys.stderr)
     ignored = ignored_flags(args, cfg)
     if ignored:
         mode = "--greedy" if cfg.greedy and cfg.num_beams == 1 else "beam search"
         print(f"note: {mode} ignores {', '.join(ignored)}.", file=sys.stderr)
-    prompt = read_prompt(args.prompt)
-    lm = load_from_args(args)
-    if lm.objective == "diffusion":
-        raise LabError(f"{lm.spec} is a masked-diffusion model; `generate` decodes autoregressive models, "
-                       f"so pick a GPT or GPT-2/Neo model.")
     if lm.untrained:
         print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
 

@@ -262,3 +262,39 @@ def generate(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig | None = None)
         if isinstance(ev, DiffusionFinished):
             return ev.result
     raise AssertionError("stream ended without a result")
+
+
+# -- results for viewers: stopped runs, every state as text ---------------------------------------
+
+def partial_result(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig, started: DiffusionStarted,
+                   steps: list[DenoiseStep], seconds: float) -> DiffusionResult:
+    """The result of a run the user stopped: every state reached so far. The last state may still
+    hold masks; the completion shows them as ``[MASK]``, so it is never mistaken for a finished text.
+    Pass a ``cfg`` whose seed is set, so the stopped run can be repeated."""
+    P, L = len(started.prompt_ids), started.gen_length
+    states = [started.prompt_ids + [started.mask_id] * L] + [s.ids for s in steps]
+    reveal = [0] * L
+    for s in steps:
+        for pos in s.revealed:
+            reveal[pos - P] = s.step
+    last = states[-1][P:]
+    return DiffusionResult(
+        prompt=prompt, completion=render(lm.tokenizer, last, [r == 0 for r in reveal]), prompt_ids=started.prompt_ids,
+        completion_ids=last, states=states, steps=started.steps, seconds=seconds, settings=asdict(cfg),
+        model=lm.name, mask_id=started.mask_id, reveal_step=reveal)
+
+
+def state_masked(result: DiffusionResult, state: int) -> list[bool]:
+    """Per generated position: still masked in ``result.states[state]`` (state 0 = all masks)."""
+    return [r == 0 or r > state for r in result.reveal_step]
+
+
+def state_texts(tokenizer: "Tokenizer", result: DiffusionResult, mask_text: str = "[MASK]") -> list[str]:
+    """The generated part of every state as text, masks shown as ``mask_text``."""
+    P = len(result.prompt_ids)
+    return [render(tokenizer, ids[P:], state_masked(result, s), mask_text) for s, ids in enumerate(result.states)]
+
+
+def result_json(tokenizer: "Tokenizer", result: DiffusionResult, stopped: bool = False) -> dict:
+    """:meth:`DiffusionResult.to_json` plus every state as readable text, for downloads and ``--json``."""
+    return {**result.to_json(), "state_texts": state_texts(tokenizer, result), "stopped": stopped}
