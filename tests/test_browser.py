@@ -133,3 +133,39 @@ def test_generate_streams_tokens_and_shows_the_token_view(server, page, tmp_path
     assert page.locator("span[title]").count() >= 12  # one coloured span per generated token
     _no_exception(page)
     page.screenshot(path=str(_shots(tmp_path) / "generate.png"), full_page=True)
+
+
+def test_consensus_run_draws_the_live_chart(server, page, tmp_path):
+    url, _ = server
+    page.goto(f"{url}/consensus")
+    page.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
+    _settle(page)
+    page.get_by_role("spinbutton", name="Iterations N").fill("2")
+    page.keyboard.press("Tab")
+    _settle(page)
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
+    _settle(page)
+    assert page.locator("[data-testid=stVegaLiteChart]").count() >= 1  # the metric chart
+    assert "default N=2" in page.inner_text("body")  # the run, labelled for overlays
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "consensus.png"), full_page=True)
+
+
+def test_training_launch_and_stop_a_tiny_run(server, page, tmp_path):
+    url, _ = server
+    page.goto(f"{url}/training")
+    page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=90_000)
+    _settle(page)
+    page.get_by_role("spinbutton", name="Max steps").fill("3000")
+    page.get_by_role("spinbutton", name="Validate every").fill("20")
+    page.keyboard.press("Tab")
+    page.get_by_role("button", name="Launch").click()
+    page.get_by_text("Launched run").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Stop").first.wait_for(timeout=60_000)
+    page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=180_000)  # live curves appear
+    page.wait_for_timeout(6000)  # and grow for a few refreshes
+    page.screenshot(path=str(_shots(tmp_path) / "training.png"), full_page=True)
+    page.get_by_role("button", name="Stop").first.click()
+    page.get_by_text("stopped").first.wait_for(timeout=240_000)  # the next step boundary writes a checkpoint
+    _no_exception(page)
