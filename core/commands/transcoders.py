@@ -1,0 +1,509 @@
+"""Transcoders for a model's MLP layers: train them, collect what their features fire on, describe
+the features in words (with held-out scores), and explain a completion layer by layer.
+
+  train     one transcoder per MLP layer (reads blocks.{i}.ln2.hook_normalized, writes
+            blocks.{i}.hook_mlp_out); writes DIR/config.json, DIR/layer_{i}.safetensors and
+            DIR/metrics.json (per layer: fve, l0, dead_fraction, replacement losses), then by
+            default runs collect and a built-in describe so DIR/features.sqlite is ready too
+            (--no-collect / --no-describe to stop earlier)
+  collect   top-k contexts, quantile samples, held-out windows, histograms and promoted /
+            suppressed tokens per feature into DIR/features.sqlite (a fresh store)
+  describe  explanations per feature, scores on held-out windows, per-layer and total descriptions,
+            by the built-in explainer (offline) or a language model (--explainer google/flan-t5-base)
+  explain   generate from --prompt and print what each layer did and a total description, scored
+
+Order: train -> collect -> describe -> explain (train does the first three by default).
+A model's own set lives in <model folder>/transcoders/ (`default`: assets/default/transcoders/;
+hub models: ~/.cache/gptlab/transcoders/<id>/); --transcoders DIR picks another.
+
+The reference scripts' flags work: --train_folder + --checkpoint_name name the model (a run folder
+and state_step020000.pt -> its checkpoint 20000), --train_steps, --train_seq_len,
+--grad_acc_steps, --save_every, --val_loss_every, --save_model, --cuda N, --top_k, and the
+architecture flags --num_layers/--num_heads/--model_dim (checked against the model, which carries
+its own config).
+
+Examples:
+  python -m core transcoders train --model default --output-dir assets/default/transcoders
+  python -m core transcoders train --train_folder runs/shakespeare --checkpoint_name state_step020000.pt \\
+      --train_steps 2000 --train_seq_len 128 --cuda 0
+  python -m core transcoders describe --model default --explainer google/flan-t5-base --max-features 200
+  python -m core transcoders explain --model default --prompt "ROMEO:"
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..errors import LabError
+
+NAME = "transcoders"
+HELP = "Train transcoders on a model's MLPs, collect and describe their features, explain a completion."
+ACTIONS = ("train", "collect", "describe", "explain")
+
+
+def _bool(text: str) -> bool:
+    table = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in table:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return table[text.lower()]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(str(text).replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices such as 0,2,3, got {text!r}") from None
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--transcoders", metavar="DIR",
+                   help="the transcoder set folder (default: the model's own, <model folder>/transcoders/)")
+    r = p.add_argument_group("reference-script spellings")
+    r.add_argument("--train_folder", metavar="DIR", help="the run folder of the model (with --checkpoint_name)")
+    r.add_argument("--checkpoint_name", metavar="NAME",
+                   help="a checkpoint of --train_folder: state_step020000.pt, 20000, or a folder/file name")
+    r.add_argument("--cuda", type=_int, metavar="N", help="GPU index (same as --device cuda:N)")
+    r.add_argument("--num_layers", type=_int, metavar="N", help="checked against the model's own config")
+    r.add_argument("--num_heads", type=_int, metavar="N", help="checked against the model's own config")
+    r.add_argument("--model_dim", type=_int, metavar="N", help="checked against the model's own config")
+    r.add_argument("--val_seq_len", type=_int, metavar="T", help="accepted; ignored (quality uses --seq-len)")
+    r.add_argument("--max_seq_len", type=_int, metavar="T", help="accepted; checked against the model's context")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transcoders")
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR",
+                   help="where the set goes (default: --transcoders, else the model's own folder)")
+    g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
+    g.add_argument("--expansion", type=_int, default=8, metavar="E", help="features = E x d_model (default: %(default)s)")
+    g.add_argument("--activation", choices=("topk", "relu"), default="topk",
+                   help="topk: exactly --k features per token; relu: sparsity from --l1-coeff (default: %(default)s)")
+    g.add_argument("--k", type=_int, default=32, metavar="K", help="active features per token with topk (default: %(default)s)")
+    g.add_argument("--l1-coeff", "--l1_coeff", dest="l1_coeff", type=float, default=3e-4, metavar="C",
+                   help="L1 weight with relu (default: %(default)s)")
+    g.add_argument("--train-tokens", "--train_tokens", dest="train_tokens", type=_int, default=500_000, metavar="N",
+                   help="tokens per layer (default: %(default)s)")
+    g.add_argument("--steps", "--train_steps", dest="steps", type=_int, metavar="N",
+                   help="optimiser steps (overrides --train-tokens)")
+    g.add_argument("--batch-tokens", "--batch_tokens", dest="batch_tokens", type=_int, default=1024, metavar="N",
+                   help="tokens per step (default: %(default)s)")
+    g.add_argument("--grad_acc_steps", type=_int, default=1, metavar="N",
+                   help="reference spelling: multiplies --batch-tokens (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=_int, default=128, metavar="T",
+                   help="tokens per corpus window the model reads (default: %(default)s)")
+    g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH",
+                   help="the corpus: shakespeare (default), a local .txt/.jsonl file or folder, or a hub dataset")
+    g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=_int, default=0, metavar="N",
+                   help="print a quick validation FVE every N steps (default: only at the end)")
+    g.add_argument("--save-every", "--save_every", dest="save_every", type=_int, default=0, metavar="N",
+                   help="save the set every N steps (default: at the end, and when stopped)")
+    g.add_argument("--save_model", type=_bool, default=True, metavar="True|False",
+                   help="reference spelling; False trains and reports without writing the set")
+    g.add_argument("--save-dtype", dest="save_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weights on disk (float16 halves the size)")
+    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--no-collect", dest="collect", action="store_false", help="stop after training")
+    g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
+
+
+def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
+    g = p.add_argument_group("collection")
+    g.add_argument("--collect-tokens", "--n-tokens", dest="n_tokens", type=_int, default=262_144, metavar="N",
+                   help="corpus tokens scanned (default: %(default)s)")
+    g.add_argument("--collect-seq-len", dest="collect_seq_len", type=_int, default=64, metavar="T",
+                   help="window the model reads while collecting (default: %(default)s)")
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=_int, default=20, metavar="K",
+                   help="strongest contexts kept per feature (default: %(default)s)")
+    g.add_argument("--n-quantile", dest="n_quantile", type=_int, default=10, metavar="N",
+                   help="contexts sampled across the activation range (default: %(default)s)")
+    g.add_argument("--n-heldout", dest="n_heldout", type=_int, default=10, metavar="N",
+                   help="held-out activating windows for scoring (default: %(default)s)")
+    g.add_argument("--n-negative", dest="n_negative", type=_int, default=10, metavar="N",
+                   help="held-out silent windows for scoring (default: %(default)s)")
+    g.add_argument("--window", type=_int, nargs=2, default=(12, 4), metavar=("BEFORE", "AFTER"),
+                   help="context tokens kept around an activation (default: 12 4)")
+    g.add_argument("--collect-batch", dest="collect_batch", type=_int, default=32, metavar="B",
+                   help="windows per forward pass (default: %(default)s)")
+    if prefix:
+        g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
+        g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH", help="the corpus (default: shakespeare)")
+        g.add_argument("--train_steps", dest="collect_batches", type=_int, metavar="N",
+                       help="reference spelling: scan N batches (N x --collect-batch x --collect-seq-len tokens)")
+        g.add_argument("--train_seq_len", dest="collect_seq_len", type=_int, metavar="T", help="= --collect-seq-len")
+        g.add_argument("--seed", type=_int, default=0)
+
+
+def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
+    g = p.add_argument_group("explanations")
+    if not in_train:
+        g.add_argument("--explainer", default="builtin", metavar="SPEC",
+                       help="builtin (offline; default), or a seq2seq/causal LM: hub id (google/flan-t5-base) or folder")
+        g.add_argument("--explainer-device", dest="explainer_device", default="cpu", metavar="DEVICE")
+        g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to describe (default: all)")
+        g.add_argument("--store", metavar="FILE", help="the store (default: DIR/features.sqlite)")
+        g.add_argument("--batch-size", dest="explain_batch", type=_int, metavar="B",
+                       help="features per explainer call and per commit (default: 256 builtin, 16 LM)")
+    g.add_argument("--max-features", dest="max_features", type=_int, metavar="N",
+                   help="explain at most N features per layer, most frequent first (default: all)")
+    g.add_argument("--n-top", dest="n_top", type=_int, default=10, metavar="N",
+                   help="top contexts shown to the explainer (default: %(default)s)")
+    g.add_argument("--no-score", dest="score", action="store_false", help="skip the held-out scores")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>", title="actions")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="train one transcoder per MLP layer (then collect and describe)",
+                       description="Train transcoders; writes DIR/config.json, layer_{i}.safetensors, metrics.json, "
+                                   "and (unless --no-collect) features.sqlite.", formatter_class=fmt)
+    _common(p)
+    _train_flags(p)
+    _collect_flags(p)
+    _describe_flags(p, in_train=True)
+    p = sub.add_parser("collect", help="collect contexts, histograms and logit effects into a fresh feature store")
+    _common(p)
+    _collect_flags(p, prefix=True)
+    g = p.add_argument_group("layers")
+    g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to collect (default: all in the set)")
+    p = sub.add_parser("describe", help="explain and score features; describe each layer and the whole set")
+    _common(p)
+    _describe_flags(p)
+    p = sub.add_parser("explain", help="generate from a prompt and explain each layer's part in it")
+    _common(p)
+    g = p.add_argument_group("prompt and generation")
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt (repeatable; default: read from stdin, one per line)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=_int, default=24, metavar="K")
+    g.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T (default: greedy)")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0, metavar="P")
+    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--steps", type=_int, metavar="N", help="denoising steps of a diffusion model (default: one per token)")
+    g = p.add_argument_group("explanation")
+    g.add_argument("--explainer", default="builtin", metavar="SPEC",
+                   help="builtin (offline; default), or a seq2seq/causal LM hub id or folder")
+    g.add_argument("--explainer-device", dest="explainer_device", default="cpu", metavar="DEVICE")
+    g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite)")
+    g.add_argument("--top-features", dest="top_features", type=_int, default=5, metavar="N",
+                   help="features listed per layer (default: %(default)s)")
+    g.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    g.add_argument("--format", choices=("text", "reference"), default="text",
+                   help="reference: the lines generate_descriptions.py printed (continuation=, per layer "
+                        "description=, total description=, models output score=, ...)")
+    g.add_argument("--save", action="store_true", help="also keep the result in the feature store's history")
+
+
+# -- shared steps ---------------------------------------------------------------------------------
+
+def resolve_reference_model(train_folder: str, checkpoint_name: str | None) -> tuple[str, str | None]:
+    """``(model spec, bare state-dict file or None)`` for the reference scripts' two flags."""
+    from ..cli import latest_checkpoint
+
+    folder = Path(train_folder).expanduser()
+    if not folder.exists():
+        raise LabError(f"--train_folder {folder} does not exist; pass the run folder the model was trained in.")
+    if not checkpoint_name:
+        return str(latest_checkpoint(folder)), None
+    direct = folder / checkpoint_name
+    if direct.is_dir():
+        return str(direct), None
+    if direct.is_file():
+        return "default", str(direct)
+    m = re.search(r"(\d+)", Path(checkpoint_name).stem)
+    if m:
+        step = int(m.group(1))
+        for cand in (folder / "checkpoints" / str(step), folder / "checkpoints" / m.group(1)):
+            if cand.is_dir():
+                return str(cand), None
+    raise LabError(f"No checkpoint '{checkpoint_name}' in {folder}; name a folder under {folder / 'checkpoints'} "
+                   f"(e.g. its step number) or a weights file in {folder}.")
+
+
+def _load(args: argparse.Namespace):
+    from ..cli import load_from_args
+
+    if getattr(args, "cuda", None) is not None:
+        args.device = f"cuda:{args.cuda}"
+    if getattr(args, "train_folder", None):
+        spec, file = resolve_reference_model(args.train_folder, args.checkpoint_name)
+        if file:
+            args.checkpoint = file
+        else:
+            args.model = spec
+    elif getattr(args, "checkpoint_name", None):
+        raise LabError("--checkpoint_name needs --train_folder (the run folder it belongs to).")
+    lm = load_from_args(args)
+    d = lm.stack.describe()
+    for flag, key in (("num_layers", "n_layer"), ("num_heads", "n_head"), ("model_dim", "d_model")):
+        given = getattr(args, flag, None)
+        if given is not None and given != d[key]:
+            raise LabError(f"--{flag} {given} does not match {lm.name}, which has {key} = {d[key]}; drop the flag "
+                           f"(the checkpoint carries its own config).")
+    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len > lm.stack.context_length:
+        raise LabError(f"--max_seq_len {args.max_seq_len} exceeds {lm.name}'s context of {lm.stack.context_length}.")
+    if lm.untrained:
+        print(f"note: {lm.name} has random weights; its features describe noise.", file=sys.stderr)
+    return lm
+
+
+def _set_dir(args: argparse.Namespace, lm) -> Path:
+    from ..interp.transcoder import transcoder_dir_for
+
+    return Path(args.transcoders).expanduser() if args.transcoders else transcoder_dir_for(lm)
+
+
+def _collect_config(args: argparse.Namespace, layers=None):
+    from ..interp.collect import CollectConfig
+
+    n_tokens = args.n_tokens
+    if getattr(args, "collect_batches", None):
+        n_tokens = args.collect_batches * args.collect_batch * args.collect_seq_len
+    cfg = CollectConfig(layers=layers, n_tokens=n_tokens, seq_len=args.collect_seq_len, batch_size=args.collect_batch,
+                        top_k=args.top_k, n_quantile=args.n_quantile, n_heldout=args.n_heldout,
+                        n_negative=args.n_negative, window_before=args.window[0], window_after=args.window[1],
+                        dataset=args.dataset, seed=args.seed)
+    cfg.check()
+    return cfg
+
+
+def _run_collect(lm, tset, cfg, out: Path) -> None:
+    from ..cli import progress
+    from ..interp.collect import CollectFinished, CollectProgress, CollectStarted, collect_features
+
+    events = collect_features(lm, tset, cfg, out=out)
+    first = next(events)
+    assert isinstance(first, CollectStarted)
+    for ev in progress(events, first.total, "collect",
+                       position=lambda e: e.done if isinstance(e, CollectProgress) else None,
+                       status=lambda e: e.phase if isinstance(e, CollectProgress) else None):
+        if isinstance(ev, CollectFinished):
+            alive = ", ".join(f"layer {i}: {n}" for i, n in ev.alive.items())
+            print(f"collected {first.n_windows} windows in {ev.seconds:.1f}s; live features {alive}; wrote {ev.path}",
+                  file=sys.stderr)
+
+
+def _run_describe(store, explainer, layers, args) -> None:
+    from ..cli import progress
+    from ..interp.explain import DescribeFinished, DescribeStarted, FeatureExplained, LayerDescribed, describe_store
+
+    events = describe_store(store, explainer, layers=layers, max_features=args.max_features, n_top=args.n_top,
+                            score=args.score, batch_size=getattr(args, "explain_batch", None))
+    first = next(events)
+    assert isinstance(first, DescribeStarted)
+    for ev in progress(events, first.total, f"describe ({explainer.name})",
+                       position=lambda e: e.done if isinstance(e, FeatureExplained) else None):
+        if isinstance(ev, LayerDescribed):
+            score = f" (mean detection accuracy {ev.mean_score:.2f})" if ev.mean_score is not None else ""
+            print(f"layer {ev.layer}: {ev.text}{score}")
+        elif isinstance(ev, DescribeFinished):
+            print(f"total: {ev.total_description}")
+            print(f"[{first.total} features described by {ev.explainer} in {ev.seconds:.1f}s]", file=sys.stderr)
+
+
+# -- actions --------------------------------------------------------------------------------------
+
+def _train(args: argparse.Namespace) -> int:
+    from ..cli import progress
+    from ..files import atomic_write_json
+    from ..interp.explain import BuiltinExplainer
+    from ..interp.store import FeatureStore, store_path
+    from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, TranscoderTrainConfig, \
+        Validated, train_transcoders
+
+    lm = _load(args)
+    out = Path(args.output_dir).expanduser() if args.output_dir else _set_dir(args, lm)
+    if args.grad_acc_steps < 1:
+        raise LabError(f"--grad_acc_steps must be at least 1 (got {args.grad_acc_steps}).")
+    cfg = TranscoderTrainConfig(
+        layers=args.layers, expansion=args.expansion, activation=args.activation, k=args.k, l1_coeff=args.l1_coeff,
+        train_tokens=args.train_tokens, steps=args.steps, batch_tokens=args.batch_tokens * args.grad_acc_steps,
+        lr=args.lr, seq_len=args.seq_len, dataset=args.dataset, eval_every=args.eval_every,
+        save_every=args.save_every, save_dtype=args.save_dtype, seed=args.seed)
+    cfg.check()
+    save_dir = out if args.save_model else None
+    events = train_transcoders(lm, cfg, out_dir=save_dir)
+    tset = None
+    first = next(events)
+    assert isinstance(first, TrainStarted)
+    print(f"training {len(first.layers)} transcoders of {first.n_features} features on {lm.name} "
+          f"({first.total_steps} steps of {first.batch_tokens} tokens from {first.corpus})", file=sys.stderr)
+
+    def status(e):
+        if isinstance(e, TrainProgress):
+            return "nmse " + " ".join(f"{v:.3f}" for v in e.mse.values()) + f"  {e.tokens_per_s:,.0f} tok/s"
+        return None
+
+    for ev in progress(events, first.total_steps, "train",
+                       position=lambda e: e.step if isinstance(e, TrainProgress) else None, status=status):
+        if isinstance(ev, Validated):
+            print(f"\nstep {ev.step}: fve " + ", ".join(f"{i}: {v:.3f}" for i, v in ev.fve.items()), file=sys.stderr)
+        elif isinstance(ev, Evaluated):
+            _print_quality(ev.quality)
+        elif isinstance(ev, Saved):
+            print(f"saved {ev.folder} (step {ev.step})", file=sys.stderr)
+        elif isinstance(ev, TrainFinished):
+            tset = ev.transcoders
+            print(f"[trained in {ev.seconds:.1f}s]", file=sys.stderr)
+    assert tset is not None
+    if save_dir is None:
+        return 0
+    atomic_write_json(out / "metrics.json", tset.metrics)
+    if not args.collect:
+        return 0
+    _run_collect(lm, tset, _collect_config(args), store_path(out))
+    if args.describe:
+        with FeatureStore(store_path(out)) as store:
+            _run_describe(store, BuiltinExplainer(), None, args)
+    return 0
+
+
+def _print_quality(quality) -> None:
+    print(f"{'layer':>5} {'FVE':>7} {'L0':>7} {'dead':>6} {'loss':>8} {'spliced':>8} {'ablated':>8} {'recovered':>9}")
+    for i, q in sorted(quality.items()):
+        print(f"{i:>5} {q.fve:>7.3f} {q.l0:>7.1f} {q.dead_fraction:>6.1%} {q.loss_clean:>8.4f} {q.loss_replaced:>8.4f} "
+              f"{q.loss_ablated:>8.4f} {q.loss_recovered:>9.1%}")
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from ..interp.store import store_path
+    from ..interp.transcoder import find_transcoder_set
+
+    lm = _load(args)
+    tset = find_transcoder_set(lm, args.transcoders)
+    out = Path(args.store).expanduser() if args.store else store_path(tset.folder)
+    _run_collect(lm, tset, _collect_config(args, args.layers), out)
+    return 0
+
+
+def _open_store(args: argparse.Namespace, lm, readonly: bool):
+    from ..interp.store import FeatureStore, store_path
+
+    path = Path(args.store).expanduser() if args.store else store_path(_set_dir(args, lm))
+    if not path.is_file():
+        raise LabError(f"No feature store at {path}; run `python -m core transcoders collect --model {lm.spec}` first.")
+    return FeatureStore(path, readonly=readonly)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from ..interp.explain import load_explainer
+
+    lm = _load(args)
+    explainer = load_explainer(args.explainer, device=args.explainer_device)
+    with _open_store(args, lm, readonly=False) as store:
+        _run_describe(store, explainer, args.layers, args)
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = args.prompt
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LabError("No prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line.")
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise LabError("A prompt is empty; pass --prompt TEXT with some text.")
+    return prompts
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from ..files import atomic_write_json
+    from ..interp.completion import CompletionExplained, explain_completion
+    from ..interp.explain import load_explainer
+    from ..interp.transcoder import find_transcoder_set
+
+    prompts = _read_prompts(args)
+    lm = _load(args)
+    tset = find_transcoder_set(lm, args.transcoders)
+    explainer = load_explainer(args.explainer, device=args.explainer_device)
+    store = None
+    try:
+        store = _open_store(args, lm, readonly=not args.save)
+    except LabError as e:
+        print(f"note: {e} Features are shown without explanations.", file=sys.stderr)
+    results = []
+    try:
+        for prompt in prompts:
+            settings = _settings(args, lm)
+            t0 = time.perf_counter()
+            for ev in explain_completion(lm, tset, prompt, store=store, explainer=explainer, settings=settings,
+                                         top_features=args.top_features):
+                if isinstance(ev, CompletionExplained):
+                    (_print_reference if args.format == "reference" else _print_explanation)(ev.result)
+                    results.append(ev.result)
+                    if args.save and store is not None:
+                        store.add_completion(prompt, ev.result.completion, explainer.name, ev.result.to_json())
+            print(f"[explained in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        atomic_write_json(args.json, [r.to_json() for r in results])
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _settings(args: argparse.Namespace, lm):
+    if lm.objective == "diffusion":
+        from ..training.diffusion import DiffusionConfig
+
+        cfg = DiffusionConfig(gen_length=args.max_new_tokens, steps=args.steps or args.max_new_tokens,
+                              temperature=args.temperature or 0.0, seed=args.seed)
+    else:
+        from ..generation import SamplingConfig
+
+        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
+                             temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, n_alternatives=0)
+    cfg.check()
+    return cfg
+
+
+def _print_explanation(r) -> None:
+    def score(v):
+        return f"{v}/10" if v is not None else "n/a"
+
+    print(f"prompt: {r.prompt!r}")
+    print(f"completion: {r.completion!r}")
+    for layer in r.layers:
+        print(f"layer {layer.layer} ({layer.share:.0%} of attribution): {layer.description}")
+        for fa in layer.features:
+            where = ", ".join(f"{tok!r}" for _, tok, _, _ in fa.positions[:3])
+            sc = f"; detection {fa.score:.2f}" if fa.score is not None else ""
+            text = fa.explanation or "(no explanation)"
+            print(f"    #{fa.feature:<6} {fa.attribution:+.3f}  at {where or '-'}: {text}{sc}")
+    print(f"total description: {r.total_description}")
+    print(f"output score: {score(r.output_score)}    interpretability score: {score(r.interpretability_score)}"
+          f"    measured (held-out detection): {score(r.measured_interpretability)}")
+    print()
+
+
+def _print_reference(r) -> None:
+    """The layout of the reference generate_descriptions.py, one completion per block."""
+    print(f"input: {r.prompt}")
+    print("iteration: 1")
+    print(f"        continuation={r.prompt}{r.completion}")
+    print(f"        per layer description={r.layer_descriptions}")
+    print(f"        total description={r.total_description}")
+    print(f"        models output score={r.output_score}")
+    print(f"        models mechanistic interpretability score={r.interpretability_score}")
+
+
+def run(args: argparse.Namespace) -> int:
+    action = getattr(args, "action", None)
+    if action is None:
+        raise LabError(f"Say what to do: python -m core transcoders {{{','.join(ACTIONS)}}} ... (see --help).")
+    return {"train": _train, "collect": _collect, "describe": _describe, "explain": _explain}[action](args)

@@ -1,0 +1,266 @@
+"""Explain a completion: generate from a prompt, find the transcoder features that drove each
+layer, and describe each layer and the whole in words, with scores.
+
+Attribution is token-level: the completion is run through the model with every MLP written as
+``transcoder(x) + error`` (the error term is the MLP's output minus the transcoder's, held
+constant, so the forward pass is exactly the original model's). The target is the sum over
+generated tokens of their log-probability. For each layer, position and feature,
+``attribution = activation * d target / d activation``: the feature's activation at that token
+times its effect on what the model went on to write, through every later layer (a first-order,
+gradient-times-activation estimate). Each layer's features are ranked by the sum of their
+token-level attributions (what they did, summed token by token, not an average activation).
+
+Autoregressive models predict generated token ``j`` at position ``P + j - 1``. Diffusion models
+are attributed on their first denoising state, the prompt followed by masks, predicting every
+generated token at its own position: what the model brought to the blank canvas.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterator, Union
+
+import torch
+
+from ..errors import LabError
+from .explain import BuiltinExplainer, Explainer, FeatureEvidence
+from .scoring import interpretability_from_scores, score_feature
+from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from ..generation import SamplingConfig
+    from ..loading import LoadedModel
+    from ..training.diffusion import DiffusionConfig
+    from .transcoder import TranscoderSet
+
+
+@dataclass
+class FeatureAttribution:
+    layer: int
+    feature: int
+    attribution: float                 # sum over positions of activation x gradient
+    max_activation: float
+    positions: list[tuple[int, str, float, float]]   # (position, token, activation, attribution), strongest first
+    explanation: str | None = None
+    score: float | None = None         # detection balanced accuracy of that explanation (held-out)
+
+
+@dataclass
+class LayerExplanation:
+    layer: int
+    description: str
+    features: list[FeatureAttribution]
+    share: float                       # this layer's share of the total |attribution| over layers
+    per_token: list[float]             # summed attribution of the layer's features at each input position
+                                       # (autoregressive: the last token is not an input, so one shorter)
+
+
+@dataclass
+class CompletionExplanation:
+    prompt: str
+    completion: str
+    tokens: list[str]                  # prompt + completion tokens (for diffusion: the final ones)
+    n_prompt: int
+    layers: list[LayerExplanation]
+    total_description: str
+    output_score: int | None           # 1-10 (see the explainer's rate_output)
+    interpretability_score: int | None  # 1-10 (see the explainer's rate_interpretation)
+    measured_interpretability: int | None  # 1-10 from held-out detection accuracy of the features used
+    mean_logprob: float | None         # of the generated tokens, under the model
+    explainer: str
+    objective: str
+    seconds: float
+
+    @property
+    def layer_descriptions(self) -> list[str]:
+        return [l.description for l in self.layers]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CompletionStarted:
+    prompt: str
+    layers: list[int]
+
+
+@dataclass
+class Generated:
+    completion: str
+    n_tokens: int
+
+
+@dataclass
+class LayerExplained:
+    explanation: LayerExplanation
+
+
+@dataclass
+class CompletionExplained:
+    result: CompletionExplanation
+
+
+CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, CompletionExplained]
+
+
+def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int], list[int], torch.Tensor,
+                                                                  list[tuple[int, int]]]:
+    """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
+    if lm.objective == "diffusion":
+        from ..training.diffusion import DiffusionConfig, generate as diffusion_generate
+
+        cfg = settings if settings is not None else DiffusionConfig(gen_length=24, steps=24, seed=0)
+        res = diffusion_generate(lm, prompt, cfg)
+        P = len(res.prompt_ids)
+        x = torch.tensor([res.states[0]])                                   # prompt + masks
+        targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
+        return res.completion, res.prompt_ids, res.completion_ids, x, targets
+    from ..generation import SamplingConfig, encode_prompt, generate
+
+    cfg = settings if settings is not None else SamplingConfig(max_new_tokens=24, greedy=True)
+    prompt_ids = encode_prompt(lm, prompt)
+    res = generate(lm, prompt, cfg)
+    new = [t.token_id for t in res.tokens]
+    if not new:
+        raise LabError("The model ended the completion at once (end of text); try another prompt or sampling.")
+    P = len(prompt_ids)
+    ids = prompt_ids + new
+    x = torch.tensor([ids[:-1]])                                            # the last token predicts nothing we need
+    targets = [(P - 1 + j, t) for j, t in enumerate(new)]
+    return res.completion, prompt_ids, new, x, targets
+
+
+def attribute(lm: "LoadedModel", tset: "TranscoderSet", x: torch.Tensor, targets: list[tuple[int, int]],
+              layers: list[int] | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], float]:
+    """``(activations {layer: (T, F)}, attributions {layer: (T, F)}, mean target log-prob)`` for
+    model input ``x`` ``(1, T)`` and ``targets`` ``[(position, token id)]`` (module docstring)."""
+    stack = lm.stack
+    layers = tset.layers if layers is None else layers
+    acts: dict[int, torch.Tensor] = {}
+
+    def replacement(i: int):
+        tc, mlp = tset[i], stack.mlp(i)
+
+        def fn(h_in: torch.Tensor) -> torch.Tensor:
+            a = tc.encode(h_in.float())                                     # (1, T, F)
+            acts[i] = a
+            out = tc.decode(a)
+            err = (mlp(h_in).float() - out).detach()
+            return (out + err).to(h_in.dtype)
+        return fn
+
+    with torch.enable_grad():
+        h = stack.embed(x.to(stack.device))
+        for i in range(stack.n_layer):
+            h = stack.block(i, h, mlp=replacement(i) if i in layers else None)
+        logp = stack.unembed(stack.final_norm(h)).float().log_softmax(-1)  # (1, T, V)
+        pos = torch.tensor([p for p, _ in targets], device=logp.device)
+        tok = torch.tensor([t for _, t in targets], device=logp.device)
+        picked = logp[0, pos, tok]                                          # (n_targets,)
+        grads = torch.autograd.grad(picked.sum(), [acts[i] for i in layers])
+    a_out = {i: acts[i][0].detach() for i in layers}
+    attr = {i: (acts[i][0] * g[0]).detach() for i, g in zip(layers, grads)}
+    return a_out, attr, float(picked.detach().mean())
+
+
+def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
+                       store: FeatureStore | None = None, explainer: Explainer | None = None,
+                       settings: "SamplingConfig | DiffusionConfig | None" = None, top_features: int = 5,
+                       n_positions: int = 5, layers: list[int] | None = None) -> Iterator[CompletionEvent]:
+    """Generate from ``prompt`` (greedy, 24 tokens unless ``settings`` say otherwise) and explain it.
+
+    Feature explanations come from ``store`` (written by this explainer, else the latest); a
+    top feature without one is explained on the spot from its stored evidence. Without a store
+    features are named by address only and the interpretability score is None.
+    """
+    explainer = explainer or BuiltinExplainer()
+    tset.check_model(lm)
+    layers = tset.layers if layers is None else sorted(layers)
+    t0 = time.perf_counter()
+    yield CompletionStarted(prompt=prompt, layers=layers)
+    completion, prompt_ids, new_ids, x, targets = _generate(lm, prompt, settings)
+    yield Generated(completion=completion, n_tokens=len(new_ids))
+    acts, attr, mean_lp = attribute(lm, tset, x, targets, layers)
+
+    tokens = [lm.tokenizer.token_str(t) for t in prompt_ids + new_ids]
+    totals = {i: float(attr[i].sum(0).abs().sum()) for i in layers}
+    grand = sum(totals.values()) or 1.0
+    detector = explainer.detector() if store is not None else None
+    explained_layers: list[LayerExplanation] = []
+    all_scores: list[float | None] = []
+    all_weights: list[float] = []
+    stored_ex = _stored_explainer(store, explainer)
+    for i in layers:
+        per_feature = attr[i].sum(0)                                        # (F,)
+        k = min(top_features, per_feature.numel())
+        top = per_feature.topk(k).indices.tolist()
+        feats: list[FeatureAttribution] = []
+        for f in top:
+            col_attr, col_act = attr[i][:, f], acts[i][:, f]
+            order = col_attr.abs().argsort(descending=True)[:n_positions].tolist()
+            positions = [(p, tokens[p] if p < len(tokens) else "", float(col_act[p]), float(col_attr[p]))
+                         for p in order if float(col_act[p]) > 0]
+            fa = FeatureAttribution(layer=i, feature=f, attribution=float(per_feature[f]),
+                                    max_activation=float(col_act.max()), positions=positions)
+            if store is not None:
+                fa.explanation, fa.score = _explanation_for(store, explainer, stored_ex, detector, i, f)
+            feats.append(fa)
+            all_scores.append(fa.score)
+            all_weights.append(fa.attribution)
+        items = [(fa.explanation or f"blocks.{i}.transcoder.{fa.feature}", fa.attribution) for fa in feats
+                 if fa.attribution > 0]
+        description = explainer.describe_layer(i, items)
+        le = LayerExplanation(layer=i, description=description, features=feats, share=totals[i] / grand,
+                              per_token=attr[i].sum(1).tolist())
+        explained_layers.append(le)
+        yield LayerExplained(le)
+    total = explainer.describe_total([(l.layer, l.description) for l in explained_layers], prompt, completion)
+    measured = interpretability_from_scores(all_scores, all_weights) if store is not None else None
+    result = CompletionExplanation(
+        prompt=prompt, completion=completion, tokens=tokens, n_prompt=len(prompt_ids), layers=explained_layers,
+        total_description=total, output_score=explainer.rate_output(prompt, completion, mean_lp),
+        interpretability_score=explainer.rate_interpretation(prompt, completion, total, measured),
+        measured_interpretability=measured, mean_logprob=mean_lp if math.isfinite(mean_lp) else None,
+        explainer=explainer.name, objective=lm.objective, seconds=time.perf_counter() - t0)
+    yield CompletionExplained(result)
+
+
+def _stored_explainer(store: FeatureStore | None, explainer: Explainer) -> str | None:
+    if store is None:
+        return None
+    names = store.explainers()
+    return explainer.name if explainer.name in names else None
+
+
+def _explanation_for(store: FeatureStore, explainer: Explainer, stored_ex: str | None, detector, layer: int,
+                     feature: int) -> tuple[str | None, float | None]:
+    """The stored explanation and detection score, or one made (and scored) now."""
+    if stored_ex is not None:
+        text = store.explanation(layer, feature, stored_ex)
+        if text is not None:
+            sc = store.scores(layer, feature).get(stored_ex, {}).get("detection")
+            return text, sc.value if sc is not None else None
+    try:
+        ev = FeatureEvidence.from_store(store, layer, feature)
+    except LabError:
+        return None, None  # never fired during collection: nothing to explain it from
+    if not ev.top:
+        return None, None
+    text = explainer.explain_feature(ev)
+    got = score_feature(store, layer, feature, text, detector)
+    return text, (got[0].value if got else None)
+
+
+def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
+    """Drain :func:`explain_completion` and return its result (scripts, tests)."""
+    for ev in explain_completion(*args, **kwargs):
+        if isinstance(ev, CompletionExplained):
+            return ev.result
+    raise AssertionError("explain_completion ended without a result")
+
+
+__all__ = ["FeatureAttribution", "LayerExplanation", "CompletionExplanation", "CompletionStarted", "Generated",
+           "LayerExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
+           "run_explain_completion"]

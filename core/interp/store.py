@@ -1,0 +1,645 @@
+"""The feature store: everything known about a transcoder set's features, in one SQLite file.
+
+Tables (one file may hold several sets; most hold one, and ``set_id=None`` means "the latest"):
+
+- ``sets``: model spec, transcoder folder, config (JSON).
+- ``layers``: per-layer quality (FVE, L0, dead fraction, replacement losses) and collection size.
+- ``vocab``: the text of every token that appears in the store, so contexts read without the model.
+- ``features``: per feature: density (share of tokens it fires on), max/mean activation, a
+  histogram of its activations on log-spaced bins (:data:`HIST_EDGES`), its most frequent
+  activating tokens, and the output tokens it promotes and suppresses.
+- ``contexts``: token windows around activations: ``top`` (the strongest, shown to explainers),
+  ``quantile`` (samples across its activation range), ``heldout`` (activating windows from text
+  explainers never see) and ``negative`` (held-out windows where it never fires), each with the
+  activation of every token in the window.
+- ``explanations`` (+ FTS5 index ``explanations_fts``), ``scores``, ``descriptions`` (per-layer and
+  total descriptions of the set) and ``completions`` (explained completions), each tagged with
+  the explainer that wrote it (``builtin``, ``lm:<model>``).
+
+Writes go through transactions; a fresh store is built in a temp file and renamed into place
+(:meth:`FeatureStore.build`), so a reader never sees half a store. Full-text search uses SQLite's
+FTS5 when this Python's sqlite3 has it (:data:`FTS5`) and falls back to ``LIKE`` otherwise.
+Feature addresses read as ``blocks.{layer}.transcoder.{feature}`` (:func:`feature_address`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import LabError
+
+STORE_FORMAT = 1
+STORE_NAME = "features.sqlite"
+HIST_EDGES = [0.0] + [round(10 ** e, 6) for e in np.linspace(-2, 3, 41)]  # activation histogram bins
+CONTEXT_KINDS = ("top", "quantile", "heldout", "negative")
+SORT_KEYS = ("feature", "density", "max_act", "mean_act", "score")
+
+
+def _probe_fts5() -> bool:
+    try:
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        conn.close()
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+FTS5 = _probe_fts5()  # False: search falls back to LIKE over explanation text
+
+
+def feature_address(layer: int, feature: int) -> str:
+    return f"blocks.{layer}.transcoder.{feature}"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sets (
+    id INTEGER PRIMARY KEY, model TEXT NOT NULL, folder TEXT, config TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    set_id INTEGER NOT NULL, layer INTEGER NOT NULL, n_features INTEGER NOT NULL, hook_in TEXT, hook_out TEXT,
+    fve REAL, l0 REAL, dead_fraction REAL, loss_clean REAL, loss_replaced REAL, loss_ablated REAL,
+    loss_recovered REAL, n_tokens INTEGER, PRIMARY KEY (set_id, layer));
+CREATE TABLE IF NOT EXISTS vocab (
+    set_id INTEGER NOT NULL, token_id INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (set_id, token_id));
+CREATE TABLE IF NOT EXISTS features (
+    set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL,
+    density REAL NOT NULL, n_active INTEGER NOT NULL, max_act REAL NOT NULL, mean_act REAL NOT NULL,
+    hist TEXT NOT NULL, top_tokens TEXT NOT NULL, promoted TEXT NOT NULL, suppressed TEXT NOT NULL,
+    PRIMARY KEY (set_id, layer, feature)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS contexts (
+    set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL,
+    rank INTEGER NOT NULL, quantile REAL, window INTEGER NOT NULL, position INTEGER NOT NULL,
+    activation REAL NOT NULL, scale REAL NOT NULL, token_ids BLOB NOT NULL, acts BLOB NOT NULL,
+    PRIMARY KEY (set_id, layer, feature, kind, rank)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS explanations (
+    id INTEGER PRIMARY KEY, set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL,
+    explainer TEXT NOT NULL, text TEXT NOT NULL, created REAL NOT NULL, UNIQUE (set_id, layer, feature, explainer));
+CREATE TABLE IF NOT EXISTS scores (
+    set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, explainer TEXT NOT NULL,
+    method TEXT NOT NULL, value REAL, n INTEGER NOT NULL, details TEXT NOT NULL,
+    PRIMARY KEY (set_id, layer, feature, explainer, method)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS descriptions (
+    set_id INTEGER NOT NULL, scope TEXT NOT NULL, layer INTEGER NOT NULL, explainer TEXT NOT NULL,
+    text TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (set_id, scope, layer, explainer));
+CREATE TABLE IF NOT EXISTS completions (
+    id INTEGER PRIMARY KEY, set_id INTEGER NOT NULL, prompt TEXT NOT NULL, completion TEXT NOT NULL,
+    explainer TEXT NOT NULL, result TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+_FTS_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS explanations_fts USING fts5(text, content='explanations', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS explanations_ai AFTER INSERT ON explanations BEGIN
+    INSERT INTO explanations_fts(rowid, text) VALUES (new.id, new.text); END;
+CREATE TRIGGER IF NOT EXISTS explanations_ad AFTER DELETE ON explanations BEGIN
+    INSERT INTO explanations_fts(explanations_fts, rowid, text) VALUES ('delete', old.id, old.text); END;
+CREATE TRIGGER IF NOT EXISTS explanations_au AFTER UPDATE ON explanations BEGIN
+    INSERT INTO explanations_fts(explanations_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO explanations_fts(rowid, text) VALUES (new.id, new.text); END;
+"""
+
+
+# -- records ----------------------------------------------------------------------------------
+
+@dataclass
+class LayerInfo:
+    layer: int
+    n_features: int
+    hook_in: str
+    hook_out: str
+    fve: float | None
+    l0: float | None
+    dead_fraction: float | None
+    loss_clean: float | None
+    loss_replaced: float | None
+    loss_ablated: float | None
+    loss_recovered: float | None
+    n_tokens: int | None           # tokens the collection ran over
+    n_alive: int = 0               # features that fired at least once during collection
+
+
+@dataclass
+class Context:
+    """A window of tokens around one activation; ``acts[i]`` is the feature's activation on ``tokens[i]``."""
+
+    kind: str                      # top | quantile | heldout | negative
+    rank: int
+    tokens: list[str]
+    token_ids: list[int]
+    acts: list[float]
+    position: int                  # index in tokens of the activation the window was cut around
+    activation: float              # acts[position]
+    window: int = -1               # index of the corpus window it came from
+    quantile: float | None = None
+
+    @property
+    def token(self) -> str:
+        return self.tokens[self.position]
+
+
+@dataclass
+class FeatureStats:
+    """What collection measures for one feature (the ``features`` row)."""
+
+    layer: int
+    feature: int
+    density: float                             # share of tokens with activation > 0
+    n_active: int
+    max_act: float
+    mean_act: float                            # mean over the tokens where it fires
+    hist: list[int]                            # counts on HIST_EDGES
+    top_tokens: list[tuple[str, int]]          # most frequent activating tokens (text, count)
+    promoted: list[tuple[str, float]]          # output tokens whose logits its decoder row raises most
+    suppressed: list[tuple[str, float]]
+
+    @property
+    def log10_density(self) -> float:
+        return math.log10(self.density) if self.density > 0 else float("-inf")
+
+
+@dataclass
+class FeatureSummary:
+    """One row of the feature list."""
+
+    layer: int
+    feature: int
+    density: float
+    max_act: float
+    mean_act: float
+    top_tokens: list[str]
+    explanation: str | None = None
+    score: float | None = None                 # detection balanced accuracy (or simulation correlation)
+
+    @property
+    def address(self) -> str:
+        return feature_address(self.layer, self.feature)
+
+
+@dataclass
+class FeatureCard:
+    """Everything the feature card shows."""
+
+    stats: FeatureStats
+    top: list[Context]
+    quantiles: list[Context]
+    explanations: dict[str, str]               # explainer -> text
+    scores: dict[str, dict[str, float | None]]  # explainer -> {method: value}
+
+    @property
+    def address(self) -> str:
+        return feature_address(self.stats.layer, self.stats.feature)
+
+    @property
+    def hist_edges(self) -> list[float]:
+        return HIST_EDGES
+
+
+@dataclass
+class SearchHit:
+    layer: int
+    feature: int
+    explainer: str
+    text: str
+    rank: float                                # lower is better (bm25), 0 for LIKE matches
+
+
+@dataclass
+class Score:
+    method: str                                # "detection" | "simulation"
+    value: float | None                        # balanced accuracy in [0, 1] | Pearson r in [-1, 1]
+    n: int                                     # contexts (detection) or tokens (simulation) scored
+    details: dict = field(default_factory=dict)
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+def _quantise(acts: Sequence[float]) -> tuple[float, bytes]:
+    """Activations in a window as one byte each, relative to the window's largest (``scale``):
+    a card shows them as shading, and 1/255 of the peak is finer than any eye or score needs."""
+    a = np.asarray(acts, dtype=np.float64)
+    scale = float(a.max(initial=0.0))
+    if scale <= 0:
+        return 0.0, bytes(len(a))
+    return scale, np.round(np.clip(a, 0, None) / scale * 255).astype(np.uint8).tobytes()
+
+
+def _dequantise(scale: float, blob: bytes) -> list[float]:
+    return (np.frombuffer(blob, dtype=np.uint8).astype(np.float64) * (scale / 255)).tolist()
+
+
+def _round(pairs: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    return [(t, float(f"{v:.4g}")) for t, v in pairs]
+
+
+def _trim(hist: Sequence[int]) -> list[int]:
+    """A histogram without its trailing empty bins (read back padded to HIST_EDGES)."""
+    out = list(hist)
+    while out and out[-1] == 0:
+        out.pop()
+    return out
+
+
+class FeatureStore:
+    """A connection to one feature store file. Use :meth:`build` to make a new one atomically."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, _create: bool = False):
+        self.path = Path(path)
+        if not _create and not self.path.is_file():
+            raise LabError(f"No feature store at {self.path}; collect one with `python -m core transcoders collect`.")
+        if readonly:
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        if _create:
+            self._create_schema()
+        else:
+            try:
+                row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            except sqlite3.DatabaseError as e:
+                self.conn.close()
+                raise LabError(f"{self.path} is not a feature store ({e}); collect a new one.") from None
+            if row is None or int(row[0]) > STORE_FORMAT:
+                self.conn.close()
+                raise LabError(f"{self.path} is a feature store of an unknown format; collect a new one.")
+        self.fts = FTS5 and self._has_fts()
+        row = self.conn.execute("SELECT value FROM meta WHERE key='ids_dtype'").fetchone()
+        self.ids_dtype = np.dtype(row[0] if row else "int32")
+        self._vocab_cache: dict[int, dict[int, str]] = {}
+
+    def _create_schema(self) -> None:
+        with self.conn:
+            self.conn.executescript(_SCHEMA)
+            if FTS5:
+                self.conn.executescript(_FTS_SCHEMA)
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (str(STORE_FORMAT),))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('hist_edges', ?)", (json.dumps(HIST_EDGES),))
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('ids_dtype', 'int32')")
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        """Store context token ids as uint16 when the vocabulary allows (half the bytes); call before
+        writing contexts."""
+        self.ids_dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('ids_dtype', ?)", (self.ids_dtype.name,))
+
+    def _has_fts(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='explanations_fts'").fetchone() is not None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    @classmethod
+    @contextmanager
+    def build(cls, path: str | os.PathLike) -> Iterator["FeatureStore"]:
+        """A new, empty store written to a temp file next to ``path`` and renamed onto it when the
+        block finishes without error (an existing store stays untouched until then)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if tmp.exists():
+            tmp.unlink()
+        store = cls(tmp, _create=True)
+        # A temp file renamed only when complete needs no journal or per-commit syncs: one fsync at the end.
+        store.conn.execute("PRAGMA synchronous=OFF")
+        store.conn.execute("PRAGMA journal_mode=MEMORY")
+        try:
+            yield store
+            store.conn.commit()
+            store.conn.execute("VACUUM")
+            store.close()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            store.path = path
+        except BaseException:
+            store.close()
+            if tmp.exists():
+                tmp.unlink()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.ProgrammingError:
+            pass
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+    def add_set(self, model: str, folder: str | None, config: dict) -> int:
+        with self.conn:
+            cur = self.conn.execute("INSERT INTO sets (model, folder, config, created) VALUES (?, ?, ?, ?)",
+                                    (model, folder, json.dumps(config), time.time()))
+        return int(cur.lastrowid)
+
+    def put_layer(self, layer: int, n_features: int, quality: dict | None = None, n_tokens: int | None = None,
+                  set_id: int | None = None) -> None:
+        """``quality``: a :class:`~core.interp.quality.LayerQuality` dict (or None)."""
+        q = quality or {}
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, layer, n_features, f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out",
+                 q.get("fve"), q.get("l0"), q.get("dead_fraction"), q.get("loss_clean"), q.get("loss_replaced"),
+                 q.get("loss_ablated"), q.get("loss_recovered"), n_tokens))
+
+    def put_vocab(self, tokens: dict[int, str], set_id: int | None = None) -> None:
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO vocab VALUES (?, ?, ?)",
+                                  [(sid, int(k), v) for k, v in tokens.items()])
+        self._vocab_cache.pop(sid, None)
+
+    def put_features(self, rows: Sequence[FeatureStats], set_id: int | None = None) -> None:
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sid, r.layer, r.feature, r.density, r.n_active, r.max_act, r.mean_act, json.dumps(_trim(r.hist)),
+                  json.dumps(r.top_tokens), json.dumps(_round(r.promoted)), json.dumps(_round(r.suppressed)))
+                 for r in rows])
+
+    def put_contexts(self, layer: int, feature: int, contexts: Sequence[Context], set_id: int | None = None) -> None:
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO contexts (set_id, layer, feature, kind, rank, quantile, window, position, "
+                "activation, scale, acts, token_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sid, layer, feature, c.kind, c.rank, c.quantile, c.window, c.position, c.activation,
+                  *_quantise(c.acts), np.asarray(c.token_ids, dtype=self.ids_dtype).tobytes()) for c in contexts])
+
+    def put_explanations(self, rows: Sequence[tuple[int, int, str]], explainer: str, set_id: int | None = None) -> None:
+        """``rows``: ``(layer, feature, text)``; replaces that explainer's earlier text."""
+        sid = self._set(set_id)
+        now = time.time()
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO explanations (set_id, layer, feature, explainer, text, created) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (set_id, layer, feature, explainer) DO UPDATE SET text=excluded.text, "
+                "created=excluded.created", [(sid, l, f, explainer, t, now) for l, f, t in rows])
+
+    def put_scores(self, rows: Sequence[tuple[int, int, Score]], explainer: str, set_id: int | None = None) -> None:
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sid, l, f, explainer, s.method, s.value, s.n, json.dumps(s.details)) for l, f, s in rows])
+
+    def put_description(self, scope: str, layer: int, explainer: str, text: str, set_id: int | None = None) -> None:
+        """``scope``: "layer" (with its layer) or "total" (layer -1)."""
+        if scope not in ("layer", "total"):
+            raise ValueError(scope)
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO descriptions VALUES (?, ?, ?, ?, ?, ?)",
+                              (sid, scope, layer, explainer, text, time.time()))
+
+    def add_completion(self, prompt: str, completion: str, explainer: str, result: dict,
+                       set_id: int | None = None) -> int:
+        sid = self._set(set_id)
+        with self.conn:
+            cur = self.conn.execute("INSERT INTO completions (set_id, prompt, completion, explainer, result, created) "
+                                    "VALUES (?, ?, ?, ?, ?, ?)", (sid, prompt, completion, explainer,
+                                                                  json.dumps(result), time.time()))
+        return int(cur.lastrowid)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _set(self, set_id: int | None) -> int:
+        if set_id is not None:
+            return int(set_id)
+        row = self.conn.execute("SELECT MAX(id) FROM sets").fetchone()
+        if row is None or row[0] is None:
+            raise LabError(f"The feature store {self.path} holds no transcoder set yet; run `transcoders collect`.")
+        return int(row[0])
+
+    def sets(self) -> list[dict]:
+        return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": json.loads(r["config"]),
+                 "created": r["created"]} for r in self.conn.execute("SELECT * FROM sets ORDER BY id")]
+
+    def vocab(self, set_id: int | None = None) -> dict[int, str]:
+        sid = self._set(set_id)
+        if sid not in self._vocab_cache:
+            self._vocab_cache[sid] = {r[0]: r[1] for r in
+                                      self.conn.execute("SELECT token_id, text FROM vocab WHERE set_id=?", (sid,))}
+        return self._vocab_cache[sid]
+
+    def layers(self, set_id: int | None = None) -> list[LayerInfo]:
+        sid = self._set(set_id)
+        alive = dict(self.conn.execute("SELECT layer, COUNT(*) FROM features WHERE set_id=? AND n_active > 0 "
+                                       "GROUP BY layer", (sid,)).fetchall())
+        out = []
+        for r in self.conn.execute("SELECT * FROM layers WHERE set_id=? ORDER BY layer", (sid,)):
+            d = {k: r[k] for k in r.keys() if k != "set_id"}
+            out.append(LayerInfo(**d, n_alive=int(alive.get(r["layer"], 0))))
+        return out
+
+    def explainers(self, set_id: int | None = None) -> list[str]:
+        sid = self._set(set_id)
+        return [r[0] for r in self.conn.execute(
+            "SELECT explainer FROM explanations WHERE set_id=? GROUP BY explainer ORDER BY MAX(created) DESC", (sid,))]
+
+    def _pick_explainer(self, explainer: str | None, sid: int) -> str | None:
+        if explainer is not None:
+            return explainer
+        names = self.explainers(sid)
+        return names[0] if names else None
+
+    def features(self, layer: int, *, order_by: str = "density", descending: bool = True, limit: int | None = None,
+                 offset: int = 0, explainer: str | None = None, method: str = "detection",
+                 include_dead: bool = False, set_id: int | None = None) -> list[FeatureSummary]:
+        """The feature list of one layer, sorted by ``order_by`` (one of :data:`SORT_KEYS`);
+        ``explainer=None`` shows the most recent explainer's text and scores."""
+        if order_by not in SORT_KEYS:
+            raise LabError(f"Sort features by one of {', '.join(SORT_KEYS)} (got '{order_by}').")
+        sid = self._set(set_id)
+        ex = self._pick_explainer(explainer, sid)
+        key = "s.value" if order_by == "score" else f"f.{order_by}"
+        direction = "DESC" if descending else "ASC"
+        sql = (f"SELECT f.layer, f.feature, f.density, f.max_act, f.mean_act, f.top_tokens, e.text AS explanation, "
+               f"s.value AS score FROM features f "
+               f"LEFT JOIN explanations e ON e.set_id=f.set_id AND e.layer=f.layer AND e.feature=f.feature "
+               f"AND e.explainer=? "
+               f"LEFT JOIN scores s ON s.set_id=f.set_id AND s.layer=f.layer AND s.feature=f.feature "
+               f"AND s.explainer=? AND s.method=? "
+               f"WHERE f.set_id=? AND f.layer=? {'' if include_dead else 'AND f.n_active > 0'} "
+               f"ORDER BY {key} IS NULL, {key} {direction}, f.feature ASC")
+        params: list = [ex, ex, method, sid, layer]
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        return [FeatureSummary(layer=r["layer"], feature=r["feature"], density=r["density"], max_act=r["max_act"],
+                               mean_act=r["mean_act"], top_tokens=[t for t, _ in json.loads(r["top_tokens"])],
+                               explanation=r["explanation"], score=r["score"])
+                for r in self.conn.execute(sql, params)]
+
+    def count_features(self, layer: int, include_dead: bool = False, set_id: int | None = None) -> int:
+        sid = self._set(set_id)
+        cond = "" if include_dead else " AND n_active > 0"
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM features WHERE set_id=? AND layer=?{cond}",
+                                     (sid, layer)).fetchone()[0])
+
+    def stats(self, layer: int, feature: int, set_id: int | None = None) -> FeatureStats:
+        sid = self._set(set_id)
+        r = self.conn.execute("SELECT * FROM features WHERE set_id=? AND layer=? AND feature=?",
+                              (sid, layer, feature)).fetchone()
+        if r is None:
+            raise LabError(f"Feature {feature} of layer {layer} is not in the store {self.path}; pick a feature "
+                           f"from the list.")
+        return FeatureStats(layer=layer, feature=feature, density=r["density"], n_active=r["n_active"],
+                            max_act=r["max_act"], mean_act=r["mean_act"],
+                            hist=(json.loads(r["hist"]) + [0] * len(HIST_EDGES))[:len(HIST_EDGES)],
+                            top_tokens=[tuple(x) for x in json.loads(r["top_tokens"])],
+                            promoted=[tuple(x) for x in json.loads(r["promoted"])],
+                            suppressed=[tuple(x) for x in json.loads(r["suppressed"])])
+
+    def contexts(self, layer: int, feature: int, kind: str = "top", limit: int | None = None,
+                 set_id: int | None = None) -> list[Context]:
+        if kind not in CONTEXT_KINDS:
+            raise ValueError(kind)
+        sid = self._set(set_id)
+        vocab = self.vocab(sid)
+        sql = "SELECT * FROM contexts WHERE set_id=? AND layer=? AND feature=? AND kind=? ORDER BY rank"
+        params: list = [sid, layer, feature, kind]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        out = []
+        for r in self.conn.execute(sql, params):
+            ids = np.frombuffer(r["token_ids"], dtype=self.ids_dtype).tolist()
+            acts = _dequantise(r["scale"], r["acts"])
+            out.append(Context(kind=kind, rank=r["rank"], tokens=[vocab.get(i, f"<{i}>") for i in ids], token_ids=ids,
+                               acts=acts, position=r["position"], activation=r["activation"], window=r["window"],
+                               quantile=r["quantile"]))
+        return out
+
+    def explanation(self, layer: int, feature: int, explainer: str | None = None,
+                    set_id: int | None = None) -> str | None:
+        sid = self._set(set_id)
+        sql = "SELECT text FROM explanations WHERE set_id=? AND layer=? AND feature=?"
+        params: list = [sid, layer, feature]
+        if explainer is not None:
+            sql += " AND explainer=?"
+            params.append(explainer)
+        row = self.conn.execute(sql + " ORDER BY created DESC LIMIT 1", params).fetchone()
+        return row[0] if row else None
+
+    def explanations(self, layer: int, explainer: str | None = None, set_id: int | None = None) -> dict[int, str]:
+        """``{feature: text}`` for one layer (one explainer; None = the most recent)."""
+        sid = self._set(set_id)
+        ex = self._pick_explainer(explainer, sid)
+        return {r[0]: r[1] for r in self.conn.execute(
+            "SELECT feature, text FROM explanations WHERE set_id=? AND layer=? AND explainer=?", (sid, layer, ex))}
+
+    def scores(self, layer: int, feature: int, set_id: int | None = None) -> dict[str, dict[str, Score]]:
+        """``{explainer: {method: Score}}``."""
+        sid = self._set(set_id)
+        out: dict[str, dict[str, Score]] = {}
+        for r in self.conn.execute("SELECT * FROM scores WHERE set_id=? AND layer=? AND feature=?",
+                                   (sid, layer, feature)):
+            out.setdefault(r["explainer"], {})[r["method"]] = Score(method=r["method"], value=r["value"], n=r["n"],
+                                                                    details=json.loads(r["details"]))
+        return out
+
+    def layer_scores(self, layer: int, explainer: str | None = None, method: str = "detection",
+                     set_id: int | None = None) -> dict[int, float]:
+        """``{feature: value}`` of one explainer's scores on one layer."""
+        sid = self._set(set_id)
+        ex = self._pick_explainer(explainer, sid)
+        return {r[0]: r[1] for r in self.conn.execute(
+            "SELECT feature, value FROM scores WHERE set_id=? AND layer=? AND explainer=? AND method=? "
+            "AND value IS NOT NULL", (sid, layer, ex, method))}
+
+    def feature(self, layer: int, feature: int, n_top: int | None = None, set_id: int | None = None) -> FeatureCard:
+        sid = self._set(set_id)
+        exps = {r[0]: r[1] for r in self.conn.execute(
+            "SELECT explainer, text FROM explanations WHERE set_id=? AND layer=? AND feature=? ORDER BY created DESC",
+            (sid, layer, feature))}
+        scores = {ex: {m: s.value for m, s in d.items()} for ex, d in self.scores(layer, feature, sid).items()}
+        return FeatureCard(stats=self.stats(layer, feature, sid), top=self.contexts(layer, feature, "top", n_top, sid),
+                           quantiles=self.contexts(layer, feature, "quantile", None, sid), explanations=exps,
+                           scores=scores)
+
+    def description(self, scope: str, layer: int = -1, explainer: str | None = None,
+                    set_id: int | None = None) -> str | None:
+        sid = self._set(set_id)
+        sql = "SELECT text FROM descriptions WHERE set_id=? AND scope=? AND layer=?"
+        params: list = [sid, scope, layer]
+        if explainer is not None:
+            sql += " AND explainer=?"
+            params.append(explainer)
+        row = self.conn.execute(sql + " ORDER BY created DESC LIMIT 1", params).fetchone()
+        return row[0] if row else None
+
+    def completions(self, limit: int = 20, set_id: int | None = None) -> list[dict]:
+        sid = self._set(set_id)
+        return [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"], "explainer": r["explainer"],
+                 "result": json.loads(r["result"]), "created": r["created"]} for r in self.conn.execute(
+            "SELECT * FROM completions WHERE set_id=? ORDER BY id DESC LIMIT ?", (sid, limit))]
+
+    def density_histogram(self, layer: int, bins: int = 40, set_id: int | None = None) -> tuple[list[float], list[int]]:
+        """Histogram of log10(feature density) over a layer's live features: ``(edges, counts)``."""
+        sid = self._set(set_id)
+        dens = np.asarray([r[0] for r in self.conn.execute(
+            "SELECT density FROM features WHERE set_id=? AND layer=? AND density > 0", (sid, layer))], dtype=np.float64)
+        if dens.size == 0:
+            return [], []
+        counts, edges = np.histogram(np.log10(dens), bins=bins)
+        return edges.tolist(), counts.tolist()
+
+    def search(self, query: str, layer: int | None = None, explainer: str | None = None, limit: int = 50,
+               set_id: int | None = None) -> list[SearchHit]:
+        """Features whose explanation contains every word of ``query`` (prefix match on each word),
+        best first. Words only: FTS5 syntax in the query is treated as plain text."""
+        sid = self._set(set_id)
+        words = re.findall(r"\w+", query or "", flags=re.UNICODE)
+        if not words:
+            return []
+        cond, params = "e.set_id=?", [sid]
+        if layer is not None:
+            cond += " AND e.layer=?"
+            params.append(layer)
+        if explainer is not None:
+            cond += " AND e.explainer=?"
+            params.append(explainer)
+        if self.fts:
+            match = " ".join(f'"{w}"*' for w in words)
+            sql = (f"SELECT e.layer, e.feature, e.explainer, e.text, bm25(explanations_fts) AS r "
+                   f"FROM explanations_fts JOIN explanations e ON e.id = explanations_fts.rowid "
+                   f"WHERE explanations_fts MATCH ? AND {cond} ORDER BY r LIMIT ?")
+            rows = self.conn.execute(sql, [match, *params, limit]).fetchall()
+        else:
+            likes = " AND ".join("e.text LIKE ?" for _ in words)
+            sql = (f"SELECT e.layer, e.feature, e.explainer, e.text, 0.0 AS r FROM explanations e "
+                   f"WHERE {likes} AND {cond} ORDER BY e.layer, e.feature LIMIT ?")
+            rows = self.conn.execute(sql, [f"%{w}%" for w in words] + params + [limit]).fetchall()
+        return [SearchHit(layer=r[0], feature=r[1], explainer=r[2], text=r[3], rank=float(r[4])) for r in rows]
+
+
+def store_path(folder: str | os.PathLike) -> Path:
+    """The feature store inside a transcoder set folder."""
+    return Path(folder) / STORE_NAME
+
+
+def open_store(folder_or_file: str | os.PathLike, readonly: bool = True) -> FeatureStore:
+    """A set folder (its features.sqlite) or a store file."""
+    p = Path(folder_or_file)
+    return FeatureStore(store_path(p) if p.is_dir() else p, readonly=readonly)
+
+
+__all__ = ["FeatureStore", "FeatureStats", "FeatureSummary", "FeatureCard", "Context", "LayerInfo", "SearchHit",
+           "Score", "FTS5", "HIST_EDGES", "CONTEXT_KINDS", "SORT_KEYS", "STORE_NAME", "feature_address",
+           "store_path", "open_store"]

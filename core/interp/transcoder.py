@@ -1,0 +1,300 @@
+"""Transcoders: a sparse, wider stand-in for one MLP (Dunefsky et al. 2024).
+
+A transcoder reads what the MLP reads (the block's second norm output,
+``blocks.{i}.ln2.hook_normalized``) and is trained to write what the MLP writes
+(``blocks.{i}.hook_mlp_out``) through a layer of sparse features::
+
+    a = act(x @ W_enc + b_enc)          # (N, F)  F = expansion * d_model features
+    y_hat = a @ W_dec + b_dec           # (N, d)  rows of W_dec have unit norm
+
+Because the output is a sum of a few decoder rows, each feature's effect on the model is one
+fixed vector, which is what makes features and their circuits readable. Two activations:
+``relu`` (sparsity from an L1 penalty on ``a``) and ``topk`` (exactly ``k`` features per token,
+Gao et al. 2024). Decoder rows are renormalised after every optimiser step, so the activation
+alone says how much a feature writes.
+
+A *transcoder set* is one transcoder per MLP layer, kept in a folder::
+
+    config.json            format, model, hook names, layers, sizes, training settings
+    layer_{i}.safetensors  W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,)
+    metrics.json           per-layer quality (see core.interp.quality)
+    features.sqlite        the feature store (see core.interp.store), once collected
+
+A model's own set lives in ``<model folder>/transcoders/`` (so ``default`` reads
+``assets/default/transcoders/``); hub models keep theirs under
+``~/.cache/gptlab/transcoders/<hub id>/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LabError
+from ..files import atomic_write_bytes, atomic_write_json
+from ..stack import hook_name
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
+
+SET_FORMAT = "gptlab-transcoders"
+ACTIVATIONS = ("topk", "relu")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class TranscoderConfig:
+    """The shape and sparsity rule of one transcoder (the same for every layer of a set)."""
+
+    d_model: int
+    n_features: int
+    activation: str = "topk"        # "topk" | "relu"
+    k: int = 32                     # active features per token (topk)
+    l1_coeff: float = 1e-3          # L1 weight on activations (relu), relative to normalised MSE
+
+    def check(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise LabError(f"Transcoder activation must be one of {', '.join(ACTIVATIONS)} (got '{self.activation}').")
+        if self.d_model < 1 or self.n_features < 1:
+            raise LabError(f"Transcoder sizes must be positive (d_model={self.d_model}, features={self.n_features}).")
+        if self.activation == "topk" and not 1 <= self.k <= self.n_features:
+            raise LabError(f"--k must be between 1 and the number of features ({self.n_features}); got {self.k}.")
+        if self.activation == "relu" and self.l1_coeff < 0:
+            raise LabError(f"--l1-coeff must be 0 or more (got {self.l1_coeff}).")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TranscoderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Transcoder(nn.Module):
+    """One layer's transcoder; ``forward(x) -> y_hat`` makes it a drop-in MLP for
+    :meth:`core.stack.LayerStack.logits` (``mlps={layer: transcoder}``)."""
+
+    def __init__(self, cfg: TranscoderConfig, layer: int = 0):
+        super().__init__()
+        cfg.check()
+        self.cfg, self.layer = cfg, layer
+        d, n = cfg.d_model, cfg.n_features
+        self.W_enc = nn.Parameter(torch.empty(d, n))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit decoder rows, encoder = their transpose (Gao et al.'s init: every feature
+        starts out reading the direction it writes, which keeps few features dead early on)."""
+        w = torch.randn(self.cfg.n_features, self.cfg.d_model, generator=generator)
+        w = w / w.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(w.to(self.W_dec))
+        self.W_enc.copy_(w.t().to(self.W_enc) * (self.cfg.d_model / self.cfg.n_features) ** 0.5)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def n_features(self) -> int:
+        return self.cfg.n_features
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc          # (..., F)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations ``(..., F)`` (zeros where a feature is off)."""
+        pre = self.pre_acts(x)
+        if self.cfg.activation == "relu":
+            return F.relu(pre)
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK only: ``(values, indices)`` each ``(..., k)``, the cheap form training uses."""
+        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1)
+        return F.relu(vals), idx
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec                               # (..., d)
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``sum_j vals[j] * W_dec[idx[j]]`` without materialising the dense activations."""
+        shape = vals.shape[:-1]
+        flat_i, flat_v = idx.reshape(-1, idx.shape[-1]), vals.reshape(-1, vals.shape[-1])  # (N, k)
+        out = F.embedding_bag(flat_i, self.W_dec, per_sample_weights=flat_v, mode="sum")  # (N, d)
+        return out.reshape(*shape, -1) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.cfg.activation == "topk":
+            return self.decode_sparse(*self.encode_sparse(x)).to(dtype)
+        return self.decode(self.encode(x)).to(dtype)
+
+    @torch.no_grad()
+    def folded(self, in_scale: float, out_scale: float) -> "Transcoder":
+        """A copy that reads ``x`` and writes ``y`` for one trained on ``x / in_scale`` and
+        ``y / out_scale``: ReLU and TopK commute with positive scaling, so the output scale moves
+        into the activations and the decoder rows stay unit-norm."""
+        t = Transcoder(self.cfg, self.layer).to(self.W_enc.device)
+        t.W_enc.copy_(self.W_enc * (out_scale / in_scale))
+        t.b_enc.copy_(self.b_enc * out_scale)
+        t.W_dec.copy_(self.W_dec)
+        t.b_dec.copy_(self.b_dec * out_scale)
+        return t
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows, so an activation's size is the size of what the feature writes."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of W_dec's gradient that would only change row norms (undone by the
+        renormalisation anyway), so Adam's steps go into directions that matter."""
+        if self.W_dec.grad is not None:
+            w, g = self.W_dec, self.W_dec.grad
+            g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+
+@dataclass
+class TranscoderSet:
+    """One transcoder per MLP layer of one model, with how they were made and how good they are."""
+
+    transcoders: dict[int, Transcoder]
+    config: TranscoderConfig
+    model: str = ""                        # the model spec the set was trained on
+    model_info: dict = field(default_factory=dict)   # stack.describe() of that model
+    training: dict = field(default_factory=dict)     # TranscoderTrainConfig as a dict
+    metrics: dict = field(default_factory=dict)      # {"layers": {str(layer): LayerQuality dict}, ...}
+    folder: Path | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.transcoders)
+
+    def __getitem__(self, layer: int) -> Transcoder:
+        if layer not in self.transcoders:
+            raise LabError(f"This transcoder set has no layer {layer}; it covers layers {self.layers}.")
+        return self.transcoders[layer]
+
+    def to(self, device: str | torch.device) -> "TranscoderSet":
+        for t in self.transcoders.values():
+            t.to(device)
+        return self
+
+    def mlps(self, layers: list[int] | None = None) -> dict[int, Transcoder]:
+        """``{layer: transcoder}`` ready for ``stack.logits(ids, mlps=...)``."""
+        return {i: self[i] for i in (self.layers if layers is None else layers)}
+
+    def hook_in(self, layer: int) -> str:
+        return hook_name(layer, "mlp_in")
+
+    def hook_out(self, layer: int) -> str:
+        return hook_name(layer, "mlp_out")
+
+    def check_model(self, lm: "LoadedModel") -> None:
+        """Fail early when the set was made for a model of another shape."""
+        d = lm.stack.describe()
+        if self.config.d_model != d["d_model"] or max(self.layers) >= d["n_layer"]:
+            raise LabError(f"The transcoder set in {self.folder or '(memory)'} was trained on {self.model or 'another model'} "
+                           f"(d_model {self.config.d_model}, layers {self.layers}); {lm.name} has d_model "
+                           f"{d['d_model']} and {d['n_layer']} layers: train a set for it with "
+                           f"`python -m core transcoders train --model {lm.spec}`.")
+
+    def save(self, folder: str | os.PathLike, dtype: str = "float32") -> Path:
+        """Write config.json, layer_{i}.safetensors and metrics.json, each atomically."""
+        from safetensors.torch import save
+
+        if dtype not in SAVE_DTYPES:
+            raise LabError(f"Transcoder save dtype must be one of {', '.join(SAVE_DTYPES)} (got '{dtype}').")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tdtype = getattr(torch, dtype)
+        for i, t in self.transcoders.items():
+            tensors = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in t.state_dict().items()}
+            atomic_write_bytes(folder / f"layer_{i}.safetensors", save(tensors))
+        atomic_write_json(folder / "metrics.json", self.metrics)
+        atomic_write_json(folder / "config.json", {
+            "format": SET_FORMAT, "format_version": 1, "model": self.model, "model_info": self.model_info,
+            "layers": self.layers, "hook_in": "blocks.{layer}.ln2.hook_normalized",
+            "hook_out": "blocks.{layer}.hook_mlp_out", "transcoder": asdict(self.config),
+            "training": self.training, "dtype": dtype})
+        self.folder = folder
+        return folder
+
+
+def is_transcoder_folder(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == SET_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+
+
+def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TranscoderSet:
+    """Read a set written by :meth:`TranscoderSet.save` (safetensors only, nothing unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    if not is_transcoder_folder(folder):
+        raise LabError(f"{folder} is not a transcoder set (no config.json with format '{SET_FORMAT}'); train one with "
+                       f"`python -m core transcoders train --model SPEC --output-dir {folder}`.")
+    meta = json.loads((folder / "config.json").read_text())
+    cfg = TranscoderConfig.from_dict(meta["transcoder"])
+    transcoders: dict[int, Transcoder] = {}
+    for i in meta["layers"]:
+        path = folder / f"layer_{i}.safetensors"
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LabError(f"Transcoder weights {path} are missing or corrupt ({e}); retrain the set.") from None
+        t = Transcoder(cfg, layer=int(i))
+        t.load_state_dict({k: v.float() for k, v in sd.items()})
+        transcoders[int(i)] = t.to(device).eval().requires_grad_(False)
+    metrics = {}
+    if (folder / "metrics.json").is_file():
+        metrics = json.loads((folder / "metrics.json").read_text())
+    return TranscoderSet(transcoders=transcoders, config=cfg, model=meta.get("model", ""),
+                         model_info=meta.get("model_info", {}), training=meta.get("training", {}),
+                         metrics=metrics, folder=folder)
+
+
+def transcoder_dir_for(lm: "LoadedModel") -> Path:
+    """Where a model's own transcoder set lives (see the module docstring)."""
+    src = Path(lm.source) if not str(lm.source).startswith("hub:") else None
+    if src is not None and src.is_dir():
+        return src / "transcoders"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", lm.spec)
+    root = Path(os.environ.get("GPTLAB_TRANSCODERS", "~/.cache/gptlab/transcoders")).expanduser()
+    return root / safe
+
+
+def list_transcoder_sets(lm: "LoadedModel") -> list[Path]:
+    """The model's own set and any sets in subfolders of its set folder (``transcoders/<name>/``),
+    for pickers."""
+    root = transcoder_dir_for(lm)
+    found = [root] if is_transcoder_folder(root) else []
+    if root.is_dir():
+        found += sorted(p for p in root.iterdir() if p.is_dir() and is_transcoder_folder(p))
+    return found
+
+
+def find_transcoder_set(lm: "LoadedModel", folder: str | os.PathLike | None = None,
+                        device: str | torch.device | None = None) -> TranscoderSet:
+    """``folder`` when given, else the model's own set; a clear message when there is none."""
+    path = Path(folder).expanduser() if folder else transcoder_dir_for(lm)
+    if not is_transcoder_folder(path):
+        where = f"{path}" if folder else f"{path} (the default place for {lm.spec}'s set)"
+        raise LabError(f"No transcoder set in {where}; train one with `python -m core transcoders train --model "
+                       f"{lm.spec}` or pass --transcoders DIR.")
+    tset = load_transcoder_set(path, device or lm.stack.device)
+    tset.check_model(lm)
+    return tset

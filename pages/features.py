@@ -1,0 +1,373 @@
+"""Features: browse a model's transcoder features layer by layer (what each fires on, how well its
+explanation holds up on held-out text, what it writes), search them by words, explain how the model
+produced a completion, and train / collect / describe transcoder sets as background jobs.
+
+The engine is core.interp: a transcoder set is a folder (``TranscoderSet``), its features live in
+the set's ``features.sqlite`` (``FeatureStore``, opened read-only per run, so a job writing it
+meanwhile is never in the way). The sidebar picks the model; the set picker lists the model's own
+set (``<model folder>/transcoders/``), sets written by this page's jobs for the model, and any
+folder typed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import streamlit as st
+
+from core.errors import LabError
+from core.interp.store import FeatureStore, store_path
+from core.interp.transcoder import TranscoderSet, is_transcoder_folder, load_transcoder_set, transcoder_dir_for
+from core.loading import LoadedModel
+from pages.common import current_model, ensure_frame, spec_label
+from pages.features_card import density_chart, draw_card, md_escape
+from pages.features_completion import completion_panel
+from pages.features_jobs import list_jobs
+from pages.features_jobs_view import attempt, followed_set, jobs_section
+
+SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
+SET_OTHER_KEY = "feat_set_other"  # the folder typed for OTHER
+SECTION_KEY = "feat_section"      # the tabs
+LAYER_KEY = "feat_layer"
+FEATURE_KEY = "feat_feature"      # the feature whose card is open
+SORT_KEY = "feat_sort"
+DESC_KEY = "feat_desc"
+EXPLAINER_KEY = "feat_explainer"
+METHOD_KEY = "feat_method"
+SEARCH_KEY = "feat_search"
+_CARD_LAYER = "_feat_card_layer"  # the layer the open feature belongs to (a new layer opens its top feature)
+_FOR_SET = "_feat_for_set"        # the set the layer / feature keys refer to
+_APPLIED = "_feat_applied"        # the last list / search selection turned into an open card
+_PENDING = "_feat_pending_open"   # (layer, feature) to open at the top of the next run
+_SETS_SEEN = "_feat_sets_seen"    # (model spec, whether it had sets) when the picker was last drawn
+OTHER = "other…"
+BROWSE, EXPLAIN = "Features", "Explain a completion"
+SORTS = {"frequency": "density", "explanation score": "score", "max activation": "max_act", "feature": "feature"}
+LIST_LIMIT = 5000
+SEARCH_LIMIT = 50
+
+
+# -- the transcoder set ---------------------------------------------------------------------------
+
+def known_sets(lm: LoadedModel) -> dict[str, str]:
+    """``{folder: label}``: the model's own set, then sets this page's jobs wrote for the model."""
+    found: dict[str, str] = {}
+    own = transcoder_dir_for(lm)
+    if is_transcoder_folder(own):
+        found[str(own.resolve())] = f"{spec_label(str(own))} (the model's own)"
+    jobs, _ = attempt(list_jobs)
+    for job in jobs or []:
+        if job.model == lm.spec and job.output and job.output not in found and is_transcoder_folder(job.output):
+            found[job.output] = f"{spec_label(job.output)} (job {job.id})"
+    return found
+
+
+def _stamp(folder: Path) -> tuple:
+    """Modification times of the set's files: a retrained set is read again."""
+    return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json")))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading transcoders…")
+def _load_set(folder: str, stamp: tuple, device: str) -> TranscoderSet:
+    return load_transcoder_set(folder, device)
+
+
+def load_set(lm: LoadedModel, folder: str) -> TranscoderSet:
+    path = Path(folder).expanduser()
+    if not is_transcoder_folder(path):
+        raise LabError(f"{path} is not a transcoder set (no config.json with format 'gptlab-transcoders'); pick "
+                       f"another folder or train one below.")
+    tset = _load_set(str(path.resolve()), _stamp(path), str(lm.stack.device))
+    tset.check_model(lm)
+    return tset
+
+
+def pick_set(lm: LoadedModel) -> tuple[str | None, bool]:
+    """The set picker: ``(the chosen folder or None when none is chosen or typed, whether any set
+    was found for the model)``."""
+    ss = st.session_state
+    sets = known_sets(lm)
+    options = [*sets, OTHER]
+    before = ss.get(_SETS_SEEN)
+    if ss.get(SET_KEY) not in options or before is None or before[0] != lm.spec or (not before[1] and sets):
+        ss[SET_KEY] = options[0]  # another model, or its first set appeared: show a set rather than a blank
+    ss[_SETS_SEEN] = (lm.spec, bool(sets))
+    follow = followed_set()
+    if follow and follow in sets:  # a job started here has just written it
+        ss[SET_KEY] = follow
+    cols = st.columns([3, 3], vertical_alignment="bottom")
+    choice = cols[0].selectbox("Transcoder set", options, key=SET_KEY,
+                               format_func=lambda f: sets.get(f, "Another folder…"),
+                               help="One transcoder per MLP layer, with its feature store. The model's own set lives "
+                                    "in its folder's transcoders/; sets trained below are listed too.")
+    if choice != OTHER:
+        return choice, True
+    typed = cols[1].text_input("Set folder", key=SET_OTHER_KEY, placeholder="/path/to/transcoders",
+                               help="A folder written by `python -m core transcoders train`.").strip()
+    return typed or None, bool(sets)
+
+
+def set_summary(tset: TranscoderSet) -> str:
+    c = tset.config
+    sparsity = f"top-{c.k}" if c.activation == "topk" else f"ReLU, L1 {c.l1_coeff:g}"
+    steps = (tset.metrics or {}).get("steps")
+    return (f"{len(tset.layers)} layers × {c.n_features:,} features ({sparsity})"
+            + (f" · {steps:,} training steps" if steps else "")
+            + (f" · trained on `{spec_label(tset.model)}`" if tset.model else ""))
+
+
+def guarded(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Draw one section; whatever goes wrong in it (a store another version wrote, a file that
+    vanished) becomes one line of st.error and the rest of the page still draws."""
+    try:
+        fn(*args, **kwargs)
+    except LabError as e:
+        st.error(str(e))
+    except (sqlite3.Error, OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        st.error(f"Could not draw this section: {type(e).__name__}: {first}".rstrip(": "))
+
+
+def quality_table(store: FeatureStore) -> None:
+    st.dataframe(quality_frame(store), hide_index=True, key="feat_quality",
+                 column_config={k: st.column_config.NumberColumn(format="%.4f") for k in ("FVE", "loss", "spliced",
+                                                                                        "ablated")}
+                 | {k: st.column_config.NumberColumn(format="percent") for k in ("dead", "recovered")})
+
+
+def quality_frame(store: FeatureStore) -> pd.DataFrame:
+    rows = store.layers()
+    return pd.DataFrame({
+        "layer": [r.layer for r in rows], "FVE": [r.fve for r in rows], "L0": [r.l0 for r in rows],
+        "dead": [r.dead_fraction for r in rows], "loss": [r.loss_clean for r in rows],
+        "spliced": [r.loss_replaced for r in rows], "ablated": [r.loss_ablated for r in rows],
+        "recovered": [r.loss_recovered for r in rows], "live features": [r.n_alive for r in rows],
+        "features": [r.n_features for r in rows]})
+
+
+# -- browsing -------------------------------------------------------------------------------------
+
+def show_card(layer: int, feature: int) -> None:
+    """Open ``feature`` of ``layer`` in the card (before the layer picker and the card are drawn)."""
+    ss = st.session_state
+    ss[LAYER_KEY] = layer
+    ss[FEATURE_KEY] = feature
+    ss[_CARD_LAYER] = layer
+
+
+def open_card(layer: int, feature: int) -> None:
+    """From the completion panel: rerun on the Features tab, showing that feature (the tabs are
+    drawn already in this run, so the switch happens at the top of the next)."""
+    st.session_state[_PENDING] = (layer, feature)
+    st.rerun()
+
+
+def apply_pending_open() -> None:
+    pending = st.session_state.pop(_PENDING, None)
+    if pending is not None:
+        st.session_state[SECTION_KEY] = BROWSE
+        show_card(*pending)
+
+
+def _selected_row(event, marker_key: str) -> int | None:
+    """The row newly selected in a selectable dataframe (None if the selection is old or empty)."""
+    rows = list(event.selection.rows) if event is not None else []
+    if not rows:
+        return None
+    ss = st.session_state
+    if ss.get(_APPLIED, {}).get(marker_key) == rows[0]:
+        return None
+    ss.setdefault(_APPLIED, {})[marker_key] = rows[0]
+    return rows[0]
+
+
+def search_section(store: FeatureStore) -> None:
+    query = st.text_input("Search explanations", key=SEARCH_KEY, placeholder="words, e.g. Romeo",
+                          help="Features of every layer whose explanation contains all these words (prefix match).")
+    if not query.strip():
+        return
+    hits, error = attempt(store.search, query, limit=SEARCH_LIMIT)
+    if error:
+        st.error(error)
+        return
+    if not hits:
+        st.caption(f"No explanation contains {query.strip()!r}.")
+        return
+    df = pd.DataFrame({"layer": [h.layer for h in hits], "feature": [h.feature for h in hits],
+                       "explainer": [h.explainer for h in hits], "explanation": [h.text for h in hits]})
+    key = "feat_hits_" + hashlib.sha1(query.strip().encode()).hexdigest()[:10]
+    st.caption(f"{len(hits)} match{'es' if len(hits) != 1 else ''}" + (" (the first 50)" if len(hits) == SEARCH_LIMIT
+                                                                         else "") + "; select one to open its card.")
+    event = st.dataframe(df, hide_index=True, key=key, on_select="rerun", selection_mode="single-row", height=180)
+    row = _selected_row(event, key)
+    if row is not None:
+        show_card(int(df.iloc[row]["layer"]), int(df.iloc[row]["feature"]))
+
+
+def layer_overview(store: FeatureStore, info, explainer: str | None) -> None:
+    with st.container(border=True, key="feat_layer_overview"):
+        cols = st.columns(5)
+        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        cols[0].metric("FVE", fmt(info.fve, ".3f"), help="Fraction of the MLP output's variance the transcoder explains.")
+        cols[1].metric("L0", fmt(info.l0, ".1f"), help="Active features per token.")
+        cols[2].metric("Dead", fmt(info.dead_fraction, ".1%"), help="Features that never fired on validation text.")
+        cols[3].metric("Loss recovered", fmt(info.loss_recovered, ".1%"),
+                       help="(ablated - spliced) / (ablated - clean): 100% is a perfect stand-in for the MLP.")
+        cols[4].metric("Live features", f"{info.n_alive:,} / {info.n_features:,}")
+        text = store.description("layer", info.layer, explainer)
+        if text:
+            st.markdown(f"**Layer {info.layer}** — {md_escape(text)}")
+        edges, counts = store.density_histogram(info.layer)
+        if counts:
+            st.altair_chart(density_chart(edges, counts), width="stretch")
+
+
+def feature_list(store: FeatureStore, layer: int, order: str, descending: bool, explainer: str | None,
+                 method: str) -> list[int]:
+    """The layer's live features as a selectable table; returns their ids in the order shown."""
+    feats = store.features(layer, order_by=order, descending=descending, limit=LIST_LIMIT, explainer=explainer,
+                           method=method)
+    total = store.count_features(layer)
+    df = pd.DataFrame({"feature": [f.feature for f in feats], "frequency": [f.density * 100 for f in feats],
+                       "score": [f.score for f in feats], "explanation": [f.explanation or "" for f in feats],
+                       "fires on": [" ".join(repr(t) for t in f.top_tokens[:5]) for f in feats]})
+    key = f"feat_list_{layer}_{order}_{descending}_{explainer}_{method}"
+    event = st.dataframe(df, hide_index=True, key=key, on_select="rerun", selection_mode="single-row", height=520,
+                         column_config={
+                             "frequency": st.column_config.NumberColumn("frequency %", format="%.3f",
+                                                                        help="Share of tokens it fires on."),
+                             "score": st.column_config.NumberColumn(f"{method}", format="%.2f",
+                                                                    help="Held-out score of the explanation."),
+                             "explanation": st.column_config.TextColumn(width="large")})
+    st.caption(f"{total:,} live features" + (f", the first {LIST_LIMIT:,} shown" if total > LIST_LIMIT else "")
+               + "; select a row to open its card.")
+    row = _selected_row(event, key)
+    if row is not None:  # the layer picker is drawn already; the card is not
+        st.session_state[FEATURE_KEY] = int(df.iloc[row]["feature"])
+        st.session_state[_CARD_LAYER] = layer
+    return [f.feature for f in feats]
+
+
+def browse(store: FeatureStore) -> None:
+    ss = st.session_state
+    infos = {i.layer: i for i in store.layers()}
+    if not infos:
+        st.info("This feature store holds no layers; collect features below.")
+        return
+    total = store.description("total")
+    if total:
+        st.caption(f"**The set as a whole:** {md_escape(total)}")
+    search_section(store)
+    layers = sorted(infos)
+    if ss.get(LAYER_KEY) not in layers:
+        ss[LAYER_KEY] = layers[0]
+    explainers = store.explainers()
+    cols = st.columns([2, 2, 1, 2, 2], vertical_alignment="bottom")
+    layer = cols[0].selectbox("Layer", layers, key=LAYER_KEY, format_func=lambda i: f"Layer {i}")
+    sort = cols[1].selectbox("Sort by", list(SORTS), key=SORT_KEY, persist_state="session")
+    descending = cols[2].toggle("Descending", True, key=DESC_KEY, persist_state="session")
+    explainer = None
+    if explainers:
+        if ss.get(EXPLAINER_KEY) not in explainers:
+            ss[EXPLAINER_KEY] = explainers[0]
+        explainer = cols[3].selectbox("Explanations by", explainers, key=EXPLAINER_KEY)
+    method = cols[4].selectbox("Score", ["detection", "simulation"], key=METHOD_KEY, persist_state="session",
+                               help="Detection: balanced accuracy telling held-out activating windows from silent "
+                                    "ones given the explanation (0.5 is chance). Simulation: correlation of predicted "
+                                    "and true activations.")
+    info = infos[layer]
+    layer_overview(store, info, explainer)
+    left, right = st.columns([5, 6])
+    with left:
+        shown = feature_list(store, layer, SORTS[sort], descending, explainer, method)
+    with right:
+        if ss.get(_CARD_LAYER) != layer or ss.get(FEATURE_KEY) is None:
+            ss[FEATURE_KEY] = shown[0] if shown else 0
+            ss[_CARD_LAYER] = layer
+        ss[FEATURE_KEY] = min(max(0, int(ss[FEATURE_KEY])), info.n_features - 1)
+        feature = st.number_input("Feature", 0, info.n_features - 1, step=1, key=FEATURE_KEY,
+                                  help="Any feature of this layer by number; or select a row of the list.")
+        card, error = attempt(store.feature, layer, int(feature))
+        if error:
+            st.error(error)
+        else:
+            draw_card(card)
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+def no_set_message(lm: LoadedModel) -> None:
+    own = transcoder_dir_for(lm)
+    st.info(f"No transcoder set for `{spec_label(lm.spec)}` yet (looked in `{spec_label(str(own))}`). Train one "
+            f"with the form below, or from a shell:")
+    st.code(f"python -m core transcoders train --model {shlex.quote(lm.spec)}", language="bash")
+
+
+def open_store(folder: str) -> tuple[FeatureStore | None, str | None]:
+    path = store_path(folder)
+    if not path.is_file():
+        return None, None
+    return attempt(FeatureStore, path, readonly=True)
+
+
+def page() -> None:
+    ss = st.session_state
+    st.title("Features")
+    st.markdown("Each MLP layer of the model has a **transcoder**: a wider, sparse stand-in whose features each "
+                "write one fixed direction. Browse what each feature fires on and what it promotes, read and check "
+                "its explanation, and explain how the model produced a completion, layer by layer.")
+    lm = current_model()
+    if lm is None:
+        st.stop()
+    if lm.untrained:
+        st.caption(f":orange[`{spec_label(lm.spec)}` is untrained]: its features describe noise.")
+    folder, found = pick_set(lm)
+    tset, error = (None, None) if folder is None else attempt(load_set, lm, folder)
+    if folder is None:
+        if found:
+            st.info("Enter the folder of a transcoder set.")
+        else:
+            no_set_message(lm)
+    elif error:
+        st.error(error)
+    if tset is None:
+        guarded(jobs_section, lm, None, expanded=True)
+        return
+    folder = str(tset.folder.resolve())
+    if ss.get(_FOR_SET) != folder:  # another set: its own layers and features
+        for k in (LAYER_KEY, FEATURE_KEY, _CARD_LAYER):
+            ss.pop(k, None)
+        ss[_FOR_SET] = folder
+    apply_pending_open()
+    st.caption(set_summary(tset))
+    store, error = open_store(folder)
+    try:
+        if error:
+            st.error(error)
+        if store is not None:
+            with st.expander("Quality per layer"):
+                guarded(quality_table, store)
+        browse_tab, explain_tab = st.tabs([BROWSE, EXPLAIN], key=SECTION_KEY, on_change="rerun")
+        if browse_tab.open:
+            with browse_tab:
+                if store is not None:
+                    guarded(browse, store)
+                elif error is None:
+                    st.info(f"This set has no feature store yet ({spec_label(str(store_path(folder)))}): collect "
+                            f"one with the form below, or `python -m core transcoders collect --model "
+                            f"{shlex.quote(lm.spec)} --transcoders {shlex.quote(folder)}`.")
+        if explain_tab.open:
+            with explain_tab:
+                guarded(completion_panel, lm, tset, store, folder, open_card)
+        guarded(jobs_section, lm, folder, expanded=False)
+    finally:
+        if store is not None:
+            store.close()
+
+
+ensure_frame()
+page()
