@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import LabError, ModelNotAvailableError
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .gpt import GPT, GPTConfig
 from .stack import LayerStack, stack_for
 from .tokenizer import Tokenizer, load_tokenizer
@@ -83,22 +83,19 @@ def is_gptlab_folder(path: Path) -> bool:
 
 
 def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str | None = None, *,
-                    objective: str = "ar", untrained: bool = False, init_seed: int | None = None,
-                    card: str | None = None, extra: dict | None = None) -> Path:
-    """Write our model folder: config.json, model.safetensors (unless only ``init_seed`` is kept),
-    tokenizer.json, and an optional model card. Each file lands atomically."""
-    from safetensors.torch import save_file
+                    objective: str = "ar", untrained: bool = False, card: str | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write our model folder: config.json, model.safetensors, tokenizer.json, and an optional model
+    card. Each file lands atomically."""
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.config.to_dict(),
-            "objective": objective, "untrained": untrained, "init_seed": init_seed, **(extra or {})}
-    if init_seed is None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                   if not (k == "lm_head.weight" and model.config.tie_weights)}
-        from .files import atomic_write
-
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+            "objective": objective, "untrained": untrained, **(extra or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and model.config.tie_weights)}
+    atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     if tokenizer_json is not None:
         atomic_write_text(folder / "tokenizer.json", Path(tokenizer_json).read_text(encoding="utf-8"))
     if card is not None:
@@ -131,9 +128,6 @@ def _load_gptlab(path: Path, device: str, dtype: torch.dtype) -> tuple[GPT, dict
                            f"the checkpoint folder is inconsistent.") from e
         if cfg.tie_weights:
             model.lm_head.weight = model.transformer.wte.weight
-    elif meta.get("init_seed") is not None:
-        torch.manual_seed(int(meta["init_seed"]))
-        model = GPT(cfg)  # deterministic placeholder: same seed, same weights
     else:
         raise LabError(f"{path} has a config.json but no model.safetensors; the checkpoint is incomplete.")
     return model.to(device=device, dtype=dtype).eval(), meta

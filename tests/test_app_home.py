@@ -18,17 +18,17 @@ def test_home_shows_default_model_card():
     assert not at.exception
     assert not at.error
     assert metrics(at) == {"Layers": "4", "Width": "256", "Heads": "4", "Parameters": "5.32 M", "Context": "256"}
-    assert any("Untrained" in w for w in texts(at.warning))
+    assert not at.warning  # the shipped default is trained: no untrained banner
     status = " ".join(texts(at.sidebar.caption))
-    assert "default" in status and "untrained" in status and "cpu" in status and "float32" in status
+    assert "default" in status and "untrained" not in status and "cpu" in status and "float32" in status
     assert at.sidebar.selectbox(key="model_choice").value == "default"
     assert at.sidebar.selectbox(key="model_device").value == "cpu"
     assert at.sidebar.selectbox(key="model_dtype").value == "float32"
     facts = at.table[0].value
     assert facts.loc["parameters"].iloc[0] == "5,322,240"
-    assert facts.loc["trained"].iloc[0] == "no (untrained)"
+    assert facts.loc["trained"].iloc[0] == "yes"
     assert [e.label for e in at.expander] == ["Model card"]
-    assert "untrained placeholder" in " ".join(texts(at.markdown))
+    assert "trained on Shakespeare" in " ".join(texts(at.markdown))
     # every installed workbench is a link (Generate always is); the others are named without one
     installed = [w.title for w in WORKBENCHES if w.exists]
     assert "Generate" in installed
@@ -91,3 +91,21 @@ def test_checkpoints_of_runs_are_listed_newest_step_first(tmp_path: Path):
     found = [Path(p).relative_to(tmp_path).as_posix() for p in checkpoint_specs(tmp_path)]
     assert found == ["run-a/checkpoints/2000", "run-a/checkpoints/100", "run-b/checkpoints/7", "run-b/checkpoints/5"]
     assert checkpoint_specs(tmp_path / "missing") == []
+
+
+def test_untrained_model_is_labelled_everywhere(tmp_path: Path):
+    import torch
+
+    from core.gpt import GPT, GPTConfig
+    from core.loading import DEFAULT_DIR, save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8192, block_size=32, n_layer=1, n_head=2, d_model=16))
+    folder = save_checkpoint(tmp_path / "untrained", model, str(DEFAULT_DIR / "tokenizer.json"), untrained=True)
+    at = open_app()
+    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
+    at.sidebar.text_input(key="model_other").input(str(folder)).run()
+    assert not at.exception and not at.error
+    assert any("Untrained" in w for w in texts(at.warning))
+    assert "untrained" in " ".join(texts(at.sidebar.caption))
+    assert at.table[0].value.loc["trained"].iloc[0] == "no (untrained)"

@@ -429,7 +429,7 @@ def test_models_lists_default_hub_checkpoints_and_presets(capsys, monkeypatch, t
     rc, out, _ = run_cli(capsys, "models", "--json", "--runs", runs)
     assert rc == 0
     info = json.loads(out)
-    assert info["default"]["spec"] == "default" and info["default"]["untrained"] is True
+    assert info["default"]["spec"] == "default" and info["default"]["untrained"] is False
     assert [h["id"] for h in info["hub"]] == KNOWN_HUB_MODELS
     assert {h["id"]: h["cached"] for h in info["hub"]}["gpt2"] is True
     assert not any(h["cached"] for h in info["hub"] if h["id"] != "gpt2")
@@ -445,5 +445,5 @@ def test_models_lists_default_hub_checkpoints_and_presets(capsys, monkeypatch, t
         assert param_count(untied) == GPT(untied).num_params()
 
     rc, text, _ = run_cli(capsys, "models", "--runs", runs)
-    assert rc == 0 and "untrained" in text and "r1/checkpoints/40" in text
+    assert rc == 0 and "state: trained" in text and "r1/checkpoints/40" in text
     assert "gpt2-medium" in text and "not cached" in text and "124,439,808" in text

@@ -8,14 +8,26 @@ from core.loading import load_model, load_state_dict_file, offline_message, save
 from core.tokenizer import load_tokenizer
 
 
-def test_default_is_labelled_untrained_and_deterministic():
-    a, b = load_model("default"), load_model("default")
-    assert a.untrained and "untrained" in a.name and a.card()["untrained"] is True
-    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
-    card = a.card()
+def test_default_is_the_trained_shakespeare_model():
+    lm = load_model("default")
+    assert not lm.untrained and lm.name == "default" and lm.card()["untrained"] is False
+    card = lm.card()
     assert (card["layers"], card["width"], card["heads"], card["context"]) == (4, 256, 4, 256)
-    assert card["parameters"] == sum(p.numel() for p in a.model.parameters())
-    assert "untrained" in a.card_text
+    assert card["parameters"] == sum(p.numel() for p in lm.model.parameters())
+    assert "Shakespeare" in lm.card_text and "python -m core train" in lm.card_text
+    # trained: Shakespeare is far more likely than shuffled words of the same vocabulary
+    from core.generation import perplexity
+    assert perplexity(lm, "ROMEO:\nBut soft, what light through yonder window breaks?") < \
+        perplexity(lm, "window ROMEO: light soft yonder what? breaks through But") / 3
+
+
+def test_untrained_models_are_labelled(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, d_model=16))
+    from core.loading import DEFAULT_DIR
+    out = save_checkpoint(tmp_path / "u", model, str(DEFAULT_DIR / "tokenizer.json"), untrained=True)
+    lm = load_model(str(out))
+    assert lm.untrained and lm.name.endswith("(untrained)") and lm.card()["untrained"] is True
 
 
 def test_uncached_hub_model_offline_is_one_clear_sentence(monkeypatch):
