@@ -167,5 +167,25 @@ def test_training_launch_and_stop_a_tiny_run(server, page, tmp_path):
     page.wait_for_timeout(6000)  # and grow for a few refreshes
     page.screenshot(path=str(_shots(tmp_path) / "training.png"), full_page=True)
     page.get_by_role("button", name="Stop").first.click()
-    page.get_by_text("stopped").first.wait_for(timeout=240_000)  # the next step boundary writes a checkpoint
+    page.get_by_role("button", name="Resume").first.wait_for(timeout=240_000)  # stopped at a step boundary, with a checkpoint
     _no_exception(page)
+
+
+def test_features_card_and_explain_a_completion(server, page, tmp_path):
+    url, _ = server
+    page.goto(f"{url}/features")
+    page.get_by_text("Top contexts").first.wait_for(timeout=120_000)  # the shipped set opens a card
+    _settle(page)
+    page.wait_for_timeout(3000)  # the card's tables and charts finish drawing
+    body = page.inner_text("body")
+    assert "Top contexts" in body and "Explain a completion" in body
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "features.png"), full_page=True)
+    page.get_by_role("tab", name="Explain a completion").click()
+    page.get_by_test_id("stTabs").get_by_test_id("stBaseButton-primary").wait_for(timeout=60_000)
+    _settle(page)
+    page.get_by_test_id("stTabs").get_by_test_id("stBaseButton-primary").click()
+    page.get_by_text("Total description").first.wait_for(timeout=120_000)
+    _settle(page)
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "features_explain.png"), full_page=True)
