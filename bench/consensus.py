@@ -33,27 +33,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import interleaved, machine, write_section  # noqa: E402
+from bench.common import IdTokenizer, interleaved, machine, write_section  # noqa: E402
 from core.consensus import ConsensusConfig, run_consensus  # noqa: E402
 from core.loading import LoadedModel  # noqa: E402
 from core.stack import stack_for  # noqa: E402
-from core.tokenizer import Tokenizer  # noqa: E402
 
 # Peak memory bandwidth in GB/s by device-name fragment (vendor data sheets); --bandwidth overrides.
 BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
                  "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "RTX 4090": 1008}
-
-
-class IdTokenizer(Tokenizer):
-    """Ids in, ids out: the benchmark measures the model, not a tokenizer."""
-
-    name, vocab_size, eos_id = "ids", 50257, None
-
-    def encode(self, text):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
 
 
 def _prompt_metrics(tr, hidden, y, diag, err, err2, col, u):

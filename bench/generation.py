@@ -14,25 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import interleaved, write_section  # noqa: E402
+from bench.common import IdTokenizer, interleaved, write_section  # noqa: E402
 from core.convert import gpt_from_hf_gpt2  # noqa: E402
 from core.devices import resolve_dtype  # noqa: E402
 from core.generation import SamplingConfig, generate  # noqa: E402
 from core.loading import LoadedModel  # noqa: E402
 from core.stack import stack_for  # noqa: E402
-from core.tokenizer import Tokenizer  # noqa: E402
-
-
-class IdTokenizer(Tokenizer):
-    """Ids in, ids out: the benchmark measures the model, not a tokenizer."""
-
-    name, vocab_size, eos_id = "ids", 50257, None
-
-    def encode(self, text):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(i) for i in ids)
 
 
 def main() -> None:
