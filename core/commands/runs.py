@@ -1,6 +1,4 @@
-"""List training runs and manage them: status, stop (checkpoint first), resume, delete.
-
-Runs live under runs/ (or $GPTLAB_RUNS, or --root); a RUN is a run name there or a run folder path.
+"""Runs live under runs/ (or $GPTLAB_RUNS, or --root); a RUN is a run name there or a run folder path.
 
 Examples:
   python -m core runs list
