@@ -30,8 +30,10 @@ class KVCache:
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
         if self.k[layer] is None or self.k[layer].shape[0] != B:
-            self.k[layer] = k.new_zeros(B, nh, self.max_length, hs)
-            self.v[layer] = v.new_zeros(B, nh, self.max_length, hs)
+            # empty, not zeros: positions past ``length`` are never read, and zeroing a
+            # context-sized buffer per layer costs as much as a few decoded tokens
+            self.k[layer] = k.new_empty(B, nh, self.max_length, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_length, hs)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
