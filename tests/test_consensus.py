@@ -19,16 +19,6 @@ PROMPTS = ["ROMEO: But soft, what light through yonder window breaks?",  # longe
            "Once upon a time there"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU the threads wait on
-    each other (tens of times slower); restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gpt2(tiny_gpt2_dir):
     return load_model(str(tiny_gpt2_dir))

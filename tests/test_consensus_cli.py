@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from core.cli import main
 from core.consensus import ConsensusConfig, run_consensus
@@ -12,16 +11,6 @@ from core.loading import load_model
 
 A = "ROMEO: But soft, what light through yonder window breaks?"
 B = "The quick brown fox"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU the threads wait on
-    each other (tens of times slower); restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ from core.training.schedules import lr_at
 from tests.conftest import CORPUS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread per test process avoids OpenMP spin contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.txt"
