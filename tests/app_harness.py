@@ -44,3 +44,20 @@ def open_app(page: str | None = None, state: dict[str, Any] | None = None, timeo
 def texts(elements) -> list[str]:
     """The ``value`` of every element in an ElementList (errors, markdown, captions…)."""
     return [str(e.value) for e in elements]
+
+
+def set_widgets(at: AppTest, prefix: str, **values: Any) -> None:
+    """Set each ``prefix + name`` widget to its value, whatever kind of widget holds that key."""
+    kinds = (at.number_input, at.toggle, at.slider, at.text_area, at.text_input, at.selectbox, at.multiselect,
+             at.radio)
+    for name, value in values.items():
+        key = prefix + name
+        for kind in kinds:
+            try:
+                widget = kind(key=key)
+            except KeyError:
+                continue
+            widget.set_value(value)
+            break
+        else:
+            raise KeyError(key)

@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 
 import pytest
-from app_harness import open_app, texts
+from app_harness import open_app, set_widgets, texts
 
 from core.generation import SamplingConfig, TokenEvent, generate, partial_result, perplexity, stream
 from core.loading import load_model
@@ -33,17 +33,7 @@ def html_bodies(at) -> list[str]:
 
 
 def set_controls(at, slot: str = "A", **values) -> None:
-    for name, value in values.items():
-        key = f"gen_{slot}_{name}"
-        for widgets in (at.number_input, at.toggle, at.slider, at.text_area):
-            try:
-                widget = widgets(key=key)
-            except KeyError:
-                continue
-            widget.set_value(value)
-            break
-        else:
-            raise KeyError(key)
+    set_widgets(at, f"gen_{slot}_", **values)
 
 
 def click_generate(at, prompt: str | None = PROMPT):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from app_harness import open_app, texts
+from app_harness import open_app, set_widgets, texts
 
 from core.errors import LabError
 from core.training import runs as runs_mod
@@ -86,17 +86,7 @@ def corpus(tmp_path: Path) -> Path:
 # -- helpers -------------------------------------------------------------------------------------
 
 def fill_form(at, **values) -> None:
-    for name, value in values.items():
-        key = f"tr_{name}"
-        for widgets in (at.number_input, at.text_input, at.selectbox, at.multiselect, at.radio, at.toggle):
-            try:
-                widget = widgets(key=key)
-            except KeyError:
-                continue
-            widget.set_value(value)
-            break
-        else:
-            raise KeyError(key)
+    set_widgets(at, "tr_", **values)
 
 
 def launch(at, **values):

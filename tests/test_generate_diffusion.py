@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_harness import open_app, texts
+from app_harness import open_app, set_widgets, texts
 from conftest import CORPUS
 
 from core.cli import main
@@ -227,17 +227,7 @@ def open_diffusion_page(diff_dir: Path):
 
 
 def set_diffusion(at, **values) -> None:
-    for name, value in values.items():
-        key = f"gen_diff_{name}"
-        for widgets in (at.number_input, at.selectbox):
-            try:
-                widget = widgets(key=key)
-            except KeyError:
-                continue
-            widget.set_value(value)
-            break
-        else:
-            raise KeyError(key)
+    set_widgets(at, "gen_diff_", **values)
 
 
 def click_generate(at, prompt: str | None = PROMPT):
