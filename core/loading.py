@@ -20,6 +20,8 @@ from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import LabError, ModelNotAvailableError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .gpt import GPT, GPTConfig
+from .decode_layout import use_decode_layout
+from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -190,6 +192,12 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool):
     return model.eval(), kwargs.get("local_files_only", False)
 
 
+def _inference_stack(model: torch.nn.Module, device: str) -> LayerStack:
+    if device == "cpu":
+        use_decode_layout(model)
+    return stack_for(model)
+
+
 def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32",
                tokenizer: str | None = None) -> LoadedModel:
     """Load a model by spec onto ``device`` (``cpu``, ``cuda:N`` or ``auto``) in ``dtype``."""
@@ -209,21 +217,21 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
             model, meta = _load_gptlab(path, single, torch_dtype)
             tok = load_tokenizer(tokenizer or path)
             card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").exists() else None
-            return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack_for(model), device=single,
+            return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, single), device=single,
                                dtype=torch_dtype, source=str(path), untrained=bool(meta.get("untrained")),
                                objective=meta.get("objective", "ar"), card_text=card, extra=meta)
         if not (path / "config.json").exists():
             raise LabError(f"{path} holds no config.json; pass a Hugging Face model folder or a GPT Lab checkpoint.")
         model, _ = _load_hf(str(path), dev, torch_dtype, local=True)
         tok = load_tokenizer(tokenizer or path)
-        return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack_for(model), device=dev,
+        return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
                            dtype=torch_dtype, source=str(path))
 
     if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
         raise LabError(f"Model path {spec} does not exist; check the path, or use --model default.")
     model, cached = _load_hf(spec, dev, torch_dtype, local=False)
     tok = load_tokenizer(tokenizer) if tokenizer else load_tokenizer(spec, local_files_only=cached)
-    return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack_for(model), device=dev,
+    return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
                        dtype=torch_dtype, source=f"hub:{spec}")
 
 
