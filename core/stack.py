@@ -216,10 +216,23 @@ class GPTLabStack(LayerStack):
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-class _HFMLPMixin:
-    """GPT-2 and GPT-Neo MLPs (c_fc -> act -> c_proj -> dropout) with the tanh GELU as one fused
-    call: transformers' ``gelu_new`` is the same formula written as a chain of Python-level ops,
-    about a tenth of a CPU block's time."""
+class _HFStack(LayerStack):
+    """What GPT-2 and GPT-Neo share: Hugging Face module names, an init std in the config, and an
+    MLP (c_fc -> act -> c_proj -> dropout) whose tanh GELU runs as one fused call: transformers'
+    ``gelu_new`` is the same formula written as a chain of Python-level ops, about a tenth of a
+    CPU block's time."""
+
+    def __init__(self, model, n_layer: int, n_head: int, d_model: int, context_length: int):
+        super().__init__(model)
+        self.n_layer, self.n_head, self.d_model = n_layer, n_head, d_model
+        self.vocab_size, self.context_length = model.config.vocab_size, context_length
+        self.init_std = model.config.initializer_range
+        t = model.transformer
+        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
+
+    @property
+    def blocks(self):
+        return self.model.transformer.h
 
     def mlp(self, i: int):
         m = self.blocks[i].mlp
@@ -228,25 +241,16 @@ class _HFMLPMixin:
         return lambda x: m.dropout(m.c_proj(F.gelu(m.c_fc(x), approximate="tanh")))
 
 
-class GPT2Stack(_HFMLPMixin, LayerStack):
+class GPT2Stack(_HFStack):
     """Hugging Face GPT2LMHeadModel (Conv1D projections)."""
 
     family = "gpt2"
 
     def __init__(self, model):
-        super().__init__(model)
         cfg = model.config
-        self.n_layer, self.n_head, self.d_model = cfg.n_layer, cfg.n_head, cfg.n_embd
-        self.vocab_size, self.context_length = cfg.vocab_size, cfg.n_positions
-        self.init_std = cfg.initializer_range
+        super().__init__(model, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
         self.scale_by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
         self.scale_weights = bool(getattr(cfg, "scale_attn_weights", True))
-        t = model.transformer
-        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
-
-    @property
-    def blocks(self):
-        return self.model.transformer.h
 
     def _attention(self, i, x, cache):
         attn = self.blocks[i].attn
@@ -263,24 +267,15 @@ class GPT2Stack(_HFMLPMixin, LayerStack):
         return attn.resid_dropout(attn.c_proj(merge_heads(y)))
 
 
-class GPTNeoStack(_HFMLPMixin, LayerStack):
+class GPTNeoStack(_HFStack):
     """Hugging Face GPTNeoForCausalLM: unscaled attention in float32, local layers with a window."""
 
     family = "gpt_neo"
 
     def __init__(self, model):
-        super().__init__(model)
         cfg = model.config
-        self.n_layer, self.n_head, self.d_model = cfg.num_layers, cfg.num_heads, cfg.hidden_size
-        self.vocab_size, self.context_length = cfg.vocab_size, cfg.max_position_embeddings
-        self.init_std = cfg.initializer_range
+        super().__init__(model, cfg.num_layers, cfg.num_heads, cfg.hidden_size, cfg.max_position_embeddings)
         self.windows = [cfg.window_size if kind == "local" else None for kind in cfg.attention_layers]
-        t = model.transformer
-        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
-
-    @property
-    def blocks(self):
-        return self.model.transformer.h
 
     def _attention(self, i, x, cache):
         attn = self.blocks[i].attn.attention
