@@ -8,13 +8,22 @@ adding a command never touches this file. The model flags are declared once here
 
 Exit codes: 0 success, 1 a check failed (e.g. ``validate``), 2 a usage or input error (one line
 on stderr, ``error: ...``), 130 interrupted with Ctrl-C.
+
+Bad input costs one line, never a usage block or a traceback: argparse's own complaints go through
+:class:`LabArgumentParser` (the root parser and, since argparse builds subparsers with the parent's
+class, every subcommand), numeric flags check their range as they are parsed (:func:`int_arg`,
+:func:`float_arg`, :func:`device_arg`), and what only ``run`` can judge raises
+:class:`~core.errors.LabError`, which :func:`main` prints as one line.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import math
 import os
 import pkgutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,10 +41,98 @@ T = TypeVar("T")
 
 
 class LabArgumentParser(argparse.ArgumentParser):
-    """argparse with usage errors on one line (the usage block is one ``--help`` away)."""
+    """argparse with usage errors on one line that names the flag and what to change; the usage
+    block is one ``--help`` away, so it is not repeated under every typo."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"error: {one_line(self._explain(message))} (see `{self.prog} --help`)\n")
+
+    def _explain(self, message: str) -> str:
+        """argparse's wording, reshaped to lead with the flag: ``argument --top-k/--top_k: invalid
+        int value: 'x'`` becomes ``--top-k: invalid int value: 'x'; pass a whole number``."""
+        m = re.match(r"argument (\S+): (.*)$", message, re.DOTALL)
+        if m is None:
+            unknown = re.match(r"unrecognized arguments: (.*)$", message, re.DOTALL)
+            return self._unknown(unknown.group(1).split()) if unknown else message
+        name, rest = m.group(1).split("/")[0], m.group(2)
+        choice = re.match(r"invalid choice: (.*?) \(choose from (.*)\)$", rest, re.DOTALL)
+        if choice and name.startswith("<"):  # a subcommand: <command> or <action>
+            options = ", ".join(c.strip("'") for c in choice.group(2).split(", "))
+            return f"unknown {name.strip('<>')} {choice.group(1)}; choose one of {options}"
+        if rest.startswith("must "):  # our range checks (int_arg, float_arg)
+            return f"{name} {rest}"
+        hint = {"int": "; pass a whole number", "float": "; pass a number"}
+        kind = re.match(r"invalid (int|float) value", rest)
+        return f"{name}: {rest}{hint[kind.group(1)] if kind else ''}"
+
+    def _unknown(self, words: list[str]) -> str:
+        flags = [w for w in words if w.startswith("-")]
+        if not flags:
+            return f"unexpected argument {words[0]!r}; quote text that contains spaces"
+        known = {o.lstrip("-"): o for a in self._actions for o in a.option_strings}
+        close = difflib.get_close_matches(flags[0].split("=")[0].lstrip("-"), list(known), n=1, cutoff=0.75)
+        guess = f"; did you mean {known[close[0]]}?" if close else "; drop it"
+        return f"unknown flag {flags[0]}{guess}"
+
+
+def one_line(text: str) -> str:
+    """``text`` on a single line: the CLI promises one line per error."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+# -- argument types: ranges are checked while parsing, so the error names the flag -----------------
+
+def _bounds(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        if low_open:
+            return f"must be above {low}"
+        return "must be 0 or more" if low == 0 else f"must be at least {low}"
+    if low is None:
+        return f"must be below {high}" if high_open else f"must be at most {high}"
+    if not (low_open or high_open) and isinstance(low, int) and isinstance(high, int):
+        return f"must be between {low} and {high}"
+    return f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _range_type(parse: Callable[[str], T], kind: str, low, high, low_open: bool, high_open: bool,
+                note: str) -> Callable[[str], T]:
+    def check(text: str) -> T:
+        value = parse(str(text).strip())  # a ValueError here reads "invalid int value: 'x'"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{_bounds(low, high, low_open, high_open)} (got {value}){note}")
+        return value
+
+    check.__name__ = kind  # argparse names the type in "invalid int value"
+    return check
+
+
+def int_arg(low: int | None = None, high: int | None = None, note: str = "") -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in ``[low, high]`` (``20_000`` spellings work).
+    ``note`` ends the message, e.g. ``"; 0 turns it off"``."""
+    return _range_type(int, "int", low, high, False, False, note)
+
+
+def float_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              high_open: bool = False, note: str = "") -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number between ``low`` and ``high``; ``low_open`` /
+    ``high_open`` exclude the bound itself (``float_arg(0, low_open=True)``: above 0)."""
+    return _range_type(float, "float", low, high, low_open, high_open, note)
+
+
+DEVICE_HINT = "use cpu, cuda, cuda:N or auto"
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for ``--device``: the spelling is checked here, whether the device
+    exists when the model loads (:func:`core.devices.resolve_device`)."""
+    d = str(text).strip().lower()
+    if d in ("cpu", "cuda", "auto") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return str(text).strip()
+    raise argparse.ArgumentTypeError(f"Unknown device '{text}'; {DEVICE_HINT}")
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -55,15 +152,26 @@ def command_modules() -> list[ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = LabArgumentParser(prog=PROG, description="GPT Lab: generate, validate, explore consensus, train "
-                                                      "and interpret GPT-style models from the command line.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    for mod in command_modules():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=_description(mod),
+    mods = command_modules()
+    parser = LabArgumentParser(prog=PROG, usage=f"{PROG} <command> [flags]",
+                               description="GPT Lab: generate, validate, explore consensus, train and interpret "
+                                           "GPT-style models from the command line.",
+                               epilog=commands_table(mods), formatter_class=argparse.RawDescriptionHelpFormatter)
+    # argparse would wrap each command's help over several lines; the epilog lists them one a line
+    sub = parser.add_subparsers(dest="command", metavar="<command>", help=argparse.SUPPRESS, prog=PROG)
+    for mod in mods:
+        p = sub.add_parser(mod.NAME, description=_description(mod),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser
+
+
+def commands_table(mods: Sequence[ModuleType]) -> str:
+    """``--help``'s list of commands: one line each (the module's HELP), then how to learn more."""
+    width = max(len(m.NAME) for m in mods)
+    rows = [f"  {m.NAME:<{width}}  {one_line(m.HELP)}" for m in mods]
+    return "\n".join(["commands:", *rows, "", f"Run `{PROG} <command> --help` for a command's flags and examples."])
 
 
 def _description(mod: ModuleType) -> str:
@@ -75,17 +183,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the (sub)command's parser, so the hint names the right --help
+            _deepest_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return int(e.code or 0)
     if getattr(args, "run", None) is None:
-        parser.print_help(sys.stderr)
+        names = ", ".join(m.NAME for m in command_modules())
+        print(f"error: name a command: {names} (see `{PROG} --help`)", file=sys.stderr)
         return 2
     try:
         return int(args.run(args) or 0)
     except LabError as e:
         _flush_stdout()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `... | head`: the reader left; stop quietly like other Unix tools
         try:
@@ -104,6 +215,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "or --device cpu.", file=sys.stderr)
             return 2
         raise
+
+
+def _deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` chose: ``transcoders train``'s, say."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _deepest_parser(chosen, args)
+    return parser
 
 
 def _flush_stdout() -> None:
@@ -192,8 +313,27 @@ class _Bar:
 def add_device_arg(parser: argparse.ArgumentParser, default: str = "auto", sharded: bool = True) -> None:
     auto = ("the first GPU when there is one, else cpu; Hugging Face models are spread over all GPUs"
             if sharded else "the first GPU when there is one, else cpu")
-    parser.add_argument("--device", default=default, metavar="DEVICE",
+    parser.add_argument("--device", default=default, type=device_arg, metavar="DEVICE",
                         help=f"cpu, cuda, cuda:N, or auto ({auto}) (default: %(default)s)")
+
+
+TRUST_REMOTE_CODE_WARNING = ("warning: --trust-remote-code runs Python code shipped with the model, with your "
+                             "permissions; use it only for models whose authors you trust.")
+
+
+def add_trust_remote_code_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one switch that lets transformers run a model repository's own Python code (off unless given)."""
+    parser.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                        help="let transformers run Python code shipped with a Hugging Face model or tokenizer "
+                             "(needed by models with custom code; never on by default)")
+
+
+def remote_code_allowed(args: argparse.Namespace) -> bool:
+    """``--trust-remote-code`` as given; when set, one warning line on stderr before anything loads."""
+    trusted = bool(getattr(args, "trust_remote_code", False))
+    if trusted:
+        print(TRUST_REMOTE_CODE_WARNING, file=sys.stderr)
+    return trusted
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
@@ -219,6 +359,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
     g.add_argument("--model-version", choices=("gpt2", "gpt3"),
                    help="accepted for compatibility with the reference generate.py and has no effect: "
                         "GPT Lab checkpoints carry their own config")
+    add_trust_remote_code_arg(g)
 
 
 def latest_checkpoint(path: Path) -> Path:
@@ -259,11 +400,13 @@ def load_from_args(args: argparse.Namespace) -> "LoadedModel":
     if source == "pretrained" and checkpoint:
         raise LabError("--source pretrained loads --model, but --ckpt was given too; use --source local "
                        "for a checkpoint or drop --ckpt.")
+    trusted = remote_code_allowed(args)
     if not file:
-        return load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer)
+        return load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trusted)
     path = Path(file).expanduser()
     if not path.exists():
         raise LabError(f"Checkpoint {path} does not exist; check the path.")
     if path.is_dir():
-        return load_model(str(latest_checkpoint(path)), device=device, dtype=dtype, tokenizer=tokenizer)
+        return load_model(str(latest_checkpoint(path)), device=device, dtype=dtype, tokenizer=tokenizer,
+                          trust_remote_code=trusted)
     return load_state_dict_model(path, spec, device=device, dtype=dtype, tokenizer=tokenizer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,21 +156,36 @@ def offline_message(spec: str) -> str:
             f"or use --model default, which works offline.")
 
 
-def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool):
+def _remote_code_refused(source: str, error: ValueError) -> LabError:
+    """transformers' ValueError for a config it cannot read, as one sentence saying what to do."""
+    if "trust_remote_code" in str(error):
+        return LabError(f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; pass "
+                        f"--trust-remote-code (trust_remote_code=True) if you trust its authors.")
+    return LabError(f"Model '{source}' has a config transformers cannot read ({str(error).splitlines()[0][:160]}); "
+                    f"pass a GPT-2 or GPT-Neo model, or use --model default.")
+
+
+def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
     kwargs = dict(local_files_only=True) if local else {}
+    # Always passed, never left to transformers: left out, it asks on a terminal whether to run the code.
+    trust = {"trust_remote_code": bool(trust_remote_code)}
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        config = AutoConfig.from_pretrained(source, local_files_only=True, **trust)
+    except ValueError as e:
+        raise _remote_code_refused(source, e) from None
     except OSError:
         if local:
             raise LabError(f"{source} is not a readable Hugging Face model folder (config.json missing or bad).")
         if not hub_reachable():
             raise ModelNotAvailableError(offline_message(source)) from None
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, **trust)
+        except ValueError as e:
+            raise _remote_code_refused(source, e) from None
         except OSError as e:
             raise ModelNotAvailableError(f"Model '{source}' was not found on the hub ({str(e).splitlines()[0]}); "
                                          f"check the id, or use --model default.") from None
@@ -178,7 +194,7 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool):
     if config.model_type not in ("gpt2", "gpt_neo"):
         raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
                        f"models and its own GPT checkpoints.")
-    load_kwargs = dict(dtype=dtype, **kwargs)
+    load_kwargs = dict(dtype=dtype, **kwargs, **trust)
     if device == "auto":
         load_kwargs["device_map"] = "auto"
     try:
@@ -187,6 +203,10 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool):
         if "local_files_only" in kwargs and not local:
             raise ModelNotAvailableError(offline_message(source)) from None
         raise LabError(f"Could not load weights of '{source}': {str(e).splitlines()[0]}") from e
+    except pickle.UnpicklingError as e:  # a .bin holding objects: torch's weights_only refused it
+        raise LabError(f"Refused to load the weights of '{source}': its pickle file holds objects other than "
+                       f"tensors; only safetensors or plain tensor files are loaded, so convert it to "
+                       f"model.safetensors where it came from.") from e
     if device != "auto":
         model = model.to(device)
     return model.eval(), kwargs.get("local_files_only", False)
@@ -199,15 +219,24 @@ def _inference_stack(model: torch.nn.Module, device: str) -> LayerStack:
 
 
 def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32",
-               tokenizer: str | None = None) -> LoadedModel:
-    """Load a model by spec onto ``device`` (``cpu``, ``cuda:N`` or ``auto``) in ``dtype``."""
+               tokenizer: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model by spec onto ``device`` (``cpu``, ``cuda:N`` or ``auto``) in ``dtype``.
+
+    ``trust_remote_code`` lets transformers run Python code shipped with a Hugging Face model or
+    tokenizer; it stays off unless the user asks (``--trust-remote-code``, the app's checkbox)."""
     spec = (spec or "default").strip()
     torch_dtype = resolve_dtype(dtype)
     dev = "auto" if str(device).lower() == "auto" and torch.cuda.is_available() else resolve_device(device)
     single = resolve_device(dev) if dev == "auto" else dev
     path = DEFAULT_DIR if spec == "default" else Path(spec).expanduser()
+    try:
+        local = spec == "default" or path.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        shown = spec if len(spec) <= 80 else spec[:60] + "…"
+        raise LabError(f"Model spec '{shown}' is neither a usable path nor a model name ({e.strerror or e}); "
+                       f"enter a model folder, a hub id such as gpt2, or default.") from None
 
-    if spec == "default" or path.exists():
+    if local:
         if not path.exists():
             raise LabError(f"The default model is missing from {DEFAULT_DIR}; reinstall GPT Lab.")
         if path.is_file():
@@ -222,15 +251,16 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
                                objective=meta.get("objective", "ar"), card_text=card, extra=meta)
         if not (path / "config.json").exists():
             raise LabError(f"{path} holds no config.json; pass a Hugging Face model folder or a GPT Lab checkpoint.")
-        model, _ = _load_hf(str(path), dev, torch_dtype, local=True)
-        tok = load_tokenizer(tokenizer or path)
+        model, _ = _load_hf(str(path), dev, torch_dtype, local=True, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(tokenizer or path, trust_remote_code=trust_remote_code)
         return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
                            dtype=torch_dtype, source=str(path))
 
     if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
         raise LabError(f"Model path {spec} does not exist; check the path, or use --model default.")
-    model, cached = _load_hf(spec, dev, torch_dtype, local=False)
-    tok = load_tokenizer(tokenizer) if tokenizer else load_tokenizer(spec, local_files_only=cached)
+    model, cached = _load_hf(spec, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code)
+    tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if tokenizer
+           else load_tokenizer(spec, local_files_only=cached, trust_remote_code=trust_remote_code))
     return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
                        dtype=torch_dtype, source=f"hub:{spec}")
 

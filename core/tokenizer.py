@@ -61,10 +61,11 @@ class BPETokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (a model folder's own, or a hub id)."""
 
-    def __init__(self, source: str, local_files_only: bool = False):
+    def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
+                                                  trust_remote_code=trust_remote_code)
         self.name = f"{type(self._tok).__name__} ({len(self._tok)} tokens)"
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
@@ -100,8 +101,10 @@ class TiktokenTokenizer(Tokenizer):
         return self._enc.decode([int(i) for i in ids])
 
 
-def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False) -> Tokenizer:
-    """Open a tokenizer from a ``tokenizer.json`` file, a model folder, ``tiktoken:NAME`` or a hub id."""
+def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
+                   trust_remote_code: bool = False) -> Tokenizer:
+    """Open a tokenizer from a ``tokenizer.json`` file, a model folder, ``tiktoken:NAME`` or a hub id.
+    ``trust_remote_code`` lets transformers run a repository's own tokenizer code (off unless asked)."""
     s = str(source)
     if s.startswith("tiktoken:") or s == "tiktoken":
         return TiktokenTokenizer(s.split(":", 1)[1] if ":" in s else "gpt2")
@@ -112,13 +115,13 @@ def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False) ->
         return BPETokenizer(p)
     if p.is_dir():
         if (p / "tokenizer_config.json").exists() or (p / "vocab.json").exists():
-            return HFTokenizer(str(p), local_files_only=True)
+            return HFTokenizer(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
         if (p / "tokenizer.json").exists():
             return BPETokenizer(p / "tokenizer.json")
         raise LabError(f"No tokenizer found in {p}: expected tokenizer.json or tokenizer_config.json there.")
     if s.endswith(".json"):
         raise LabError(f"Tokenizer file {s} does not exist; check the path.")
-    return HFTokenizer(s, local_files_only=local_files_only)
+    return HFTokenizer(s, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
 
 
 def iter_text_chunks(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:

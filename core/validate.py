@@ -149,10 +149,10 @@ def _hf_from_state_dict(path: str | os.PathLike, spec: str, tokenizer: str | Non
     return hf.eval(), ours, gpt2_tokenizer(tokenizer, folder, str(path))
 
 
-def _hf_from_spec(spec: str, device: str, tokenizer: str | None):
+def _hf_from_spec(spec: str, device: str, tokenizer: str | None, trust_remote_code: bool = False):
     from .loading import load_model
 
-    lm = load_model(spec, device=device, dtype="float32", tokenizer=tokenizer)
+    lm = load_model(spec, device=device, dtype="float32", tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     if lm.family != "gpt2":
         what = "a GPT Lab model" if lm.family == "gptlab" else f"a {lm.family} model"
         raise LabError(f"'{spec}' is {what}; only the GPT-2 family can be validated against transformers, so pass "
@@ -190,7 +190,8 @@ def _encode(tok, text: str, what: str, context: int) -> list[int]:
 
 def validate_gpt2(spec: str = "gpt2", *, prompt: str = DEFAULT_PROMPT, gen_prompt: str = DEFAULT_GEN_PROMPT,
                   max_new_tokens: int = 40, weights: str | os.PathLike | None = None, device: str = "cpu",
-                  tokenizer: str | None = None, log: Callable[[str], None] | None = None) -> ValidationReport:
+                  tokenizer: str | None = None, log: Callable[[str], None] | None = None,
+                  trust_remote_code: bool = False) -> ValidationReport:
     """Compare transformers' GPT-2 named by ``spec`` (or built from the state dict ``weights``, with
     the sizes ``spec`` implies) with our GPT holding the same weights. Runs in float32."""
     from .devices import resolve_device
@@ -206,7 +207,7 @@ def validate_gpt2(spec: str = "gpt2", *, prompt: str = DEFAULT_PROMPT, gen_promp
     if weights is not None:
         hf, ours, tok = _hf_from_state_dict(weights, spec, tokenizer)
     else:
-        hf, ours, tok = _hf_from_spec(spec, dev, tokenizer)
+        hf, ours, tok = _hf_from_spec(spec, dev, tokenizer, trust_remote_code)
     hf, ours = hf.to(device=dev, dtype=torch.float32).eval(), ours.to(device=dev, dtype=torch.float32).eval()
     context = hf.config.n_positions
 

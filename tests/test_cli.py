@@ -281,7 +281,7 @@ def test_read_prompt():
     (["--model", "./no/such/model"], "does not exist"),
     (["--prompt", ""], "prompt is empty"),
     (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-    (["--max-new-tokens", "-4"], "max new tokens must be at least 1"),
+    (["--max-new-tokens", "-4"], "--max-new-tokens must be at least 1"),
     (["--device", "tpu"], "Unknown device 'tpu'"),
     (["--dtype", "float8"], "invalid choice"),
     (["--top-k", "many"], "invalid int value"),

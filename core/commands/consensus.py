@@ -42,7 +42,7 @@ HELP = "Iterate a model's layer stack N times on prompts and record how the toke
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_args
+    from ..cli import add_model_args, float_arg, int_arg
 
     add_model_args(parser)
     parser.add_argument("--nneo", action="store_true", help="use gpt2-xl (same as --model gpt2-xl)")
@@ -50,11 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeat for several); without --prompt or a random prompt, prompts are "
                         "read from stdin, one per line")
-    g.add_argument("--randomprompt", type=int, nargs=2, metavar=("N", "L"),
+    g.add_argument("--randomprompt", type=int_arg(1), nargs=2, metavar=("N", "L"),
                    help="N prompts of L uniformly random token ids (seeded by --seed)")
-    g.add_argument("--random-prompt", type=int, metavar="L", help="one prompt of L random token ids")
+    g.add_argument("--random-prompt", type=int_arg(1), metavar="L", help="one prompt of L random token ids")
     r = parser.add_argument_group("run")
-    r.add_argument("--size", type=int, metavar="N",
+    r.add_argument("--size", type=int_arg(1), metavar="N",
                    help=f"iterations N: each is every block once, then the final norm (default: {DEFAULT_SIZE}; "
                         f"with --simulate, integration steps, default 200)")
     r.add_argument("--noff", action="store_true", help="skip the MLP (feed-forward) sublayers")
@@ -68,19 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(s = 1 + i*L + l, after block l of iteration i)")
     r.add_argument("--seed", type=int, default=42, help="seed for random prompts, re-initialisation and "
                                                         "sampling (default: %(default)s)")
-    r.add_argument("--record-every", type=int, default=1, metavar="K",
+    r.add_argument("--record-every", type=int_arg(1), default=1, metavar="K",
                    help="keep every K-th layer-step (and the first and last) when N*L is large (default: 1)")
     r.add_argument("--engine", default="auto", choices=("auto", "block", "iteration", "graph"),
                    help="block: one block at a time; iteration: a whole iteration at a time with batched metrics; "
                         "graph: iteration replayed as a CUDA graph; auto: graph on one GPU, else block "
                         "(same numbers; default: %(default)s)")
-    r.add_argument("--memory-budget", type=float, default=2.0, metavar="GB",
+    r.add_argument("--memory-budget", type=float_arg(0, low_open=True), default=2.0, metavar="GB",
                    help="refuse runs whose recorded arrays need more host memory than this (default: %(default)s)")
     d = parser.add_argument_group("decoding")
-    d.add_argument("--use-model", type=int, nargs="?", const=50, metavar="K",
+    d.add_argument("--use-model", type=int_arg(1), nargs="?", const=50, metavar="K",
                    help="generate K tokens (default 50), each by N iterations over the whole sequence and "
                         "sampling from the final state")
-    d.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling for --use-model (default: %(default)s)")
+    d.add_argument("--top-p", type=float_arg(0, 1, low_open=True, note="; 1 turns it off"), default=0.8,
+                   help="nucleus sampling for --use-model (default: %(default)s)")
     d.add_argument("--decode", metavar="I,J,...",
                    help="print the logit-lens argmax decoding after these iterations (0-based), e.g. 0,4,9")
     o = parser.add_argument_group("files")
@@ -144,9 +145,14 @@ def run(args: argparse.Namespace) -> int:
         raise LabError(f"--memory-budget must be above 0 GB (got {args.memory_budget}).")
     reinit = ("iteration" if args.fullrandom else "block" if args.const_reset
               else "once" if args.random_init else "none")
+    decode_at = _decode_iterations(args.decode)
+    late = [i for i in decode_at if not 0 <= i < args.size]
+    if late:
+        raise LabError(f"--decode {late[0]} is outside 0..{args.size - 1}: iterations count from 0 and --size is "
+                       f"{args.size}.")
     cfg = ConsensusConfig(iterations=args.size, skip_mlp=args.noff, reinit=reinit, seed=args.seed,
                           record_every=args.record_every, matrix=bool(args.matrixerror),
-                          decode_iterations=_decode_iterations(args.decode),
+                          decode_iterations=decode_at,
                           memory_budget=int(args.memory_budget * 1024 ** 3), restore_weights=False,
                           engine=args.engine)
     cfg.check()  # before loading a model, so a typo costs nothing

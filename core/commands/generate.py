@@ -25,7 +25,7 @@ import sys
 import time
 from typing import TextIO
 
-from ..cli import add_model_args, load_from_args
+from ..cli import add_model_args, float_arg, int_arg, load_from_args
 from ..errors import LabError
 
 NAME = "generate"
@@ -45,14 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     g = parser.add_argument_group("prompt and output")
     g.add_argument("--prompt", help="the text to continue (default: read from stdin)")
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=50,
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=50,
                    metavar="K", help="(default: %(default)s)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when the completion contains STR (repeatable); the completion ends before it")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--logprobs", action="store_true",
                    help="print each token's log-probability and the most likely alternatives")
-    g.add_argument("--alternatives", type=int, default=5, metavar="N",
+    g.add_argument("--alternatives", type=int_arg(0), default=5, metavar="N",
                    help="alternatives per token for --logprobs and --json (default: %(default)s)")
     g.add_argument("--perplexity", action="store_true", help="print the prompt's perplexity under the model")
     g.add_argument("--json", metavar="FILE", help="write the full result (tokens, probabilities, settings) as JSON")
@@ -62,16 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--strategy", choices=("greedy", "topk", "topp"),
                    help=f"reference spelling: greedy = --greedy; topk = sampling with --top-k "
                         f"(default {STRATEGY_TOP_K}); topp = sampling with --top-p (default {STRATEGY_TOP_P})")
-    d.add_argument("--temperature", type=float, metavar="T", help="divide logits by T (default 1)")
-    d.add_argument("--top-k", "--top_k", dest="top_k", type=int, metavar="K",
+    # Impossible values fail while parsing; --temperature 0 is fine for a diffusion model, so an
+    # autoregressive model's "above 0" is checked once the model is known (sampling_config).
+    d.add_argument("--temperature", type=float_arg(0), metavar="T", help="divide logits by T (default 1)")
+    d.add_argument("--top-k", "--top_k", dest="top_k", type=int_arg(0, note="; 0 turns it off"), metavar="K",
                    help="sample among the K most likely tokens (0 = off)")
-    d.add_argument("--top-p", "--top_p", dest="top_p", type=float, metavar="P",
+    d.add_argument("--top-p", "--top_p", dest="top_p", metavar="P",
+                   type=float_arg(0, 1, low_open=True, note="; 1 turns it off"),
                    help="sample from the smallest set of tokens holding probability P (1 = off)")
-    d.add_argument("--min-p", "--min_p", dest="min_p", type=float, metavar="P",
+    d.add_argument("--min-p", "--min_p", dest="min_p", metavar="P",
+                   type=float_arg(0, 1, high_open=True, note="; 0 turns it off"),
                    help="drop tokens below P times the top token's probability (0 = off)")
-    d.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
+    d.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty",
+                   type=float_arg(0, low_open=True, note="; 1 turns it off"),
                    metavar="R", help="make already-seen tokens less likely (>1; default 1 = off)")
-    d.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1, metavar="N",
+    d.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int_arg(1), default=1, metavar="N",
                    help="beam search with N beams (deterministic; sampling flags are ignored)")
     d.add_argument("--length-penalty", dest="length_penalty", type=float, default=1.0, metavar="L",
                    help="beam scores are sum(logprob) / length**L (default: %(default)s)")
@@ -84,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  use for are named in a one-line note and ignored.")
     m.add_argument("--gen-length", "--gen_length", dest="gen_length", type=int, metavar="N",
                    help="tokens to generate after the prompt (default: --max-new-tokens)")
-    m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int, metavar="N",
+    m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int_arg(1), metavar="N",
                    help=f"denoising steps; each reveals about gen-length/N tokens (default {DIFFUSION_STEPS}; "
                         f"at most the generation length)")
     m.add_argument("--unmask", choices=STRATEGIES,
@@ -103,6 +108,8 @@ def sampling_config(args: argparse.Namespace):
         top_k = STRATEGY_TOP_K
     if args.strategy == "topp" and top_p is None:
         top_p = STRATEGY_TOP_P
+    if args.temperature == 0 and not (args.greedy or args.strategy == "greedy" or args.num_beams > 1):
+        raise LabError("--temperature must be above 0 for sampling (got 0); pass --greedy for the most likely token.")
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         greedy=bool(args.greedy or args.strategy == "greedy"),
@@ -188,6 +195,8 @@ def diffusion_config(args: argparse.Namespace):
     from ..training.diffusion import DiffusionConfig
 
     greedy = args.greedy or args.strategy == "greedy"
+    if args.gen_length is not None and args.gen_length < 1:  # an autoregressive model ignores it, so not at parsing
+        raise LabError(f"The generation length must be at least 1 (got {args.gen_length}); raise --gen-length.")
     return DiffusionConfig(
         gen_length=args.max_new_tokens if args.gen_length is None else args.gen_length,
         steps=DIFFUSION_STEPS if args.diffusion_steps is None else args.diffusion_steps,

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import LabError
+
 NAME = "models"
 HELP = "List usable model specs: default, known hub ids (cached or not), local checkpoints, presets."
 
@@ -18,8 +20,8 @@ PRESET_VOCAB, PRESET_CONTEXT = 50257, 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", default="runs", metavar="DIR",
-                        help="folder of training runs to search for checkpoints (default: %(default)s)")
+    parser.add_argument("--runs", metavar="DIR",
+                        help="folder of training runs to search for checkpoints (default: runs)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 
@@ -141,6 +143,9 @@ def format_models(info: dict, runs: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = collect(args.runs)
-    print(json.dumps(info, indent=2) if args.json else format_models(info, args.runs))
+    runs = args.runs or "runs"  # the default may not exist yet; a folder the user names must
+    if args.runs is not None and not Path(args.runs).expanduser().is_dir():
+        raise LabError(f"--runs {args.runs} is not a folder; pass the folder holding training runs (default runs).")
+    info = collect(Path(runs).expanduser())
+    print(json.dumps(info, indent=2) if args.json else format_models(info, runs))
     return 0

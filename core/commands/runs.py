@@ -15,17 +15,23 @@ from pathlib import Path
 
 NAME = "runs"
 HELP = "List training runs; show status, stop (with a checkpoint), resume or delete one."
+ACTIONS = ("list", "status", "stop", "resume", "delete")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("list", "status", "stop", "resume", "delete"))
+    from ..cli import float_arg, int_arg
+
+    # optional here so that a missing action gets run()'s sentence instead of argparse's "required: action"
+    parser.add_argument("action", nargs="?", choices=ACTIONS, metavar="<action>",
+                        help="list, status, stop, resume or delete")
     parser.add_argument("target", nargs="?", metavar="RUN", help="run name (under --root) or run folder")
     parser.add_argument("--root", metavar="DIR", help="folder holding the runs (default runs/ or $GPTLAB_RUNS)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--log", type=int, default=10, metavar="N", help="status: log lines to show (default 10)")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="S",
+    parser.add_argument("--log", type=int_arg(0), default=10, metavar="N",
+                        help="status: log lines to show (default 10)")
+    parser.add_argument("--wait", type=float_arg(0), default=0.0, metavar="S",
                         help="stop: wait up to S seconds for the checkpoint and the stop")
-    parser.add_argument("--max-steps", dest="max_steps", type=int, metavar="N",
+    parser.add_argument("--max-steps", dest="max_steps", type=int_arg(1), metavar="N",
                         help="resume: train up to N steps (needed to extend a finished run)")
 
 
@@ -37,7 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LabError
     from ..training import runs
 
-    root = Path(args.root) if args.root else None
+    if args.action is None:
+        raise LabError(f"Say what to do: python -m core runs {{{','.join(ACTIONS)}}} [RUN], e.g. "
+                       f"`python -m core runs list`.")
+    root = Path(args.root).expanduser() if args.root else None
+    if root is not None and not root.is_dir():
+        raise LabError(f"--root {args.root} is not a folder; pass the folder holding the runs (default runs/ or $GPTLAB_RUNS).")
     if args.action == "list":
         items = runs.list_runs(root)
         if args.json:

@@ -49,18 +49,22 @@ def _indices(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import device_arg, float_arg, int_arg
+
     S = argparse.SUPPRESS  # flags left out keep the config's value (defaults live in TrainConfig)
+    count, steps = int_arg(1), int_arg(0, note="; 0 turns it off")  # ranges as TrainConfig.check has them
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=S, metavar="NAME|PATH",
                    help="shakespeare (default), small (OpenWebText-10k), large (WikiText-103), fineweb-edu, "
                         "openwebtext, wikitext-103, a hub dataset id, or a local .txt/.jsonl file or folder")
     g.add_argument("--tokenizer", default=S, metavar="SPEC",
                    help="bpe (train our byte-level BPE; default), gpt2, or a tokenizer.json / model folder")
-    g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=S, metavar="N",
+    g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=count, default=S, metavar="N",
                    help="vocabulary of a trained BPE (default 8192)")
-    g.add_argument("--val-fraction", dest="val_fraction", type=float, default=S, metavar="F",
+    g.add_argument("--val-fraction", dest="val_fraction", type=float_arg(0, 0.5, high_open=True), default=S,
+                   metavar="F",
                    help="share of the tokens held out for validation (default 0.05)")
-    g.add_argument("--max-data-tokens", dest="max_data_tokens", type=int, default=S, metavar="N",
+    g.add_argument("--max-data-tokens", dest="max_data_tokens", type=count, default=S, metavar="N",
                    help="read at most N tokens of the dataset (large hub datasets)")
     g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR",
                    help="token cache folder (default $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data)")
@@ -70,14 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ar: next-token prediction (default); diffusion: masked diffusion (bidirectional)")
     m.add_argument("--preset", default=S, metavar="NAME",
                    help="tiny (default), gpt2-small|medium|large|xl, gpt3-ada|babbage|curie|davinci")
-    m.add_argument("--n-layer", "--num_layers", dest="n_layer", type=int, default=S, metavar="N")
-    m.add_argument("--n-head", "--num_heads", dest="n_head", type=int, default=S, metavar="N")
-    m.add_argument("--d-model", "--model_dim", dest="d_model", type=int, default=S, metavar="N")
-    m.add_argument("--block-size", "--train_seq_len", dest="block_size", type=int, default=S, metavar="T",
+    m.add_argument("--n-layer", "--num_layers", dest="n_layer", type=count, default=S, metavar="N")
+    m.add_argument("--n-head", "--num_heads", dest="n_head", type=count, default=S, metavar="N")
+    m.add_argument("--d-model", "--model_dim", dest="d_model", type=count, default=S, metavar="N")
+    m.add_argument("--block-size", "--train_seq_len", dest="block_size", type=count, default=S, metavar="T",
                    help="context length in tokens (default 256)")
-    m.add_argument("--val_seq_len", dest="val_seq_len", type=int, default=S, metavar="T",
+    m.add_argument("--val_seq_len", dest="val_seq_len", type=count, default=S, metavar="T",
                    help="accepted for the reference script; validation uses the training context")
-    m.add_argument("--dropout", type=float, default=S, metavar="P")
+    m.add_argument("--dropout", type=float_arg(0, 1, high_open=True), default=S, metavar="P")
 
     o = parser.add_argument_group("optimisation")
     o.add_argument("--model-version", dest="model_version", choices=("gpt2", "gpt3"), default=S,
@@ -85,20 +89,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default gpt3: betas 0.9/0.95, wd 0.1, clip 1.0, cosine to 10%%)")
     o.add_argument("--optimizer", choices=("adamw", "muon"), default=S,
                    help="muon: Muon for the blocks' 2-D weights, AdamW for the rest")
-    o.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=S, metavar="LR",
+    o.add_argument("--lr", "--learning-rate", dest="lr", type=float_arg(0, low_open=True), default=S, metavar="LR",
                    help="peak learning rate (default from --model-version)")
-    o.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float, default=S, metavar="R")
-    o.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, metavar="WD")
-    o.add_argument("--beta1", type=float, default=S)
-    o.add_argument("--beta2", type=float, default=S)
-    o.add_argument("--grad-clip", dest="grad_clip", type=float, default=S, metavar="C", help="0 = off")
-    o.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S, metavar="N")
-    o.add_argument("--batch-size", dest="batch_size", type=int, default=S, metavar="B",
+    o.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float_arg(0, 1), default=S, metavar="R")
+    o.add_argument("--weight-decay", dest="weight_decay", type=float_arg(0), default=S, metavar="WD")
+    o.add_argument("--beta1", type=float_arg(0, 1, high_open=True), default=S)
+    o.add_argument("--beta2", type=float_arg(0, 1, high_open=True), default=S)
+    o.add_argument("--grad-clip", dest="grad_clip", type=float_arg(0, note="; 0 turns it off"), default=S,
+                   metavar="C", help="0 = off")
+    o.add_argument("--warmup-steps", dest="warmup_steps", type=int_arg(0), default=S, metavar="N")
+    o.add_argument("--batch-size", dest="batch_size", type=count, default=S, metavar="B",
                    help="sequences per micro-batch per GPU (default 16)")
-    o.add_argument("--grad-acc-steps", "--grad_acc_steps", dest="grad_acc_steps", type=int, default=S, metavar="N")
-    o.add_argument("--max-steps", "--train_steps", dest="max_steps", type=int, default=S, metavar="N",
+    o.add_argument("--grad-acc-steps", "--grad_acc_steps", dest="grad_acc_steps", type=count, default=S, metavar="N")
+    o.add_argument("--max-steps", "--train_steps", dest="max_steps", type=count, default=S, metavar="N",
                    help="optimizer steps (default: --epochs worth)")
-    o.add_argument("--epochs", type=float, default=S, metavar="E", help="passes over the data (default 1)")
+    o.add_argument("--epochs", type=float_arg(0, low_open=True), default=S, metavar="E",
+                   help="passes over the data (default 1)")
     o.add_argument("--seed", type=int, default=S)
 
     p = parser.add_argument_group("precision, devices, speed")
@@ -106,27 +112,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--amp-dtype", dest="amp_dtype", choices=("bf16", "bfloat16", "fp16", "float16"), default=S,
                    help="fp16 adds a GradScaler")
     p.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
-    p.add_argument("--device", default=S, metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--device", default=S, type=device_arg, metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--cuda", dest="cuda", type=_indices, default=S, metavar="N[,M]",
                    help="GPU index as in the reference scripts; several (0,1) train with DDP under torchrun")
     p.add_argument("--devices", dest="cuda", type=_indices, default=S, metavar="N,M", help="same as --cuda")
 
     b = parser.add_argument_group("validation, previews, checkpoints")
-    b.add_argument("--val-every", "--val_loss_every", dest="val_every", type=int, default=S, metavar="N",
+    b.add_argument("--val-every", "--val_loss_every", dest="val_every", type=steps, default=S, metavar="N",
                    help="validate every N steps (default 200; 0 = only at the end)")
     b.add_argument("--val-checking", dest="val_checking", action="store_true", default=S,
                    help="reference spelling; validation is on by default")
-    b.add_argument("--val-batches", dest="val_batches", type=int, default=S, metavar="N")
-    b.add_argument("--preview-every", dest="preview_every", type=int, default=S, metavar="N",
+    b.add_argument("--val-batches", dest="val_batches", type=count, default=S, metavar="N")
+    b.add_argument("--preview-every", dest="preview_every", type=steps, default=S, metavar="N",
                    help="sample a short text every N steps (default off)")
     b.add_argument("--preview-prompt", dest="preview_prompt", default=S, metavar="TEXT")
-    b.add_argument("--preview-tokens", dest="preview_tokens", type=int, default=S, metavar="N")
-    b.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=S, metavar="N",
+    b.add_argument("--preview-tokens", dest="preview_tokens", type=count, default=S, metavar="N")
+    b.add_argument("--save-every", "--save_every", dest="save_every", type=steps, default=S, metavar="N",
                    help="checkpoint every N steps (default 500; 0 = only at the end or on stop)")
     b.add_argument("--save_model", dest="save_model", type=_bool, default=S, metavar="True|False",
                    help="reference spelling; False keeps only the final checkpoint")
-    b.add_argument("--keep-last", dest="keep_last", type=int, default=S, metavar="K", help="(default 3)")
-    b.add_argument("--log-every", dest="log_every", type=int, default=S, metavar="N", help="(default 10)")
+    b.add_argument("--keep-last", dest="keep_last", type=count, default=S, metavar="K", help="(default 3)")
+    b.add_argument("--log-every", dest="log_every", type=count, default=S, metavar="N", help="(default 10)")
 
     r = parser.add_argument_group("run")
     r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR", help="the run folder itself")
@@ -173,6 +179,8 @@ def config_from_args(args: argparse.Namespace):
     if "amp_dtype" in given:
         given["amp_dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(given["amp_dtype"], given["amp_dtype"])
     if getattr(args, "resume", None):
+        if not Path(args.resume).expanduser().is_dir():
+            raise LabError(f"--resume {args.resume} is not a run folder; pick one from `python -m core runs list`.")
         extra = sorted(set(given) - set(RESUME_OVERRIDES))
         if extra:
             raise LabError(f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)} "
@@ -183,10 +191,33 @@ def config_from_args(args: argparse.Namespace):
         try:
             base = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise LabError(f"Could not read the config file {args.config} ({e}); pass a run's config.json.") from None
+            raise LabError(f"Could not read --config {args.config} ({e}); pass a run's config.json.") from None
     cfg = TrainConfig.from_dict({**base, **given})
+    _check_flags(cfg, given)
     cfg.check()
     return cfg
+
+
+def _check_flags(cfg, given: dict) -> None:
+    """What TrainConfig.check would refuse in its own words, said here in the flags' words."""
+    from ..gpt import PRESETS
+    from ..training.data import LOCAL_SUFFIXES
+
+    if "preset" in given and given["preset"] not in PRESETS:
+        raise LabError(f"--preset {given['preset']} is not a preset; choose one of {', '.join(PRESETS)}.")
+    sizes = cfg.model_sizes()
+    d, h = sizes["d_model"], sizes["n_head"]
+    if h >= 1 and d % h:
+        fit = next(k for k in range(h, 0, -1) if d % k == 0)
+        raise LabError(f"--d-model {d} is not divisible by --n-head {h}; pick a head count that divides it "
+                       f"(e.g. --n-head {fit}).")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 300:
+        raise LabError(f"--vocab-size {cfg.vocab_size} is too small for our byte-level BPE (256 bytes and the "
+                       f"special tokens come first); pass at least 300.")
+    data = str(cfg.dataset).strip()
+    path = Path(data).expanduser()
+    if (data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES) and not path.exists():
+        raise LabError(f"--dataset {data} does not exist; check the path, or use --dataset shakespeare.")
 
 
 def run_folder(args: argparse.Namespace, cfg) -> Path:

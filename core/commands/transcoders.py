@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import device_arg, float_arg, int_arg
 from ..errors import LabError
 
 NAME = "transcoders"
@@ -49,13 +50,6 @@ def _bool(text: str) -> bool:
     if text.lower() not in table:
         raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
     return table[text.lower()]
-
-
-def _int(text: str) -> int:
-    try:
-        return int(str(text).replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def _layers(text: str) -> list[int]:
@@ -77,12 +71,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     r.add_argument("--train_folder", metavar="DIR", help="the run folder of the model (with --checkpoint_name)")
     r.add_argument("--checkpoint_name", metavar="NAME",
                    help="a checkpoint of --train_folder: state_step020000.pt, 20000, or a folder/file name")
-    r.add_argument("--cuda", type=_int, metavar="N", help="GPU index (same as --device cuda:N)")
-    r.add_argument("--num_layers", type=_int, metavar="N", help="checked against the model's own config")
-    r.add_argument("--num_heads", type=_int, metavar="N", help="checked against the model's own config")
-    r.add_argument("--model_dim", type=_int, metavar="N", help="checked against the model's own config")
-    r.add_argument("--val_seq_len", type=_int, metavar="T", help="accepted; ignored (quality uses --seq-len)")
-    r.add_argument("--max_seq_len", type=_int, metavar="T", help="accepted; checked against the model's context")
+    r.add_argument("--cuda", type=int_arg(0), metavar="N", help="GPU index (same as --device cuda:N)")
+    r.add_argument("--num_layers", type=int_arg(1), metavar="N", help="checked against the model's own config")
+    r.add_argument("--num_heads", type=int_arg(1), metavar="N", help="checked against the model's own config")
+    r.add_argument("--model_dim", type=int_arg(1), metavar="N", help="checked against the model's own config")
+    r.add_argument("--val_seq_len", type=int_arg(1), metavar="T", help="accepted; ignored (quality uses --seq-len)")
+    r.add_argument("--max_seq_len", type=int_arg(1), metavar="T", help="accepted; checked against the model's context")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -90,63 +84,63 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR",
                    help="where the set goes (default: --transcoders, else the model's own folder)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
-    g.add_argument("--expansion", type=_int, default=8, metavar="E", help="features = E x d_model (default: %(default)s)")
+    g.add_argument("--expansion", type=int_arg(1), default=8, metavar="E", help="features = E x d_model (default: %(default)s)")
     g.add_argument("--activation", choices=("topk", "relu"), default="topk",
                    help="topk: exactly --k features per token; relu: sparsity from --l1-coeff (default: %(default)s)")
-    g.add_argument("--k", type=_int, default=32, metavar="K", help="active features per token with topk (default: %(default)s)")
-    g.add_argument("--l1-coeff", "--l1_coeff", dest="l1_coeff", type=float, default=3e-4, metavar="C",
+    g.add_argument("--k", type=int_arg(1), default=32, metavar="K", help="active features per token with topk (default: %(default)s)")
+    g.add_argument("--l1-coeff", "--l1_coeff", dest="l1_coeff", type=float_arg(0), default=3e-4, metavar="C",
                    help="L1 weight with relu (default: %(default)s)")
-    g.add_argument("--train-tokens", "--train_tokens", dest="train_tokens", type=_int, default=500_000, metavar="N",
+    g.add_argument("--train-tokens", "--train_tokens", dest="train_tokens", type=int_arg(1), default=500_000, metavar="N",
                    help="tokens per layer (default: %(default)s)")
-    g.add_argument("--steps", "--train_steps", dest="steps", type=_int, metavar="N",
+    g.add_argument("--steps", "--train_steps", dest="steps", type=int_arg(1), metavar="N",
                    help="optimiser steps (overrides --train-tokens)")
-    g.add_argument("--batch-tokens", "--batch_tokens", dest="batch_tokens", type=_int, default=1024, metavar="N",
+    g.add_argument("--batch-tokens", "--batch_tokens", dest="batch_tokens", type=int_arg(1), default=1024, metavar="N",
                    help="tokens per step (default: %(default)s)")
-    g.add_argument("--grad_acc_steps", type=_int, default=1, metavar="N",
+    g.add_argument("--grad_acc_steps", type=int_arg(1), default=1, metavar="N",
                    help="reference spelling: multiplies --batch-tokens (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=_int, default=128, metavar="T",
+    g.add_argument("--lr", type=float_arg(0, low_open=True), default=1e-3, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=int_arg(1), default=128, metavar="T",
                    help="tokens per corpus window the model reads (default: %(default)s)")
     g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH",
                    help="the corpus: shakespeare (default), a local .txt/.jsonl file or folder, or a hub dataset")
-    g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=_int, default=0, metavar="N",
+    g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=int_arg(0), default=0, metavar="N",
                    help="print a quick validation FVE every N steps (default: only at the end)")
-    g.add_argument("--save-every", "--save_every", dest="save_every", type=_int, default=0, metavar="N",
+    g.add_argument("--save-every", "--save_every", dest="save_every", type=int_arg(0), default=0, metavar="N",
                    help="save the set every N steps (default: at the end, and when stopped)")
     g.add_argument("--save_model", type=_bool, default=True, metavar="True|False",
                    help="reference spelling; False trains and reports without writing the set")
     g.add_argument("--save-dtype", dest="save_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="weights on disk (float16 halves the size)")
-    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--seed", type=int_arg(), default=0)
     g.add_argument("--no-collect", dest="collect", action="store_false", help="stop after training")
     g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
 
 
 def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
     g = p.add_argument_group("collection")
-    g.add_argument("--collect-tokens", "--n-tokens", dest="n_tokens", type=_int, default=262_144, metavar="N",
+    g.add_argument("--collect-tokens", "--n-tokens", dest="n_tokens", type=int_arg(1), default=262_144, metavar="N",
                    help="corpus tokens scanned (default: %(default)s)")
-    g.add_argument("--collect-seq-len", dest="collect_seq_len", type=_int, default=64, metavar="T",
+    g.add_argument("--collect-seq-len", dest="collect_seq_len", type=int_arg(1), default=64, metavar="T",
                    help="window the model reads while collecting (default: %(default)s)")
-    g.add_argument("--top-k", "--top_k", dest="top_k", type=_int, default=20, metavar="K",
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int_arg(1), default=20, metavar="K",
                    help="strongest contexts kept per feature (default: %(default)s)")
-    g.add_argument("--n-quantile", dest="n_quantile", type=_int, default=10, metavar="N",
+    g.add_argument("--n-quantile", dest="n_quantile", type=int_arg(0), default=10, metavar="N",
                    help="contexts sampled across the activation range (default: %(default)s)")
-    g.add_argument("--n-heldout", dest="n_heldout", type=_int, default=10, metavar="N",
+    g.add_argument("--n-heldout", dest="n_heldout", type=int_arg(0), default=10, metavar="N",
                    help="held-out activating windows for scoring (default: %(default)s)")
-    g.add_argument("--n-negative", dest="n_negative", type=_int, default=10, metavar="N",
+    g.add_argument("--n-negative", dest="n_negative", type=int_arg(0), default=10, metavar="N",
                    help="held-out silent windows for scoring (default: %(default)s)")
-    g.add_argument("--window", type=_int, nargs=2, default=(12, 4), metavar=("BEFORE", "AFTER"),
+    g.add_argument("--window", type=int_arg(0), nargs=2, default=(12, 4), metavar=("BEFORE", "AFTER"),
                    help="context tokens kept around an activation (default: 12 4)")
-    g.add_argument("--collect-batch", dest="collect_batch", type=_int, default=32, metavar="B",
+    g.add_argument("--collect-batch", dest="collect_batch", type=int_arg(1), default=32, metavar="B",
                    help="windows per forward pass (default: %(default)s)")
     if prefix:
         g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
         g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH", help="the corpus (default: shakespeare)")
-        g.add_argument("--train_steps", dest="collect_batches", type=_int, metavar="N",
+        g.add_argument("--train_steps", dest="collect_batches", type=int_arg(1), metavar="N",
                        help="reference spelling: scan N batches (N x --collect-batch x --collect-seq-len tokens)")
-        g.add_argument("--train_seq_len", dest="collect_seq_len", type=_int, metavar="T", help="= --collect-seq-len")
-        g.add_argument("--seed", type=_int, default=0)
+        g.add_argument("--train_seq_len", dest="collect_seq_len", type=int_arg(1), metavar="T", help="= --collect-seq-len")
+        g.add_argument("--seed", type=int_arg(), default=0)
 
 
 def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
@@ -154,14 +148,14 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
     if not in_train:
         g.add_argument("--explainer", default="builtin", metavar="SPEC",
                        help="builtin (offline; default), or a seq2seq/causal LM: hub id (google/flan-t5-base) or folder")
-        g.add_argument("--explainer-device", dest="explainer_device", default="cpu", metavar="DEVICE")
+        g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE")
         g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to describe (default: all)")
         g.add_argument("--store", metavar="FILE", help="the store (default: DIR/features.sqlite)")
-        g.add_argument("--batch-size", dest="explain_batch", type=_int, metavar="B",
+        g.add_argument("--batch-size", dest="explain_batch", type=int_arg(1), metavar="B",
                        help="features per explainer call and per commit (default: 256 builtin, 16 LM)")
-    g.add_argument("--max-features", dest="max_features", type=_int, metavar="N",
+    g.add_argument("--max-features", dest="max_features", type=int_arg(1), metavar="N",
                    help="explain at most N features per layer, most frequent first (default: all)")
-    g.add_argument("--n-top", dest="n_top", type=_int, default=10, metavar="N",
+    g.add_argument("--n-top", dest="n_top", type=int_arg(1), default=10, metavar="N",
                    help="top contexts shown to the explainer (default: %(default)s)")
     g.add_argument("--no-score", dest="score", action="store_false", help="skip the held-out scores")
 
@@ -189,17 +183,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and generation")
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; default: read from stdin, one per line)")
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=_int, default=24, metavar="K")
-    g.add_argument("--temperature", type=float, metavar="T", help="sample at temperature T (default: greedy)")
-    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0, metavar="P")
-    g.add_argument("--seed", type=_int, default=0)
-    g.add_argument("--steps", type=_int, metavar="N", help="denoising steps of a diffusion model (default: one per token)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=24,
+                   metavar="K")
+    g.add_argument("--temperature", type=float_arg(0, low_open=True), metavar="T",
+                   help="sample at temperature T (default: greedy)")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float_arg(0, 1, low_open=True, note="; 1 turns it off"),
+                   default=1.0, metavar="P")
+    g.add_argument("--seed", type=int_arg(), default=0)
+    g.add_argument("--steps", type=int_arg(1), metavar="N", help="denoising steps of a diffusion model (default: one per token)")
     g = p.add_argument_group("explanation")
     g.add_argument("--explainer", default="builtin", metavar="SPEC",
                    help="builtin (offline; default), or a seq2seq/causal LM hub id or folder")
-    g.add_argument("--explainer-device", dest="explainer_device", default="cpu", metavar="DEVICE")
+    g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE")
     g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite)")
-    g.add_argument("--top-features", dest="top_features", type=_int, default=5, metavar="N",
+    g.add_argument("--top-features", dest="top_features", type=int_arg(1), default=5, metavar="N",
                    help="features listed per layer (default: %(default)s)")
     g.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     g.add_argument("--format", choices=("text", "reference"), default="text",
@@ -400,10 +397,12 @@ def _open_store(args: argparse.Namespace, lm, readonly: bool):
 
 
 def _describe(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..interp.explain import load_explainer
 
+    explainer_device = resolve_device(args.explainer_device)  # a missing GPU fails before the model loads
     lm = _load(args)
-    explainer = load_explainer(args.explainer, device=args.explainer_device)
+    explainer = load_explainer(args.explainer, device=explainer_device)
     with _open_store(args, lm, readonly=False) as store:
         _run_describe(store, explainer, args.layers, args)
     return 0
@@ -421,15 +420,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..files import atomic_write_json
     from ..interp.completion import CompletionExplained, explain_completion
     from ..interp.explain import load_explainer
     from ..interp.transcoder import find_transcoder_set
 
     prompts = _read_prompts(args)
+    explainer_device = resolve_device(args.explainer_device)
     lm = _load(args)
     tset = find_transcoder_set(lm, args.transcoders)
-    explainer = load_explainer(args.explainer, device=args.explainer_device)
+    explainer = load_explainer(args.explainer, device=explainer_device)
     store = None
     try:
         store = _open_store(args, lm, readonly=not args.save)
@@ -505,5 +506,6 @@ def _print_reference(r) -> None:
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "action", None)
     if action is None:
-        raise LabError(f"Say what to do: python -m core transcoders {{{','.join(ACTIONS)}}} ... (see --help).")
+        raise LabError(f"Say what to do: python -m core transcoders {{{','.join(ACTIONS)}}} ..., e.g. "
+                       f"`python -m core transcoders explain --prompt TEXT` (see `python -m core transcoders --help`).")
     return {"train": _train, "collect": _collect, "describe": _describe, "explain": _explain}[action](args)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..cli import add_device_arg
+from ..cli import add_device_arg, add_trust_remote_code_arg, int_arg, remote_code_allowed
+from ..errors import LabError
 
 NAME = "validate"
 HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, greedy generations."
@@ -32,21 +34,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text for the logit comparison (default: %(default)r)")
     parser.add_argument("--gen-prompt", "--gen_prompt", dest="gen_prompt", default=DEFAULT_GEN_PROMPT,
                         help="text both models continue greedily")
-    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=40,
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=40,
                         metavar="K", help="tokens to generate (default: %(default)s)")
     add_device_arg(parser, default="cpu", sharded=False)
     parser.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
                         help="tokenizer to use instead of the model's own")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (every tensor) as JSON")
+    add_trust_remote_code_arg(parser)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Paths that do not exist fail here, before the first progress line, so the error is the only line."""
+    from ..loading import DEFAULT_DIR
+
+    spec = (args.model or "").strip()
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+        raise LabError(f"--model {spec} does not exist; check the path, or pass a GPT-2 hub id such as gpt2.")
+    if spec == "default" and args.weights is None:
+        raise LabError(f"--model default is a GPT Lab model ({DEFAULT_DIR}); validate compares transformers' "
+                       f"GPT-2 with ours, so pass gpt2 ... gpt2-xl or a GPT-2 folder.")
+    weights = args.weights
+    if weights is not None and weights.strip().lower() != "auto" and not Path(weights).expanduser().is_file():
+        raise LabError(f"--weights {weights} does not exist; check the path, or use --weights auto.")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_json
     from ..validate import format_report, validate_gpt2
 
+    _check_paths(args)
     report = validate_gpt2(args.model, prompt=args.prompt, gen_prompt=args.gen_prompt,
                            max_new_tokens=args.max_new_tokens, weights=args.weights, device=args.device,
-                           tokenizer=args.tokenizer, log=lambda msg: print(f"... {msg}", file=sys.stderr))
+                           tokenizer=args.tokenizer, log=lambda msg: print(f"... {msg}", file=sys.stderr),
+                           trust_remote_code=remote_code_allowed(args))
     print(format_report(report))
     if args.json:
         atomic_write_json(args.json, report.to_dict())
