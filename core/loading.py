@@ -22,7 +22,6 @@ from .errors import LabError, ModelNotAvailableError
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .gpt import GPT, GPTConfig
 from .decode_layout import use_decode_layout
-from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -224,7 +224,9 @@ def read_status(run: str | os.PathLike, root: Path | None = None) -> dict:
             if (p / STOP_FILE).exists():  # stopped before the trainer could answer (e.g. while starting)
                 return {**st, "state": "stopped", "reason": "Stopped before the first checkpoint.", "last_log": tail}
             st = {**st, "state": "failed", "reason": f"The training process (pid {st['pid']}) ended without "
-                                                     f"reporting; see the last log lines.", "last_log": tail}
+                                                     f"reporting (killed, or the machine went down); see the last "
+                                                     f"log lines, and continue from its last checkpoint with "
+                                                     f"`python -m core train --resume {p}`.", "last_log": tail}
     return st
 
 
@@ -299,6 +301,34 @@ def checkpoint_steps(run: str | os.PathLike) -> list[int]:
         return []
     return sorted(int(d.name) for d in ck.iterdir()
                   if d.is_dir() and d.name.isdigit() and (d / "config.json").is_file())
+
+
+def sweep_partial_checkpoints(run: str | os.PathLike) -> list[str]:
+    """Tidy what a killed save left in ``checkpoints/`` (only the trainer writes there, so it runs
+    before training starts); returns the names removed or restored.
+
+    A save writes ``.tmp-<step>-<pid>/`` and renames it to ``<step>/``; re-saving a step first moves
+    the old folder to ``.old-<step>-<pid>/``; pruning renames a folder to ``.del-<step>-<pid>/``
+    before deleting it. A kill between the renames of a re-save leaves the only copy of that step
+    in ``.old-*``, which is put back; every other hidden leftover is deleted, so partial folders
+    neither pile up nor pass for checkpoints (``checkpoint_steps`` never lists them).
+    """
+    ck = Path(run) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    done = []
+    for d in sorted(ck.iterdir()):
+        if not d.is_dir() or not d.name.startswith((".tmp-", ".old-", ".del-")):
+            continue
+        step = d.name.split("-")[1]
+        if d.name.startswith(".old-") and step.isdigit() and not (ck / step).exists() \
+                and (d / "config.json").is_file():
+            os.rename(d, ck / step)
+            done.append(f"{d.name} -> {step}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(d.name)
+    return done
 
 
 def run_info(run: str | os.PathLike, root: Path | None = None) -> RunInfo:

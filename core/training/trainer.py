@@ -134,6 +134,44 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno == 28
 
 
+def _refuse_used_folder(run_dir: Path) -> None:
+    """A fresh run must not start in a folder that already trained (typically the same command
+    re-run after a crash instead of ``--resume``): its metrics would repeat steps, and the old
+    run's higher-numbered checkpoints would outrank (and prune) the new ones."""
+    steps = runs_mod.checkpoint_steps(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if steps or logged:
+        what = f"checkpoints up to step {steps[-1]}" if steps else "logged training steps"
+        raise LabError(f"{run_dir} already holds a training run ({what}); continue it with --resume {run_dir}, "
+                       f"or pick another --output-dir (or delete that folder) to start over.")
+
+
+def load_trainer_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint's optimiser state and counters, as resume reads them.
+
+    ``weights_only=True`` refuses any pickled object other than tensors and plain containers, so
+    a tampered or foreign file is rejected instead of run; the message names the folder to drop
+    so that the checkpoint before it is used.
+    """
+    folder = Path(folder)
+    path = folder / STATE_FILE
+    fix = f"delete the folder {folder} to resume from the checkpoint before it"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise LabError(f"Checkpoint {folder} has no {STATE_FILE} (it holds weights only); "
+                       f"resume from a checkpoint under a run's checkpoints/ folder.") from None
+    except Exception as e:  # UnpicklingError (a forbidden object), RuntimeError (a truncated archive), ...
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise LabError(f"Refused to read the trainer state {path}: it is not a plain tensor file "
+                       f"({type(e).__name__}: {first}); {fix}.") from e
+    keys = {"step", "epoch", "cursor", "tokens", "optimizers"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise LabError(f"{path} is not a GPT Lab trainer state (it needs {', '.join(sorted(keys))}); {fix}.")
+    return state
+
+
 # -- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
@@ -149,6 +187,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if resume and (self.run_dir is None or not self.run_dir.is_dir()):
             raise LabError(f"Cannot resume: run folder {run_dir} does not exist.")
+        if not resume and self.run_dir is not None:
+            _refuse_used_folder(self.run_dir)
         self.stop_reason: str | None = None
         self.step = 0
         self.tokens = 0
@@ -276,12 +316,15 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no half-written folder
         self.last_ckpt = final
         for s in runs_mod.checkpoint_steps(self.run_dir)[:-self.cfg.keep_last]:
-            shutil.rmtree(root / str(s), ignore_errors=True)
+            doomed = root / f".del-{s}-{os.getpid()}"  # hidden first: a kill mid-delete leaves no half checkpoint
+            os.rename(root / str(s), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         self.files.status(checkpoint=str(final), step=self.step)
         self.log(f"checkpoint saved: {final}")
         return final
 
     def _load_latest(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         steps = [s for s in runs_mod.checkpoint_steps(self.run_dir)
@@ -291,7 +334,12 @@ class Trainer:
             self.files.truncate_after(0)
             return
         folder = self.run_dir / "checkpoints" / str(steps[-1])
-        sd = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        state = load_trainer_state(folder, self.device)
+        try:
+            sd = load_file(str(folder / "model.safetensors"), device=str(self.device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LabError(f"The weights of checkpoint {folder} are corrupt or unreadable ({e}); delete that folder "
+                           f"to resume from the checkpoint before it.") from e
         if self.raw.config.tie_weights:
             sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
         try:
@@ -299,7 +347,6 @@ class Trainer:
         except RuntimeError as e:
             raise LabError(f"Checkpoint {folder} does not match the run's config ({str(e).splitlines()[0]}); "
                            f"resume with the config it was trained with.") from None
-        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
         for opt, sd_opt in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd_opt)
         if self.scaler is not None and state.get("scaler"):
@@ -467,6 +514,9 @@ class Trainer:
                               world_size=self.dist.world, objective=cfg.objective)
             self.log(f"{'resuming' if self.resume else 'starting'} run {self.run_dir.name} on {self.device} "
                      f"(world size {self.dist.world})")
+            if self.dist.main:
+                for name in runs_mod.sweep_partial_checkpoints(self.run_dir):
+                    self.log(f"removed a partial checkpoint left by an interrupted save: {name}")
             self._setup()
             self.files.status(max_steps=self.max_steps, step=self.step)
             self.log(f"model: {self.raw.num_params():,} parameters ({self.n_params:,} without position embeddings), "
@@ -487,6 +537,10 @@ class Trainer:
             yield RunEnded(state=state, step=self.step, run_dir=str(self.run_dir),
                            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
                            val_loss=self.last_val)
+        except torch.OutOfMemoryError:  # a training step, validation, a preview or the model itself
+            err = LabError(self._oom_message())
+            self._fail(err)
+            raise err from None
         except GeneratorExit:  # the consumer stopped iterating: keep the work done so far
             if getattr(self, "optimizers", None) is not None and self.step > 0:
                 self.save()
@@ -500,6 +554,25 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.dist.close()
+
+    def _oom_message(self) -> str:
+        """What to change after running out of memory: halve the micro-batch and raise the
+        accumulation (about the same sequences per optimizer step), shorten the context, or autocast."""
+        cfg = self.cfg
+        B, G, T = cfg.batch_size, cfg.grad_acc_steps, cfg.block_size
+        fixes = []
+        if B > 1:
+            b, g = B // 2, math.ceil(B * G / (B // 2))
+            same = "the same" if b * g == B * G else f"{b * g} instead of"
+            fixes.append(f"--batch-size {b} with --grad-acc-steps {g} ({same} {B * G} sequences per step)")
+        fixes.append(f"a shorter --block-size (now {T})")
+        if not cfg.amp:
+            fixes.append("--amp")
+        choices = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
+        saved = runs_mod.checkpoint_steps(self.run_dir) if self.dist.main else []
+        kept = f"; the checkpoints saved so far are kept (last: step {saved[-1]})" if saved else ""
+        return (f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} tokens; "
+                f"use {choices}{kept}.")
 
     def _fail(self, e: BaseException) -> None:
         if isinstance(e, KeyboardInterrupt):
@@ -527,11 +600,7 @@ class Trainer:
         while self.step < self.max_steps:
             if self._stop_wanted():
                 break
-            try:
-                loss, grad_norm, lr = self._train_step()
-            except torch.OutOfMemoryError:
-                raise LabError(f"{self.device} ran out of memory at batch size {cfg.batch_size}; lower --batch-size "
-                               f"and raise --grad-acc-steps, shorten --block-size, or use --amp.") from None
+            loss, grad_norm, lr = self._train_step()
             self.step += 1
             self.tokens += self.tokens_per_step
             pending.append(loss)
