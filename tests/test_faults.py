@@ -336,6 +336,27 @@ def test_out_of_memory_fails_the_run_with_what_to_change_and_keeps_checkpoints(t
         assert_checkpoint_loads(run / "checkpoints" / str(s), cfg)
 
 
+def test_after_out_of_memory_a_run_resumes_with_the_step_split_into_smaller_micro_batches(text_file, cache, tmp_path,
+                                                                                            capsys):
+    """The advice above, followed: the same sequences per step in smaller pieces carries on the
+    same data and the same loss curve; another number of sequences per step is refused."""
+    from core.cli import main
+
+    flags = cli_flags(text_file, cache) + ["--save-every", "3", "--no-progress", "--lr", "1e-3", "--warmup-steps", "2",
+                                           "--min-lr-ratio", "1.0"]  # a schedule that --max-steps leaves alone
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", *flags, "--max-steps", "6", "--output-dir", str(whole)]) == 0
+    assert main(["train", *flags, "--max-steps", "3", "--output-dir", str(split)]) == 0
+    assert main(["train", "--resume", str(split), "--max-steps", "6", "--batch-size", "3", "--no-progress"]) == 2
+    assert "product is 4" in capsys.readouterr().err
+    assert main(["train", "--resume", str(split), "--max-steps", "6", "--batch-size", "2", "--grad-acc-steps", "2",
+                 "--no-progress"]) == 0
+    a, b = read_metrics(whole), read_metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["tokens"] for r in b] == [r["tokens"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-5), ra["step"]
+
+
 @pytest.mark.parametrize("batch, amp, advice", [
     (5, True, ("use --batch-size 2 with --grad-acc-steps 3 (6 instead of 5 sequences per step), or a shorter "
                "--block-size (now 32).")),

@@ -148,7 +148,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Flags that change a resumed run without changing what it is.
 RESUME_OVERRIDES = ("max_steps", "epochs", "val_every", "val_batches", "preview_every", "preview_prompt",
                     "preview_tokens", "save_every", "keep_last", "log_every", "device", "devices", "compile",
-                    "ckpt_name")
+                    "ckpt_name", "batch_size", "grad_acc_steps")
+
+
+def _same_sequences_per_step(run: str, cfg) -> None:
+    """A resumed run may split its step differently (after running out of memory: a smaller
+    --batch-size, more --grad-acc-steps) but must keep the sequences per step, so the data order,
+    the schedule and the loss curve carry on as if nothing had changed."""
+    from ..training.trainer import resume_config
+
+    saved = resume_config(run)
+    n_saved, n_now = saved.batch_size * saved.grad_acc_steps, cfg.batch_size * cfg.grad_acc_steps
+    if n_now != n_saved:
+        raise LabError(f"--resume keeps {n_saved} sequences per step ({saved.batch_size} x {saved.grad_acc_steps}); "
+                       f"choose --batch-size and --grad-acc-steps whose product is {n_saved} (got {cfg.batch_size} "
+                       f"x {cfg.grad_acc_steps}).")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -185,7 +199,9 @@ def config_from_args(args: argparse.Namespace):
         if extra:
             raise LabError(f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)} "
                            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES[:4])}, ... may change).")
-        return resume_config(args.resume, **given)
+        cfg = resume_config(args.resume, **given)
+        _same_sequences_per_step(args.resume, cfg)
+        return cfg
     base: dict = {}
     if getattr(args, "config", None):
         try:
