@@ -336,10 +336,29 @@ def remote_code_allowed(args: argparse.Namespace) -> bool:
     return trusted
 
 
+class GivenAction(argparse.Action):
+    """Stores the value and records that the flag was typed (``args.<dest>_given``): a default
+    that only applies when the user named no model (``data/gpt2_weights.pt``) needs to know."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def model_given(args: argparse.Namespace) -> bool:
+    """Whether ``--model`` was on the command line (its default does not count)."""
+    return bool(getattr(args, "model_given", False))
+
+
+# The reference scripts' architecture flags -> the model's own sizes (LayerStack.describe()).
+ARCHITECTURE_FLAGS = (("num_layers", "n_layer", "layers"), ("num_heads", "n_head", "attention heads"),
+                      ("model_dim", "d_model", "width"), ("max_seq_len", "context_length", "context"))
+
+
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
     """The model flags every model-using command shares, including the reference scripts' spellings."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=default_model, metavar="SPEC",
+    g.add_argument("--model", default=default_model, metavar="SPEC", action=GivenAction,
                    help="default (the shipped model), a hub id (gpt2, EleutherAI/gpt-neo-125M), a local Hugging "
                         "Face folder, or a GPT Lab checkpoint folder; with a bare state dict (--weights/--ckpt) "
                         "it names the architecture (default: %(default)s)")
@@ -350,7 +369,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
                         "tiktoken:gpt2, or a hub id")
     g.add_argument("--checkpoint", "--ckpt", dest="checkpoint", metavar="PATH",
                    help="load this instead of --model: a GPT Lab checkpoint or run folder (its latest "
-                        "checkpoint), a Hugging Face folder, or a bare GPT-2 state dict (.pt/.safetensors)")
+                        "checkpoint), a Hugging Face folder, or a bare GPT-2 state dict (.pt/.safetensors); "
+                        "a missing X.pt falls back to the folder X/ that train --ckpt-name X.pt exports")
     g.add_argument("--weights", metavar="FILE|auto",
                    help="a bare GPT-2 state dict (.pt/.safetensors) with the sizes implied by --model; "
                         "'auto' loads the model --model names")
@@ -360,6 +380,19 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
                    help="accepted for compatibility with the reference generate.py and has no effect: "
                         "GPT Lab checkpoints carry their own config")
     add_trust_remote_code_arg(g)
+    r = parser.add_argument_group(
+        "reference-script spellings (diffusion-interpretability.md)",
+        "  --train_folder RUN --checkpoint_name state_step020000.pt loads RUN/checkpoints/20000;\n"
+        "  the sizes are checked against the checkpoint, which carries its own config.")
+    r.add_argument("--train_folder", metavar="DIR",
+                   help="a run folder: loads its checkpoint --checkpoint_name (default: its newest)")
+    r.add_argument("--checkpoint_name", metavar="NAME",
+                   help="a checkpoint of --train_folder: state_step020000.pt (checkpoint 20000), a step number, "
+                        "or a folder or weights file inside the run folder")
+    r.add_argument("--cuda", type=int_arg(0), metavar="N", help="GPU index: same as --device cuda:N")
+    for flag, _, what in ARCHITECTURE_FLAGS:
+        r.add_argument(f"--{flag}", type=int_arg(1), metavar="N",
+                       help=f"the model's {what}: must match its config (an error names the difference)")
 
 
 def latest_checkpoint(path: Path) -> Path:
@@ -375,38 +408,143 @@ def latest_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_from_args(args: argparse.Namespace) -> "LoadedModel":
-    """The model the shared flags describe (see :func:`add_model_args`)."""
-    from .devices import resolve_device
-    from .loading import load_model
-    from .statedict import load_state_dict_model
+def resolve_reference_model(train_folder: str, checkpoint_name: str | None) -> tuple[str, str | None]:
+    """``(model spec, bare state-dict file or None)`` for the reference scripts' ``--train_folder``
+    and ``--checkpoint_name``: their ``state_step020000.pt`` is our ``checkpoints/20000/``."""
+    folder = Path(train_folder).expanduser()
+    if not folder.exists():
+        raise LabError(f"--train_folder {folder} does not exist; pass the run folder the model was trained in.")
+    if not checkpoint_name:
+        return str(latest_checkpoint(folder)), None
+    direct = folder / checkpoint_name
+    if direct.is_dir():
+        return str(direct), None
+    if direct.is_file():
+        return "default", str(direct)
+    m = re.search(r"(\d+)", Path(checkpoint_name).stem)
+    if m:
+        step = int(m.group(1))
+        for cand in (folder / "checkpoints" / str(step), folder / "checkpoints" / m.group(1)):
+            if cand.is_dir():
+                return str(cand), None
+    raise LabError(f"No checkpoint '{checkpoint_name}' in {folder}; name a folder under {folder / 'checkpoints'} "
+                   f"(e.g. its step number) or a weights file in {folder}.")
 
+
+REFERENCE_WEIGHTS = Path("data") / "gpt2_weights.pt"
+
+
+def use_reference_weights(args: argparse.Namespace) -> bool:
+    """gpt2-reproduction.md: "If you keep data/gpt2_weights.pt in place, both commands default to it
+    automatically." So ``generate`` and ``validate`` with no ``--model`` and nothing else naming
+    weights load that file (relative to the working folder) when it exists, and say so on stderr;
+    ``--weights auto`` or any ``--model`` opts out. Returns whether it applied (``args.weights`` is set)."""
+    named = (model_given(args) or getattr(args, "weights", None) or getattr(args, "checkpoint", None)
+             or getattr(args, "train_folder", None) or getattr(args, "source", None) == "local")
+    if named or not REFERENCE_WEIGHTS.is_file():
+        return False
+    args.weights = str(REFERENCE_WEIGHTS)
+    print(f"note: loading {REFERENCE_WEIGHTS}, which gpt2-reproduction's scripts used whenever it was present; "
+          f"pass --model or --weights auto to load something else.", file=sys.stderr)
+    return True
+
+
+def _device_from_args(args: argparse.Namespace) -> str:
+    """``--device``, or ``cuda:N`` for the reference ``--cuda N`` (written back to ``args.device``)."""
     device = getattr(args, "device", "cpu") or "cpu"
-    if device.strip().lower() != "auto":
-        resolve_device(device)  # an unknown or missing device fails before any loading
-    dtype = getattr(args, "dtype", "float32")
-    tokenizer = getattr(args, "tokenizer", None)
+    cuda = getattr(args, "cuda", None)
+    if cuda is not None:
+        if device.strip().lower() not in ("auto", f"cuda:{cuda}"):
+            raise LabError(f"--cuda {cuda} and --device {device} name different devices; pass only one of them.")
+        device = args.device = f"cuda:{cuda}"
+    return device
+
+
+def _model_from_args(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(model spec, file or folder to load instead, or None)`` from --model, --checkpoint/--ckpt,
+    --weights, --source and the reference --train_folder/--checkpoint_name."""
     spec = getattr(args, "model", "default") or "default"
     checkpoint = getattr(args, "checkpoint", None)
     weights = getattr(args, "weights", None)
     source = getattr(args, "source", None)
+    train_folder, checkpoint_name = getattr(args, "train_folder", None), getattr(args, "checkpoint_name", None)
     if weights is not None and weights.strip().lower() == "auto":
         weights = None
     if checkpoint and weights and Path(checkpoint) != Path(weights):
         raise LabError("Both --ckpt/--checkpoint and --weights name a file; pass only one of them.")
+    if checkpoint_name and not train_folder:
+        raise LabError("--checkpoint_name needs --train_folder (the run folder it belongs to).")
+    if train_folder:
+        other = "--model" if model_given(args) else "--ckpt/--checkpoint" if checkpoint else \
+            "--weights" if weights else None
+        if other:
+            raise LabError(f"--train_folder and {other} both name the model; pass only one of them.")
+        spec, file = resolve_reference_model(train_folder, checkpoint_name)
+        args.model = spec
+        if file is None:
+            return spec, None
+        checkpoint = file
     file = checkpoint or weights
     if source == "local" and not file:
         raise LabError("--source local loads a local checkpoint; pass it with --ckpt PATH.")
     if source == "pretrained" and checkpoint:
         raise LabError("--source pretrained loads --model, but --ckpt was given too; use --source local "
                        "for a checkpoint or drop --ckpt.")
+    return spec, file
+
+
+def _existing(file: str, is_checkpoint: bool) -> Path:
+    """The path to load. gpt-training-suite's ``--checkpoint checkpoints/gpt3-mini.pt`` names the file
+    its train.py wrote; ``train --ckpt-name gpt3-mini.pt`` writes the folder ``checkpoints/gpt3-mini/``,
+    so a missing ``X.pt`` checkpoint falls back to the GPT Lab folder ``X/`` (nothing else changes:
+    an existing ``X.pt`` still loads as a state dict, and ``--weights`` never falls back)."""
+    from .loading import is_gptlab_folder
+
+    path = Path(file).expanduser()
+    if path.exists():
+        return path
+    folder = path.with_suffix("")
+    if is_checkpoint and path.suffix == ".pt" and folder.is_dir() and (
+            is_gptlab_folder(folder) or (folder / "checkpoints").is_dir()):
+        print(f"note: {path} does not exist; loading the GPT Lab folder {folder}/ (train --ckpt-name exports "
+              f"a folder, not a .pt file).", file=sys.stderr)
+        return folder
+    raise LabError(f"Checkpoint {path} does not exist; check the path.")
+
+
+def check_architecture(lm: "LoadedModel", args: argparse.Namespace) -> None:
+    """The reference scripts built the model from --num_layers/--num_heads/--model_dim/--max_seq_len;
+    here the checkpoint carries its config, so those flags can only agree with it or be a mistake."""
+    d = lm.stack.describe()
+    wrong = [f"--{flag} {getattr(args, flag)} (it has {d[key]})" for flag, key, _ in ARCHITECTURE_FLAGS
+             if getattr(args, flag, None) is not None and getattr(args, flag) != d[key]]
+    if wrong:
+        raise LabError(f"The sizes given do not match {lm.name}: {', '.join(wrong)}; drop those flags (the "
+                       f"checkpoint carries its own config) or pick the checkpoint they describe.")
+
+
+def load_from_args(args: argparse.Namespace) -> "LoadedModel":
+    """The model the shared flags describe (see :func:`add_model_args`), checked against any
+    reference architecture flags."""
+    from .devices import resolve_device
+    from .loading import load_model
+    from .statedict import load_state_dict_model
+
+    device = _device_from_args(args)
+    if device.strip().lower() != "auto":
+        resolve_device(device)  # an unknown or missing device fails before any loading
+    dtype = getattr(args, "dtype", "float32")
+    tokenizer = getattr(args, "tokenizer", None)
+    spec, file = _model_from_args(args)
     trusted = remote_code_allowed(args)
     if not file:
-        return load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trusted)
-    path = Path(file).expanduser()
-    if not path.exists():
-        raise LabError(f"Checkpoint {path} does not exist; check the path.")
-    if path.is_dir():
-        return load_model(str(latest_checkpoint(path)), device=device, dtype=dtype, tokenizer=tokenizer,
-                          trust_remote_code=trusted)
-    return load_state_dict_model(path, spec, device=device, dtype=dtype, tokenizer=tokenizer)
+        lm = load_model(spec, device=device, dtype=dtype, tokenizer=tokenizer, trust_remote_code=trusted)
+    else:
+        path = _existing(file, is_checkpoint=file != getattr(args, "weights", None))
+        if path.is_dir():
+            lm = load_model(str(latest_checkpoint(path)), device=device, dtype=dtype, tokenizer=tokenizer,
+                            trust_remote_code=trusted)
+        else:
+            lm = load_state_dict_model(path, spec, device=device, dtype=dtype, tokenizer=tokenizer)
+    check_architecture(lm, args)
+    return lm

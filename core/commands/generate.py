@@ -14,6 +14,16 @@ token), --top-k and --seed keep their meaning. --stream prints every denoising s
 (masks as ░, newlines as ↵) and --json keeps every state.
   python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --gen-length 64 --diffusion-steps 32 --stream
 
+diffusion-interpretability's generate.py flags work as written: --train_folder RUN --checkpoint_name
+state_step020000.pt loads RUN/checkpoints/20000, --cuda N is --device cuda:N, and --num_layers,
+--num_heads, --model_dim and --max_seq_len must match the checkpoint's config (it carries its sizes).
+  python -m core generate --train_folder runs/diffusion --checkpoint_name state_step020000.pt --cuda 1 \\
+      --num_layers 12 --num_heads 6 --model_dim 384 --max_seq_len 4096 --prompt "Once upon a time," --stream
+
+gpt2-reproduction's default: with no --model (and no --weights/--ckpt), data/gpt2_weights.pt in the
+working folder is loaded when it exists, as its scripts did; a note says so, and --weights auto or
+any --model loads something else.
+
 One rule for flags the model's sampler has no use for (--top-p, --min-p, --repetition-penalty,
 --num-beams, --stop, --logprobs... on a diffusion model; the diffusion flags on an autoregressive
 one): they are named in a one-line note on stderr and ignored, never an error.
@@ -25,7 +35,7 @@ import sys
 import time
 from typing import TextIO
 
-from ..cli import add_model_args, float_arg, int_arg, load_from_args
+from ..cli import add_model_args, float_arg, int_arg, load_from_args, use_reference_weights
 from ..errors import LabError
 
 NAME = "generate"
@@ -298,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     except LabError as e:
         cfg, bad_flags = None, e
     prompt = read_prompt(args.prompt)
+    use_reference_weights(args)
     lm = load_from_args(args)
     if lm.objective == "diffusion":
         return run_diffusion(args, lm, prompt)

@@ -16,11 +16,14 @@ Order: train -> collect -> describe -> explain (train does the first three by de
 A model's own set lives in <model folder>/transcoders/ (`default`: assets/default/transcoders/;
 hub models: ~/.cache/gptlab/transcoders/<id>/); --transcoders DIR picks another.
 
-The reference scripts' flags work: --train_folder + --checkpoint_name name the model (a run folder
-and state_step020000.pt -> its checkpoint 20000), --train_steps, --train_seq_len,
---grad_acc_steps, --save_every, --val_loss_every, --save_model, --cuda N, --top_k, and the
-architecture flags --num_layers/--num_heads/--model_dim (checked against the model, which carries
-its own config).
+The reference scripts' flags work. --train_folder + --checkpoint_name name the model (a run folder
+and state_step020000.pt -> its checkpoint 20000), --cuda N is --device cuda:N, and the architecture
+flags --num_layers/--num_heads/--model_dim/--max_seq_len must match the model's own config. The
+scripts shared one parser, so every action takes the training flags --train_seq_len, --val_seq_len,
+--train_steps, --grad_acc_steps, --save_model, --val_loss_every and --save_every: train uses them
+(--val_seq_len aside), collect reads --train_seq_len as its window and --train_steps (times
+--grad_acc_steps) as batches to scan, and a flag that means nothing to an action is named in one
+note line on stderr and ignored.
 
 Examples:
   python -m core transcoders train --model default --output-dir assets/default/transcoders
@@ -32,12 +35,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
 from ..cli import device_arg, float_arg, int_arg
+from ..cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 
 NAME = "transcoders"
@@ -64,19 +67,38 @@ def _layers(text: str) -> list[int]:
 def _common(p: argparse.ArgumentParser) -> None:
     from ..cli import add_model_args
 
-    add_model_args(p)
+    add_model_args(p)  # --model ... and the reference --train_folder, --checkpoint_name, --cuda, sizes
     p.add_argument("--transcoders", metavar="DIR",
                    help="the transcoder set folder (default: the model's own, <model folder>/transcoders/)")
-    r = p.add_argument_group("reference-script spellings")
-    r.add_argument("--train_folder", metavar="DIR", help="the run folder of the model (with --checkpoint_name)")
-    r.add_argument("--checkpoint_name", metavar="NAME",
-                   help="a checkpoint of --train_folder: state_step020000.pt, 20000, or a folder/file name")
-    r.add_argument("--cuda", type=int_arg(0), metavar="N", help="GPU index (same as --device cuda:N)")
-    r.add_argument("--num_layers", type=int_arg(1), metavar="N", help="checked against the model's own config")
-    r.add_argument("--num_heads", type=int_arg(1), metavar="N", help="checked against the model's own config")
-    r.add_argument("--model_dim", type=int_arg(1), metavar="N", help="checked against the model's own config")
-    r.add_argument("--val_seq_len", type=int_arg(1), metavar="T", help="accepted; ignored (quality uses --seq-len)")
-    r.add_argument("--max_seq_len", type=int_arg(1), metavar="T", help="accepted; checked against the model's context")
+
+
+# The training flags of the reference scripts' shared parser: (type, metavar) for each.
+REFERENCE_TRAINING_FLAGS = {
+    "train_seq_len": (int_arg(1), "T"), "val_seq_len": (int_arg(1), "T"), "train_steps": (int_arg(1), "N"),
+    "grad_acc_steps": (int_arg(1), "N"), "save_model": (_bool, "True|False"), "val_loss_every": (int_arg(0), "N"),
+    "save_every": (int_arg(0), "N"),
+}
+
+
+def _no_effect_flags(p: argparse.ArgumentParser, action: str, names: tuple[str, ...]) -> None:
+    """Reference flags that mean nothing to ``action``: accepted (the scripts shared one parser, so
+    their users pass them everywhere) and named in one note line by :func:`_note_no_effect`."""
+    g = p.add_argument_group("reference-script flags with no effect here",
+                             f"  accepted because the reference scripts shared one parser; a note on stderr\n"
+                             f"  names the ones given, which `transcoders {action}` ignores.")
+    for name in names:
+        kind, metavar = REFERENCE_TRAINING_FLAGS[name]
+        g.add_argument(f"--{name}", type=kind, metavar=metavar, help="no effect here")
+    p.set_defaults(no_effect=names)
+
+
+def _note_no_effect(args: argparse.Namespace) -> None:
+    given = ["--" + n for n in getattr(args, "no_effect", ()) if getattr(args, n, None) is not None]
+    if args.action == "collect" and args.grad_acc_steps is not None and args.collect_batches is None:
+        given.append("--grad_acc_steps (it multiplies --train_steps, which was not given)")
+    if given:
+        verb = "has" if len(given) == 1 else "have"
+        print(f"note: {', '.join(given)} {verb} no effect on `transcoders {args.action}`; ignored.", file=sys.stderr)
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -138,8 +160,12 @@ def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
         g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
         g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH", help="the corpus (default: shakespeare)")
         g.add_argument("--train_steps", dest="collect_batches", type=int_arg(1), metavar="N",
-                       help="reference spelling: scan N batches (N x --collect-batch x --collect-seq-len tokens)")
+                       help="reference spelling: scan N steps of --grad_acc_steps batches (N x G x --collect-batch x "
+                            "--collect-seq-len tokens)")
         g.add_argument("--train_seq_len", dest="collect_seq_len", type=int_arg(1), metavar="T", help="= --collect-seq-len")
+        g.add_argument("--grad_acc_steps", type=int_arg(1), metavar="G",
+                       help="reference spelling: batches per --train_steps step (default 1), as a step of "
+                            "`transcoders train --grad_acc_steps G` reads G times the tokens")
         g.add_argument("--seed", type=int_arg(), default=0)
 
 
@@ -170,14 +196,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _train_flags(p)
     _collect_flags(p)
     _describe_flags(p, in_train=True)
+    _no_effect_flags(p, "train", ("val_seq_len",))
     p = sub.add_parser("collect", help="collect contexts, histograms and logit effects into a fresh feature store")
     _common(p)
     _collect_flags(p, prefix=True)
     g = p.add_argument_group("layers")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to collect (default: all in the set)")
+    _no_effect_flags(p, "collect", ("val_seq_len", "save_model", "val_loss_every", "save_every"))
     p = sub.add_parser("describe", help="explain and score features; describe each layer and the whole set")
     _common(p)
     _describe_flags(p)
+    _no_effect_flags(p, "describe", tuple(REFERENCE_TRAINING_FLAGS))
     p = sub.add_parser("explain", help="generate from a prompt and explain each layer's part in it")
     _common(p)
     g = p.add_argument_group("prompt and generation")
@@ -203,56 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="reference: the lines generate_descriptions.py printed (continuation=, per layer "
                         "description=, total description=, models output score=, ...)")
     g.add_argument("--save", action="store_true", help="also keep the result in the feature store's history")
+    _no_effect_flags(p, "explain", tuple(REFERENCE_TRAINING_FLAGS))
 
 
 # -- shared steps ---------------------------------------------------------------------------------
 
-def resolve_reference_model(train_folder: str, checkpoint_name: str | None) -> tuple[str, str | None]:
-    """``(model spec, bare state-dict file or None)`` for the reference scripts' two flags."""
-    from ..cli import latest_checkpoint
-
-    folder = Path(train_folder).expanduser()
-    if not folder.exists():
-        raise LabError(f"--train_folder {folder} does not exist; pass the run folder the model was trained in.")
-    if not checkpoint_name:
-        return str(latest_checkpoint(folder)), None
-    direct = folder / checkpoint_name
-    if direct.is_dir():
-        return str(direct), None
-    if direct.is_file():
-        return "default", str(direct)
-    m = re.search(r"(\d+)", Path(checkpoint_name).stem)
-    if m:
-        step = int(m.group(1))
-        for cand in (folder / "checkpoints" / str(step), folder / "checkpoints" / m.group(1)):
-            if cand.is_dir():
-                return str(cand), None
-    raise LabError(f"No checkpoint '{checkpoint_name}' in {folder}; name a folder under {folder / 'checkpoints'} "
-                   f"(e.g. its step number) or a weights file in {folder}.")
-
-
 def _load(args: argparse.Namespace):
     from ..cli import load_from_args
 
-    if getattr(args, "cuda", None) is not None:
-        args.device = f"cuda:{args.cuda}"
-    if getattr(args, "train_folder", None):
-        spec, file = resolve_reference_model(args.train_folder, args.checkpoint_name)
-        if file:
-            args.checkpoint = file
-        else:
-            args.model = spec
-    elif getattr(args, "checkpoint_name", None):
-        raise LabError("--checkpoint_name needs --train_folder (the run folder it belongs to).")
-    lm = load_from_args(args)
-    d = lm.stack.describe()
-    for flag, key in (("num_layers", "n_layer"), ("num_heads", "n_head"), ("model_dim", "d_model")):
-        given = getattr(args, flag, None)
-        if given is not None and given != d[key]:
-            raise LabError(f"--{flag} {given} does not match {lm.name}, which has {key} = {d[key]}; drop the flag "
-                           f"(the checkpoint carries its own config).")
-    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len > lm.stack.context_length:
-        raise LabError(f"--max_seq_len {args.max_seq_len} exceeds {lm.name}'s context of {lm.stack.context_length}.")
+    lm = load_from_args(args)  # resolves --train_folder/--checkpoint_name/--cuda, checks the sizes
     if lm.untrained:
         print(f"note: {lm.name} has random weights; its features describe noise.", file=sys.stderr)
     return lm
@@ -268,8 +256,9 @@ def _collect_config(args: argparse.Namespace, layers=None):
     from ..interp.collect import CollectConfig
 
     n_tokens = args.n_tokens
-    if getattr(args, "collect_batches", None):
-        n_tokens = args.collect_batches * args.collect_batch * args.collect_seq_len
+    if getattr(args, "collect_batches", None):  # the reference --train_steps (x --grad_acc_steps) batches
+        batches = args.collect_batches * (getattr(args, "grad_acc_steps", None) or 1)
+        n_tokens = batches * args.collect_batch * args.collect_seq_len
     cfg = CollectConfig(layers=layers, n_tokens=n_tokens, seq_len=args.collect_seq_len, batch_size=args.collect_batch,
                         top_k=args.top_k, n_quantile=args.n_quantile, n_heldout=args.n_heldout,
                         n_negative=args.n_negative, window_before=args.window[0], window_after=args.window[1],
@@ -508,4 +497,5 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         raise LabError(f"Say what to do: python -m core transcoders {{{','.join(ACTIONS)}}} ..., e.g. "
                        f"`python -m core transcoders explain --prompt TEXT` (see `python -m core transcoders --help`).")
+    _note_no_effect(args)
     return {"train": _train, "collect": _collect, "describe": _describe, "explain": _explain}[action](args)

@@ -8,6 +8,9 @@ Examples:
   python -m core validate --model gpt2 --weights data/gpt2_weights.pt --max_new_tokens 70 \\
       --prompt "The quick brown fox" --gen_prompt "Hello, my name is Larry and"
   python -m core validate --model path/to/hf-gpt2-folder
+
+As in gpt2-reproduction, data/gpt2_weights.pt (in the working folder) is used when it exists and
+neither --model nor --weights is given; a note says so, and --weights auto loads the hub weights.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import add_device_arg, add_trust_remote_code_arg, int_arg, remote_code_allowed
+from ..cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
+                   remote_code_allowed, use_reference_weights)
 from ..errors import LabError
 
 NAME = "validate"
@@ -25,12 +29,13 @@ HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
 
-    parser.add_argument("--model", default="gpt2", metavar="SPEC",
+    parser.add_argument("--model", default="gpt2", metavar="SPEC", action=GivenAction,
                         help="a GPT-2 hub id (gpt2 ... gpt2-xl) or a local Hugging Face GPT-2 folder; with "
                              "--weights, the architecture of the state dict (default: %(default)s)")
     parser.add_argument("--weights", metavar="FILE|auto",
-                        help="a bare GPT-2 state dict (.pt/.safetensors) to validate instead of the hub weights; "
-                             "'auto' loads the model --model names")
+                        help=f"a bare GPT-2 state dict (.pt/.safetensors) to validate instead of the hub weights; "
+                             f"'auto' loads the model --model names (default: {REFERENCE_WEIGHTS} when it exists "
+                             f"and --model is not given, else auto)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text for the logit comparison (default: %(default)r)")
     parser.add_argument("--gen-prompt", "--gen_prompt", dest="gen_prompt", default=DEFAULT_GEN_PROMPT,
                         help="text both models continue greedily")
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_json
     from ..validate import format_report, validate_gpt2
 
+    use_reference_weights(args)
     _check_paths(args)
     report = validate_gpt2(args.model, prompt=args.prompt, gen_prompt=args.gen_prompt,
                            max_new_tokens=args.max_new_tokens, weights=args.weights, device=args.device,
