@@ -23,8 +23,11 @@ dot product over off-diagonal pairs ``i != j``, the effective rank and the mean 
 centroid of the token cloud, and optionally the ``T x T`` cosine matrix.
 
 Re-initialisation (``ConsensusConfig.reinit``) uses :meth:`LayerStack.reinit`, which rewrites the
-loaded model's weights in place; with ``restore_weights=True`` (the default) the original weights
-are copied to the CPU first and put back when the run ends, is stopped, or fails.
+weights of the model it walks. With ``restore_weights=True`` (the default) a run walks a private
+model of the same architecture instead, so the model it was given is never written, not even
+while the run is going: in the app that model is shared by every session, and another session may
+be generating with it at the same moment. ``restore_weights=False`` re-initialises the given model
+in place and leaves it re-initialised (the CLI, which owns its model, saves the copy's memory).
 
 - ``"once"``: ``reinit(seed)`` before the embeddings are taken (so embeddings are random too).
 - ``"iteration"`` (the scripts' ``--fullrandom``): ``reinit(seed)`` before the embeddings and
@@ -46,6 +49,7 @@ before a stop or an error stays readable (``result.steps_done`` says how far eac
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -57,6 +61,8 @@ import torch
 
 from .consensus_metrics import STAT_NAMES, token_stats
 from .errors import LabError
+from .sampling import check_seed
+from .stack import stack_for
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -91,7 +97,7 @@ class ConsensusConfig:
     decode_iterations: tuple[int, ...] = ()  # logit-lens argmax decoding after these iterations (0-based)
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes; a bigger recording raises LabError up front
     max_events: int = 100  # about this many Progress events per run, however long it is
-    restore_weights: bool = True  # put the original weights back after a run that re-initialised them
+    restore_weights: bool = True  # re-init runs leave the given model untouched (they walk a private copy)
     engine: str = "auto"  # one of ENGINES: how the walk is scheduled (same numbers, different speed)
 
     def check(self) -> None:
@@ -109,6 +115,7 @@ class ConsensusConfig:
                            "or 'block'.")
         if int(self.max_events) < 1:
             raise LabError(f"max events must be at least 1 (got {self.max_events}).")
+        check_seed(self.seed)
         bad = [i for i in self.decode_iterations if not 0 <= int(i) < self.iterations]
         if bad:
             raise LabError(f"Decode iteration(s) {', '.join(map(str, bad))} are outside 0..{self.iterations - 1}; "
@@ -130,8 +137,9 @@ class DecodeConfig:
             raise LabError(f"The number of tokens to generate must be at least 1 (got {self.new_tokens}).")
         if not 0.0 < self.top_p <= 1.0:
             raise LabError(f"top-p must be in (0, 1] (got {self.top_p}); 1 turns it off.")
-        if not self.temperature > 0:
-            raise LabError(f"temperature must be above 0 (got {self.temperature}).")
+        if not 0 < self.temperature < math.inf:
+            raise LabError(f"temperature must be above 0 and finite (got {self.temperature}).")
+        check_seed(self.seed)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -355,6 +363,7 @@ def random_prompt_ids(lm: "LoadedModel", n: int, length: int, seed: int = 42) ->
     its tokenizer know, reproducibly for ``seed`` (a private CPU generator)."""
     if int(n) < 1:
         raise LabError(f"The number of random prompts must be at least 1 (got {n}).")
+    check_seed(seed)
     if int(length) < 1:
         raise LabError(f"Random prompts need at least 1 token (got a length of {length}).")
     if int(length) > lm.stack.context_length:
@@ -363,6 +372,12 @@ def random_prompt_ids(lm: "LoadedModel", n: int, length: int, seed: int = 42) ->
     vocab = min(lm.stack.vocab_size, lm.tokenizer.vocab_size or lm.stack.vocab_size)
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randint(0, vocab, (int(n), int(length)), generator=gen).tolist()
+
+
+def _one_line(text: str) -> str:
+    """``text`` safe to quote inside a one-line message: newlines, tabs and other unprintable
+    characters (terminal escapes included) shown as their escapes (``\\n``), not acted on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass
@@ -408,7 +423,7 @@ def _plan(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig
             texts.append(tok.decode(t))
         limit = stack.context_length - new_tokens
         if len(t) > limit:
-            short = texts[-1][:40] + ("..." if len(texts[-1]) > 40 else "")
+            short = _one_line(texts[-1][:40]) + ("..." if len(texts[-1]) > 40 else "")
             extra = f" plus {new_tokens} new tokens" if new_tokens else ""
             raise LabError(f"Prompt {n} ('{short}') has {len(t)} tokens{extra}, beyond the model's context of "
                            f"{stack.context_length}; shorten it to at most {max(limit, 0)} tokens"
@@ -695,21 +710,30 @@ def _col_of_step(total_steps: int, steps: np.ndarray) -> np.ndarray:
     return col
 
 
-class _Weights:
-    """The loaded weights kept on the CPU while a run re-initialises them, put back afterwards."""
+def _walked_model(lm: "LoadedModel", cfg: ConsensusConfig) -> "LoadedModel":
+    """The model a run walks: ``lm`` itself, or a private copy when the run re-initialises weights
+    and ``lm`` must stay untouched (see the module docstring)."""
+    if cfg.reinit == "none" or not cfg.restore_weights:
+        return lm
+    return _private_copy(lm)
 
-    def __init__(self, lm: "LoadedModel", needed: bool):
-        self.saved = ({n: p.detach().to("cpu", copy=True) for n, p in lm.model.named_parameters()}
-                      if needed else None)
-        self.lm = lm
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        if self.saved is None:
-            return
-        for n, p in self.lm.model.named_parameters():
-            p.copy_(self.saved[n].to(p.device))
-        self.saved = None
+def _private_copy(lm: "LoadedModel") -> "LoadedModel":
+    """Same modules, buffers, devices, dtypes and parameter strides as ``lm``, own parameters.
+
+    A re-init run re-draws every parameter before it reads one, so the copy's parameters are left
+    uninitialised rather than copied (no time spent on values that are overwritten). Seeding the
+    deepcopy memo with them keeps tied weights tied: each original parameter maps to one new one.
+    """
+    try:
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+                for p in lm.model.parameters()}
+        model = copy.deepcopy(lm.model, memo)
+    except (_OOM, MemoryError) as e:
+        raise LabError(f"Re-initialising weights needs a second copy of the model on {lm.stack.device}, and it "
+                       f"does not fit; use a 16-bit dtype, a smaller model or the CPU, or the CLI, which "
+                       f"re-initialises its own copy in place.") from e
+    return replace(lm, model=model, stack=stack_for(model))
 
 
 def _oom_error(e: Exception, result) -> LabError:
@@ -798,7 +822,7 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
                 yield Decoded(i, list(rows), texts)
         return on_iteration
 
-    weights = _Weights(lm, cfg.reinit != "none" and cfg.restore_weights)
+    lm = _walked_model(lm, cfg)
     rec = None
     yield Started(_info(lm, plan, cfg, clock.total), result)
     try:
@@ -819,7 +843,6 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
                 rec.flush()
             except Exception:  # the device may be unusable after a failure; the host copy stands
                 pass
-        weights.restore()
         result.seconds = time.perf_counter() - t0
     yield Finished(result)
 
@@ -881,7 +904,7 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
             result.seconds = time.perf_counter() - t0
         return sink
 
-    weights = _Weights(lm, cfg.reinit != "none" and cfg.restore_weights)
+    lm = _walked_model(lm, cfg)
     rec = None
     yield Started(_info(lm, plan, cfg, clock.total), result)
     try:
@@ -914,7 +937,6 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                 rec.flush()
             except Exception:
                 pass
-        weights.restore()
         result.seconds = time.perf_counter() - t0
     yield Finished(result)
 

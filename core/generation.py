@@ -17,7 +17,11 @@ import torch
 
 from .errors import LabError
 from .loading import LoadedModel
-from .sampling import process_logits
+from .sampling import check_seed, process_logits
+
+# Beam scores divide by length ** length_penalty; within +-10 that power stays a finite float for any
+# length a context allows (4096 ** 10 is about 1e36), beyond it Python raises OverflowError.
+MAX_LENGTH_PENALTY = 10.0
 
 
 @dataclass
@@ -42,23 +46,28 @@ class SamplingConfig:
         if context_left is not None and self.max_new_tokens > context_left:
             raise LabError(f"The prompt leaves room for {max(context_left, 0)} new tokens in the model's context; "
                            f"ask for at most {max(context_left, 0)} new tokens or shorten the prompt.")
-        if not self.greedy and self.num_beams == 1 and not self.temperature > 0:
-            raise LabError(f"temperature must be above 0 (got {self.temperature}); use greedy decoding for "
-                           f"temperature 0.")
+        if not self.greedy and self.num_beams == 1 and not 0 < self.temperature < math.inf:
+            raise LabError(f"temperature must be above 0 and finite (got {self.temperature}); use greedy "
+                           f"decoding for temperature 0.")
         if self.top_k < 0:
             raise LabError(f"top-k must be 0 (off) or a positive count (got {self.top_k}).")
         if not 0.0 < self.top_p <= 1.0:
             raise LabError(f"top-p must be in (0, 1] (got {self.top_p}); 1 turns it off.")
         if not 0.0 <= self.min_p < 1.0:
             raise LabError(f"min-p must be in [0, 1) (got {self.min_p}); 0 turns it off.")
-        if not self.repetition_penalty > 0:
-            raise LabError(f"repetition penalty must be above 0 (got {self.repetition_penalty}); 1 turns it off.")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise LabError(f"repetition penalty must be above 0 and finite (got {self.repetition_penalty}); "
+                           f"1 turns it off.")
         if self.num_beams < 1:
             raise LabError(f"number of beams must be at least 1 (got {self.num_beams}).")
+        if self.num_beams > 1 and not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise LabError(f"length penalty must be between {-MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g} "
+                           f"(got {self.length_penalty}); 1 ranks beams by mean log-probability.")
         if self.n_alternatives < 0:
             raise LabError(f"number of alternatives must be 0 or more (got {self.n_alternatives}).")
         if any(s == "" for s in self.stop):
             raise LabError("stop strings must not be empty; remove the empty one.")
+        check_seed(self.seed)
 
 
 @dataclass

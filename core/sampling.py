@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LabError
+
 NEG_INF = float("-inf")
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # torch generators take 64 bits; consensus adds step counts on top
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise :class:`LabError` for a seed no torch generator can take (None means "draw one")."""
+    if seed is not None and not SEED_MIN <= int(seed) <= SEED_MAX:
+        raise LabError(f"The seed must be a whole number between {SEED_MIN} and {SEED_MAX} (got {seed}); "
+                       f"pick a smaller one, such as 42.")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -16,13 +26,27 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     ``penalty``, negative ones multiplied, so a penalty > 1 always makes repeats less likely."""
     if penalty == 1.0 or previous.numel() == 0:
         return logits
-    seen = torch.gather(logits, 1, previous)
+    # float64: a penalty beyond float32's range would turn 0 * penalty into NaN; a penalty near 0
+    # overflows the division, and the largest finite logit keeps softmax defined
+    seen = torch.gather(logits, 1, previous).double()
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    seen = seen.clamp(max=torch.finfo(logits.dtype).max).to(logits.dtype)
     return logits.scatter(1, previous, seen)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
+    """Divide by ``temperature``. Two extremes break a plain float32 division: near 0 the quotient
+    overflows to +inf (and softmax to NaN), and beyond float32's range the temperature itself
+    becomes inf, so banned ``-inf`` logits turn into NaN. Only then are the logits shifted so the
+    top one is 0 (softmax and every filter ignore a shift) and divided in float64: overflow lands
+    on -inf, so as the temperature falls to 0 sampling becomes argmax, its limit."""
+    if temperature == 1.0:
+        return logits
+    scaled = logits / temperature
+    if not (scaled.isnan().any() or (scaled == float("inf")).any()):
+        return scaled
+    top = logits.max(dim=-1, keepdim=True).values
+    return ((logits.double() - top.double()) / temperature).to(logits.dtype)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

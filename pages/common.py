@@ -7,6 +7,7 @@ Other pages may open a model elsewhere by setting ``st.session_state[SPEC_KEY]``
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ SPEC_KEY = "model_spec"       # the model spec every page uses; set it to open a
 DEVICE_KEY = "model_device"
 DTYPE_KEY = "model_dtype"
 DTYPES = ["float32", "bfloat16", "float16"]
-_OUTCOME_KEY = "_model_outcome"  # (request, model or None, error or None) of this run's load
+_OUTCOME_KEY = "_model_outcome"  # (request, weak reference to the model or None, error or None) of this run's load
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,18 @@ def load_outcome() -> tuple[LoadedModel | None, str | None]:
     """Load the requested model (cached) and return it, or None and a message saying what to change.
 
     The outcome is remembered for the rest of the run, so a failing spec is tried once per run even
-    though the sidebar and the page both ask.
+    though the sidebar and the page both ask. The model is remembered by a weak reference: the
+    cache owns it, so a model the cache drops (another session filled it) is freed rather than kept
+    alive by every idle session whose state still names it.
     """
     request = model_request()
     memo = st.session_state.get(_OUTCOME_KEY)
     if memo is not None and memo[0] == request:
-        return memo[1], memo[2]
+        if memo[2] is not None:
+            return None, memo[2]
+        model = memo[1]()
+        if model is not None:
+            return model, None
     spec, device, dtype = request
     model, error = None, None
     try:
@@ -110,7 +117,7 @@ def load_outcome() -> tuple[LoadedModel | None, str | None]:
                      f"a 16-bit dtype, or another device.")
         else:
             error = f"Could not load model '{spec}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    st.session_state[_OUTCOME_KEY] = (request, model, error)
+    st.session_state[_OUTCOME_KEY] = (request, None if model is None else weakref.ref(model), error)
     return model, error
 
 

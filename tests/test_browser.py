@@ -189,3 +189,57 @@ def test_features_card_and_explain_a_completion(server, page, tmp_path):
     _settle(page)
     _no_exception(page)
     page.screenshot(path=str(_shots(tmp_path) / "features_explain.png"), full_page=True)
+
+
+def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browser, tmp_path):
+    """Two browser sessions on one server (one shared model): a seeded generation in one and a
+    re-initialising consensus run in the other, started together. The generation must be exactly
+    the engine's text for that seed, which it would not be if the other session's re-initialised
+    weights leaked into the shared model."""
+    from core.generation import SamplingConfig, generate
+    from core.loading import load_model
+
+    url, _ = server
+    prompt, seed, n_tokens = "JULIET:", 7, 60
+    want = generate(load_model("default"), prompt, SamplingConfig(seed=seed, max_new_tokens=n_tokens)).text
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1100}) for _ in range(2)]
+    try:
+        gen, cons = (ctx.new_page() for ctx in contexts)
+        gen.goto(f"{url}/generate")
+        cons.goto(f"{url}/consensus")
+        gen.get_by_role("textbox", name="Prompt").wait_for(timeout=90_000)
+        cons.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
+        _settle(gen)
+        _settle(cons)
+        gen.get_by_role("textbox", name="Prompt").fill(prompt)
+        gen.get_by_role("spinbutton", name="Max new tokens").fill(str(n_tokens))
+        gen.get_by_role("spinbutton", name="Seed").fill(str(seed))
+        gen.keyboard.press("Tab")
+        cons.get_by_role("spinbutton", name="Iterations N").fill("2")
+        cons.keyboard.press("Tab")
+        _settle(cons)
+        cons.get_by_role("combobox", name="Re-initialise weights").click()
+        cons.get_by_role("option", name="after each block (--const-reset)").click()
+        _settle(gen)
+        _settle(cons)
+
+        gen.get_by_role("button", name="Generate").click()
+        cons.get_by_role("button", name="Run", exact=True).click()
+
+        gen.get_by_text("Prompt perplexity").wait_for(timeout=90_000)
+        cons.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
+        _settle(gen)
+        _settle(cons)
+        shown = gen.locator('[data-testid="stCode"]').first.inner_text()
+        assert " ".join(shown.split()) == " ".join(want.split())
+        assert f"seed {seed}" in gen.inner_text("body")
+        body = cons.inner_text("body")
+        assert "default N=2 const-reset seed=42" in body and "Prompt perplexity" not in body
+        assert cons.locator("[data-testid=stVegaLiteChart]").count() >= 1
+        for pg in (gen, cons):
+            _no_exception(pg)
+        gen.screenshot(path=str(_shots(tmp_path) / "two_sessions_generate.png"), full_page=True)
+        cons.screenshot(path=str(_shots(tmp_path) / "two_sessions_consensus.png"), full_page=True)
+    finally:
+        for ctx in contexts:
+            ctx.close()
