@@ -53,3 +53,36 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def free_bytes(device: str | torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can still get: MemAvailable for the CPU (Linux), the
+    free memory the driver reports for a GPU; None where it cannot be told. Jobs check their
+    estimated need against it up front, so an impossible size ends in a message instead of the
+    kernel's out-of-memory killer ending the process (or a neighbour)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):  # "auto" and the like: not one device
+        return None
+    if d.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(d)[0])
+        except Exception:  # no driver, a busy or lost device: nothing to go by
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.5 GB``-style sizes for messages."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

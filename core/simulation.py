@@ -67,6 +67,7 @@ QKV_KINDS = ("identity", "random", "layer:K", "layer:K:H")
 DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes of recorded host arrays, as for model runs
 MAX_TOKENS = 4096  # n; the attention matrix is n x n per initial condition
 MAX_DIM = 65536  # d; a model layer brings its own
+MAX_EVENT_GAP_S = 1.0  # a Progress event at least this often, so a consumer can stop a slow run soon
 
 
 @dataclass
@@ -330,6 +331,29 @@ def _check_memory(cfg: SimulationConfig, dim: int) -> int:
                    f"{lo} steps (--record-every {lo}) or use fewer steps, tokens or initial conditions.")
 
 
+def working_bytes(cfg: SimulationConfig, dim: int) -> int:
+    """Bytes the integration itself holds at once (float32), apart from the recording: Q, K, V
+    and the two d x d products, the state with the rk4 stages and their temporaries (about 12
+    copies of ``B x n x d``) and the ``B x n x n`` scores, softmax and statistics (about 6)."""
+    B, n, d = int(cfg.batch), int(cfg.tokens), int(dim)
+    return 4 * (5 * d * d + 12 * B * n * d + 6 * B * n * n)
+
+
+def _check_working_memory(cfg: SimulationConfig, dim: int, dev: torch.device) -> None:
+    """Refuse a simulation whose working tensors cannot fit in the device's free memory, before
+    anything is allocated: a d x d matrix or a B x n x n score tensor too big for the machine
+    would otherwise end in the out-of-memory killer, not in a message."""
+    from .devices import free_bytes
+
+    need = working_bytes(cfg, dim)
+    free = free_bytes(dev)
+    if free is None or need <= free:
+        return
+    raise LabError(f"This simulation needs about {_fmt_bytes(need)} of working memory ({cfg.batch} initial "
+                   f"condition(s) of {cfg.tokens} tokens in d = {dim}), more than the {_fmt_bytes(free)} free on "
+                   f"{dev}; use a smaller d, fewer tokens or fewer initial conditions.")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:
@@ -354,21 +378,24 @@ def resolve_device(device: str | torch.device | None, lm: "LoadedModel | None" =
 def simulation_stream(cfg: SimulationConfig | None = None, lm: "LoadedModel | None" = None,
                       device: str | torch.device | None = None) -> Iterator:
     """Integrate ``cfg``; yields :class:`~core.consensus.Started` (with the live result),
-    :class:`~core.consensus.Progress` (about ``cfg.max_events``) and
+    :class:`~core.consensus.Progress` (about ``cfg.max_events``, and at least every
+    :data:`MAX_EVENT_GAP_S` seconds of a slow run, so a stop is never far off) and
     :class:`~core.consensus.Finished`, like a model run; stop by closing the generator.
 
-    Everything is checked before anything runs (bad settings raise :class:`LabError` from this
-    call). ``lm`` is needed only for ``qkv = "layer:..."``; ``device`` defaults to the model's
-    device, else the CPU.
+    Everything is checked before anything runs (bad settings, or working tensors bigger than the
+    device's free memory, raise :class:`LabError` from this call). ``lm`` is needed only for
+    ``qkv = "layer:..."``; ``device`` defaults to the model's device, else the CPU.
     """
     cfg = cfg or SimulationConfig()
     cfg.check()
     kind = parse_qkv(cfg.qkv)[0]
+    dev = resolve_device(device, lm)
+    if kind != "layer" or lm is not None:  # before the d x d matrices are made (a layer brings its own d)
+        _check_working_memory(cfg, lm.stack.d_model if kind == "layer" else int(cfg.dim), dev)
     qkv = make_qkv(cfg.qkv, int(cfg.dim), int(cfg.seed), lm)
     if kind == "layer" and int(cfg.dim) != qkv.dim:
         cfg = replace(cfg, dim=qkv.dim)
     need = _check_memory(cfg, qkv.dim)
-    dev = resolve_device(device, lm)
     return _simulation_events(cfg, qkv, dev, need, lm.name if (lm is not None and kind == "layer") else None)
 
 
@@ -405,7 +432,7 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
     vt = qkv.v.t().contiguous().to(dev)  # (d, d)
     x = initial_points(cfg.batch, cfg.tokens, qkv.dim, cfg.seed).to(dev)  # (B, n, d)
     pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (column, stats (B, 5), cos) on the device
-    t0 = time.perf_counter()
+    t0 = last_event = time.perf_counter()
     state = {"x": x, "step": 0}
 
     def record(step: int, x: torch.Tensor) -> None:
@@ -442,7 +469,8 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
             x = integrate_step(x, a, vt, float(cfg.dt), float(cfg.beta), cfg.integrator, bool(cfg.causal))
             state["x"], state["step"] = x, s
             record(s, x)
-            if s % every == 0 and s < S:
+            if (s % every == 0 or time.perf_counter() - last_event > MAX_EVENT_GAP_S) and s < S:
+                last_event = time.perf_counter()
                 yield Progress(s, S, flush())
         yield Progress(S, S, flush())
     except torch.OutOfMemoryError as e:

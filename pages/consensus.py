@@ -46,6 +46,8 @@ HEATMAP_TOKENS = 128          # tokens shown in the cosine heatmap at most
 MAX_EVENTS = 2000             # progress events per run: Stop is noticed at the next one
 REDRAW_S = 0.5                # the live chart is redrawn at most this often
 STOP_WAIT_S = 20.0            # how long a new script run waits for a stopping run to hand its result over
+SIM_MAX_DIM = 4096            # the simulation's d on this page (see sim_controls)
+PREFIX_MAX = 100              # characters of a download file prefix
 
 MODE_RUN, MODE_DECODE, MODE_SIM = "Consensus run", "Consensus decoding", "Simulation"
 DEFAULT_PROMPTS = "The quick brown fox jumps over the lazy dog.\nTo be, or not to be, that is the question."
@@ -126,7 +128,8 @@ def parse_iterations(text: str) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
     except ValueError:
-        raise LabError(f"Decode iterations are comma-separated whole numbers like 0,4,9 (got '{text}').") from None
+        shown = text if len(text) <= 40 else text[:39] + "…"
+        raise LabError(f"Decode iterations are comma-separated whole numbers like 0,4,9 (got '{shown}').") from None
 
 
 def _prompts_for(lm: LoadedModel, source: str, typed: list[str], n: int, length: int, seed: int):
@@ -235,7 +238,9 @@ def sim_controls(lm: LoadedModel | None) -> Request:
             qkv = f"layer:{int(layer)}" + ("" if head == "all" else f":{head}")
             st.caption(f"d = the model's width, {lm.stack.d_model}.")
     else:
-        dim = c[2].number_input("Dimension d", 2, 65536, 16, key="sim_dim", **KEEP)
+        # d x d matrices: 4096 is 64 MB each and a second to set up on a CPU; the engine's own limit (65536,
+        # 17 GB a matrix) is no sphere a page should offer. A model's layer brings its own d.
+        dim = c[2].number_input("Dimension d", 2, SIM_MAX_DIM, 16, key="sim_dim", **KEEP)
     c = st.columns(4)
     dt = c[0].number_input("Step size dt", 0.0, 100.0, 0.1, step=0.01, format="%.4f", key="sim_dt", **KEEP)
     beta = c[1].number_input("beta (inverse temperature)", -1000.0, 1000.0, 1.0, step=0.1, key="sim_beta", **KEEP)
@@ -544,16 +549,34 @@ def csv_bytes(record: dict) -> bytes:
     return frame.to_csv(index=False).encode()
 
 
+# Characters vl-convert's text shaping panics on (a Rust panic aborts the whole server process):
+# C0 controls other than tab / newline / carriage return, and the noncharacters U+FFFE and U+FFFF.
+_PNG_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def png_safe(spec):
+    """A Vega-Lite spec with every string made safe for vl-convert (a prompt may hold a NUL)."""
+    if isinstance(spec, str):
+        return _PNG_UNSAFE.sub("\ufffd", spec)
+    if isinstance(spec, list):
+        return [png_safe(x) for x in spec]
+    if isinstance(spec, dict):
+        return {k: png_safe(v) for k, v in spec.items()}
+    return spec
+
+
 def chart_download(chart: alt.Chart, name: str, key: str) -> None:
     """The chart as a PNG, rendered by vl-convert (no browser needed)."""
     import vl_convert
 
-    png = vl_convert.vegalite_to_png(chart.to_json(), scale=2)
+    with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
+        spec = chart.to_dict()
+    png = vl_convert.vegalite_to_png(png_safe(spec), scale=2)
     st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "consensus"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[:PREFIX_MAX] or "consensus"
 
 
 # -- showing ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from core.loading import LoadedModel
 from pages.common import current_model, ensure_frame, spec_label
 from pages.features_card import density_chart, draw_card, md_escape
 from pages.features_completion import completion_panel
-from pages.features_jobs import list_jobs
+from pages.features_jobs import list_jobs, short, usable_path
 from pages.features_jobs_view import attempt, followed_set, jobs_section
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
@@ -77,10 +77,10 @@ def _load_set(folder: str, stamp: tuple, device: str) -> TranscoderSet:
 
 
 def load_set(lm: LoadedModel, folder: str) -> TranscoderSet:
-    path = Path(folder).expanduser()
+    path = usable_path(folder, "The set folder")
     if not is_transcoder_folder(path):
-        raise LabError(f"{path} is not a transcoder set (no config.json with format 'gptlab-transcoders'); pick "
-                       f"another folder or train one below.")
+        raise LabError(f"{short(str(path))} is not a transcoder set (no config.json with format "
+                       f"'gptlab-transcoders'); pick another folder or train one below.")
     tset = _load_set(str(path.resolve()), _stamp(path), str(lm.stack.device))
     tset.check_model(lm)
     return tset
@@ -195,7 +195,7 @@ def search_section(store: FeatureStore) -> None:
         st.error(error)
         return
     if not hits:
-        st.caption(f"No explanation contains {query.strip()!r}.")
+        st.caption(f"No explanation contains {short(query.strip(), 80)!r}.")
         return
     df = pd.DataFrame({"layer": [h.layer for h in hits], "feature": [h.feature for h in hits],
                        "explainer": [h.explainer for h in hits], "explanation": [h.text for h in hits]})

@@ -22,6 +22,7 @@ from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
 from core.loading import LoadedModel
 from pages.features_card import attribution_html, md_escape
+from pages.features_jobs import short, usable_path
 
 RESULT_KEY = "feat_x_result"     # {"result": CompletionExplanation, "set": folder, "model": spec}
 _OPENED_KEY = "_feat_x_opened"   # per layer table, the row last turned into an open card
@@ -47,7 +48,15 @@ def get_explainer(kind: str, spec: str, device: str) -> Explainer:
     spec = (spec or "").strip()
     if not spec:
         raise LabError("Enter the explainer model: a hub id such as google/flan-t5-base, or a local folder.")
-    return _lm_explainer(spec, device)
+    usable_path(spec, "The explainer model")  # a name the file system cannot even look up fails here, in words
+    try:
+        return _lm_explainer(spec, device)
+    except LabError:
+        raise
+    except Exception as e:  # transformers' own errors for a name that is no model: one line, no traceback
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise LabError(f"Could not load the explainer model '{short(spec, 80)}' ({short(first, 160)}); enter a hub "
+                       f"id such as google/flan-t5-base, or a local model folder.") from None
 
 
 def completion_settings(lm: LoadedModel, max_new: int, greedy: bool, temperature: float, seed: int | None,

@@ -83,6 +83,26 @@ class Job:
 
 # -- the command line -----------------------------------------------------------------------------
 
+def short(text: str, limit: int = 300) -> str:
+    """Text typed by a user, cut for a message (a 20,000-character path is not worth echoing)."""
+    return text if len(text) <= limit else text[:limit - 21] + "…" + text[-20:]
+
+
+def usable_path(text: str, what: str) -> Path:
+    """``text`` as a path the file system can look up, or LabError saying why not (a name longer than
+    the file system allows, a NUL character), instead of an OSError from the first stat."""
+    if "\x00" in text:
+        raise LabError(f"{what} contains a NUL character; enter a plain path.")
+    path = Path(text).expanduser()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise LabError(f"{what} '{short(text)}' is not a usable path ({e.strerror or e}); enter another.") from None
+    return path
+
+
 def _dataset(value: str | None) -> str:
     """``shakespeare`` or an existing local file or folder (made absolute: the job runs elsewhere)."""
     value = (value or "").strip()
@@ -90,9 +110,9 @@ def _dataset(value: str | None) -> str:
         return value
     if not value:
         raise LabError("Enter a local .txt/.jsonl file or folder for the corpus, or pick shakespeare.")
-    path = Path(value).expanduser()
+    path = usable_path(value, "The corpus path")
     if not path.exists():
-        raise LabError(f"Corpus {value} does not exist; enter a local .txt/.jsonl file or folder.")
+        raise LabError(f"Corpus {short(value)} does not exist; enter a local .txt/.jsonl file or folder.")
     return str(path.resolve())
 
 
@@ -123,7 +143,7 @@ def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLik
         raise LabError(f"A transcoder job is one of {', '.join(ACTIONS)} (got '{action}').")
     if not set_folder or not str(set_folder).strip():
         raise LabError("Enter the transcoder set folder.")
-    folder = Path(str(set_folder).strip()).expanduser().resolve()
+    folder = usable_path(str(set_folder).strip(), "The transcoder set folder").resolve()
     if folder.is_file():
         raise LabError(f"{folder} is a file; enter a folder for the transcoder set.")
     argv = ["transcoders", action, "--model", model, "--device", values.get("device") or "cpu",
@@ -153,7 +173,8 @@ def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLik
         argv += _collect_args(values) + ["--dataset", _dataset(values.get("dataset")),
                                          "--seed", str(int(values.get("seed") or 0))]
     else:
-        explainer = (values.get("explainer") or "builtin").strip()
+        explainer = values.get("explainer")
+        explainer = "builtin" if explainer is None else str(explainer).strip()  # "" is an LM left unnamed
         if not explainer:
             raise LabError("Enter the explainer: builtin, or a language model's hub id or folder.")
         argv += ["--explainer", explainer, "--explainer-device", values.get("explainer_device") or "cpu"]

@@ -16,11 +16,13 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError
+from core.training.data import uploads_dir
+from core.training.memory import check_fits
 from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
                                 runs_root, stop)
 from pages.common import ROOT, SPEC_KEY, ensure_frame, spec_label
 from pages.training_charts import draw_charts, metrics_frame
-from pages.training_form import config_from_values, launch_form
+from pages.training_form import UPLOAD_CHOICE, config_from_values, launch_form, save_uploaded
 
 REFRESH_S = 2.0
 SELECT_KEY = "tr_show"      # the runs shown (charts overlaid, one panel each)
@@ -210,9 +212,16 @@ def launch_section(root: Path, has_runs: bool) -> None:
         values = launch_form()
     if values is None:
         return
-    made, error = attempt(config_from_values, values)
+    uploads = uploads_dir(root)
+    made, error = attempt(config_from_values, values, uploads)
     if error is None:
         cfg, name = made
+        _, error = attempt(check_fits, cfg, cfg.device, cfg.devices)  # before a process can die of it
+    if error is None and values["dataset"] == UPLOAD_CHOICE:  # written only now that the run is sure to start
+        saved, error = attempt(save_uploaded, values["upload"], uploads)
+        if saved is not None:
+            cfg.dataset = str(saved)
+    if error is None:
         info, error = attempt(launch, cfg, name, root)
     if error:
         st.error(error)
@@ -236,7 +245,8 @@ launch_section(root, has_runs=bool(found))
 head, button = st.columns([5, 1], vertical_alignment="bottom")
 head.subheader("Runs")
 button.button("Refresh", key="tr_refresh", icon=":material/refresh:", help="Look for runs started elsewhere.")
-st.caption(f"Runs folder: `{root}` (set GPTLAB_RUNS to use another).")
+st.caption(f"Runs folder: `{root}` (set GPTLAB_RUNS to use another); uploaded datasets are kept in "
+           f"`{uploads_dir(root)}`.")
 notice = st.session_state.pop(NOTICE_KEY, None)
 if notice:
     st.success(notice)

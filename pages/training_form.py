@@ -3,9 +3,14 @@ widgets' values to a :class:`~core.training.config.TrainConfig`.
 
 The mapping (:func:`config_from_values`) is plain Python so it can be checked without Streamlit;
 it raises LabError for anything the engine would refuse, before a process is started.
+
+An uploaded dataset (:data:`UPLOAD_CHOICE`) is checked here (a file chosen, within the upload
+limit, text training can read) and named by its content, but written only by the page, right
+before the launch (:func:`save_uploaded`), so a refused form leaves nothing on disk.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -14,19 +19,25 @@ from core.devices import available_devices
 from core.errors import LabError
 from core.gpt import PRESETS
 from core.training.config import TrainConfig
+from core.training.data import check_upload_text, save_upload, upload_name, uploads_dir
 from core.training.optim import RECIPES
+from core.training.runs import check_run_id
 
 FORM_KEY = "tr_form"
 SUBMIT_KEY = "tr_launch"
 PATH_CHOICE = "path"
-DATASETS = ["shakespeare", "fineweb-edu", "openwebtext", "wikitext-103", PATH_CHOICE]
+UPLOAD_CHOICE = "upload"
+DATASETS = ["shakespeare", "fineweb-edu", "openwebtext", "wikitext-103", PATH_CHOICE, UPLOAD_CHOICE]
 DATASET_LABELS = {
     "shakespeare": "Shakespeare (built in, offline)",
     "fineweb-edu": "FineWeb-Edu (Hugging Face)",
     "openwebtext": "OpenWebText (Hugging Face)",
     "wikitext-103": "WikiText-103 (Hugging Face)",
     PATH_CHOICE: "Local file / folder or hub id…",
+    UPLOAD_CHOICE: "Upload a .txt/.jsonl file…",
 }
+UPLOAD_TYPES = ["txt", "jsonl"]
+RUN_NAME_MAX = 100
 TOKENIZERS = {"bpe": "Train our byte-level BPE", "gpt2": "GPT-2 BPE (50,257 tokens)"}
 OBJECTIVES = {"ar": "Autoregressive (next token)", "diffusion": "Masked diffusion (bidirectional)"}
 # precision choice -> (TrainConfig.amp, TrainConfig.amp_dtype)
@@ -83,6 +94,37 @@ def devices_config(chosen: list[str]) -> tuple[str, list[int] | None]:
     return "cuda", idx  # several GPUs: the engine runs itself under torchrun (DDP)
 
 
+def upload_limit_bytes() -> int:
+    """The upload limit: Streamlit's ``server.maxUploadSize`` (MB, set in .streamlit/config.toml),
+    which the browser enforces, checked again here because a client need not be a browser."""
+    return int(st.get_option("server.maxUploadSize")) * 2**20
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MB"
+
+
+def upload_target(upload: Any, folder: Path) -> Path:
+    """Where ``upload`` (Streamlit's UploadedFile) will be saved, after checking it is there, within
+    the limit and readable as training text; writes nothing."""
+    if upload is None:
+        raise LabError("Choose a .txt or .jsonl file under 'Upload a dataset file', or pick another dataset.")
+    limit = upload_limit_bytes()
+    if int(upload.size) > limit:
+        raise LabError(f"The file is {_mb(int(upload.size))}, over the {_mb(limit)} upload limit; to train on a "
+                       f"bigger file, copy it to this machine, choose '{DATASET_LABELS[PATH_CHOICE]}' and enter "
+                       f"its path under 'Path or dataset id'.")
+    data = upload.getvalue()
+    name = upload_name(upload.name, data)
+    check_upload_text(name, data)
+    return Path(folder) / name
+
+
+def save_uploaded(upload: Any, folder: Path) -> Path:
+    """Write the upload (atomically, named by its content) and return its path: the run's dataset."""
+    return save_upload(upload.name, upload.getvalue(), folder, upload_limit_bytes())
+
+
 def dataset_spec(choice: str, path: str) -> str:
     path = (path or "").strip()
     if choice == PATH_CHOICE:
@@ -93,11 +135,24 @@ def dataset_spec(choice: str, path: str) -> str:
     return choice
 
 
-def config_from_values(v: dict[str, Any]) -> tuple[TrainConfig, str | None]:
+def run_name(text: str | None) -> str | None:
+    """The run name typed, checked as the engine will (None: the engine names the run)."""
+    name = (text or "").strip() or None
+    if name is not None:
+        if len(name) > RUN_NAME_MAX:
+            raise LabError(f"The run name is {len(name):,} characters long; use at most {RUN_NAME_MAX} letters, "
+                           f"digits, '.', '_' and '-'.")
+        check_run_id(name)
+    return name
+
+
+def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[TrainConfig, str | None]:
     """The run the form describes and its name (None: the engine names it).
 
     ``v`` maps form field names (:func:`key` without the prefix) to widget values; empty optional
-    fields are None and leave the preset or recipe value in place.
+    fields are None and leave the preset or recipe value in place. With the upload choice the
+    dataset is the path the upload will be saved to under ``uploads`` (default: the runs root's
+    data folder); :func:`save_uploaded` writes it.
     """
     from core.training.data import resolve_source
 
@@ -107,7 +162,11 @@ def config_from_values(v: dict[str, Any]) -> tuple[TrainConfig, str | None]:
     def opt_float(name: str) -> float | None:
         return None if v.get(name) is None else float(v[name])
 
-    dataset = dataset_spec(v["dataset"], v.get("dataset_path", ""))
+    upload = v["dataset"] == UPLOAD_CHOICE
+    if upload:
+        dataset = str(upload_target(v.get("upload"), uploads_dir() if uploads is None else uploads))
+    else:
+        dataset = dataset_spec(v["dataset"], v.get("dataset_path", ""))
     device, devices = devices_config(list(v["devices"]))
     amp, amp_dtype = PRECISIONS[v["precision"]]
     cfg = TrainConfig(
@@ -122,8 +181,9 @@ def config_from_values(v: dict[str, Any]) -> tuple[TrainConfig, str | None]:
         seed=int(v["seed"]), val_every=int(v["val_every"]), preview_every=int(v["preview_every"]),
         save_every=int(v["save_every"]), keep_last=int(v["keep_last"]), log_every=int(v["log_every"]))
     cfg.check()
-    resolve_source(cfg.dataset)  # a missing local file fails here, not in a background process
-    name = (v.get("run_name") or "").strip() or None
+    name = run_name(v.get("run_name"))
+    if not upload:  # an upload was checked above and is written only at launch
+        resolve_source(cfg.dataset)  # a missing local file fails here, not in a background process
     return cfg, name
 
 
@@ -173,6 +233,13 @@ def launch_form() -> dict[str, Any] | None:
                                         key=key("tokenizer"), **keep)
         v["vocab_size"] = c[3].number_input("Vocab size", 300, 1 << 20, d.vocab_size, step=1, key=key("vocab_size"),
                                             **keep, help="For our BPE only.")
+        limit_mb = max(1, -(-upload_limit_bytes() // 2**20))  # whole MB, rounded up, as the widget takes it
+        v["upload"] = st.file_uploader(
+            "Upload a dataset file", type=UPLOAD_TYPES, key=key("upload"), max_upload_size=limit_mb,
+            help=f"Used when the dataset is '{DATASET_LABELS[UPLOAD_CHOICE]}': UTF-8 text, or JSON lines with a "
+                 f"'text' field, up to {limit_mb} MB. Launch saves it under "
+                 f"`{uploads_dir().expanduser().resolve()}` and the run trains on that copy. For a bigger file, "
+                 f"enter its path on this machine as a local file instead.")
 
         st.markdown("**Optimisation**")
         c = st.columns(6)

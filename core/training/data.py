@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import LabError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..tokenizer import MASK, BPETokenizer
 
 CACHE_FORMAT = 1
@@ -63,6 +65,7 @@ HUB_PRESETS: dict[str, HubDataset] = {
 # gpt-training-suite.md's --dataset small|large, and a friendly name for the default.
 ALIASES = {"small": "openwebtext-10k", "large": "wikitext-103", "default": "shakespeare"}
 LOCAL_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?(:[A-Za-z0-9_.-]+)?")  # name[:config]
 
 
 class TextSource:
@@ -203,12 +206,23 @@ def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
     if spec == "shakespeare":
         return ShakespeareSource()
     path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, ...
+        shown = spec if len(spec) <= 80 else spec[:60] + "…"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LabError(f"Dataset '{shown}' is not a usable path or dataset name ({reason}); enter an existing "
+                       f"local file or folder, or a Hugging Face dataset id.") from None
+    if exists:
         return LocalSource(path)
     if spec in HUB_PRESETS:
         return HubSource(spec, HUB_PRESETS[spec], max_tokens)
     if spec.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
         raise LabError(f"Dataset file {spec} does not exist; check the path.")
+    if not _HUB_ID.fullmatch(spec):  # would only fail later, in the run's process, as "not on the hub"
+        shown = spec if len(spec) <= 80 else spec[:60] + "…"
+        raise LabError(f"Dataset '{shown}' is neither an existing local file or folder nor a Hugging Face dataset id "
+                       f"(owner/name or owner/name:config); check the path or the id.")
     name, _, config = spec.partition(":")
     return HubSource(spec, HubDataset(name, config or None, streaming=True), max_tokens)
 
@@ -576,3 +590,83 @@ def validation_windows(split: TokenSplit, block_size: int, n_windows: int, world
         start = (w - starts[s]) * block_size
         out[i] = split.arrays[s][start:start + block_size + 1]
     return torch.from_numpy(out)
+
+
+# -- uploaded text ------------------------------------------------------------------------------
+
+UPLOADS_DIR = "data"          # under the runs root: uploaded training text sits beside the runs using it
+UPLOAD_SUFFIXES = (".txt", ".jsonl")
+UPLOAD_NAME_BYTES = 100       # the stem's limit in UTF-8 bytes (file systems allow 255 for the whole name)
+_UNSAFE_NAME = re.compile(r"[^\w.-]+")
+
+
+def uploads_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where uploaded datasets are saved: ``<runs root>/data`` (``$GPTLAB_RUNS``, default ``runs``)."""
+    from .runs import runs_root
+
+    return (runs_root() if root is None else Path(root)) / UPLOADS_DIR
+
+
+def upload_name(name: str, data: bytes) -> str:
+    """A file name for an upload that cannot leave the uploads folder, whatever the client sent.
+
+    Only the last path component is kept, anything but letters, digits, '.', '_' and '-' becomes
+    '_', leading dots go (no hidden files, no '..'), the stem is cut to :data:`UPLOAD_NAME_BYTES`,
+    and the first 8 hex digits of the content's SHA-256 are added: the same text uploaded twice is
+    one file, and a different text under the same name never replaces the data of an earlier run.
+    """
+    base = unicodedata.normalize("NFKC", re.split(r"[\\/]", str(name))[-1])
+    stem, dot, suffix = base.rpartition(".")
+    suffix = f".{suffix.lower()}" if dot else ""
+    if suffix not in UPLOAD_SUFFIXES:
+        raise LabError(f"Only .txt and .jsonl files can be uploaded as training data (got '{_short(base)}'); "
+                       f"save the text as plain UTF-8 .txt, or JSON lines with a 'text' field.")
+    stem = _UNSAFE_NAME.sub("_", stem).strip("._-")
+    while len(stem.encode("utf-8")) > UPLOAD_NAME_BYTES:
+        stem = stem[:-1]
+    return f"{stem.rstrip('._-') or 'upload'}-{_sha(data)[:8]}{suffix}"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def check_upload_text(name: str, data: bytes) -> None:
+    """Refuse what training would refuse later, in a background process: an empty file, text that
+    is not UTF-8, a JSON line that is not an object with a string 'text' field."""
+    if not data.strip():
+        raise LabError(f"The uploaded file {name} is empty; upload a file with text in it.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LabError(f"The uploaded file {name} is not UTF-8 text (byte {e.start}); save it as UTF-8 and upload "
+                       f"it again.") from None
+    if not name.endswith(".jsonl"):
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LabError(f"{name} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise LabError(f"{name} line {lineno} has no string 'text' field; each JSON line needs one.")
+
+
+def save_upload(name: str, data: bytes, folder: str | os.PathLike, max_bytes: int) -> Path:
+    """Check an uploaded dataset and save it atomically under ``folder`` (see :func:`upload_name`);
+    returns its path, which is what a run's ``dataset`` names. Nothing is written for a refused file."""
+    if len(data) > max_bytes:
+        raise LabError(f"The uploaded file is {len(data) / 2**20:,.1f} MB, over the {max_bytes / 2**20:,.0f} MB limit "
+                       f"for uploads; to train on a bigger file, copy it to this machine and enter its path as a "
+                       f"local file instead.")
+    safe = upload_name(name, data)
+    check_upload_text(safe, data)
+    folder = Path(folder).expanduser().resolve()
+    path = folder / safe
+    if path.parent != folder:  # cannot happen after upload_name; a path must never leave the folder
+        raise LabError(f"Refused to save an upload outside {folder}.")
+    if not path.is_file():  # the name carries the content's hash: an existing file holds these bytes
+        atomic_write_bytes(path, data)
+    return path
