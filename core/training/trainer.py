@@ -39,6 +39,7 @@ from ..errors import LabError
 from ..files import atomic_write
 from ..gpt import GPT
 from . import runs as runs_mod
+from .allocator import keep_freed_memory
 from .config import TrainConfig
 from .data import BatchSampler, TrainingData, prepare_data, validation_windows
 from .diffusion import DiffusionConfig, denoise, diffusion_loss, render, sequence_bound, validation_rates
@@ -199,6 +200,8 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations are reused each step instead of page-faulted in anew
         self.data: TrainingData = self._data()
         tok = self.data.tokenizer
         self.mask_id = tok.mask_id if cfg.objective == "diffusion" else None
