@@ -561,17 +561,27 @@ def _stats(h: torch.Tensor, matrix: bool):
 
 
 class _Clock:
-    """Global layer-step counter and the event cadence shared by every batch of a run."""
+    """Global layer-step counter and the event cadence shared by every batch of a run.
 
-    def __init__(self, total: int, max_events: int):
+    Events fall due every ``total / max_events`` layer-steps, and at least once a second: a
+    consumer can only stop a generator between events, so a very long run on big prompts must
+    not go minutes without one.
+    """
+
+    def __init__(self, total: int, max_events: int, min_interval: float = 1.0):
         self.total = total
         self.done = 0
         self.every = max(1, math.ceil(total / max(1, max_events)))
+        self.min_interval, self.last = min_interval, time.monotonic()
 
     def tick(self, n: int = 1) -> bool:
         """Count ``n`` layer-steps; True when an event fell due among them."""
         before, self.done = self.done, self.done + n
-        return self.done // self.every > before // self.every
+        now = time.monotonic()
+        if self.done // self.every > before // self.every or now - self.last >= self.min_interval:
+            self.last = now
+            return True
+        return False
 
 
 class _IterationRunner:

@@ -15,6 +15,7 @@ downloadable. A run whose loop could not even reach ``finally`` is settled on th
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -112,7 +113,7 @@ def stack_controls() -> dict:
     reinit = c[1].selectbox("Re-initialise weights", list(REINIT_LABELS), key="cons_reinit", **KEEP,
                             format_func=REINIT_LABELS.get,
                             help="Random weights with the seed (once), SEED+i+1 after iteration i, or SEED+s after "
-                                 "layer-step s; the loaded weights are put back afterwards.")
+                                 "layer-step s; the run works on a copy, so the loaded model is never changed.")
     seed = c[2].number_input("Seed", 0, 2**31 - 1, 42, key="cons_seed", **KEEP)
     record_every = c[3].number_input("Record every k-th layer-step", 1, 10_000_000, key="cons_record_every", **KEEP,
                                      help="Keep layer-steps 0, k, 2k, ... and the last; for long runs.")
@@ -565,13 +566,19 @@ def png_safe(spec):
     return spec
 
 
-def chart_download(chart: alt.Chart, name: str, key: str) -> None:
-    """The chart as a PNG, rendered by vl-convert (no browser needed)."""
+@st.cache_data(max_entries=16, show_spinner=False)
+def _png(spec_json: str) -> bytes:
+    """Rendered once per chart: about a second each, and the page reruns on every widget change."""
     import vl_convert
 
+    return vl_convert.vegalite_to_png(png_safe(json.loads(spec_json)), scale=2)
+
+
+def chart_download(chart: alt.Chart, name: str, key: str) -> None:
+    """The chart as a PNG, rendered by vl-convert (no browser needed)."""
     with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
         spec = chart.to_dict()
-    png = vl_convert.vegalite_to_png(png_safe(spec), scale=2)
+    png = _png(json.dumps(spec, sort_keys=True, default=str))
     st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
 
 

@@ -267,3 +267,31 @@ def test_a_model_with_its_own_code_is_refused_without_running_it(tmp_path, capsy
     line = one_error_line(capsys.readouterr().err)
     assert "ships its own Python code" in line and "--trust-remote-code" in line
     assert not marker.exists()
+
+
+def test_a_run_too_big_for_the_machine_is_refused_before_anything_is_written(sandbox, capsys):
+    rc = main(["train", "--n-layer", "1024", "--d-model", "65536", "--n-head", "64", "--device", "cpu",
+               "--max-steps", "1", "--output-dir", str(sandbox / "big")])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "needs about" in line and "fewer layers" in line
+    assert list(sandbox.iterdir()) == []
+
+
+@pytest.mark.parametrize("exc, rc, words", [
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 51539607552 bytes"), 2,
+     "ran out of memory"),
+    (ValueError("something nobody expected\nsecond line"), 1, "unexpected ValueError: something nobody expected"),
+])
+def test_an_unexpected_failure_is_still_one_line(sandbox, capsys, monkeypatch, exc, rc, words):
+    import core.commands.models as models
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(models, "run", boom)
+    assert main(["models"]) == rc
+    assert words in one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv("GPTLAB_DEBUG", "1")
+    if rc == 1:
+        with pytest.raises(ValueError):
+            main(["models"])

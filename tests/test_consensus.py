@@ -437,3 +437,21 @@ def test_graph_engine_equals_block_engine_on_cuda(fixture, request):
         warnings.simplefilter("error")  # a failed capture would warn and fall back to launches
         auto = run_consensus(lm, PROMPTS, ConsensusConfig(iterations=6))  # auto: the graph engine
     assert_same_run(auto, run_consensus(lm, PROMPTS, ConsensusConfig(iterations=6, engine="block")), atol=1e-4)
+
+
+def test_long_runs_still_report_at_least_once_a_second(gpt2, monkeypatch):
+    """Stop only takes effect between events: with few events asked for and slow layer-steps,
+    events still come by time, and the numbers they stream are the same."""
+    import core.consensus as consensus
+
+    cfg = ConsensusConfig(iterations=6, max_events=1)
+    quiet = [e for e in consensus_stream(gpt2, PROMPTS[:1], cfg) if isinstance(e, Progress)]
+    monkeypatch.setattr(consensus._Clock.__init__, "__defaults__", (0.0,))  # every layer-step is "a second later"
+    events = list(consensus_stream(gpt2, PROMPTS[:1], cfg))
+    timed = [e for e in events if isinstance(e, Progress)]
+    assert len(quiet) <= 2 and len(timed) >= 6 * gpt2.stack.n_layer // 2
+    res = events[-1].result
+    rebuilt = np.full_like(res.metric, np.nan)
+    for p in timed:
+        rebuilt[np.ix_(p.chunk.rows, np.searchsorted(res.steps, p.chunk.steps))] = p.chunk.metric
+    np.testing.assert_array_equal(rebuilt, res.metric)

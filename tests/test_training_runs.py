@@ -113,3 +113,10 @@ def test_metrics_follower_reads_only_new_complete_lines(tmp_path):
     assert follow.poll() == [{"step": 3, "train_loss": 1.5}]
     atomic_write_text(folder / "metrics.jsonl", '{"step": 1}\n{"step": 2}\n{"step": 9}\n{"step": 10}\n')  # resumed
     assert [r["step"] for r in follow.poll()] == [1, 2, 9, 10] and len(follow.rows) == 4
+
+
+def test_the_uploads_folder_name_is_not_a_run_name():
+    from core.training.data import UPLOADS_DIR
+
+    with pytest.raises(LabError, match="uploaded datasets"):
+        check_run_id(UPLOADS_DIR)

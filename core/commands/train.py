@@ -277,7 +277,13 @@ def _exec_torchrun(cfg, folder: Path, resume: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CheckpointSaved, Previewed, RunEnded, RunStarted, StepLogged, Validated, train
 
+    from ..training.memory import check_fits
+
     cfg = config_from_args(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # before any folder or data: an impossible size costs nothing
+        from ..devices import resolve_device
+
+        check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
     if cfg.devices and len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:

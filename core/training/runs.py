@@ -49,6 +49,10 @@ def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise LabError(f"Run name '{run_id}' is not allowed; use letters, digits, '.', '_' and '-' only "
                        f"(up to 100 characters, starting with a letter or digit).")
+    from .data import UPLOADS_DIR
+
+    if run_id == UPLOADS_DIR:
+        raise LabError(f"Run name '{run_id}' is taken by the folder of uploaded datasets; pick another name.")
     return run_id
 
 
