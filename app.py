@@ -11,7 +11,7 @@ import streamlit as st
 
 from core.devices import available_devices
 from core.loading import KNOWN_HUB_MODELS
-from pages.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, WORKBENCHES, checkpoint_specs,
+from pages.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
                           forget_outcome, load_outcome, spec_label, status_line)
 
 OTHER = "other…"
@@ -60,6 +60,14 @@ def model_sidebar() -> None:
             spec = st.text_input("Model spec or path", key=OTHER_KEY, placeholder="gpt2, /path/to/folder, …",
                                  help="A hub id, a local Hugging Face folder (with config.json), or a GPT Lab "
                                       "checkpoint folder.").strip()
+            st.checkbox("Trust remote code", key=TRUST_KEY,
+                        help="Let transformers run Python code shipped with this model or its tokenizer. "
+                             "Off unless you tick it.")
+            if ss.get(TRUST_KEY):
+                st.warning("Remote code runs with your permissions on this machine: tick this only for models "
+                           "whose authors you trust.", icon=":material/warning:")
+        else:
+            ss[TRUST_KEY] = False  # the listed models never need it; it never outlives the choice
         devices = available_devices()
         if ss.get(DEVICE_KEY) not in devices:
             ss[DEVICE_KEY] = devices[0]

@@ -21,6 +21,7 @@ from core.training.runs import runs_root
 SPEC_KEY = "model_spec"       # the model spec every page uses; set it to open another model
 DEVICE_KEY = "model_device"
 DTYPE_KEY = "model_dtype"
+TRUST_KEY = "model_trust_remote_code"  # let transformers run code shipped with the model (off unless ticked)
 DTYPES = ["float32", "bfloat16", "float16"]
 _OUTCOME_KEY = "_model_outcome"  # (request, weak reference to the model or None, error or None) of this run's load
 
@@ -74,17 +75,17 @@ def spec_label(spec: str) -> str:
         return spec
 
 
-def model_request() -> tuple[str, str, str]:
-    """The (spec, device, dtype) the user asked for; defaults before the sidebar has run."""
+def model_request() -> tuple[str, str, str, bool]:
+    """The (spec, device, dtype, trust_remote_code) the user asked for; defaults before the sidebar has run."""
     ss = st.session_state
     return (str(ss.get(SPEC_KEY) or "default").strip() or "default", ss.get(DEVICE_KEY, "cpu"),
-            ss.get(DTYPE_KEY, "float32"))
+            ss.get(DTYPE_KEY, "float32"), bool(ss.get(TRUST_KEY, False)))
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading model…")
-def _load_cached(spec: str, device: str, dtype: str) -> LoadedModel:
+def _load_cached(spec: str, device: str, dtype: str, trust_remote_code: bool = False) -> LoadedModel:
     # Failures raise and so are not cached: a model fetched later loads on the next try.
-    return load_model(spec, device=device, dtype=dtype)
+    return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_outcome() -> tuple[LoadedModel | None, str | None]:
@@ -103,10 +104,10 @@ def load_outcome() -> tuple[LoadedModel | None, str | None]:
         model = memo[1]()
         if model is not None:
             return model, None
-    spec, device, dtype = request
+    spec, device, dtype, trust = request
     model, error = None, None
     try:
-        model = _load_cached(spec, device, dtype)
+        model = _load_cached(spec, device, dtype, trust)
     except LabError as e:
         error = str(e)
     except MemoryError:

@@ -109,3 +109,29 @@ def test_untrained_model_is_labelled_everywhere(tmp_path: Path):
     assert any("Untrained" in w for w in texts(at.warning))
     assert "untrained" in " ".join(texts(at.sidebar.caption))
     assert at.table[0].value.loc["trained"].iloc[0] == "no (untrained)"
+
+
+def test_trust_remote_code_is_off_unless_ticked_and_warns(tiny_gpt2_dir: Path, monkeypatch):
+    import core.loading as loading
+    import pages.common as common
+
+    calls = []
+    real = loading.load_model
+
+    def spy(spec, **kw):
+        calls.append(kw.get("trust_remote_code"))
+        return real(spec, **kw)
+
+    monkeypatch.setattr(common, "load_model", spy)
+    common._load_cached.clear()
+    at = open_app()
+    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
+    at.sidebar.text_input(key="model_other").input(str(tiny_gpt2_dir)).run()
+    assert at.sidebar.checkbox(key="model_trust_remote_code").value is False
+    assert not at.sidebar.warning and calls and set(calls) == {False}
+    at.sidebar.checkbox(key="model_trust_remote_code").check().run()
+    assert not at.exception and calls[-1] is True
+    assert "your permissions" in " ".join(texts(at.sidebar.warning))
+    at.sidebar.selectbox(key="model_choice").set_value("default").run()  # leaving "other" turns it off
+    assert at.session_state["model_trust_remote_code"] is False
+    common._load_cached.clear()
