@@ -135,7 +135,7 @@ def main() -> None:
     n = trainer.raw.num_params(non_embedding=True)
     fpt = flops_per_token(n, trainer.raw.config.n_layer, trainer.raw.config.d_model, cfg.block_size)
     peak = peak_flops(device)
-    lines = [f"| loop | tokens/s |", "|---|---:|"] + [f"| {k} | {v:,.0f} |" for k, v in rates.items()]
+    lines = ["| loop | tokens/s |", "|---|---:|"] + [f"| {k} | {v:,.0f} |" for k, v in rates.items()]
     shape = (f"{trainer.raw.config.n_layer} layers, d_model {trainer.raw.config.d_model}, context {cfg.block_size}, "
              f"vocab {vocab}, batch {cfg.batch_size}, {'bfloat16 autocast, compiled' if args.gpu else 'float32'}, "
              f"AdamW; {chunk}-step chunks x {args.repeats} interleaved")

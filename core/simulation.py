@@ -57,6 +57,7 @@ import torch
 from .consensus import (ConsensusConfig, ConsensusResult, Finished, MetricChunk, Progress, Started,
                         estimate_bytes, recorded_steps)
 from .consensus_metrics import STAT_NAMES, token_stats
+from .devices import fmt_bytes
 from .errors import LabError
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def _check_memory(cfg: SimulationConfig, dim: int) -> int:
         else:
             lo = mid + 1
     raise LabError(f"Recording all {cfg.steps} steps{' with n x n cosine matrices' if cfg.matrix else ''} needs "
-                   f"about {_fmt_bytes(total)}, over the {_fmt_bytes(cfg.memory_budget)} memory budget; record every "
+                   f"about {fmt_bytes(total)}, over the {fmt_bytes(cfg.memory_budget)} memory budget; record every "
                    f"{lo} steps (--record-every {lo}) or use fewer steps, tokens or initial conditions.")
 
 
@@ -349,17 +350,9 @@ def _check_working_memory(cfg: SimulationConfig, dim: int, dev: torch.device) ->
     free = free_bytes(dev)
     if free is None or need <= free:
         return
-    raise LabError(f"This simulation needs about {_fmt_bytes(need)} of working memory ({cfg.batch} initial "
-                   f"condition(s) of {cfg.tokens} tokens in d = {dim}), more than the {_fmt_bytes(free)} free on "
+    raise LabError(f"This simulation needs about {fmt_bytes(need)} of working memory ({cfg.batch} initial "
+                   f"condition(s) of {cfg.tokens} tokens in d = {dim}), more than the {fmt_bytes(free)} free on "
                    f"{dev}; use a smaller d, fewer tokens or fewer initial conditions.")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def resolve_device(device: str | torch.device | None, lm: "LoadedModel | None" = None) -> torch.device:

@@ -33,6 +33,7 @@ from core.consensus import (ConsensusConfig, ConsensusDecodeResult, ConsensusRes
 from core.consensus_io import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                texts_array)
 from core.consensus_metrics import STAT_NAMES
+from core.devices import fmt_bytes
 from core.errors import LabError
 from core.loading import LoadedModel
 from core.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
@@ -156,8 +157,8 @@ def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, le
     steps = cfg.iterations * lm.stack.n_layer
     span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
     st.caption(f"{len(lengths)} prompt(s) of {span} tokens · {steps:,} layer-steps per "
-               f"{'new token' if new_tokens else 'prompt'} · records about {_fmt_bytes(need)} "
-               f"(budget {_fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
+               f"{'new token' if new_tokens else 'prompt'} · records about {fmt_bytes(need)} "
+               f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
 
 
 def run_controls(lm: LoadedModel | None) -> Request | None:
@@ -424,14 +425,6 @@ def clear_runs() -> None:
 
 
 # -- frames and charts ------------------------------------------------------------------------------
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
 
 def _short(text: str, limit: int = 32) -> str:
     text = text.replace("\n", " ")

@@ -3,6 +3,7 @@ tokenizer trained here, so every test runs offline in seconds."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,29 @@ def tiny_gptlab_dir(tmp_path_factory) -> Path:
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32))
     save_checkpoint(folder, model, str(folder / "tokenizer.json"))
     return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """A tiny training text (the corpus three times), shared by a test module's runs."""
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(CORPUS * 3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A token cache folder for a test module's runs (the text is tokenised once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def wait_for(predicate, timeout: float = 240.0, every: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned); generous timeouts because
+    CI machines are slow and a real process is on the other side."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")

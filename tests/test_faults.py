@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,9 @@ from core.training import (CheckpointSaved, RunStarted, TrainConfig, read_metric
 from core.training.optim import build_optimizers, resolve_hyper
 from core.training.runs import ROOT, checkpoint_steps, run_info
 from core.training.trainer import STATE_FILE, Trainer, load_trainer_state
-from tests.conftest import CORPUS
+from tests.conftest import wait_for
 
 TOKENS_PER_STEP = 4 * 32  # batch 4 x block 32, one process, per accumulation step
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(CORPUS * 3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def tiny(text_file, cache, **kw) -> TrainConfig:
@@ -58,16 +45,6 @@ def cli_flags(text_file, cache) -> list[str]:
     return ["--dataset", str(text_file), "--vocab-size", "320", "--data-cache", str(cache), "--device", "cpu",
             "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "32", "--batch-size", "4",
             "--log-every", "1", "--val-every", "0", "--seed", "7"]
-
-
-def wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 def child_env() -> dict:

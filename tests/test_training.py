@@ -13,19 +13,6 @@ from core.errors import LabError
 from core.training import RunEnded, StepLogged, TrainConfig, read_metrics, read_status, resume_config, train
 from core.training.optim import RECIPES, build_optimizers, decay_groups, resolve_hyper
 from core.training.schedules import lr_at
-from tests.conftest import CORPUS
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(CORPUS * 3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def tiny(text_file, cache, **kw) -> TrainConfig:

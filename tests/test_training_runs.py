@@ -5,24 +5,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from core.errors import LabError
 from core.training import TrainConfig, delete, launch, list_runs, read_metrics, read_status, resume, stop
 from core.training.runs import RunFiles, check_run_id, run_path
-from tests.conftest import CORPUS
-
-
-def wait_for(predicate, timeout: float = 90.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
+from tests.conftest import CORPUS, wait_for
 
 
 def test_run_names_cannot_escape_the_runs_folder(tmp_path):
