@@ -110,6 +110,18 @@ def test_bad_settings_say_what_to_change(lm, corpus):
         load_transcoder_set(Path(__file__).parent)
 
 
+def test_a_job_too_big_for_the_machine_is_refused_before_allocating(lm, corpus, monkeypatch):
+    """The Features page's maxima (expansion 256, a million tokens a step) would be killed by the
+    kernel; they end in a sentence instead, while the usual sizes go ahead."""
+    import core.devices as devices
+
+    huge = TranscoderTrainConfig(**{**FAST, "expansion": 256, "batch_tokens": 1_000_000})
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 64 << 20)  # a machine with 64 MB free
+    with pytest.raises(LabError, match="lower --expansion or --batch-tokens"):
+        next(train_transcoders(lm, huge, corpus=corpus))
+    assert next(train_transcoders(lm, TranscoderTrainConfig(**FAST), corpus=corpus)) is not None
+
+
 def test_attribution_forward_is_the_models_own(lm, trained):
     tset, _ = trained
     ids = torch.tensor([lm.tokenizer.encode("ROMEO: But soft, what light")])

@@ -226,6 +226,29 @@ def _layer_loss(tc: Transcoder, x: torch.Tensor, y: torch.Tensor, var: float, de
     return loss, (acts > 0).any(0), float(mse.detach())
 
 
+def training_bytes(d_model: int, n_layers: int, n_features: int, seq_len: int, cfg: TranscoderTrainConfig) -> int:
+    """A generous estimate of the working memory: per layer the encoder and decoder with their
+    gradients and Adam's two moments, a minibatch's pre-activations, activations and their
+    gradients, and the shuffle buffer of MLP inputs and outputs (float32 throughout)."""
+    weights = 2 * n_features * d_model + n_features + d_model
+    minibatch = cfg.batch_tokens * (3 * n_features + 6 * d_model)
+    buffer = 2 * cfg.buffer_batches * cfg.model_batch * seq_len * d_model
+    return 4 * n_layers * (4 * weights + minibatch + buffer)
+
+
+def _check_fits(stack, n_layers: int, n_features: int, seq_len: int, cfg: TranscoderTrainConfig) -> None:
+    """Refuse up front what the machine cannot hold, so a job ends with a sentence instead of the
+    kernel's out-of-memory killer (a device whose free memory cannot be told passes)."""
+    from ..devices import fmt_bytes, free_bytes
+
+    need = training_bytes(stack.d_model, n_layers, n_features, seq_len, cfg)
+    free = free_bytes(stack.device)
+    if free is not None and need > free:
+        raise LabError(f"Training {n_layers} transcoder(s) of {n_features:,} features needs about {fmt_bytes(need)}, "
+                       f"more than the {fmt_bytes(free)} free on {stack.device}; lower --expansion or "
+                       f"--batch-tokens, train fewer --layers at a time, or use a shorter --seq-len.")
+
+
 def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = None, *,
                       corpus: CorpusTokens | None = None, out_dir: str | Path | None = None) -> Iterator[TrainEvent]:
     """Train one transcoder per MLP layer of ``lm``; see the module docstring for the events."""
@@ -245,6 +268,7 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
     val_split = "val" if corpus.val.size >= seq_len else "train"
     val_windows = corpus.windows(val_split, seq_len, cfg.val_windows)
 
+    _check_fits(stack, len(layers), tcfg.n_features, seq_len, cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = stack.device
