@@ -61,3 +61,46 @@ def set_widgets(at: AppTest, prefix: str, **values: Any) -> None:
             break
         else:
             raise KeyError(key)
+
+
+def described_feature_model(folder: Path, model_src: Path, texts: list[str], *, steps: int,
+                            n_tokens: int) -> tuple[Path, Path]:
+    """A copy of ``model_src`` at ``folder/model`` with a trained, collected and described
+    transcoder set: ``(model folder, set folder)``, what the Features page's tests open."""
+    import shutil
+
+    from core.interp import (BuiltinExplainer, CollectConfig, FeatureStore, TranscoderTrainConfig, collect_features,
+                             corpus_from_texts, describe_store, run_to_end, store_path, train_transcoders,
+                             transcoder_dir_for)
+    from core.loading import load_model
+
+    model_dir = folder / "model"
+    shutil.copytree(model_src, model_dir)
+    lm = load_model(str(model_dir))
+    corpus = corpus_from_texts(lm, texts)
+    cfg = TranscoderTrainConfig(expansion=2, k=4, steps=steps, batch_tokens=256, seq_len=32, model_batch=8,
+                                buffer_batches=2, val_windows=4, warmup_steps=5)
+    tset = run_to_end(train_transcoders(lm, cfg, corpus=corpus, out_dir=transcoder_dir_for(lm)))
+    ccfg = CollectConfig(n_tokens=n_tokens, seq_len=32, batch_size=8, top_k=5, n_quantile=3, n_heldout=3,
+                         n_negative=3)
+    for _ in collect_features(lm, tset, ccfg, corpus=corpus):
+        pass
+    with FeatureStore(store_path(tset.folder)) as store:
+        for _ in describe_store(store, BuiltinExplainer()):
+            pass
+    return model_dir, tset.folder
+
+
+def chart_data(at, title: str):
+    """The rows (a DataFrame) behind the Altair chart titled ``title``."""
+    import io
+    import json
+
+    import pyarrow as pa
+
+    for chart in at.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        if spec.get("title") == title:
+            (ds,) = chart.proto.datasets
+            return pa.ipc.open_stream(io.BytesIO(ds.data.data)).read_all().to_pandas()
+    raise KeyError(title)

@@ -101,3 +101,21 @@ def wait_for(predicate, timeout: float = 240.0, every: float = 0.1):
             return value
         time.sleep(every)
     raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> dict[str, bytes]:
+    """Every download button's file, by file name, as a page handed it to Streamlit (AppTest cannot
+    click a download, so the files are caught on their way into Streamlit's media storage)."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def spy(self, path_or_data, mimetype, kind, filename=None):
+        if filename:
+            files[filename] = path_or_data if isinstance(path_or_data, bytes) else str(path_or_data).encode()
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
+    return files

@@ -10,7 +10,6 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from app_harness import open_app, texts
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from core.consensus import ConsensusConfig, Progress, Started, consensus_stream, run_consensus
 from core.loading import load_model
@@ -23,21 +22,6 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft!"]
 @pytest.fixture(scope="module")
 def lm():
     return load_model("default")
-
-
-@pytest.fixture
-def downloads(monkeypatch) -> dict[str, bytes]:
-    """Every download button's file, by file name, as the page handed it to Streamlit."""
-    files: dict[str, bytes] = {}
-    original = MemoryMediaFileStorage.load_and_get_id
-
-    def spy(self, path_or_data, mimetype, kind, filename=None):
-        if filename:
-            files[filename] = path_or_data if isinstance(path_or_data, bytes) else str(path_or_data).encode()
-        return original(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
-    return files
 
 
 def npy(files: dict[str, bytes], name: str) -> np.ndarray:

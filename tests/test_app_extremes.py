@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from app_harness import open_app, set_widgets, texts
+from app_harness import described_feature_model, open_app, set_widgets, texts
 from streamlit.elements.progress import ProgressMixin
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
@@ -614,23 +614,6 @@ def test_simulation_working_memory_is_refused_before_anything_is_made(monkeypatc
     assert sim.run_simulation(sim.SimulationConfig(tokens=4, dim=8, steps=2)).complete
 
 
-@pytest.fixture
-def downloads(monkeypatch) -> dict[str, bytes]:
-    """Every download button's file, by file name, as the page handed it to Streamlit."""
-    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-
-    files: dict[str, bytes] = {}
-    original = MemoryMediaFileStorage.load_and_get_id
-
-    def spy(self, path_or_data, mimetype, kind, filename=None):
-        if filename:
-            files[filename] = path_or_data if isinstance(path_or_data, bytes) else str(path_or_data).encode()
-        return original(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
-    return files
-
-
 def test_consensus_results_controls_at_their_extremes(fast_png, downloads):
     at = cons_page()
     cons_run(at, cons_prompts="To be, or not to be\nThat is the question", cons_iterations=2, cons_matrix=True)
@@ -957,26 +940,8 @@ TEXT = ("ROMEO: But soft, what light through yonder window breaks? It is the eas
 @pytest.fixture(scope="module")
 def described(tmp_path_factory, tiny_gptlab_dir: Path) -> tuple[Path, Path]:
     """(model folder, its transcoder set folder) with a collected and described feature store."""
-    import shutil
-
-    from core.interp import (BuiltinExplainer, CollectConfig, FeatureStore, TranscoderTrainConfig, collect_features,
-                             corpus_from_texts, describe_store, run_to_end, store_path, train_transcoders,
-                             transcoder_dir_for)
-
-    model_dir = tmp_path_factory.mktemp("extremes-features") / "model"
-    shutil.copytree(tiny_gptlab_dir, model_dir)
-    lm = load_model(str(model_dir))
-    corpus = corpus_from_texts(lm, [TEXT * 8] * 3)
-    cfg = TranscoderTrainConfig(expansion=2, k=4, steps=20, batch_tokens=256, seq_len=32, model_batch=8,
-                                buffer_batches=2, val_windows=4, warmup_steps=5)
-    tset = run_to_end(train_transcoders(lm, cfg, corpus=corpus, out_dir=transcoder_dir_for(lm)))
-    ccfg = CollectConfig(n_tokens=1024, seq_len=32, batch_size=8, top_k=5, n_quantile=3, n_heldout=3, n_negative=3)
-    for _ in collect_features(lm, tset, ccfg, corpus=corpus):
-        pass
-    with FeatureStore(store_path(tset.folder)) as store:
-        for _ in describe_store(store, BuiltinExplainer()):
-            pass
-    return model_dir, tset.folder
+    return described_feature_model(tmp_path_factory.mktemp("extremes-features"), tiny_gptlab_dir, [TEXT * 8] * 3,
+                                   steps=20, n_tokens=1024)
 
 
 @pytest.fixture

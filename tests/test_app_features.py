@@ -10,7 +10,6 @@ test starts is killed at teardown.
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import shutil
@@ -19,14 +18,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pytest
-from app_harness import open_app, texts
+from app_harness import chart_data, described_feature_model, open_app, texts
 
 from core.generation import SamplingConfig
-from core.interp import (BuiltinExplainer, CollectConfig, FeatureStore, TranscoderTrainConfig, collect_features,
-                         corpus_from_texts, describe_store, load_explainer, load_transcoder_set, run_explain_completion,
-                         run_to_end, store_path, train_transcoders, transcoder_dir_for)
+from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
+                         store_path)
 from core.interp.store import Context
 from core.interp.store import HIST_EDGES
 from core.loading import load_model
@@ -42,20 +39,8 @@ CORPUS = [TEXT * 8] * 3
 @pytest.fixture(scope="module")
 def described(tmp_path_factory, tiny_gptlab_dir: Path) -> tuple[Path, Path]:
     """(model folder, its transcoder set folder) with a collected and described feature store."""
-    model_dir = tmp_path_factory.mktemp("features-model") / "model"
-    shutil.copytree(tiny_gptlab_dir, model_dir)
-    lm = load_model(str(model_dir))
-    corpus = corpus_from_texts(lm, CORPUS)
-    cfg = TranscoderTrainConfig(expansion=2, k=4, steps=30, batch_tokens=256, seq_len=32, model_batch=8,
-                                buffer_batches=2, val_windows=4, warmup_steps=5)
-    tset = run_to_end(train_transcoders(lm, cfg, corpus=corpus, out_dir=transcoder_dir_for(lm)))
-    ccfg = CollectConfig(n_tokens=2048, seq_len=32, batch_size=8, top_k=5, n_quantile=3, n_heldout=3, n_negative=3)
-    for _ in collect_features(lm, tset, ccfg, corpus=corpus):
-        pass
-    with FeatureStore(store_path(tset.folder)) as store:
-        for _ in describe_store(store, BuiltinExplainer()):
-            pass
-    return model_dir, tset.folder
+    return described_feature_model(tmp_path_factory.mktemp("features-model"), tiny_gptlab_dir, CORPUS, steps=30,
+                                   n_tokens=2048)
 
 
 @pytest.fixture
@@ -96,15 +81,6 @@ def page(model_dir: Path, **state):
     at = open_app(PAGE, state={"model_spec": str(model_dir), **state})
     assert not at.exception, at.exception
     return at
-
-
-def chart_data(at, title: str) -> pd.DataFrame:
-    for chart in at.get("vega_lite_chart"):
-        spec = json.loads(chart.proto.spec)
-        if spec.get("title") == title:
-            (ds,) = chart.proto.datasets
-            return pa.ipc.open_stream(io.BytesIO(ds.data.data)).read_all().to_pandas()
-    raise KeyError(title)
 
 
 def frame(at, key_prefix: str) -> pd.DataFrame:

@@ -8,7 +8,6 @@ process. Every process a test starts is killed at teardown.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -17,9 +16,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pytest
-from app_harness import open_app, set_widgets, texts
+from app_harness import chart_data, open_app, set_widgets, texts
 
 from core.errors import LabError
 from core.training import runs as runs_mod
@@ -92,16 +90,6 @@ def fill_form(at, **values) -> None:
 def launch(at, **values):
     fill_form(at, devices=["cpu"], **values)
     return at.button(key="tr_launch").click().run()
-
-
-def chart_data(at, title: str) -> pd.DataFrame:
-    """The rows behind the Altair chart titled ``title``."""
-    for chart in at.get("vega_lite_chart"):
-        spec = json.loads(chart.proto.spec)
-        if spec.get("title") == title:
-            (ds,) = chart.proto.datasets
-            return pa.ipc.open_stream(io.BytesIO(ds.data.data)).read_all().to_pandas()
-    raise KeyError(title)
 
 
 def chart_titles(at) -> list[str]:
