@@ -28,7 +28,7 @@ from pathlib import Path
 
 from core.errors import LabError
 from core.files import atomic_write_json
-from core.training.runs import STOP_FILE, RunFiles, now, process_start, runs_root
+from core.training.runs import STOP_FILE, RunFiles, now, process_alive, process_start, runs_root
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS_DIR = "transcoders"            # under the runs root
@@ -238,14 +238,7 @@ def _alive(folder: Path, pid: int | None, pid_start: str | None) -> bool | None:
         return True
     if pid is None:
         return False if child is not None else None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    start = process_start(pid)
-    return start is None or pid_start is None or start == pid_start
+    return process_alive(int(pid), pid_start)
 
 
 def read_job(folder: str | os.PathLike) -> Job:

@@ -24,7 +24,7 @@ import shutil
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -129,17 +129,24 @@ class LocalSource(TextSource):
 
 def _jsonl_documents(path: Path) -> Iterator[tuple[str, bool]]:
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LabError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise LabError(f"{path} line {lineno} has no string 'text' field; each JSON line needs one.")
+        for text in jsonl_texts(fh, str(path)):
             yield text, True
+
+
+def jsonl_texts(lines: Iterable[str], where: str) -> Iterator[str]:
+    """The 'text' field of each non-blank JSON line; a line that is not an object with a string
+    'text' stops with a message naming ``where`` and the line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LabError(f"{where} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise LabError(f"{where} line {lineno} has no string 'text' field; each JSON line needs one.")
+        yield text
 
 
 class HubSource(TextSource):
@@ -641,17 +648,9 @@ def check_upload_text(name: str, data: bytes) -> None:
     except UnicodeDecodeError as e:
         raise LabError(f"The uploaded file {name} is not UTF-8 text (byte {e.start}); save it as UTF-8 and upload "
                        f"it again.") from None
-    if not name.endswith(".jsonl"):
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LabError(f"{name} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise LabError(f"{name} line {lineno} has no string 'text' field; each JSON line needs one.")
+    if name.endswith(".jsonl"):
+        for _ in jsonl_texts(text.splitlines(), name):
+            pass
 
 
 def save_upload(name: str, data: bytes, folder: str | os.PathLike, max_bytes: int) -> Path:

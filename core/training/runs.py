@@ -195,7 +195,9 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after "pid (comm)"
 
 
-def _pid_alive(pid: int, started: str | None = None) -> bool:
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` lives and is still the one that started at ``started`` (a pid the
+    system gave to a new process since reads as dead)."""
     child = _CHILDREN.get(pid)
     if child is not None:
         return child.poll() is None
@@ -223,7 +225,7 @@ def read_status(run: str | os.PathLike, root: Path | None = None) -> dict:
     except (FileNotFoundError, json.JSONDecodeError):
         st = {"state": "unknown"}
     if st.get("state") == "running" and st.get("pid") and st.get("host", socket.gethostname()) == socket.gethostname():
-        if not _pid_alive(int(st["pid"]), st.get("pid_start")):
+        if not process_alive(int(st["pid"]), st.get("pid_start")):
             tail = log_tail(p, 15)
             if (p / STOP_FILE).exists():  # stopped before the trainer could answer (e.g. while starting)
                 return {**st, "state": "stopped", "reason": "Stopped before the first checkpoint.", "last_log": tail}
