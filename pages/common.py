@@ -8,8 +8,10 @@ Other pages may open a model elsewhere by setting ``st.session_state[SPEC_KEY]``
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import streamlit as st
 
@@ -162,3 +164,22 @@ def status_line(model: LoadedModel | None, error: str | None) -> str:
         parts.append(":orange[untrained]")
     parts += [model.family, model.device, dtype_name(model.dtype)]
     return " · ".join(parts)
+
+
+@contextmanager
+def streamed_into(record: dict, events, live, out_of_memory: str) -> Iterator[None]:
+    """Around a loop that streams ``events`` into ``record`` and a ``live`` placeholder: a failure
+    becomes one line in ``record["error"]`` (``out_of_memory`` says what to change when the device
+    ran out), the generator is closed however the loop ends (also on Stop, when Streamlit aborts
+    the script mid-loop), and the live view is cleared once the loop is over."""
+    try:
+        yield
+    except LabError as e:
+        record["status"], record["error"] = "failed", str(e)
+    except Exception as e:  # a bug or the device failing: one line for the user, no traceback
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = out_of_memory if "out of memory" in str(e).lower() else first
+        record["status"], record["error"] = "failed", f"Generation failed: {reason}"
+    finally:
+        events.close()
+    live.empty()

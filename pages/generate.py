@@ -27,7 +27,7 @@ from core.errors import LabError
 from core.generation import (Finished, GenerationResult, SamplingConfig, TokenEvent, TokenInfo, encode_prompt,
                              partial_result, perplexity, stream)
 from core.loading import LoadedModel
-from pages.common import current_model, ensure_frame
+from pages.common import current_model, ensure_frame, streamed_into
 from pages.generate_diffusion import diffusion_view
 
 RESULTS_KEY = "gen_results"
@@ -37,6 +37,7 @@ COMPARE_KEY = "gen_compare"
 SLOTS = ("A", "B")
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 SEED_MAX = 2**31 - 1
+OUT_OF_MEMORY = "the device ran out of memory; use fewer new tokens, beams, or a smaller model."
 
 
 def wkey(slot: str, name: str) -> str:
@@ -138,20 +139,13 @@ def validate(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig]) -
             raise LabError(f"Settings {slot}: {e}" if len(configs) > 1 else str(e)) from None
 
 
-def failure_message(e: Exception) -> str:
-    if "out of memory" in str(e).lower():
-        return "Generation failed: the device ran out of memory; use fewer new tokens, beams, or a smaller model."
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"Generation failed: {first}"
-
-
 def run_stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) -> None:
     """Stream one generation into a live view, refreshing ``record`` after every token."""
     live = st.empty()
     tokens: list[TokenInfo] = []
     t0 = time.perf_counter()
     events = stream(lm, prompt, cfg)
-    try:
+    with streamed_into(record, events, live, OUT_OF_MEMORY):
         for event in events:
             if isinstance(event, TokenEvent):
                 tokens.append(event.token)
@@ -161,13 +155,6 @@ def run_stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) 
                     st.caption(f"{len(tokens)} / {cfg.max_new_tokens} tokens…")
             elif isinstance(event, Finished):
                 record["result"], record["status"] = event.result, "done"
-    except LabError as e:
-        record["status"], record["error"] = "failed", str(e)
-    except Exception as e:  # a bug or the device failing: one line for the user, no traceback
-        record["status"], record["error"] = "failed", failure_message(e)
-    finally:
-        events.close()  # also on Stop, when Streamlit aborts the script mid-loop
-    live.empty()
 
 
 def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig], out_columns) -> None:

@@ -24,9 +24,11 @@ from core.loading import LoadedModel
 from core.training import diffusion as diff  # module attribute, so tests can swap diff.stream
 from core.training.diffusion import (STRATEGIES, DenoiseStep, DiffusionConfig, DiffusionFinished, DiffusionResult,
                                      DiffusionStarted, partial_result, result_json, state_masked)
+from pages.common import streamed_into
 
 RESULT_KEY = "gen_diff_result"
 RUN_KEY = "gen_diff_run"
+OUT_OF_MEMORY = "the device ran out of memory; generate fewer tokens or use a smaller model."
 SEED_MAX = 2**31 - 1
 MASK_BG = "#c9ccd1"       # a masked position: a grey block
 NEW_BG = "#ffd54f"        # revealed at the step shown
@@ -75,13 +77,6 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
 
 # -- running --------------------------------------------------------------------------------------
 
-def failure_message(e: Exception) -> str:
-    if "out of memory" in str(e).lower():
-        return "Generation failed: the device ran out of memory; generate fewer tokens or use a smaller model."
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"Generation failed: {first}"
-
-
 def settle_interrupted(record: dict | None) -> bool:
     """A record still "running" was cut off by a rerun (Stop, or any widget touched): it keeps the
     states it reached and is marked stopped."""
@@ -98,7 +93,7 @@ def run_denoise(lm: LoadedModel, prompt: str, cfg: DiffusionConfig, record: dict
     steps: list[DenoiseStep] = []
     t0 = time.perf_counter()
     events = diff.stream(lm, prompt, cfg)
-    try:
+    with streamed_into(record, events, live, OUT_OF_MEMORY):
         for event in events:
             if isinstance(event, DiffusionStarted):
                 started = event
@@ -113,13 +108,6 @@ def run_denoise(lm: LoadedModel, prompt: str, cfg: DiffusionConfig, record: dict
                                f"{sum(event.masked)} of {cfg.gen_length} masks left…")
             elif isinstance(event, DiffusionFinished):
                 record["result"], record["status"] = event.result, "done"
-    except LabError as e:
-        record["status"], record["error"] = "failed", str(e)
-    except Exception as e:  # a bug or the device failing: one line for the user, no traceback
-        record["status"], record["error"] = "failed", failure_message(e)
-    finally:
-        events.close()  # also on Stop, when Streamlit aborts the script mid-loop
-    live.empty()
 
 
 def generate(lm: LoadedModel, prompt: str, cfg: DiffusionConfig) -> None:
