@@ -528,14 +528,7 @@ class FeatureStore:
 
     def explanation(self, layer: int, feature: int, explainer: str | None = None,
                     set_id: int | None = None) -> str | None:
-        sid = self._set(set_id)
-        sql = "SELECT text FROM explanations WHERE set_id=? AND layer=? AND feature=?"
-        params: list = [sid, layer, feature]
-        if explainer is not None:
-            sql += " AND explainer=?"
-            params.append(explainer)
-        row = self.conn.execute(sql + " ORDER BY created DESC LIMIT 1", params).fetchone()
-        return row[0] if row else None
+        return self._latest_text("explanations", "layer=? AND feature=?", [layer, feature], explainer, set_id)
 
     def explanations(self, layer: int, explainer: str | None = None, set_id: int | None = None) -> dict[int, str]:
         """``{feature: text}`` for one layer (one explainer; None = the most recent)."""
@@ -575,9 +568,13 @@ class FeatureStore:
 
     def description(self, scope: str, layer: int = -1, explainer: str | None = None,
                     set_id: int | None = None) -> str | None:
-        sid = self._set(set_id)
-        sql = "SELECT text FROM descriptions WHERE set_id=? AND scope=? AND layer=?"
-        params: list = [sid, scope, layer]
+        return self._latest_text("descriptions", "scope=? AND layer=?", [scope, layer], explainer, set_id)
+
+    def _latest_text(self, table: str, where: str, params: list, explainer: str | None,
+                     set_id: int | None) -> str | None:
+        """The newest ``text`` of ``table`` matching ``where`` in a set, by one explainer or any."""
+        sql = f"SELECT text FROM {table} WHERE set_id=? AND {where}"
+        params = [self._set(set_id), *params]
         if explainer is not None:
             sql += " AND explainer=?"
             params.append(explainer)
