@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from .errors import LabError
+from .errors import LabError, is_out_of_memory
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:
         _flush_stdout()
-        if _out_of_memory(e):
+        if is_out_of_memory(e):
             print("error: the device ran out of memory; use a smaller model or batch, --dtype bfloat16, "
                   "or --device cpu.", file=sys.stderr)
             return 2
@@ -219,13 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unexpected {type(e).__name__}: {one_line(e)[:300]} (a bug in GPT Lab; rerun with "
               f"GPTLAB_DEBUG=1 for the traceback and report it).", file=sys.stderr)
         return 1
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """torch's OutOfMemoryError (named, so torch need not be imported here), or the CPU allocator's
-    RuntimeError for a block the machine cannot give."""
-    return type(e).__name__ == "OutOfMemoryError" or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)))
 
 
 def _deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

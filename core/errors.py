@@ -19,3 +19,10 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`LabError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise LabError(message)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (told by name, so this module needs no torch), or the CPU
+    allocator's RuntimeError for a block the machine cannot give: both mean "make it smaller"."""
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)))

@@ -281,16 +281,21 @@ def test_a_kill_between_the_renames_of_a_resave_restores_that_checkpoint(text_fi
 
 # -- 3. CUDA out of memory --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory) (simulated)"),
+], ids=["cuda", "cpu-allocator"])
 @pytest.mark.parametrize("where", ["_train_step", "validate"])
 def test_out_of_memory_fails_the_run_with_what_to_change_and_keeps_checkpoints(text_file, cache, tmp_path,
-                                                                               monkeypatch, capsys, where):
+                                                                               monkeypatch, capsys, where, error):
     from core.cli import main
 
     real = getattr(Trainer, where)
 
     def oom_at_step_7(self, *a, **kw):
         if self.step == (6 if where == "_train_step" else 7):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            raise error
         return real(self, *a, **kw)
 
     monkeypatch.setattr(Trainer, where, oom_at_step_7)

@@ -35,7 +35,7 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
-from ..errors import LabError
+from ..errors import LabError, is_out_of_memory
 from ..files import atomic_write
 from ..gpt import GPT
 from . import runs as runs_mod
@@ -540,7 +540,10 @@ class Trainer:
             yield RunEnded(state=state, step=self.step, run_dir=str(self.run_dir),
                            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
                            val_loss=self.last_val)
-        except torch.OutOfMemoryError:  # a training step, validation, a preview or the model itself
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # a step, validation, a preview or the model itself
+            if not is_out_of_memory(e):
+                self._fail(e)
+                raise
             err = LabError(self._oom_message())
             self._fail(err)
             raise err from None
