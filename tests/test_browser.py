@@ -91,6 +91,20 @@ def _settle(page, timeout=60_000):
     page.wait_for_timeout(500)
 
 
+def _enter(page, role, name, value, tries=4):
+    """Type a value into a widget and make sure it stuck. Streamlit commits a field on blur and
+    reruns the script; a rerun already under way when the field is filled can redraw it with the
+    old value, so the value is checked after the page settles and typed again if it was lost."""
+    box = page.get_by_role(role, name=name)
+    for _ in range(tries):
+        box.fill(value)
+        page.keyboard.press("Tab")
+        _settle(page)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{name} did not keep {value!r} (shows {box.input_value()!r})")
+
+
 def _no_exception(page):
     assert page.locator('[data-testid="stException"]').count() == 0
 
@@ -121,10 +135,8 @@ def test_generate_streams_tokens_and_shows_the_token_view(server, page, tmp_path
     prompt = page.get_by_role("textbox", name="Prompt")
     prompt.wait_for(timeout=90_000)
     _settle(page)
-    prompt.fill("ROMEO:")
-    page.get_by_role("spinbutton", name="Max new tokens").fill("12")
-    page.keyboard.press("Tab")
-    _settle(page)
+    _enter(page, "textbox", "Prompt", "ROMEO:")
+    _enter(page, "spinbutton", "Max new tokens", "12")
     page.get_by_role("button", name="Generate").click()
     page.get_by_text("Prompt perplexity").wait_for(timeout=90_000)
     _settle(page)
@@ -140,14 +152,12 @@ def test_consensus_run_draws_the_live_chart(server, page, tmp_path):
     page.goto(f"{url}/consensus")
     page.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
     _settle(page)
-    page.get_by_role("spinbutton", name="Iterations N").fill("2")
-    page.keyboard.press("Tab")
-    _settle(page)
+    _enter(page, "spinbutton", "Iterations N", "2")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
     _settle(page)
     assert page.locator("[data-testid=stVegaLiteChart]").count() >= 1  # the metric chart
-    assert "default N=2" in page.inner_text("body")  # the run, labelled for overlays
+    page.get_by_text("default N=2").first.wait_for(timeout=30_000)  # the run, labelled for overlays
     _no_exception(page)
     page.screenshot(path=str(_shots(tmp_path) / "consensus.png"), full_page=True)
 
@@ -157,9 +167,8 @@ def test_training_launch_and_stop_a_tiny_run(server, page, tmp_path):
     page.goto(f"{url}/training")
     page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=90_000)
     _settle(page)
-    page.get_by_role("spinbutton", name="Max steps").fill("3000")
-    page.get_by_role("spinbutton", name="Validate every").fill("20")
-    page.keyboard.press("Tab")
+    _enter(page, "spinbutton", "Max steps", "3000")
+    _enter(page, "spinbutton", "Validate every", "20")
     page.get_by_role("button", name="Launch").click()
     page.get_by_text("Launched run").wait_for(timeout=60_000)
     page.get_by_role("button", name="Stop").first.wait_for(timeout=60_000)
@@ -211,13 +220,10 @@ def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browse
         cons.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
         _settle(gen)
         _settle(cons)
-        gen.get_by_role("textbox", name="Prompt").fill(prompt)
-        gen.get_by_role("spinbutton", name="Max new tokens").fill(str(n_tokens))
-        gen.get_by_role("spinbutton", name="Seed").fill(str(seed))
-        gen.keyboard.press("Tab")
-        cons.get_by_role("spinbutton", name="Iterations N").fill("2")
-        cons.keyboard.press("Tab")
-        _settle(cons)
+        _enter(gen, "textbox", "Prompt", prompt)
+        _enter(gen, "spinbutton", "Max new tokens", str(n_tokens))
+        _enter(gen, "spinbutton", "Seed", str(seed))
+        _enter(cons, "spinbutton", "Iterations N", "2")
         cons.get_by_role("combobox", name="Re-initialise weights").click()
         cons.get_by_role("option", name="after each block (--const-reset)").click()
         _settle(gen)
