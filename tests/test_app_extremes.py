@@ -594,7 +594,7 @@ def test_simulation_progress_comes_at_least_every_second_however_slow_the_steps(
     first = next(ev for ev in events if isinstance(ev, Progress))
     events.close()
     assert first.step < 100  # long before the 100th step the count cadence would wait for
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 15  # the 100th step would take 30 s; a busy CI core is slow, not that slow
 
 
 def test_simulation_working_memory_is_refused_before_anything_is_made(monkeypatch):
