@@ -15,6 +15,7 @@ from typing import Iterator, Union
 
 import torch
 
+from . import devices as _devices
 from .errors import LabError
 from .loading import LoadedModel
 from .sampling import check_seed, process_logits
@@ -249,9 +250,28 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
                                     settings=settings, model=lm.name))
 
 
+def beam_bytes(lm: LoadedModel, num_beams: int) -> int:
+    """Memory beam search holds beyond the weights: a context-long KV cache per beam (reordering
+    copies it whole) and a few (beams, vocab) float32 score tensors. Checked first so that a large
+    beam count is refused with a sentence instead of being killed by the operating system."""
+    stack = lm.stack
+    elem = torch.finfo(stack.dtype).bits // 8
+    per_beam = 2 * 2 * stack.n_layer * stack.context_length * stack.d_model * elem  # cache + its reordered copy
+    return num_beams * (per_beam + 6 * stack.vocab_size * 4 + 2 * stack.context_length * 8)
+
+
+def _check_beams_fit(lm: LoadedModel, cfg: SamplingConfig) -> None:
+    need = beam_bytes(lm, cfg.num_beams)
+    free = _devices.free_bytes(lm.stack.device)
+    if free is not None and need > free:
+        raise LabError(f"{cfg.num_beams:,} beams need about {_devices.fmt_bytes(need)}, more than the "
+                       f"{_devices.fmt_bytes(free)} free on {lm.stack.device}; use fewer beams.")
+
+
 def _beam_search(lm: LoadedModel, ids_list: list[int], cfg: SamplingConfig) -> list[int]:
     """Standard beam search over log-probabilities (repetition penalty applied), returning the
     best finished or surviving hypothesis by ``sum(logprob) / length ** length_penalty``."""
+    _check_beams_fit(lm, cfg)
     stack, nb, eos = lm.stack, cfg.num_beams, lm.tokenizer.eos_id
     device = stack.device
     ids = torch.tensor([ids_list], device=device)

@@ -8,7 +8,7 @@ import torch
 
 from core.convert import gpt_from_hf_gpt2
 from core.errors import LabError
-from core.generation import (Finished, SamplingConfig, TokenEvent, generate, perplexity, stream,
+from core.generation import (Finished, SamplingConfig, TokenEvent, beam_bytes, generate, perplexity, stream,
                              token_logprobs)
 from core.loading import LoadedModel, load_model
 from core.stack import stack_for
@@ -146,6 +146,19 @@ def test_beam_search_finds_best_sequence_exhaustively(tiny_gptlab_dir):
     g = generate(lm, PROMPT, SamplingConfig(max_new_tokens=2, num_beams=1, greedy=True))
     b1 = generate(lm, PROMPT, SamplingConfig(max_new_tokens=2, num_beams=1, greedy=True))
     assert g.completion == b1.completion
+
+
+def test_beam_count_beyond_memory_is_refused_before_allocating(tiny_gptlab_dir, monkeypatch):
+    import core.devices as devices
+    lm = load_model(str(tiny_gptlab_dir))
+    s = lm.stack
+    per_beam = 4 * s.n_layer * s.context_length * s.d_model * 4 + 6 * s.vocab_size * 4 + 2 * s.context_length * 8
+    assert beam_bytes(lm, 3) == 3 * per_beam
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 10 * per_beam)
+    ok = generate(lm, PROMPT, SamplingConfig(max_new_tokens=2, num_beams=10))
+    assert len(ok.tokens) == 2
+    with pytest.raises(LabError, match="11 beams need about .* free on cpu; use fewer beams"):
+        generate(lm, PROMPT, SamplingConfig(max_new_tokens=2, num_beams=11))
 
 
 def test_perplexity_matches_manual_and_sliding_window(tiny_gptlab_dir):
