@@ -15,7 +15,6 @@ downloadable. A run whose loop could not even reach ``finally`` is settled on th
 """
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -559,20 +558,18 @@ def png_safe(spec):
     return spec
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def _png(spec_json: str) -> bytes:
-    """Rendered once per chart: about a second each, and the page reruns on every widget change."""
-    import vl_convert
-
-    return vl_convert.vegalite_to_png(png_safe(json.loads(spec_json)), scale=2)
-
-
 def chart_download(chart: alt.Chart, name: str, key: str) -> None:
-    """The chart as a PNG, rendered by vl-convert (no browser needed)."""
-    with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
-        spec = chart.to_dict()
-    png = _png(json.dumps(spec, sort_keys=True, default=str))
+    """The chart as a PNG, rendered by vl-convert (no browser needed) when the button is pressed:
+    rendering takes about a second, and the page reruns on every widget change."""
+    def png() -> bytes:
+        import vl_convert
+
+        with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
+            spec = chart.to_dict()
+        return vl_convert.vegalite_to_png(png_safe(spec), scale=2)
+
     st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
+
 
 
 def _safe(name: str) -> str:
@@ -619,19 +616,23 @@ def show_run(record: dict, name: str, log: bool) -> None:
         st.markdown("**Logit-lens decodings** (argmax token at every position after the iteration's final norm)")
         st.dataframe(decodings_frame(record), hide_index=True)
     cols = st.columns(6)
-    cols[0].download_button("Metric .npy", npy_bytes(metric_array(result)), file_name=f"{prefix}.npy",
+    # Each download's bytes are made when its button is pressed, not on every rerun: a long run's
+    # matrices reach the memory budget (gigabytes), and serialising them whenever a slider moves
+    # would stall the page and hold a second copy in memory.
+    cols[0].download_button("Metric .npy", lambda: npy_bytes(metric_array(result)), file_name=f"{prefix}.npy",
                             key="cons_dl_metric", on_click="ignore", help="float32 [B, P]: the --savefile PREFIX.npy")
-    cols[1].download_button("Hidden .npy", npy_bytes(hidden_array(result)), file_name=f"{prefix}_hidden.npy",
+    cols[1].download_button("Hidden .npy", lambda: npy_bytes(hidden_array(result)), file_name=f"{prefix}_hidden.npy",
                             key="cons_dl_hidden", on_click="ignore", help="float32 [B, T, D]: the final state")
-    cols[2].download_button("Eplot .npy", npy_bytes(eplot_array(result)), file_name=f"{prefix}_eplot.npy",
+    cols[2].download_button("Eplot .npy", lambda: npy_bytes(eplot_array(result)), file_name=f"{prefix}_eplot.npy",
                             key="cons_dl_eplot", on_click="ignore",
                             help="float32 [B, P-1, 2]: mean pairwise cosine and dot product (--eplot)")
     if result.matrix is not None:
-        cols[3].download_button("Matrices .npy", npy_bytes(matrix_array(result)), file_name=f"{prefix}_matrix.npy",
-                                key="cons_dl_matrix", on_click="ignore",
+        cols[3].download_button("Matrices .npy", lambda: npy_bytes(matrix_array(result)),
+                                file_name=f"{prefix}_matrix.npy", key="cons_dl_matrix", on_click="ignore",
                                 help="float32 [B, T, T, P-1]: token cosine matrices (--matrixerror)")
-    cols[4].download_button("CSV", csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv", key="cons_dl_csv",
-                            on_click="ignore", help="Long format: prompt, step, then one column per statistic.")
+    cols[4].download_button("CSV", lambda: csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv",
+                            key="cons_dl_csv", on_click="ignore",
+                            help="Long format: prompt, step, then one column per statistic.")
     with cols[5]:
         chart_download(chart, f"{prefix}_chart", "cons_dl_chart")
 
@@ -672,13 +673,13 @@ def show_decoding(record: dict, prefix: str) -> None:
     st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
     st.altair_chart(chart, width="stretch")
     cols = st.columns(4)
-    cols[0].download_button("Texts .npy", npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
+    cols[0].download_button("Texts .npy", lambda: npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
                             key="cons_dl_texts", on_click="ignore", help="unicode [B]: prompt + generated text")
-    cols[1].download_button("Traces .npy", npy_bytes(diag_array(result)), file_name=f"{prefix}_diag.npy",
+    cols[1].download_button("Traces .npy", lambda: npy_bytes(diag_array(result)), file_name=f"{prefix}_diag.npy",
                             key="cons_dl_diag", on_click="ignore",
                             help="float32 [K*B, P]: row k*B + b is prompt b's trace for new token k")
-    cols[2].download_button("CSV", csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv", key="cons_dl_csv",
-                            on_click="ignore")
+    cols[2].download_button("CSV", lambda: csv_bytes(record), file_name=f"{prefix}.csv", mime="text/csv",
+                            key="cons_dl_csv", on_click="ignore")
     with cols[3]:
         chart_download(chart, f"{prefix}_traces", "cons_dl_chart")
 

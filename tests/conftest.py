@@ -106,16 +106,28 @@ def wait_for(predicate, timeout: float = 240.0, every: float = 0.1):
 @pytest.fixture
 def downloads(monkeypatch) -> dict[str, bytes]:
     """Every download button's file, by file name, as a page handed it to Streamlit (AppTest cannot
-    click a download, so the files are caught on their way into Streamlit's media storage)."""
+    click a download, so the files are caught on their way into Streamlit's media storage; a
+    deferred download's callable is called, as a click would)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
     files: dict[str, bytes] = {}
     original = MemoryMediaFileStorage.load_and_get_id
+    original_deferred = MediaFileManager.add_deferred
+
+    def as_bytes(data) -> bytes:
+        return data if isinstance(data, bytes) else str(data).encode()
 
     def spy(self, path_or_data, mimetype, kind, filename=None):
         if filename:
-            files[filename] = path_or_data if isinstance(path_or_data, bytes) else str(path_or_data).encode()
+            files[filename] = as_bytes(path_or_data)
         return original(self, path_or_data, mimetype, kind, filename)
 
+    def spy_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        if file_name:
+            files[file_name] = as_bytes(data_callable())
+        return original_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy_deferred)
     return files

@@ -442,10 +442,11 @@ VL_CONVERT_ABORTS_ON = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 @pytest.fixture
-def fast_png(monkeypatch) -> list[str]:
-    """vl-convert's PNG rendering (about a second a chart, on every rerun of the results) replaced by
-    a check that the spec it would get holds nothing that makes it abort the process; the real
-    renderer runs in the Unicode prompt test. Returns the specs seen, as JSON."""
+def fast_png(monkeypatch, downloads) -> list[str]:
+    """Every download made as if clicked (see ``downloads``), with vl-convert's PNG rendering (about
+    a second a chart) replaced by a check that the spec it would get holds nothing that makes it
+    abort the process; the real renderer runs in the Unicode prompt test. Returns the specs seen,
+    as JSON."""
     import vl_convert
 
     seen: list[str] = []

@@ -158,6 +158,14 @@ def test_consensus_run_draws_the_live_chart(server, page, tmp_path):
     _settle(page)
     assert page.locator("[data-testid=stVegaLiteChart]").count() >= 1  # the metric chart
     page.get_by_text("default N=2").first.wait_for(timeout=30_000)  # the run, labelled for overlays
+    # downloads are made when pressed (deferred): the server must hand over real files
+    with page.expect_download(timeout=60_000) as metric:
+        page.get_by_role("button", name="Metric .npy").click()
+    head = Path(metric.value.path()).read_bytes()[:6]
+    assert head == b"\x93NUMPY" and metric.value.suggested_filename == "consensus.npy"
+    with page.expect_download(timeout=60_000) as chart:
+        page.get_by_role("button", name="Chart (PNG)").first.click()
+    assert Path(chart.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _no_exception(page)
     page.screenshot(path=str(_shots(tmp_path) / "consensus.png"), full_page=True)
 
