@@ -247,8 +247,8 @@ def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browse
         shown = gen.locator('[data-testid="stCode"]').first.inner_text()
         assert " ".join(shown.split()) == " ".join(want.split())
         assert f"seed {seed}" in gen.inner_text("body")
-        body = cons.inner_text("body")
-        assert "default N=2 const-reset seed=42" in body and "Prompt perplexity" not in body
+        cons.get_by_text("default N=2 const-reset seed=42").first.wait_for(timeout=30_000)
+        assert "Prompt perplexity" not in cons.inner_text("body")
         assert cons.locator("[data-testid=stVegaLiteChart]").count() >= 1
         for pg in (gen, cons):
             _no_exception(pg)
