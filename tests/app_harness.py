@@ -8,6 +8,7 @@ run, so AppTest sees what a browser sees.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,17 @@ def open_app(page: str | None = None, state: dict[str, Any] | None = None, timeo
 def texts(elements) -> list[str]:
     """The ``value`` of every element in an ElementList (errors, markdown, captions…)."""
     return [str(e.value) for e in elements]
+
+
+def code(at: AppTest) -> list[str]:
+    """The st.code blocks' text, as Streamlit keeps it (see ``shown``)."""
+    return texts(at.code)
+
+
+def shown(*outputs: str) -> list[str]:
+    """What st.code keeps of each text: Streamlit drops one leading and one trailing newline, so a
+    completion that ends a line is shown (and stored in the element) without it."""
+    return [re.sub(r"\n\Z", "", re.sub(r"\A\n", "", o)) for o in outputs]
 
 
 def set_widgets(at: AppTest, prefix: str, **values: Any) -> None:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from app_harness import described_feature_model, open_app, set_widgets, texts
+from app_harness import code, described_feature_model, open_app, set_widgets, shown, texts
 from streamlit.elements.progress import ProgressMixin
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
@@ -58,15 +58,6 @@ def one_error(at, *phrases: str) -> str:
         assert phrase in errors[0], errors[0]
     assert len(errors[0]) < 1000, errors[0][:200]
     return errors[0]
-
-
-def code(at) -> list[str]:
-    """The st.code blocks' text (st.code drops trailing newlines, so they are compared without)."""
-    return [c.rstrip("\n") for c in texts(at.code)]
-
-
-def shown(*outputs: str) -> list[str]:
-    return [o.rstrip("\n") for o in outputs]
 
 
 def clean(at) -> None:
