@@ -9,11 +9,14 @@ run, so AppTest sees what a browser sees.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import streamlit.testing.v1.app_test as _app_test
+from streamlit.elements.progress import ProgressMixin
 from streamlit.runtime.pages_manager import PagesManager
+from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +59,25 @@ def shown(*outputs: str) -> list[str]:
     """What st.code keeps of each text: Streamlit drops one leading and one trailing newline, so a
     completion that ends a line is shown (and stored in the element) without it."""
     return [re.sub(r"\n\Z", "", re.sub(r"\A\n", "", o)) for o in outputs]
+
+
+@contextmanager
+def stop_at_first_progress() -> Iterator[None]:
+    """Press Stop mid-run: Streamlit answers a Stop click by raising StopException at the page's
+    next call into Streamlit; inside this block the progress bar's first update after the start
+    raises it instead (AppTest cannot click while a script runs)."""
+    original = ProgressMixin.progress
+
+    def stop_on_update(self, value, text=None, **kw):
+        if value > 0:
+            raise StopException()
+        return original(self, value, text, **kw)
+
+    ProgressMixin.progress = stop_on_update
+    try:
+        yield
+    finally:
+        ProgressMixin.progress = original
 
 
 def set_widgets(at: AppTest, prefix: str, **values: Any) -> None:

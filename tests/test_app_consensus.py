@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from app_harness import open_app, texts
+from app_harness import open_app, stop_at_first_progress, texts
 
 from core.consensus import ConsensusConfig, Progress, Started, consensus_stream, run_consensus
 from core.loading import load_model
@@ -270,25 +270,14 @@ def test_stopped_run_stays_on_screen_and_downloadable(lm, downloads):
     assert "cons_live" not in at.session_state
 
 
-def test_stop_mid_run_archives_what_was_computed(monkeypatch, downloads):
+def test_stop_mid_run_archives_what_was_computed(downloads):
     """Pressing Stop makes Streamlit raise inside the page's next call into Streamlit; here the
     progress bar's first update raises the same exception, mid-run."""
-    from streamlit.elements.progress import ProgressMixin
-    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
-
     at = page()
     at.text_area(key="cons_prompts").input(PROMPTS[0])
     at.number_input(key="cons_iterations").set_value(50)  # 200 layer-steps, an event after each
-    original = ProgressMixin.progress
-
-    def stop_on_update(self, value, text=None, **kw):
-        if value > 0:
-            raise StopException()
-        return original(self, value, text, **kw)
-
-    monkeypatch.setattr(ProgressMixin, "progress", stop_on_update)
-    run(at)
-    monkeypatch.setattr(ProgressMixin, "progress", original)
+    with stop_at_first_progress():
+        run(at)
     at.run()
     clean(at)
     (record,) = at.session_state["cons_runs"]

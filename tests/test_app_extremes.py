@@ -24,9 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from app_harness import code, described_feature_model, open_app, set_widgets, shown, texts
-from streamlit.elements.progress import ProgressMixin
-from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+from app_harness import code, described_feature_model, open_app, set_widgets, shown, stop_at_first_progress, texts
 
 from core.errors import LabError
 from core.generation import SamplingConfig, generate
@@ -452,26 +450,11 @@ def fast_png(monkeypatch, downloads) -> list[str]:
     return seen
 
 
-def _stop_at_first_update(monkeypatch):
-    """Pressing Stop makes Streamlit raise StopException at the page's next call into Streamlit;
-    the progress bar's first update after the start does the same here, mid-run."""
-    original = ProgressMixin.progress
-
-    def stop_on_update(self, value, text=None, **kw):
-        if value > 0:
-            raise StopException()
-        return original(self, value, text, **kw)
-
-    monkeypatch.setattr(ProgressMixin, "progress", stop_on_update)
-    return original
-
-
-def test_consensus_ten_million_iterations_start_and_stop(monkeypatch, fast_png, tiny_gptlab_dir: Path):
+def test_consensus_ten_million_iterations_start_and_stop(fast_png, tiny_gptlab_dir: Path):
     at = cons_page(model=tiny_gptlab_dir)
-    original = _stop_at_first_update(monkeypatch)
     t0 = time.monotonic()
-    cons_run(at, cons_prompts="To be, or not to be", cons_iterations=10_000_000, cons_record_every=10_000_000)
-    monkeypatch.setattr(ProgressMixin, "progress", original)
+    with stop_at_first_progress():
+        cons_run(at, cons_prompts="To be, or not to be", cons_iterations=10_000_000, cons_record_every=10_000_000)
     at.run()
     clean(at)
     assert time.monotonic() - t0 < 60
@@ -553,11 +536,10 @@ def test_simulation_layer_qkv_every_head_and_the_last_layer(fast_png):
     assert [r["result"].hidden.shape[-1] for r in runs_in(at)] == [lm.stack.d_model] * 2
 
 
-def test_simulation_ten_million_steps_start_and_stop(monkeypatch, fast_png):
+def test_simulation_ten_million_steps_start_and_stop(fast_png):
     at = cons_page("Simulation")
-    original = _stop_at_first_update(monkeypatch)
-    cons_run(at, sim_tokens=8, sim_dim=3, sim_steps=10_000_000, sim_record_every=10_000_000, sim_inits=1)
-    monkeypatch.setattr(ProgressMixin, "progress", original)
+    with stop_at_first_progress():
+        cons_run(at, sim_tokens=8, sim_dim=3, sim_steps=10_000_000, sim_record_every=10_000_000, sim_inits=1)
     at.run()
     clean(at)
     (record,) = runs_in(at)
