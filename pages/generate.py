@@ -269,7 +269,7 @@ def show_result(slot: str, record: dict | None, compare: bool) -> None:
         return
     st.code(result.text, language=None, wrap_lines=True)
     ppl = result.prompt_perplexity
-    cols = st.columns(4)
+    cols = st.columns([1, 0.8, 0.8, 1.4])  # the stop reason ("max new tokens") is the longest value
     cols[0].metric("Prompt perplexity", "n/a" if ppl is None else f"{ppl:.2f}",
                    help="exp(mean negative log-likelihood) of the prompt's tokens under the model; lower means "
                         "the model finds the prompt more predictable. Needs a prompt of 2+ tokens.")
