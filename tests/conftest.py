@@ -2,7 +2,10 @@
 tokenizer trained here, so every test runs offline in seconds."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -131,3 +134,56 @@ def downloads(monkeypatch) -> dict[str, bytes]:
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", spy)
     monkeypatch.setattr(MediaFileManager, "add_deferred", spy_deferred)
     return files
+
+
+def process_cmdline(pid: int) -> str:
+    """The command line of a live process ("" when it is gone or unreadable)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def leftover_pids(statuses, known) -> dict[int, None]:
+    """Processes named by these status.json files that this test process did not start itself
+    (``known``) and that are still the job of that folder (its path is on their command line, so
+    a pid the system has since given to something else is left alone)."""
+    found: dict[int, None] = {}
+    for status in statuses:
+        try:
+            pid = int(json.loads(Path(status).read_text()).get("pid") or 0)
+        except (OSError, ValueError):
+            continue
+        if pid and pid not in known and str(Path(status).parent) in process_cmdline(pid):
+            found[pid] = None
+    return found
+
+
+def kill_process_groups(procs: dict[int, subprocess.Popen | None]) -> None:
+    """End the runs and jobs a test started (each leads its own session, so its group is all of
+    it) and reap those this process started, so no test leaves a process behind."""
+    for pid, proc in procs.items():
+        if proc is None or proc.poll() is None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc is not None:
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path, cache: Path, monkeypatch) -> Path:
+    """Runs (and uploads) under tmp_path, tokens in the module's cache; any training process
+    started during the test is killed afterwards."""
+    from core.training import runs as runs_mod
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("GPTLAB_RUNS", str(root))
+    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(cache))
+    before = set(runs_mod._CHILDREN)
+    yield root
+    ours = {pid: proc for pid, proc in runs_mod._CHILDREN.items() if pid not in before}
+    kill_process_groups({**ours, **leftover_pids(root.glob("*/status.json"), ours)})
+    for pid in ours:
+        runs_mod._CHILDREN.pop(pid, None)

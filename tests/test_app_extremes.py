@@ -14,9 +14,7 @@ here too, through AppTest's file uploader, down to a real tiny run training on t
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -637,37 +635,6 @@ TR_MAX = dict(n_layer=1024, n_head=1024, d_model=65536, block_size=131072, vocab
 TR_MIN = dict(n_layer=1, n_head=1, d_model=1, block_size=1, vocab_size=300, lr=0.0, weight_decay=0.0, warmup_steps=0,
               seed=0, batch_size=1, grad_acc_steps=1, max_steps=1, epochs=0.0, val_every=0, log_every=1,
               preview_every=0, save_every=0, keep_last=1)
-
-
-def _status_pid(folder: Path) -> int | None:
-    try:
-        return int(json.loads((folder / "status.json").read_text()).get("pid") or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-@pytest.fixture
-def runs_root(tmp_path: Path, monkeypatch) -> Path:
-    """Runs (and uploads) under tmp_path; any training process started meanwhile is killed after."""
-    root = tmp_path / "runs"
-    monkeypatch.setenv("GPTLAB_RUNS", str(root))
-    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "token-cache"))
-    before = set(runs_mod._CHILDREN)
-    yield root
-    ours = {pid: proc for pid, proc in runs_mod._CHILDREN.items() if pid not in before}
-    for folder in root.glob("*"):
-        pid = _status_pid(folder)
-        if pid and pid not in ours:
-            ours[pid] = None
-    for pid, proc in ours.items():
-        if proc is None or proc.poll() is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # its own session: the group is the run
-            except (ProcessLookupError, PermissionError):
-                pass
-        if proc is not None:
-            proc.wait(timeout=30)
-            runs_mod._CHILDREN.pop(pid, None)
 
 
 @pytest.fixture

@@ -10,16 +10,14 @@ test starts is killed at teardown.
 from __future__ import annotations
 
 import html
-import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from app_harness import chart_data, described_feature_model, open_app, texts
+from conftest import kill_process_groups, leftover_pids
 
 from core.generation import SamplingConfig
 from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
@@ -56,25 +54,7 @@ def env(tmp_path: Path, monkeypatch) -> Path:
         if folder not in before:
             pids[proc.pid] = proc
             features_jobs._CHILDREN.pop(folder)
-    for status in features_jobs.jobs_root(root).glob("*/status.json"):
-        pid = json.loads(status.read_text()).get("pid")
-        if pid and pid not in pids and str(status.parent) in _cmdline(pid):
-            pids[pid] = None
-    for pid, proc in pids.items():
-        if proc is None or proc.poll() is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # its own session: the group is the job
-            except ProcessLookupError:
-                pass
-        if proc is not None:
-            proc.wait(timeout=30)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    kill_process_groups({**pids, **leftover_pids(features_jobs.jobs_root(root).glob("*/status.json"), pids)})
 
 
 def page(model_dir: Path, **state):

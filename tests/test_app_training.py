@@ -9,9 +9,7 @@ process. Every process a test starts is killed at teardown.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -28,50 +26,6 @@ CORPUS = ("ROMEO: But soft, what light through yonder window breaks? It is the e
           "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name.\n") * 60
 TINY = dict(preset="tiny", n_layer=1, n_head=2, d_model=32, block_size=32, batch_size=4, vocab_size=300,
             max_steps=5000, val_every=10, log_every=5, save_every=0, preview_every=0)
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("token-cache")
-
-
-@pytest.fixture
-def runs_root(tmp_path: Path, data_cache: Path, monkeypatch) -> Path:
-    """Runs under tmp_path; any training process started during the test is killed afterwards."""
-    root = tmp_path / "runs"
-    monkeypatch.setenv("GPTLAB_RUNS", str(root))
-    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(data_cache))
-    children = getattr(runs_mod, "_CHILDREN", {})  # Popen objects of the runs this process launched
-    before = set(children)
-    yield root
-    ours = {pid: proc for pid, proc in children.items() if pid not in before}
-    for folder in root.glob("*"):  # also any run process named by a status.json under this test's root
-        pid = _status_pid(folder)
-        if pid and pid not in ours and str(folder) in _cmdline(pid):
-            ours[pid] = None
-    for pid, proc in ours.items():
-        if proc is None or proc.poll() is None:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # its own session (start_new_session): the group is the run
-            except ProcessLookupError:
-                pass
-        if proc is not None:
-            proc.wait(timeout=30)
-            children.pop(pid, None)
-
-
-def _status_pid(folder: Path) -> int | None:
-    try:
-        return int(json.loads((folder / "status.json").read_text()).get("pid") or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @pytest.fixture
