@@ -79,6 +79,16 @@ def free_bytes(device: str | torch.device) -> int | None:
     return None
 
 
+def require_free(need: int, device: str | torch.device, what: str, advice: str, detail: str = "") -> None:
+    """Refuse, before anything is allocated, work whose ``need`` in bytes exceeds what ``device``
+    has free (a device whose free memory cannot be told passes). The one sentence reads
+    "{what} about {need}{detail}, more than the {free} free on {device}; {advice}"."""
+    free = free_bytes(device)
+    if free is not None and need > free:
+        raise LabError(f"{what} about {fmt_bytes(need)}{detail}, more than the {fmt_bytes(free)} free on {device}; "
+                       f"{advice}")
+
+
 def fmt_bytes(n: float) -> str:
     """``1.5 GB``-style sizes for messages."""
     for unit in ("B", "KB", "MB", "GB"):

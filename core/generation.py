@@ -260,18 +260,11 @@ def beam_bytes(lm: LoadedModel, num_beams: int) -> int:
     return num_beams * (per_beam + 6 * stack.vocab_size * 4 + 2 * stack.context_length * 8)
 
 
-def _check_beams_fit(lm: LoadedModel, cfg: SamplingConfig) -> None:
-    need = beam_bytes(lm, cfg.num_beams)
-    free = _devices.free_bytes(lm.stack.device)
-    if free is not None and need > free:
-        raise LabError(f"{cfg.num_beams:,} beams need about {_devices.fmt_bytes(need)}, more than the "
-                       f"{_devices.fmt_bytes(free)} free on {lm.stack.device}; use fewer beams.")
-
-
 def _beam_search(lm: LoadedModel, ids_list: list[int], cfg: SamplingConfig) -> list[int]:
     """Standard beam search over log-probabilities (repetition penalty applied), returning the
     best finished or surviving hypothesis by ``sum(logprob) / length ** length_penalty``."""
-    _check_beams_fit(lm, cfg)
+    _devices.require_free(beam_bytes(lm, cfg.num_beams), lm.stack.device, f"{cfg.num_beams:,} beams need",
+                          "use fewer beams.")
     stack, nb, eos = lm.stack, cfg.num_beams, lm.tokenizer.eos_id
     device = stack.device
     ids = torch.tensor([ids_list], device=device)

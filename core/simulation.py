@@ -344,15 +344,12 @@ def _check_working_memory(cfg: SimulationConfig, dim: int, dev: torch.device) ->
     """Refuse a simulation whose working tensors cannot fit in the device's free memory, before
     anything is allocated: a d x d matrix or a B x n x n score tensor too big for the machine
     would otherwise end in the out-of-memory killer, not in a message."""
-    from .devices import free_bytes
+    from . import devices
 
-    need = working_bytes(cfg, dim)
-    free = free_bytes(dev)
-    if free is None or need <= free:
-        return
-    raise LabError(f"This simulation needs about {fmt_bytes(need)} of working memory ({cfg.batch} initial "
-                   f"condition(s) of {cfg.tokens} tokens in d = {dim}), more than the {fmt_bytes(free)} free on "
-                   f"{dev}; use a smaller d, fewer tokens or fewer initial conditions.")
+    devices.require_free(working_bytes(cfg, dim), dev, "This simulation needs",
+                         "use a smaller d, fewer tokens or fewer initial conditions.",
+                         detail=f" of working memory ({cfg.batch} initial condition(s) of {cfg.tokens} tokens in "
+                                f"d = {dim})")
 
 
 def resolve_device(device: str | torch.device | None, lm: "LoadedModel | None" = None) -> torch.device:

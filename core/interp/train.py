@@ -239,14 +239,12 @@ def training_bytes(d_model: int, n_layers: int, n_features: int, seq_len: int, c
 def _check_fits(stack, n_layers: int, n_features: int, seq_len: int, cfg: TranscoderTrainConfig) -> None:
     """Refuse up front what the machine cannot hold, so a job ends with a sentence instead of the
     kernel's out-of-memory killer (a device whose free memory cannot be told passes)."""
-    from ..devices import fmt_bytes, free_bytes
+    from .. import devices
 
-    need = training_bytes(stack.d_model, n_layers, n_features, seq_len, cfg)
-    free = free_bytes(stack.device)
-    if free is not None and need > free:
-        raise LabError(f"Training {n_layers} transcoder(s) of {n_features:,} features needs about {fmt_bytes(need)}, "
-                       f"more than the {fmt_bytes(free)} free on {stack.device}; lower --expansion or "
-                       f"--batch-tokens, train fewer --layers at a time, or use a shorter --seq-len.")
+    devices.require_free(training_bytes(stack.d_model, n_layers, n_features, seq_len, cfg), stack.device,
+                         f"Training {n_layers} transcoder(s) of {n_features:,} features needs",
+                         "lower --expansion or --batch-tokens, train fewer --layers at a time, or use a shorter "
+                         "--seq-len.")
 
 
 def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = None, *,

@@ -9,8 +9,6 @@ the bytes from :func:`core.training.metrics.estimate_training_bytes`, the traine
 from __future__ import annotations
 
 from .. import devices as _devices
-from ..devices import fmt_bytes
-from ..errors import LabError
 from .config import TrainConfig
 from .metrics import estimate_training_bytes
 
@@ -42,10 +40,8 @@ def check_fits(cfg: TrainConfig, device: str, devices: list[int] | None = None) 
                                    n_layer=int(sizes["n_layer"]), d_model=int(sizes["d_model"]), vocab_size=vocab,
                                    amp=bool(cfg.amp))
     for target in ([f"cuda:{i}" for i in devices] if devices else [device]):
-        free = _devices.free_bytes(target)
-        if free is not None and need > free:
-            raise LabError(f"This run needs about {fmt_bytes(need)} ({params / 1e6:,.1f} M parameters with their "
-                           f"gradients and optimizer state, and micro-batches of {cfg.batch_size} x {cfg.block_size} "
-                           f"tokens), more than the {fmt_bytes(free)} free on {target}; use fewer layers, a smaller "
-                           f"d_model, a smaller batch size or a shorter block size.")
+        _devices.require_free(need, target, "This run needs",
+                              "use fewer layers, a smaller d_model, a smaller batch size or a shorter block size.",
+                              detail=f" ({params / 1e6:,.1f} M parameters with their gradients and optimizer state, "
+                                     f"and micro-batches of {cfg.batch_size} x {cfg.block_size} tokens)")
     return need
