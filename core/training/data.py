@@ -213,10 +213,10 @@ def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
     if spec == "shakespeare":
         return ShakespeareSource()
     path = Path(spec).expanduser()
+    shown = spec if len(spec) <= 80 else spec[:60] + "…"  # a pasted text, say: echoed short
     try:
         exists = path.exists()
     except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, ...
-        shown = spec if len(spec) <= 80 else spec[:60] + "…"
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise LabError(f"Dataset '{shown}' is not a usable path or dataset name ({reason}); enter an existing "
                        f"local file or folder, or a Hugging Face dataset id.") from None
@@ -227,7 +227,6 @@ def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
     if spec.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
         raise LabError(f"Dataset file {spec} does not exist; check the path.")
     if not _HUB_ID.fullmatch(spec):  # would only fail later, in the run's process, as "not on the hub"
-        shown = spec if len(spec) <= 80 else spec[:60] + "…"
         raise LabError(f"Dataset '{shown}' is neither an existing local file or folder nor a Hugging Face dataset id "
                        f"(owner/name or owner/name:config); check the path or the id.")
     name, _, config = spec.partition(":")
