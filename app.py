@@ -10,8 +10,8 @@ from pathlib import Path
 import streamlit as st
 
 from core.devices import available_devices
-from core.loading import KNOWN_HUB_MODELS
-from pages.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
+from core.models.loading import KNOWN_HUB_MODELS
+from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
                           forget_outcome, load_outcome, spec_label, status_line)
 
 OTHER = "other…"

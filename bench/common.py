@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from core.tokenizer import Tokenizer
+from core.models.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

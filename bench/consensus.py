@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import IdTokenizer, interleaved, machine, write_section  # noqa: E402
-from core.consensus import ConsensusConfig, run_consensus  # noqa: E402
-from core.loading import LoadedModel  # noqa: E402
-from core.stack import stack_for  # noqa: E402
+from core.consensus.engine import ConsensusConfig, run_consensus  # noqa: E402
+from core.models.loading import LoadedModel  # noqa: E402
+from core.models.stack import stack_for  # noqa: E402
 
 # Peak memory bandwidth in GB/s by device-name fragment (vendor data sheets); --bandwidth overrides.
 BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
@@ -184,7 +184,7 @@ def main() -> None:
              "",
              "| engine | layer-steps/s | ours / it |",
              "|---|---|---|",
-             f"| ours (core.consensus, engine auto: {'graph' if args.gpu else 'block'}) | {rates['ours']:.2f} | |"]
+             f"| ours (core.consensus.engine, engine auto: {'graph' if args.gpu else 'block'}) | {rates['ours']:.2f} | |"]
     if args.gpu:
         lines.append(f"| ours, block engine (no CUDA graph) | {rates['ours, block engine']:.2f} | |")
     lines += [f"| {name} loop | {rates[name]:.2f} | {rates['ours'] / rates[name]:.2f}x |" for name in loops]

@@ -15,12 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import IdTokenizer, interleaved, write_section  # noqa: E402
-from core.convert import gpt_from_hf_gpt2  # noqa: E402
-from core.decode_layout import use_decode_layout  # noqa: E402
+from core.models.convert import gpt_from_hf_gpt2  # noqa: E402
+from core.models.decode_layout import use_decode_layout  # noqa: E402
 from core.devices import resolve_dtype  # noqa: E402
-from core.generation import SamplingConfig, generate  # noqa: E402
-from core.loading import LoadedModel  # noqa: E402
-from core.stack import stack_for  # noqa: E402
+from core.generation.autoregressive import SamplingConfig, generate  # noqa: E402
+from core.models.loading import LoadedModel  # noqa: E402
+from core.models.stack import stack_for  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     hf = GPT2LMHeadModel(GPT2Config()).eval().to(args.device, dtype)
     ours = gpt_from_hf_gpt2(hf)
     if args.device == "cpu":
-        use_decode_layout(ours)  # as core.loading.load_model does for every CPU model
+        use_decode_layout(ours)  # as core.models.loading.load_model does for every CPU model
     lm = LoadedModel(spec="bench", model=ours, tokenizer=IdTokenizer(), stack=stack_for(ours),
                      device=args.device, dtype=dtype, source="bench")
     prompt_ids = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))

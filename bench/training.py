@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import interleaved, machine, write_section  # noqa: E402
-from core.gpt import GPT  # noqa: E402
+from core.models.gpt import GPT  # noqa: E402
 from core.training.allocator import keep_freed_memory  # noqa: E402
 from core.training.config import TrainConfig  # noqa: E402
 from core.training.data import BPETokenizer, TokenSplit, TrainingData  # noqa: E402
@@ -43,7 +43,7 @@ class SyntheticTrainer(Trainer):
         rng = np.random.default_rng(0)
         rng.integers(0, self._vocab, self._n, dtype=np.uint16).tofile(folder / "train_0000.bin")
         rng.integers(0, self._vocab, 1 << 16, dtype=np.uint16).tofile(folder / "val_0000.bin")
-        from core.loading import DEFAULT_DIR
+        from core.models.loading import DEFAULT_DIR
 
         tok = BPETokenizer(DEFAULT_DIR / "tokenizer.json")  # only the final checkpoint would use it
         tok.vocab_size = self._vocab  # the model's vocabulary: ids are synthetic

@@ -1,4 +1,4 @@
-"""``python -m core <command>``: see :mod:`core.cli`."""
-from .cli import main
+"""``python -m core <command>``: see :mod:`core.commands.cli`."""
+from .commands.cli import main
 
 raise SystemExit(main())

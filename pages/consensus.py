@@ -1,7 +1,7 @@
 """Consensus: apply a model's layer stack again and again and watch its tokens converge, live.
 
-Three modes share one set of charts: a consensus run (core.consensus.consensus_stream), consensus
-decoding (consensus_decode_stream) and the paper's continuous-time model (core.simulation). All
+Three modes share one set of charts: a consensus run (core.consensus.engine.consensus_stream), consensus
+decoding (consensus_decode_stream) and the paper's continuous-time model (core.consensus.simulation). All
 the math is in core; this page collects settings, streams the events into live views and keeps
 every finished, stopped or failed run in ``st.session_state[RUNS_KEY]`` as a dict
 ``{"label", "kind": "run" | "decode" | "sim", "status": "finished" | "stopped" | "failed",
@@ -26,17 +26,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.consensus import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
+from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
                             Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
                             estimate_bytes, random_prompt_ids)
-from core.consensus_io import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
+from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                texts_array)
-from core.consensus_metrics import STAT_NAMES
+from core.consensus.metrics import STAT_NAMES
 from core.devices import fmt_bytes
 from core.errors import LabError
-from core.loading import LoadedModel
-from core.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
-from pages.common import current_model, ensure_frame, spec_label
+from core.models.loading import LoadedModel
+from core.consensus.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
+from pages.parts.common import current_model, ensure_frame, spec_label
 
 RUNS_KEY = "cons_runs"        # archived runs, oldest first
 LIVE_KEY = "cons_live"        # the run in progress (its result is filled in place)

@@ -22,12 +22,12 @@ import streamlit as st
 from core.errors import LabError
 from core.interp.store import FeatureStore, store_path
 from core.interp.transcoder import TranscoderSet, is_transcoder_folder, load_transcoder_set, transcoder_dir_for
-from core.loading import LoadedModel
-from pages.common import current_model, ensure_frame, spec_label
-from pages.features_card import density_chart, draw_card, md_escape
-from pages.features_completion import completion_panel
-from pages.features_jobs import list_jobs, short, usable_path
-from pages.features_jobs_view import attempt, followed_set, jobs_section
+from core.models.loading import LoadedModel
+from pages.parts.common import current_model, ensure_frame, spec_label
+from pages.parts.features_card import density_chart, draw_card, md_escape
+from pages.parts.features_completion import completion_panel
+from pages.parts.features_jobs import list_jobs, short, usable_path
+from pages.parts.features_jobs_view import attempt, followed_set, jobs_section
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
 SET_OTHER_KEY = "feat_set_other"  # the folder typed for OTHER

@@ -1,5 +1,5 @@
 """Generate: prompt a model with full sampling control, watch tokens stream, and inspect each
-token's probability and the alternatives the model weighed. core.generation computes; this page
+token's probability and the alternatives the model weighed. core.generation.autoregressive computes; this page
 only draws.
 
 Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare mode), each a dict
@@ -8,7 +8,7 @@ Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare 
 Stop (Streamlit aborts the script and reruns it) keeps what it had produced.
 
 A diffusion model (``lm.objective == "diffusion"``) gets its own controls and a step-by-step
-denoising view instead, from pages/generate_diffusion.py.
+denoising view instead, from pages/parts/generate_diffusion.py.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError
-from core.generation import (Finished, GenerationResult, SamplingConfig, TokenEvent, TokenInfo, encode_prompt,
+from core.generation.autoregressive import (Finished, GenerationResult, SamplingConfig, TokenEvent, TokenInfo, encode_prompt,
                              partial_result, perplexity, stream)
-from core.loading import LoadedModel
-from pages.common import current_model, ensure_frame, streamed_into
-from pages.generate_diffusion import diffusion_view
+from core.models.loading import LoadedModel
+from pages.parts.common import current_model, ensure_frame, streamed_into
+from pages.parts.generate_diffusion import diffusion_view
 
 RESULTS_KEY = "gen_results"
 RUN_KEY = "gen_run"

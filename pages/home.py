@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages.common import WORKBENCHES, current_model, ensure_frame, spec_label
+from pages.parts.common import WORKBENCHES, current_model, ensure_frame, spec_label
 
 
 def _params(n: int) -> str:

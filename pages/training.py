@@ -20,9 +20,9 @@ from core.training.data import uploads_dir
 from core.training.memory import check_fits
 from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
                                 runs_root, stop)
-from pages.common import ROOT, SPEC_KEY, ensure_frame, spec_label
-from pages.training_charts import draw_charts, metrics_frame
-from pages.training_form import UPLOAD_CHOICE, config_from_values, launch_form, save_uploaded
+from pages.parts.common import ROOT, SPEC_KEY, ensure_frame, spec_label
+from pages.parts.training_charts import draw_charts, metrics_frame
+from pages.parts.training_form import UPLOAD_CHOICE, config_from_values, launch_form, save_uploaded
 
 REFRESH_S = 2.0
 SELECT_KEY = "tr_show"      # the runs shown (charts overlaid, one panel each)

@@ -106,7 +106,7 @@ def described_feature_model(folder: Path, model_src: Path, texts: list[str], *, 
     from core.interp import (BuiltinExplainer, CollectConfig, FeatureStore, TranscoderTrainConfig, collect_features,
                              corpus_from_texts, describe_store, run_to_end, store_path, train_transcoders,
                              transcoder_dir_for)
-    from core.loading import load_model
+    from core.models.loading import load_model
 
     model_dir = folder / "model"
     shutil.copytree(model_src, model_dir)

@@ -68,9 +68,9 @@ def tiny_neo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gptlab_dir(tmp_path_factory) -> Path:
     """Our own checkpoint format with real (random) weights and a trained BPE tokenizer."""
-    from core.gpt import GPT, GPTConfig
-    from core.loading import save_checkpoint
-    from core.tokenizer import train_bpe
+    from core.models.gpt import GPT, GPTConfig
+    from core.models.loading import save_checkpoint
+    from core.models.tokenizer import train_bpe
 
     folder = tmp_path_factory.mktemp("tiny-gptlab")
     tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")

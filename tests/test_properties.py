@@ -20,14 +20,14 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from core.consensus import (REINIT_MODES, ConsensusConfig, DecodeConfig, consensus_decode, recorded_steps,
+from core.consensus.engine import (REINIT_MODES, ConsensusConfig, DecodeConfig, consensus_decode, recorded_steps,
                             run_consensus)
-from core.consensus_metrics import STAT_NAMES
+from core.consensus.metrics import STAT_NAMES
 from core.errors import LabError
-from core.generation import GenerationResult, SamplingConfig, generate, perplexity, token_logprobs
-from core.loading import DEFAULT_DIR, load_model
-from core.sampling import process_logits
-from core.tokenizer import BPETokenizer, load_tokenizer
+from core.generation.autoregressive import GenerationResult, SamplingConfig, generate, perplexity, token_logprobs
+from core.models.loading import DEFAULT_DIR, load_model
+from core.generation.sampling import process_logits
+from core.models.tokenizer import BPETokenizer, load_tokenizer
 
 # Models and tokenizers come from module-scoped fixtures, so the function-scoped-fixture check
 # never fires; too_slow is timed, and a loaded CI machine must not fail a property for it.

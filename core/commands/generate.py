@@ -35,7 +35,7 @@ import sys
 import time
 from typing import TextIO
 
-from ..cli import add_model_args, float_arg, int_arg, load_from_args, use_reference_weights
+from .cli import add_model_args, float_arg, int_arg, load_from_args, use_reference_weights
 from ..errors import LabError
 
 NAME = "generate"
@@ -46,7 +46,7 @@ STRATEGY_TOP_K = 50    # --strategy topk without --top-k (the reference generate
 STRATEGY_TOP_P = 0.9   # --strategy topp without --top-p
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 DIFFUSION_STEPS = 32   # --diffusion-steps default (DiffusionConfig's)
-STRATEGIES = ("confidence", "random")  # = core.training.diffusion.STRATEGIES; building the parser loads no trainer
+STRATEGIES = ("confidence", "random")  # = core.generation.diffusion.STRATEGIES; building the parser loads no trainer
 DIFFUSION_FLAGS = ("gen_length", "diffusion_steps", "unmask")
 MASK_GLYPH = "\u2591"  # one light shade block per masked token in --stream lines
 
@@ -108,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_config(args: argparse.Namespace):
-    """The :class:`~core.generation.SamplingConfig` the flags describe (aliases resolved), checked."""
-    from ..generation import SamplingConfig
+    """The :class:`~core.generation.autoregressive.SamplingConfig` the flags describe (aliases resolved), checked."""
+    from ..generation.autoregressive import SamplingConfig
 
     if args.greedy and args.strategy in ("topk", "topp"):
         raise LabError(f"--greedy contradicts --strategy {args.strategy}; drop one of them.")
@@ -200,9 +200,9 @@ def format_logprobs(tokens) -> str:
 # -- diffusion models -------------------------------------------------------------------------------
 
 def diffusion_config(args: argparse.Namespace):
-    """The :class:`~core.training.diffusion.DiffusionConfig` the flags describe. ``--greedy`` (or
+    """The :class:`~core.generation.diffusion.DiffusionConfig` the flags describe. ``--greedy`` (or
     ``--strategy greedy``) is temperature 0, which is also the default here."""
-    from ..training.diffusion import DiffusionConfig
+    from ..generation.diffusion import DiffusionConfig
 
     greedy = args.greedy or args.strategy == "greedy"
     if args.gen_length is not None and args.gen_length < 1:  # an autoregressive model ignores it, so not at parsing
@@ -246,7 +246,7 @@ def run_diffusion(args: argparse.Namespace, lm, prompt: str) -> int:
     from dataclasses import replace
 
     from ..files import atomic_write_json
-    from ..training.diffusion import (DenoiseStep, DiffusionFinished, DiffusionStarted, partial_result, render,
+    from ..generation.diffusion import (DenoiseStep, DiffusionFinished, DiffusionStarted, partial_result, render,
                                       result_json, stream)
 
     cfg = diffusion_config(args)
@@ -299,7 +299,7 @@ def run_diffusion(args: argparse.Namespace, lm, prompt: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_json
-    from ..generation import Finished, Started, TokenEvent, partial_result, stream
+    from ..generation.autoregressive import Finished, Started, TokenEvent, partial_result, stream
 
     # The sampling flags are checked before the model loads, but an error is held until the model
     # says which sampler runs: a diffusion model takes --temperature 0, and ignores the rest.

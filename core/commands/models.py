@@ -43,7 +43,7 @@ def human(n: int) -> str:
 
 def checkpoint_summary(folder: Path) -> dict:
     """What a GPT Lab model folder's config.json says, without loading any weights."""
-    from ..gpt import GPTConfig
+    from ..models.gpt import GPTConfig
 
     meta = json.loads((folder / "config.json").read_text())
     cfg = GPTConfig.from_dict(meta["model"])
@@ -66,7 +66,7 @@ def hub_cache_status(repo_id: str) -> bool:
 
 
 def find_checkpoints(runs: Path) -> list[dict]:
-    from ..loading import is_gptlab_folder
+    from ..models.loading import is_gptlab_folder
 
     found = []
     for folder in sorted(runs.glob("*/checkpoints/*")):
@@ -81,7 +81,7 @@ def find_checkpoints(runs: Path) -> list[dict]:
 
 
 def presets() -> list[dict]:
-    from ..gpt import PRESETS, preset_config
+    from ..models.gpt import PRESETS, preset_config
 
     rows = []
     for name in PRESETS:
@@ -95,7 +95,7 @@ def collect(runs: str | Path = "runs") -> dict:
     """Everything ``models`` shows, as plain data."""
     from huggingface_hub import constants
 
-    from ..loading import DEFAULT_DIR, KNOWN_HUB_MODELS
+    from ..models.loading import DEFAULT_DIR, KNOWN_HUB_MODELS
 
     default = checkpoint_summary(DEFAULT_DIR) if (DEFAULT_DIR / "config.json").exists() else None
     if default is not None:

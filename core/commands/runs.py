@@ -19,7 +19,7 @@ ACTIONS = ("list", "status", "stop", "resume", "delete")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import float_arg, int_arg
+    from .cli import float_arg, int_arg
 
     # optional here so that a missing action gets run()'s sentence instead of argparse's "required: action"
     parser.add_argument("action", nargs="?", choices=ACTIONS, metavar="<action>",

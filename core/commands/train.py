@@ -49,7 +49,7 @@ def _indices(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import device_arg, float_arg, int_arg
+    from .cli import device_arg, float_arg, int_arg
 
     S = argparse.SUPPRESS  # flags left out keep the config's value (defaults live in TrainConfig)
     count, steps = int_arg(1), int_arg(0, note="; 0 turns it off")  # ranges as TrainConfig.check has them
@@ -216,7 +216,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _check_flags(cfg, given: dict) -> None:
     """What TrainConfig.check would refuse in its own words, said here in the flags' words."""
-    from ..gpt import PRESETS
+    from ..models.gpt import PRESETS
     from ..training.data import LOCAL_SUFFIXES
 
     if "preset" in given and given["preset"] not in PRESETS:
@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in events:  # the run folder gets everything; nothing to show
             pass
         return 0
-    from ..cli import progress
+    from .cli import progress
 
     end = None
     for ev in events:  # until the run knows its step count (after data preparation)

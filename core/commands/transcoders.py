@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import device_arg, float_arg, int_arg
-from ..cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
+from .cli import device_arg, float_arg, int_arg
+from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 
 NAME = "transcoders"
@@ -65,7 +65,7 @@ def _layers(text: str) -> list[int]:
 # -- flags ----------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_args
+    from .cli import add_model_args
 
     add_model_args(p)  # --model ... and the reference --train_folder, --checkpoint_name, --cuda, sizes
     p.add_argument("--transcoders", metavar="DIR",
@@ -238,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- shared steps ---------------------------------------------------------------------------------
 
 def _load(args: argparse.Namespace):
-    from ..cli import load_from_args
+    from .cli import load_from_args
 
     lm = load_from_args(args)  # resolves --train_folder/--checkpoint_name/--cuda, checks the sizes
     if lm.untrained:
@@ -268,7 +268,7 @@ def _collect_config(args: argparse.Namespace, layers=None):
 
 
 def _run_collect(lm, tset, cfg, out: Path) -> None:
-    from ..cli import progress
+    from .cli import progress
     from ..interp.collect import CollectFinished, CollectProgress, CollectStarted, collect_features
 
     events = collect_features(lm, tset, cfg, out=out)
@@ -284,7 +284,7 @@ def _run_collect(lm, tset, cfg, out: Path) -> None:
 
 
 def _run_describe(store, explainer, layers, args) -> None:
-    from ..cli import progress
+    from .cli import progress
     from ..interp.explain import DescribeFinished, DescribeStarted, FeatureExplained, LayerDescribed, describe_store
 
     events = describe_store(store, explainer, layers=layers, max_features=args.max_features, n_top=args.n_top,
@@ -304,7 +304,7 @@ def _run_describe(store, explainer, layers, args) -> None:
 # -- actions --------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> int:
-    from ..cli import progress
+    from .cli import progress
     from ..files import atomic_write_json
     from ..interp.explain import BuiltinExplainer
     from ..interp.store import FeatureStore, store_path
@@ -449,12 +449,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace, lm):
     if lm.objective == "diffusion":
-        from ..training.diffusion import DiffusionConfig
+        from ..generation.diffusion import DiffusionConfig
 
         cfg = DiffusionConfig(gen_length=args.max_new_tokens, steps=args.steps or args.max_new_tokens,
                               temperature=args.temperature or 0.0, seed=args.seed)
     else:
-        from ..generation import SamplingConfig
+        from ..generation.autoregressive import SamplingConfig
 
         cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
                              temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, n_alternatives=0)

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
+from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
                    remote_code_allowed, use_reference_weights)
 from ..errors import LabError
 
@@ -27,7 +27,7 @@ HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
+    from ..models.validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
 
     parser.add_argument("--model", default="gpt2", metavar="SPEC", action=GivenAction,
                         help="a GPT-2 hub id (gpt2 ... gpt2-xl) or a local Hugging Face GPT-2 folder; with "
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Paths that do not exist fail here, before the first progress line, so the error is the only line."""
-    from ..loading import DEFAULT_DIR
+    from ..models.loading import DEFAULT_DIR
 
     spec = (args.model or "").strip()
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
@@ -65,7 +65,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_json
-    from ..validate import format_report, validate_gpt2
+    from ..models.validate import format_report, validate_gpt2
 
     use_reference_weights(args)
     _check_paths(args)

@@ -16,23 +16,16 @@ Addresses follow the layer-stack's TransformerLens names: transcoder ``i`` reads
 ``blocks.{i}.ln2.hook_normalized`` and writes ``blocks.{i}.hook_mlp_out``; feature ``f`` of it
 is ``blocks.{i}.transcoder.{f}``.
 """
-from .activations import CorpusTokens, corpus_from_texts, corpus_tokens, model_loss, mlp_io
-from .collect import CollectConfig, CollectFinished, CollectProgress, CollectStarted, collect_features, logit_effects
-from .completion import (CompletionExplained, CompletionExplanation, CompletionStarted, FeatureAttribution, Generated,
-                         LayerExplained, LayerExplanation, attribute, explain_completion, run_explain_completion)
-from .explain import (BUILTIN, BuiltinExplainer, DescribeFinished, DescribeStarted, Explainer, FeatureEvidence,
-                      FeatureExplained, LayerDescribed, LMExplainer, describe_store, load_explainer)
-from .quality import LayerQuality, evaluate_transcoders
-from .scoring import (RuleDetector, RuleSimulator, balanced_accuracy, detection_score, interpretability_from_scores,
-                      quoted_tokens, score_feature, simulation_score)
-from .store import (FTS5, Context, FeatureCard, FeatureStats, FeatureStore, FeatureSummary, LayerInfo, Score,
-                    SearchHit, feature_address, open_store, store_path)
-from .train import (Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, TranscoderTrainConfig, Validated,
-                    run_to_end, train_transcoders)
-from .transcoder import (Transcoder, TranscoderConfig, TranscoderSet, find_transcoder_set, is_transcoder_folder,
-                         list_transcoder_sets, load_transcoder_set, transcoder_dir_for)
+from ..lazy import lazy_exports, names
 
-from types import ModuleType as _ModuleType
-
-__all__ = [name for name, value in dict(globals()).items()
-           if not name.startswith("_") and not isinstance(value, _ModuleType)]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **names(".activations", "CorpusTokens", "corpus_from_texts", "corpus_tokens", "model_loss", "mlp_io"),
+    **names(".collect", "CollectConfig", "CollectFinished", "CollectProgress", "CollectStarted", "collect_features", "logit_effects"),
+    **names(".completion", "CompletionExplained", "CompletionExplanation", "CompletionStarted", "FeatureAttribution", "Generated", "LayerExplained", "LayerExplanation", "attribute", "explain_completion", "run_explain_completion"),
+    **names(".explain", "BUILTIN", "BuiltinExplainer", "DescribeFinished", "DescribeStarted", "Explainer", "FeatureEvidence", "FeatureExplained", "LayerDescribed", "LMExplainer", "describe_store", "load_explainer"),
+    **names(".quality", "LayerQuality", "evaluate_transcoders"),
+    **names(".scoring", "RuleDetector", "RuleSimulator", "balanced_accuracy", "detection_score", "interpretability_from_scores", "quoted_tokens", "score_feature", "simulation_score"),
+    **names(".store", "FTS5", "Context", "FeatureCard", "FeatureStats", "FeatureStore", "FeatureSummary", "LayerInfo", "Score", "SearchHit", "feature_address", "open_store", "store_path"),
+    **names(".train", "Evaluated", "Saved", "TrainFinished", "TrainProgress", "TrainStarted", "TranscoderTrainConfig", "Validated", "run_to_end", "train_transcoders"),
+    **names(".transcoder", "Transcoder", "TranscoderConfig", "TranscoderSet", "find_transcoder_set", "is_transcoder_folder", "list_transcoder_sets", "load_transcoder_set", "transcoder_dir_for"),
+})

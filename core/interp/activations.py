@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LabError
-from ..stack import MLPFn, hook_name
+from ..models.stack import MLPFn, hook_name
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..models.loading import LoadedModel
 
 DIFFUSION_EVAL_RATE = 0.5  # the masking rate at which a diffusion model's loss is compared
 

@@ -31,7 +31,7 @@ from .activations import CorpusTokens, corpus_tokens, iter_batches, mlp_io, mode
 from .store import HIST_EDGES, Context, FeatureStats, FeatureStore, store_path
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..models.loading import LoadedModel
     from .transcoder import Transcoder, TranscoderSet
 
 

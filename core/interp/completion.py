@@ -29,9 +29,9 @@ from .scoring import interpretability_from_scores, score_feature
 from .store import FeatureStore
 
 if TYPE_CHECKING:
-    from ..generation import SamplingConfig
-    from ..loading import LoadedModel
-    from ..training.diffusion import DiffusionConfig
+    from ..generation.autoregressive import SamplingConfig
+    from ..models.loading import LoadedModel
+    from ..generation.diffusion import DiffusionConfig
     from .transcoder import TranscoderSet
 
 
@@ -109,7 +109,7 @@ def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int],
                                                                   list[tuple[int, int]]]:
     """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
     if lm.objective == "diffusion":
-        from ..training.diffusion import DiffusionConfig, generate as diffusion_generate
+        from ..generation.diffusion import DiffusionConfig, generate as diffusion_generate
 
         cfg = settings if settings is not None else DiffusionConfig(gen_length=24, steps=24, seed=0)
         res = diffusion_generate(lm, prompt, cfg)
@@ -117,7 +117,7 @@ def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int],
         x = torch.tensor([res.states[0]])                                   # prompt + masks
         targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
         return res.completion, res.prompt_ids, res.completion_ids, x, targets
-    from ..generation import SamplingConfig, encode_prompt, generate
+    from ..generation.autoregressive import SamplingConfig, encode_prompt, generate
 
     cfg = settings if settings is not None else SamplingConfig(max_new_tokens=24, greedy=True)
     prompt_ids = encode_prompt(lm, prompt)

@@ -197,7 +197,7 @@ class LMExplainer(Explainer):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from ..loading import hub_reachable, offline_message
+        from ..models.loading import hub_reachable, offline_message
 
         self.spec, self.device = spec, device
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size

@@ -20,7 +20,7 @@ import torch
 from .activations import iter_batches, mlp_io, model_inputs, model_loss, zero_mlp
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..models.loading import LoadedModel
     from .transcoder import Transcoder, TranscoderSet
 
 

@@ -30,7 +30,7 @@ from .quality import LayerQuality, evaluate_transcoders, metrics_json
 from .transcoder import SAVE_DTYPES, Transcoder, TranscoderConfig, TranscoderSet
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..models.loading import LoadedModel
 
 
 @dataclass

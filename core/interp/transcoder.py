@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from ..errors import LabError
 from ..files import atomic_write_bytes, atomic_write_json
-from ..stack import hook_name
+from ..models.stack import hook_name
 
 if TYPE_CHECKING:
-    from ..loading import LoadedModel
+    from ..models.loading import LoadedModel
 
 SET_FORMAT = "gptlab-transcoders"
 ACTIVATIONS = ("topk", "relu")
@@ -77,7 +77,7 @@ class TranscoderConfig:
 
 class Transcoder(nn.Module):
     """One layer's transcoder; ``forward(x) -> y_hat`` makes it a drop-in MLP for
-    :meth:`core.stack.LayerStack.logits` (``mlps={layer: transcoder}``)."""
+    :meth:`core.models.stack.LayerStack.logits` (``mlps={layer: transcoder}``)."""
 
     def __init__(self, cfg: TranscoderConfig, layer: int = 0):
         super().__init__()

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import LabError
-from ..gpt import PRESETS, GPTConfig
+from ..models.config import PRESETS, GPTConfig
 
 OBJECTIVES = ("ar", "diffusion")
 OPTIMIZERS = ("adamw", "muon")
@@ -29,7 +29,7 @@ class TrainConfig:
     data_cache: str | None = None       # None: $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data
     # model
     objective: str = "ar"
-    preset: str | None = None           # core.gpt.PRESETS; None with no sizes given = tiny
+    preset: str | None = None           # core.models.gpt.PRESETS; None with no sizes given = tiny
     n_layer: int | None = None
     n_head: int | None = None
     d_model: int | None = None

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import LabError
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..tokenizer import MASK, BPETokenizer
+from ..models.tokenizer import MASK, BPETokenizer
 
 CACHE_FORMAT = 1
 SPLIT_BLOCK = 4096            # tokens per routing block of the train/validation split
@@ -183,7 +183,7 @@ def hub_offline_message(label: str, name: str) -> str:
 
 
 def _load_hub_rows(label: str, ds: HubDataset):
-    from ..loading import hub_reachable
+    from ..models.loading import hub_reachable
 
     online = hub_reachable()
     if not online:  # answer from the cache or fail in seconds instead of retrying the network
@@ -264,7 +264,7 @@ def _with_mask_token(json_text: str) -> str:
 
 def _gpt2_tokenizer_json(cache: Path) -> str:
     """GPT-2's BPE as a bare tokenizer.json: from Hugging Face (cache or hub), else tiktoken."""
-    from ..loading import hub_reachable
+    from ..models.loading import hub_reachable
 
     try:
         from transformers import AutoTokenizer
@@ -292,7 +292,7 @@ def _external_tokenizer_json(spec: str, cache: Path) -> str:
     if p.is_file():
         BPETokenizer(p)  # a clear error for a file that is not a tokenizer.json
         return p.read_text(encoding="utf-8")
-    from ..loading import hub_reachable
+    from ..models.loading import hub_reachable
 
     try:
         from transformers import AutoTokenizer
@@ -311,7 +311,7 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
     ``bpe`` trains our byte-level BPE on the source (for the embedded corpus at the shipped
     size it reuses ``assets/default/tokenizer.json``, so trained models share the default's ids).
     """
-    from ..loading import DEFAULT_DIR
+    from ..models.loading import DEFAULT_DIR
 
     if spec == "bpe":
         shipped = DEFAULT_DIR / "tokenizer.json"
@@ -322,7 +322,7 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
             folder = cache / "tokenizers" / _sha(f"bpe:{vocab_size}:{source.identity}")[:16]
             if not (folder / "tokenizer.json").is_file():
                 log(f"training a {vocab_size}-token BPE on {source.label}")
-                from ..tokenizer import train_bpe
+                from ..models.tokenizer import train_bpe
 
                 train_bpe(_limited_text(source, BPE_TRAIN_CHARS), vocab_size, folder / "tokenizer.json")
             text = (folder / "tokenizer.json").read_text(encoding="utf-8")

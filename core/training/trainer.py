@@ -37,12 +37,13 @@ import torch.nn as nn
 
 from ..errors import LabError, is_out_of_memory
 from ..files import atomic_write
-from ..gpt import GPT
+from ..models.gpt import GPT
 from . import runs as runs_mod
 from .allocator import keep_freed_memory
 from .config import TrainConfig
 from .data import BatchSampler, TrainingData, prepare_data, validation_windows
-from .diffusion import DiffusionConfig, denoise, diffusion_loss, render, sequence_bound, validation_rates
+from ..generation.diffusion import DiffusionConfig, denoise, render
+from .objective import diffusion_loss, sequence_bound, validation_rates
 from .distributed import Dist, init_distributed
 from .metrics import estimate_training_bytes, flops_per_token, gpu_memory_gb, mfu, peak_flops
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
@@ -292,7 +293,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write checkpoints/<step>/ atomically (temp folder, then rename) and keep the last k."""
-        from ..loading import save_checkpoint
+        from ..models.loading import save_checkpoint
 
         if not self.dist.main:
             return None
@@ -456,9 +457,9 @@ class Trainer:
                     pass
                 text = render(tok, last.ids[len(ids):], last.masked[len(ids):])
             else:
-                from ..generation import SamplingConfig, generate
-                from ..loading import LoadedModel
-                from ..stack import stack_for
+                from ..generation.autoregressive import SamplingConfig, generate
+                from ..models.loading import LoadedModel
+                from ..models.stack import stack_for
 
                 lm = LoadedModel(spec=self.run_dir.name, model=self.raw, tokenizer=tok, stack=stack_for(self.raw),
                                  device=str(self.device), dtype=torch.float32, source=str(self.run_dir))
@@ -668,7 +669,7 @@ class Trainer:
 
     def _export(self, name: str) -> None:
         """``--ckpt-name``: the final model, weights only, as ``<run>/<name>/`` (a model spec)."""
-        from ..loading import save_checkpoint
+        from ..models.loading import save_checkpoint
 
         stem = Path(name).stem
         folder = self.run_dir / stem

@@ -1,0 +1,734 @@
+"""Consensus: apply a model's layer stack again and again and watch the tokens converge.
+
+"Consensus Is All You Get" (Abella, Silvestre, Tabuada, ICML 2025) shows that the token vectors of
+a transformer collapse to one point as depth grows. This module runs that experiment on any model
+the layer-stack adapter supports, batched over prompts, with every metric computed on the device.
+
+Vocabulary used throughout (and in the CLI's files):
+
+- An *iteration* is every block once, in order, then the final norm; the next iteration starts
+  from the final norm's output (positions are embedded once, before iteration 0).
+- A *layer-step* ``s`` counts blocks: ``s = 1 + i*L + l`` is "after block ``l`` of iteration
+  ``i``" (``L`` blocks per iteration, ``N*L`` layer-steps in all). "After block ``l``" is that
+  block's output, the residual stream *before* any final norm, also for the last block.
+  Layer-step 0 is the embeddings (token + position).
+- A *column* is one recorded layer-step. With ``record_every = k`` the recorded layer-steps are
+  ``0, k, 2k, ...`` and always the last one, ``N*L``; ``result.steps`` lists them, so every
+  array below is indexed by column, never by raw layer-step.
+
+Metrics per column and prompt (see :mod:`core.consensus.metrics` for the exact formulas):
+the reference metric ``1 - mean_j |cos(h_0, h_j)|`` over all the prompt's tokens ``j`` (``j = 0``
+included, as the reference scripts computed it), the mean pairwise cosine and the mean pairwise raw
+dot product over off-diagonal pairs ``i != j``, the effective rank and the mean distance to the
+centroid of the token cloud, and optionally the ``T x T`` cosine matrix.
+
+Re-initialisation (``ConsensusConfig.reinit``) uses :meth:`LayerStack.reinit`, which rewrites the
+weights of the model it walks. With ``restore_weights=True`` (the default) a run walks a private
+model of the same architecture instead, so the model it was given is never written, not even
+while the run is going: in the app that model is shared by every session, and another session may
+be generating with it at the same moment. ``restore_weights=False`` re-initialises the given model
+in place and leaves it re-initialised (the CLI, which owns its model, saves the copy's memory).
+
+- ``"once"``: ``reinit(seed)`` before the embeddings are taken (so embeddings are random too).
+- ``"iteration"`` (the scripts' ``--fullrandom``): ``reinit(seed)`` before the embeddings and
+  ``reinit(seed + i + 1)`` after iteration ``i`` (after its final norm), for ``i < N - 1``.
+- ``"block"`` (``--const-reset``): ``reinit(seed)`` before the embeddings and ``reinit(seed + s)``
+  after layer-step ``s`` (``s = 1 + i*L + l``), for ``s < N*L``.
+
+How the walk is scheduled (``ConsensusConfig.engine``) never changes the numbers: ``"block"``
+goes one block at a time (events and stops between any two blocks); ``"iteration"`` runs a whole
+iteration as one unit and computes the statistics of its ``L`` block outputs in one batched pass;
+``"graph"`` captures that unit once as a CUDA graph and replays it, so a GPU spends its time on
+the weights rather than on kernel launches; ``"auto"`` picks ``"graph"`` on a single CUDA device
+when the iteration's buffers fit, else ``"block"``.
+
+Long runs are generators of events (:class:`Started`, :class:`Progress`, :class:`Decoded`,
+:class:`TokenSampled`, :class:`Finished`); the consumer stops a run by closing the generator.
+The result object handed out in :class:`Started` is filled in place, so whatever was computed
+before a stop or an error stays readable (``result.steps_done`` says how far each prompt got).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .config import (DEFAULT_ITERATIONS, DEFAULT_MEMORY_BUDGET, DEVICE_CHUNK_BUDGET, ENGINES, FUSED_BUDGET,
+                     MIN_GRAPH_ITERATIONS, REINIT_MODES, ConsensusConfig, DecodeConfig, PromptLike)
+from .metrics import token_stats
+from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
+                      MetricChunk, Progress, Started, TokenSampled)
+from ..errors import LabError
+from ..generation.config import check_seed
+from ..models.stack import stack_for
+
+if TYPE_CHECKING:
+    from ..models.loading import LoadedModel
+
+# -- planning: everything checked before anything runs ---------------------------------------------
+
+def recorded_steps(total_steps: int, record_every: int) -> np.ndarray:
+    """Layer-steps kept with ``record_every = k``: ``0, k, 2k, ...`` and always ``total_steps``."""
+    steps = np.arange(0, total_steps + 1, max(1, int(record_every)), dtype=np.int64)
+    if steps[-1] != total_steps:
+        steps = np.append(steps, np.int64(total_steps))
+    return steps
+
+
+def _n_columns(total_steps: int, k: int) -> int:
+    return total_steps // k + 1 + (1 if total_steps % k else 0)
+
+
+def estimate_bytes(lengths: Sequence[int], n_layer: int, d_model: int, cfg: ConsensusConfig,
+                   new_tokens: int = 0) -> int:
+    """Host bytes a run will record: the five per-column series, the cosine matrices when asked,
+    the final hidden states, and (consensus decoding) the per-token traces."""
+    B, T = len(lengths), max(lengths, default=0)
+    P = _n_columns(int(cfg.iterations) * n_layer, max(1, int(cfg.record_every)))
+    if new_tokens:
+        return 4 * B * new_tokens * P
+    total = 4 * B * P * len(STAT_NAMES) + 4 * B * T * d_model
+    if cfg.matrix:
+        total += 4 * B * T * T * P
+    return total
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _check_memory(lengths: Sequence[int], n_layer: int, d_model: int, cfg: ConsensusConfig,
+                  new_tokens: int = 0) -> int:
+    need = estimate_bytes(lengths, n_layer, d_model, cfg, new_tokens)
+    if need <= cfg.memory_budget:
+        return need
+    total_steps = int(cfg.iterations) * n_layer
+    lo, hi = max(1, int(cfg.record_every)), total_steps
+    if estimate_bytes(lengths, n_layer, d_model, replace(cfg, record_every=hi), new_tokens) > cfg.memory_budget:
+        what = "the token cosine matrices (--matrixerror)" if cfg.matrix else "the recorded arrays"
+        raise LabError(f"Even recording only the first and last layer-step, {what} for {len(lengths)} prompt(s) "
+                       f"need more than the {_fmt_bytes(cfg.memory_budget)} memory budget; use fewer or shorter "
+                       f"prompts{' or drop the matrices' if cfg.matrix else ''}.")
+    while lo < hi:  # smallest record_every that fits (estimate_bytes falls as k grows)
+        mid = (lo + hi) // 2
+        if estimate_bytes(lengths, n_layer, d_model, replace(cfg, record_every=mid), new_tokens) <= cfg.memory_budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    raise LabError(f"Recording all {total_steps} layer-steps for {len(lengths)} prompt(s)"
+                   f"{' with T x T cosine matrices' if cfg.matrix else ''} needs about {_fmt_bytes(need)}, over the "
+                   f"{_fmt_bytes(cfg.memory_budget)} memory budget; keep one layer-step in {lo} "
+                   f"(--record-every {lo}) or use fewer prompts or iterations.")
+
+
+def random_prompt_ids(lm: "LoadedModel", n: int, length: int, seed: int = 42) -> list[list[int]]:
+    """``n`` prompts of ``length`` token ids drawn uniformly from the vocabulary both the model and
+    its tokenizer know, reproducibly for ``seed`` (a private CPU generator)."""
+    if int(n) < 1:
+        raise LabError(f"The number of random prompts must be at least 1 (got {n}).")
+    check_seed(seed)
+    if int(length) < 1:
+        raise LabError(f"Random prompts need at least 1 token (got a length of {length}).")
+    if int(length) > lm.stack.context_length:
+        raise LabError(f"Random prompts of {length} tokens exceed the model's context of "
+                       f"{lm.stack.context_length} tokens; ask for at most {lm.stack.context_length}.")
+    vocab = min(lm.stack.vocab_size, lm.tokenizer.vocab_size or lm.stack.vocab_size)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, vocab, (int(n), int(length)), generator=gen).tolist()
+
+
+def _one_line(text: str) -> str:
+    """``text`` safe to quote inside a one-line message: newlines, tabs and other unprintable
+    characters (terminal escapes included) shown as their escapes (``\\n``), not acted on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass
+class _Group:
+    """Prompts of one length, run as one batch."""
+
+    rows: list[int]  # positions in the user's order
+    ids: torch.Tensor  # (b, T) long
+
+
+@dataclass
+class _Plan:
+    prompts: list[str]
+    token_ids: list[list[int]]
+    groups: list[_Group]
+    n_layer: int
+    steps: np.ndarray
+    bytes: int
+
+
+def _plan(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig, new_tokens: int = 0) -> _Plan:
+    cfg.check()
+    if prompts is None or len(prompts) == 0:
+        raise LabError("No prompts to run; type a prompt (or several) or ask for random prompts.")
+    stack, tok = lm.stack, lm.tokenizer
+    texts, ids = [], []
+    for n, p in enumerate(prompts, start=1):
+        if isinstance(p, str):
+            if not p.strip():
+                raise LabError(f"Prompt {n} is empty; type some text or remove it.")
+            t = tok.encode(p)
+            if not t:
+                raise LabError(f"Prompt {n} encodes to no tokens; type some text or remove it.")
+            texts.append(p)
+        else:
+            t = [int(i) for i in p]
+            if not t:
+                raise LabError(f"Prompt {n} has no tokens; give it at least one token id or remove it.")
+            bad = [i for i in t if not 0 <= i < stack.vocab_size]
+            if bad:
+                raise LabError(f"Prompt {n} has token id {bad[0]} outside the model's vocabulary of "
+                               f"{stack.vocab_size}; use ids 0..{stack.vocab_size - 1}.")
+            texts.append(tok.decode(t))
+        limit = stack.context_length - new_tokens
+        if len(t) > limit:
+            short = _one_line(texts[-1][:40]) + ("..." if len(texts[-1]) > 40 else "")
+            extra = f" plus {new_tokens} new tokens" if new_tokens else ""
+            raise LabError(f"Prompt {n} ('{short}') has {len(t)} tokens{extra}, beyond the model's context of "
+                           f"{stack.context_length}; shorten it to at most {max(limit, 0)} tokens"
+                           f"{' or ask for fewer new tokens' if new_tokens else ''}.")
+        ids.append(t)
+    by_len: dict[int, list[int]] = {}
+    for row, t in enumerate(ids):
+        by_len.setdefault(len(t), []).append(row)
+    groups = [_Group(rows, torch.tensor([ids[r] for r in rows], dtype=torch.long)) for rows in by_len.values()]
+    need = _check_memory([len(t) for t in ids], stack.n_layer, stack.d_model, cfg, new_tokens)
+    steps = recorded_steps(int(cfg.iterations) * stack.n_layer, int(cfg.record_every))
+    return _Plan(texts, ids, groups, stack.n_layer, steps, need)
+
+
+# -- the walk -------------------------------------------------------------------------------------
+# Compute happens in small no_grad functions, not in the generators: grad mode is thread-local, so a
+# no_grad block around a ``yield`` would leak into (or be overridden by) the consumer's code.
+
+@torch.no_grad()
+def _embed(lm: "LoadedModel", ids: torch.Tensor) -> torch.Tensor:
+    return lm.stack.embed(ids.to(lm.stack.device))
+
+
+@torch.no_grad()
+def _block(lm: "LoadedModel", layer: int, h: torch.Tensor, skip_mlp: bool) -> torch.Tensor:
+    return lm.stack.block(layer, h, skip_mlp=skip_mlp)
+
+
+@torch.no_grad()
+def _final_norm(lm: "LoadedModel", h: torch.Tensor) -> torch.Tensor:
+    return lm.stack.final_norm(h)
+
+
+@torch.no_grad()
+def _lens_argmax(lm: "LoadedModel", h: torch.Tensor) -> list[list[int]]:
+    """Argmax token at every position of the normed state ``h`` ``(b, T, D)``."""
+    return lm.stack.unembed(h).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def _last_logits(lm: "LoadedModel", h: torch.Tensor) -> torch.Tensor:
+    """float32 CPU logits ``(b, V)`` of the last position, cut to the tokenizer's vocabulary."""
+    logits = lm.stack.unembed(h[:, -1]).float().cpu()
+    vocab = lm.tokenizer.vocab_size
+    if vocab and vocab < logits.shape[-1]:
+        logits[:, vocab:] = float("-inf")
+    return logits
+
+
+class _Recorder:
+    """Device buffer for the statistics of one batch, copied to the host in chunks.
+
+    ``record`` only launches device work (the statistics and an indexed write into a
+    preallocated buffer); ``flush`` is the one host synchronisation, at event boundaries.
+    """
+
+    def __init__(self, rows: list[int], T: int, col_of_step: np.ndarray, steps: np.ndarray, device: torch.device,
+                 matrix: bool, window: int, sink, token: int | None = None, at_least: int = 1):
+        self.rows, self.T, self.col_of_step, self.steps = rows, T, col_of_step, steps
+        self.matrix, self.sink, self.token = matrix, sink, token
+        b = len(rows)
+        per_col = 4 * b * (len(STAT_NAMES) + (T * T if matrix else 0))
+        self.capacity = int(max(1, at_least, min(window, DEVICE_CHUNK_BUDGET // per_col)))
+        self.buf = torch.empty(b, self.capacity, len(STAT_NAMES), dtype=torch.float32, device=device)
+        self.mbuf = (torch.empty(b, self.capacity, T, T, dtype=torch.float32, device=device) if matrix else None)
+        self.cols: list[int] = []
+        self.step, self.h = -1, None  # the latest layer-step seen and its state (a reference, no copy)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self.cols) == self.capacity
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.cols)
+
+    def record_iteration(self, first_step: int, stats: torch.Tensor, cos: torch.Tensor | None,
+                         h: torch.Tensor) -> None:
+        """Keep the recorded columns among layer-steps ``first_step .. first_step + L - 1`` from one
+        iteration's statistics ``(b, L, 5)`` (and cosines ``(b, L, T, T)``); ``h`` is the state after it.
+        The caller makes sure there is :attr:`room` for ``L`` columns."""
+        L = stats.shape[1]
+        self.step, self.h = first_step + L - 1, h
+        cols = self.col_of_step[first_step:first_step + L]
+        local = tuple(int(x) for x in np.flatnonzero(cols >= 0))
+        if not local:
+            return
+        n, k = len(self.cols), len(local)
+        if k == L:
+            self.buf[:, n:n + k] = stats
+            if cos is not None:
+                self.mbuf[:, n:n + k] = cos
+        else:
+            idx = self._index.get(local)
+            if idx is None:
+                idx = self._index[local] = torch.tensor(local, device=stats.device)
+            self.buf[:, n:n + k] = stats.index_select(1, idx)
+            if cos is not None:
+                self.mbuf[:, n:n + k] = cos.index_select(1, idx)
+        self.cols.extend(int(c) for c in cols[list(local)])
+
+    def record(self, step: int, h: torch.Tensor) -> None:
+        self.step, self.h = step, h
+        col = int(self.col_of_step[step])
+        if col < 0:
+            return
+        stats, cos = _stats(h, self.matrix)
+        n = len(self.cols)
+        self.buf[:, n] = stats.to(self.buf.device, non_blocking=True)
+        if cos is not None:
+            self.mbuf[:, n] = cos.to(self.mbuf.device, non_blocking=True)
+        self.cols.append(col)
+
+    def flush(self, h: torch.Tensor | None = None) -> MetricChunk:
+        """Copy the pending columns and the state ``h`` (default: the latest recorded one) to the
+        host, hand them to the sink, and return the columns as a chunk."""
+        h = self.h if h is None else h
+        step = self.step
+        n = len(self.cols)
+        cols = np.asarray(self.cols, dtype=np.int64)
+        # copies (not views: on the CPU .cpu() would alias the buffer the next chunk overwrites)
+        stats = self.buf[:, :n].to("cpu", copy=True).numpy()  # (b, n, 5): the host synchronisation
+        mat = self.mbuf[:, :n].to("cpu", copy=True).numpy() if self.mbuf is not None else None  # (b, n, T, T)
+        hidden = h.float().cpu().numpy() if h is not None else None
+        self.cols = []
+        self.sink(self.rows, cols, stats, mat, hidden, step)
+        parts = {name: stats[:, :, k] for k, name in enumerate(STAT_NAMES)}
+        return MetricChunk(rows=list(self.rows), steps=self.steps[cols], token=self.token, **parts)
+
+
+@torch.no_grad()
+def _stats(h: torch.Tensor, matrix: bool):
+    return token_stats(h, matrix)
+
+
+class _Clock:
+    """Global layer-step counter and the event cadence shared by every batch of a run.
+
+    Events fall due every ``total / max_events`` layer-steps, and at least once a second: a
+    consumer can only stop a generator between events, so a very long run on big prompts must
+    not go minutes without one.
+    """
+
+    def __init__(self, total: int, max_events: int, min_interval: float = 1.0):
+        self.total = total
+        self.done = 0
+        self.every = max(1, math.ceil(total / max(1, max_events)))
+        self.min_interval, self.last = min_interval, time.monotonic()
+
+    def tick(self, n: int = 1) -> bool:
+        """Count ``n`` layer-steps; True when an event fell due among them."""
+        before, self.done = self.done, self.done + n
+        now = time.monotonic()
+        if self.done // self.every > before // self.every or now - self.last >= self.min_interval:
+            self.last = now
+            return True
+        return False
+
+
+class _IterationRunner:
+    """One whole iteration as a unit: the ``L`` blocks, the final norm, and the statistics of all
+    ``L`` block outputs in one batched pass (instead of ``L`` small ones), optionally captured as a
+    CUDA graph on the first call and replayed after that.
+
+    With a graph the returned tensors are static buffers, overwritten by the next call: callers
+    copy what they keep before calling again. Weights re-initialised in place between calls are
+    seen by the replay (same storage).
+    """
+
+    def __init__(self, lm: "LoadedModel", b: int, T: int, cfg: ConsensusConfig, graph: bool):
+        st = lm.stack
+        self.lm, self.skip_mlp, self.matrix, self.L = lm, cfg.skip_mlp, cfg.matrix, st.n_layer
+        self.b, self.T = b, T
+        self.states = torch.empty(b, st.n_layer, T, st.d_model, dtype=st.dtype, device=st.device)  # (b, L, T, D)
+        self.h_in = torch.empty(b, T, st.d_model, dtype=st.dtype, device=st.device)
+        self.use_graph, self.graph, self.out = graph, None, None
+
+    @staticmethod
+    def scratch_bytes(lm: "LoadedModel", b: int, T: int, matrix: bool) -> int:
+        st = lm.stack
+        size = torch.finfo(st.dtype).bits // 8
+        rows = b * st.n_layer * T
+        return rows * st.d_model * (size + 8) + rows * T * 4 * (4 if matrix else 3)  # states, float copies, T x T
+
+    @torch.no_grad()
+    def _body(self):
+        h = self.h_in
+        for layer in range(self.L):
+            h = self.lm.stack.block(layer, h, skip_mlp=self.skip_mlp)
+            self.states[:, layer].copy_(h)
+        out = self.lm.stack.final_norm(h)
+        stats, cos = token_stats(self.states.flatten(0, 1), self.matrix)  # (b*L, 5), (b*L, T, T)
+        stats = stats.view(self.b, self.L, -1)
+        return out, stats, (cos.view(self.b, self.L, self.T, self.T) if cos is not None else None)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        dev = self.h_in.device
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: library handles and kernel choices made outside the capture
+                for _ in range(2):
+                    self._body()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self._body()
+            self.graph = graph
+        except _OOM:
+            raise
+        except RuntimeError as e:  # a model whose blocks cannot be captured still runs, one launch at a time
+            warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); running without graphs.")
+            self.use_graph, self.graph, self.out = False, None, None
+
+    def __call__(self, h: torch.Tensor):
+        """``(state after the final norm (b, T, D), stats (b, L, 5), cosines (b, L, T, T) or None)``."""
+        self.h_in.copy_(h)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        if self.graph is None:
+            return self._body()
+        self.graph.replay()
+        return self.out
+
+
+def _engine(lm: "LoadedModel", cfg: ConsensusConfig, b: int, T: int) -> str:
+    """The engine a batch of ``b`` prompts of ``T`` tokens runs on (see :data:`ENGINES`)."""
+    if cfg.engine != "auto":
+        if cfg.engine == "graph" and lm.stack.device.type != "cuda":
+            raise LabError("The 'graph' engine needs the model on a CUDA GPU; use engine 'auto' on this device.")
+        return cfg.engine
+    st = lm.stack
+    one_gpu = st.device.type == "cuda" and all(d == st.device for d in st.block_devices())
+    per_col = 4 * b * (len(STAT_NAMES) + (T * T if cfg.matrix else 0))
+    fits = (_IterationRunner.scratch_bytes(lm, b, T, cfg.matrix) <= FUSED_BUDGET
+            and per_col * (st.n_layer + 2) <= DEVICE_CHUNK_BUDGET)
+    if one_gpu and fits and cfg.reinit != "block" and int(cfg.iterations) >= MIN_GRAPH_ITERATIONS:
+        return "graph"
+    return "block"
+
+
+def _iterate(lm: "LoadedModel", h: torch.Tensor, cfg: ConsensusConfig, rec: _Recorder, clock: _Clock,
+             on_iteration=None, runner: _IterationRunner | None = None) -> Iterator:
+    """N iterations from the embeddings ``h``; yields events, returns the final state.
+
+    ``on_iteration(i, h)`` (a generator) runs after iteration ``i``'s final norm, before any
+    per-iteration re-initialisation. With a ``runner`` the iteration is one unit (events and
+    stops fall between iterations); without, it goes block by block.
+    """
+    L, N = lm.stack.n_layer, int(cfg.iterations)
+    total = N * L
+    rec.record(0, h)
+    s = 0
+    for i in range(N):
+        if runner is not None:
+            if rec.room < L:
+                yield Progress(clock.done, clock.total, rec.flush())
+            h, stats, cos = runner(h)
+            rec.record_iteration(s + 1, stats, cos, h)
+            s += L
+            if clock.tick(L) or rec.room < L:
+                yield Progress(clock.done, clock.total, rec.flush(h))
+        else:
+            for layer in range(L):
+                h = _block(lm, layer, h, cfg.skip_mlp)
+                s += 1
+                rec.record(s, h)
+                if cfg.reinit == "block" and s < total:
+                    lm.stack.reinit(cfg.seed + s)
+                if clock.tick() or rec.full:
+                    yield Progress(clock.done, clock.total, rec.flush(h))
+            h = _final_norm(lm, h)
+        if on_iteration is not None:
+            yield from on_iteration(i, h, s)
+        if cfg.reinit == "iteration" and i < N - 1:
+            lm.stack.reinit(cfg.seed + i + 1)
+    yield Progress(clock.done, clock.total, rec.flush(h))
+    return h
+
+
+def _runner_for(lm: "LoadedModel", cfg: ConsensusConfig, b: int, T: int) -> tuple[_IterationRunner | None, int]:
+    """The runner for one batch (None: block by block) and the recorder window it needs."""
+    engine = _engine(lm, cfg, b, T)
+    if engine == "block":
+        return None, 0
+    return _IterationRunner(lm, b, T, cfg, graph=engine == "graph"), lm.stack.n_layer + 2
+
+
+def _col_of_step(total_steps: int, steps: np.ndarray) -> np.ndarray:
+    col = np.full(total_steps + 1, -1, dtype=np.int64)
+    col[steps] = np.arange(len(steps))
+    return col
+
+
+def _walked_model(lm: "LoadedModel", cfg: ConsensusConfig) -> "LoadedModel":
+    """The model a run walks: ``lm`` itself, or a private copy when the run re-initialises weights
+    and ``lm`` must stay untouched (see the module docstring)."""
+    if cfg.reinit == "none" or not cfg.restore_weights:
+        return lm
+    return _private_copy(lm)
+
+
+def _private_copy(lm: "LoadedModel") -> "LoadedModel":
+    """Same modules, buffers, devices, dtypes and parameter strides as ``lm``, own parameters.
+
+    A re-init run re-draws every parameter before it reads one, so the copy's parameters are left
+    uninitialised rather than copied (no time spent on values that are overwritten). Seeding the
+    deepcopy memo with them keeps tied weights tied: each original parameter maps to one new one.
+    """
+    try:
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+                for p in lm.model.parameters()}
+        model = copy.deepcopy(lm.model, memo)
+    except (_OOM, MemoryError) as e:
+        raise LabError(f"Re-initialising weights needs a second copy of the model on {lm.stack.device}, and it "
+                       f"does not fit; use a 16-bit dtype, a smaller model or the CPU, or the CLI, which "
+                       f"re-initialises its own copy in place.") from e
+    return replace(lm, model=model, stack=stack_for(model))
+
+
+def _oom_error(e: Exception, result) -> LabError:
+    err = LabError("The device ran out of memory during the consensus run; use fewer or shorter prompts, "
+                   "drop the token cosine matrices or record fewer points (record every k-th layer-step), "
+                   "or run on the CPU. What was computed before is kept.")
+    err.result = result  # type: ignore[attr-defined]
+    return err
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+# -- consensus runs ---------------------------------------------------------------------------------
+
+def consensus_stream(lm: "LoadedModel", prompts: Sequence[PromptLike],
+                     cfg: ConsensusConfig | None = None) -> Iterator[ConsensusEvent]:
+    """Run consensus on ``prompts`` (texts, or token-id lists used as they are).
+
+    Everything is checked before anything runs, so a bad input raises :class:`LabError` from this
+    call itself: no prompts, an empty prompt, one longer than the context, N < 1, decode
+    iterations outside ``0..N-1``, or a recording bigger than ``cfg.memory_budget`` (the message
+    offers a ``record_every`` that fits). Prompts of different lengths run as separate batches,
+    one per length, in order of first appearance. Yields :class:`Started` first, then
+    :class:`Progress` (about ``cfg.max_events`` in all) and :class:`Decoded`, and :class:`Finished`
+    last. A CUDA out-of-memory error becomes a :class:`LabError` carrying the partial result as
+    ``err.result``.
+    """
+    cfg = cfg or ConsensusConfig()
+    plan = _plan(lm, prompts, cfg)
+    return _consensus_events(lm, plan, cfg)
+
+
+def _new_result(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> ConsensusResult:
+    B, P = len(plan.token_ids), len(plan.steps)
+    T = max(len(t) for t in plan.token_ids)
+
+    def nan(*shape):
+        return np.full(shape, np.nan, dtype=np.float32)
+
+    return ConsensusResult(
+        model=lm.name, prompts=plan.prompts, token_ids=plan.token_ids, config=cfg, n_layer=plan.n_layer,
+        steps=plan.steps, hidden=nan(B, T, lm.stack.d_model), matrix=nan(B, T, T, P) if cfg.matrix else None,
+        decodings={int(i): [None] * B for i in sorted(set(cfg.decode_iterations))},
+        steps_done=np.full(B, -1, dtype=np.int64), device=str(lm.stack.device),
+        **{name: nan(B, P) for name in STAT_NAMES})
+
+
+def _info(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig, total: int) -> dict:
+    return dict(model=lm.name, prompts=plan.prompts, lengths=[len(t) for t in plan.token_ids],
+                groups=[g.rows for g in plan.groups], n_layer=plan.n_layer, iterations=int(cfg.iterations),
+                total=total, columns=len(plan.steps), bytes=plan.bytes, device=str(lm.stack.device))
+
+
+def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> Iterator[ConsensusEvent]:
+    result = _new_result(lm, plan, cfg)
+    NL = int(cfg.iterations) * plan.n_layer
+    clock = _Clock(NL * len(plan.groups), cfg.max_events)
+    col_of_step = _col_of_step(NL, plan.steps)
+    decode_at = set(int(i) for i in cfg.decode_iterations)
+    window = clock.every // int(cfg.record_every) + 2
+    t0 = time.perf_counter()
+
+    def sink(rows, cols, stats, mat, hidden, step):
+        r = np.asarray(rows)
+        # a chunk's columns are consecutive: slices keep numpy on its fast copy path
+        c = slice(int(cols[0]), int(cols[-1]) + 1) if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else cols
+        at = (r, c) if isinstance(c, slice) else np.ix_(r, cols)
+        for k, name in enumerate(STAT_NAMES):
+            getattr(result, name)[at] = stats[:, :, k]
+        if mat is not None and len(cols):
+            T = mat.shape[-1]
+            for i, row in enumerate(rows):
+                result.matrix[row, :T, :T][..., c] = mat[i].transpose(1, 2, 0)  # (n, T, T) -> (T, T, n)
+        if hidden is not None:
+            result.hidden[r, :hidden.shape[1]] = hidden
+        result.steps_done[r] = step
+        result.seconds = time.perf_counter() - t0
+
+    def lens(rows):
+        def on_iteration(i, h, s):
+            if i in decode_at:
+                texts = [lm.tokenizer.decode(t) for t in _lens_argmax(lm, h)]
+                for r, t in zip(rows, texts):
+                    result.decodings[i][r] = t
+                yield Decoded(i, list(rows), texts)
+        return on_iteration
+
+    lm = _walked_model(lm, cfg)
+    rec = None
+    yield Started(_info(lm, plan, cfg, clock.total), result)
+    try:
+        for g in plan.groups:
+            if cfg.reinit != "none":
+                lm.stack.reinit(cfg.seed)
+            h = _embed(lm, g.ids)
+            runner, need = _runner_for(lm, cfg, len(g.rows), g.ids.shape[1])
+            rec = _Recorder(g.rows, g.ids.shape[1], col_of_step, plan.steps, h.device, cfg.matrix, window, sink,
+                            at_least=need)
+            yield from _iterate(lm, h, cfg, rec, clock, lens(g.rows), runner)
+            rec = None
+    except _OOM as e:
+        raise _oom_error(e, result) from e
+    finally:
+        if rec is not None:  # stopped mid-chunk: keep what the device already holds
+            try:
+                rec.flush()
+            except Exception:  # the device may be unusable after a failure; the host copy stands
+                pass
+        result.seconds = time.perf_counter() - t0
+    yield Finished(result)
+
+
+def run_consensus(lm: "LoadedModel", prompts: Sequence[PromptLike],
+                  cfg: ConsensusConfig | None = None) -> ConsensusResult:
+    """:func:`consensus_stream` run to the end."""
+    result = None
+    for ev in consensus_stream(lm, prompts, cfg):
+        if isinstance(ev, Finished):
+            result = ev.result
+    return result
+
+
+# -- consensus decoding -------------------------------------------------------------------------------
+
+def consensus_decode_stream(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig | None = None,
+                            decode: DecodeConfig | None = None) -> Iterator[ConsensusEvent]:
+    """Generate ``decode.new_tokens`` tokens per prompt, each by running ``cfg.iterations``
+    iterations over the whole current sequence (from its embeddings) and sampling from the last
+    position of the final state (after the last final norm) with temperature and top-p
+    (:mod:`core.generation.sampling`), seeded. Re-initialisation, if any, restarts from ``reinit(seed)``
+    for every token, so each token's run is reproducible on its own. Events: :class:`Started`,
+    :class:`Progress` (chunks carry ``token``), :class:`TokenSampled` after each token,
+    :class:`Finished`. Checks as :func:`consensus_stream`, plus prompt + new tokens within the
+    context. Logit-lens decodings and cosine matrices belong to consensus runs, not to this."""
+    cfg = cfg or ConsensusConfig()
+    decode = decode or DecodeConfig()
+    decode.check()
+    if cfg.matrix:
+        raise LabError("Token cosine matrices are recorded by consensus runs, not by consensus decoding; "
+                       "turn the matrices off or run consensus without generating tokens.")
+    if cfg.decode_iterations:
+        raise LabError("Logit-lens decodings after chosen iterations belong to consensus runs, not to consensus "
+                       "decoding; drop the decode iterations or run consensus without generating tokens.")
+    plan = _plan(lm, prompts, cfg, new_tokens=int(decode.new_tokens))
+    return _decode_events(lm, plan, cfg, decode)
+
+
+def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
+                   decode: DecodeConfig) -> Iterator[ConsensusEvent]:
+    from ..generation.sampling import apply_temperature, apply_top_p
+
+    B, K, P = len(plan.token_ids), int(decode.new_tokens), len(plan.steps)
+    NL = int(cfg.iterations) * plan.n_layer
+    result = ConsensusDecodeResult(
+        model=lm.name, prompts=plan.prompts, token_ids=plan.token_ids, new_ids=[[] for _ in range(B)],
+        completions=[""] * B, texts=list(plan.prompts), traces=np.full((B, K, P), np.nan, dtype=np.float32),
+        steps=plan.steps, config=cfg, decode=decode, n_layer=plan.n_layer, device=str(lm.stack.device))
+    clock = _Clock(NL * K * len(plan.groups), cfg.max_events)
+    col_of_step = _col_of_step(NL, plan.steps)
+    window = clock.every // int(cfg.record_every) + 2
+    gen = torch.Generator().manual_seed(int(cfg.seed if decode.seed is None else decode.seed))
+    t0 = time.perf_counter()
+
+    def sink_for(k):
+        def sink(rows, cols, stats, mat, hidden, step):
+            result.traces[np.ix_(np.asarray(rows), [k], cols)] = stats[:, None, :, 0]
+            result.seconds = time.perf_counter() - t0
+        return sink
+
+    lm = _walked_model(lm, cfg)
+    rec = None
+    yield Started(_info(lm, plan, cfg, clock.total), result)
+    try:
+        for g in plan.groups:
+            seq = g.ids
+            for k in range(K):
+                if cfg.reinit != "none":
+                    lm.stack.reinit(cfg.seed)
+                h = _embed(lm, seq)
+                runner, need = _runner_for(lm, cfg, len(g.rows), seq.shape[1])
+                rec = _Recorder(g.rows, seq.shape[1], col_of_step, plan.steps, h.device, False, window,
+                                sink_for(k), token=k, at_least=need)
+                h = yield from _iterate(lm, h, cfg, rec, clock, None, runner)
+                rec = None
+                logits = apply_top_p(apply_temperature(_last_logits(lm, h), float(decode.temperature)),
+                                     float(decode.top_p))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)  # (b, 1)
+                seq = torch.cat([seq, nxt], dim=1)
+                ids = nxt[:, 0].tolist()
+                for r, t in zip(g.rows, ids):
+                    result.new_ids[r].append(int(t))
+                    result.completions[r] = lm.tokenizer.decode(result.new_ids[r])
+                    result.texts[r] = lm.tokenizer.decode(plan.token_ids[r] + result.new_ids[r])
+                yield TokenSampled(k, list(g.rows), ids, [lm.tokenizer.decode([t]) for t in ids])
+    except _OOM as e:
+        raise _oom_error(e, result) from e
+    finally:
+        if rec is not None:
+            try:
+                rec.flush()
+            except Exception:
+                pass
+        result.seconds = time.perf_counter() - t0
+    yield Finished(result)
+
+
+def consensus_decode(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig | None = None,
+                     decode: DecodeConfig | None = None) -> ConsensusDecodeResult:
+    """:func:`consensus_decode_stream` run to the end."""
+    result = None
+    for ev in consensus_decode_stream(lm, prompts, cfg, decode):
+        if isinstance(ev, Finished):
+            result = ev.result
+    return result

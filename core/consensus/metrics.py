@@ -1,0 +1,56 @@
+"""How close to consensus a batch of token clouds is: every statistic in one batched pass.
+
+All statistics are computed in float32 from the hidden states ``h`` ``(B, T, D)`` (``B`` prompts
+of ``T`` tokens each) with tensor ops only, so a caller can write them into a device buffer
+after every block without a host synchronisation.
+
+For one prompt with token vectors ``h_0 .. h_{T-1}`` and ``cos(a, b) = <a, b> / (|a| |b|)``:
+
+- ``metric = 1 - (1/T) sum_j |cos(h_0, h_j)|`` over all ``j`` *including* ``j = 0`` (whose term
+  is 1), exactly as both reference scripts computed it; 0 means every token is parallel or
+  anti-parallel to the first.
+- ``mean_cosine = (1/(T(T-1))) sum_{i != j} cos(h_i, h_j)``: off-diagonal pairs only, so a
+  cloud of orthogonal tokens reads 0 and a collapsed one 1. NaN when ``T = 1``.
+- ``mean_dot = (1/(T(T-1))) sum_{i != j} <h_i, h_j>``: the same pairs, raw (not normalised).
+  NaN when ``T = 1``.
+- ``effective_rank = (sum_k s_k^2)^2 / sum_k s_k^4`` over the singular values ``s_k`` of the
+  centred token matrix ``X = h - mean_j h_j``: the participation ratio, ``tr(G)^2 / |G|_F^2``
+  for ``G = X X^T``. It is 1 when the tokens spread along one line and ``k`` when they spread
+  evenly over ``k`` orthogonal directions; 0 when all tokens coincide (``T = 1`` included).
+  Chosen over the entropy of the singular values because it needs no decomposition (a
+  decomposition would synchronise with the host on a GPU every block).
+- ``centroid_distance = (1/T) sum_j |h_j - mean_k h_k|``: the cloud's size in the model's units.
+- the cosine matrix ``C[i, j] = cos(h_i, h_j)`` ``(T, T)``, when asked.
+"""
+from __future__ import annotations
+
+import torch
+
+from .results import STAT_NAMES  # noqa: F401  (the order of token_stats columns)
+EPS = 1e-12  # a zero vector's cosine with anything is 0, not NaN
+
+
+def token_stats(h: torch.Tensor, matrix: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Statistics of ``h`` ``(B, T, D)``: ``(stats (B, 5), cosines (B, T, T) or None)``.
+
+    ``stats[:, k]`` is ``STAT_NAMES[k]``; everything float32 on ``h``'s device.
+    """
+    x = h.float()
+    B, T, _ = x.shape
+    norms = x.norm(dim=-1)  # (B, T)
+    gram = torch.bmm(x, x.transpose(1, 2))  # (B, T, T) raw dot products
+    cos = gram / (norms[:, :, None] * norms[:, None, :]).clamp_min(EPS)  # (B, T, T)
+    metric = 1.0 - cos[:, 0, :].abs().mean(-1)  # (B,)
+    off = ~torch.eye(T, dtype=torch.bool, device=x.device)  # (T, T) off-diagonal pairs
+    pairs = T * (T - 1)
+    mean_cos = (cos * off).sum((1, 2)) / pairs if pairs else torch.full((B,), float("nan"), device=x.device)
+    mean_dot = (gram * off).sum((1, 2)) / pairs if pairs else torch.full((B,), float("nan"), device=x.device)
+    xc = x - x.mean(1, keepdim=True)  # (B, T, D) centred on the centroid
+    gc = torch.bmm(xc, xc.transpose(1, 2))  # (B, T, T)
+    trace = gc.diagonal(dim1=1, dim2=2).sum(-1)  # (B,) = sum of squared singular values
+    frob2 = gc.square().sum((1, 2))  # (B,) = sum of fourth powers
+    eff_rank = torch.where(frob2 > 0, trace.square() / frob2.clamp_min(torch.finfo(torch.float32).tiny),
+                           torch.zeros_like(frob2))
+    centroid = xc.norm(dim=-1).mean(-1)  # (B,)
+    stats = torch.stack([metric, mean_cos, mean_dot, eff_rank, centroid], dim=1)  # (B, 5)
+    return stats, (cos if matrix else None)

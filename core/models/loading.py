@@ -1,0 +1,285 @@
+"""Loading a model by spec: ``default``, a hub id, a local Hugging Face folder, or our checkpoint.
+
+A spec string names a model everywhere (CLI ``--model``, the Python API, the app's picker).
+Nothing here unpickles: our checkpoints are safetensors + JSON, ``.pt`` state dicts go through
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from ..devices import dtype_name, resolve_device, resolve_dtype
+from ..errors import LabError, ModelNotAvailableError
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .gpt import GPT, GPTConfig
+from .decode_layout import use_decode_layout
+from .stack import LayerStack, stack_for
+from .tokenizer import Tokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+DEFAULT_DIR = ASSETS / "default"
+CHECKPOINT_FORMAT = "gptlab"
+
+# Hub ids the picker offers; any other hub id works too when it is cached or reachable.
+KNOWN_HUB_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125M",
+                    "EleutherAI/gpt-neo-1.3B", "EleutherAI/gpt-neo-2.7B"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use: the module, its tokenizer, its layer-stack adapter and its card."""
+
+    spec: str
+    model: nn.Module
+    tokenizer: Tokenizer
+    stack: LayerStack
+    device: str
+    dtype: torch.dtype
+    source: str
+    untrained: bool = False
+    objective: str = "ar"  # "ar" or "diffusion"
+    card_text: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.stack.family
+
+    @property
+    def name(self) -> str:
+        label = self.spec
+        if self.untrained:
+            label += " (untrained)"
+        return label
+
+    def card(self) -> dict:
+        """The facts the home page and ``models`` show."""
+        d = self.stack.describe()
+        return {"model": self.name, "family": d["family"], "objective": self.objective,
+                "layers": d["n_layer"], "width": d["d_model"], "heads": d["n_head"],
+                "parameters": d["n_params"], "context": d["context_length"], "vocab": d["vocab_size"],
+                "tokenizer": self.tokenizer.name, "device": self.device, "dtype": dtype_name(self.dtype),
+                "untrained": self.untrained, "source": self.source}
+
+
+# -- our checkpoint format ----------------------------------------------------------------------
+
+def is_gptlab_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == CHECKPOINT_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str | None = None, *,
+                    objective: str = "ar", untrained: bool = False, card: str | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write our model folder: config.json, model.safetensors, tokenizer.json, and an optional model
+    card. Each file lands atomically."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.config.to_dict(),
+            "objective": objective, "untrained": untrained, **(extra or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and model.config.tie_weights)}
+    atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    if tokenizer_json is not None:
+        atomic_write_text(folder / "tokenizer.json", Path(tokenizer_json).read_text(encoding="utf-8"))
+    if card is not None:
+        atomic_write_text(folder / "README.md", card)
+    atomic_write_json(folder / "config.json", meta)
+    return folder
+
+
+def _load_gptlab(path: Path, device: str, dtype: torch.dtype) -> tuple[GPT, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "config.json").read_text())
+    cfg = GPTConfig.from_dict(meta["model"])
+    weights = path / "model.safetensors"
+    if weights.exists():
+        with torch.device("meta"):
+            model = GPT(cfg)
+        try:
+            sd = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LabError(f"The weights file {weights} is corrupt or truncated ({e}); "
+                           f"restore it or load an earlier checkpoint.") from e
+        if cfg.tie_weights:
+            sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            raise LabError(f"The weights in {weights} do not match its config.json ({str(e).splitlines()[0]}); "
+                           f"the checkpoint folder is inconsistent.") from e
+        if cfg.tie_weights:
+            model.lm_head.weight = model.transformer.wte.weight
+    else:
+        raise LabError(f"{path} has a config.json but no model.safetensors; the checkpoint is incomplete.")
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+# -- Hugging Face -------------------------------------------------------------------------------
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check before asking the hub, so an offline machine answers in seconds, not minutes."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_message(spec: str) -> str:
+    return (f"Model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached; "
+            f"download it where there is internet (`hf download {spec}`) and copy the cache or folder here, "
+            f"or use --model default, which works offline.")
+
+
+def _remote_code_refused(source: str, error: ValueError) -> LabError:
+    """transformers' ValueError for a config it cannot read, as one sentence saying what to do."""
+    if "trust_remote_code" in str(error):
+        return LabError(f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; pass "
+                        f"--trust-remote-code (trust_remote_code=True) if you trust its authors.")
+    return LabError(f"Model '{source}' has a config transformers cannot read ({str(error).splitlines()[0][:160]}); "
+                    f"pass a GPT-2 or GPT-Neo model, or use --model default.")
+
+
+def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
+    kwargs = dict(local_files_only=True) if local else {}
+    # Always passed, never left to transformers: left out, it asks on a terminal whether to run the code.
+    trust = {"trust_remote_code": bool(trust_remote_code)}
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True, **trust)
+    except ValueError as e:
+        raise _remote_code_refused(source, e) from None
+    except OSError:
+        if local:
+            raise LabError(f"{source} is not a readable Hugging Face model folder (config.json missing or bad).")
+        if not hub_reachable():
+            raise ModelNotAvailableError(offline_message(source)) from None
+        try:
+            config = AutoConfig.from_pretrained(source, **trust)
+        except ValueError as e:
+            raise _remote_code_refused(source, e) from None
+        except OSError as e:
+            raise ModelNotAvailableError(f"Model '{source}' was not found on the hub ({str(e).splitlines()[0]}); "
+                                         f"check the id, or use --model default.") from None
+    else:
+        kwargs = dict(local_files_only=True)
+    if config.model_type not in ("gpt2", "gpt_neo"):
+        raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
+                       f"models and its own GPT checkpoints.")
+    load_kwargs = dict(dtype=dtype, **kwargs, **trust)
+    if device == "auto":
+        load_kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    except OSError as e:
+        if "local_files_only" in kwargs and not local:
+            raise ModelNotAvailableError(offline_message(source)) from None
+        raise LabError(f"Could not load weights of '{source}': {str(e).splitlines()[0]}") from e
+    except pickle.UnpicklingError as e:  # a .bin holding objects: torch's weights_only refused it
+        raise LabError(f"Refused to load the weights of '{source}': its pickle file holds objects other than "
+                       f"tensors; only safetensors or plain tensor files are loaded, so convert it to "
+                       f"model.safetensors where it came from.") from e
+    if device != "auto":
+        model = model.to(device)
+    return model.eval(), kwargs.get("local_files_only", False)
+
+
+def _inference_stack(model: torch.nn.Module, device: str) -> LayerStack:
+    if device == "cpu":
+        use_decode_layout(model)
+    return stack_for(model)
+
+
+def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32",
+               tokenizer: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model by spec onto ``device`` (``cpu``, ``cuda:N`` or ``auto``) in ``dtype``.
+
+    ``trust_remote_code`` lets transformers run Python code shipped with a Hugging Face model or
+    tokenizer; it stays off unless the user asks (``--trust-remote-code``, the app's checkbox)."""
+    spec = (spec or "default").strip()
+    torch_dtype = resolve_dtype(dtype)
+    dev = "auto" if str(device).lower() == "auto" and torch.cuda.is_available() else resolve_device(device)
+    single = resolve_device(dev) if dev == "auto" else dev
+    path = DEFAULT_DIR if spec == "default" else Path(spec).expanduser()
+    try:
+        local = spec == "default" or path.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        shown = spec if len(spec) <= 80 else spec[:60] + "…"
+        raise LabError(f"Model spec '{shown}' is neither a usable path nor a model name ({e.strerror or e}); "
+                       f"enter a model folder, a hub id such as gpt2, or default.") from None
+
+    if local:
+        if not path.exists():
+            raise LabError(f"The default model is missing from {DEFAULT_DIR}; reinstall GPT Lab.")
+        if path.is_file():
+            raise LabError(f"{path} is a file; pass a model folder (with config.json), or use --weights/--ckpt "
+                           f"for a bare GPT-2 state dict.")
+        if is_gptlab_folder(path):
+            model, meta = _load_gptlab(path, single, torch_dtype)
+            tok = load_tokenizer(tokenizer or path)
+            card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").exists() else None
+            return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, single), device=single,
+                               dtype=torch_dtype, source=str(path), untrained=bool(meta.get("untrained")),
+                               objective=meta.get("objective", "ar"), card_text=card, extra=meta)
+        if not (path / "config.json").exists():
+            raise LabError(f"{path} holds no config.json; pass a Hugging Face model folder or a GPT Lab checkpoint.")
+        model, _ = _load_hf(str(path), dev, torch_dtype, local=True, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(tokenizer or path, trust_remote_code=trust_remote_code)
+        return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
+                           dtype=torch_dtype, source=str(path))
+
+    if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
+        raise LabError(f"Model path {spec} does not exist; check the path, or use --model default.")
+    model, cached = _load_hf(spec, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code)
+    tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if tokenizer
+           else load_tokenizer(spec, local_files_only=cached, trust_remote_code=trust_remote_code))
+    return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
+                       dtype=torch_dtype, source=f"hub:{spec}")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A bare state dict from ``.safetensors`` or ``.pt`` (weights only; never unpickles objects)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LabError(f"Weights file {p} does not exist; check the path.")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt archives raise many types
+        raise LabError(f"Could not read weights from {p} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       f"only safetensors or plain tensor state dicts are accepted.") from e
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LabError(f"{p} is not a state dict of tensors.")
+    return sd

@@ -1,0 +1,303 @@
+"""The layer-stack adapter: one view of embed / blocks / final norm / unembed per model family.
+
+Consensus, the logit lens, transcoders and generation all walk models through this class, so
+a new family is supported everywhere by adding one subclass here. Attention is computed by
+:func:`core.models.attention.attend` from the family's own projection weights; norms and MLPs are the
+family's own modules, called directly.
+
+Activation names follow TransformerLens so an address reads the same in every workbench:
+``blocks.{i}.hook_resid_pre``, ``blocks.{i}.hook_resid_mid``, ``blocks.{i}.ln2.hook_normalized``
+(the MLP's input after its norm), ``blocks.{i}.hook_mlp_out``, ``blocks.{i}.hook_resid_post``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import KVCache, attend, merge_heads, split_heads
+from ..errors import LabError
+
+MLPFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hook_name(layer: int, point: str) -> str:
+    """``hook_name(3, "mlp_in") -> "blocks.3.ln2.hook_normalized"``."""
+    names = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized",
+             "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
+    return f"blocks.{layer}.{names[point]}"
+
+
+class LayerStack:
+    """Walks one loaded model block by block.
+
+    Subclasses provide the family's modules (``wte``, ``wpe``, ``drop``, ``blocks``, ``ln_f``,
+    ``lm_head``) and ``_attention``; everything else is shared.
+    """
+
+    family = "base"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._block_devices: list[torch.device] | None = None
+
+    # -- facts --------------------------------------------------------------------------------
+    n_layer: int
+    n_head: int
+    d_model: int
+    vocab_size: int
+    context_length: int
+    causal: bool = True
+    init_std: float = 0.02
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def ln_1(self, i: int) -> nn.Module:
+        return self.blocks[i].ln_1
+
+    def ln_2(self, i: int) -> nn.Module:
+        return self.blocks[i].ln_2
+
+    def mlp(self, i: int) -> nn.Module:
+        return self.blocks[i].mlp
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def block_devices(self) -> list[torch.device]:
+        if self._block_devices is None:
+            self._block_devices = [next(b.parameters()).device for b in self.blocks]
+        return self._block_devices
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    # -- the walk -----------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Token + position embeddings ``(B, T, C)`` for ids at absolute positions ``start_pos..``."""
+        T = ids.shape[1]
+        if start_pos + T > self.context_length:
+            raise LabError(f"Sequence of {start_pos + T} tokens exceeds the model's context of "
+                           f"{self.context_length}; shorten the prompt or ask for fewer new tokens.")
+        ids = ids.to(self.wte.weight.device)
+        pos = torch.arange(start_pos, start_pos + T, device=ids.device)
+        return self.drop(self.wte(ids) + self.wpe(pos).to(self.wte.weight.device))
+
+    def block(self, i: int, h: torch.Tensor, *, skip_mlp: bool = False, cache: KVCache | None = None,
+              mlp: MLPFn | None = None, record: dict | None = None) -> torch.Tensor:
+        """One transformer block. ``skip_mlp`` drops the feed-forward sublayer; ``mlp`` replaces it
+        (a transcoder); ``record`` collects the block's named activations."""
+        dev = self.block_devices()[i]
+        if h.device != dev:
+            h = h.to(dev)
+        if record is not None:
+            record[hook_name(i, "resid_pre")] = h
+        h = h + self._attention(i, self.ln_1(i)(h), cache)
+        if record is not None:
+            record[hook_name(i, "resid_mid")] = h
+        if not skip_mlp:
+            x = self.ln_2(i)(h)
+            out = (mlp or self.mlp(i))(x)
+            if record is not None:
+                record[hook_name(i, "mlp_in")] = x
+                record[hook_name(i, "mlp_out")] = out
+            h = h + out
+        if record is not None:
+            record[hook_name(i, "resid_post")] = h
+        return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(h.to(self.ln_f.weight.device))
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
+        h = h.to(w.device)
+        if w.device.type == "cpu" and h.shape[-2] == 1 and getattr(self.lm_head, "bias", None) is None:
+            return h @ self._head_in_out()  # decoding on the CPU: see _head_in_out
+        return self.lm_head(h)
+
+    def _head_in_out(self) -> torch.Tensor:
+        """The unembedding stored ``(C, V)``, rebuilt whenever the weight changes.
+
+        A one-row product with the vocabulary matrix is memory-bound; on CPUs reading it in
+        ``(C, V)`` order is ~1.7x faster than ``nn.Linear``'s ``(V, C)``, and the unembedding is a
+        third of GPT-2 small's bytes per decoded token. The copy costs one extra matrix of memory.
+        """
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_key", None) != key:
+            self._head_t = w.detach().t().contiguous()
+            self._head_key = key
+        return self._head_t
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, *, cache: KVCache | None = None, skip_mlp: bool = False,
+               last_only: bool = False, mlps: dict[int, MLPFn] | None = None,
+               record: dict | None = None) -> torch.Tensor:
+        """The model's forward, walked block by block: ``(B, T, V)`` (``(B, 1, V)`` with ``last_only``)."""
+        h = self.embed(ids, cache.length if cache is not None else 0)
+        for i in range(self.n_layer):
+            h = self.block(i, h, skip_mlp=skip_mlp, cache=cache, mlp=(mlps or {}).get(i), record=record)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        h = self.final_norm(h)
+        if last_only:
+            h = h[:, -1:]
+        return self.unembed(h)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.n_layer, self.context_length)
+
+    # -- re-initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def reinit(self, seed: int) -> None:
+        """Re-draw every weight from the family's init distribution, reproducibly for ``seed``.
+
+        Draws happen on the CPU with a private generator and are copied over, so the same seed
+        gives the same weights on any device and leaves the global RNG alone.
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        seen: set[int] = set()
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:  # tied weights: draw once
+                continue
+            seen.add(id(p))
+            if p.dim() >= 2:
+                std = self.init_std
+                if name.endswith(("c_proj.weight", "out_proj.weight")) and self.family in ("gptlab", "gpt2"):
+                    std = self.init_std / math.sqrt(2 * self.n_layer)
+                new = torch.randn(p.shape, generator=gen) * std
+            elif name.endswith("bias"):
+                new = torch.zeros(p.shape)
+            else:
+                new = torch.ones(p.shape)
+            p.copy_(new.to(p.dtype))
+
+    def _attention(self, i: int, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return dict(family=self.family, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                    vocab_size=self.vocab_size, context_length=self.context_length, causal=self.causal,
+                    n_params=self.num_params())
+
+
+class GPTLabStack(LayerStack):
+    """Our own GPT (core.models.gpt.GPT), causal or bidirectional."""
+
+    family = "gptlab"
+
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.n_layer, self.n_head, self.d_model = cfg.n_layer, cfg.n_head, cfg.d_model
+        self.vocab_size, self.context_length, self.causal = cfg.vocab_size, cfg.block_size, cfg.causal
+        t = model.transformer
+        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
+
+    @property
+    def blocks(self):
+        return self.model.transformer.h
+
+    def _attention(self, i, x, cache):
+        return self.blocks[i].attn(x, cache, i)
+
+
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class _HFStack(LayerStack):
+    """What GPT-2 and GPT-Neo share: Hugging Face module names, an init std in the config, and an
+    MLP (c_fc -> act -> c_proj -> dropout) whose tanh GELU runs as one fused call: transformers'
+    ``gelu_new`` is the same formula written as a chain of Python-level ops, about a tenth of a
+    CPU block's time."""
+
+    def __init__(self, model, n_layer: int, n_head: int, d_model: int, context_length: int):
+        super().__init__(model)
+        self.n_layer, self.n_head, self.d_model = n_layer, n_head, d_model
+        self.vocab_size, self.context_length = model.config.vocab_size, context_length
+        self.init_std = model.config.initializer_range
+        t = model.transformer
+        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
+
+    @property
+    def blocks(self):
+        return self.model.transformer.h
+
+    def mlp(self, i: int):
+        m = self.blocks[i].mlp
+        if getattr(self.model.config, "activation_function", None) not in _TANH_GELU:
+            return m
+        return lambda x: m.dropout(m.c_proj(F.gelu(m.c_fc(x), approximate="tanh")))
+
+
+class GPT2Stack(_HFStack):
+    """Hugging Face GPT2LMHeadModel (Conv1D projections)."""
+
+    family = "gpt2"
+
+    def __init__(self, model):
+        cfg = model.config
+        super().__init__(model, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
+        self.scale_by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
+        self.scale_weights = bool(getattr(cfg, "scale_attn_weights", True))
+
+    def _attention(self, i, x, cache):
+        attn = self.blocks[i].attn
+        q, k, v = attn.c_attn(x).split(self.d_model, dim=2)
+        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, nh, T, hs)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(i, k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale_weights else 1.0
+        if self.scale_by_layer:
+            scale /= float(i + 1)
+        y = attend(q, k, v, causal=True, q_offset=offset, scale=scale)
+        return attn.resid_dropout(attn.c_proj(merge_heads(y)))
+
+
+class GPTNeoStack(_HFStack):
+    """Hugging Face GPTNeoForCausalLM: unscaled attention in float32, local layers with a window."""
+
+    family = "gpt_neo"
+
+    def __init__(self, model):
+        cfg = model.config
+        super().__init__(model, cfg.num_layers, cfg.num_heads, cfg.hidden_size, cfg.max_position_embeddings)
+        self.windows = [cfg.window_size if kind == "local" else None for kind in cfg.attention_layers]
+
+    def _attention(self, i, x, cache):
+        attn = self.blocks[i].attn.attention
+        q, k, v = (split_heads(p(x), self.n_head) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(i, k, v)
+        dtype = v.dtype
+        y = attend(q.float(), k.float(), v.float(), causal=True, q_offset=offset, window=self.windows[i], scale=1.0)
+        return attn.resid_dropout(attn.out_proj(merge_heads(y.to(dtype))))
+
+
+def stack_for(model: nn.Module) -> LayerStack:
+    """The adapter for a loaded model, chosen by its class."""
+    from .gpt import GPT
+
+    if isinstance(model, GPT):
+        return GPTLabStack(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "gpt2":
+        return GPT2Stack(model)
+    if model_type == "gpt_neo":
+        return GPTNeoStack(model)
+    raise LabError(f"Model type '{model_type}' has no layer-stack adapter yet; supported: our GPT, gpt2, gpt_neo.")

@@ -1,0 +1,156 @@
+"""Tokenizers behind one interface.
+
+Three sources, one shape: a model folder's own Hugging Face tokenizer, our trained byte-level
+BPE (a bare ``tokenizer.json`` made by ``tokenizers``), and tiktoken's GPT-2 encoding.
+Everything downstream (generation, consensus, the token view) only sees :class:`Tokenizer`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import LabError
+
+EOS = "<|endoftext|>"
+MASK = "<|mask|>"
+
+
+class Tokenizer:
+    """``encode``/``decode`` plus the few facts generation needs."""
+
+    name: str = "tokenizer"
+    vocab_size: int = 0
+    eos_id: int | None = None
+    mask_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_str(self, token_id: int) -> str:
+        """How one token reads on its own (for token views and feature cards)."""
+        return self.decode([int(token_id)])
+
+
+class BPETokenizer(Tokenizer):
+    """A bare ``tokenizer.json`` from the ``tokenizers`` library (our trained BPE)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = str(path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise LabError(f"Could not read tokenizer file {self.path}: {e}; point at a valid tokenizer.json.") from e
+        self.name = f"BPE ({Path(self.path).name}, {self._tok.get_vocab_size()} tokens)"
+        self.vocab_size = self._tok.get_vocab_size()
+        self.eos_id = self._tok.token_to_id(EOS)
+        self.mask_id = self._tok.token_to_id(MASK)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (a model folder's own, or a hub id)."""
+
+    def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
+                                                  trust_remote_code=trust_remote_code)
+        self.name = f"{type(self._tok).__name__} ({len(self._tok)} tokens)"
+        self.vocab_size = len(self._tok)
+        self.eos_id = self._tok.eos_token_id
+        self.mask_id = self._tok.mask_token_id if getattr(self._tok, "mask_token", None) else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """tiktoken's GPT-2 encoding (what the custom consensus script used)."""
+
+    def __init__(self, encoding: str = "gpt2"):
+        import tiktoken
+
+        try:
+            self._enc = tiktoken.get_encoding(encoding)
+        except Exception as e:
+            raise LabError(f"tiktoken's '{encoding}' encoding files are not cached and cannot be downloaded "
+                           f"here; set TIKTOKEN_CACHE_DIR to a folder holding them, or use the model's own "
+                           f"tokenizer.") from e
+        self.name = f"tiktoken {encoding} ({self._enc.n_vocab} tokens)"
+        self.vocab_size = self._enc.n_vocab
+        self.eos_id = self._enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+
+def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
+                   trust_remote_code: bool = False) -> Tokenizer:
+    """Open a tokenizer from a ``tokenizer.json`` file, a model folder, ``tiktoken:NAME`` or a hub id.
+    ``trust_remote_code`` lets transformers run a repository's own tokenizer code (off unless asked)."""
+    s = str(source)
+    if s.startswith("tiktoken:") or s == "tiktoken":
+        return TiktokenTokenizer(s.split(":", 1)[1] if ":" in s else "gpt2")
+    p = Path(s)
+    if p.is_file():
+        if p.suffix != ".json":
+            raise LabError(f"Tokenizer file {p} is not a tokenizer.json; pass a tokenizer.json or a model folder.")
+        return BPETokenizer(p)
+    if p.is_dir():
+        if (p / "tokenizer_config.json").exists() or (p / "vocab.json").exists():
+            return HFTokenizer(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+        if (p / "tokenizer.json").exists():
+            return BPETokenizer(p / "tokenizer.json")
+        raise LabError(f"No tokenizer found in {p}: expected tokenizer.json or tokenizer_config.json there.")
+    if s.endswith(".json"):
+        raise LabError(f"Tokenizer file {s} does not exist; check the path.")
+    return HFTokenizer(s, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+
+
+def iter_text_chunks(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:
+    for t in texts:
+        for i in range(0, len(t), chunk_chars):
+            yield t[i:i + chunk_chars]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike | None = None) -> BPETokenizer:
+    """Train a byte-level BPE (deterministic for the same texts in the same order).
+
+    The vocabulary always holds ``<|endoftext|>`` (document separator) and ``<|mask|>``
+    (the absorbing state of masked diffusion), so one tokenizer serves both objectives.
+    """
+    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise LabError(f"vocab_size must be at least 300 for a byte-level BPE (got {vocab_size}).")
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, MASK], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(iter_text_chunks(texts), trainer=trainer)
+    if out_path is None:
+        import tempfile
+
+        out_path = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    from ..files import atomic_write_text
+
+    atomic_write_text(out_path, tok.to_str())
+    return BPETokenizer(out_path)

@@ -1,0 +1,229 @@
+"""The "explain a completion" panel of the Features page: generate from a prompt, then show what
+each layer's transcoder features did to produce the completion, in words, with scores.
+
+core.interp.completion computes (a generator of events: started, generated, one event per layer,
+finished); this panel streams those events into a progress bar and keeps the finished result in
+session state, where each listed feature has a button that opens its card.
+"""
+from __future__ import annotations
+
+import html
+from typing import Callable
+
+import pandas as pd
+import streamlit as st
+
+from core.devices import available_devices
+from core.errors import LabError
+from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
+                                    LayerExplained, explain_completion)
+from core.interp.explain import BUILTIN, Explainer, load_explainer
+from core.interp.store import FeatureStore
+from core.interp.transcoder import TranscoderSet
+from core.models.loading import LoadedModel
+from pages.parts.features_card import attribution_html, md_escape
+from pages.parts.features_jobs import short, usable_path
+
+RESULT_KEY = "feat_x_result"     # {"result": CompletionExplanation, "set": folder, "model": spec}
+_OPENED_KEY = "_feat_x_opened"   # per layer table, the row last turned into an open card
+_RUNS_KEY = "_feat_x_runs"       # explanations made in this session (names each result's tables)
+DEFAULT_PROMPT = "ROMEO:"
+SEED_MAX = 2**31 - 1
+EXPLAINERS = {"builtin": "Built-in (offline)", "lm": "Language model"}
+
+
+def xkey(name: str) -> str:
+    return f"feat_x_{name}"
+
+
+@st.cache_resource(max_entries=1, show_spinner="Loading the explainer model…")
+def _lm_explainer(spec: str, device: str) -> Explainer:
+    return load_explainer(spec, device=device)
+
+
+def get_explainer(kind: str, spec: str, device: str) -> Explainer:
+    """The built-in explainer, or a language model (cached: loading flan-t5 takes a while)."""
+    if kind == "builtin":
+        return load_explainer(BUILTIN)
+    spec = (spec or "").strip()
+    if not spec:
+        raise LabError("Enter the explainer model: a hub id such as google/flan-t5-base, or a local folder.")
+    usable_path(spec, "The explainer model")  # a name the file system cannot even look up fails here, in words
+    try:
+        return _lm_explainer(spec, device)
+    except LabError:
+        raise
+    except Exception as e:  # transformers' own errors for a name that is no model: one line, no traceback
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise LabError(f"Could not load the explainer model '{short(spec, 80)}' ({short(first, 160)}); enter a hub "
+                       f"id such as google/flan-t5-base, or a local model folder.") from None
+
+
+def completion_settings(lm: LoadedModel, max_new: int, greedy: bool, temperature: float, seed: int | None,
+                        steps: int | None = None):
+    """Generation settings in the form the model's objective takes (sampling or diffusion)."""
+    if lm.objective == "diffusion":
+        from core.generation.diffusion import DiffusionConfig
+
+        cfg = DiffusionConfig(gen_length=int(max_new), steps=int(steps or max_new),
+                              temperature=0.0 if greedy else float(temperature), seed=seed)
+    else:
+        from core.generation.autoregressive import SamplingConfig
+
+        cfg = SamplingConfig(max_new_tokens=int(max_new), greedy=bool(greedy), temperature=float(temperature),
+                             seed=seed, n_alternatives=0)
+    cfg.check()
+    return cfg
+
+
+def completion_html(res: CompletionExplanation) -> str:
+    return (f'<div style="white-space: pre-wrap; font-family: monospace; font-size: 0.9rem; line-height: 1.7;">'
+            f'<span style="color: #888;">{html.escape(res.prompt)}</span>'
+            f'<span style="background: rgba(44, 160, 44, 0.18); border-radius: 3px;">{html.escape(res.completion)}'
+            f'</span></div>')
+
+
+def features_frame(layer) -> pd.DataFrame:
+    return pd.DataFrame({
+        "feature": [fa.feature for fa in layer.features],
+        "attribution": [fa.attribution for fa in layer.features],
+        "max activation": [fa.max_activation for fa in layer.features],
+        "explanation": [fa.explanation or "" for fa in layer.features],
+        "detection": [fa.score for fa in layer.features],
+        "at tokens": [" ".join(repr(tok) for _, tok, _, _ in fa.positions[:3]) for fa in layer.features],
+    })
+
+
+def _score(v: int | None) -> str:
+    return "n/a" if v is None else f"{v}/10"
+
+
+def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None], can_open: bool,
+                run: int = 0) -> None:
+    """The explained completion; selecting a feature's row calls ``open_card(layer, feature)`` (which
+    reruns the page on its Features tab)."""
+    st.html(completion_html(res))
+    cols = st.columns(4)
+    cols[0].metric("Output score", _score(res.output_score),
+                   help="Built-in explainer: the model's own confidence in the completion, 1 + 9 x exp(mean log-prob). "
+                        "A language-model explainer rates the text itself.")
+    cols[1].metric("Interpretability score", _score(res.interpretability_score),
+                   help="Built-in explainer: the measured score. A language-model explainer rates its own description.")
+    cols[2].metric("Measured interpretability", _score(res.measured_interpretability),
+                   help="Held-out detection accuracy of the explanations of the features used, weighted by their "
+                        "attribution: chance (0.5) is 1, perfect is 10. n/a without a feature store.")
+    cols[3].metric("Mean log-prob", "n/a" if res.mean_logprob is None else f"{res.mean_logprob:.3f}")
+    with st.container(border=True, key=xkey("total")):
+        st.markdown("**Total description**")
+        st.markdown(md_escape(res.total_description))
+        st.caption(f"{res.explainer} · {res.objective} model · {res.seconds:.1f}s")
+    if can_open:
+        st.caption("Each layer lists the features that drove it most; select a feature's row to open its card.")
+    for layer in res.layers:
+        with st.container(border=True, key=xkey(f"layer_{layer.layer}")):
+            st.markdown(f"**Layer {layer.layer}** · {layer.share:.0%} of the attribution")
+            st.markdown(md_escape(layer.description))
+            st.html(attribution_html(res.tokens, layer.per_token, res.n_prompt))
+            df = features_frame(layer)
+            key = xkey(f"features_{run}_{layer.layer}")  # a new result: fresh tables, no old selection
+            event = st.dataframe(df, hide_index=True, key=key, on_select="rerun" if can_open else "ignore",
+                                 selection_mode="single-row",
+                                 column_config={"attribution": st.column_config.NumberColumn(format="%+.4f"),
+                                                "max activation": st.column_config.NumberColumn(format="%.3g"),
+                                                "detection": st.column_config.NumberColumn(format="%.2f")})
+            if can_open:
+                rows = list(event.selection.rows)
+                seen = st.session_state.setdefault(_OPENED_KEY, {})
+                if rows and seen.get(key) != rows[0]:
+                    seen[key] = rows[0]
+                    open_card(layer.layer, int(df.iloc[rows[0]]["feature"]))
+
+
+def run_explanation(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore | None, prompt: str, settings,
+                    explainer: Explainer, top_features: int) -> CompletionExplanation | None:
+    """Stream one explanation into a progress bar and a live view; the result, or None after st.error."""
+    bar = st.progress(0.0, text="Generating…")
+    live = st.empty()
+    view = live.container()
+    events = explain_completion(lm, tset, prompt, store=store, explainer=explainer, settings=settings,
+                                top_features=top_features)
+    result, total, done = None, 2, 0
+    try:
+        for ev in events:
+            if isinstance(ev, CompletionStarted):
+                total = len(ev.layers) + 1
+            elif isinstance(ev, Generated):
+                done += 1
+                bar.progress(done / total, text=f"Generated {ev.n_tokens} tokens; attributing…")
+                view.markdown(f"**Completion:** {md_escape(ev.completion)}")
+            elif isinstance(ev, LayerExplained):
+                done += 1
+                le = ev.explanation
+                bar.progress(min(1.0, done / total), text=f"Layer {le.layer} described")
+                view.markdown(f"**Layer {le.layer}:** {md_escape(le.description)}")
+            elif isinstance(ev, CompletionExplained):
+                result = ev.result
+    except LabError as e:
+        st.error(str(e))
+    except Exception as e:  # a bug: still one line, never a traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        st.error(f"Explaining the completion failed: {type(e).__name__}: {first}".rstrip(": "))
+    finally:
+        events.close()
+        bar.empty()
+        live.empty()
+    return result
+
+
+def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore | None, set_folder: str,
+                     open_card: Callable[[int, int], None]) -> None:
+    keep = dict(persist_state="session")
+    st.caption("Generate from a prompt, then find the transcoder features that drove each layer (activation x "
+               "effect on the generated tokens, token by token) and describe each layer and the whole.")
+    if store is None:
+        st.caption(":orange[No feature store for this set]: features are named by address only and the measured "
+                   "score is n/a. Collect one below.")
+    prompt = st.text_area("Prompt", DEFAULT_PROMPT, key=xkey("prompt"), height=80, **keep)
+    diffusion = lm.objective == "diffusion"
+    cols = st.columns(5 if diffusion else 4)
+    max_new = cols[0].number_input("Max new tokens", 1, 1024, 24, step=1, key=xkey("max_new"), **keep,
+                                   help="Tokens to generate; prompt plus completion must fit the model's context.")
+    greedy = cols[1].toggle("Greedy", True, key=xkey("greedy"), **keep,
+                            help="Always the most likely token; off: sample with the temperature and seed.")
+    temperature = cols[2].number_input("Temperature", 0.05, 5.0, 1.0, step=0.05, key=xkey("temperature"),
+                                       disabled=greedy, **keep)
+    seed = cols[3].number_input("Seed", 0, SEED_MAX, 0, step=1, key=xkey("seed"), disabled=greedy, **keep)
+    steps = None
+    if diffusion:
+        steps = cols[4].number_input("Denoising steps", 1, 1024, 24, step=1, key=xkey("steps"), **keep)
+    cols = st.columns([2, 3, 1, 1], vertical_alignment="bottom")
+    kind = cols[0].radio("Explainer", list(EXPLAINERS), format_func=EXPLAINERS.get, key=xkey("explainer"),
+                         horizontal=True, **keep,
+                         help="Built-in: templated from the evidence, no model needed. Language model: a seq2seq "
+                              "(flan-t5) or causal LM by hub id or local folder, if it is on this machine.")
+    spec = cols[1].text_input("Explainer model", key=xkey("lm"), disabled=kind == "builtin", **keep,
+                              placeholder="google/flan-t5-base or /path/to/model")
+    devices = [d for d in available_devices() if d != "auto"] or ["cpu"]
+    device = cols[2].selectbox("Explainer device", devices, key=xkey("device"), disabled=kind == "builtin")
+    top = cols[3].number_input("Features per layer", 1, 20, 5, step=1, key=xkey("top"), **keep)
+    if st.button("Explain", key=xkey("run"), type="primary", icon=":material/psychology:"):
+        st.session_state.pop(RESULT_KEY, None)
+        if not prompt.strip():
+            st.error("Enter a prompt to explain; it is empty.")
+        else:
+            try:
+                settings = completion_settings(lm, max_new, greedy, temperature, None if greedy else int(seed),
+                                               steps)
+                explainer = get_explainer(kind, spec, device)
+            except LabError as e:
+                st.error(str(e))
+            else:
+                result = run_explanation(lm, tset, store, prompt, settings, explainer, int(top))
+                if result is not None:
+                    run = st.session_state.get(_RUNS_KEY, 0) + 1
+                    st.session_state[_RUNS_KEY] = run
+                    st.session_state[RESULT_KEY] = {"result": result, "set": set_folder, "model": lm.spec,
+                                                    "run": run}
+    saved = st.session_state.get(RESULT_KEY)
+    if saved and saved["set"] == set_folder and saved["model"] == lm.spec:
+        show_result(saved["result"], open_card, can_open=store is not None, run=saved.get("run", 0))

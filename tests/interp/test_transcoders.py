@@ -1,0 +1,235 @@
+"""Transcoders: training quality on a tiny model, the drop-in MLP contract, saving and loading,
+stopping, attribution, and the `transcoders` CLI end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import LabError
+from core.interp import (Transcoder, TranscoderConfig, TranscoderTrainConfig, attribute,
+                         corpus_from_texts, evaluate_transcoders, load_transcoder_set, model_loss, run_to_end,
+                         train_transcoders, transcoder_dir_for)
+from core.interp.quality import recovered
+from core.models.loading import load_model
+
+from tests.conftest import CORPUS
+
+TEXTS = [CORPUS, CORPUS.upper(), CORPUS[::-1]]
+FAST = dict(expansion=4, k=8, steps=80, batch_tokens=256, seq_len=32, model_batch=8, buffer_batches=4,
+            val_windows=8, warmup_steps=10, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_gptlab_dir):
+    return load_model(str(tiny_gptlab_dir))
+
+
+@pytest.fixture(scope="module")
+def corpus(lm):
+    return corpus_from_texts(lm, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def trained(lm, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tset")
+    tset = run_to_end(train_transcoders(lm, TranscoderTrainConfig(**FAST), corpus=corpus, out_dir=out))
+    return tset, out
+
+
+def test_training_reaches_fve_at_reported_l0(trained):
+    tset, out = trained
+    layers = tset.metrics["layers"]
+    assert set(layers) == {"0", "1"}
+    for q in layers.values():
+        assert q["fve"] >= 0.7, q
+        assert q["l0"] == pytest.approx(8.0, abs=1e-6)       # topk: exactly k active (all above zero)
+        assert 0.0 <= q["dead_fraction"] < 1.0
+        assert q["loss_recovered"] == pytest.approx(recovered(q["loss_clean"], q["loss_replaced"], q["loss_ablated"]))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["layers"]["0"]["fve"] == pytest.approx(layers["0"]["fve"])
+    for t in tset.transcoders.values():
+        assert torch.allclose(t.W_dec.norm(dim=-1), torch.ones(t.n_features), atol=1e-5)
+
+
+def test_saved_set_round_trips_and_splices_in(lm, corpus, trained):
+    tset, out = trained
+    loaded = load_transcoder_set(out)
+    assert loaded.layers == [0, 1] and loaded.config == tset.config and loaded.model == lm.spec
+    x = torch.randn(3, 5, lm.stack.d_model)
+    for i in loaded.layers:
+        assert torch.allclose(loaded[i](x), tset[i](x), atol=1e-6)
+        # the dense and the sparse paths agree
+        assert torch.allclose(loaded[i].decode(loaded[i].encode(x)), loaded[i](x), atol=1e-5)
+    ids = torch.from_numpy(corpus.windows("val" if corpus.val.size >= 32 else "train", 32, 4))
+    clean = model_loss(lm, ids)
+    assert model_loss(lm, ids, {0: loaded[0]}) != clean     # the transcoder really replaces the MLP
+    q = evaluate_transcoders(lm, loaded, ids.numpy(), batch_size=2)
+    assert q[0].loss_clean == pytest.approx(clean, rel=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_folding_scales_is_exact(activation):
+    torch.manual_seed(0)
+    t = Transcoder(TranscoderConfig(d_model=8, n_features=32, activation=activation, k=4))
+    with torch.no_grad():
+        t.b_enc.normal_()
+        t.b_dec.normal_()
+    x = torch.randn(10, 8)
+    folded = t.folded(in_scale=3.0, out_scale=0.5)
+    assert torch.allclose(folded(x), 0.5 * t(x / 3.0), atol=1e-5)
+    assert torch.allclose(folded.W_dec.norm(dim=-1), t.W_dec.norm(dim=-1))
+
+
+def test_relu_transcoders_train_too(lm, corpus):
+    cfg = TranscoderTrainConfig(**{**FAST, "activation": "relu", "steps": 60, "l1_coeff": 1e-3, "layers": [1]})
+    tset = run_to_end(train_transcoders(lm, cfg, corpus=corpus))
+    q = tset.metrics["layers"]["1"]
+    assert tset.layers == [1] and q["fve"] > 0.3 and 0 < q["l0"] < tset.config.n_features
+
+
+def test_stopping_keeps_what_was_learnt(lm, corpus, tmp_path):
+    events = train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "steps": 50}), corpus=corpus, out_dir=tmp_path)
+    for ev in events:
+        if getattr(ev, "step", 0) == 5:
+            break
+    events.close()
+    meta = json.loads((tmp_path / "metrics.json").read_text())
+    assert meta["final"] is False and meta["steps"] == 5
+    assert load_transcoder_set(tmp_path).layers == [0, 1]
+
+
+def test_bad_settings_say_what_to_change(lm, corpus):
+    with pytest.raises(LabError, match="--layers"):
+        next(train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "layers": [7]}), corpus=corpus))
+    with pytest.raises(LabError, match="--k"):
+        next(train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "k": 10_000}), corpus=corpus))
+    with pytest.raises(LabError, match="not a transcoder set"):
+        load_transcoder_set(Path(__file__).parent)
+
+
+def test_a_job_too_big_for_the_machine_is_refused_before_allocating(lm, corpus, monkeypatch):
+    """The Features page's maxima (expansion 256, a million tokens a step) would be killed by the
+    kernel; they end in a sentence instead, while the usual sizes go ahead."""
+    import core.devices as devices
+
+    huge = TranscoderTrainConfig(**{**FAST, "expansion": 256, "batch_tokens": 1_000_000})
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 64 << 20)  # a machine with 64 MB free
+    with pytest.raises(LabError, match="lower --expansion or --batch-tokens"):
+        next(train_transcoders(lm, huge, corpus=corpus))
+    assert next(train_transcoders(lm, TranscoderTrainConfig(**FAST), corpus=corpus)) is not None
+
+
+def test_attribution_forward_is_the_models_own(lm, trained):
+    tset, _ = trained
+    ids = torch.tensor([lm.tokenizer.encode("ROMEO: But soft, what light")])
+    x, nxt = ids[:, :-1], ids[0, 1:].tolist()
+    targets = [(p, t) for p, t in enumerate(nxt)]
+    acts, attr, mean_lp = attribute(lm, tset, x, targets)
+    logp = lm.stack.logits(x).float().log_softmax(-1)[0]
+    assert mean_lp == pytest.approx(float(torch.stack([logp[p, t] for p, t in targets]).mean()), abs=1e-5)
+    for i in tset.layers:
+        assert acts[i].shape == attr[i].shape == (x.shape[1], tset[i].n_features)
+        assert bool((attr[i][acts[i] == 0] == 0).all())     # silent features get no credit
+
+
+def test_default_set_lives_next_to_the_model(lm, tiny_gptlab_dir):
+    from core.models.loading import DEFAULT_DIR
+
+    assert transcoder_dir_for(lm) == Path(tiny_gptlab_dir) / "transcoders"
+    default = load_model("default")
+    assert transcoder_dir_for(default) == DEFAULT_DIR / "transcoders"
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def test_cli_train_collect_describe_explain(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
+    from core.commands.cli import main
+
+    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(TEXTS * 3))
+    out = tmp_path / "set"
+    rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--output-dir", str(out), "--dataset", str(text),
+               "--expansion", "4", "--k", "8", "--train_steps", "40", "--batch-tokens", "128", "--grad_acc_steps", "2",
+               "--train_seq_len", "32", "--collect-tokens", "2048", "--collect-seq-len", "32", "--top_k", "5",
+               "--n-quantile", "3", "--n-heldout", "3", "--n-negative", "3", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("fve", "l0", "dead_fraction", "loss_clean", "loss_replaced", "loss_ablated", "loss_recovered"):
+        assert key in metrics["layers"]["0"] and key in metrics["layers"]["1"]
+    assert metrics["tokens"] == 40 * 256
+    assert (out / "features.sqlite").is_file() and (out / "layer_0.safetensors").is_file()
+    assert "total:" in captured.out                          # the built-in describe ran as part of train
+
+    rc = main(["transcoders", "collect", "--model", str(tiny_gptlab_dir), "--transcoders", str(out), "--dataset",
+               str(text), "--train_steps", "2", "--collect-batch", "8", "--train_seq_len", "32", "--top_k", "4"])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["transcoders", "describe", "--model", str(tiny_gptlab_dir), "--transcoders", str(out),
+               "--max-features", "5", "--layers", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.startswith("layer 1: ")
+
+    rc = main(["transcoders", "explain", "--model", str(tiny_gptlab_dir), "--transcoders", str(out), "--prompt",
+               "ROMEO:", "--max-new-tokens", "5", "--json", str(tmp_path / "e.json")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "layer 0" in captured.out and "layer 1" in captured.out and "total description:" in captured.out
+    result = json.loads((tmp_path / "e.json").read_text())[0]
+    assert result["prompt"] == "ROMEO:" and len(result["layers"]) == 2 and result["explainer"] == "builtin"
+
+    rc = main(["transcoders", "explain", "--model", str(tiny_gptlab_dir), "--transcoders", str(out), "--prompt",
+               "ROMEO:", "--max-new-tokens", "3", "--format", "reference", "--explainer", "builtin"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[0] == "input: ROMEO:" and lines[3].strip().startswith("per layer description=['Layer 0")
+    assert lines[5].strip().startswith("models output score=")
+
+    # errors are one clear line, exit code 2
+    rc = main(["transcoders", "explain", "--model", str(tiny_gptlab_dir), "--transcoders", str(tmp_path / "nope"),
+               "--prompt", "x"])
+    assert rc == 2 and "No transcoder set" in capsys.readouterr().err
+    rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--num_layers", "5", "--no-collect"])
+    assert rc == 2 and "--num_layers 5" in capsys.readouterr().err
+
+
+def test_reference_model_flags_map_to_checkpoints(tmp_path, tiny_gptlab_dir):
+    import shutil
+
+    from core.commands.transcoders import resolve_reference_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_gptlab_dir, run / "checkpoints" / "20000")
+    assert resolve_reference_model(str(run), "state_step020000.pt") == (str(run / "checkpoints" / "20000"), None)
+    assert resolve_reference_model(str(run), None) == (str(run / "checkpoints" / "20000"), None)
+    with pytest.raises(LabError, match="No checkpoint"):
+        resolve_reference_model(str(run), "state_step000500.pt")
+
+
+def test_diffusion_models_work_end_to_end(tiny_gptlab_dir, tmp_path):
+    """A bidirectional masked-diffusion model: trained on masked inputs, explained from its first
+    denoising state."""
+    from core.models.gpt import GPT, GPTConfig
+    from core.interp import CompletionExplained, explain_completion
+    from core.models.loading import save_checkpoint
+    from core.models.tokenizer import BPETokenizer
+    from core.generation.diffusion import DiffusionConfig
+
+    tok = BPETokenizer(tiny_gptlab_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
+                          mask_token_id=tok.mask_id))
+    save_checkpoint(tmp_path / "dm", model, str(tiny_gptlab_dir / "tokenizer.json"), objective="diffusion")
+    dm = load_model(str(tmp_path / "dm"))
+    corpus = corpus_from_texts(dm, TEXTS)
+    tset = run_to_end(train_transcoders(dm, TranscoderTrainConfig(**{**FAST, "steps": 20}), corpus=corpus))
+    q = tset.metrics["layers"]["0"]
+    assert q["loss_ablated"] == q["loss_ablated"] and q["fve"] > 0    # masked-position losses are defined
+    events = list(explain_completion(dm, tset, "ROMEO:", settings=DiffusionConfig(gen_length=6, steps=3, seed=0)))
+    res = events[-1].result
+    assert isinstance(events[-1], CompletionExplained) and res.objective == "diffusion"
+    assert len(res.tokens) == res.n_prompt + 6 and len(res.layers[0].per_token) == res.n_prompt + 6
+    assert res.interpretability_score is None and res.total_description     # no store: nothing measured

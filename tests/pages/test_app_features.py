@@ -1,0 +1,401 @@
+"""The Features page, driven through app.py with AppTest (see app_harness.py).
+
+A module fixture trains a tiny transcoder set on a copy of the tiny GPT Lab checkpoint with the
+interp engine's Python API (a few steps, 64 features a layer), collects its feature store and
+describes it with the built-in explainer; the page is then checked against what the store holds.
+One test starts a real background training job from the page (a separate ``python -m core
+transcoders train`` process) and waits for its set to appear in the picker; every job process a
+test starts is killed at teardown.
+"""
+from __future__ import annotations
+
+import html
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from app_harness import chart_data, described_feature_model, open_app, texts
+from conftest import kill_process_groups, leftover_pids
+
+from core.generation.autoregressive import SamplingConfig
+from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
+                         store_path)
+from core.interp.store import Context
+from core.interp.store import HIST_EDGES
+from core.models.loading import load_model
+from pages.parts import features_jobs
+from pages.parts.features_card import activation_alpha, context_html, histogram_frame, logit_frame, md_escape, shown_token
+
+PAGE = "pages/features.py"
+TEXT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+        "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name. ")
+CORPUS = [TEXT * 8] * 3
+
+
+@pytest.fixture(scope="module")
+def described(tmp_path_factory, tiny_gptlab_dir: Path) -> tuple[Path, Path]:
+    """(model folder, its transcoder set folder) with a collected and described feature store."""
+    return described_feature_model(tmp_path_factory.mktemp("features-model"), tiny_gptlab_dir, CORPUS, steps=30,
+                                   n_tokens=2048)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch) -> Path:
+    """Runs and token caches under tmp_path; every job process started meanwhile is killed after."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("GPTLAB_RUNS", str(root))
+    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "token-cache"))
+    before = set(features_jobs._CHILDREN)
+    yield root
+    pids: dict[int, object] = {}
+    for folder, proc in list(features_jobs._CHILDREN.items()):
+        if folder not in before:
+            pids[proc.pid] = proc
+            features_jobs._CHILDREN.pop(folder)
+    kill_process_groups({**pids, **leftover_pids(features_jobs.jobs_root(root).glob("*/status.json"), pids)})
+
+
+def page(model_dir: Path, **state):
+    at = open_app(PAGE, state={"model_spec": str(model_dir), **state})
+    assert not at.exception, at.exception
+    return at
+
+
+def frame(at, key_prefix: str) -> pd.DataFrame:
+    (df,) = [d for d in at.dataframe if (d.key or "").startswith(key_prefix)]
+    return df.value
+
+
+def html_bodies(at) -> list[str]:
+    return [h.proto.body for h in at.get("html")]
+
+
+# -- browsing -------------------------------------------------------------------------------------
+
+def test_list_sorts_and_card_shows_the_stored_feature(described, env):
+    model_dir, set_dir = described
+    at = page(model_dir)
+    assert not at.error, texts(at.error)
+    assert at.selectbox(key="feat_set").value == str(set_dir.resolve())
+    assert at.selectbox(key="feat_layer").options == ["Layer 0", "Layer 1"]
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        by_freq = [f.feature for f in store.features(0, order_by="density")]
+        by_score = store.features(0, order_by="score")
+        by_freq_l1 = [f.feature for f in store.features(1, order_by="density")]
+    listed = frame(at, "feat_list_0_density")
+    assert listed["feature"].tolist() == by_freq
+    assert listed["frequency"].is_monotonic_decreasing
+
+    at.selectbox(key="feat_sort").set_value("explanation score").run()
+    listed = frame(at, "feat_list_0_score")
+    assert listed["feature"].tolist() == [f.feature for f in by_score]
+    scores = listed["score"].dropna().tolist()
+    assert scores == sorted(scores, reverse=True) and len(scores) >= 1
+    at.toggle(key="feat_desc").set_value(False).run()
+    ascending = frame(at, "feat_list_0_score")["score"].dropna().tolist()
+    assert ascending == sorted(ascending)
+
+    # a new layer opens its most listed feature
+    at.selectbox(key="feat_sort").set_value("frequency").run()
+    at.toggle(key="feat_desc").set_value(True).run()
+    at.selectbox(key="feat_layer").set_value(1).run()
+    assert frame(at, "feat_list_1_density")["feature"].tolist() == by_freq_l1
+    assert at.number_input(key="feat_feature").value == by_freq_l1[0]
+
+    # the card of a chosen feature: explanation, contexts, histogram, quantiles, promoted tokens
+    at.selectbox(key="feat_layer").set_value(0).run()
+    feature = by_freq[1]
+    at.number_input(key="feat_feature").set_value(feature).run()
+    assert not at.exception and not at.error
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        card = store.feature(0, feature)
+    assert [s.value for s in at.subheader if s.value.startswith("Feature")] == [f"Feature {feature} · layer 0"]
+    assert md_escape(card.explanations["builtin"]) in texts(at.markdown)
+    detection = card.scores["builtin"]["detection"]
+    assert any(f"detection {detection:.2f}" in t for t in texts(at.caption))
+    contexts = next(b for b in html_bodies(at) if b.startswith('<div class="contexts">') and "q0." not in b)
+    top = card.top[0]
+    assert contexts.count('<b class="firing"') == len(card.top)
+    firing = f'title="activation {top.acts[top.position]:.4g}">{html.escape(shown_token(top.token))}</b>'
+    assert firing in contexts
+    alpha = activation_alpha(top.acts[top.position], card.stats.max_act)
+    assert f"rgba(255, 140, 0, {alpha:.2f})" in contexts
+    quantiles = [b for b in html_bodies(at) if "q0." in b or "q1." in b]
+    assert len(quantiles) == 1 and quantiles[0].count('<b class="firing"') == len(card.quantiles)
+    hist = chart_data(at, "Activation histogram")
+    expected = histogram_frame(card.stats)
+    assert hist["count"].tolist() == expected["count"].tolist()
+    assert sum(hist["count"]) == card.stats.n_active
+    assert len(card.stats.hist) == len(HIST_EDGES)
+    promoted = [d.value for d in at.dataframe if list(d.value.columns) == ["token", "effect"]]
+    assert len(promoted) == 2
+    assert promoted[0]["token"].tolist() == logit_frame(card.stats.promoted)["token"].tolist()
+    assert promoted[0]["effect"].tolist() == pytest.approx([v for _, v in card.stats.promoted])
+    assert promoted[1]["effect"].tolist() == pytest.approx([v for _, v in card.stats.suppressed])
+
+
+def test_search_by_a_word_finds_and_opens_the_feature(described, env):
+    model_dir, set_dir = described
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        explanations = store.explanations(1)
+    # a word that only a few explanations of layer 1 contain
+    words: dict[str, set[int]] = {}
+    for f, text in explanations.items():
+        for w in set(text.replace('"', " ").replace("'", " ").replace(",", " ").split()):
+            if w.isalpha() and len(w) >= 3 and w.lower() not in {"fires", "usually", "after", "promotes"}:
+                words.setdefault(w, set()).add(f)
+    word, feats = min(words.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    at = page(model_dir)
+    at.text_input(key="feat_search").input(word).run()
+    assert not at.exception and not at.error
+    (hits_key,) = [d.key for d in at.dataframe if (d.key or "").startswith("feat_hits_")]
+    hits = frame(at, "feat_hits_")
+    assert {f for l, f in zip(hits["layer"], hits["feature"]) if l == 1} == feats
+    assert all(word.lower() in t.lower() for t in hits["explanation"])
+    row = next(i for i, l in enumerate(hits["layer"]) if l == 1)
+    at.session_state[hits_key] = {"selection": {"rows": [row], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="feat_layer").value == 1
+    assert at.number_input(key="feat_feature").value == int(hits["feature"][row])
+
+    at.text_input(key="feat_search").input("zzqx").run()
+    assert any("No explanation contains 'zzqx'" in t for t in texts(at.caption))
+
+
+# -- explaining a completion -----------------------------------------------------------------------
+
+def test_explain_a_completion_with_the_builtin_and_an_lm_explainer(described, env, tiny_gpt2_dir: Path):
+    model_dir, set_dir = described
+    at = page(model_dir, feat_section="Explain a completion")
+    at.text_area(key="feat_x_prompt").input("ROMEO:")
+    at.number_input(key="feat_x_max_new").set_value(6)
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+
+    lm = load_model(str(model_dir))
+    tset = load_transcoder_set(set_dir)
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        expected = run_explain_completion(lm, tset, "ROMEO:", store=store, explainer=BuiltinExplainer(),
+                                          settings=SamplingConfig(max_new_tokens=6, greedy=True, n_alternatives=0))
+    shown = texts(at.markdown)
+    assert md_escape(expected.total_description) in shown
+    for layer in expected.layers:
+        assert md_escape(layer.description) in shown
+        assert f"**Layer {layer.layer}** · {layer.share:.0%} of the attribution" in shown
+    assert any(html.escape(expected.completion) in b for b in html_bodies(at))
+    first = expected.layers[0].features[0]
+    table = frame(at, f"feat_x_features_1_{expected.layers[0].layer}")
+    assert table["feature"].tolist() == [fa.feature for fa in expected.layers[0].features]
+    assert table["attribution"].tolist() == pytest.approx([fa.attribution for fa in expected.layers[0].features],
+                                                          rel=1e-4, abs=1e-7)
+    assert [m.value for m in at.metric if m.label == "Measured interpretability"] == \
+        [f"{expected.measured_interpretability}/10" if expected.measured_interpretability else "n/a"]
+
+    # a language model as explainer (a tiny random GPT-2 folder): its own words, the same as the engine's
+    at.radio(key="feat_x_explainer").set_value("lm").run()
+    at.text_input(key="feat_x_lm").input(str(tiny_gpt2_dir))
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        by_lm = run_explain_completion(lm, tset, "ROMEO:", store=store, explainer=load_explainer(str(tiny_gpt2_dir)),
+                                       settings=SamplingConfig(max_new_tokens=6, greedy=True, n_alternatives=0))
+    shown = texts(at.markdown)
+    assert md_escape(by_lm.total_description) in shown
+    assert all(md_escape(layer.description) in shown for layer in by_lm.layers)
+    assert any(t.startswith(f"lm:{tiny_gpt2_dir} · ar model") for t in texts(at.caption))
+    at.radio(key="feat_x_explainer").set_value("builtin")
+    at.button(key="feat_x_run").click().run()
+    assert md_escape(expected.total_description) in texts(at.markdown)
+
+    # selecting a listed feature opens its card in the Features tab
+    (key,) = [d.key for d in at.dataframe if (d.key or "").endswith(f"_{first.layer}")
+              and d.key.startswith("feat_x_features_")]
+    at.session_state[key] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception and not at.error
+    assert at.session_state["feat_section"] == "Features"
+    assert at.selectbox(key="feat_layer").value == first.layer
+    assert at.number_input(key="feat_feature").value == first.feature
+    assert f"Feature {first.feature} · layer {first.layer}" in [s.value for s in at.subheader]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_bad_input_shows_one_error(described, env, tmp_path: Path):
+    model_dir, _ = described
+    at = page(model_dir, feat_section="Explain a completion")
+    at.text_area(key="feat_x_prompt").input("   ")
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception
+    assert texts(at.error) == ["Enter a prompt to explain; it is empty."]
+
+    at.radio(key="feat_x_explainer").set_value("lm")
+    at.text_area(key="feat_x_prompt").input("ROMEO:")
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception
+    assert texts(at.error) == ["Enter the explainer model: a hub id such as google/flan-t5-base, or a local folder."]
+
+    not_a_set = tmp_path / "not-a-set"
+    not_a_set.mkdir()
+    at.selectbox(key="feat_set").set_value("other…").run()
+    assert any("Enter the folder of a transcoder set" in t for t in texts(at.info))
+    at.text_input(key="feat_set_other").input(str(not_a_set)).run()
+    assert not at.exception
+    (error,) = texts(at.error)
+    assert f"{not_a_set} is not a transcoder set" in error
+
+    # a job form with a corpus that is not there starts nothing
+    at.radio(key="feat_j_action").set_value("train").run()
+    at.selectbox(key="feat_j_dataset").set_value("path").run()
+    at.text_input(key="feat_j_dataset_path").input(str(tmp_path / "nowhere.txt"))
+    at.button(key="feat_j_launch").click().run()
+    assert not at.exception
+    assert any(f"Corpus {tmp_path / 'nowhere.txt'} does not exist" in t for t in texts(at.error))
+    assert not features_jobs.jobs_root(env).exists()
+
+
+# -- a model without a set, and a background job ----------------------------------------------------
+
+def test_no_set_then_a_background_training_job_makes_one(env, tiny_gptlab_dir: Path, tmp_path: Path):
+    model_dir = tmp_path / "bare-model"
+    shutil.copytree(tiny_gptlab_dir, model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 30, encoding="utf-8")
+    at = page(model_dir)
+    assert not at.error
+    assert any(t.startswith(f"No transcoder set for `{model_dir}` yet") for t in texts(at.info)), texts(at.info)
+    assert f"python -m core transcoders train --model {model_dir}" in texts(at.code)
+
+    for key, value in dict(steps=20, expansion=2, k=4, batch_tokens=256, seq_len=32).items():
+        at.number_input(key=f"feat_j_{key}").set_value(value)
+    at.selectbox(key="feat_j_dataset").set_value("path").run()
+    at.text_input(key="feat_j_dataset_path").input(str(corpus))
+    at.toggle(key="feat_j_then_collect").set_value(False).run()
+    at.button(key="feat_j_launch").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any("Started train job" in t for t in texts(at.success))
+    (job,) = features_jobs.list_jobs(env)
+    assert job.running and job.output == str((model_dir / "transcoders").resolve())
+    assert job.argv[:4] == ["transcoders", "train", "--model", str(model_dir)]
+    assert ["--steps", "20"] == job.argv[job.argv.index("--steps"):job.argv.index("--steps") + 2]
+    assert "--no-collect" in job.argv
+    assert job.command in texts(at.code)
+
+    deadline = time.monotonic() + 90
+    while features_jobs.read_job(job.path).running:
+        assert time.monotonic() < deadline, features_jobs.console_lines(job)
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception
+    at.run()
+    done = features_jobs.read_job(job.path)
+    assert done.state == "finished", (done.reason, features_jobs.console_lines(job))
+    assert not at.exception and not at.error, texts(at.error)
+    assert at.selectbox(key="feat_set").value == job.output  # the new set is picked
+    tset = load_transcoder_set(job.output)
+    assert tset.layers == [0, 1] and tset.config.n_features == 64 and tset.metrics["steps"] == 20
+    assert any(t.startswith("This set has no feature store yet") for t in texts(at.info))
+
+
+def test_stop_a_running_job_from_the_page(described, env, tmp_path: Path):
+    model_dir, _ = described
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 30, encoding="utf-8")
+    out = tmp_path / "long-set"
+    at = page(model_dir)
+    at.text_input(key="feat_j_output").input(str(out))
+    for key, value in dict(steps=100_000, expansion=2, k=4, batch_tokens=64, seq_len=32).items():
+        at.number_input(key=f"feat_j_{key}").set_value(value)
+    at.selectbox(key="feat_j_dataset").set_value("path").run()
+    at.text_input(key="feat_j_dataset_path").input(str(corpus))
+    at.button(key="feat_j_launch").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    (job,) = features_jobs.list_jobs(env)
+    assert job.output == str(out.resolve()) and ["--collect-tokens", "262144"] == \
+        job.argv[job.argv.index("--collect-tokens"):job.argv.index("--collect-tokens") + 2]
+    # a second job writing to the same set is refused
+    at.button(key="feat_j_launch").click().run()
+    assert f"Job {job.id} is still writing to {out.resolve()}" in " ".join(texts(at.error))
+    assert len(features_jobs.list_jobs(env)) == 1
+
+    deadline = time.monotonic() + 90
+    while features_jobs.progress(job) is None or features_jobs.progress(job).done < 2:
+        assert time.monotonic() < deadline and features_jobs.read_job(job.path).running, \
+            features_jobs.console_lines(job)
+        time.sleep(0.5)
+    at.run()
+    bars = [p for p in at.get("progress") if "train:" in str(p.proto.text)]
+    assert len(bars) == 1 and "/ 100,000" in bars[0].proto.text
+    at.button(key=f"feat_j_stop_{job.id}").click().run()
+    assert not at.exception
+    deadline = time.monotonic() + 60
+    while features_jobs.read_job(job.path).running:
+        assert time.monotonic() < deadline, features_jobs.console_lines(job)
+        time.sleep(0.5)
+    stopped = features_jobs.read_job(job.path)
+    assert stopped.state == "stopped" and stopped.reason.startswith("on request")
+    assert (out / "config.json").is_file()  # training saved what it had learnt
+    at.run()
+    assert any(t.startswith("Stopped: on request") for t in texts(at.caption))
+    assert "interrupted (Ctrl-C)." in features_jobs.console_lines(job)
+
+
+def test_job_command_lines_and_progress_parsing(tmp_path: Path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x")
+    train = dict(device="cpu", dtype="float32", expansion=4, activation="relu", l1_coeff=0.001, k=8, lr=0.002,
+                 steps=None, train_tokens=50_000, batch_tokens=512, seq_len=64, dataset=str(corpus), seed=3,
+                 layers=[1, 0], collect=True, describe=False, collect_tokens=4096, collect_seq_len=32, top_k=7,
+                 n_quantile=2, n_heldout=3, n_negative=4)
+    argv, out = features_jobs.job_argv("train", train, "default", tmp_path / "set")
+    assert out == str((tmp_path / "set").resolve())
+    assert argv == ["transcoders", "train", "--model", "default", "--device", "cpu", "--dtype", "float32",
+                    "--output-dir", out, "--expansion", "4", "--activation", "relu", "--batch-tokens", "512",
+                    "--seq-len", "64", "--lr", "0.002", "--dataset", str(corpus.resolve()), "--seed", "3",
+                    "--l1-coeff", "0.001", "--train-tokens", "50000", "--layers", "1,0", "--collect-tokens", "4096",
+                    "--collect-seq-len", "32", "--top-k", "7", "--n-quantile", "2", "--n-heldout", "3",
+                    "--n-negative", "4", "--no-describe"]
+    describe = dict(device="cpu", explainer=" google/flan-t5-small ", explainer_device="cpu", max_features=50,
+                    n_top=5, score=False, layers=[])
+    argv, _ = features_jobs.job_argv("describe", describe, "gpt2", tmp_path / "set")
+    assert argv[argv.index("--transcoders") + 1] == out
+    assert argv[argv.index("--explainer"):] == ["--explainer", "google/flan-t5-small", "--explainer-device", "cpu",
+                                                "--n-top", "5", "--max-features", "50", "--no-score"]
+    for action, values, message in [
+            ("train", {**train, "dataset": ""}, "Enter a local .txt/.jsonl file or folder"),
+            ("describe", {**describe, "explainer": "  "}, "Enter the explainer"),
+            ("explain", train, "A transcoder job is one of train, collect, describe")]:
+        with pytest.raises(Exception, match=message):
+            features_jobs.job_argv(action, values, "default", tmp_path / "set")
+    with pytest.raises(Exception, match="is a file"):
+        features_jobs.job_argv("train", train, "default", corpus)
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "console.txt").write_text(
+        "training 2 transcoders\n\rtrain:   0%|   | 0/20 [00:00<?, ?it/s]\rtrain:  45%|##  | 9/20 [00:01<00:01]"
+        "saved x\n\rdescribe (builtin):  50%|#####     | 64/128 [00:00<00:00, 422.02it/s]")
+    progress = features_jobs.progress(job_dir)
+    assert (progress.stage, progress.done, progress.total) == ("describe (builtin)", 64, 128)
+    assert progress.fraction == 0.5
+    assert features_jobs.console_lines(job_dir)[-1].startswith("describe (builtin):  50%")
+    (job_dir / "console.txt").write_text("collect |######------| 3/10  scan\n")
+    assert features_jobs.progress(job_dir).done == 3
+
+
+def test_context_html_escapes_tokens_and_marks_the_activation():
+    ctx = Context(kind="top", rank=0, tokens=["<b>", " &amp", "\n", "x"], token_ids=[1, 2, 3, 4],
+                  acts=[0.0, 2.0, 0.5, 4.0], position=1, activation=2.0)
+    body = context_html(ctx, scale=4.0)
+    assert "<b>" not in body.replace('<b class="firing"', "")  # the only bold is the marked token
+    assert "&lt;b&gt;" in body and "&amp;amp" in body and "↵" in body
+    assert body.count('<b class="firing"') == 1
+    assert '<b class="firing" style="background: rgba(255, 140, 0, 0.53); border-radius: 3px; outline: 2px solid ' \
+           '#d62728;" title="activation 2"> &amp;amp</b>' in body
+    assert 'rgba(255, 140, 0, 0.00); border-radius: 3px;" title="activation 0">&lt;b&gt;' in body
+    assert 'rgba(255, 140, 0, 0.90); border-radius: 3px;" title="activation 4">x' in body
+    assert activation_alpha(0.5, 4.0) == pytest.approx(0.15 + 0.75 / 8)
+    assert md_escape('fires on "$x$" and *y*') == 'fires on "\\$x\\$" and \\*y\\*'

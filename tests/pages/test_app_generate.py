@@ -1,0 +1,241 @@
+"""The Generate page, driven through app.py (frame + sidebar) with AppTest: open_app() runs app.py
+and switches to pages/generate.py, the same path a browser takes (see app_harness.py).
+
+Outputs are compared with core.generation.autoregressive on the same model, so the page is checked to show
+exactly what the engine produced, not merely that it ran.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pytest
+from app_harness import code, open_app, set_widgets, shown, texts
+
+from core.generation.autoregressive import SamplingConfig, TokenEvent, generate, partial_result, perplexity, stream
+from core.models.loading import load_model
+
+PAGE = "pages/generate.py"
+PROMPT = "ROMEO: But soft, what light"
+
+
+@pytest.fixture(scope="module")
+def default_lm():
+    return load_model("default")
+
+
+def metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def html_bodies(at) -> list[str]:
+    return [e.proto.body for e in at.get("html")]
+
+
+def set_controls(at, slot: str = "A", **values) -> None:
+    set_widgets(at, f"gen_{slot}_", **values)
+
+
+def click_generate(at, prompt: str | None = PROMPT):
+    if prompt is not None:
+        at.text_area(key="gen_prompt").input(prompt)
+    at.button(key="gen_go").click()
+    return at.run()
+
+
+def test_greedy_generation_output_token_view_alternatives_and_perplexity(default_lm):
+    at = open_app(PAGE)
+    assert not at.exception and not at.error
+    set_controls(at, greedy=True, max_new_tokens=5)
+    click_generate(at)
+    assert not at.exception and not at.error
+    expected = generate(default_lm, PROMPT, SamplingConfig(greedy=True, max_new_tokens=5))
+    assert len(expected.tokens) == 5
+    assert code(at) == shown(PROMPT + expected.completion)
+
+    m = metrics(at)
+    assert m["Prompt perplexity"] == f"{expected.prompt_perplexity:.2f}"
+    # the full-text scorer and the prefill agree to float32 precision (the shown 2 decimals may round apart)
+    assert float(m["Prompt perplexity"]) == pytest.approx(perplexity(default_lm, PROMPT), rel=1e-5, abs=0.005)
+    assert m["New tokens"] == "5" and m["Stopped by"] == "max new tokens"
+    assert any("greedy" in c for c in texts(at.caption))
+
+    # token view: the prompt, then one coloured span per generated token, with its probability
+    view = next(b for b in html_bodies(at) if "white-space:pre-wrap" in b)
+    assert html.escape(PROMPT) in view
+    assert view.count("<span title=") == 5
+    for t in expected.tokens:
+        assert f'title="#{t.index}  p = {t.prob:.4f}  id {t.token_id}"' in view
+        assert f">{html.escape(t.text).replace(chr(10), '↵' + chr(10))}</span>" in view  # newlines drawn as ↵
+    assert any("Probability of each token" in b for b in html_bodies(at))
+
+    # inspect token 3: its alternatives are the engine's, the chosen token flagged
+    picker = at.selectbox(key="gen_A_pick_1")
+    assert len(picker.options) == 5
+    picker.set_value(3).run()
+    table = at.dataframe[0].value
+    token = expected.tokens[3]
+    assert table["id"].tolist()[:len(token.alternatives)] == [a[0] for a in token.alternatives]
+    assert table["probability"].tolist()[:len(token.alternatives)] == pytest.approx([a[2] for a in token.alternatives],
+                                                                                     abs=1e-9)
+    chosen = table[table["chosen"]]
+    assert chosen["id"].tolist() == [token.token_id]
+    assert chosen["probability"].iloc[0] == pytest.approx(token.prob, abs=1e-9)
+
+    assert [b.label for b in at.download_button] == ["Download text", "Download JSON"]
+
+
+def test_results_and_controls_survive_reruns_and_page_switches(default_lm):
+    at = open_app(PAGE)
+    set_controls(at, greedy=True, max_new_tokens=4)
+    click_generate(at)
+    output = texts(at.code)
+    assert len(output) == 1
+    at.run()  # any rerun keeps the result
+    assert texts(at.code) == output
+    at.switch_page("pages/home.py").run()
+    assert not at.code
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    assert texts(at.code) == output
+    assert at.number_input(key="gen_A_max_new_tokens").value == 4
+    assert at.toggle(key="gen_A_greedy").value is True
+    assert at.text_area(key="gen_prompt").value == PROMPT
+
+
+def test_compare_mode_generates_both_settings(default_lm):
+    at = open_app(PAGE)
+    at.toggle(key="gen_compare").set_value(True).run()
+    set_controls(at, "A", greedy=True, max_new_tokens=4)
+    set_controls(at, "B", max_new_tokens=6, seed=7, temperature=0.8, top_k=50)
+    click_generate(at)
+    assert not at.exception and not at.error
+    a = generate(default_lm, PROMPT, SamplingConfig(greedy=True, max_new_tokens=4))
+    b = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=6, seed=7, temperature=0.8, top_k=50))
+    assert code(at) == shown(PROMPT + a.completion, PROMPT + b.completion)
+    assert [s.value for s in at.main.subheader] == ["Output A", "Output B"]
+    assert sum(b.count("<span title=") for b in html_bodies(at)) == 4 + 6
+    assert [s.key for s in at.selectbox if s.key.startswith("gen_")] == ["gen_A_pick_1", "gen_B_pick_1"]
+    assert any("seed 7" in c for c in texts(at.caption))
+
+
+def test_beam_search_disables_sampling_controls_and_matches_engine(default_lm):
+    at = open_app(PAGE)
+    set_controls(at, num_beams=3, max_new_tokens=4)
+    at.run()
+    assert at.number_input(key="gen_A_temperature").disabled
+    assert at.slider(key="gen_A_top_p").disabled
+    assert not at.number_input(key="gen_A_length_penalty").disabled
+    click_generate(at)
+    assert not at.exception and not at.error
+    expected = generate(default_lm, PROMPT, SamplingConfig(num_beams=3, max_new_tokens=4))
+    # st.code drops trailing newlines; the text before them must match exactly
+    assert code(at) == shown(PROMPT + expected.completion)
+    assert any("beam search, 3 beams" in c for c in texts(at.caption))
+
+
+@pytest.mark.parametrize("prompt, controls, message", [
+    ("", {}, "prompt is empty"),
+    ("   \n ", {}, "prompt is empty"),
+    (PROMPT, {"temperature": 0.0}, "temperature must be above 0"),
+    (PROMPT, {"top_p": 0.0}, "top-p must be in (0, 1]"),
+    (PROMPT, {"repetition_penalty": 0.0}, "repetition penalty must be above 0"),
+    (PROMPT, {"max_new_tokens": 4000}, "ask for at most"),
+])
+def test_bad_input_shows_error_and_keeps_earlier_result(prompt, controls, message):
+    at = open_app(PAGE)
+    set_controls(at, greedy=True, max_new_tokens=3)
+    click_generate(at)
+    earlier = texts(at.code)
+    assert len(earlier) == 1
+    set_controls(at, greedy=False)
+    at.run()  # sampling controls are enabled from the next run on, as in a browser
+    set_controls(at, **controls)
+    click_generate(at, prompt)
+    assert not at.exception
+    errors = texts(at.error)
+    assert len(errors) == 1 and message in errors[0], errors
+    assert texts(at.code) == earlier  # nothing already computed is lost
+
+
+def test_prompt_longer_than_context_is_refused(tiny_gptlab_dir: Path):
+    at = open_app(PAGE, state={"model_spec": str(tiny_gptlab_dir)})
+    assert not at.error
+    lm = load_model(str(tiny_gptlab_dir))
+    long_prompt = "But soft, what light through yonder window breaks? " * 20
+    n = len(lm.tokenizer.encode(long_prompt))
+    assert n > 64
+    set_controls(at, greedy=True, max_new_tokens=3)
+    click_generate(at, long_prompt)
+    assert not at.exception
+    assert any(f"{n} prompt tokens · context 64" in c for c in texts(at.caption))
+    errors = texts(at.error)
+    assert len(errors) == 1 and f"The prompt is {n} tokens but the model's context is 64" in errors[0]
+    assert not at.code
+
+
+def test_interrupted_generation_keeps_its_tokens_as_stopped(default_lm):
+    """Stop (or any widget touched mid-stream) makes Streamlit abort the run and rerun; the record
+    left "running" in session state must come back as a stopped result with its tokens."""
+    cfg = SamplingConfig(max_new_tokens=20, seed=3)
+    events = stream(default_lm, PROMPT, cfg)
+    tokens, completion = [], ""
+    for event in events:
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token)
+            completion = event.completion
+            if len(tokens) == 3:
+                break
+    events.close()
+    partial = partial_result(default_lm, PROMPT, cfg, tokens, completion, 0.1)
+    record = {"status": "running", "result": partial, "error": None, "run": 1}
+    at = open_app(PAGE, state={"gen_results": {"A": record}, "gen_run": 1})
+    at.button(key="gen_stop").click().run()
+    assert not at.exception and not at.error
+    assert at.session_state["gen_results"]["A"]["status"] == "stopped"
+    assert any("Stopped after 3 token(s)" in w for w in texts(at.warning))
+    assert code(at) == shown(PROMPT + completion)
+    m = metrics(at)
+    assert m["New tokens"] == "3" and m["Stopped by"] == "stopped"
+    # filled in after the stop; the full-text scorer and the prefill agree to float32 precision, and the
+    # metric shows 2 decimals (half a hundredth either way)
+    assert float(m["Prompt perplexity"]) == pytest.approx(perplexity(default_lm, PROMPT), rel=1e-5, abs=0.005)
+    assert any("seed 3" in c for c in texts(at.caption))
+    assert not at.info  # a Stop click needs no explanation
+
+
+def test_unexpected_failure_is_one_line_not_a_traceback(monkeypatch):
+    import core.generation.autoregressive as generation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+        yield  # pragma: no cover
+
+    at = open_app(PAGE)
+    monkeypatch.setattr(generation, "stream", broken)
+    at.run()  # the page re-imports core.generation.autoregressive's names on each run
+    set_controls(at, greedy=True, max_new_tokens=3)
+    click_generate(at)
+    assert not at.exception
+    assert texts(at.error) == ["Generation failed: boom"]
+
+
+def test_stop_strings_one_per_line_cut_the_completion(default_lm):
+    full = generate(default_lm, PROMPT, SamplingConfig(greedy=True, max_new_tokens=8))
+    stop = full.completion[len(full.completion) // 2:][:3]
+    assert stop.strip()
+    expected = generate(default_lm, PROMPT, SamplingConfig(greedy=True, max_new_tokens=8, stop=[stop, "\n\n"]))
+    assert expected.stop_reason == "stop_string" and stop not in expected.completion
+    at = open_app(PAGE)
+    set_controls(at, greedy=True, max_new_tokens=8, stop=f"{stop}\n\\n\\n\n")  # "\n" written out = newline
+    click_generate(at)
+    assert not at.exception and not at.error
+    assert code(at) == shown(PROMPT + expected.completion)
+    assert metrics(at)["Stopped by"] == "stop string"
+
+
+def test_unloadable_model_disables_generate(tmp_path: Path):
+    at = open_app(PAGE, state={"model_spec": str(tmp_path / "nothing-here")})
+    assert not at.exception
+    assert any("does not exist" in e for e in texts(at.main.error))
+    assert at.button(key="gen_go").disabled
