@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LabError
+from .errors import LabError, fmt_bytes  # noqa: F401  (fmt_bytes: long imported from here)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,12 +87,3 @@ def require_free(need: int, device: str | torch.device, what: str, advice: str, 
     if free is not None and need > free:
         raise LabError(f"{what} about {fmt_bytes(need)}{detail}, more than the {fmt_bytes(free)} free on {device}; "
                        f"{advice}")
-
-
-def fmt_bytes(n: float) -> str:
-    """``1.5 GB``-style sizes for messages."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

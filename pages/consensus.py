@@ -289,12 +289,11 @@ def _failure(e: Exception) -> str:
     return f"The run failed: {first}. What was computed before is kept."
 
 
-def offer_record_every(message: str, request: Request) -> None:
-    """The memory estimate's message names a record-every that fits: offer it as one click."""
-    found = re.search(r"--record-every (\d+)", message)
-    if not found:
+def offer_record_every(error: LabError, request: Request) -> None:
+    """The memory estimate names a record-every that fits (``error.fix``): offer it as one click."""
+    k = error.fix.get("record_every")
+    if k is None:
         return
-    k = int(found.group(1))
 
     def use():
         st.session_state[request.record_key] = k
@@ -310,7 +309,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
         events = request.start()
     except LabError as e:
         st.error(str(e))
-        offer_record_every(str(e), request)
+        offer_record_every(e, request)
         return
     bar = st.progress(0.0, text="starting…")
     live_chart, live_text = st.empty(), st.empty()

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from ..errors import LabError, is_out_of_memory
+from ..errors import LabError, is_out_of_memory, one_line
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -73,11 +73,6 @@ class LabArgumentParser(argparse.ArgumentParser):
         close = difflib.get_close_matches(flags[0].split("=")[0].lstrip("-"), list(known), n=1, cutoff=0.75)
         guess = f"; did you mean {known[close[0]]}?" if close else "; drop it"
         return f"unknown flag {flags[0]}{guess}"
-
-
-def one_line(text: str) -> str:
-    """``text`` on a single line: the CLI promises one line per error."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 # -- argument types: ranges are checked while parsing, so the error names the flag -----------------

@@ -64,7 +64,7 @@ from .config import (DEFAULT_ITERATIONS, DEFAULT_MEMORY_BUDGET, DEVICE_CHUNK_BUD
 from .metrics import token_stats
 from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
                       MetricChunk, Progress, Started, TokenSampled)
-from ..errors import LabError
+from ..errors import LabError, fmt_bytes
 from ..generation.config import check_seed
 from ..models.stack import stack_for
 
@@ -99,14 +99,6 @@ def estimate_bytes(lengths: Sequence[int], n_layer: int, d_model: int, cfg: Cons
     return total
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _check_memory(lengths: Sequence[int], n_layer: int, d_model: int, cfg: ConsensusConfig,
                   new_tokens: int = 0) -> int:
     need = estimate_bytes(lengths, n_layer, d_model, cfg, new_tokens)
@@ -117,7 +109,7 @@ def _check_memory(lengths: Sequence[int], n_layer: int, d_model: int, cfg: Conse
     if estimate_bytes(lengths, n_layer, d_model, replace(cfg, record_every=hi), new_tokens) > cfg.memory_budget:
         what = "the token cosine matrices (--matrixerror)" if cfg.matrix else "the recorded arrays"
         raise LabError(f"Even recording only the first and last layer-step, {what} for {len(lengths)} prompt(s) "
-                       f"need more than the {_fmt_bytes(cfg.memory_budget)} memory budget; use fewer or shorter "
+                       f"need more than the {fmt_bytes(cfg.memory_budget)} memory budget; use fewer or shorter "
                        f"prompts{' or drop the matrices' if cfg.matrix else ''}.")
     while lo < hi:  # smallest record_every that fits (estimate_bytes falls as k grows)
         mid = (lo + hi) // 2
@@ -126,9 +118,9 @@ def _check_memory(lengths: Sequence[int], n_layer: int, d_model: int, cfg: Conse
         else:
             lo = mid + 1
     raise LabError(f"Recording all {total_steps} layer-steps for {len(lengths)} prompt(s)"
-                   f"{' with T x T cosine matrices' if cfg.matrix else ''} needs about {_fmt_bytes(need)}, over the "
-                   f"{_fmt_bytes(cfg.memory_budget)} memory budget; keep one layer-step in {lo} "
-                   f"(--record-every {lo}) or use fewer prompts or iterations.")
+                   f"{' with T x T cosine matrices' if cfg.matrix else ''} needs about {fmt_bytes(need)}, over the "
+                   f"{fmt_bytes(cfg.memory_budget)} memory budget; keep one layer-step in {lo} "
+                   f"(--record-every {lo}) or use fewer prompts or iterations.", fix={"record_every": lo})
 
 
 def random_prompt_ids(lm: "LoadedModel", n: int, length: int, seed: int = 42) -> list[list[int]]:
