@@ -24,14 +24,16 @@ from typing import TYPE_CHECKING, Iterator, Union
 import torch
 
 from ..errors import LabError
+from ..generation.autoregressive import SamplingConfig, encode_prompt, generate
+from ..generation.diffusion import DiffusionConfig, generate as diffusion_generate
+from ..models.hooks import act_name
+from .config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES
 from .explain import BuiltinExplainer, Explainer, FeatureEvidence
 from .scoring import interpretability_from_scores, score_feature
 from .store import FeatureStore
 
 if TYPE_CHECKING:
-    from ..generation.autoregressive import SamplingConfig
     from ..models.loading import LoadedModel
-    from ..generation.diffusion import DiffusionConfig
     from .transcoder import TranscoderSet
 
 
@@ -109,17 +111,14 @@ def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int],
                                                                   list[tuple[int, int]]]:
     """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
     if lm.objective == "diffusion":
-        from ..generation.diffusion import DiffusionConfig, generate as diffusion_generate
-
-        cfg = settings if settings is not None else DiffusionConfig(gen_length=24, steps=24, seed=0)
+        cfg = settings if settings is not None else DiffusionConfig(gen_length=EXPLAIN_MAX_NEW_TOKENS,
+                                                                    steps=EXPLAIN_MAX_NEW_TOKENS, seed=0)
         res = diffusion_generate(lm, prompt, cfg)
         P = len(res.prompt_ids)
         x = torch.tensor([res.states[0]])                                   # prompt + masks
         targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
         return res.completion, res.prompt_ids, res.completion_ids, x, targets
-    from ..generation.autoregressive import SamplingConfig, encode_prompt, generate
-
-    cfg = settings if settings is not None else SamplingConfig(max_new_tokens=24, greedy=True)
+    cfg = settings if settings is not None else SamplingConfig(max_new_tokens=EXPLAIN_MAX_NEW_TOKENS, greedy=True)
     prompt_ids = encode_prompt(lm, prompt)
     res = generate(lm, prompt, cfg)
     new = [t.token_id for t in res.tokens]
@@ -167,9 +166,11 @@ def attribute(lm: "LoadedModel", tset: "TranscoderSet", x: torch.Tensor, targets
 
 def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
                        store: FeatureStore | None = None, explainer: Explainer | None = None,
-                       settings: "SamplingConfig | DiffusionConfig | None" = None, top_features: int = 5,
+                       settings: SamplingConfig | DiffusionConfig | None = None,
+                       top_features: int = EXPLAIN_TOP_FEATURES,
                        n_positions: int = 5, layers: list[int] | None = None) -> Iterator[CompletionEvent]:
-    """Generate from ``prompt`` (greedy, 24 tokens unless ``settings`` say otherwise) and explain it.
+    """Generate from ``prompt`` (greedy, :data:`.config.EXPLAIN_MAX_NEW_TOKENS` tokens unless
+    ``settings`` say otherwise) and explain it.
 
     Feature explanations come from ``store`` (written by this explainer, else the latest); a
     top feature without one is explained on the spot from its stored evidence. Without a store
@@ -209,7 +210,7 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
             feats.append(fa)
             all_scores.append(fa.score)
             all_weights.append(fa.attribution)
-        items = [(fa.explanation or f"blocks.{i}.transcoder.{fa.feature}", fa.attribution) for fa in feats
+        items = [(fa.explanation or act_name("transcoder", i, fa.feature), fa.attribution) for fa in feats
                  if fa.attribution > 0]
         description = explainer.describe_layer(i, items)
         le = LayerExplanation(layer=i, description=description, features=feats, share=totals[i] / grand,
