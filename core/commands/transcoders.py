@@ -44,9 +44,9 @@ from .cli import add_model_args, device_arg, float_arg, int_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 from ..files import atomic_write_json
-from ..generation.config import DiffusionConfig, SamplingConfig
 from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
-                             EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig)
+                             EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
+                             completion_settings)
 
 # Every flag's default comes from the engine's torch-free configs, so --help and the engine agree.
 TRAIN = TranscoderTrainConfig()
@@ -439,7 +439,8 @@ def _explain(args: argparse.Namespace) -> int:
     results = []
     try:
         for prompt in prompts:
-            settings = _settings(args, lm)
+            settings = completion_settings(lm.objective, args.max_new_tokens, temperature=args.temperature,
+                                           top_p=args.top_p, seed=args.seed, steps=args.steps)
             t0 = time.perf_counter()
             for ev in explain_completion(lm, tset, prompt, store=store, explainer=explainer, settings=settings,
                                          top_features=args.top_features):
@@ -458,20 +459,8 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, lm) -> SamplingConfig | DiffusionConfig:
-    if lm.objective == "diffusion":
-        cfg = DiffusionConfig(gen_length=args.max_new_tokens, steps=args.steps or args.max_new_tokens,
-                              temperature=args.temperature or 0.0, seed=args.seed)
-    else:
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
-                             temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, n_alternatives=0)
-    cfg.check()
-    return cfg
-
-
 def _print_explanation(r) -> None:
-    def score(v):
-        return f"{v}/10" if v is not None else "n/a"
+    from ..interp.completion import score_text as score  # engine module (torch): loaded on use
 
     print(f"prompt: {r.prompt!r}")
     print(f"completion: {r.completion!r}")

@@ -29,5 +29,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **names(".scoring", "RuleDetector", "RuleSimulator", "balanced_accuracy", "detection_score", "interpretability_from_scores", "quoted_tokens", "score_feature", "simulation_score"),
     **names(".store", "FTS5", "Context", "FeatureCard", "FeatureStats", "FeatureStore", "FeatureSummary", "LayerInfo", "Score", "SearchHit", "open_store", "store_error", "store_path"),
     **names(".train", "Evaluated", "Saved", "TrainFinished", "TrainProgress", "TrainStarted", "Validated", "run_to_end", "train_transcoders"),
-    **names(".transcoder", "Transcoder", "TranscoderSet", "find_transcoder_set", "is_transcoder_folder", "list_transcoder_sets", "load_transcoder_set", "transcoder_dir_for"),
+    **names(".transcoder", "Transcoder", "TranscoderSet", "find_transcoder_set", "is_transcoder_folder", "load_transcoder_set", "transcoder_dir_for"),
 })

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Iterator, Union
 import torch
 
 from ..errors import LabError
-from ..generation.autoregressive import SamplingConfig, encode_prompt, generate
-from ..generation.diffusion import DiffusionConfig, generate as diffusion_generate
+from ..generation.autoregressive import encode_prompt, generate
+from ..generation.config import DiffusionConfig, SamplingConfig
+from ..generation.diffusion import generate as diffusion_generate
 from ..models.hooks import act_name
-from .config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES
+from .config import EXPLAIN_TOP_FEATURES, completion_settings
 from .explain import BuiltinExplainer, Explainer, FeatureEvidence
 from .scoring import interpretability_from_scores, score_feature
 from .store import FeatureStore
@@ -110,15 +111,13 @@ CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, Completion
 def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int], list[int], torch.Tensor,
                                                                   list[tuple[int, int]]]:
     """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
+    cfg = settings if settings is not None else completion_settings(lm.objective)
     if lm.objective == "diffusion":
-        cfg = settings if settings is not None else DiffusionConfig(gen_length=EXPLAIN_MAX_NEW_TOKENS,
-                                                                    steps=EXPLAIN_MAX_NEW_TOKENS, seed=0)
         res = diffusion_generate(lm, prompt, cfg)
         P = len(res.prompt_ids)
         x = torch.tensor([res.states[0]])                                   # prompt + masks
         targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
         return res.completion, res.prompt_ids, res.completion_ids, x, targets
-    cfg = settings if settings is not None else SamplingConfig(max_new_tokens=EXPLAIN_MAX_NEW_TOKENS, greedy=True)
     prompt_ids = encode_prompt(lm, prompt)
     res = generate(lm, prompt, cfg)
     new = [t.token_id for t in res.tokens]
@@ -169,8 +168,8 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
                        settings: SamplingConfig | DiffusionConfig | None = None,
                        top_features: int = EXPLAIN_TOP_FEATURES,
                        n_positions: int = 5, layers: list[int] | None = None) -> Iterator[CompletionEvent]:
-    """Generate from ``prompt`` (greedy, :data:`.config.EXPLAIN_MAX_NEW_TOKENS` tokens unless
-    ``settings`` say otherwise) and explain it.
+    """Generate from ``prompt`` (greedy, :data:`.config.EXPLAIN_MAX_NEW_TOKENS` tokens, unless
+    ``settings`` from :func:`.config.completion_settings` say otherwise) and explain it.
 
     Feature explanations come from ``store`` (written by this explainer, else the latest); a
     top feature without one is explained on the spot from its stored evidence. Without a store
@@ -262,6 +261,11 @@ def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
     raise AssertionError("explain_completion ended without a result")
 
 
+def score_text(score: int | None) -> str:
+    """A 1-10 score as the CLI and the page show it."""
+    return "n/a" if score is None else f"{score}/10"
+
+
 __all__ = ["FeatureAttribution", "LayerExplanation", "CompletionExplanation", "CompletionStarted", "Generated",
            "LayerExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
-           "run_explain_completion"]
+           "run_explain_completion", "score_text"]

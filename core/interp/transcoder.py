@@ -296,16 +296,6 @@ def transcoder_dir_for(lm: "LoadedModel") -> Path:
     return root / safe
 
 
-def list_transcoder_sets(lm: "LoadedModel") -> list[Path]:
-    """The model's own set and any sets in subfolders of its set folder (``transcoders/<name>/``),
-    for pickers."""
-    root = transcoder_dir_for(lm)
-    found = [root] if is_transcoder_folder(root) else []
-    if root.is_dir():
-        found += sorted(p for p in root.iterdir() if p.is_dir() and is_transcoder_folder(p))
-    return found
-
-
 def find_transcoder_set(lm: "LoadedModel", folder: str | os.PathLike | None = None,
                         device: str | torch.device | None = None) -> TranscoderSet:
     """``folder`` when given, else the model's own set; a clear message when there is none."""

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, attend, merge_heads, split_heads
+from .gpt import GPT
 from .hooks import act_name
 from ..errors import LabError
 
@@ -292,8 +293,6 @@ class GPTNeoStack(_HFStack):
 
 def stack_for(model: nn.Module) -> LayerStack:
     """The adapter for a loaded model, chosen by its class."""
-    from .gpt import GPT
-
     if isinstance(model, GPT):
         return GPTLabStack(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -15,10 +15,10 @@ import streamlit as st
 
 from core.devices import available_devices
 from core.errors import LabError, first_line, is_out_of_memory, shorten
-from core.generation.config import DiffusionConfig, SamplingConfig
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
-                                    LayerExplained, explain_completion)
-from core.interp.config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX
+                                    LayerExplained, explain_completion, score_text)
+from core.interp.config import (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX,
+                                completion_settings)
 from core.interp.explain import BUILTIN, Explainer, load_explainer
 from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
@@ -64,19 +64,6 @@ def get_explainer(kind: str, spec: str, device: str, trust_remote_code: bool = F
                        f"enter a hub id such as google/flan-t5-base, or a local model folder.") from None
 
 
-def completion_settings(lm: LoadedModel, max_new: int, greedy: bool, temperature: float, seed: int | None,
-                        steps: int | None = None):
-    """Generation settings in the form the model's objective takes (sampling or diffusion)."""
-    if lm.objective == "diffusion":
-        cfg = DiffusionConfig(gen_length=int(max_new), steps=int(steps or max_new),
-                              temperature=0.0 if greedy else float(temperature), seed=seed)
-    else:
-        cfg = SamplingConfig(max_new_tokens=int(max_new), greedy=bool(greedy), temperature=float(temperature),
-                             seed=seed, n_alternatives=0)
-    cfg.check()
-    return cfg
-
-
 def completion_html(res: CompletionExplanation) -> str:
     return (f'<div style="white-space: pre-wrap; font-family: monospace; font-size: 0.9rem; line-height: 1.7;">'
             f'<span style="color: #888;">{html.escape(res.prompt)}</span>'
@@ -95,22 +82,18 @@ def features_frame(layer) -> pd.DataFrame:
     })
 
 
-def _score(v: int | None) -> str:
-    return "n/a" if v is None else f"{v}/10"
-
-
 def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None], can_open: bool,
                 run: int = 0) -> None:
     """The explained completion; selecting a feature's row calls ``open_card(layer, feature)`` (which
     reruns the page on its Features tab)."""
     st.html(completion_html(res))
     cols = st.columns(4)
-    cols[0].metric("Output score", _score(res.output_score),
+    cols[0].metric("Output score", score_text(res.output_score),
                    help="Built-in explainer: the model's own confidence in the completion, 1 + 9 x exp(mean log-prob). "
                         "A language-model explainer rates the text itself.")
-    cols[1].metric("Interpretability score", _score(res.interpretability_score),
+    cols[1].metric("Interpretability score", score_text(res.interpretability_score),
                    help="Built-in explainer: the measured score. A language-model explainer rates its own description.")
-    cols[2].metric("Measured interpretability", _score(res.measured_interpretability),
+    cols[2].metric("Measured interpretability", score_text(res.measured_interpretability),
                    help="Held-out detection accuracy of the explanations of the features used, weighted by their "
                         "attribution: chance (0.5) is 1, perfect is 10. n/a without a feature store.")
     cols[3].metric("Mean log-prob", "n/a" if res.mean_logprob is None else f"{res.mean_logprob:.3f}")
@@ -219,8 +202,8 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
             st.error("Enter a prompt to explain; it is empty.")
         else:
             try:
-                settings = completion_settings(lm, max_new, greedy, temperature, None if greedy else int(seed),
-                                               steps)
+                settings = completion_settings(lm.objective, max_new, temperature=None if greedy else temperature,
+                                               seed=None if greedy else int(seed), steps=steps)
                 explainer = get_explainer(kind, spec, device, trust and not builtin)
             except LabError as e:
                 st.error(str(e))
