@@ -277,6 +277,21 @@ def _plain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _header_size(path: Path) -> int | None:
+    """The size in bytes an SQLite file's header says it has (None when the header does not say:
+    not SQLite, or written by a tool that leaves the in-header size stale), read before SQLite
+    itself, which stumbles over a cut-off schema page before it could tell the file is short."""
+    with open(path, "rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return None
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if head[24:28] != head[92:96]:  # the size field is only valid when its change counter matches
+        return None
+    return int.from_bytes(head[28:32], "big") * page_size
+
+
 @functools.lru_cache(maxsize=1)
 def _expected_tables() -> dict[str, list[str]]:
     """``{table: its columns in order}`` of a store this version writes (inserts are positional)."""
@@ -330,6 +345,10 @@ class FeatureStore:
 
     def _check_file(self) -> None:
         """Refuse, in one sentence, a file that is not a whole store of a format this version reads."""
+        size, expected = self.path.stat().st_size, _header_size(self.path)
+        if expected is not None and expected > size:
+            raise LabError(f"The feature store {self.label} is truncated ({size:,} of its {expected:,} bytes are "
+                           f"there); copy it again or {COLLECT_HINT}.")
         try:
             row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         except sqlite3.DatabaseError as e:
@@ -339,11 +358,6 @@ class FeatureStore:
         if int(row[0]) > STORE_FORMAT:
             raise LabError(f"{self.label} is a feature store of a newer format ({row[0]}); update GPT Lab or "
                            f"{COLLECT_HINT}.")
-        size = self.path.stat().st_size
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0] * self.conn.execute("PRAGMA page_size").fetchone()[0]
-        if pages > size:
-            raise LabError(f"The feature store {self.label} is truncated ({size:,} of its {pages:,} bytes are there); "
-                           f"copy it again or {COLLECT_HINT}.")
         have = {t: [r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")] for t in _expected_tables()}
         wrong = [t for t, cols in _expected_tables().items() if have[t] != cols]
         if wrong:
