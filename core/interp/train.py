@@ -91,7 +91,7 @@ TrainEvent = Union[TrainStarted, TrainProgress, Validated, Saved, Evaluated, Tra
 # -- the loop -------------------------------------------------------------------------------------
 
 class _Buffer:
-    """Shuffled (mlp_in, mlp_out) tokens of every layer, refilled from the model as it drains."""
+    """Shuffled (ln2.hook_normalized, hook_mlp_out) tokens of every layer, refilled from the model as it drains."""
 
     def __init__(self, lm: "LoadedModel", windows: np.ndarray, layers: list[int], cfg: TranscoderTrainConfig,
                  gen: torch.Generator):

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save
 
 from ..errors import LabError, first_line
 from ..files import atomic_write_bytes, atomic_write_json
-from .config import ACTIVATIONS, SAVE_DTYPES, TranscoderConfig, transcoder_hooks  # noqa: F401  (long imported from here)
+from .config import ACTIVATIONS, SAVE_DTYPES, TranscoderConfig, transcoder_hooks  # noqa: F401 (old import path)
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel

@@ -50,8 +50,8 @@ def act_name(point: str, layer: int | None = None, feature: int | None = None) -
         raise ValueError(f"Unknown activation point {point!r}; known: {', '.join(ACT_NAMES)}.")
     needs_layer, needs_feature = "{layer}" in template, "{feature}" in template
     if needs_layer != (layer is not None) or needs_feature != (feature is not None):
-        raise ValueError(f"Activation point {point!r} ({template}) takes "
-                         f"{'a layer' if needs_layer else 'no layer'} and {'a feature' if needs_feature else 'no feature'} "
-                         f"(got layer={layer!r}, feature={feature!r}).")
+        takes = f"{'a layer' if needs_layer else 'no layer'} and {'a feature' if needs_feature else 'no feature'}"
+        raise ValueError(f"Activation point {point!r} ({template}) takes {takes} (got layer={layer!r}, "
+                         f"feature={feature!r}).")
     return template.format(layer=int(layer) if needs_layer else None,
                            feature=int(feature) if needs_feature else None)

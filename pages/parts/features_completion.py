@@ -13,7 +13,6 @@ from typing import Callable
 import pandas as pd
 import streamlit as st
 
-from core.devices import available_devices
 from core.errors import LabError, first_line, is_out_of_memory, shorten
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
                                     LayerExplained, explain_completion, score_text)
@@ -25,6 +24,7 @@ from core.interp.transcoder import TranscoderSet
 from core.models.loading import LoadedModel
 from pages.parts.features_card import attribution_html, md_escape
 from pages.parts.features_jobs import usable_path
+from pages.parts.features_jobs_view import device_options
 
 RESULT_KEY = "feat_x_result"     # {"result": CompletionExplanation, "set": folder, "model": spec}
 _OPENED_KEY = "_feat_x_opened"   # per layer table, the row last turned into an open card
@@ -189,8 +189,7 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
     builtin = kind == BUILTIN
     spec = cols[1].text_input("Explainer model", key=xkey("lm"), disabled=builtin, **keep,
                               placeholder="google/flan-t5-base or /path/to/model")
-    devices = [d for d in available_devices() if d != "auto"] or ["cpu"]
-    device = cols[2].selectbox("Explainer device", devices, key=xkey("device"), disabled=builtin)
+    device = cols[2].selectbox("Explainer device", device_options(), key=xkey("device"), disabled=builtin)
     top = cols[3].number_input("Features per layer", 1, EXPLAIN_TOP_FEATURES_MAX, EXPLAIN_TOP_FEATURES, step=1,
                                key=xkey("top"), **keep)
     trust = st.checkbox("Trust the explainer's code", False, key=xkey("trust"), disabled=builtin,

@@ -278,8 +278,8 @@ def test_cli_train_collect_describe_explain(tiny_gptlab_dir, tmp_path, monkeypat
     # a learning rate that makes the loss blow up: exit 2, one sentence, the set on disk untouched
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--output-dir", str(out), "--dataset",
-               str(text), "--expansion", "4", "--k", "8", "--train_steps", "40", "--batch-tokens", "128", "--lr", "1e30",
-               "--train_seq_len", "32", "--no-collect"])
+               str(text), "--expansion", "4", "--k", "8", "--train_steps", "40", "--batch-tokens", "128",
+               "--lr", "1e30", "--train_seq_len", "32", "--no-collect"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: Transcoder training diverged at step") and "--lr" in err[-1]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
@@ -329,3 +329,36 @@ def test_diffusion_models_work_end_to_end(tiny_gptlab_dir, tmp_path):
     assert isinstance(events[-1], CompletionExplained) and res.objective == "diffusion"
     assert len(res.tokens) == res.n_prompt + 6 and len(res.layers[0].per_token) == res.n_prompt + 6
     assert res.interpretability_score is None and res.total_description     # no store: nothing measured
+
+
+def test_cli_defaults_are_the_configs_and_help_needs_no_torch():
+    """Each default is stated once: the flags' defaults are the config dataclasses' own, and the
+    command module (what --help needs) imports no torch."""
+    import subprocess
+    import sys
+
+    from core.commands.cli import build_parser
+    from core.interp.config import (DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, CollectConfig,
+                                    TranscoderTrainConfig)
+
+    parser = build_parser()
+    train = vars(parser.parse_args(["transcoders", "train"]))
+    expected = TranscoderTrainConfig()
+    for name in ("expansion", "activation", "k", "l1_coeff", "train_tokens", "steps", "batch_tokens", "lr", "seq_len",
+                 "dataset", "eval_every", "save_every", "save_dtype", "seed"):
+        assert train[name] == getattr(expected, name), name
+    collect = vars(parser.parse_args(["transcoders", "collect"]))
+    c = CollectConfig()
+    assert (collect["n_tokens"], collect["collect_seq_len"], collect["top_k"], collect["n_quantile"],
+            collect["n_heldout"], collect["n_negative"], tuple(collect["window"]), collect["collect_batch"],
+            collect["dataset"], collect["seed"]) == (c.n_tokens, c.seq_len, c.top_k, c.n_quantile, c.n_heldout,
+                                                     c.n_negative, (c.window_before, c.window_after), c.batch_size,
+                                                     c.dataset, c.seed)
+    assert vars(parser.parse_args(["transcoders", "describe"]))["n_top"] == DESCRIBE_N_TOP
+    explain = vars(parser.parse_args(["transcoders", "explain"]))
+    assert (explain["max_new_tokens"], explain["top_features"]) == (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES)
+
+    code = "import sys, core.commands.transcoders; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
