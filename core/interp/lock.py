@@ -15,6 +15,7 @@ Where ``fcntl`` does not exist (Windows) writers are not serialised beyond SQLit
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ except ImportError:  # Windows
 LOCK_WAIT_S = 5.0       # how long a second writer waits before it is refused
 _POLL_S = 0.05
 _HELD: dict[str, list] = {}   # lock file -> [fd, depth] for the locks this process holds
+_GUARD = threading.RLock()    # _HELD is shared by the threads of one process (the app's sessions)
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -50,12 +52,17 @@ def acquire(target: str | os.PathLike, wait_s: float = LOCK_WAIT_S, what: str = 
     """Take the writer lock of ``target`` (waiting up to ``wait_s`` seconds), or raise LabError."""
     path = lock_path(target).resolve()
     key = str(path)
-    if key in _HELD:
-        _HELD[key][1] += 1
-        return
-    if fcntl is None:
-        _HELD[key] = [None, 1]
-        return
+    with _GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return
+        if fcntl is None:
+            _HELD[key] = [None, 1]
+            return
+        _take(path, target, wait_s, what)
+
+
+def _take(path: Path, target: str | os.PathLike, wait_s: float, what: str) -> None:
     deadline = time.monotonic() + max(0.0, wait_s)
     while True:
         try:
@@ -80,7 +87,7 @@ def acquire(target: str | os.PathLike, wait_s: float = LOCK_WAIT_S, what: str = 
         if same:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-            _HELD[key] = [fd, 1]
+            _HELD[str(path)] = [fd, 1]
             return
         os.close(fd)
 
@@ -88,22 +95,23 @@ def acquire(target: str | os.PathLike, wait_s: float = LOCK_WAIT_S, what: str = 
 def release(target: str | os.PathLike) -> None:
     """Give back one hold of ``target``'s writer lock; the last one removes the sidecar."""
     key = str(lock_path(target).resolve())
-    held = _HELD.get(key)
-    if held is None:
-        return
-    held[1] -= 1
-    if held[1] > 0:
-        return
-    del _HELD[key]
-    fd = held[0]
-    if fd is None:
-        return
-    try:
-        os.unlink(key)
-    except FileNotFoundError:
-        pass
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    with _GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[key]
+        fd = held[0]
+        if fd is None:
+            return
+        try:
+            os.unlink(key)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @contextmanager
