@@ -325,8 +325,9 @@ class FeatureStore:
             self._locked = True
         try:
             if readonly:
-                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                            timeout=BUSY_TIMEOUT_S)
+                # as_uri escapes a folder name's '?', '#' or '%', which a bare file: URI would misread
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                            check_same_thread=False, timeout=BUSY_TIMEOUT_S)
             else:
                 self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_S)
             self.conn.row_factory = sqlite3.Row

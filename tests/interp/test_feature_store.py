@@ -327,3 +327,11 @@ def test_two_processes_writing_one_store_take_turns(tmp_path):
         for n in range(2):
             assert len(store.explanations(0, f"writer{n}")) == 25
     assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_store_in_a_folder_with_uri_characters_opens_read_only(tmp_path):
+    path = tmp_path / "odd?name#1%20" / "features.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    with open_store(path) as store:
+        assert [l.layer for l in store.layers()] == [0, 1]
