@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import streamlit as st
 
-from core.errors import LabError
-from core.interp.store import FeatureStore, store_path
-from core.interp.transcoder import TranscoderSet, is_transcoder_folder, load_transcoder_set, transcoder_dir_for
+from core.errors import LabError, first_line, is_out_of_memory, shorten
+from core.interp.scoring import METHODS
+from core.interp.store import SORT_KEYS, FeatureStore, store_path
+from core.interp.transcoder import (CONFIG_FILENAME, SET_FORMAT, TranscoderSet, is_transcoder_folder,
+                                    load_transcoder_set, transcoder_dir_for)
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, spec_label
 from pages.parts.features_card import density_chart, draw_card, md_escape
 from pages.parts.features_completion import completion_panel
-from pages.parts.features_jobs import list_jobs, short, usable_path
+from pages.parts.features_jobs import list_jobs, usable_path
 from pages.parts.features_jobs_view import attempt, followed_set, jobs_section
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
@@ -46,7 +47,7 @@ _PENDING = "_feat_pending_open"   # (layer, feature) to open at the top of the n
 _SETS_SEEN = "_feat_sets_seen"    # (model spec, whether it had sets) when the picker was last drawn
 OTHER = "other…"
 BROWSE, EXPLAIN = "Features", "Explain a completion"
-SORTS = {"frequency": "density", "explanation score": "score", "max activation": "max_act", "feature": "feature"}
+SORTS = {label: key for key, label in SORT_KEYS.items()}  # the sort picker shows labels
 LIST_LIMIT = 5000
 SEARCH_LIMIT = 50
 
@@ -79,8 +80,8 @@ def _load_set(folder: str, stamp: tuple, device: str) -> TranscoderSet:
 def load_set(lm: LoadedModel, folder: str) -> TranscoderSet:
     path = usable_path(folder, "The set folder")
     if not is_transcoder_folder(path):
-        raise LabError(f"{short(str(path))} is not a transcoder set (no config.json with format "
-                       f"'gptlab-transcoders'); pick another folder or train one below.")
+        raise LabError(f"{shorten(str(path), 300)} is not a transcoder set (no {CONFIG_FILENAME} with format "
+                       f"'{SET_FORMAT}'); pick another folder or train one below.")
     tset = _load_set(str(path.resolve()), _stamp(path), str(lm.stack.device))
     tset.check_model(lm)
     return tset
@@ -121,15 +122,19 @@ def set_summary(tset: TranscoderSet) -> str:
 
 
 def guarded(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-    """Draw one section; whatever goes wrong in it (a store another version wrote, a file that
-    vanished) becomes one line of st.error and the rest of the page still draws."""
+    """Draw one section; whatever goes wrong in it (a damaged store, a file that vanished) becomes
+    one line of st.error and the rest of the page still draws."""
     try:
         fn(*args, **kwargs)
     except LabError as e:
         st.error(str(e))
-    except (sqlite3.Error, OSError, ValueError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        st.error(f"Could not draw this section: {type(e).__name__}: {first}".rstrip(": "))
+    except Exception as e:  # a file-system surprise or a bug: one line, never a traceback
+        if is_out_of_memory(e):
+            st.error("The device ran out of memory drawing this section; pick a smaller model or another device "
+                     "in the sidebar.")
+        else:
+            detail = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+            st.error(f"Could not draw this section: {detail}")
 
 
 def quality_table(store: FeatureStore) -> None:
@@ -195,7 +200,7 @@ def search_section(store: FeatureStore) -> None:
         st.error(error)
         return
     if not hits:
-        st.caption(f"No explanation contains {short(query.strip(), 80)!r}.")
+        st.caption(f"No explanation contains {shorten(query.strip(), 80)!r}.")
         return
     df = pd.DataFrame({"layer": [h.layer for h in hits], "feature": [h.feature for h in hits],
                        "explainer": [h.explainer for h in hits], "explanation": [h.text for h in hits]})
@@ -275,7 +280,7 @@ def browse(store: FeatureStore) -> None:
         if ss.get(EXPLAINER_KEY) not in explainers:
             ss[EXPLAINER_KEY] = explainers[0]
         explainer = cols[3].selectbox("Explanations by", explainers, key=EXPLAINER_KEY)
-    method = cols[4].selectbox("Score", ["detection", "simulation"], key=METHOD_KEY, persist_state="session",
+    method = cols[4].selectbox("Score", list(METHODS), key=METHOD_KEY, persist_state="session",
                                help="Detection: balanced accuracy telling held-out activating windows from silent "
                                     "ones given the explanation (0.5 is chance). Simulation: correlation of predicted "
                                     "and true activations.")

@@ -39,9 +39,18 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import device_arg, float_arg, int_arg
+from . import cli  # cli.load_from_args through the module, so a test's stand-in for it is seen here
+from .cli import add_model_args, device_arg, float_arg, int_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
+from ..files import atomic_write_json
+from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
+                             EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
+                             completion_settings)
+
+# Every flag's default comes from the engine's torch-free configs, so --help and the engine agree.
+TRAIN = TranscoderTrainConfig()
+COLLECT = CollectConfig()
 
 NAME = "transcoders"
 HELP = "Train transcoders on a model's MLPs, collect and describe their features, explain a completion."
@@ -65,8 +74,6 @@ def _layers(text: str) -> list[int]:
 # -- flags ----------------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .cli import add_model_args
-
     add_model_args(p)  # --model ... and the reference --train_folder, --checkpoint_name, --cuda, sizes
     p.add_argument("--transcoders", metavar="DIR",
                    help="the transcoder set folder (default: the model's own, <model folder>/transcoders/)")
@@ -106,59 +113,65 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR",
                    help="where the set goes (default: --transcoders, else the model's own folder)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
-    g.add_argument("--expansion", type=int_arg(1), default=8, metavar="E", help="features = E x d_model (default: %(default)s)")
-    g.add_argument("--activation", choices=("topk", "relu"), default="topk",
+    g.add_argument("--expansion", type=int_arg(1), default=TRAIN.expansion, metavar="E",
+                   help="features = E x d_model (default: %(default)s)")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=TRAIN.activation,
                    help="topk: exactly --k features per token; relu: sparsity from --l1-coeff (default: %(default)s)")
-    g.add_argument("--k", type=int_arg(1), default=32, metavar="K", help="active features per token with topk (default: %(default)s)")
-    g.add_argument("--l1-coeff", "--l1_coeff", dest="l1_coeff", type=float_arg(0), default=3e-4, metavar="C",
+    g.add_argument("--k", type=int_arg(1), default=TRAIN.k, metavar="K",
+                   help="active features per token with topk (default: %(default)s)")
+    g.add_argument("--l1-coeff", "--l1_coeff", dest="l1_coeff", type=float_arg(0), default=TRAIN.l1_coeff, metavar="C",
                    help="L1 weight with relu (default: %(default)s)")
-    g.add_argument("--train-tokens", "--train_tokens", dest="train_tokens", type=int_arg(1), default=500_000, metavar="N",
-                   help="tokens per layer (default: %(default)s)")
-    g.add_argument("--steps", "--train_steps", dest="steps", type=int_arg(1), metavar="N",
+    g.add_argument("--train-tokens", "--train_tokens", dest="train_tokens", type=int_arg(1), default=TRAIN.train_tokens,
+                   metavar="N", help="tokens per layer (default: %(default)s)")
+    g.add_argument("--steps", "--train_steps", dest="steps", type=int_arg(1), default=TRAIN.steps, metavar="N",
                    help="optimiser steps (overrides --train-tokens)")
-    g.add_argument("--batch-tokens", "--batch_tokens", dest="batch_tokens", type=int_arg(1), default=1024, metavar="N",
-                   help="tokens per step (default: %(default)s)")
+    g.add_argument("--batch-tokens", "--batch_tokens", dest="batch_tokens", type=int_arg(1), default=TRAIN.batch_tokens,
+                   metavar="N", help="tokens per step (default: %(default)s)")
     g.add_argument("--grad_acc_steps", type=int_arg(1), default=1, metavar="N",
                    help="reference spelling: multiplies --batch-tokens (default: %(default)s)")
-    g.add_argument("--lr", type=float_arg(0, low_open=True), default=1e-3, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=int_arg(1), default=128, metavar="T",
+    g.add_argument("--lr", type=float_arg(0, low_open=True), default=TRAIN.lr,
+                   help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=int_arg(1), default=TRAIN.seq_len, metavar="T",
                    help="tokens per corpus window the model reads (default: %(default)s)")
-    g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH",
-                   help="the corpus: shakespeare (default), a local .txt/.jsonl file or folder, or a hub dataset")
-    g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=int_arg(0), default=0, metavar="N",
-                   help="print a quick validation FVE every N steps (default: only at the end)")
-    g.add_argument("--save-every", "--save_every", dest="save_every", type=int_arg(0), default=0, metavar="N",
-                   help="save the set every N steps (default: at the end, and when stopped)")
+    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH",
+                   help="the corpus: shakespeare, a local .txt/.jsonl file or folder, or a hub dataset "
+                        "(default: %(default)s)")
+    g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=int_arg(0), default=TRAIN.eval_every,
+                   metavar="N", help="print a quick validation FVE every N steps (default: only at the end)")
+    g.add_argument("--save-every", "--save_every", dest="save_every", type=int_arg(0), default=TRAIN.save_every,
+                   metavar="N", help="save the set every N steps (default: at the end, and when stopped)")
     g.add_argument("--save_model", type=_bool, default=True, metavar="True|False",
                    help="reference spelling; False trains and reports without writing the set")
-    g.add_argument("--save-dtype", dest="save_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="weights on disk (float16 halves the size)")
-    g.add_argument("--seed", type=int_arg(), default=0)
+    g.add_argument("--save-dtype", dest="save_dtype", choices=SAVE_DTYPES, default=TRAIN.save_dtype,
+                   help="weights on disk; float16 halves the size (default: %(default)s)")
+    g.add_argument("--seed", type=int_arg(), default=TRAIN.seed)
     g.add_argument("--no-collect", dest="collect", action="store_false", help="stop after training")
     g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
 
 
 def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
     g = p.add_argument_group("collection")
-    g.add_argument("--collect-tokens", "--n-tokens", dest="n_tokens", type=int_arg(1), default=262_144, metavar="N",
-                   help="corpus tokens scanned (default: %(default)s)")
-    g.add_argument("--collect-seq-len", dest="collect_seq_len", type=int_arg(1), default=64, metavar="T",
+    g.add_argument("--collect-tokens", "--n-tokens", dest="n_tokens", type=int_arg(1), default=COLLECT.n_tokens,
+                   metavar="N", help="corpus tokens scanned (default: %(default)s)")
+    g.add_argument("--collect-seq-len", dest="collect_seq_len", type=int_arg(1), default=COLLECT.seq_len, metavar="T",
                    help="window the model reads while collecting (default: %(default)s)")
-    g.add_argument("--top-k", "--top_k", dest="top_k", type=int_arg(1), default=20, metavar="K",
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int_arg(1), default=COLLECT.top_k, metavar="K",
                    help="strongest contexts kept per feature (default: %(default)s)")
-    g.add_argument("--n-quantile", dest="n_quantile", type=int_arg(0), default=10, metavar="N",
+    g.add_argument("--n-quantile", dest="n_quantile", type=int_arg(0), default=COLLECT.n_quantile, metavar="N",
                    help="contexts sampled across the activation range (default: %(default)s)")
-    g.add_argument("--n-heldout", dest="n_heldout", type=int_arg(0), default=10, metavar="N",
+    g.add_argument("--n-heldout", dest="n_heldout", type=int_arg(0), default=COLLECT.n_heldout, metavar="N",
                    help="held-out activating windows for scoring (default: %(default)s)")
-    g.add_argument("--n-negative", dest="n_negative", type=int_arg(0), default=10, metavar="N",
+    g.add_argument("--n-negative", dest="n_negative", type=int_arg(0), default=COLLECT.n_negative, metavar="N",
                    help="held-out silent windows for scoring (default: %(default)s)")
-    g.add_argument("--window", type=int_arg(0), nargs=2, default=(12, 4), metavar=("BEFORE", "AFTER"),
-                   help="context tokens kept around an activation (default: 12 4)")
-    g.add_argument("--collect-batch", dest="collect_batch", type=int_arg(1), default=32, metavar="B",
+    g.add_argument("--window", type=int_arg(0), nargs=2, default=(COLLECT.window_before, COLLECT.window_after),
+                   metavar=("BEFORE", "AFTER"), help=f"context tokens kept around an activation (default: "
+                                                     f"{COLLECT.window_before} {COLLECT.window_after})")
+    g.add_argument("--collect-batch", dest="collect_batch", type=int_arg(1), default=COLLECT.batch_size, metavar="B",
                    help="windows per forward pass (default: %(default)s)")
     if prefix:
         g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
-        g.add_argument("--dataset", default="shakespeare", metavar="NAME|PATH", help="the corpus (default: shakespeare)")
+        g.add_argument("--dataset", default=COLLECT.dataset, metavar="NAME|PATH",
+                       help="the corpus (default: %(default)s)")
         g.add_argument("--train_steps", dest="collect_batches", type=int_arg(1), metavar="N",
                        help="reference spelling: scan N steps of --grad_acc_steps batches (N x G x --collect-batch x "
                             "--collect-seq-len tokens)")
@@ -166,24 +179,31 @@ def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
         g.add_argument("--grad_acc_steps", type=int_arg(1), metavar="G",
                        help="reference spelling: batches per --train_steps step (default 1), as a step of "
                             "`transcoders train --grad_acc_steps G` reads G times the tokens")
-        g.add_argument("--seed", type=int_arg(), default=0)
+        g.add_argument("--seed", type=int_arg(), default=COLLECT.seed)
 
 
 def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
     g = p.add_argument_group("explanations")
     if not in_train:
-        g.add_argument("--explainer", default="builtin", metavar="SPEC",
-                       help="builtin (offline; default), or a seq2seq/causal LM: hub id (google/flan-t5-base) or folder")
-        g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE")
+        _explainer_flags(g)
         g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to describe (default: all)")
         g.add_argument("--store", metavar="FILE", help="the store (default: DIR/features.sqlite)")
+        batches = ", ".join(f"{n} {kind}" for kind, n in DESCRIBE_BATCH.items())
         g.add_argument("--batch-size", dest="explain_batch", type=int_arg(1), metavar="B",
-                       help="features per explainer call and per commit (default: 256 builtin, 16 LM)")
+                       help=f"features per explainer call and per commit (default: {batches})")
     g.add_argument("--max-features", dest="max_features", type=int_arg(1), metavar="N",
                    help="explain at most N features per layer, most frequent first (default: all)")
-    g.add_argument("--n-top", dest="n_top", type=int_arg(1), default=10, metavar="N",
+    g.add_argument("--n-top", dest="n_top", type=int_arg(1), default=DESCRIBE_N_TOP, metavar="N",
                    help="top contexts shown to the explainer (default: %(default)s)")
     g.add_argument("--no-score", dest="score", action="store_false", help="skip the held-out scores")
+
+
+def _explainer_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--explainer", default="builtin", metavar="SPEC",
+                   help="builtin (offline; default), or a seq2seq/causal LM: hub id (google/flan-t5-base) or folder; "
+                        "its own Python code runs only with --trust-remote-code")
+    g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE",
+                   help="(default: %(default)s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and generation")
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeatable; default: read from stdin, one per line)")
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=24,
-                   metavar="K")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1),
+                   default=EXPLAIN_MAX_NEW_TOKENS, metavar="K", help="(default: %(default)s)")
     g.add_argument("--temperature", type=float_arg(0, low_open=True), metavar="T",
                    help="sample at temperature T (default: greedy)")
     g.add_argument("--top-p", "--top_p", dest="top_p", type=float_arg(0, 1, low_open=True, note="; 1 turns it off"),
@@ -221,12 +241,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int_arg(), default=0)
     g.add_argument("--steps", type=int_arg(1), metavar="N", help="denoising steps of a diffusion model (default: one per token)")
     g = p.add_argument_group("explanation")
-    g.add_argument("--explainer", default="builtin", metavar="SPEC",
-                   help="builtin (offline; default), or a seq2seq/causal LM hub id or folder")
-    g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE")
+    _explainer_flags(g)
     g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite)")
-    g.add_argument("--top-features", dest="top_features", type=int_arg(1), default=5, metavar="N",
-                   help="features listed per layer (default: %(default)s)")
+    g.add_argument("--top-features", dest="top_features", type=int_arg(1, EXPLAIN_TOP_FEATURES_MAX),
+                   default=EXPLAIN_TOP_FEATURES, metavar="N", help="features listed per layer (default: %(default)s)")
     g.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     g.add_argument("--format", choices=("text", "reference"), default="text",
                    help="reference: the lines generate_descriptions.py printed (continuation=, per layer "
@@ -236,11 +254,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- shared steps ---------------------------------------------------------------------------------
+# Engine imports stay inside the functions below: they pull in torch (and numpy, sqlite, transformers),
+# which `python -m core transcoders --help` must not pay for.
 
 def _load(args: argparse.Namespace):
-    from .cli import load_from_args
-
-    lm = load_from_args(args)  # resolves --train_folder/--checkpoint_name/--cuda, checks the sizes
+    lm = cli.load_from_args(args)  # resolves --train_folder/--checkpoint_name/--cuda, checks the sizes
     if lm.untrained:
         print(f"note: {lm.name} has random weights; its features describe noise.", file=sys.stderr)
     return lm
@@ -252,9 +270,7 @@ def _set_dir(args: argparse.Namespace, lm) -> Path:
     return Path(args.transcoders).expanduser() if args.transcoders else transcoder_dir_for(lm)
 
 
-def _collect_config(args: argparse.Namespace, layers=None):
-    from ..interp.collect import CollectConfig
-
+def _collect_config(args: argparse.Namespace, layers=None) -> CollectConfig:
     n_tokens = args.n_tokens
     if getattr(args, "collect_batches", None):  # the reference --train_steps (x --grad_acc_steps) batches
         batches = args.collect_batches * (getattr(args, "grad_acc_steps", None) or 1)
@@ -267,8 +283,7 @@ def _collect_config(args: argparse.Namespace, layers=None):
     return cfg
 
 
-def _run_collect(lm, tset, cfg, out: Path) -> None:
-    from .cli import progress
+def _run_collect(lm, tset, cfg: CollectConfig, out: Path) -> None:
     from ..interp.collect import CollectFinished, CollectProgress, CollectStarted, collect_features
 
     events = collect_features(lm, tset, cfg, out=out)
@@ -283,8 +298,7 @@ def _run_collect(lm, tset, cfg, out: Path) -> None:
                   file=sys.stderr)
 
 
-def _run_describe(store, explainer, layers, args) -> None:
-    from .cli import progress
+def _run_describe(store, explainer, layers, args: argparse.Namespace) -> None:
     from ..interp.explain import DescribeFinished, DescribeStarted, FeatureExplained, LayerDescribed, describe_store
 
     events = describe_store(store, explainer, layers=layers, max_features=args.max_features, n_top=args.n_top,
@@ -301,20 +315,23 @@ def _run_describe(store, explainer, layers, args) -> None:
             print(f"[{first.total} features described by {ev.explainer} in {ev.seconds:.1f}s]", file=sys.stderr)
 
 
+def _explainer(args: argparse.Namespace, device: str):
+    """The explainer --explainer names; an LM's own code runs only with --trust-remote-code."""
+    from ..interp.explain import load_explainer
+
+    return load_explainer(args.explainer, device=device, trust_remote_code=bool(args.trust_remote_code))
+
+
 # -- actions --------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> int:
-    from .cli import progress
-    from ..files import atomic_write_json
     from ..interp.explain import BuiltinExplainer
     from ..interp.store import FeatureStore, store_path
-    from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, TranscoderTrainConfig, \
-        Validated, train_transcoders
+    from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, Validated, \
+        train_transcoders
 
     lm = _load(args)
     out = Path(args.output_dir).expanduser() if args.output_dir else _set_dir(args, lm)
-    if args.grad_acc_steps < 1:
-        raise LabError(f"--grad_acc_steps must be at least 1 (got {args.grad_acc_steps}).")
     cfg = TranscoderTrainConfig(
         layers=args.layers, expansion=args.expansion, activation=args.activation, k=args.k, l1_coeff=args.l1_coeff,
         train_tokens=args.train_tokens, steps=args.steps, batch_tokens=args.batch_tokens * args.grad_acc_steps,
@@ -346,10 +363,7 @@ def _train(args: argparse.Namespace) -> int:
             tset = ev.transcoders
             print(f"[trained in {ev.seconds:.1f}s]", file=sys.stderr)
     assert tset is not None
-    if save_dir is None:
-        return 0
-    atomic_write_json(out / "metrics.json", tset.metrics)
-    if not args.collect:
+    if save_dir is None or not args.collect:
         return 0
     _run_collect(lm, tset, _collect_config(args), store_path(out))
     if args.describe:
@@ -387,11 +401,10 @@ def _open_store(args: argparse.Namespace, lm, readonly: bool):
 
 def _describe(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..interp.explain import load_explainer
 
     explainer_device = resolve_device(args.explainer_device)  # a missing GPU fails before the model loads
     lm = _load(args)
-    explainer = load_explainer(args.explainer, device=explainer_device)
+    explainer = _explainer(args, explainer_device)
     with _open_store(args, lm, readonly=False) as store:
         _run_describe(store, explainer, args.layers, args)
     return 0
@@ -410,16 +423,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _explain(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..files import atomic_write_json
     from ..interp.completion import CompletionExplained, explain_completion
-    from ..interp.explain import load_explainer
     from ..interp.transcoder import find_transcoder_set
 
     prompts = _read_prompts(args)
     explainer_device = resolve_device(args.explainer_device)
     lm = _load(args)
     tset = find_transcoder_set(lm, args.transcoders)
-    explainer = load_explainer(args.explainer, device=explainer_device)
+    explainer = _explainer(args, explainer_device)
     store = None
     try:
         store = _open_store(args, lm, readonly=not args.save)
@@ -428,7 +439,8 @@ def _explain(args: argparse.Namespace) -> int:
     results = []
     try:
         for prompt in prompts:
-            settings = _settings(args, lm)
+            settings = completion_settings(lm.objective, args.max_new_tokens, temperature=args.temperature,
+                                           top_p=args.top_p, seed=args.seed, steps=args.steps)
             t0 = time.perf_counter()
             for ev in explain_completion(lm, tset, prompt, store=store, explainer=explainer, settings=settings,
                                          top_features=args.top_features):
@@ -447,24 +459,8 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, lm):
-    if lm.objective == "diffusion":
-        from ..generation.diffusion import DiffusionConfig
-
-        cfg = DiffusionConfig(gen_length=args.max_new_tokens, steps=args.steps or args.max_new_tokens,
-                              temperature=args.temperature or 0.0, seed=args.seed)
-    else:
-        from ..generation.autoregressive import SamplingConfig
-
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
-                             temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, n_alternatives=0)
-    cfg.check()
-    return cfg
-
-
 def _print_explanation(r) -> None:
-    def score(v):
-        return f"{v}/10" if v is not None else "n/a"
+    from ..interp.completion import score_text as score  # engine module (torch): loaded on use
 
     print(f"prompt: {r.prompt!r}")
     print(f"completion: {r.completion!r}")

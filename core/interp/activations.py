@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LabError
-from ..models.stack import MLPFn, hook_name
+from ..models.stack import MLPFn
+from ..training.data import prepare_data
+from .config import transcoder_hooks
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -63,8 +65,6 @@ def _tokenizer_spec(lm: "LoadedModel") -> str:
 def corpus_tokens(lm: "LoadedModel", dataset: str = "shakespeare", *, max_tokens: int | None = None,
                   cache_dir: str | None = None, log: Callable[[str], None] = lambda s: None) -> CorpusTokens:
     """The model's corpus tokenised with the model's own tokenizer (cached on disk)."""
-    from ..training.data import prepare_data
-
     spec = _tokenizer_spec(lm)
     data = prepare_data(dataset, spec, lm.stack.vocab_size, val_fraction=0.05, need_mask=False,
                         max_tokens=max_tokens, cache_dir=cache_dir, log=log)
@@ -121,7 +121,9 @@ def _mask_id(lm: "LoadedModel") -> int:
 
 @torch.no_grad()
 def mlp_io(lm: "LoadedModel", ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (mlp_in, mlp_out)}``, each ``(B, T, d)``, from one forward pass over ``ids``.
+    """``{layer: (what its transcoder reads, what it writes)}``, each ``(B, T, d)``, from one
+    forward pass over ``ids``: the MLP's input after ln2 (``blocks.{i}.ln2.hook_normalized``) and
+    the MLP's output (``blocks.{i}.hook_mlp_out``), as :func:`.config.transcoder_hooks` names them.
 
     The walk stops after the last layer asked for: nothing past it is needed.
     """
@@ -131,7 +133,7 @@ def mlp_io(lm: "LoadedModel", ids: torch.Tensor, layers: list[int]) -> dict[int,
     last = max(layers)
     for i in range(last + 1):
         h = stack.block(i, h, record=record if i in layers else None)
-    return {i: (record[hook_name(i, "mlp_in")], record[hook_name(i, "mlp_out")]) for i in layers}
+    return {i: tuple(record[name] for name in transcoder_hooks(i)) for i in layers}
 
 
 def zero_mlp(x: torch.Tensor) -> torch.Tensor:

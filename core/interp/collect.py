@@ -19,7 +19,7 @@ it promotes and suppresses (see :func:`logit_effects` for the final-norm caveat)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Union
 
@@ -28,41 +28,13 @@ import torch
 
 from ..errors import LabError
 from .activations import CorpusTokens, corpus_tokens, iter_batches, mlp_io, model_inputs
+from . import lock
+from .config import CollectConfig
 from .store import HIST_EDGES, Context, FeatureStats, FeatureStore, store_path
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
     from .transcoder import Transcoder, TranscoderSet
-
-
-@dataclass
-class CollectConfig:
-    layers: list[int] | None = None   # None: every layer of the set
-    n_tokens: int = 262_144           # corpus tokens scanned
-    seq_len: int = 64                 # window the model reads (capped at its context)
-    batch_size: int = 32              # windows per forward pass
-    top_k: int = 20                   # strongest windows kept per feature (shown to explainers)
-    n_quantile: int = 10              # samples across the activation range
-    n_heldout: int = 10               # held-out activating windows (scoring only)
-    n_negative: int = 10              # held-out windows where the feature is silent (scoring only)
-    holdout_every: int = 5            # every N-th window is held out
-    window_before: int = 12           # context tokens kept before the activation
-    window_after: int = 4             # and after it
-    n_logit_tokens: int = 10          # promoted / suppressed tokens listed
-    n_top_tokens: int = 10            # most frequent activating tokens listed
-    dataset: str = "shakespeare"
-    seed: int = 0
-
-    def check(self) -> None:
-        for name in ("n_tokens", "seq_len", "batch_size", "top_k", "holdout_every"):
-            if int(getattr(self, name)) < 1:
-                raise LabError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        for name in ("n_quantile", "n_heldout", "n_negative", "window_before", "window_after", "n_logit_tokens",
-                     "n_top_tokens"):
-            if int(getattr(self, name)) < 0:
-                raise LabError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)}).")
-        if self.holdout_every < 2 and (self.n_heldout or self.n_negative):
-            raise LabError("--holdout-every must be at least 2 so some windows are held out for scoring.")
 
 
 @dataclass
@@ -311,7 +283,9 @@ def collect_features(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfi
     """Build a fresh feature store for ``tset`` at ``out`` (default: ``<set folder>/features.sqlite``).
 
     The store is written to a temp file and renamed when complete; stopping the generator leaves
-    any earlier store in place.
+    any earlier store in place. The store's writer lock is taken before the first batch (so a
+    describe job writing it meanwhile is found out at once, not after the whole scan) and held
+    until the rename.
     """
     cfg = cfg or CollectConfig()
     cfg.check()
@@ -324,7 +298,12 @@ def collect_features(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfi
         if tset.folder is None:
             raise LabError("Say where to write the feature store (out=...): this transcoder set was never saved.")
         out = store_path(tset.folder)
-    out = Path(out)
+    with lock.writing(out, what="feature store"):
+        yield from _collect(lm, tset, cfg, layers, Path(out), corpus)
+
+
+def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layers: list[int], out: Path,
+             corpus: CorpusTokens | None) -> Iterator[CollectEvent]:
     stack = lm.stack
     seq_len = min(cfg.seq_len, stack.context_length)
     corpus = corpus or corpus_tokens(lm, cfg.dataset)
@@ -433,7 +412,7 @@ def collect_features(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfi
     with FeatureStore.build(out) as store:
         store.set_vocab_size(stack.vocab_size)
         store.add_set(lm.spec, str(tset.folder) if tset.folder else None,
-                      {"transcoder": asdict(tset.config), "collect": asdict(cfg), "seq_len": seq_len,
+                      {"transcoder": tset.config.to_dict(), "collect": cfg.to_dict(), "seq_len": seq_len,
                        "corpus": corpus.source, "model_info": stack.describe()})
         store.put_vocab(texts)
         for i in layers:

@@ -24,14 +24,17 @@ from typing import TYPE_CHECKING, Iterator, Union
 import torch
 
 from ..errors import LabError
+from ..generation.autoregressive import encode_prompt, generate
+from ..generation.config import DiffusionConfig, SamplingConfig
+from ..generation.diffusion import generate as diffusion_generate
+from ..models.hooks import act_name
+from .config import EXPLAIN_TOP_FEATURES, completion_settings
 from .explain import BuiltinExplainer, Explainer, FeatureEvidence
 from .scoring import interpretability_from_scores, score_feature
 from .store import FeatureStore
 
 if TYPE_CHECKING:
-    from ..generation.autoregressive import SamplingConfig
     from ..models.loading import LoadedModel
-    from ..generation.diffusion import DiffusionConfig
     from .transcoder import TranscoderSet
 
 
@@ -108,18 +111,13 @@ CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, Completion
 def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int], list[int], torch.Tensor,
                                                                   list[tuple[int, int]]]:
     """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
+    cfg = settings if settings is not None else completion_settings(lm.objective)
     if lm.objective == "diffusion":
-        from ..generation.diffusion import DiffusionConfig, generate as diffusion_generate
-
-        cfg = settings if settings is not None else DiffusionConfig(gen_length=24, steps=24, seed=0)
         res = diffusion_generate(lm, prompt, cfg)
         P = len(res.prompt_ids)
         x = torch.tensor([res.states[0]])                                   # prompt + masks
         targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
         return res.completion, res.prompt_ids, res.completion_ids, x, targets
-    from ..generation.autoregressive import SamplingConfig, encode_prompt, generate
-
-    cfg = settings if settings is not None else SamplingConfig(max_new_tokens=24, greedy=True)
     prompt_ids = encode_prompt(lm, prompt)
     res = generate(lm, prompt, cfg)
     new = [t.token_id for t in res.tokens]
@@ -167,9 +165,11 @@ def attribute(lm: "LoadedModel", tset: "TranscoderSet", x: torch.Tensor, targets
 
 def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
                        store: FeatureStore | None = None, explainer: Explainer | None = None,
-                       settings: "SamplingConfig | DiffusionConfig | None" = None, top_features: int = 5,
+                       settings: SamplingConfig | DiffusionConfig | None = None,
+                       top_features: int = EXPLAIN_TOP_FEATURES,
                        n_positions: int = 5, layers: list[int] | None = None) -> Iterator[CompletionEvent]:
-    """Generate from ``prompt`` (greedy, 24 tokens unless ``settings`` say otherwise) and explain it.
+    """Generate from ``prompt`` (greedy, :data:`.config.EXPLAIN_MAX_NEW_TOKENS` tokens, unless
+    ``settings`` from :func:`.config.completion_settings` say otherwise) and explain it.
 
     Feature explanations come from ``store`` (written by this explainer, else the latest); a
     top feature without one is explained on the spot from its stored evidence. Without a store
@@ -209,7 +209,7 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
             feats.append(fa)
             all_scores.append(fa.score)
             all_weights.append(fa.attribution)
-        items = [(fa.explanation or f"blocks.{i}.transcoder.{fa.feature}", fa.attribution) for fa in feats
+        items = [(fa.explanation or act_name("transcoder", i, fa.feature), fa.attribution) for fa in feats
                  if fa.attribution > 0]
         description = explainer.describe_layer(i, items)
         le = LayerExplanation(layer=i, description=description, features=feats, share=totals[i] / grand,
@@ -261,6 +261,11 @@ def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
     raise AssertionError("explain_completion ended without a result")
 
 
+def score_text(score: int | None) -> str:
+    """A 1-10 score as the CLI and the page show it."""
+    return "n/a" if score is None else f"{score}/10"
+
+
 __all__ = ["FeatureAttribution", "LayerExplanation", "CompletionExplanation", "CompletionStarted", "Generated",
            "LayerExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
-           "run_explain_completion"]
+           "run_explain_completion", "score_text"]

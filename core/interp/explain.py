@@ -12,7 +12,9 @@ Two explainers, one interface (:class:`Explainer`):
   says so rather than pretending to judge.
 - :class:`LMExplainer` (``lm:<spec>``): a transformers seq2seq (flan-t5 family) or causal LM,
   by hub id or local folder, fed the prompts of :mod:`core.interp.prompts` within its input
-  length, greedy-decoded, answers parsed.
+  length, greedy-decoded, answers parsed. Python code shipped with the explainer's repository
+  runs only when the caller passes ``trust_remote_code=True`` (``--trust-remote-code``, or the
+  page's tick box).
 
 :func:`describe_store` runs an explainer over a feature store: explanations, held-out scores
 (:mod:`core.interp.scoring`), per-layer and total descriptions, as a generator of events.
@@ -26,7 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
-from ..errors import LabError, ModelNotAvailableError
+import torch
+
+from ..errors import LabError, ModelNotAvailableError, first_line, shorten
+from ..models.loading import hub_reachable, offline_message
+from .config import DESCRIBE_BATCH, DESCRIBE_N_TOP
 from .prompts import (FALLBACK_MAX_INPUT, clean_token, feature_prompt, interpretation_rating_prompt, layer_prompt,
                       output_rating_prompt, parse_explanation, parse_score, parse_yes_no, total_prompt)
 from .scoring import (Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
@@ -34,6 +40,7 @@ from .scoring import (Detector, LMDetector, RuleDetector, RuleSimulator, Simulat
 from .store import Context, FeatureStore, Score
 
 BUILTIN = "builtin"
+LM_PREFIX = "lm:"      # an LM explainer's name is LM_PREFIX + its spec
 
 
 @dataclass
@@ -49,7 +56,7 @@ class FeatureEvidence:
     density: float = 0.0
 
     @classmethod
-    def from_store(cls, store: FeatureStore, layer: int, feature: int, n_top: int = 10,
+    def from_store(cls, store: FeatureStore, layer: int, feature: int, n_top: int = DESCRIBE_N_TOP,
                    set_id: int | None = None) -> "FeatureEvidence":
         st = store.stats(layer, feature, set_id)
         return cls(layer=layer, feature=feature, top=store.contexts(layer, feature, "top", n_top, set_id),
@@ -189,24 +196,30 @@ class BuiltinExplainer(Explainer):
 
 # -- language-model explainer -------------------------------------------------------------------
 
+def _remote_code_refused(spec: str) -> LabError:
+    return LabError(f"Explainer '{spec}' ships its own Python code, which GPT Lab runs only when asked; pass "
+                    f"--trust-remote-code (on the page: tick 'Trust the explainer's code') if you trust its authors.")
+
+
 class LMExplainer(Explainer):
     """A transformers seq2seq or causal LM as explainer (flan-t5 in the reference pipeline)."""
 
     def __init__(self, spec: str, device: str = "cpu", max_new_tokens: int = 32, batch_size: int = 8,
-                 max_input_tokens: int | None = None):
-        import torch
+                 max_input_tokens: int | None = None, trust_remote_code: bool = False):
+        # transformers takes most of a second to import and only this explainer needs it
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-        from ..models.loading import hub_reachable, offline_message
 
         self.spec, self.device = spec, device
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.name = f"lm:{spec}"
+        self.name = f"{LM_PREFIX}{spec}"
         local = Path(spec).expanduser().is_dir()
-        kwargs = {"local_files_only": True}
+        trust = {"trust_remote_code": bool(trust_remote_code)}  # the repository's own code runs only when asked
+        kwargs = {"local_files_only": True, **trust}
         try:
             config = AutoConfig.from_pretrained(spec, **kwargs)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if "trust_remote_code" in str(e):
+                raise _remote_code_refused(spec) from None
             if local or not hub_reachable():
                 if local:
                     raise LabError(f"{spec} is not a readable Hugging Face model folder; pass a folder with "
@@ -214,15 +227,22 @@ class LMExplainer(Explainer):
                                    f"builtin.") from None
                 raise ModelNotAvailableError(offline_message(spec).replace("--model default",
                                                                           "--explainer builtin")) from None
-            kwargs = {}
-            config = AutoConfig.from_pretrained(spec)
+            kwargs = dict(trust)
+            try:
+                config = AutoConfig.from_pretrained(spec, **kwargs)
+            except ValueError as e:
+                if "trust_remote_code" in str(e):
+                    raise _remote_code_refused(spec) from None
+                raise
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
             cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
             self.model = cls.from_pretrained(spec, **kwargs).to(device).eval()
         except (OSError, ValueError) as e:
-            raise LabError(f"Could not load explainer '{spec}' ({str(e).splitlines()[0][:200]}); pass a seq2seq or "
+            if "trust_remote_code" in str(e):
+                raise _remote_code_refused(spec) from None
+            raise LabError(f"Could not load explainer '{spec}' ({shorten(first_line(e), 200)}); pass a seq2seq or "
                            f"causal LM folder or hub id, or use --explainer builtin.") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -230,7 +250,6 @@ class LMExplainer(Explainer):
             self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the question
         self.max_input = max_input_tokens or self._max_input(config)
-        self._torch = torch
 
     def _max_input(self, config) -> int:
         limits = []
@@ -255,7 +274,6 @@ class LMExplainer(Explainer):
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers, batched; inputs longer than the model's limit are cut (builders avoid that)."""
-        torch = self._torch
         out: list[str] = []
         n_new = max_new_tokens or self.max_new_tokens
         for s in range(0, len(prompts), self.batch_size):
@@ -279,7 +297,6 @@ class LMExplainer(Explainer):
 
     def yes_no(self, prompts: Sequence[str]) -> list[bool]:
         """Whether the first answer token is likelier "yes" than "no", batched."""
-        torch = self._torch
         yes, no = self._answer_ids("yes"), self._answer_ids("no")
         if yes is None or no is None or yes == no:  # the tokenizer cannot tell them apart: read the text
             return [parse_yes_no(a) is True for a in self.generate(prompts, 3)]
@@ -322,13 +339,15 @@ class LMExplainer(Explainer):
         return LMDetector(self)
 
 
-def load_explainer(spec: str | None = None, device: str = "cpu", **kwargs) -> Explainer:
+def load_explainer(spec: str | None = None, device: str = "cpu", *, trust_remote_code: bool = False,
+                   **kwargs) -> Explainer:
     """``builtin`` (or None) for the model-free explainer; anything else is an LM spec (hub id or
-    folder, optionally prefixed ``lm:``)."""
+    folder, optionally prefixed ``lm:``), whose repository code runs only with ``trust_remote_code``."""
     if spec is None or spec.strip().lower() in ("", BUILTIN):
         return BuiltinExplainer()
     spec = spec.strip()
-    return LMExplainer(spec[3:] if spec.startswith("lm:") else spec, device=device, **kwargs)
+    return LMExplainer(spec[len(LM_PREFIX):] if spec.startswith(LM_PREFIX) else spec, device=device,
+                       trust_remote_code=trust_remote_code, **kwargs)
 
 
 # -- describing a whole store ---------------------------------------------------------------------
@@ -370,14 +389,15 @@ DescribeEvent = Union[DescribeStarted, FeatureExplained, LayerDescribed, Describ
 
 
 def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, layers: Sequence[int] | None = None,
-                   max_features: int | None = None, n_top: int = 10, score: bool = True, batch_size: int | None = None,
+                   max_features: int | None = None, n_top: int = DESCRIBE_N_TOP, score: bool = True,
+                   batch_size: int | None = None,
                    layer_items: int = 10, set_id: int | None = None) -> Iterator[DescribeEvent]:
     """Explain (and score) the live features of ``layers`` (all by default), most frequent first,
     at most ``max_features`` per layer; then describe each layer from its ``layer_items`` most
     active explained features (density x mean activation) and the whole set from the layers.
     Each batch is committed as it is done, so a stopped run keeps its explanations."""
     explainer = explainer or BuiltinExplainer()
-    batch_size = batch_size or (256 if isinstance(explainer, BuiltinExplainer) else 16)  # one commit per batch
+    batch_size = batch_size or DESCRIBE_BATCH["builtin" if isinstance(explainer, BuiltinExplainer) else "lm"]
     info = store.layers(set_id)
     all_layers = [l.layer for l in info]
     layers = all_layers if layers is None else [l for l in layers if l in all_layers]

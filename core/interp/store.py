@@ -17,14 +17,19 @@ Tables (one file may hold several sets; most hold one, and ``set_id=None`` means
   the explainer that wrote it (``builtin``, ``lm:<model>``).
 
 Writes go through transactions; a fresh store is built in a temp file and renamed into place
-(:meth:`FeatureStore.build`), so a reader never sees half a store. Full-text search uses SQLite's
-FTS5 when this Python's sqlite3 has it (:data:`FTS5`) and falls back to ``LIKE`` otherwise.
-Feature addresses read as ``blocks.{layer}.transcoder.{feature}`` (:func:`feature_address`).
+(:meth:`FeatureStore.build`), so a reader never sees half a store. One process writes a store at
+a time (:mod:`.lock`): a second writer waits a few seconds, then is refused with a sentence; readers
+wait out a writer's commit (SQLite's busy timeout). A file that is not a whole feature store of a
+known format (garbage, truncated, another schema) is refused when opened, and anything SQLite or
+the decoding of a row raises later becomes one LabError naming the file, never a traceback.
+Full-text search uses SQLite's FTS5 when this Python's sqlite3 has it (:data:`FTS5`) and falls
+back to ``LIKE`` otherwise. Feature addresses are :func:`core.models.hooks.act_name` names
+(``blocks.{layer}.transcoder.{feature}``).
 """
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import re
 import sqlite3
@@ -32,17 +37,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from ..errors import LabError
+from ..errors import LabError, first_line
+from ..models.hooks import act_name
+from . import lock
+from .config import transcoder_hooks
 
 STORE_FORMAT = 1
 STORE_NAME = "features.sqlite"
 HIST_EDGES = [0.0] + [round(10 ** e, 6) for e in np.linspace(-2, 3, 41)]  # activation histogram bins
 CONTEXT_KINDS = ("top", "quantile", "heldout", "negative")
-SORT_KEYS = ("feature", "density", "max_act", "mean_act", "score")
+SORT_KEYS = {"density": "frequency", "score": "explanation score", "max_act": "max activation",
+             "mean_act": "mean activation", "feature": "feature"}  # what a feature list sorts by -> its label
+BUSY_TIMEOUT_S = 10.0   # how long a reader waits out a writer's commit before giving up
+COLLECT_HINT = "collect a new one with `python -m core transcoders collect`"
 
 
 def _probe_fts5() -> bool:
@@ -56,10 +67,6 @@ def _probe_fts5() -> bool:
 
 
 FTS5 = _probe_fts5()  # False: search falls back to LIKE over explanation text
-
-
-def feature_address(layer: int, feature: int) -> str:
-    return f"blocks.{layer}.transcoder.{feature}"
 
 
 _SCHEMA = """
@@ -162,10 +169,6 @@ class FeatureStats:
     promoted: list[tuple[str, float]]          # output tokens whose logits its decoder row raises most
     suppressed: list[tuple[str, float]]
 
-    @property
-    def log10_density(self) -> float:
-        return math.log10(self.density) if self.density > 0 else float("-inf")
-
 
 @dataclass
 class FeatureSummary:
@@ -180,10 +183,6 @@ class FeatureSummary:
     explanation: str | None = None
     score: float | None = None                 # detection balanced accuracy (or simulation correlation)
 
-    @property
-    def address(self) -> str:
-        return feature_address(self.layer, self.feature)
-
 
 @dataclass
 class FeatureCard:
@@ -197,11 +196,7 @@ class FeatureCard:
 
     @property
     def address(self) -> str:
-        return feature_address(self.stats.layer, self.stats.feature)
-
-    @property
-    def hist_edges(self) -> list[float]:
-        return HIST_EDGES
+        return act_name("transcoder", self.stats.layer, self.stats.feature)
 
 
 @dataclass
@@ -249,33 +244,127 @@ def _trim(hist: Sequence[int]) -> list[int]:
     return out
 
 
-class FeatureStore:
-    """A connection to one feature store file. Use :meth:`build` to make a new one atomically."""
+def store_error(path: str | os.PathLike, e: BaseException) -> LabError:
+    """One sentence for what went wrong reading or writing the store ``path``: SQLite's errors and
+    a row that does not decode mean the file is busy, unwritable, full or damaged."""
+    text = first_line(e)
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        return LabError(f"The feature store {path} is busy: another process is writing it; wait for it to finish and "
+                        f"try again.")
+    if "readonly" in low or "read-only" in low:
+        return LabError(f"The feature store {path} cannot be written here (it is open read-only, or its folder or "
+                        f"file is not writable); open it for writing or copy the set somewhere you can write.")
+    if "disk is full" in low or "disk i/o" in low:
+        return LabError(f"Could not write the feature store {path} ({text}); free some disk space and try again.")
+    return LabError(f"The feature store {path} is damaged or not a feature store ({type(e).__name__}: {text}); "
+                    f"{COLLECT_HINT}.")
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, _create: bool = False):
+
+_DAMAGE = (sqlite3.Error, ValueError, TypeError, IndexError, OverflowError)  # what a bad file makes reading raise
+F = TypeVar("F", bound=Callable)
+
+
+def _plain_errors(fn: F) -> F:
+    """A store method whose SQLite errors (and rows that do not decode) become one LabError naming
+    the file (:func:`store_error`) instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(self: "FeatureStore", *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except _DAMAGE as e:
+            raise store_error(self.label, e) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _header_size(path: Path) -> int | None:
+    """The size in bytes an SQLite file's header says it has (None when the header does not say:
+    not SQLite, or written by a tool that leaves the in-header size stale), read before SQLite
+    itself, which stumbles over a cut-off schema page before it could tell the file is short."""
+    with open(path, "rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return None
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if head[24:28] != head[92:96]:  # the size field is only valid when its change counter matches
+        return None
+    return int.from_bytes(head[28:32], "big") * page_size
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_tables() -> dict[str, list[str]]:
+    """``{table: its columns in order}`` of a store this version writes (inserts are positional)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in names}
+    finally:
+        conn.close()
+
+
+class FeatureStore:
+    """A connection to one feature store file. Use :meth:`build` to make a new one atomically.
+
+    Opened for writing (``readonly=False``) it holds the store's writer lock (:mod:`.lock`) until
+    closed, waiting at most ``wait_s`` seconds for another writer to finish.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, wait_s: float = lock.LOCK_WAIT_S,
+                 _create: bool = False, _label: str | os.PathLike | None = None):
         self.path = Path(path)
-        if not _create and not self.path.is_file():
-            raise LabError(f"No feature store at {self.path}; collect one with `python -m core transcoders collect`.")
-        if readonly:
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        if _create:
-            self._create_schema()
-        else:
-            try:
-                row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-            except sqlite3.DatabaseError as e:
-                self.conn.close()
-                raise LabError(f"{self.path} is not a feature store ({e}); collect a new one.") from None
-            if row is None or int(row[0]) > STORE_FORMAT:
-                self.conn.close()
-                raise LabError(f"{self.path} is a feature store of an unknown format; collect a new one.")
-        self.fts = FTS5 and self._has_fts()
-        row = self.conn.execute("SELECT value FROM meta WHERE key='ids_dtype'").fetchone()
-        self.ids_dtype = np.dtype(row[0] if row else "int32")
+        self.label = Path(_label or path)   # the file messages name (a store being built: its final place)
         self._vocab_cache: dict[int, dict[int, str]] = {}
+        self.conn: sqlite3.Connection | None = None
+        self._locked = False
+        if not _create and not self.path.is_file():
+            raise LabError(f"No feature store at {self.path}; {COLLECT_HINT}.")
+        if not readonly and not _create:
+            lock.acquire(self.path, wait_s, "feature store")
+            self._locked = True
+        try:
+            if readonly:
+                # as_uri escapes a folder name's '?', '#' or '%', which a bare file: URI would misread
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                            check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            else:
+                self.conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            self.conn.row_factory = sqlite3.Row
+            if _create:
+                self._create_schema()
+            else:
+                self._check_file()
+            self.fts = FTS5 and self._has_fts()
+            row = self.conn.execute("SELECT value FROM meta WHERE key='ids_dtype'").fetchone()
+            self.ids_dtype = np.dtype(row[0] if row else "int32")
+        except BaseException as e:
+            self.close()
+            if isinstance(e, _DAMAGE):
+                raise store_error(self.label, e) from None
+            raise
+
+    def _check_file(self) -> None:
+        """Refuse, in one sentence, a file that is not a whole store of a format this version reads."""
+        size, expected = self.path.stat().st_size, _header_size(self.path)
+        if expected is not None and expected > size:
+            raise LabError(f"The feature store {self.label} is truncated ({size:,} of its {expected:,} bytes are "
+                           f"there); copy it again or {COLLECT_HINT}.")
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise LabError(f"{self.label} is not a feature store ({first_line(e)}); {COLLECT_HINT}.") from None
+        if row is None or not str(row[0]).isdigit():
+            raise LabError(f"{self.label} is not a feature store (it has no format mark); {COLLECT_HINT}.")
+        if int(row[0]) > STORE_FORMAT:
+            raise LabError(f"{self.label} is a feature store of a newer format ({row[0]}); update GPT Lab or "
+                           f"{COLLECT_HINT}.")
+        have = {t: [r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")] for t in _expected_tables()}
+        wrong = [t for t, cols in _expected_tables().items() if have[t] != cols]
+        if wrong:
+            raise LabError(f"{self.label} is not a feature store this version can read (table"
+                           f"{'s' if len(wrong) > 1 else ''} {', '.join(wrong)} missing or different); "
+                           f"{COLLECT_HINT}.")
 
     def _create_schema(self) -> None:
         with self.conn:
@@ -286,6 +375,7 @@ class FeatureStore:
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('hist_edges', ?)", (json.dumps(HIST_EDGES),))
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('ids_dtype', 'int32')")
 
+    @_plain_errors
     def set_vocab_size(self, vocab_size: int) -> None:
         """Store context token ids as uint16 when the vocabulary allows (half the bytes); call before
         writing contexts."""
@@ -299,38 +389,47 @@ class FeatureStore:
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
     @contextmanager
-    def build(cls, path: str | os.PathLike) -> Iterator["FeatureStore"]:
+    def build(cls, path: str | os.PathLike, wait_s: float = lock.LOCK_WAIT_S) -> Iterator["FeatureStore"]:
         """A new, empty store written to a temp file next to ``path`` and renamed onto it when the
-        block finishes without error (an existing store stays untouched until then)."""
+        block finishes without error (an existing store stays untouched until then). The writer
+        lock of ``path`` is held throughout, so no one is writing the store it replaces."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if tmp.exists():
-            tmp.unlink()
-        store = cls(tmp, _create=True)
-        # A temp file renamed only when complete needs no journal or per-commit syncs: one fsync at the end.
-        store.conn.execute("PRAGMA synchronous=OFF")
-        store.conn.execute("PRAGMA journal_mode=MEMORY")
-        try:
-            yield store
-            store.conn.commit()
-            store.conn.execute("VACUUM")
-            store.close()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            store.path = path
-        except BaseException:
-            store.close()
+        with lock.writing(path, wait_s, "feature store"):
             if tmp.exists():
                 tmp.unlink()
-            raise
+            store = cls(tmp, _create=True, _label=path)
+            try:
+                # A temp file renamed only when complete needs no journal or per-commit syncs: one fsync at the end.
+                store.conn.execute("PRAGMA synchronous=OFF")
+                store.conn.execute("PRAGMA journal_mode=MEMORY")
+                yield store
+                store.conn.commit()
+                store.conn.execute("VACUUM")
+                store.close()
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+                store.path = path
+            except BaseException as e:
+                store.close()
+                if tmp.exists():
+                    tmp.unlink()
+                if isinstance(e, sqlite3.Error):
+                    raise store_error(path, e) from None
+                raise
 
     def close(self) -> None:
-        try:
-            self.conn.close()
-        except sqlite3.ProgrammingError:
-            pass
+        """Close the connection and give back the writer lock (safe to call twice)."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except sqlite3.ProgrammingError:
+                pass
+        if self._locked:
+            self._locked = False
+            lock.release(self.path)
 
     def __enter__(self) -> "FeatureStore":
         return self
@@ -339,12 +438,14 @@ class FeatureStore:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
+    @_plain_errors
     def add_set(self, model: str, folder: str | None, config: dict) -> int:
         with self.conn:
             cur = self.conn.execute("INSERT INTO sets (model, folder, config, created) VALUES (?, ?, ?, ?)",
                                     (model, folder, json.dumps(config), time.time()))
         return int(cur.lastrowid)
 
+    @_plain_errors
     def put_layer(self, layer: int, n_features: int, quality: dict | None = None, n_tokens: int | None = None,
                   set_id: int | None = None) -> None:
         """``quality``: a :class:`~core.interp.quality.LayerQuality` dict (or None)."""
@@ -353,10 +454,11 @@ class FeatureStore:
         with self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, layer, n_features, f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out",
+                (sid, layer, n_features, *transcoder_hooks(layer),
                  q.get("fve"), q.get("l0"), q.get("dead_fraction"), q.get("loss_clean"), q.get("loss_replaced"),
                  q.get("loss_ablated"), q.get("loss_recovered"), n_tokens))
 
+    @_plain_errors
     def put_vocab(self, tokens: dict[int, str], set_id: int | None = None) -> None:
         sid = self._set(set_id)
         with self.conn:
@@ -364,6 +466,7 @@ class FeatureStore:
                                   [(sid, int(k), v) for k, v in tokens.items()])
         self._vocab_cache.pop(sid, None)
 
+    @_plain_errors
     def put_features(self, rows: Sequence[FeatureStats], set_id: int | None = None) -> None:
         sid = self._set(set_id)
         with self.conn:
@@ -373,6 +476,7 @@ class FeatureStore:
                   json.dumps(r.top_tokens), json.dumps(_round(r.promoted)), json.dumps(_round(r.suppressed)))
                  for r in rows])
 
+    @_plain_errors
     def put_contexts(self, layer: int, feature: int, contexts: Sequence[Context], set_id: int | None = None) -> None:
         sid = self._set(set_id)
         with self.conn:
@@ -382,6 +486,7 @@ class FeatureStore:
                 [(sid, layer, feature, c.kind, c.rank, c.quantile, c.window, c.position, c.activation,
                   *_quantise(c.acts), np.asarray(c.token_ids, dtype=self.ids_dtype).tobytes()) for c in contexts])
 
+    @_plain_errors
     def put_explanations(self, rows: Sequence[tuple[int, int, str]], explainer: str, set_id: int | None = None) -> None:
         """``rows``: ``(layer, feature, text)``; replaces that explainer's earlier text."""
         sid = self._set(set_id)
@@ -392,6 +497,7 @@ class FeatureStore:
                 "ON CONFLICT (set_id, layer, feature, explainer) DO UPDATE SET text=excluded.text, "
                 "created=excluded.created", [(sid, l, f, explainer, t, now) for l, f, t in rows])
 
+    @_plain_errors
     def put_scores(self, rows: Sequence[tuple[int, int, Score]], explainer: str, set_id: int | None = None) -> None:
         sid = self._set(set_id)
         with self.conn:
@@ -399,15 +505,17 @@ class FeatureStore:
                 "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(sid, l, f, explainer, s.method, s.value, s.n, json.dumps(s.details)) for l, f, s in rows])
 
+    @_plain_errors
     def put_description(self, scope: str, layer: int, explainer: str, text: str, set_id: int | None = None) -> None:
         """``scope``: "layer" (with its layer) or "total" (layer -1)."""
         if scope not in ("layer", "total"):
-            raise ValueError(scope)
+            raise LabError(f"A description's scope is 'layer' or 'total' (got {scope!r}).")
         sid = self._set(set_id)
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO descriptions VALUES (?, ?, ?, ?, ?, ?)",
                               (sid, scope, layer, explainer, text, time.time()))
 
+    @_plain_errors
     def add_completion(self, prompt: str, completion: str, explainer: str, result: dict,
                        set_id: int | None = None) -> int:
         sid = self._set(set_id)
@@ -423,13 +531,15 @@ class FeatureStore:
             return int(set_id)
         row = self.conn.execute("SELECT MAX(id) FROM sets").fetchone()
         if row is None or row[0] is None:
-            raise LabError(f"The feature store {self.path} holds no transcoder set yet; run `transcoders collect`.")
+            raise LabError(f"The feature store {self.label} holds no transcoder set yet; {COLLECT_HINT}.")
         return int(row[0])
 
+    @_plain_errors
     def sets(self) -> list[dict]:
         return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": json.loads(r["config"]),
                  "created": r["created"]} for r in self.conn.execute("SELECT * FROM sets ORDER BY id")]
 
+    @_plain_errors
     def vocab(self, set_id: int | None = None) -> dict[int, str]:
         sid = self._set(set_id)
         if sid not in self._vocab_cache:
@@ -437,6 +547,7 @@ class FeatureStore:
                                       self.conn.execute("SELECT token_id, text FROM vocab WHERE set_id=?", (sid,))}
         return self._vocab_cache[sid]
 
+    @_plain_errors
     def layers(self, set_id: int | None = None) -> list[LayerInfo]:
         sid = self._set(set_id)
         alive = dict(self.conn.execute("SELECT layer, COUNT(*) FROM features WHERE set_id=? AND n_active > 0 "
@@ -447,6 +558,7 @@ class FeatureStore:
             out.append(LayerInfo(**d, n_alive=int(alive.get(r["layer"], 0))))
         return out
 
+    @_plain_errors
     def explainers(self, set_id: int | None = None) -> list[str]:
         sid = self._set(set_id)
         return [r[0] for r in self.conn.execute(
@@ -458,6 +570,7 @@ class FeatureStore:
         names = self.explainers(sid)
         return names[0] if names else None
 
+    @_plain_errors
     def features(self, layer: int, *, order_by: str = "density", descending: bool = True, limit: int | None = None,
                  offset: int = 0, explainer: str | None = None, method: str = "detection",
                  include_dead: bool = False, set_id: int | None = None) -> list[FeatureSummary]:
@@ -486,18 +599,20 @@ class FeatureStore:
                                explanation=r["explanation"], score=r["score"])
                 for r in self.conn.execute(sql, params)]
 
+    @_plain_errors
     def count_features(self, layer: int, include_dead: bool = False, set_id: int | None = None) -> int:
         sid = self._set(set_id)
         cond = "" if include_dead else " AND n_active > 0"
         return int(self.conn.execute(f"SELECT COUNT(*) FROM features WHERE set_id=? AND layer=?{cond}",
                                      (sid, layer)).fetchone()[0])
 
+    @_plain_errors
     def stats(self, layer: int, feature: int, set_id: int | None = None) -> FeatureStats:
         sid = self._set(set_id)
         r = self.conn.execute("SELECT * FROM features WHERE set_id=? AND layer=? AND feature=?",
                               (sid, layer, feature)).fetchone()
         if r is None:
-            raise LabError(f"Feature {feature} of layer {layer} is not in the store {self.path}; pick a feature "
+            raise LabError(f"Feature {feature} of layer {layer} is not in the store {self.label}; pick a feature "
                            f"from the list.")
         return FeatureStats(layer=layer, feature=feature, density=r["density"], n_active=r["n_active"],
                             max_act=r["max_act"], mean_act=r["mean_act"],
@@ -506,10 +621,11 @@ class FeatureStore:
                             promoted=[tuple(x) for x in json.loads(r["promoted"])],
                             suppressed=[tuple(x) for x in json.loads(r["suppressed"])])
 
+    @_plain_errors
     def contexts(self, layer: int, feature: int, kind: str = "top", limit: int | None = None,
                  set_id: int | None = None) -> list[Context]:
         if kind not in CONTEXT_KINDS:
-            raise ValueError(kind)
+            raise LabError(f"A context kind is one of {', '.join(CONTEXT_KINDS)} (got {kind!r}).")
         sid = self._set(set_id)
         vocab = self.vocab(sid)
         sql = "SELECT * FROM contexts WHERE set_id=? AND layer=? AND feature=? AND kind=? ORDER BY rank"
@@ -526,10 +642,12 @@ class FeatureStore:
                                quantile=r["quantile"]))
         return out
 
+    @_plain_errors
     def explanation(self, layer: int, feature: int, explainer: str | None = None,
                     set_id: int | None = None) -> str | None:
         return self._latest_text("explanations", "layer=? AND feature=?", [layer, feature], explainer, set_id)
 
+    @_plain_errors
     def explanations(self, layer: int, explainer: str | None = None, set_id: int | None = None) -> dict[int, str]:
         """``{feature: text}`` for one layer (one explainer; None = the most recent)."""
         sid = self._set(set_id)
@@ -537,6 +655,7 @@ class FeatureStore:
         return {r[0]: r[1] for r in self.conn.execute(
             "SELECT feature, text FROM explanations WHERE set_id=? AND layer=? AND explainer=?", (sid, layer, ex))}
 
+    @_plain_errors
     def scores(self, layer: int, feature: int, set_id: int | None = None) -> dict[str, dict[str, Score]]:
         """``{explainer: {method: Score}}``."""
         sid = self._set(set_id)
@@ -547,6 +666,7 @@ class FeatureStore:
                                                                     details=json.loads(r["details"]))
         return out
 
+    @_plain_errors
     def layer_scores(self, layer: int, explainer: str | None = None, method: str = "detection",
                      set_id: int | None = None) -> dict[int, float]:
         """``{feature: value}`` of one explainer's scores on one layer."""
@@ -556,6 +676,7 @@ class FeatureStore:
             "SELECT feature, value FROM scores WHERE set_id=? AND layer=? AND explainer=? AND method=? "
             "AND value IS NOT NULL", (sid, layer, ex, method))}
 
+    @_plain_errors
     def feature(self, layer: int, feature: int, n_top: int | None = None, set_id: int | None = None) -> FeatureCard:
         sid = self._set(set_id)
         exps = {r[0]: r[1] for r in self.conn.execute(
@@ -566,6 +687,7 @@ class FeatureStore:
                            quantiles=self.contexts(layer, feature, "quantile", None, sid), explanations=exps,
                            scores=scores)
 
+    @_plain_errors
     def description(self, scope: str, layer: int = -1, explainer: str | None = None,
                     set_id: int | None = None) -> str | None:
         return self._latest_text("descriptions", "scope=? AND layer=?", [scope, layer], explainer, set_id)
@@ -581,12 +703,14 @@ class FeatureStore:
         row = self.conn.execute(sql + " ORDER BY created DESC LIMIT 1", params).fetchone()
         return row[0] if row else None
 
+    @_plain_errors
     def completions(self, limit: int = 20, set_id: int | None = None) -> list[dict]:
         sid = self._set(set_id)
         return [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"], "explainer": r["explainer"],
                  "result": json.loads(r["result"]), "created": r["created"]} for r in self.conn.execute(
             "SELECT * FROM completions WHERE set_id=? ORDER BY id DESC LIMIT ?", (sid, limit))]
 
+    @_plain_errors
     def density_histogram(self, layer: int, bins: int = 40, set_id: int | None = None) -> tuple[list[float], list[int]]:
         """Histogram of log10(feature density) over a layer's live features: ``(edges, counts)``."""
         sid = self._set(set_id)
@@ -597,6 +721,7 @@ class FeatureStore:
         counts, edges = np.histogram(np.log10(dens), bins=bins)
         return edges.tolist(), counts.tolist()
 
+    @_plain_errors
     def search(self, query: str, layer: int | None = None, explainer: str | None = None, limit: int = 50,
                set_id: int | None = None) -> list[SearchHit]:
         """Features whose explanation contains every word of ``query`` (prefix match on each word),
@@ -638,5 +763,5 @@ def open_store(folder_or_file: str | os.PathLike, readonly: bool = True) -> Feat
 
 
 __all__ = ["FeatureStore", "FeatureStats", "FeatureSummary", "FeatureCard", "Context", "LayerInfo", "SearchHit",
-           "Score", "FTS5", "HIST_EDGES", "CONTEXT_KINDS", "SORT_KEYS", "STORE_NAME", "feature_address",
-           "store_path", "open_store"]
+           "Score", "FTS5", "HIST_EDGES", "CONTEXT_KINDS", "SORT_KEYS", "STORE_NAME", "store_error", "store_path",
+           "open_store"]

@@ -11,85 +11,30 @@ features silent for ``dead_tokens`` tokens learn to explain what the live ones m
 
 :func:`train_transcoders` is a generator of events; stop it by closing it (the consumer just
 stops iterating). With ``out_dir`` the set is saved every ``save_every`` steps, at the end, and
-when stopped, so work done is never lost.
+when stopped, so work done is never lost. A loss that stops being a finite number (a learning
+rate far too high) ends the run with a LabError and writes nothing more, so the last good set in
+``out_dir`` is kept rather than overwritten with NaNs.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Union
 
 import numpy as np
 import torch
 
+from .. import devices
 from ..errors import LabError
 from .activations import CorpusTokens, corpus_tokens, mlp_io, model_inputs
+from .config import TranscoderConfig, TranscoderTrainConfig
 from .quality import LayerQuality, evaluate_transcoders, metrics_json
-from .transcoder import SAVE_DTYPES, Transcoder, TranscoderConfig, TranscoderSet
+from .transcoder import Transcoder, TranscoderSet
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
-
-
-@dataclass
-class TranscoderTrainConfig:
-    """Everything that decides what a training run makes (saved in the set's config.json)."""
-
-    layers: list[int] | None = None     # None: every layer
-    expansion: int = 8                  # features = expansion * d_model
-    activation: str = "topk"            # "topk" | "relu"
-    k: int = 32                         # topk: active features per token
-    l1_coeff: float = 3e-4              # relu: sparsity weight (loss is variance-normalised MSE)
-    train_tokens: int = 500_000         # tokens per layer; ignored when steps is set
-    steps: int | None = None
-    batch_tokens: int = 1024            # tokens per optimiser step
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2         # the final share of steps decays linearly to 0
-    seq_len: int = 128                  # corpus windows the model reads (capped at its context)
-    model_batch: int = 16               # windows per model forward
-    buffer_batches: int = 8             # model batches mixed in one shuffle buffer
-    aux_k: int = 64                     # topk: dead features used by the auxiliary loss
-    aux_coeff: float = 1 / 32
-    dead_tokens: int = 200_000          # a feature silent this long counts as dead (aux loss)
-    dataset: str = "shakespeare"
-    max_corpus_tokens: int | None = None
-    val_windows: int = 64               # validation windows for the final quality numbers
-    eval_every: int = 0                 # quick validation FVE every N steps (0 = only at the end)
-    save_every: int = 0                 # save the set every N steps when out_dir is given (0 = end only)
-    save_dtype: str = "float32"
-    seed: int = 0
-
-    def check(self) -> None:
-        positive = ("expansion", "batch_tokens", "seq_len", "model_batch", "buffer_batches", "val_windows")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise LabError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        if self.steps is not None and self.steps < 1:
-            raise LabError(f"--steps must be at least 1 (got {self.steps}).")
-        if self.steps is None and self.train_tokens < self.batch_tokens:
-            raise LabError(f"--train-tokens ({self.train_tokens}) is less than one step of --batch-tokens "
-                           f"({self.batch_tokens}); raise it.")
-        if not self.lr > 0:
-            raise LabError(f"--lr must be above 0 (got {self.lr}).")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise LabError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)} (got '{self.save_dtype}').")
-        if not 0 <= self.decay_fraction <= 1:
-            raise LabError(f"decay_fraction must be in [0, 1] (got {self.decay_fraction}).")
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps if self.steps is not None else max(1, self.train_tokens // self.batch_tokens)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TranscoderTrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -146,7 +91,7 @@ TrainEvent = Union[TrainStarted, TrainProgress, Validated, Saved, Evaluated, Tra
 # -- the loop -------------------------------------------------------------------------------------
 
 class _Buffer:
-    """Shuffled (mlp_in, mlp_out) tokens of every layer, refilled from the model as it drains."""
+    """Shuffled (ln2.hook_normalized, hook_mlp_out) tokens of every layer, refilled from the model as it drains."""
 
     def __init__(self, lm: "LoadedModel", windows: np.ndarray, layers: list[int], cfg: TranscoderTrainConfig,
                  gen: torch.Generator):
@@ -239,8 +184,6 @@ def training_bytes(d_model: int, n_layers: int, n_features: int, seq_len: int, c
 def _check_fits(stack, n_layers: int, n_features: int, seq_len: int, cfg: TranscoderTrainConfig) -> None:
     """Refuse up front what the machine cannot hold, so a job ends with a sentence instead of the
     kernel's out-of-memory killer (a device whose free memory cannot be told passes)."""
-    from .. import devices
-
     devices.require_free(training_bytes(stack.d_model, n_layers, n_features, seq_len, cfg), stack.device,
                          f"Training {n_layers} transcoder(s) of {n_features:,} features needs",
                          "lower --expansion or --batch-tokens, train fewer --layers at a time, or use a shorter "
@@ -317,7 +260,7 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
                                     seconds=round(time.perf_counter() - t0, 2))
         return tset.save(out_dir, cfg.save_dtype)
 
-    finished = False
+    finished = diverged = False
     try:
         while step < total:
             lr = _lr_at(step, cfg)
@@ -332,7 +275,11 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
                 losses.append(loss)
                 since_fired[i] += 1
                 since_fired[i][fired] = 0
-            torch.stack(losses).sum().backward()
+            total_loss = torch.stack(losses).sum()
+            if not math.isfinite(float(total_loss.detach())):
+                diverged = True
+                raise LabError(_diverged(step + 1, mse, cfg, out_dir))
+            total_loss.backward()
             for t in tcs.values():
                 t.remove_parallel_grad()
             opt.step()
@@ -365,8 +312,20 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
         finished = True
         yield TrainFinished(transcoders=tset, seconds=time.perf_counter() - t0)
     finally:
-        if not finished and step > 0 and out_dir is not None:
-            save(False)  # stopped or failed: keep what was learnt so far
+        if not finished and not diverged and step > 0 and out_dir is not None:
+            try:
+                save(False)  # stopped or failed: keep what was learnt so far
+            except LabError:
+                pass  # weights gone bad: what is on disk stays (save refuses non-finite weights)
+
+
+def _diverged(step: int, mse: dict[int, float], cfg: TranscoderTrainConfig, out_dir: str | Path | None) -> str:
+    """The one sentence a diverged run ends with: where, and what to change."""
+    bad = [i for i, v in mse.items() if not math.isfinite(v)] or sorted(mse)
+    where = f"layer {bad[0]}" if len(bad) == 1 else f"layers {', '.join(map(str, bad))}"
+    kept = f"; {out_dir} keeps what was saved before" if out_dir is not None else ""
+    return (f"Transcoder training diverged at step {step} (the loss of {where} is no longer a finite number); "
+            f"lower --lr (it was {cfg.lr:g}) and train again{kept}.")
 
 
 @torch.no_grad()

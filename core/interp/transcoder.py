@@ -15,7 +15,8 @@ alone says how much a feature writes.
 
 A *transcoder set* is one transcoder per MLP layer, kept in a folder::
 
-    config.json            format, model, hook names, layers, sizes, training settings
+    config.json            format, model, layers, per-layer hook_name / hook_name_out (what each
+                           transcoder reads and writes, as core.models.hooks names), sizes, training
     layer_{i}.safetensors  W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,)
     metrics.json           per-layer quality (see core.interp.quality)
     features.sqlite        the feature store (see core.interp.store), once collected
@@ -29,50 +30,32 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from ..errors import LabError
+from ..errors import LabError, first_line
 from ..files import atomic_write_bytes, atomic_write_json
-from ..models.stack import hook_name
+from .config import ACTIVATIONS, SAVE_DTYPES, TranscoderConfig, transcoder_hooks  # noqa: F401 (old import path)
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
 
 SET_FORMAT = "gptlab-transcoders"
-ACTIVATIONS = ("topk", "relu")
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
+SET_FORMAT_VERSION = 2             # 2: per-layer hook_name / hook_name_out; 1 wrote hook_in / hook_out templates
+CONFIG_FILENAME = "config.json"
+METRICS_FILENAME = "metrics.json"
 
 
-@dataclass
-class TranscoderConfig:
-    """The shape and sparsity rule of one transcoder (the same for every layer of a set)."""
-
-    d_model: int
-    n_features: int
-    activation: str = "topk"        # "topk" | "relu"
-    k: int = 32                     # active features per token (topk)
-    l1_coeff: float = 1e-3          # L1 weight on activations (relu), relative to normalised MSE
-
-    def check(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise LabError(f"Transcoder activation must be one of {', '.join(ACTIVATIONS)} (got '{self.activation}').")
-        if self.d_model < 1 or self.n_features < 1:
-            raise LabError(f"Transcoder sizes must be positive (d_model={self.d_model}, features={self.n_features}).")
-        if self.activation == "topk" and not 1 <= self.k <= self.n_features:
-            raise LabError(f"--k must be between 1 and the number of features ({self.n_features}); got {self.k}.")
-        if self.activation == "relu" and self.l1_coeff < 0:
-            raise LabError(f"--l1-coeff must be 0 or more (got {self.l1_coeff}).")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TranscoderConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+def weights_filename(layer: int) -> str:
+    """The safetensors file of one layer's transcoder inside a set folder."""
+    return f"layer_{int(layer)}.safetensors"
 
 
 class Transcoder(nn.Module):
@@ -193,12 +176,6 @@ class TranscoderSet:
         """``{layer: transcoder}`` ready for ``stack.logits(ids, mlps=...)``."""
         return {i: self[i] for i in (self.layers if layers is None else layers)}
 
-    def hook_in(self, layer: int) -> str:
-        return hook_name(layer, "mlp_in")
-
-    def hook_out(self, layer: int) -> str:
-        return hook_name(layer, "mlp_out")
-
     def check_model(self, lm: "LoadedModel") -> None:
         """Fail early when the set was made for a model of another shape."""
         d = lm.stack.describe()
@@ -209,29 +186,57 @@ class TranscoderSet:
                            f"`python -m core transcoders train --model {lm.spec}`.")
 
     def save(self, folder: str | os.PathLike, dtype: str = "float32") -> Path:
-        """Write config.json, layer_{i}.safetensors and metrics.json, each atomically."""
-        from safetensors.torch import save
+        """Write config.json, layer_{i}.safetensors and metrics.json, each atomically.
 
+        Weights that are not finite (a diverged run, or float16 too narrow for them) are refused
+        before anything is written, so a good set already in ``folder`` is never replaced by NaNs."""
         if dtype not in SAVE_DTYPES:
             raise LabError(f"Transcoder save dtype must be one of {', '.join(SAVE_DTYPES)} (got '{dtype}').")
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tdtype = getattr(torch, dtype)
+        blobs = {}
         for i, t in self.transcoders.items():
             tensors = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in t.state_dict().items()}
-            atomic_write_bytes(folder / f"layer_{i}.safetensors", save(tensors))
-        atomic_write_json(folder / "metrics.json", self.metrics)
-        atomic_write_json(folder / "config.json", {
-            "format": SET_FORMAT, "format_version": 1, "model": self.model, "model_info": self.model_info,
-            "layers": self.layers, "hook_in": "blocks.{layer}.ln2.hook_normalized",
-            "hook_out": "blocks.{layer}.hook_mlp_out", "transcoder": asdict(self.config),
-            "training": self.training, "dtype": dtype})
+            if not all(bool(torch.isfinite(v).all()) for v in tensors.values()):
+                finite32 = all(bool(torch.isfinite(v).all()) for v in t.state_dict().values())
+                fix = (f"save as float32 (--save-dtype float32): they overflow {dtype}" if finite32 else
+                       "the training diverged; lower --lr and train again")
+                raise LabError(f"The transcoder of layer {i} has weights that are not finite, so nothing was written "
+                               f"to {folder}; {fix}.")
+            blobs[i] = save(tensors)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, blob in blobs.items():
+            atomic_write_bytes(folder / weights_filename(i), blob)
+        atomic_write_json(folder / METRICS_FILENAME, self.metrics)
+        hooks = {str(i): transcoder_hooks(i) for i in self.layers}
+        atomic_write_json(folder / CONFIG_FILENAME, {
+            "format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, "model": self.model,
+            "model_info": self.model_info, "layers": self.layers,
+            "hook_name": {i: h[0] for i, h in hooks.items()}, "hook_name_out": {i: h[1] for i, h in hooks.items()},
+            "transcoder": self.config.to_dict(), "training": self.training, "dtype": dtype})
         self.folder = folder
         return folder
 
 
+def set_hooks(meta: dict, layers: list[int]) -> dict[int, tuple[str, str]]:
+    """``{layer: (hook_name, hook_name_out)}`` a set's config.json records: per layer
+    (``hook_name`` / ``hook_name_out``, format 2), or as the templates format 1 wrote
+    (``hook_in`` / ``hook_out``, e.g. ``"blocks.{layer}.ln2.hook_normalized"``); a config
+    that records neither reads what every GPT Lab set reads."""
+    out = {}
+    for i in layers:
+        if "hook_name" in meta or "hook_name_out" in meta:
+            names = (meta.get("hook_name", {}).get(str(i)), meta.get("hook_name_out", {}).get(str(i)))
+        else:
+            names = tuple(t.format(layer=i) if isinstance(t, str) else None
+                          for t in (meta.get("hook_in"), meta.get("hook_out")))
+        default = transcoder_hooks(i)
+        out[i] = (names[0] or default[0], names[1] or default[1])
+    return out
+
+
 def is_transcoder_folder(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
+    cfg = Path(path) / CONFIG_FILENAME
     try:
         return cfg.is_file() and json.loads(cfg.read_text()).get("format") == SET_FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
@@ -239,29 +244,43 @@ def is_transcoder_folder(path: str | os.PathLike) -> bool:
 
 
 def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TranscoderSet:
-    """Read a set written by :meth:`TranscoderSet.save` (safetensors only, nothing unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Read a set written by :meth:`TranscoderSet.save` (safetensors only, nothing unpickled), by
+    this version or an earlier one."""
     folder = Path(folder).expanduser()
     if not is_transcoder_folder(folder):
-        raise LabError(f"{folder} is not a transcoder set (no config.json with format '{SET_FORMAT}'); train one with "
-                       f"`python -m core transcoders train --model SPEC --output-dir {folder}`.")
-    meta = json.loads((folder / "config.json").read_text())
-    cfg = TranscoderConfig.from_dict(meta["transcoder"])
+        raise LabError(f"{folder} is not a transcoder set (no {CONFIG_FILENAME} with format '{SET_FORMAT}'); train "
+                       f"one with `python -m core transcoders train --model SPEC --output-dir {folder}`.")
+    meta = json.loads((folder / CONFIG_FILENAME).read_text())
+    try:
+        version = int(meta.get("format_version", 1))
+        layers = [int(i) for i in meta["layers"]]
+        hooks = set_hooks(meta, layers)
+        cfg = TranscoderConfig.from_dict(meta["transcoder"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LabError(f"{folder / CONFIG_FILENAME} is incomplete or damaged ({type(e).__name__}: {first_line(e)}); "
+                       f"retrain the set.") from None
+    if version > SET_FORMAT_VERSION:
+        raise LabError(f"The transcoder set in {folder} was written by a newer GPT Lab (format {version}); update "
+                       f"GPT Lab to read it.")
+    for i, (got_in, got_out) in hooks.items():
+        if (got_in, got_out) != transcoder_hooks(i):
+            want_in, want_out = transcoder_hooks(i)
+            raise LabError(f"The transcoder set in {folder} reads {got_in} and writes {got_out}, but GPT Lab splices "
+                           f"transcoders in for the MLP ({want_in} -> {want_out}); train a set here instead.")
+    cfg.check()
     transcoders: dict[int, Transcoder] = {}
-    for i in meta["layers"]:
-        path = folder / f"layer_{i}.safetensors"
+    for i in layers:
+        path = folder / weights_filename(i)
         try:
-            sd = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LabError(f"Transcoder weights {path} are missing or corrupt ({e}); retrain the set.") from None
-        t = Transcoder(cfg, layer=int(i))
-        t.load_state_dict({k: v.float() for k, v in sd.items()})
-        transcoders[int(i)] = t.to(device).eval().requires_grad_(False)
+            t = Transcoder(cfg, layer=i)
+            t.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LabError(f"Transcoder weights {path} are missing or corrupt ({first_line(e)}); retrain the "
+                           f"set.") from None
+        transcoders[i] = t.to(device).eval().requires_grad_(False)
     metrics = {}
-    if (folder / "metrics.json").is_file():
-        metrics = json.loads((folder / "metrics.json").read_text())
+    if (folder / METRICS_FILENAME).is_file():
+        metrics = json.loads((folder / METRICS_FILENAME).read_text())
     return TranscoderSet(transcoders=transcoders, config=cfg, model=meta.get("model", ""),
                          model_info=meta.get("model_info", {}), training=meta.get("training", {}),
                          metrics=metrics, folder=folder)
@@ -275,16 +294,6 @@ def transcoder_dir_for(lm: "LoadedModel") -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "--", lm.spec)
     root = Path(os.environ.get("GPTLAB_TRANSCODERS", "~/.cache/gptlab/transcoders")).expanduser()
     return root / safe
-
-
-def list_transcoder_sets(lm: "LoadedModel") -> list[Path]:
-    """The model's own set and any sets in subfolders of its set folder (``transcoders/<name>/``),
-    for pickers."""
-    root = transcoder_dir_for(lm)
-    found = [root] if is_transcoder_folder(root) else []
-    if root.is_dir():
-        found += sorted(p for p in root.iterdir() if p.is_dir() and is_transcoder_folder(p))
-    return found
 
 
 def find_transcoder_set(lm: "LoadedModel", folder: str | os.PathLike | None = None,

@@ -5,9 +5,11 @@ a new family is supported everywhere by adding one subclass here. Attention is c
 :func:`core.models.attention.attend` from the family's own projection weights; norms and MLPs are the
 family's own modules, called directly.
 
-Activation names follow TransformerLens so an address reads the same in every workbench:
-``blocks.{i}.hook_resid_pre``, ``blocks.{i}.hook_resid_mid``, ``blocks.{i}.ln2.hook_normalized``
-(the MLP's input after its norm), ``blocks.{i}.hook_mlp_out``, ``blocks.{i}.hook_resid_post``.
+``record`` collects activations under TransformerLens names built by
+:func:`core.models.hooks.act_name` (``blocks.{i}.hook_resid_pre``, ``blocks.{i}.hook_attn_out``,
+``blocks.{i}.hook_resid_mid``, ``blocks.{i}.hook_mlp_in`` (the stream before ln2),
+``blocks.{i}.ln2.hook_normalized`` (after it: the MLP's input), ``blocks.{i}.hook_mlp_out``,
+``blocks.{i}.hook_resid_post``, ``ln_final.hook_normalized``), the same tensors in every family.
 """
 from __future__ import annotations
 
@@ -19,16 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, attend, merge_heads, split_heads
+from .gpt import GPT
+from .hooks import act_name
 from ..errors import LabError
 
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def hook_name(layer: int, point: str) -> str:
-    """``hook_name(3, "mlp_in") -> "blocks.3.ln2.hook_normalized"``."""
-    names = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized",
-             "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
-    return f"blocks.{layer}.{names[point]}"
 
 
 class LayerStack:
@@ -101,19 +98,22 @@ class LayerStack:
         if h.device != dev:
             h = h.to(dev)
         if record is not None:
-            record[hook_name(i, "resid_pre")] = h
-        h = h + self._attention(i, self.ln_1(i)(h), cache)
+            record[act_name("resid_pre", i)] = h
+        attn_out = self._attention(i, self.ln_1(i)(h), cache)
+        h = h + attn_out
         if record is not None:
-            record[hook_name(i, "resid_mid")] = h
+            record[act_name("attn_out", i)] = attn_out
+            record[act_name("resid_mid", i)] = h
         if not skip_mlp:
             x = self.ln_2(i)(h)
             out = (mlp or self.mlp(i))(x)
             if record is not None:
-                record[hook_name(i, "mlp_in")] = x
-                record[hook_name(i, "mlp_out")] = out
+                record[act_name("mlp_in", i)] = h      # TransformerLens: the stream before ln2
+                record[act_name("ln2_normalized", i)] = x
+                record[act_name("mlp_out", i)] = out
             h = h + out
         if record is not None:
-            record[hook_name(i, "resid_post")] = h
+            record[act_name("resid_post", i)] = h
         return h
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,8 @@ class LayerStack:
         if cache is not None:
             cache.advance(ids.shape[1])
         h = self.final_norm(h)
+        if record is not None:
+            record[act_name("ln_final_normalized")] = h
         if last_only:
             h = h[:, -1:]
         return self.unembed(h)
@@ -291,8 +293,6 @@ class GPTNeoStack(_HFStack):
 
 def stack_for(model: nn.Module) -> LayerStack:
     """The adapter for a loaded model, chosen by its class."""
-    from .gpt import GPT
-
     if isinstance(model, GPT):
         return GPTLabStack(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

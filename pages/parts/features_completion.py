@@ -13,23 +13,28 @@ from typing import Callable
 import pandas as pd
 import streamlit as st
 
-from core.devices import available_devices
-from core.errors import LabError
+from core.errors import LabError, first_line, is_out_of_memory, shorten
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
-                                    LayerExplained, explain_completion)
+                                    LayerExplained, explain_completion, score_text)
+from core.interp.config import (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX,
+                                completion_settings)
 from core.interp.explain import BUILTIN, Explainer, load_explainer
 from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
 from core.models.loading import LoadedModel
 from pages.parts.features_card import attribution_html, md_escape
-from pages.parts.features_jobs import short, usable_path
+from pages.parts.features_jobs import usable_path
+from pages.parts.features_jobs_view import device_options
 
 RESULT_KEY = "feat_x_result"     # {"result": CompletionExplanation, "set": folder, "model": spec}
 _OPENED_KEY = "_feat_x_opened"   # per layer table, the row last turned into an open card
 _RUNS_KEY = "_feat_x_runs"       # explanations made in this session (names each result's tables)
 DEFAULT_PROMPT = "ROMEO:"
 SEED_MAX = 2**31 - 1
-EXPLAINERS = {"builtin": "Built-in (offline)", "lm": "Language model"}
+MAX_NEW_TOKENS_MAX = 1024     # the page's bound; the model's context is the real limit
+EXPLAINERS = {BUILTIN: "Built-in (offline)", "lm": "Language model"}
+OUT_OF_MEMORY = ("The device ran out of memory explaining the completion; ask for fewer new tokens, or pick a smaller "
+                 "model or another device in the sidebar.")
 
 
 def xkey(name: str) -> str:
@@ -37,43 +42,26 @@ def xkey(name: str) -> str:
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the explainer model…")
-def _lm_explainer(spec: str, device: str) -> Explainer:
-    return load_explainer(spec, device=device)
+def _lm_explainer(spec: str, device: str, trust_remote_code: bool) -> Explainer:
+    return load_explainer(spec, device=device, trust_remote_code=trust_remote_code)
 
 
-def get_explainer(kind: str, spec: str, device: str) -> Explainer:
-    """The built-in explainer, or a language model (cached: loading flan-t5 takes a while)."""
-    if kind == "builtin":
+def get_explainer(kind: str, spec: str, device: str, trust_remote_code: bool = False) -> Explainer:
+    """The built-in explainer, or a language model (cached: loading flan-t5 takes a while) whose
+    repository code runs only when the user ticked ``trust_remote_code``."""
+    if kind == BUILTIN:
         return load_explainer(BUILTIN)
     spec = (spec or "").strip()
     if not spec:
         raise LabError("Enter the explainer model: a hub id such as google/flan-t5-base, or a local folder.")
     usable_path(spec, "The explainer model")  # a name the file system cannot even look up fails here, in words
     try:
-        return _lm_explainer(spec, device)
+        return _lm_explainer(spec, device, bool(trust_remote_code))
     except LabError:
         raise
     except Exception as e:  # transformers' own errors for a name that is no model: one line, no traceback
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise LabError(f"Could not load the explainer model '{short(spec, 80)}' ({short(first, 160)}); enter a hub "
-                       f"id such as google/flan-t5-base, or a local model folder.") from None
-
-
-def completion_settings(lm: LoadedModel, max_new: int, greedy: bool, temperature: float, seed: int | None,
-                        steps: int | None = None):
-    """Generation settings in the form the model's objective takes (sampling or diffusion)."""
-    if lm.objective == "diffusion":
-        from core.generation.diffusion import DiffusionConfig
-
-        cfg = DiffusionConfig(gen_length=int(max_new), steps=int(steps or max_new),
-                              temperature=0.0 if greedy else float(temperature), seed=seed)
-    else:
-        from core.generation.autoregressive import SamplingConfig
-
-        cfg = SamplingConfig(max_new_tokens=int(max_new), greedy=bool(greedy), temperature=float(temperature),
-                             seed=seed, n_alternatives=0)
-    cfg.check()
-    return cfg
+        raise LabError(f"Could not load the explainer model '{shorten(spec, 80)}' ({shorten(first_line(e), 160)}); "
+                       f"enter a hub id such as google/flan-t5-base, or a local model folder.") from None
 
 
 def completion_html(res: CompletionExplanation) -> str:
@@ -94,22 +82,18 @@ def features_frame(layer) -> pd.DataFrame:
     })
 
 
-def _score(v: int | None) -> str:
-    return "n/a" if v is None else f"{v}/10"
-
-
 def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None], can_open: bool,
                 run: int = 0) -> None:
     """The explained completion; selecting a feature's row calls ``open_card(layer, feature)`` (which
     reruns the page on its Features tab)."""
     st.html(completion_html(res))
     cols = st.columns(4)
-    cols[0].metric("Output score", _score(res.output_score),
+    cols[0].metric("Output score", score_text(res.output_score),
                    help="Built-in explainer: the model's own confidence in the completion, 1 + 9 x exp(mean log-prob). "
                         "A language-model explainer rates the text itself.")
-    cols[1].metric("Interpretability score", _score(res.interpretability_score),
+    cols[1].metric("Interpretability score", score_text(res.interpretability_score),
                    help="Built-in explainer: the measured score. A language-model explainer rates its own description.")
-    cols[2].metric("Measured interpretability", _score(res.measured_interpretability),
+    cols[2].metric("Measured interpretability", score_text(res.measured_interpretability),
                    help="Held-out detection accuracy of the explanations of the features used, weighted by their "
                         "attribution: chance (0.5) is 1, perfect is 10. n/a without a feature store.")
     cols[3].metric("Mean log-prob", "n/a" if res.mean_logprob is None else f"{res.mean_logprob:.3f}")
@@ -165,9 +149,9 @@ def run_explanation(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore | 
                 result = ev.result
     except LabError as e:
         st.error(str(e))
-    except Exception as e:  # a bug: still one line, never a traceback
-        first = str(e).splitlines()[0] if str(e) else ""
-        st.error(f"Explaining the completion failed: {type(e).__name__}: {first}".rstrip(": "))
+    except Exception as e:  # the device failing, or a bug: still one line, never a traceback
+        st.error(OUT_OF_MEMORY if is_out_of_memory(e) else
+                 f"Explaining the completion failed: {type(e).__name__}: {first_line(e)}")
     finally:
         events.close()
         bar.empty()
@@ -186,7 +170,8 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
     prompt = st.text_area("Prompt", DEFAULT_PROMPT, key=xkey("prompt"), height=80, **keep)
     diffusion = lm.objective == "diffusion"
     cols = st.columns(5 if diffusion else 4)
-    max_new = cols[0].number_input("Max new tokens", 1, 1024, 24, step=1, key=xkey("max_new"), **keep,
+    max_new = cols[0].number_input("Max new tokens", 1, MAX_NEW_TOKENS_MAX, EXPLAIN_MAX_NEW_TOKENS, step=1,
+                                   key=xkey("max_new"), **keep,
                                    help="Tokens to generate; prompt plus completion must fit the model's context.")
     greedy = cols[1].toggle("Greedy", True, key=xkey("greedy"), **keep,
                             help="Always the most likely token; off: sample with the temperature and seed.")
@@ -201,20 +186,24 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
                          horizontal=True, **keep,
                          help="Built-in: templated from the evidence, no model needed. Language model: a seq2seq "
                               "(flan-t5) or causal LM by hub id or local folder, if it is on this machine.")
-    spec = cols[1].text_input("Explainer model", key=xkey("lm"), disabled=kind == "builtin", **keep,
+    builtin = kind == BUILTIN
+    spec = cols[1].text_input("Explainer model", key=xkey("lm"), disabled=builtin, **keep,
                               placeholder="google/flan-t5-base or /path/to/model")
-    devices = [d for d in available_devices() if d != "auto"] or ["cpu"]
-    device = cols[2].selectbox("Explainer device", devices, key=xkey("device"), disabled=kind == "builtin")
-    top = cols[3].number_input("Features per layer", 1, 20, 5, step=1, key=xkey("top"), **keep)
+    device = cols[2].selectbox("Explainer device", device_options(), key=xkey("device"), disabled=builtin)
+    top = cols[3].number_input("Features per layer", 1, EXPLAIN_TOP_FEATURES_MAX, EXPLAIN_TOP_FEATURES, step=1,
+                               key=xkey("top"), **keep)
+    trust = st.checkbox("Trust the explainer's code", False, key=xkey("trust"), disabled=builtin,
+                        help="Let transformers run Python code shipped with the explainer model's repository (some "
+                             "models need it). Off unless ticked: tick it only for models whose authors you trust.")
     if st.button("Explain", key=xkey("run"), type="primary", icon=":material/psychology:"):
         st.session_state.pop(RESULT_KEY, None)
         if not prompt.strip():
             st.error("Enter a prompt to explain; it is empty.")
         else:
             try:
-                settings = completion_settings(lm, max_new, greedy, temperature, None if greedy else int(seed),
-                                               steps)
-                explainer = get_explainer(kind, spec, device)
+                settings = completion_settings(lm.objective, max_new, temperature=None if greedy else temperature,
+                                               seed=None if greedy else int(seed), steps=steps)
+                explainer = get_explainer(kind, spec, device, trust and not builtin)
             except LabError as e:
                 st.error(str(e))
             else:

@@ -97,6 +97,50 @@ def test_causal_lm_explainer(tiny_gpt2_dir):
     assert len(ex.yes_no(["Is it? Answer:", "Is it not a much longer question? Answer:"])) == 2
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_the_explainer_passes_trust_remote_code_explicitly(tiny_gpt2_dir, monkeypatch, trust):
+    """Every from_pretrained call says whether the repository's code may run: no unless asked."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def recording(klass, *args, _original=original, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "missing")))
+            return _original(klass, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    ex = load_explainer(str(tiny_gpt2_dir), trust_remote_code=trust) if trust else LMExplainer(str(tiny_gpt2_dir))
+    assert isinstance(ex, LMExplainer)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert all(value is trust for _, value in seen), seen
+
+
+def test_an_explainer_with_its_own_code_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
+                                        '"configuration_custom.CustomConfig"}}')
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(LabError, match="ships its own Python code.*--trust-remote-code"):
+        load_explainer(str(folder))
+    assert not marker.exists()
+
+
+def test_cli_passes_trust_remote_code_to_the_explainer(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
+    import core.interp.explain
+    from core.commands.cli import main
+
+    def fake(spec, device="cpu", *, trust_remote_code=False, **_):
+        raise LabError(f"explainer {spec} trust_remote_code={trust_remote_code}")
+    monkeypatch.setattr(core.interp.explain, "load_explainer", fake)
+    for flags, trusted in (([], False), (["--trust-remote-code"], True)):
+        rc = main(["transcoders", "describe", "--model", str(tiny_gptlab_dir), "--transcoders", str(tmp_path),
+                   "--explainer", "some/lm", *flags])
+        assert rc == 2 and f"explainer some/lm trust_remote_code={trusted}" in capsys.readouterr().err
+
+
 def test_missing_explainer_says_what_to_do(tmp_path):
     with pytest.raises(LabError, match="builtin"):
         load_explainer(str(tmp_path))

@@ -1,12 +1,20 @@
-"""The feature store: round trip, search (FTS5 and the LIKE fallback), atomic builds, and a real
-collection checked against activations recomputed from the model."""
+"""The feature store: round trip, search (FTS5 and the LIKE fallback), atomic builds, a real
+collection checked against activations recomputed from the model, damaged files (random bytes,
+overwritten pages, truncation, another schema) ending in one sentence, and several processes
+writing one store."""
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from core.errors import LabError
 from core.interp import (CollectConfig, CollectFinished, Context, FeatureStats, FeatureStore, Score,
@@ -83,7 +91,7 @@ def test_round_trip(tmp_path):
         assert sum(counts) == 2 and edges[0] == pytest.approx(np.log10(0.01))
         with pytest.raises(LabError, match="not in the store"):
             store.stats(0, 99)
-        with pytest.raises(sqlite3.OperationalError):      # read-only really is read-only
+        with pytest.raises(LabError, match="cannot be written here"):      # read-only really is read-only
             store.put_description("total", -1, "x", "y")
 
 
@@ -172,3 +180,158 @@ def test_collection_matches_recomputed_activations(tiny_gptlab_dir, tmp_path):
         card = store.feature(0, store.features(0, limit=1)[0].feature)
         assert len(card.stats.promoted) == 10 and card.stats.promoted[0][1] >= card.stats.promoted[-1][1]
         assert sum(card.stats.hist) == card.stats.n_active
+
+
+# -- damaged files ------------------------------------------------------------------------------------
+
+def _reads(store: FeatureStore) -> None:
+    """Every kind of read the CLI and the page make."""
+    store.sets()
+    store.layers()
+    for layer in (0, 1):
+        store.features(layer, order_by="score", explainer="builtin")
+        store.count_features(layer)
+        store.density_histogram(layer)
+        store.explanations(layer)
+    store.feature(0, 1)
+    store.scores(0, 1)
+    store.contexts(0, 1, "negative")
+    store.search("king")
+    store.description("total")
+    store.completions()
+    store.vocab()
+
+
+@pytest.fixture(scope="module")
+def good_store(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("good") / "features.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    return path.read_bytes()
+
+
+def _one_sentence(e: LabError, path) -> None:
+    assert str(path) in str(e) and "\n" not in str(e) and "collect" in str(e)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=0, max_size=4096))
+def test_random_bytes_are_refused_in_one_sentence(tmp_path, data):
+    path = tmp_path / "features.sqlite"
+    path.write_bytes(data)
+    for readonly in (True, False):
+        with pytest.raises(LabError) as e:
+            FeatureStore(path, readonly=readonly)
+        _one_sentence(e.value, path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.floats(0, 1, exclude_max=True), junk=st.binary(min_size=1, max_size=256))
+def test_a_damaged_store_fails_only_in_sentences(tmp_path, good_store, offset, junk):
+    """Bytes overwritten anywhere in a real store: every read works or ends in one LabError naming
+    the file, never an sqlite3 / json / numpy exception."""
+    at = int(offset * len(good_store))
+    path = tmp_path / "features.sqlite"
+    path.write_bytes(good_store[:at] + junk + good_store[at + len(junk):])
+    try:
+        with FeatureStore(path, readonly=True) as store:
+            _reads(store)
+    except LabError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+
+
+def test_truncated_and_foreign_stores_are_refused(tmp_path, good_store):
+    path = tmp_path / "features.sqlite"
+    path.write_bytes(good_store[:len(good_store) // 2])
+    with pytest.raises(LabError, match="is truncated") as e:
+        FeatureStore(path, readonly=True)
+    _one_sentence(e.value, path)
+
+    path.unlink()
+    conn = sqlite3.connect(path)                     # an SQLite file with a format mark but another schema
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "INSERT INTO meta VALUES ('format', '1'); CREATE TABLE layers (x INTEGER);")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LabError, match="this version can read .*layers") as e:
+        FeatureStore(path)
+    _one_sentence(e.value, path)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='7' WHERE key='format'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LabError, match="newer format"):
+        FeatureStore(path)
+    assert not list(tmp_path.glob(".*.lock"))        # a refused writer leaves no lock behind
+
+
+# -- several processes --------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _writer(path: Path, script: str) -> subprocess.Popen:
+    """A separate Python process running ``script`` with ``store`` helpers imported."""
+    code = f"import sys, time\nfrom core.interp.store import FeatureStore\npath = {str(path)!r}\n{script}"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_second_writer_waits_then_is_refused_in_a_sentence(tmp_path):
+    path = tmp_path / "features.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    holder = _writer(path, "with FeatureStore(path) as s:\n"
+                           "    s.put_explanations([(1, 2, 'held')], 'holder')\n"
+                           "    print('ready', flush=True)\n"
+                           "    sys.stdin.read()\n")
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        with pytest.raises(LabError, match=f"being written by process {holder.pid}; wait for it") as e:
+            FeatureStore(path, wait_s=0.3)
+        assert time.monotonic() - t0 >= 0.3 and "\n" not in str(e.value) and str(path) in str(e.value)
+        with pytest.raises(LabError, match="being written by process"):   # nor can a collection replace it
+            with FeatureStore.build(path, wait_s=0.1) as fresh:
+                fresh.add_set("other", None, {})
+        with open_store(path) as reader:                                   # readers are never in the way
+            assert reader.explanation(1, 2, "holder") == "held"
+    finally:
+        holder.communicate("", timeout=30)
+    assert holder.returncode == 0
+    with FeatureStore(path, wait_s=5) as store:                           # the lock went with the holder
+        store.put_explanations([(1, 2, "mine")], "second")
+        assert store.explanation(1, 2, "holder") == "held"
+
+
+def test_two_processes_writing_one_store_take_turns(tmp_path):
+    """Two writers opening, writing and closing as fast as they can: no 'database is locked', no
+    lost rows, and the file passes SQLite's integrity check."""
+    path = tmp_path / "features.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    script = ("for i in range(25):\n"
+              "    with FeatureStore(path, wait_s=30) as s:\n"
+              "        s.put_explanations([(0, i, f'text {{i}}')], {who!r})\n"
+              "        s.put_scores([], {who!r})\n")
+    procs = [_writer(path, script.format(who=f"writer{n}")) for n in range(2)]
+    with open_store(path) as reader:                                      # a reader meanwhile
+        for _ in range(20):
+            reader.layers()
+            reader.search("text")
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("locked" in err or "Traceback" in err for _, err in outs), outs
+    with open_store(path) as store:
+        assert store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        for n in range(2):
+            assert len(store.explanations(0, f"writer{n}")) == 25
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_a_store_in_a_folder_with_uri_characters_opens_read_only(tmp_path):
+    path = tmp_path / "odd?name#1%20" / "features.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    with open_store(path) as store:
+        assert [l.layer for l in store.layers()] == [0, 1]

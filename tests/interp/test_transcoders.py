@@ -70,6 +70,86 @@ def test_saved_set_round_trips_and_splices_in(lm, corpus, trained):
     assert q[0].loss_clean == pytest.approx(clean, rel=1e-5)
 
 
+def test_saved_hook_names_are_the_builders(trained):
+    from core.models.hooks import act_name
+
+    _, out = trained
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["format_version"] == 2 and "hook_in" not in meta and "hook_out" not in meta
+    assert meta["hook_name"] == {str(i): act_name("ln2_normalized", i) for i in (0, 1)}
+    assert meta["hook_name_out"] == {str(i): act_name("mlp_out", i) for i in (0, 1)}
+    assert meta["hook_name"]["1"] == "blocks.1.ln2.hook_normalized"        # not hook_mlp_in: that is before ln2
+
+
+def test_sets_saved_with_the_old_keys_still_load(trained, tmp_path):
+    """Format 1 (the shipped default set, and users' sets) wrote hook_in / hook_out templates."""
+    import shutil
+
+    from core.models.loading import DEFAULT_DIR
+
+    tset, out = trained
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "config.json").read_text())
+    for key in ("hook_name", "hook_name_out"):
+        del meta[key]
+    meta.update(format_version=1, hook_in="blocks.{layer}.ln2.hook_normalized", hook_out="blocks.{layer}.hook_mlp_out")
+    (old / "config.json").write_text(json.dumps(meta))
+    loaded = load_transcoder_set(old)
+    x = torch.randn(4, tset.config.d_model)
+    assert loaded.layers == [0, 1] and torch.allclose(loaded[1](x), tset[1](x), atol=1e-6)
+    assert json.loads((DEFAULT_DIR / "transcoders" / "config.json").read_text())["format_version"] == 1
+    assert load_transcoder_set(DEFAULT_DIR / "transcoders").layers == [0, 1, 2, 3]
+
+    meta["hook_in"] = "blocks.{layer}.hook_resid_pre"                     # a set for another hook point
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(LabError, match=r"reads blocks\.0\.hook_resid_pre .* train a set"):
+        load_transcoder_set(old)
+    (old / "config.json").write_text(json.dumps({"format": "gptlab-transcoders", "layers": "x"}))
+    with pytest.raises(LabError, match="incomplete or damaged"):
+        load_transcoder_set(old)
+    (old / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(LabError, match="newer GPT Lab"):
+        load_transcoder_set(old)
+
+
+def test_a_diverging_run_stops_in_one_sentence_and_keeps_the_good_set(lm, corpus, trained, tmp_path):
+    """lr 1e30 makes the loss infinite within a few steps: the run ends with a LabError, and the
+    good set already in the folder is neither overwritten with NaNs nor touched at all."""
+    import shutil
+
+    _, out = trained
+    folder = tmp_path / "set"
+    shutil.copytree(out, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    cfg = TranscoderTrainConfig(**{**FAST, "lr": 1e30, "warmup_steps": 1, "save_every": 1})
+    with pytest.raises(LabError, match=r"diverged at step \d+ .* lower --lr \(it was 1e\+30\)") as e:
+        run_to_end(train_transcoders(lm, cfg, corpus=corpus, out_dir=folder))
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name, data in after.items():                                       # periodic saves before it went bad are
+        if name.endswith(".safetensors"):                                   # finite; nothing non-finite reached disk
+            from safetensors.torch import load
+            assert all(bool(torch.isfinite(t).all()) for t in load(data).values()), name
+    assert set(after) == set(before)
+
+
+def test_saving_refuses_weights_that_are_not_finite(trained, tmp_path):
+    import copy
+
+    tset, out = trained
+    bad = copy.deepcopy(tset)
+    with torch.no_grad():
+        bad[0].W_enc[0, 0] = float("nan")
+    with pytest.raises(LabError, match="not finite, so nothing was written .* lower --lr"):
+        bad.save(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    with torch.no_grad():
+        bad[0].W_enc[0, 0] = 1e6                                            # finite, but not in float16
+    with pytest.raises(LabError, match="--save-dtype float32"):
+        bad.save(tmp_path / "half", dtype="float16")
+
+
 @pytest.mark.parametrize("activation", ["topk", "relu"])
 def test_folding_scales_is_exact(activation):
     torch.manual_seed(0)
@@ -195,6 +275,22 @@ def test_cli_train_collect_describe_explain(tiny_gptlab_dir, tmp_path, monkeypat
     rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--num_layers", "5", "--no-collect"])
     assert rc == 2 and "--num_layers 5" in capsys.readouterr().err
 
+    # a learning rate that makes the loss blow up: exit 2, one sentence, the set on disk untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--output-dir", str(out), "--dataset",
+               str(text), "--expansion", "4", "--k", "8", "--train_steps", "40", "--batch-tokens", "128",
+               "--lr", "1e30", "--train_seq_len", "32", "--no-collect"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: Transcoder training diverged at step") and "--lr" in err[-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # a feature store that is not one: exit 2, one sentence naming it, no sqlite traceback
+    (out / "features.sqlite").write_bytes(b"\x00garbage" * 100)
+    rc = main(["transcoders", "describe", "--model", str(tiny_gptlab_dir), "--transcoders", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(out / "features.sqlite") in err and "collect" in err
+    assert "Traceback" not in err
+
 
 def test_reference_model_flags_map_to_checkpoints(tmp_path, tiny_gptlab_dir):
     import shutil
@@ -233,3 +329,36 @@ def test_diffusion_models_work_end_to_end(tiny_gptlab_dir, tmp_path):
     assert isinstance(events[-1], CompletionExplained) and res.objective == "diffusion"
     assert len(res.tokens) == res.n_prompt + 6 and len(res.layers[0].per_token) == res.n_prompt + 6
     assert res.interpretability_score is None and res.total_description     # no store: nothing measured
+
+
+def test_cli_defaults_are_the_configs_and_help_needs_no_torch():
+    """Each default is stated once: the flags' defaults are the config dataclasses' own, and the
+    command module (what --help needs) imports no torch."""
+    import subprocess
+    import sys
+
+    from core.commands.cli import build_parser
+    from core.interp.config import (DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, CollectConfig,
+                                    TranscoderTrainConfig)
+
+    parser = build_parser()
+    train = vars(parser.parse_args(["transcoders", "train"]))
+    expected = TranscoderTrainConfig()
+    for name in ("expansion", "activation", "k", "l1_coeff", "train_tokens", "steps", "batch_tokens", "lr", "seq_len",
+                 "dataset", "eval_every", "save_every", "save_dtype", "seed"):
+        assert train[name] == getattr(expected, name), name
+    collect = vars(parser.parse_args(["transcoders", "collect"]))
+    c = CollectConfig()
+    assert (collect["n_tokens"], collect["collect_seq_len"], collect["top_k"], collect["n_quantile"],
+            collect["n_heldout"], collect["n_negative"], tuple(collect["window"]), collect["collect_batch"],
+            collect["dataset"], collect["seed"]) == (c.n_tokens, c.seq_len, c.top_k, c.n_quantile, c.n_heldout,
+                                                     c.n_negative, (c.window_before, c.window_after), c.batch_size,
+                                                     c.dataset, c.seed)
+    assert vars(parser.parse_args(["transcoders", "describe"]))["n_top"] == DESCRIBE_N_TOP
+    explain = vars(parser.parse_args(["transcoders", "explain"]))
+    assert (explain["max_new_tokens"], explain["top_features"]) == (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES)
+
+    code = "import sys, core.commands.transcoders; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"

@@ -257,6 +257,44 @@ def test_bad_input_shows_one_error(described, env, tmp_path: Path):
     assert not features_jobs.jobs_root(env).exists()
 
 
+def test_a_damaged_feature_store_is_one_sentence_and_the_rest_still_works(described, env, tmp_path: Path):
+    model_dir, set_dir = described
+    broken = tmp_path / "broken-set"
+    shutil.copytree(set_dir, broken)
+    store_file = broken / "features.sqlite"
+    good = store_file.read_bytes()
+    for damage, words in ((b"not a database at all " * 300, "is not a feature store"),
+                          (good[:len(good) // 3], "is truncated")):
+        store_file.write_bytes(damage)
+        at = page(model_dir)
+        at.selectbox(key="feat_set").set_value("other…").run()
+        at.text_input(key="feat_set_other").input(str(broken)).run()
+        assert not at.exception
+        (error,) = texts(at.error)
+        assert str(store_file) in error and words in error and "collect" in error and "\n" not in error
+        assert at.radio(key="feat_j_action") is not None          # the job form, to collect a new store, still draws
+
+
+def test_an_explainer_with_its_own_code_runs_only_when_ticked(described, env, tmp_path: Path):
+    model_dir, _ = described
+    custom = tmp_path / "custom-explainer"
+    custom.mkdir()
+    marker = tmp_path / "ran"
+    (custom / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
+                                        '"configuration_custom.CustomConfig"}}')
+    (custom / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    at = page(model_dir, feat_section="Explain a completion")
+    assert at.checkbox(key="feat_x_trust").disabled                # nothing to trust with the built-in explainer
+    at.radio(key="feat_x_explainer").set_value("lm").run()
+    assert at.checkbox(key="feat_x_trust").value is False and not at.checkbox(key="feat_x_trust").disabled
+    at.text_input(key="feat_x_lm").input(str(custom))
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception
+    (error,) = texts(at.error)
+    assert "ships its own Python code" in error and "Trust the explainer's code" in error
+    assert not marker.exists()
+
+
 # -- a model without a set, and a background job ----------------------------------------------------
 
 def test_no_set_then_a_background_training_job_makes_one(env, tiny_gptlab_dir: Path, tmp_path: Path):
