@@ -25,7 +25,7 @@ import streamlit as st
 
 from core.errors import LabError
 from core.generation.autoregressive import GenerationResult, TokenEvent, TokenInfo, encode_prompt, perplexity
-from core.generation.config import DRAWN_SEEDS, MAX_LENGTH_PENALTY, MAX_TEMPERATURE, SamplingConfig, draw_seed
+from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig, draw_seed
 from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, streamed_into
@@ -90,7 +90,7 @@ def sampling_controls(slot: str, n_columns: int) -> SamplingConfig:
         help="Same seed, same settings, same model: same text. Leave empty for a random seed (it is reported "
              "with the result so you can repeat it).")
     length_penalty = next(cells).number_input(
-        "Length penalty", -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY, S.length_penalty, step=0.1, key=k("length_penalty"), disabled=beams == 1, **keep,
+        "Length penalty", -5.0, 5.0, S.length_penalty, step=0.1, key=k("length_penalty"), disabled=beams == 1, **keep,
         help="Beam search only: beams are ranked by total log-probability / length^penalty; above 0 favours "
              "longer continuations.")
     n_alt = next(cells).number_input(
