@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
 
+from .. import commands
 from ..errors import LabError, failure, is_out_of_memory, one_line
 from ..models.config import DEFAULT_DTYPE, DTYPE_NAMES
 
@@ -135,8 +136,6 @@ def device_arg(text: str) -> str:
 
 def command_modules() -> list[ModuleType]:
     """Every command module in :mod:`core.commands`, sorted by command name."""
-    from .. import commands
-
     mods = []
     for info in pkgutil.iter_modules(commands.__path__):
         if info.name.startswith("_"):
@@ -283,7 +282,7 @@ class _Bar:
 
     def __init__(self, total: int | None, desc: str):
         self.n = 0
-        try:
+        try:  # optional: tqdm comes with huggingface_hub, but a plain line does without it
             from tqdm.auto import tqdm
         except ImportError:
             self._tqdm = None

@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BUDGET, MAX_TOKENS, ConsensusConfig,
                                 DecodeConfig, SimulationConfig, parse_iterations, parse_qkv)
 from ..consensus.files import output_paths, save_consensus, save_decode
@@ -110,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "simulate", False):
         return run_simulation_command(args)
     # the engine is imported here, not at the top: `--help` must not load torch
-    import numpy as np
-
     from ..consensus.engine import Finished, Progress, Started, consensus_decode_stream, consensus_stream, random_prompt_ids
 
     if args.nneo:

@@ -41,7 +41,7 @@ def checkpoint_summary(folder: Path) -> dict:
 
 def hub_cache_status(repo_id: str) -> bool:
     """True when config and weights of ``repo_id`` are in the local Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # a third of a second: only `models` itself pays it
 
     def cached(name: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, name), str)
@@ -75,7 +75,7 @@ def presets() -> list[dict]:
 
 def collect(runs: str | Path = "runs") -> dict:
     """Everything ``models`` shows, as plain data."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # a third of a second: only `models` itself pays it
 
     from ..models.loading import DEFAULT_DIR, KNOWN_HUB_MODELS  # torch: loaded only to run, not for --help
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
                   remote_code_allowed, use_reference_weights)
 from ..errors import LabError
-from ..files import check_output
+from ..files import atomic_write_json, check_output
 from ..models.config import VALIDATE_GEN_PROMPT, VALIDATE_NEW_TOKENS, VALIDATE_PROMPT
 
 NAME = "validate"
@@ -66,7 +66,6 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import atomic_write_json
     from ..models.validate import format_report, validate_gpt2  # torch: loaded only to run, not for --help
 
     use_reference_weights(args)
