@@ -103,25 +103,24 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
     if not text.strip():
         raise LabError(f"{flag} needs a file name (got an empty one); name the file to write, or drop {flag}.")
     shown = shorten(text, 120)
-    if text.endswith(os.sep) or Path(text).expanduser().is_dir():
-        raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. {os.path.join(shown, 'out')}.")
     out = Path(text).expanduser()
+    existing = out.absolute().parent
     try:
-        if out.exists() and not out.is_file():
-            raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
-        folder = out.absolute().parent
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
-                           f"place.")
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-        parts = [out.name] + [p.name for p in out.absolute().parents if not p.exists()]
+        name_max = os.pathconf(_nearest_existing(existing), "PC_NAME_MAX")
+        parts = [out.name] + [p.name for p in out.absolute().parents]
         long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
         if long is not None:
             raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
                            f"system allows; use a shorter name.")
+        if text.endswith(os.sep) or out.is_dir():
+            raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. "
+                           f"{os.path.join(shorten(text, 80), 'out')}.")
+        if out.exists() and not out.is_file():
+            raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
+        existing = _nearest_existing(existing)
+        if not existing.is_dir():
+            raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
+                           f"place.")
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
         os.close(fd)
         os.unlink(probe)
@@ -132,9 +131,17 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
             raise _disk_full(existing, e) from None
         reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                   errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
-                  errno.ENOTDIR: "part of the way is a file, not a folder"}.get(e.errno, e.strerror or str(e))
+                  errno.ENOTDIR: "part of the way is a file, not a folder",
+                  errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
         raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
     return out
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or its closest ancestor that exists (a file, if the way runs into one)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 # -- reading inside a model folder ------------------------------------------------------------------

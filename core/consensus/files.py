@@ -50,11 +50,18 @@ def prefix_paths(prefix: str | os.PathLike, *suffixes: str) -> list[Path]:
     """``PREFIX{suffix}.npy`` for each suffix; a ``.npy`` typed on the prefix is dropped first, and
     a prefix naming a folder stands for ``FOLDER/consensus``."""
     prefix = str(prefix)
-    if prefix.endswith(os.sep) or (prefix.strip() and Path(prefix).expanduser().is_dir()):
+    if prefix.endswith(os.sep) or (prefix.strip() and _is_dir(prefix)):
         prefix = os.path.join(prefix, FOLDER_PREFIX)
     if prefix.endswith(".npy"):
         prefix = prefix[:-4]
     return [Path(f"{prefix}{s}.npy") for s in suffixes]
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except OSError:  # a name the file system cannot even look up (too long): check_output says so
+        return False
 
 
 def output_paths(savefile: str | None, eplot: str | None = None, matrixerror: str | None = None,

@@ -242,9 +242,9 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
     hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
     kwargs = dict(local_files_only=True) if local else {}
     # Always passed, never left to transformers: left out, it asks on a terminal whether to run the code.
-    trust = {"trust_remote_code": bool(trust_remote_code)}
+    trust = bool(trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=True, **trust)
+        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust)
     except ValueError as e:
         raise _remote_code_refused(source, e) from None
     except OSError:
@@ -253,7 +253,7 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         if not hub_reachable():
             raise ModelNotAvailableError(offline_message(source)) from None
         try:
-            config = AutoConfig.from_pretrained(source, **trust)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
         except ValueError as e:
             raise _remote_code_refused(source, e) from None
         except OSError as e:
@@ -264,11 +264,11 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
     if config.model_type not in ("gpt2", "gpt_neo"):
         raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
                        f"models and its own GPT checkpoints.")
-    load_kwargs = dict(dtype=dtype, **kwargs, **trust)
+    load_kwargs = dict(dtype=dtype, **kwargs)
     if device == "auto":
         load_kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, **load_kwargs)
     except OSError as e:
         if "local_files_only" in kwargs and not local:
             raise ModelNotAvailableError(offline_message(source)) from None
