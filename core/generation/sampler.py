@@ -70,6 +70,12 @@ class Sampler:
             return diff.result_json(lm.tokenizer, result, stopped=stopped)
         return result.to_json()
 
+    def token_ids(self, lm: LoadedModel, result) -> tuple[list[int], list[int]]:
+        """``(prompt ids, completion ids)`` of a result of this sampler."""
+        if self.denoises:
+            return list(result.prompt_ids), list(result.completion_ids)
+        return ar.encode_prompt(lm, result.prompt), [t.token_id for t in result.tokens]
+
     def reads(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """``(model input, [(position, token)])``: what the model read when it produced
         ``completion_ids`` after ``prompt_ids``, and which position's output predicted each token

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 from ..devices import dtype_name, require_free, resolve_device, resolve_dtype
 from ..errors import LabError, ModelNotAvailableError, first_line, shorten
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, check_folder_links, read_text_inside
+from ..generation.config import SAMPLER_OF_OBJECTIVE
 from .config import DTYPE_BYTES
 from .gpt import GPT, GPTConfig
 from .decode_layout import use_decode_layout
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
 DEFAULT_DIR = ASSETS / "default"
 CHECKPOINT_FORMAT = "gptlab"
-OBJECTIVES = ("ar", "diffusion")  # what a checkpoint's "objective" may say
+OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
 
 # Hub ids the picker offers; any other hub id works too when it is cached or reachable.
 KNOWN_HUB_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125M",
