@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
 
 from .. import commands
-from ..errors import LabError, failure, is_out_of_memory, one_line
+from ..errors import LabError, failure, is_out_of_memory, one_line, shorten
 from ..models.config import DEFAULT_DTYPE, DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -176,6 +176,10 @@ def _description(mod: ModuleType) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit)."""
+    bad = _not_utf8(sys.argv[1:] if argv is None else argv)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -213,6 +217,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unexpected {type(e).__name__}: {one_line(e)[:300]} (a bug in GPT Lab; rerun with "
               f"GPTLAB_DEBUG=1 for the traceback and report it).", file=sys.stderr)
         return 1
+
+
+def _not_utf8(argv: Sequence[str]) -> str | None:
+    """A sentence for the first argument holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no tokenizer or file name takes), or None."""
+    for arg in argv:
+        try:
+            str(arg).encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(str(arg)[e.start]) & 0xFF
+            return (f"the argument '{shorten(str(arg).encode('utf-8', 'replace').decode(), 40)}' is not UTF-8 text "
+                    f"(byte 0x{byte:02x}); type it as UTF-8 or pipe the text on stdin.")
+    return None
 
 
 def _deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

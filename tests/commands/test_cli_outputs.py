@@ -185,3 +185,10 @@ def test_check_output_keeps_ordinary_paths(tmp_path):
     existing = tmp_path / "old.json"
     existing.write_text(json.dumps({}))
     assert check_output(existing, "--json") == existing  # replaced atomically later, not refused
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt"], ["consensus", "--prompt"], ["generate", "--json"]])
+def test_arguments_that_are_not_utf8_are_one_sentence(capsys, command):
+    undecodable = b"ROMEO \xff".decode("utf-8", "surrogateescape")  # how Python hands over such argv bytes
+    rc, _, err = run_cli(capsys, *command, undecodable)
+    assert rc == 2 and "is not UTF-8 text (byte 0xff)" in one_error(err)
