@@ -24,7 +24,8 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError
-from core.generation.autoregressive import GenerationResult, TokenEvent, TokenInfo, encode_prompt, perplexity
+from core.generation.autoregressive import (GenerationResult, TokenEvent, TokenInfo, encode_prompt, partial_result,
+                                           perplexity)
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig, draw_seed
 from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
@@ -167,7 +168,7 @@ def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig
     for (slot, cfg), column in zip(configs.items(), out_columns):
         if cfg.seed is None and not (cfg.greedy or cfg.num_beams > 1):
             cfg = replace(cfg, seed=draw_seed())  # drawn here so a stopped run still reports it
-        record = {"status": "running", "result": AUTOREGRESSIVE.start(lm, prompt, cfg).result, "error": None,
+        record = {"status": "running", "result": partial_result(lm, prompt, cfg, [], "", 0.0), "error": None,
                   "run": ss[RUN_KEY]}
         results[slot] = record
         with column:
