@@ -10,9 +10,10 @@ from pathlib import Path
 import streamlit as st
 
 from core.devices import available_devices
+from core.models.config import DTYPE_NAMES
 from core.models.loading import KNOWN_HUB_MODELS
-from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, DTYPES, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
-                          forget_outcome, load_outcome, spec_label, status_line)
+from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
+                                forget_outcome, load_outcome, spec_label, status_line)
 
 OTHER = "other…"
 CHOICE_KEY = "model_choice"        # the picker's selectbox
@@ -73,7 +74,7 @@ def model_sidebar() -> None:
             ss[DEVICE_KEY] = devices[0]
         st.selectbox("Device", devices, key=DEVICE_KEY,
                      help="`auto` spreads a Hugging Face model over the visible GPUs.")
-        st.selectbox("Dtype", DTYPES, key=DTYPE_KEY,
+        st.selectbox("Dtype", DTYPE_NAMES, key=DTYPE_KEY,
                      help="16-bit types halve memory; float32 is exact and the only sensible choice on CPU.")
         if spec:
             ss[SPEC_KEY] = spec

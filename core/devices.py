@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LabError, fmt_bytes  # noqa: F401  (fmt_bytes: long imported from here)
+from .errors import LabError, fmt_bytes
+from .models.config import DEFAULT_DTYPE, DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are stated once, torch-free
 
 
 def available_devices() -> list[str]:
@@ -42,7 +43,7 @@ def resolve_device(device: str | None) -> str:
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
-        return torch.float32
+        return DTYPES[DEFAULT_DTYPE]
     if isinstance(dtype, torch.dtype):
         return dtype
     key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)

@@ -26,10 +26,14 @@ class ModelNotAvailableError(LabError):
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """torch's OutOfMemoryError (told by name, so this module needs no torch), or the CPU
-    allocator's RuntimeError for a block the machine cannot give: both mean "make it smaller"."""
-    return type(e).__name__ == "OutOfMemoryError" or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)))
+    """torch's OutOfMemoryError (told by name, so this module needs no torch), Python's
+    MemoryError, or a RuntimeError from an allocator (the CPU's "can't allocate memory", a GPU
+    library's "out of memory"): all mean "make it smaller"."""
+    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "defaultcpuallocator", "out of memory", "alloc_failed"))
 
 
 def one_line(text: object) -> str:
@@ -43,10 +47,26 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def shorten(text: str, limit: int = 60, newline: str = "\\n") -> str:
-    """``text`` on one line (newlines shown as ``newline``), cut to ``limit`` characters with ``...``."""
-    text = str(text).replace("\r\n", "\n").replace("\n", newline)
-    return text if len(text) <= limit else text[:max(limit - 3, 0)] + "..."
+def shorten(text: str, limit: int | None = 60, newline: str = "\\n") -> str:
+    """``text`` on one line (each line break, ``\\r\\n``, ``\\n`` or ``\\r``, shown as ``newline``), cut to
+    ``limit`` characters with ``...`` (``None``: not cut)."""
+    text = str(text).replace("\r\n", "\n").replace("\r", "\n").replace("\n", newline)
+    return text if limit is None or len(text) <= limit else text[:max(limit - 3, 0)] + "..."
+
+
+def failure(e: BaseException, out_of_memory: str) -> str:
+    """One line for an exception nobody planned for (a bug, a device failing): ``out_of_memory``
+    (what to make smaller) when :func:`is_out_of_memory` says the device ran out, else the first
+    line of its message. The CLI, the pages and the jobs all word the unexpected this way."""
+    return out_of_memory if is_out_of_memory(e) else first_line(e)
+
+
+def fmt_count(n: int) -> str:
+    """``124.4M``-style counts (parameters, tokens) for tables and cards."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def fmt_bytes(n: float) -> str:

@@ -1,24 +1,50 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename.
+"""Files: atomic writes, output paths checked before the work, and reading inside a model folder.
 
-A crash mid-write leaves the previous file intact, never a truncated one.
+- Atomic writes: a temp file in the same folder, fsync, then rename. A crash mid-write leaves the
+  previous file intact, never a truncated one; a full disk is a sentence naming the folder and
+  the space left, not an ``OSError`` from deep inside numpy.
+- :func:`check_output`: every command that writes a file asks it about the path *before* the
+  work starts, so an hour-long run never ends in "cannot write there".
+- :func:`check_folder_links`: a model folder is read only inside itself; a file that is a link out
+  of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from .errors import LabError, fmt_bytes, shorten
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(folder: Path, e: OSError) -> LabError:
+    try:
+        free = f"{fmt_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "no free space that can be told"
+    return LabError(f"The disk holding {folder} is full ({free}); free some space there or write somewhere else.")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then move the result onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(path.parent, e) from e
+        raise
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
     try:
@@ -26,9 +52,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise _disk_full(path.parent, e) from e
         raise
     return path
 
@@ -54,10 +82,106 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_save_npy(path: str | os.PathLike, array) -> Path:
-    import numpy as np
-
     def _w(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
     return atomic_write(path, _w)
+
+
+# -- output paths, checked before the work ----------------------------------------------------------
+
+def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
+    """The file ``flag`` (``--json``, ``--eplot`` ...) names, checked before any work: a name is
+    given, it is not a folder, every existing part of its way is a folder, the nearest existing
+    one takes a new file (probed with a real temp file, so a read-only mount or a folder that is
+    not yours fails here), and no part of the name is longer than the file system allows.
+    ``None`` (the flag was not given) passes through. Writes nothing that stays."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    if not text.strip():
+        raise LabError(f"{flag} needs a file name (got an empty one); name the file to write, or drop {flag}.")
+    shown = shorten(text, 120)
+    out = Path(text).expanduser()
+    existing = out.absolute().parent
+    try:
+        name_max = os.pathconf(_nearest_existing(existing), "PC_NAME_MAX")
+        parts = [out.name] + [p.name for p in out.absolute().parents]
+        long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
+        if long is not None:
+            raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
+                           f"system allows; use a shorter name.")
+        if text.endswith(os.sep) or out.is_dir():
+            raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. "
+                           f"{os.path.join(shorten(text, 80), 'out')}.")
+        if out.exists() and not out.is_file():
+            raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
+        existing = _nearest_existing(existing)
+        if not existing.is_dir():
+            raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
+                           f"place.")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except LabError:
+        raise
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(existing, e) from None
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
+                  errno.ENOTDIR: "part of the way is a file, not a folder",
+                  errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
+        raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
+    return out
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or its closest ancestor that exists (a file, if the way runs into one)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+# -- reading inside a model folder ------------------------------------------------------------------
+
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of the model folder ``folder`` may live: the folder itself, and for a
+    Hugging Face cache snapshot (``.../snapshots/<rev>``, whose files are links into the
+    repository's ``blobs``) that repository folder."""
+    folder = folder.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent)
+    return roots
+
+
+def check_folder_links(folder: str | os.PathLike) -> Path:
+    """``folder`` resolved, after refusing it when one of its files is a link leading out of it
+    (see :func:`allowed_roots`): a model card, config, weights or tokenizer is read only from
+    inside the model folder, never from wherever a link points."""
+    root = Path(folder).resolve()
+    roots = allowed_roots(root)
+    try:
+        entries = list(root.iterdir())
+    except OSError as e:
+        raise LabError(f"Cannot read the model folder {root} ({e.strerror or e}); check its permissions.") from None
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        target = entry.resolve()
+        if not any(target == r or target.is_relative_to(r) for r in roots):
+            raise LabError(f"{entry} is a link to {shorten(str(target), 80)}, outside the model folder; GPT Lab "
+                           f"reads a model only from inside its folder, so copy that file in instead of linking it.")
+    return root
+
+
+def read_text_inside(folder: str | os.PathLike, name: str) -> str | None:
+    """The text of ``folder/name`` when it is a file inside the model folder (``None`` when it is
+    absent), read as UTF-8 with undecodable bytes replaced; a link out of the folder is refused."""
+    root = check_folder_links(folder)
+    path = root / name
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8", errors="replace")

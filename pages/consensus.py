@@ -26,16 +26,18 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core.consensus.config import (MAX_TOKENS, PAGE_INITS, PAGE_ITERATIONS, PAGE_NEW_TOKENS, REINIT_MODES,
+                                   parse_iterations)
 from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
-                            Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
-                            estimate_bytes, random_prompt_ids)
+                                   Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
+                                   memory_plan, random_prompt_ids)
 from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
-                               texts_array)
+                                  texts_array)
 from core.consensus.metrics import STAT_NAMES
-from core.devices import fmt_bytes
-from core.errors import LabError
-from core.models.loading import LoadedModel
 from core.consensus.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
+from core.errors import LabError, failure, fmt_bytes, shorten
+from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
+from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, spec_label
 
 RUNS_KEY = "cons_runs"        # archived runs, oldest first
@@ -63,9 +65,12 @@ AXIS_TITLES = {"metric": "1 - mean |cos(h0, hj)|", "mean_cosine": "mean pairwise
                "mean_dot": "mean pairwise dot", "effective_rank": "effective rank",
                "centroid_distance": "distance to centroid"}
 REINIT_LABELS = {"none": "none", "once": "once (--randominit)", "iteration": "after each iteration (--fullrandom)",
-                 "block": "after each block (--const-reset)"}
+                 "block": "after each block (--const-reset)"}  # one label for each of REINIT_MODES
 REINIT_TAGS = {"none": "", "once": " randominit", "iteration": " fullrandom", "block": " const-reset"}
 KEEP = dict(persist_state="session")  # control values survive mode and page switches
+C, D, S = ConsensusConfig, DecodeConfig, SimulationConfig  # the controls' defaults are the configs' (or PAGE_*)
+OUT_OF_MEMORY = ("The device ran out of memory; use fewer or shorter prompts, drop the cosine matrices, record every "
+                 "k-th step, or run on the CPU. What was computed before is kept.")
 
 
 @dataclass
@@ -106,31 +111,21 @@ def prompt_controls(lm: LoadedModel | None) -> tuple[str, list[str], int, int]:
 
 def stack_controls() -> dict:
     """The switches a consensus run and consensus decoding share."""
-    _default("cons_record_every", 1)
+    _default("cons_record_every", C.record_every)
     c = st.columns(4)
-    iterations = c[0].number_input("Iterations N", 1, 10_000_000, 20, key="cons_iterations", **KEEP,
+    iterations = c[0].number_input("Iterations N", 1, 10_000_000, PAGE_ITERATIONS, key="cons_iterations", **KEEP,
                                    help="One iteration is every block once, in order, then the final norm.")
-    reinit = c[1].selectbox("Re-initialise weights", list(REINIT_LABELS), key="cons_reinit", **KEEP,
+    reinit = c[1].selectbox("Re-initialise weights", REINIT_MODES, key="cons_reinit", **KEEP,
                             format_func=REINIT_LABELS.get,
                             help="Random weights with the seed (once), SEED+i+1 after iteration i, or SEED+s after "
                                  "layer-step s; the run works on a copy, so the loaded model is never changed.")
-    seed = c[2].number_input("Seed", 0, 2**31 - 1, 42, key="cons_seed", **KEEP)
+    seed = c[2].number_input("Seed", 0, DRAWN_SEEDS - 1, C.seed, key="cons_seed", **KEEP)
     record_every = c[3].number_input("Record every k-th layer-step", 1, 10_000_000, key="cons_record_every", **KEEP,
                                      help="Keep layer-steps 0, k, 2k, ... and the last; for long runs.")
     skip_mlp = st.toggle("Skip MLPs (--noff)", key="cons_noff", **KEEP,
                          help="Drop every block's feed-forward sublayer: attention and norms only.")
     return dict(iterations=int(iterations), reinit=reinit, seed=int(seed), record_every=int(record_every),
                 skip_mlp=bool(skip_mlp))
-
-
-def parse_iterations(text: str) -> tuple[int, ...]:
-    if not text.strip():
-        return ()
-    try:
-        return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
-    except ValueError:
-        shown = text if len(text) <= 40 else text[:39] + "…"
-        raise LabError(f"Decode iterations are comma-separated whole numbers like 0,4,9 (got '{shown}').") from None
 
 
 def _prompts_for(lm: LoadedModel, source: str, typed: list[str], n: int, length: int, seed: int):
@@ -148,15 +143,16 @@ def _model_label(lm: LoadedModel, source: str, n: int, length: int, s: dict) -> 
 
 def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, length: int,
                       cfg: ConsensusConfig, new_tokens: int = 0) -> None:
-    lengths = [length] * n if source == "random" else [len(lm.tokenizer.encode(p)) for p in typed]
+    ids = [[0] * length] * n if source == "random" else [lm.tokenizer.encode(p) for p in typed]
+    lengths = [len(t) for t in ids]
     if not lengths or not all(lengths):
         return
-    lengths = [t + new_tokens for t in lengths]
-    need = estimate_bytes(lengths, lm.stack.n_layer, lm.stack.d_model, cfg, new_tokens)
+    plan = memory_plan(lm, ids, cfg, new_tokens, [] if source == "random" else typed)
     steps = cfg.iterations * lm.stack.n_layer
     span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
-    st.caption(f"{len(lengths)} prompt(s) of {span} tokens · {steps:,} layer-steps per "
-               f"{'new token' if new_tokens else 'prompt'} · records about {fmt_bytes(need)} "
+    batches = f" in batches of {plan.batch}" if plan.batch < len(lengths) else ""
+    st.caption(f"{len(lengths)} prompt(s) of {span} tokens{batches} · {steps:,} layer-steps per "
+               f"{'new token' if new_tokens else 'prompt'} · needs about {fmt_bytes(plan.total)} "
                f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
 
 
@@ -193,11 +189,11 @@ def decode_controls(lm: LoadedModel | None) -> Request | None:
     source, typed, n, length = prompt_controls(lm)
     s = stack_controls()
     c = st.columns(3)
-    k = c[0].number_input("New tokens K", 1, 100_000, 10, key="cons_new_tokens", **KEEP,
+    k = c[0].number_input("New tokens K", 1, 100_000, PAGE_NEW_TOKENS, key="cons_new_tokens", **KEEP,
                           help="Each new token is sampled after a full consensus run over the whole sequence.")
-    top_p = c[1].slider("Top-p", 0.01, 1.0, 0.8, step=0.01, key="cons_top_p", **KEEP,
+    top_p = c[1].slider("Top-p", 0.01, 1.0, D.top_p, step=0.01, key="cons_top_p", **KEEP,
                         help="Nucleus sampling from the final state; 1 turns it off.")
-    temperature = c[2].number_input("Temperature", 0.0, 10.0, 1.0, step=0.05, key="cons_temperature", **KEEP)
+    temperature = c[2].number_input("Temperature", 0.0, MAX_TEMPERATURE, D.temperature, step=0.05, key="cons_temperature", **KEEP)
     if lm is None:
         return None
     cfg = ConsensusConfig(iterations=s["iterations"], skip_mlp=s["skip_mlp"], reinit=s["reinit"], seed=s["seed"],
@@ -222,9 +218,9 @@ def sim_controls(lm: LoadedModel | None) -> Request:
                 r"$\dot x_i = P_{x_i}\big(\sum_j \operatorname{softmax}_j(\beta\langle Qx_i, Kx_j\rangle)\,Vx_j\big)$, "
                 r"$P_x(y) = y - \langle x, y\rangle x$. One integration step stands where a layer-step does, so "
                 r"the charts line up with model runs.")
-    _default("sim_record_every", 1)
+    _default("sim_record_every", S.record_every)
     c = st.columns(4)
-    tokens = c[0].number_input("Tokens n", 2, 4096, 32, key="sim_tokens", **KEEP)
+    tokens = c[0].number_input("Tokens n", 2, MAX_TOKENS, S.tokens, key="sim_tokens", **KEEP)
     qkv_kind = c[1].selectbox("Q, K, V", ["identity", "random", "layer"], key="sim_qkv", **KEEP,
                               format_func={"identity": "identity", "random": "random (seeded)",
                                            "layer": "a layer of the loaded model"}.get)
@@ -241,17 +237,17 @@ def sim_controls(lm: LoadedModel | None) -> Request:
     else:
         # d x d matrices: 4096 is 64 MB each and a second to set up on a CPU; the engine's own limit (65536,
         # 17 GB a matrix) is no sphere a page should offer. A model's layer brings its own d.
-        dim = c[2].number_input("Dimension d", 2, SIM_MAX_DIM, 16, key="sim_dim", **KEEP)
+        dim = c[2].number_input("Dimension d", 2, SIM_MAX_DIM, S.dim, key="sim_dim", **KEEP)
     c = st.columns(4)
-    dt = c[0].number_input("Step size dt", 0.0, 100.0, 0.1, step=0.01, format="%.4f", key="sim_dt", **KEEP)
-    beta = c[1].number_input("beta (inverse temperature)", -1000.0, 1000.0, 1.0, step=0.1, key="sim_beta", **KEEP)
-    steps = c[2].number_input("Steps", 1, 10_000_000, 200, key="sim_steps", **KEEP)
-    integrator = c[3].selectbox("Integrator", INTEGRATORS, index=1, key="sim_integrator", **KEEP,
+    dt = c[0].number_input("Step size dt", 0.0, 100.0, S.dt, step=0.01, format="%.4f", key="sim_dt", **KEEP)
+    beta = c[1].number_input("beta (inverse temperature)", -1000.0, 1000.0, S.beta, step=0.1, key="sim_beta", **KEEP)
+    steps = c[2].number_input("Steps", 1, 10_000_000, S.steps, key="sim_steps", **KEEP)
+    integrator = c[3].selectbox("Integrator", INTEGRATORS, index=INTEGRATORS.index(S.integrator), key="sim_integrator", **KEEP,
                                 help="Each step is followed by re-projection onto the sphere.")
     c = st.columns(4)
-    batch = c[0].number_input("Initial conditions", 1, 1024, 4, key="sim_inits", **KEEP,
+    batch = c[0].number_input("Initial conditions", 1, 1024, PAGE_INITS, key="sim_inits", **KEEP,
                               help="Independent random clouds, integrated as one batch.")
-    seed = c[1].number_input("Seed", 0, 2**31 - 1, 42, key="sim_seed", **KEEP)
+    seed = c[1].number_input("Seed", 0, DRAWN_SEEDS - 1, S.seed, key="sim_seed", **KEEP)
     record_every = c[2].number_input("Record every k-th step", 1, 10_000_000, key="sim_record_every", **KEEP)
     causal = c[3].toggle("Causal (masked) attention", key="sim_causal", **KEEP)
     matrix = st.toggle("Token cosine matrices", key="sim_matrix", **KEEP)
@@ -282,11 +278,8 @@ def _token_strings(lm: LoadedModel | None, result) -> list[list[str]] | None:
 
 
 def _failure(e: Exception) -> str:
-    if "out of memory" in str(e).lower():
-        return ("The device ran out of memory; use fewer or shorter prompts, drop the cosine matrices, record every "
-                "k-th step, or run on the CPU. What was computed before is kept.")
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"The run failed: {first}. What was computed before is kept."
+    text = failure(e, OUT_OF_MEMORY)
+    return text if text == OUT_OF_MEMORY else f"The run failed: {text}. What was computed before is kept."
 
 
 def offer_record_every(error: LabError, request: Request) -> None:
@@ -424,13 +417,8 @@ def clear_runs() -> None:
 
 # -- frames and charts ------------------------------------------------------------------------------
 
-def _short(text: str, limit: int = 32) -> str:
-    text = text.replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def prompt_names(result) -> list[str]:
-    return [f"{b}: {_short(p)}" for b, p in enumerate(result.prompts)]
+    return [f"{b}: {shorten(p, 32, ' ')}" for b, p in enumerate(result.prompts)]
 
 
 def series_frame(record: dict, name: str) -> pd.DataFrame:

@@ -7,15 +7,15 @@ Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare 
 "run": int}``. While streaming, "result" is refreshed after every token, so a run interrupted by
 Stop (Streamlit aborts the script and reruns it) keeps what it had produced.
 
-A diffusion model (``lm.objective == "diffusion"``) gets its own controls and a step-by-step
-denoising view instead, from pages/parts/generate_diffusion.py.
+The loaded model's sampler (:func:`core.generation.sampler.sampler_for`) picks the view: a
+diffusion model gets its own controls and a step-by-step denoising view, from
+pages/parts/generate_diffusion.py. Every control's default and range is read from
+:class:`SamplingConfig` and :mod:`core.generation.config`.
 """
 from __future__ import annotations
 
 import html
 import json
-import secrets
-import time
 from dataclasses import replace
 from itertools import cycle
 
@@ -24,8 +24,10 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError
-from core.generation.autoregressive import (Finished, GenerationResult, SamplingConfig, TokenEvent, TokenInfo, encode_prompt,
-                             partial_result, perplexity, stream)
+from core.generation.autoregressive import (GenerationResult, TokenEvent, TokenInfo, encode_prompt, partial_result,
+                                           perplexity)
+from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig, draw_seed
+from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, streamed_into
 from pages.parts.generate_diffusion import diffusion_view
@@ -36,7 +38,7 @@ PROMPT_KEY = "gen_prompt"
 COMPARE_KEY = "gen_compare"
 SLOTS = ("A", "B")
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
-SEED_MAX = 2**31 - 1
+S = SamplingConfig  # every control's default is the config's
 OUT_OF_MEMORY = "the device ran out of memory; use fewer new tokens, beams, or a smaller model."
 
 
@@ -59,41 +61,41 @@ def sampling_controls(slot: str, n_columns: int) -> SamplingConfig:
     cells = cycle(st.columns(n_columns))
 
     max_new = next(cells).number_input(
-        "Max new tokens", 1, 4096, 50, step=1, key=k("max_new_tokens"), **keep,
+        "Max new tokens", 1, 4096, S.max_new_tokens, step=1, key=k("max_new_tokens"), **keep,
         help="How many tokens to generate at most; prompt plus new tokens must fit the model's context.")
     greedy = next(cells).toggle(
-        "Greedy", False, key=k("greedy"), **keep,
+        "Greedy", S.greedy, key=k("greedy"), **keep,
         help="Always take the most likely token (deterministic). Turns the sampling controls off.")
     beams = next(cells).number_input(
-        "Beams", 1, 16, 1, step=1, key=k("num_beams"), **keep,
+        "Beams", 1, 16, S.num_beams, step=1, key=k("num_beams"), **keep,
         help="Beam search keeps this many candidate continuations and returns the most likely one; "
              "above 1 the sampling controls are off.")
     deterministic = greedy or beams > 1
     temperature = next(cells).number_input(
-        "Temperature", 0.0, 10.0, 1.0, step=0.05, key=k("temperature"), disabled=deterministic, **keep,
+        "Temperature", 0.0, MAX_TEMPERATURE, S.temperature, step=0.05, key=k("temperature"), disabled=deterministic, **keep,
         help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. Must be above 0.")
     top_k = next(cells).number_input(
-        "Top-k", 0, 1_000_000, 0, step=1, key=k("top_k"), disabled=deterministic, **keep,
+        "Top-k", 0, 1_000_000, S.top_k, step=1, key=k("top_k"), disabled=deterministic, **keep,
         help="Sample among the k most likely tokens only; 0 turns it off.")
     top_p = next(cells).slider(
-        "Top-p", 0.0, 1.0, 1.0, step=0.01, key=k("top_p"), disabled=deterministic, **keep,
+        "Top-p", 0.0, 1.0, S.top_p, step=0.01, key=k("top_p"), disabled=deterministic, **keep,
         help="Nucleus sampling: the smallest set of likely tokens whose probabilities add up to p; 1 turns it off.")
     min_p = next(cells).slider(
-        "Min-p", 0.0, 1.0, 0.0, step=0.01, key=k("min_p"), disabled=deterministic, **keep,
+        "Min-p", 0.0, 1.0, S.min_p, step=0.01, key=k("min_p"), disabled=deterministic, **keep,
         help="Drop tokens less likely than min-p times the top token's probability; 0 turns it off.")
     rep = next(cells).number_input(
-        "Repetition penalty", 0.0, 10.0, 1.0, step=0.05, key=k("repetition_penalty"), **keep,
+        "Repetition penalty", 0.0, 10.0, S.repetition_penalty, step=0.05, key=k("repetition_penalty"), **keep,
         help="Above 1 makes tokens already in the text less likely (CTRL's penalty); 1 turns it off.")
     seed = next(cells).number_input(
-        "Seed", 0, SEED_MAX, None, step=1, key=k("seed"), disabled=deterministic, placeholder="random", **keep,
+        "Seed", 0, DRAWN_SEEDS - 1, None, step=1, key=k("seed"), disabled=deterministic, placeholder="random", **keep,
         help="Same seed, same settings, same model: same text. Leave empty for a random seed (it is reported "
              "with the result so you can repeat it).")
     length_penalty = next(cells).number_input(
-        "Length penalty", -5.0, 5.0, 1.0, step=0.1, key=k("length_penalty"), disabled=beams == 1, **keep,
+        "Length penalty", -5.0, 5.0, S.length_penalty, step=0.1, key=k("length_penalty"), disabled=beams == 1, **keep,
         help="Beam search only: beams are ranked by total log-probability / length^penalty; above 0 favours "
              "longer continuations.")
     n_alt = next(cells).number_input(
-        "Alternatives", 0, 20, 5, step=1, key=k("n_alternatives"), **keep,
+        "Alternatives", 0, 20, S.n_alternatives, step=1, key=k("n_alternatives"), **keep,
         help="How many most likely tokens to record at each step, for the token inspector below.")
     stops = st.text_area(
         "Stop strings", "", key=k("stop"), height=68, placeholder="one per line, e.g. \\n\\n", **keep,
@@ -142,19 +144,15 @@ def validate(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig]) -
 def run_stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) -> None:
     """Stream one generation into a live view, refreshing ``record`` after every token."""
     live = st.empty()
-    tokens: list[TokenInfo] = []
-    t0 = time.perf_counter()
-    events = stream(lm, prompt, cfg)
-    with streamed_into(record, events, live, OUT_OF_MEMORY):
-        for event in events:
+    run = AUTOREGRESSIVE.start(lm, prompt, cfg)
+    with streamed_into(record, run, live, OUT_OF_MEMORY):
+        for event in run:
             if isinstance(event, TokenEvent):
-                tokens.append(event.token)
-                record["result"] = partial_result(lm, prompt, cfg, tokens, event.completion, time.perf_counter() - t0)
+                record["result"] = run.result
                 with live.container():
                     st.code(prompt + event.completion, language=None, wrap_lines=True)
-                    st.caption(f"{len(tokens)} / {cfg.max_new_tokens} tokens…")
-            elif isinstance(event, Finished):
-                record["result"], record["status"] = event.result, "done"
+                    st.caption(f"{run.done} / {cfg.max_new_tokens} tokens…")
+        record["result"], record["status"] = run.result, "done"
 
 
 def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig], out_columns) -> None:
@@ -169,7 +167,7 @@ def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig
     ss[RUN_KEY] = ss.get(RUN_KEY, 0) + 1
     for (slot, cfg), column in zip(configs.items(), out_columns):
         if cfg.seed is None and not (cfg.greedy or cfg.num_beams > 1):
-            cfg = replace(cfg, seed=secrets.randbelow(SEED_MAX))  # drawn here so a stopped run still reports it
+            cfg = replace(cfg, seed=draw_seed())  # drawn here so a stopped run still reports it
         record = {"status": "running", "result": partial_result(lm, prompt, cfg, [], "", 0.0), "error": None,
                   "run": ss[RUN_KEY]}
         results[slot] = record
@@ -337,7 +335,5 @@ if lm is not None:
     n_prompt = len(lm.tokenizer.encode(prompt)) if prompt else 0
     ctx = lm.stack.context_length
     st.caption(f"{n_prompt} prompt tokens · context {ctx} · room for {max(ctx - n_prompt, 0)} new tokens")
-if lm is not None and lm.objective == "diffusion":
-    diffusion_view(lm, prompt)
-else:
-    autoregressive_view(lm, prompt)
+VIEWS = {"autoregressive": autoregressive_view, "diffusion": diffusion_view}  # by sampler name
+VIEWS[sampler_for(lm).name if lm is not None else AUTOREGRESSIVE.name](lm, prompt)

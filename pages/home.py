@@ -4,12 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from core.errors import fmt_count
 from pages.parts.common import WORKBENCHES, current_model, ensure_frame, spec_label
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
-
 
 ensure_frame()
 st.title("GPT Lab")
@@ -37,7 +33,7 @@ if model is not None:
     cols[0].metric("Layers", card["layers"])
     cols[1].metric("Width", card["width"])
     cols[2].metric("Heads", card["heads"])
-    cols[3].metric("Parameters", _params(card["parameters"]), help=f"{card['parameters']:,} parameters")
+    cols[3].metric("Parameters", fmt_count(card["parameters"]), help=f"{card['parameters']:,} parameters")
     cols[4].metric("Context", card["context"], help="Longest sequence the model reads, in tokens.")
     facts = {"family": card["family"], "objective": card["objective"], "tokenizer": card["tokenizer"],
              "vocabulary": f"{card['vocab']:,}", "parameters": f"{card['parameters']:,}",

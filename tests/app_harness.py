@@ -5,6 +5,15 @@ app.py makes each run start in Streamlit's legacy multipage mode, which on rerun
 page file without the frame (no sidebar, lost widget state). A running server leaves that mode
 for good on the first ``st.navigation`` call; ``_NavigationPages`` does the same for every test
 run, so AppTest sees what a browser sees.
+
+Why the patch stays (Streamlit 1.67, read in streamlit/runtime/pages_manager.py and
+streamlit/testing/v1/app_test.py): ``AppTest._run`` sets ``PagesManager.uses_pages_directory = None``
+and builds a new ``PagesManager`` before every run, whose constructor sets the flag to True because
+``pages/`` exists; no config option or public API turns that off, and only a ``st.navigation`` call
+clears it, which comes too late for the run that started bare. Without the patch every click runs
+the page without app.py and pages.parts.common.ensure_frame's rerun drops the click (tried: the
+Generate page's Generate button then does nothing). Remove it with ensure_frame's patch when
+Streamlit drops its legacy ``pages/`` mode.
 """
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ TIMEOUT = 60.0  # seconds per run; the first run imports torch and loads a model
 
 
 class _NavigationPages(PagesManager):
+    """A PagesManager that starts in st.navigation mode, as a running server is after its first run."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         PagesManager.uses_pages_directory = False
         super().__init__(*args, **kwargs)

@@ -28,15 +28,17 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
 
-from ..errors import LabError, is_out_of_memory, one_line
+from .. import commands
+from ..errors import LabError, failure, is_out_of_memory, one_line, shorten
+from ..models.config import DEFAULT_DTYPE, DTYPE_NAMES
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
 
 PROG = "python -m core"
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+OUT_OF_MEMORY = "the device ran out of memory; use a smaller model or batch, --dtype bfloat16, or --device cpu."
 T = TypeVar("T")
 
 
@@ -134,8 +136,6 @@ def device_arg(text: str) -> str:
 
 def command_modules() -> list[ModuleType]:
     """Every command module in :mod:`core.commands`, sorted by command name."""
-    from .. import commands
-
     mods = []
     for info in pkgutil.iter_modules(commands.__path__):
         if info.name.startswith("_"):
@@ -176,6 +176,10 @@ def _description(mod: ModuleType) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit)."""
+    bad = _not_utf8(sys.argv[1:] if argv is None else argv)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -206,14 +210,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         _flush_stdout()
         if is_out_of_memory(e):
-            print("error: the device ran out of memory; use a smaller model or batch, --dtype bfloat16, "
-                  "or --device cpu.", file=sys.stderr)
+            print(f"error: {failure(e, OUT_OF_MEMORY)}", file=sys.stderr)
             return 2
         if os.environ.get("GPTLAB_DEBUG"):
             raise
         print(f"error: unexpected {type(e).__name__}: {one_line(e)[:300]} (a bug in GPT Lab; rerun with "
               f"GPTLAB_DEBUG=1 for the traceback and report it).", file=sys.stderr)
         return 1
+
+
+def _not_utf8(argv: Sequence[str]) -> str | None:
+    """A sentence for the first argument holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no tokenizer or file name takes), or None."""
+    for arg in argv:
+        try:
+            str(arg).encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(str(arg)[e.start]) & 0xFF
+            return (f"the argument '{shorten(str(arg).encode('utf-8', 'replace').decode(), 40)}' is not UTF-8 text "
+                    f"(byte 0x{byte:02x}); type it as UTF-8 or pipe the text on stdin.")
+    return None
 
 
 def _deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -224,6 +240,24 @@ def _deepest_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             if chosen is not None:
                 return _deepest_parser(chosen, args)
     return parser
+
+
+def read_stdin(what: str, stdin: TextIO | None = None) -> str | None:
+    """All of stdin as text (line breaks as ``\\n``), or ``None`` when there is no stdin; a note
+    on a terminal says how to end. Bytes that are not UTF-8 are a :class:`LabError` naming the
+    first bad byte, not a traceback."""
+    stdin = sys.stdin if stdin is None else stdin
+    if stdin is None:
+        return None
+    if stdin.isatty():
+        print(f"Reading {what} from stdin (end with Ctrl-D)...", file=sys.stderr)
+    buffer = getattr(stdin, "buffer", None)
+    try:
+        text = buffer.read().decode("utf-8") if buffer is not None else stdin.read()
+    except UnicodeDecodeError as e:
+        raise LabError(f"stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); pipe UTF-8 "
+                       f"text, e.g. through `iconv -t UTF-8`.") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _flush_stdout() -> None:
@@ -265,7 +299,7 @@ class _Bar:
 
     def __init__(self, total: int | None, desc: str):
         self.n = 0
-        try:
+        try:  # optional: tqdm comes with huggingface_hub, but a plain line does without it
             from tqdm.auto import tqdm
         except ImportError:
             self._tqdm = None
@@ -362,7 +396,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
                         "Face folder, or a GPT Lab checkpoint folder; with a bare state dict (--weights/--ckpt) "
                         "it names the architecture (default: %(default)s)")
     add_device_arg(g)
-    g.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="(default: %(default)s)")
+    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help="(default: %(default)s)")
     g.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
                    help="use this tokenizer instead of the model's own: a tokenizer.json, a model folder, "
                         "tiktoken:gpt2, or a hub id")
@@ -396,7 +430,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
 
 def latest_checkpoint(path: Path) -> Path:
     """A run folder (``runs/<id>``) stands for its newest checkpoint; any other path is itself."""
-    from ..models.loading import is_gptlab_folder
+    from ..models.loading import is_gptlab_folder  # the engine (torch): loaded when a model loads, not for --help
 
     ckpts = path / "checkpoints"
     if path.is_dir() and ckpts.is_dir() and not is_gptlab_folder(path):
@@ -497,7 +531,7 @@ def _existing(file: str, is_checkpoint: bool) -> Path:
     its train.py wrote; ``train --ckpt-name gpt3-mini.pt`` writes the folder ``checkpoints/gpt3-mini/``,
     so a missing ``X.pt`` checkpoint falls back to the GPT Lab folder ``X/`` (nothing else changes:
     an existing ``X.pt`` still loads as a state dict, and ``--weights`` never falls back)."""
-    from ..models.loading import is_gptlab_folder
+    from ..models.loading import is_gptlab_folder  # the engine (torch): loaded when a model loads, not for --help
 
     path = Path(file).expanduser()
     if path.exists():
@@ -525,6 +559,7 @@ def check_architecture(lm: "LoadedModel", args: argparse.Namespace) -> None:
 def load_from_args(args: argparse.Namespace) -> "LoadedModel":
     """The model the shared flags describe (see :func:`add_model_args`), checked against any
     reference architecture flags."""
+    # the engine (torch) is imported when a model loads, so that building the parser (--help) stays fast
     from ..devices import resolve_device
     from ..models.loading import load_model
     from ..models.statedict import load_state_dict_model
@@ -532,7 +567,7 @@ def load_from_args(args: argparse.Namespace) -> "LoadedModel":
     device = _device_from_args(args)
     if device.strip().lower() != "auto":
         resolve_device(device)  # an unknown or missing device fails before any loading
-    dtype = getattr(args, "dtype", "float32")
+    dtype = getattr(args, "dtype", DEFAULT_DTYPE)
     tokenizer = getattr(args, "tokenizer", None)
     spec, file = _model_from_args(args)
     trusted = remote_code_allowed(args)

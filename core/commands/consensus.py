@@ -5,7 +5,8 @@ the embeddings (token + position), column 1 + i*L + l is after block l of iterat
 any final norm). Prompts come from --prompt (repeatable), --randomprompt / --random-prompt, or
 stdin, one per line. Prompts of different lengths run as separate batches; nothing is truncated.
 
-Files (written atomically, only when asked):
+Files (written atomically, only when asked; every path is checked before the run starts, and a
+--savefile PREFIX naming a folder, such as out/, writes out/consensus.npy and its companions):
   --savefile PREFIX          PREFIX.npy float32 [B, N*L+1] metric 1 - mean_j |cos(h_0, h_j)| over all
                              tokens j (j = 0 included); PREFIX_hidden.npy float32 [B, T, D] final state
   --savefile PREFIX with --use-model K
@@ -34,14 +35,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..consensus.config import (DEFAULT_ITERATIONS, ENGINES, INTEGRATORS, ConsensusConfig, DecodeConfig,
-                                SimulationConfig, parse_qkv)
-from ..errors import LabError
-from .cli import add_model_args, float_arg, int_arg, load_from_args, progress
+import numpy as np
+
+from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BUDGET, MAX_TOKENS, ConsensusConfig,
+                                DecodeConfig, SimulationConfig, parse_iterations, parse_qkv)
+from ..consensus.files import output_paths, save_consensus, save_decode
+from ..errors import LabError, shorten
+from .cli import add_model_args, float_arg, int_arg, load_from_args, progress, read_stdin
 
 NAME = "consensus"
-GB = 1024 ** 3
 HELP = "Iterate a model's layer stack N times on prompts and record how the token vectors converge."
+C, S = ConsensusConfig, SimulationConfig  # every flag's default is read from these, never restated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-prompt", type=int_arg(1), metavar="L", help="one prompt of L random token ids")
     r = parser.add_argument_group("run")
     r.add_argument("--size", type=int_arg(1), metavar="N",
-                   help=f"iterations N: each is every block once, then the final norm (default: {DEFAULT_ITERATIONS}; "
-                        f"with --simulate, integration steps, default {SimulationConfig.steps})")
+                   help=f"iterations N: each is every block once, then the final norm (default: {C.iterations}; "
+                        f"with --simulate, integration steps, default {S.steps})")
     r.add_argument("--noff", action="store_true", help="skip the MLP (feed-forward) sublayers")
     reinit = r.add_mutually_exclusive_group()
     reinit.add_argument("--randominit", "--random-init", dest="random_init", action="store_true",
@@ -67,21 +71,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reinit.add_argument("--const-reset", action="store_true",
                         help="re-initialise with SEED before the embeddings and with SEED+s after layer-step s "
                              "(s = 1 + i*L + l, after block l of iteration i)")
-    r.add_argument("--seed", type=int, default=ConsensusConfig.seed, help="seed for random prompts, re-initialisation and "
-                                                        "sampling (default: %(default)s)")
-    r.add_argument("--record-every", type=int_arg(1), default=ConsensusConfig.record_every, metavar="K",
-                   help="keep every K-th layer-step (and the first and last) when N*L is large (default: 1)")
-    r.add_argument("--engine", default=ConsensusConfig.engine, choices=ENGINES,
+    r.add_argument("--seed", type=int, default=C.seed,
+                   help="seed for random prompts, re-initialisation and sampling (default: %(default)s)")
+    r.add_argument("--record-every", type=int_arg(1), default=C.record_every, metavar="K",
+                   help="keep every K-th layer-step (and the first and last) when N*L is large (default: %(default)s)")
+    r.add_argument("--engine", default=C.engine, choices=ENGINES,
                    help="block: one block at a time; iteration: a whole iteration at a time with batched metrics; "
                         "graph: iteration replayed as a CUDA graph; auto: graph on one GPU, else block "
                         "(same numbers; default: %(default)s)")
-    r.add_argument("--memory-budget", type=float_arg(0, low_open=True), default=ConsensusConfig.memory_budget / GB,
-                   metavar="GB",
-                   help="refuse runs whose recorded arrays need more host memory than this (default: %(default)s)")
+    r.add_argument("--memory-budget", type=float_arg(0, MAX_MEMORY_BUDGET / GB, low_open=True),
+                   default=C.memory_budget / GB, metavar="GB",
+                   help="refuse runs that would allocate more than this, all told: recorded arrays, prompts, batches "
+                        "and device buffers; big prompt sets run in batches that fit (default: %(default)s)")
     d = parser.add_argument_group("decoding")
     d.add_argument("--use-model", type=int_arg(1), nargs="?", const=DecodeConfig.new_tokens, metavar="K",
-                   help=f"generate K tokens (default {DecodeConfig.new_tokens}), each by N iterations over the whole sequence and "
-                        "sampling from the final state")
+                   help=f"generate K tokens (default {DecodeConfig.new_tokens}), each by N iterations over the whole "
+                        "sequence and sampling from the final state")
     d.add_argument("--top-p", type=float_arg(0, 1, low_open=True, note="; 1 turns it off"), default=DecodeConfig.top_p,
                    help="nucleus sampling for --use-model (default: %(default)s)")
     d.add_argument("--decode", metavar="I,J,...",
@@ -93,39 +98,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_simulation_arguments(parser)
 
 
-def _decode_iterations(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
-    except ValueError:
-        raise LabError(f"--decode takes iterations as comma-separated numbers like 0,4,9 (got '{text}').") from None
-
-
 def _read_stdin() -> list[str]:
-    if sys.stdin is None:
-        return []
-    if sys.stdin.isatty():
-        print("Reading prompts from stdin, one per line; finish with Ctrl-D.", file=sys.stderr)
-    return [line.rstrip("\r\n") for line in sys.stdin.read().splitlines() if line.strip()]
+    text = read_stdin("prompts, one per line,")
+    return [line for line in (text or "").split("\n") if line.strip()]
 
 
-def _one_line(text: str, limit: int = 80) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _budget(gb: float) -> int:
+    """``--memory-budget`` in bytes (its range is checked while parsing)."""
+    return int(gb * GB)
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "simulate", False):
         return run_simulation_command(args)
     # the engine is imported here, not at the top: `--help` must not load torch
-    import numpy as np
-
     from ..consensus.engine import Finished, Progress, Started, consensus_decode_stream, consensus_stream, random_prompt_ids
-    from ..consensus.files import save_consensus, save_decode
 
-    if args.size is None:
-        args.size = DEFAULT_ITERATIONS
     if args.nneo:
         if args.model not in ("default", "gpt2-xl"):
             raise LabError(f"--nneo means --model gpt2-xl, but --model {args.model} was given too; pass one of them.")
@@ -138,21 +126,19 @@ def run(args: argparse.Namespace) -> int:
     if args.use_model is not None and (args.eplot or args.matrixerror or args.decode):
         raise LabError("--eplot, --matrixerror and --decode record consensus runs; drop them with --use-model, "
                        "whose --savefile writes the texts and per-token traces.")
-    if not args.memory_budget > 0:
-        raise LabError(f"--memory-budget must be above 0 GB (got {args.memory_budget}).")
     reinit = ("iteration" if args.fullrandom else "block" if args.const_reset
               else "once" if args.random_init else "none")
-    decode_at = _decode_iterations(args.decode)
-    late = [i for i in decode_at if not 0 <= i < args.size]
+    decode_at = parse_iterations(args.decode, "--decode")
+    size = args.size = C.iterations if args.size is None else args.size  # the default, resolved where it is seen
+    late = [i for i in decode_at if not 0 <= i < size]
     if late:
-        raise LabError(f"--decode {late[0]} is outside 0..{args.size - 1}: iterations count from 0 and --size is "
-                       f"{args.size}.")
-    cfg = ConsensusConfig(iterations=args.size, skip_mlp=args.noff, reinit=reinit, seed=args.seed,
-                          record_every=args.record_every, matrix=bool(args.matrixerror),
-                          decode_iterations=decode_at,
-                          memory_budget=int(args.memory_budget * GB), restore_weights=False,
-                          engine=args.engine)
+        raise LabError(f"--decode {late[0]} is outside 0..{size - 1}: iterations count from 0 and --size is {size}.")
+    cfg = ConsensusConfig(iterations=size, skip_mlp=args.noff, reinit=reinit, seed=args.seed,
+                          record_every=args.record_every, matrix=args.matrixerror is not None,
+                          decode_iterations=decode_at, memory_budget=_budget(args.memory_budget),
+                          restore_weights=False, engine=args.engine)
     cfg.check()  # before loading a model, so a typo costs nothing
+    output_paths(args.savefile, args.eplot, args.matrixerror, decode=args.use_model is not None)
     decode = None
     if args.use_model is not None:
         decode = DecodeConfig(new_tokens=args.use_model, top_p=args.top_p, seed=args.seed)
@@ -188,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(ev, Finished):
                 result = ev.result
     except (KeyboardInterrupt, LabError) as e:
-        if result is not None and (args.savefile or args.eplot or args.matrixerror):
+        if result is not None and any(f is not None for f in (args.savefile, args.eplot, args.matrixerror)):
             paths = save()
             print(f"stopped; kept what was computed in {', '.join(map(str, paths))}", file=sys.stderr)
         raise e
@@ -197,16 +183,16 @@ def run(args: argparse.Namespace) -> int:
         for b, text in enumerate(result.texts):
             final = result.traces[b, :, -1]
             print(f"prompt {b + 1} ({len(result.token_ids[b])}+{len(result.new_ids[b])} tokens, final metric "
-                  f"{np.nanmean(final):.4f} averaged over tokens): > {_one_line(text, 200)}")
+                  f"{np.nanmean(final):.4f} averaged over tokens): > {shorten(text, 200)}")
     else:
         for b, prompt in enumerate(result.prompts):
             m, er = result.metric[b], result.effective_rank[b]
             print(f"prompt {b + 1} ({len(result.token_ids[b])} tokens): metric {m[0]:.4f} -> {m[-1]:.4f}, "
                   f"effective rank {er[0]:.2f} -> {er[-1]:.2f} after {result.total_steps} layer-steps  "
-                  f"\"{_one_line(prompt, 60)}\"")
+                  f"\"{shorten(prompt, 60)}\"")
         for it, texts in result.decodings.items():
             for b, text in enumerate(texts):
-                print(f"prompt {b + 1}, iteration {it}: > {_one_line(text or '', 200)}")
+                print(f"prompt {b + 1}, iteration {it}: > {shorten(text or '', 200)}")
     for path in save():
         print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -228,18 +214,20 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--simulate", action="store_true",
                    help="integrate n tokens on the unit sphere in R^d under attention dynamics; --size is the "
                         "number of integration steps")
-    g.add_argument("--tokens", type=int, default=SimulationConfig.tokens, metavar="n",
+    g.add_argument("--tokens", type=int_arg(2, MAX_TOKENS), default=S.tokens, metavar="n",
                    help="tokens per cloud (default: %(default)s)")
-    g.add_argument("--dim", type=int, default=SimulationConfig.dim, metavar="d",
+    g.add_argument("--dim", type=int_arg(2, MAX_DIM), default=S.dim, metavar="d",
                    help="dimension of the space (default: %(default)s; layer Q/K/V use the model's width)")
-    g.add_argument("--qkv", default=SimulationConfig.qkv, metavar="SOURCE",
+    g.add_argument("--qkv", default=S.qkv, metavar="SOURCE",
                    help="identity, random (seeded), layer:K (block K of --model, head-averaged scores, V = W_O W_V) "
                         "or layer:K:H (head H of block K) (default: %(default)s)")
-    g.add_argument("--dt", type=float, default=SimulationConfig.dt, help="integration step size (default: %(default)s)")
-    g.add_argument("--beta", type=float, default=SimulationConfig.beta, help="inverse temperature of the softmax (default: %(default)s)")
-    g.add_argument("--integrator", choices=INTEGRATORS, default=SimulationConfig.integrator,
+    g.add_argument("--dt", type=float_arg(0, low_open=True), default=S.dt,
+                   help="integration step size (default: %(default)s)")
+    g.add_argument("--beta", type=float_arg(), default=S.beta,
+                   help="inverse temperature of the softmax (default: %(default)s)")
+    g.add_argument("--integrator", choices=INTEGRATORS, default=S.integrator,
                    help="explicit Euler or classical RK4, each re-projected onto the sphere (default: %(default)s)")
-    g.add_argument("--inits", type=int, default=SimulationConfig.batch, metavar="B",
+    g.add_argument("--inits", type=int_arg(1), default=S.batch, metavar="B",
                    help="independent random initial conditions, integrated as one batch (default: %(default)s)")
     g.add_argument("--causal", action="store_true", help="masked attention: token i attends to tokens j <= i only")
 
@@ -249,17 +237,16 @@ def _simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
         value = getattr(args, dest, None)
         if value not in (None, False, [], ()):
             raise LabError(f"{flag} belongs to model runs and means nothing with --simulate; drop one of them.")
-    steps = getattr(args, "size", None)
     budget_gb = getattr(args, "memory_budget", None)
-    if budget_gb is not None and not budget_gb > 0:
-        raise LabError(f"--memory-budget must be above 0 GB (got {budget_gb}).")
-    seed = getattr(args, "seed", None)
-    given = dict(steps=steps, seed=seed, record_every=getattr(args, "record_every", None),
-                 memory_budget=None if budget_gb is None else int(budget_gb * GB))
-    return SimulationConfig(tokens=args.tokens, dim=args.dim, qkv=args.qkv, dt=args.dt, beta=args.beta,
-                            batch=args.inits, integrator=args.integrator, causal=bool(args.causal),
-                            matrix=bool(getattr(args, "matrixerror", None)),
-                            **{k: v for k, v in given.items() if v is not None})
+    given = dict(steps=getattr(args, "size", None), seed=getattr(args, "seed", None),
+                 record_every=getattr(args, "record_every", None),
+                 memory_budget=None if budget_gb is None else _budget(budget_gb))
+    cfg = SimulationConfig(tokens=args.tokens, dim=args.dim, qkv=args.qkv, dt=args.dt, beta=args.beta,
+                           batch=args.inits, integrator=args.integrator, causal=bool(args.causal),
+                           matrix=getattr(args, "matrixerror", None) is not None,
+                           **{k: v for k, v in given.items() if v is not None})
+    cfg.check()
+    return cfg
 
 
 def run_simulation_command(args: argparse.Namespace) -> int:
@@ -269,11 +256,11 @@ def run_simulation_command(args: argparse.Namespace) -> int:
     ``--savefile PREFIX``: ``PREFIX.npy`` float32 [B, P] metric and ``PREFIX_hidden.npy``
     [B, n, d]; ``--eplot FILE`` [B, P-1, 2]; ``--matrixerror FILE`` [B, n, n, P-1]. A stopped
     or failed simulation writes what it computed."""
-    from ..consensus.files import save_consensus  # the engine, loaded only to run (see run)
     from ..consensus.results import Finished, Progress
-    from ..consensus.simulation import simulation_stream
+    from ..consensus.simulation import simulation_stream  # the engine (torch), loaded only to run (see run)
 
     cfg = _simulation_config_from_args(args)
+    output_paths(getattr(args, "savefile", None), getattr(args, "eplot", None), getattr(args, "matrixerror", None))
     lm = load_from_args(args) if parse_qkv(cfg.qkv)[0] == "layer" else None
     events = simulation_stream(cfg, lm, getattr(args, "device", None))
     started = next(events)

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from typing import TextIO
+from dataclasses import replace
+from typing import Callable, TextIO
 
-from .cli import add_model_args, float_arg, int_arg, load_from_args, use_reference_weights
-from ..errors import LabError
+from .cli import add_model_args, float_arg, int_arg, load_from_args, read_stdin, use_reference_weights
+from ..errors import LabError, shorten
+from ..files import atomic_write_json, check_output
+from ..generation.config import STRATEGIES, DiffusionConfig, SamplingConfig, draw_seed
 
 NAME = "generate"
 HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities; "
@@ -45,36 +47,36 @@ HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stre
 STRATEGY_TOP_K = 50    # --strategy topk without --top-k (the reference generate.py's default)
 STRATEGY_TOP_P = 0.9   # --strategy topp without --top-p
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
-DIFFUSION_STEPS = 32   # --diffusion-steps default (DiffusionConfig's)
-STRATEGIES = ("confidence", "random")  # = core.generation.diffusion.STRATEGIES; building the parser loads no trainer
 DIFFUSION_FLAGS = ("gen_length", "diffusion_steps", "unmask")
 MASK_GLYPH = "\u2591"  # one light shade block per masked token in --stream lines
+S, D = SamplingConfig, DiffusionConfig  # every flag's default is read from these, never restated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     g = parser.add_argument_group("prompt and output")
     g.add_argument("--prompt", help="the text to continue (default: read from stdin)")
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=50,
-                   metavar="K", help="(default: %(default)s)")
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1),
+                   default=S.max_new_tokens, metavar="K", help="(default: %(default)s)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when the completion contains STR (repeatable); the completion ends before it")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--logprobs", action="store_true",
                    help="print each token's log-probability and the most likely alternatives")
-    g.add_argument("--alternatives", type=int_arg(0), default=5, metavar="N",
+    g.add_argument("--alternatives", type=int_arg(0), default=S.n_alternatives, metavar="N",
                    help="alternatives per token for --logprobs and --json (default: %(default)s)")
     g.add_argument("--perplexity", action="store_true", help="print the prompt's perplexity under the model")
     g.add_argument("--json", metavar="FILE", help="write the full result (tokens, probabilities, settings) as JSON")
 
-    d = parser.add_argument_group("decoding (default: sampling at temperature 1)")
+    d = parser.add_argument_group(f"decoding (default: sampling at temperature {S.temperature:g})")
     d.add_argument("--greedy", action="store_true", help="always take the most likely token")
     d.add_argument("--strategy", choices=("greedy", "topk", "topp"),
                    help=f"reference spelling: greedy = --greedy; topk = sampling with --top-k "
                         f"(default {STRATEGY_TOP_K}); topp = sampling with --top-p (default {STRATEGY_TOP_P})")
     # Impossible values fail while parsing; --temperature 0 is fine for a diffusion model, so an
     # autoregressive model's "above 0" is checked once the model is known (sampling_config).
-    d.add_argument("--temperature", type=float_arg(0), metavar="T", help="divide logits by T (default 1)")
+    d.add_argument("--temperature", type=float_arg(0), metavar="T",
+                   help=f"divide logits by T (default {S.temperature:g}; {D.temperature:g} for diffusion models)")
     d.add_argument("--top-k", "--top_k", dest="top_k", type=int_arg(0, note="; 0 turns it off"), metavar="K",
                    help="sample among the K most likely tokens (0 = off)")
     d.add_argument("--top-p", "--top_p", dest="top_p", metavar="P",
@@ -86,31 +88,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty",
                    type=float_arg(0, low_open=True, note="; 1 turns it off"),
                    metavar="R", help="make already-seen tokens less likely (>1; default 1 = off)")
-    d.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int_arg(1), default=1, metavar="N",
+    d.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int_arg(1), default=S.num_beams, metavar="N",
                    help="beam search with N beams (deterministic; sampling flags are ignored)")
-    d.add_argument("--length-penalty", dest="length_penalty", type=float, default=1.0, metavar="L",
-                   help="beam scores are sum(logprob) / length**L (default: %(default)s)")
+    d.add_argument("--length-penalty", dest="length_penalty", type=float_arg(), default=S.length_penalty,
+                   metavar="L", help="beam scores are sum(logprob) / length**L (default: %(default)s)")
     d.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: a fresh one, printed)")
 
     m = parser.add_argument_group(
         "diffusion models (objective: diffusion)",
-        "  --temperature (default 0 here: the most likely token), --top-k and --seed\n"
+        f"  --temperature (default {D.temperature:g} here: the most likely token), --top-k and --seed\n"
         "  apply too; --greedy means temperature 0. Flags the diffusion sampler has no\n"
         "  use for are named in a one-line note and ignored.")
     m.add_argument("--gen-length", "--gen_length", dest="gen_length", type=int, metavar="N",
                    help="tokens to generate after the prompt (default: --max-new-tokens)")
     m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int_arg(1), metavar="N",
-                   help=f"denoising steps; each reveals about gen-length/N tokens (default {DIFFUSION_STEPS}; "
+                   help=f"denoising steps; each reveals about gen-length/N tokens (default {D.steps}; "
                         f"at most the generation length)")
     m.add_argument("--unmask", choices=STRATEGIES,
-                   help="which masked positions each step reveals: the most confident predictions, or random "
-                        "ones (default confidence)")
+                   help=f"which masked positions each step reveals: the most confident predictions, or random "
+                        f"ones (default {D.strategy})")
 
 
-def sampling_config(args: argparse.Namespace):
-    """The :class:`~core.generation.autoregressive.SamplingConfig` the flags describe (aliases resolved), checked."""
-    from ..generation.autoregressive import SamplingConfig
+def _given(**values) -> dict:
+    """The settings a user typed: ``None`` means "the config's default", so it is left out."""
+    return {k: v for k, v in values.items() if v is not None}
 
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    """The :class:`SamplingConfig` the flags describe (aliases resolved), checked."""
     if args.greedy and args.strategy in ("topk", "topp"):
         raise LabError(f"--greedy contradicts --strategy {args.strategy}; drop one of them.")
     top_k, top_p = args.top_k, args.top_p
@@ -120,25 +125,16 @@ def sampling_config(args: argparse.Namespace):
         top_p = STRATEGY_TOP_P
     if args.temperature == 0 and not (args.greedy or args.strategy == "greedy" or args.num_beams > 1):
         raise LabError("--temperature must be above 0 for sampling (got 0); pass --greedy for the most likely token.")
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        greedy=bool(args.greedy or args.strategy == "greedy"),
-        temperature=1.0 if args.temperature is None else args.temperature,
-        top_k=0 if top_k is None else top_k,
-        top_p=1.0 if top_p is None else top_p,
-        min_p=0.0 if args.min_p is None else args.min_p,
-        repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
-        stop=list(args.stop or []),
-        seed=args.seed,
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
-        n_alternatives=args.alternatives,
-    )
+    cfg = SamplingConfig(**_given(
+        max_new_tokens=args.max_new_tokens, greedy=bool(args.greedy or args.strategy == "greedy"),
+        temperature=args.temperature, top_k=top_k, top_p=top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, stop=list(args.stop or []), seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, n_alternatives=args.alternatives))
     cfg.check()
     return cfg
 
 
-def ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
+def ignored_flags(args: argparse.Namespace, cfg: SamplingConfig) -> list[str]:
     """Sampling flags that greedy decoding or beam search will not use (for a note, not an error)."""
     if not (cfg.greedy or cfg.num_beams > 1):
         return []
@@ -148,14 +144,11 @@ def ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
 def read_prompt(prompt: str | None, stdin: TextIO | None = None) -> str:
     """``--prompt``, or all of stdin (one trailing newline dropped) when it is not given."""
     if prompt is None:
-        stdin = stdin or sys.stdin
-        if stdin is None:
+        prompt = read_stdin("the prompt", stdin)
+        if prompt is None:
             raise LabError("No prompt: pass --prompt TEXT or pipe text on stdin.")
-        if stdin.isatty():
-            print("Reading the prompt from stdin (end with Ctrl-D)...", file=sys.stderr)
-        prompt = stdin.read()
         if prompt.endswith("\n"):
-            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
+            prompt = prompt[:-1]
     if not prompt.strip():
         raise LabError("The prompt is empty; pass --prompt TEXT or pipe text on stdin.")
     return prompt
@@ -197,34 +190,25 @@ def format_logprobs(tokens) -> str:
     return "\n".join(rows)
 
 
-# -- diffusion models -------------------------------------------------------------------------------
-
-def diffusion_config(args: argparse.Namespace):
-    """The :class:`~core.generation.diffusion.DiffusionConfig` the flags describe. ``--greedy`` (or
-    ``--strategy greedy``) is temperature 0, which is also the default here."""
-    from ..generation.diffusion import DiffusionConfig
-
+def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
+    """The :class:`DiffusionConfig` the flags describe. ``--greedy`` (or ``--strategy greedy``)
+    is temperature 0, which is also the default here."""
     greedy = args.greedy or args.strategy == "greedy"
     if args.gen_length is not None and args.gen_length < 1:  # an autoregressive model ignores it, so not at parsing
         raise LabError(f"The generation length must be at least 1 (got {args.gen_length}); raise --gen-length.")
-    return DiffusionConfig(
-        gen_length=args.max_new_tokens if args.gen_length is None else args.gen_length,
-        steps=DIFFUSION_STEPS if args.diffusion_steps is None else args.diffusion_steps,
-        strategy=args.unmask or "confidence",
-        temperature=0.0 if greedy or args.temperature is None else args.temperature,
-        top_k=0 if args.top_k is None else args.top_k,
-        seed=args.seed,
-    )
+    return DiffusionConfig(**_given(
+        gen_length=args.max_new_tokens if args.gen_length is None else args.gen_length, steps=args.diffusion_steps,
+        strategy=args.unmask, temperature=0.0 if greedy else args.temperature, top_k=args.top_k, seed=args.seed))
 
 
-def diffusion_ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
+def diffusion_ignored_flags(args: argparse.Namespace, cfg: DiffusionConfig) -> list[str]:
     """Flags given on the command line that the diffusion sampler has no use for."""
     given = [f for f in ("top_p", "min_p", "repetition_penalty") if getattr(args, f) is not None]
-    given += ["num_beams"] if args.num_beams != 1 else []
-    given += ["length_penalty"] if args.length_penalty != 1.0 else []
+    given += ["num_beams"] if args.num_beams != S.num_beams else []
+    given += ["length_penalty"] if args.length_penalty != S.length_penalty else []
     given += ["stop"] if args.stop else []
     given += [f for f in ("logprobs", "perplexity") if getattr(args, f)]
-    given += ["alternatives"] if args.alternatives != 5 else []
+    given += ["alternatives"] if args.alternatives != S.n_alternatives else []
     flags = ["--" + f.replace("_", "-") for f in given]
     if args.strategy in ("topk", "topp"):
         flags.append(f"--strategy {args.strategy}")
@@ -237,83 +221,70 @@ def diffusion_ignored_flags(args: argparse.Namespace, cfg) -> list[str]:
 
 def one_line(text: str) -> str:
     """A state of the text on a single line: line breaks shown as ↵."""
-    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+    return shorten(text, None, "↵")
 
 
-def run_diffusion(args: argparse.Namespace, lm, prompt: str) -> int:
-    """``generate`` for a masked-diffusion model: the diffusion sampler, step by step."""
-    import secrets
-    from dataclasses import replace
+# -- one loop for both samplers; what each shows is its own ----------------------------------------
 
-    from ..files import atomic_write_json
-    from ..generation.diffusion import (DenoiseStep, DiffusionFinished, DiffusionStarted, partial_result, render,
-                                      result_json, stream)
+def _generate(args: argparse.Namespace, lm, sampler, prompt: str, cfg, show: Callable,
+              stopped: Callable | None = None):
+    """Run ``sampler`` to the end, passing each event to ``show``; on Ctrl-C, ``stopped(partial)``
+    tidies the screen and ``--json`` keeps what was produced so far. Returns the result."""
+    run = sampler.start(lm, prompt, cfg)
+    try:
+        for ev in run:
+            show(ev)
+    except KeyboardInterrupt:
+        run.close()
+        partial = run.result
+        if stopped is not None and partial is not None:
+            stopped(partial)
+        if args.json and partial is not None:
+            atomic_write_json(args.json, sampler.to_json(lm, partial, stopped=True))
+            print(f"wrote the {run.done} {sampler.done} so far to {args.json}", file=sys.stderr)
+        raise
+    return run.result
+
+
+def _write_json(args: argparse.Namespace, lm, sampler, result, what: str = "") -> None:
+    if args.json:
+        atomic_write_json(args.json, sampler.to_json(lm, result))
+        print(f"wrote {args.json}{what}", file=sys.stderr)
+
+
+def run_diffusion(args: argparse.Namespace, lm, sampler, prompt: str) -> int:
+    """``generate`` for a masked-diffusion model: every denoising state, on its own line with --stream."""
+    from ..generation.diffusion import DenoiseStep, DiffusionStarted, render  # the engine: loaded only to run
 
     cfg = diffusion_config(args)
     ignored = diffusion_ignored_flags(args, cfg)
     if ignored:
         print(f"note: {lm.name} is a diffusion model; its sampler ignores {', '.join(ignored)}.", file=sys.stderr)
-    if cfg.seed is None:
-        cfg = replace(cfg, seed=secrets.randbelow(2**31))  # drawn here so an interrupted run still reports it
-    if lm.untrained:
-        print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
+    started: list = []
 
-    out, tok = sys.stdout, lm.tokenizer
-    started, steps, result = None, [], None
-    t0 = time.perf_counter()
-    events = stream(lm, prompt, cfg)
-    try:
-        for ev in events:
-            if isinstance(ev, DiffusionStarted):
-                started = ev
-            elif isinstance(ev, DenoiseStep):
-                steps.append(ev)
-                if args.stream:
-                    P = len(started.prompt_ids)
-                    width = len(str(ev.total_steps))
-                    text = prompt + render(tok, ev.ids[P:], ev.masked[P:], MASK_GLYPH)
-                    out.write(f"[{ev.step:>{width}}/{ev.total_steps}] {one_line(text)}\n")
-                    out.flush()
-            elif isinstance(ev, DiffusionFinished):
-                result = ev.result
-    except KeyboardInterrupt:
-        events.close()
-        if args.json and started is not None:
-            partial = partial_result(lm, prompt, cfg, started, steps, time.perf_counter() - t0)
-            atomic_write_json(args.json, result_json(tok, partial, stopped=True))
-            print(f"wrote the {len(steps)} denoising steps done so far to {args.json}", file=sys.stderr)
-        raise
-    assert result is not None
+    def show(ev) -> None:
+        if isinstance(ev, DiffusionStarted):
+            started.append(ev)
+        elif isinstance(ev, DenoiseStep) and args.stream:
+            P = len(started[0].prompt_ids)
+            text = prompt + render(lm.tokenizer, ev.ids[P:], ev.masked[P:], MASK_GLYPH)
+            sys.stdout.write(f"[{ev.step:>{len(str(ev.total_steps))}}/{ev.total_steps}] {one_line(text)}\n")
+            sys.stdout.flush()
 
+    result = _generate(args, lm, sampler, prompt, _seeded(cfg), show)
     print(result.text)
+    s = result.settings
     print(f"[{len(result.completion_ids)} tokens in {result.steps} denoising steps, {result.seconds:.2f}s; "
-          f"{cfg.strategy} unmasking, temperature {cfg.temperature:g}; seed {cfg.seed}; model {result.model}]",
+          f"{s['strategy']} unmasking, temperature {s['temperature']:g}; seed {s['seed']}; model {result.model}]",
           file=sys.stderr)
-    if args.json:
-        atomic_write_json(args.json, result_json(tok, result))
-        print(f"wrote {args.json} (all {len(result.states)} states)", file=sys.stderr)
+    _write_json(args, lm, sampler, result, f" (all {len(result.states)} states)")
     return 0
 
 
-# -- autoregressive models ------------------------------------------------------------------------
+def run_autoregressive(args: argparse.Namespace, lm, sampler, prompt: str, cfg: SamplingConfig) -> int:
+    """``generate`` for an autoregressive model: greedy, sampling or beam search."""
+    from ..generation.autoregressive import Started, TokenEvent  # the engine: loaded only to run
 
-def run(args: argparse.Namespace) -> int:
-    from ..files import atomic_write_json
-    from ..generation.autoregressive import Finished, Started, TokenEvent, partial_result, stream
-
-    # The sampling flags are checked before the model loads, but an error is held until the model
-    # says which sampler runs: a diffusion model takes --temperature 0, and ignores the rest.
-    try:
-        cfg, bad_flags = sampling_config(args), None
-    except LabError as e:
-        cfg, bad_flags = None, e
-    prompt = read_prompt(args.prompt)
-    use_reference_weights(args)
-    lm = load_from_args(args)
-    if lm.objective == "diffusion":
-        return run_diffusion(args, lm, prompt)
-    if bad_flags is not None:
-        raise bad_flags
     diffusion_only = ["--" + f.replace("_", "-") for f in DIFFUSION_FLAGS if getattr(args, f) is not None]
     if diffusion_only:
         print(f"note: {', '.join(diffusion_only)} apply to diffusion models only; {lm.name} is autoregressive, "
@@ -322,41 +293,27 @@ def run(args: argparse.Namespace) -> int:
     if ignored:
         mode = "--greedy" if cfg.greedy and cfg.num_beams == 1 else "beam search"
         print(f"note: {mode} ignores {', '.join(ignored)}.", file=sys.stderr)
-    if lm.untrained:
-        print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
-
     out = sys.stdout
     printer = StreamPrinter(out, max((len(s) for s in cfg.stop), default=1) - 1) if args.stream else None
-    result, tokens, completion = None, [], ""
-    t0 = time.perf_counter()
-    events = stream(lm, prompt, cfg)
-    try:
-        for ev in events:
-            if isinstance(ev, TokenEvent):
-                tokens.append(ev.token)
-                completion = ev.completion
-                if printer:
-                    printer.update(completion)
-            elif isinstance(ev, Finished):
-                result = ev.result
-            elif isinstance(ev, Started) and printer:  # the prompt is encoded and fits
-                out.write(prompt)
-                out.flush()
-    except KeyboardInterrupt:
-        events.close()
-        result = partial_result(lm, prompt, cfg, tokens, completion, time.perf_counter() - t0)
-        if printer:
-            printer.finish(result.completion)
-            out.write("\n")
-        if args.json:
-            atomic_write_json(args.json, result.to_json())
-            print(f"wrote the {len(tokens)} tokens generated so far to {args.json}", file=sys.stderr)
-        raise
-    assert result is not None
 
-    if printer:
-        printer.finish(result.completion)
+    def show(ev) -> None:
+        if printer is None:
+            return
+        if isinstance(ev, Started):  # the prompt is encoded and fits
+            out.write(prompt)
+            out.flush()
+        elif isinstance(ev, TokenEvent):
+            printer.update(ev.completion)
+
+    def finish_line(partial) -> None:
+        printer.finish(partial.completion)
         out.write("\n")
+
+    sampling = not (cfg.greedy or cfg.num_beams > 1)
+    result = _generate(args, lm, sampler, prompt, _seeded(cfg) if sampling else cfg, show,
+                       finish_line if printer else None)
+    if printer:
+        finish_line(result)
     else:
         print(result.text)
     if args.logprobs:
@@ -366,10 +323,36 @@ def run(args: argparse.Namespace) -> int:
         ppl = result.prompt_perplexity
         print(f"prompt perplexity: {ppl:.4f}" if ppl is not None else
               "prompt perplexity: n/a (the prompt is a single token)")
-    seed = "" if cfg.greedy or cfg.num_beams > 1 else f"; seed {result.settings.get('seed')}"
+    seed = f"; seed {result.settings.get('seed')}" if sampling else ""
     print(f"[{len(result.tokens)} tokens in {result.seconds:.2f}s, {result.tokens_per_s:.1f} tokens/s; "
           f"stopped by {result.stop_reason}{seed}; model {result.model}]", file=sys.stderr)
-    if args.json:
-        atomic_write_json(args.json, result.to_json())
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args, lm, sampler, result)
     return 0
+
+
+def _seeded(cfg):
+    """``cfg`` with a seed drawn now when it names none, so a run stopped early still reports it."""
+    return cfg if cfg.seed is not None else replace(cfg, seed=draw_seed())
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation.sampler import sampler_for  # the engine (torch) is imported here: --help stays fast
+
+    # The sampling flags are checked before the model loads, but an error is held until the model
+    # says which sampler runs: a diffusion model takes --temperature 0, and ignores the rest.
+    try:
+        cfg, bad_flags = sampling_config(args), None
+    except LabError as e:
+        cfg, bad_flags = None, e
+    check_output(args.json, "--json")
+    prompt = read_prompt(args.prompt)
+    use_reference_weights(args)
+    lm = load_from_args(args)
+    sampler = sampler_for(lm)
+    if lm.untrained:
+        print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
+    if sampler.denoises:
+        return run_diffusion(args, lm, sampler, prompt)
+    if bad_flags is not None:
+        raise bad_flags
+    return run_autoregressive(args, lm, sampler, prompt, cfg)

@@ -9,7 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import LabError
+from ..errors import LabError, fmt_count
+from ..files import read_text_inside
+from ..models.config import PRESETS, GPTConfig, preset_config
 
 NAME = "models"
 HELP = "List usable model specs: default, known hub ids (cached or not), local checkpoints, presets."
@@ -25,39 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 
-def param_count(cfg) -> int:
-    """Parameters of our GPT for ``cfg``, counted from the shapes (instant even for 175B)."""
-    d, m, b = cfg.d_model, cfg.mlp_expansion, int(cfg.bias)
-    ln = d * (1 + b)
-    block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + (m * d * d + m * d * b) + (m * d * d + d * b)
-    head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    return cfg.vocab_size * d + cfg.block_size * d + cfg.n_layer * block + ln + head
-
-
-def human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
 def checkpoint_summary(folder: Path) -> dict:
-    """What a GPT Lab model folder's config.json says, without loading any weights."""
-    from ..models.gpt import GPTConfig
-
-    meta = json.loads((folder / "config.json").read_text())
-    cfg = GPTConfig.from_dict(meta["model"])
-    card = folder / "README.md"
-    title = next((ln.lstrip("# ").strip() for ln in card.read_text(encoding="utf-8").splitlines() if ln.strip()),
-                 None) if card.exists() else None
+    """What a GPT Lab model folder's config.json says, without loading any weights (files are read
+    only from inside the folder: a card linking elsewhere is refused, not shown)."""
+    meta = json.loads(read_text_inside(folder, "config.json") or "{}")
+    cfg = GPTConfig.from_dict(meta.get("model") if isinstance(meta, dict) else None)
+    card = read_text_inside(folder, "README.md")
+    title = next((ln.lstrip("# ").strip() for ln in card.splitlines() if ln.strip()), None) if card else None
     return {"spec": str(folder), "objective": meta.get("objective", "ar"), "untrained": bool(meta.get("untrained")),
             "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.d_model, "context": cfg.block_size,
-            "vocab": cfg.vocab_size, "causal": cfg.causal, "parameters": param_count(cfg), "card_title": title}
+            "vocab": cfg.vocab_size, "causal": cfg.causal, "parameters": cfg.n_params, "card_title": title}
 
 
 def hub_cache_status(repo_id: str) -> bool:
     """True when config and weights of ``repo_id`` are in the local Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # a third of a second: only `models` itself pays it
 
     def cached(name: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, name), str)
@@ -66,36 +50,34 @@ def hub_cache_status(repo_id: str) -> bool:
 
 
 def find_checkpoints(runs: Path) -> list[dict]:
-    from ..models.loading import is_gptlab_folder
+    from ..models.loading import is_gptlab_folder  # torch: loaded only to run, not for --help
 
     found = []
     for folder in sorted(runs.glob("*/checkpoints/*")):
         if folder.is_dir() and is_gptlab_folder(folder):
             try:
                 info = checkpoint_summary(folder)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a checkpoint being written right now
+            except (json.JSONDecodeError, LabError):
+                continue  # a checkpoint being written right now, or one that is not fit to list
             info.update(run=folder.parent.parent.name, step=int(folder.name) if folder.name.isdigit() else None)
             found.append(info)
     return sorted(found, key=lambda c: (c["run"], c["step"] if c["step"] is not None else -1))
 
 
 def presets() -> list[dict]:
-    from ..models.gpt import PRESETS, preset_config
-
     rows = []
     for name in PRESETS:
         cfg = preset_config(name, vocab_size=PRESET_VOCAB, block_size=PRESET_CONTEXT)
         rows.append({"name": name, "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.d_model,
-                     "parameters": param_count(cfg)})
+                     "parameters": cfg.n_params})
     return rows
 
 
 def collect(runs: str | Path = "runs") -> dict:
     """Everything ``models`` shows, as plain data."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # a third of a second: only `models` itself pays it
 
-    from ..models.loading import DEFAULT_DIR, KNOWN_HUB_MODELS
+    from ..models.loading import DEFAULT_DIR, KNOWN_HUB_MODELS  # torch: loaded only to run, not for --help
 
     default = checkpoint_summary(DEFAULT_DIR) if (DEFAULT_DIR / "config.json").exists() else None
     if default is not None:
@@ -110,7 +92,7 @@ def collect(runs: str | Path = "runs") -> dict:
 
 def _shape(c: dict) -> str:
     return (f"{c['layers']} layers, width {c['width']}, {c['heads']} heads, context {c['context']}, "
-            f"vocab {c['vocab']}, {human(c['parameters'])} parameters")
+            f"vocab {c['vocab']}, {fmt_count(c['parameters'])} parameters")
 
 
 def format_models(info: dict, runs: str) -> str:

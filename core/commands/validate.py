@@ -19,16 +19,16 @@ import sys
 from pathlib import Path
 
 from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
-                   remote_code_allowed, use_reference_weights)
+                  remote_code_allowed, use_reference_weights)
 from ..errors import LabError
+from ..files import atomic_write_json, check_output
+from ..models.config import VALIDATE_GEN_PROMPT, VALIDATE_NEW_TOKENS, VALIDATE_PROMPT
 
 NAME = "validate"
 HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, greedy generations."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..models.validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
-
     parser.add_argument("--model", default="gpt2", metavar="SPEC", action=GivenAction,
                         help="a GPT-2 hub id (gpt2 ... gpt2-xl) or a local Hugging Face GPT-2 folder; with "
                              "--weights, the architecture of the state dict (default: %(default)s)")
@@ -36,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a bare GPT-2 state dict (.pt/.safetensors) to validate instead of the hub weights; "
                              f"'auto' loads the model --model names (default: {REFERENCE_WEIGHTS} when it exists "
                              f"and --model is not given, else auto)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text for the logit comparison (default: %(default)r)")
-    parser.add_argument("--gen-prompt", "--gen_prompt", dest="gen_prompt", default=DEFAULT_GEN_PROMPT,
+    parser.add_argument("--prompt", default=VALIDATE_PROMPT, help="text for the logit comparison (default: %(default)r)")
+    parser.add_argument("--gen-prompt", "--gen_prompt", dest="gen_prompt", default=VALIDATE_GEN_PROMPT,
                         help="text both models continue greedily")
-    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=40,
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=VALIDATE_NEW_TOKENS,
                         metavar="K", help="tokens to generate (default: %(default)s)")
     add_device_arg(parser, default="cpu", sharded=False)
     parser.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
@@ -49,9 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    """Paths that do not exist fail here, before the first progress line, so the error is the only line."""
-    from ..models.loading import DEFAULT_DIR
+    """Paths that do not exist, or an output that cannot be written, fail here, before the first
+    progress line, so the error is the only line."""
+    from ..models.loading import DEFAULT_DIR  # the engine, loaded only to run: `--help` stays torch-free
 
+    check_output(args.json, "--json")
     spec = (args.model or "").strip()
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise LabError(f"--model {spec} does not exist; check the path, or pass a GPT-2 hub id such as gpt2.")
@@ -64,8 +66,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import atomic_write_json
-    from ..models.validate import format_report, validate_gpt2
+    from ..models.validate import format_report, validate_gpt2  # torch: loaded only to run, not for --help
 
     use_reference_weights(args)
     _check_paths(args)

@@ -15,10 +15,10 @@ from ..lazy import lazy_exports, names
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     **names(".config", "ConsensusConfig", "DecodeConfig", "SimulationConfig", "REINIT_MODES", "ENGINES",
-            "DEFAULT_ITERATIONS", "DEFAULT_MEMORY_BUDGET"),
+            "DEFAULT_ITERATIONS", "DEFAULT_MEMORY_BUDGET", "MAX_MEMORY_BUDGET", "parse_iterations"),
     **names(".results", "ConsensusResult", "ConsensusDecodeResult", "MetricChunk", "Started", "Progress", "Decoded",
             "TokenSampled", "Finished", "ConsensusEvent", "STAT_NAMES"),
     **names(".engine", "consensus_stream", "run_consensus", "consensus_decode_stream", "consensus_decode",
-            "random_prompt_ids", "estimate_bytes", "recorded_steps"),
+            "random_prompt_ids", "estimate_bytes", "memory_plan", "MemoryPlan", "recorded_steps"),
     **names(".simulation", "simulation_stream", "run_simulation", "SimulationResult"),
 })

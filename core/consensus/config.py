@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import LabError
+from ..errors import LabError, shorten
 from ..generation.config import check_seed
 
 REINIT_MODES = ("none", "once", "iteration", "block")
@@ -19,8 +19,16 @@ ENGINES = ("auto", "block", "iteration", "graph")
 FUSED_BUDGET = 1024 ** 3  # bytes of device scratch an iteration-at-a-time engine may use
 MIN_GRAPH_ITERATIONS = 8  # below this, warm-up and capture (about 3 iterations) cost more than they save
 DEFAULT_ITERATIONS = 1000  # the GPT-Neo script's default for --size (the GPT-2 script used 2000)
-DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes of recorded host arrays a run may allocate
-DEVICE_CHUNK_BUDGET = 256 * 1024 ** 2  # bytes of device buffer between two copies to the host
+DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes a run may allocate, all told (see engine.memory_plan)
+MAX_MEMORY_BUDGET = 1 << 50  # 1 PiB: a budget above any machine is a typo, not a wish
+GB = 1024 ** 3  # the unit budgets are typed in (--memory-budget)
+DEVICE_CHUNK_BUDGET = 256 * 1024 ** 2  # bytes of device buffer between two copies to the host (at most)
+
+# The Consensus page starts smaller than the scripts, so a first run answers in seconds (the scripts'
+# values are a click away): its starting values are stated here, beside the defaults they shadow.
+PAGE_ITERATIONS = 20
+PAGE_NEW_TOKENS = 10
+PAGE_INITS = 4
 
 PromptLike = str | Sequence[int]
 
@@ -56,11 +64,31 @@ class ConsensusConfig:
                            "or 'block'.")
         if int(self.max_events) < 1:
             raise LabError(f"max events must be at least 1 (got {self.max_events}).")
+        check_budget(self.memory_budget)
         check_seed(self.seed)
         bad = [i for i in self.decode_iterations if not 0 <= int(i) < self.iterations]
         if bad:
             raise LabError(f"Decode iteration(s) {', '.join(map(str, bad))} are outside 0..{self.iterations - 1}; "
                            f"iterations are counted from 0 and there are N = {self.iterations}.")
+
+
+def check_budget(memory_budget: float) -> None:
+    """Raise :class:`LabError` for a memory budget no run can mean: not above 0, or above
+    :data:`MAX_MEMORY_BUDGET` (where byte counts stop being numbers a machine has)."""
+    if not (isinstance(memory_budget, (int, float)) and 0 < memory_budget <= MAX_MEMORY_BUDGET):
+        raise LabError(f"The memory budget must be above 0 and at most {MAX_MEMORY_BUDGET // GB:,} GB "
+                       f"(got {memory_budget!r} bytes); pass a size in GB such as 2.")
+
+
+def parse_iterations(text: str | None, flag: str = "Decode iterations") -> tuple[int, ...]:
+    """``"0, 4,9"`` -> ``(0, 4, 9)`` (sorted, without repeats); anything else is a sentence naming ``flag``."""
+    if not text or not text.strip():
+        return ()
+    try:
+        return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
+    except ValueError:
+        raise LabError(f"{flag} takes iterations as comma-separated whole numbers like 0,4,9 "
+                       f"(got '{shorten(text, 40)}').") from None
 
 
 @dataclass
@@ -139,6 +167,8 @@ class SimulationConfig:
             raise LabError(f"record every must be at least 1 (got {self.record_every}).")
         if int(self.max_events) < 1:
             raise LabError(f"max events must be at least 1 (got {self.max_events}).")
+        check_budget(self.memory_budget)
+        check_seed(self.seed)
         parse_qkv(self.qkv)
 
     def label(self) -> str:

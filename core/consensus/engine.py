@@ -59,13 +59,14 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import (DEFAULT_ITERATIONS, DEFAULT_MEMORY_BUDGET, DEVICE_CHUNK_BUDGET, ENGINES, FUSED_BUDGET,
+from .config import (DEFAULT_ITERATIONS, DEFAULT_MEMORY_BUDGET, DEVICE_CHUNK_BUDGET, ENGINES, FUSED_BUDGET,  # noqa: F401
                      MIN_GRAPH_ITERATIONS, REINIT_MODES, ConsensusConfig, DecodeConfig, PromptLike)
 from .metrics import token_stats
 from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
                       MetricChunk, Progress, Started, TokenSampled)
-from ..errors import LabError, fmt_bytes
+from ..errors import LabError, fmt_bytes, shorten
 from ..generation.config import check_seed
+from ..generation.sampling import apply_temperature, apply_top_p
 from ..models.stack import stack_for
 
 if TYPE_CHECKING:
@@ -85,10 +86,32 @@ def _n_columns(total_steps: int, k: int) -> int:
     return total_steps // k + 1 + (1 if total_steps % k else 0)
 
 
+class _Columns:
+    """Which column a layer-step is recorded in (-1: not recorded), by arithmetic: a table of
+    every layer-step would itself be ``8 * N * L`` bytes, a MemoryError for ``N = 10**9``."""
+
+    def __init__(self, total_steps: int, record_every: int):
+        self.total, self.k = int(total_steps), max(1, int(record_every))
+        self.last = _n_columns(self.total, self.k) - 1
+
+    def __getitem__(self, step: int) -> int:
+        if step % self.k == 0:
+            return step // self.k
+        return self.last if step == self.total else -1
+
+    def span(self, first: int, n: int) -> np.ndarray:
+        """The columns of layer-steps ``first .. first + n - 1``."""
+        s = np.arange(first, first + n, dtype=np.int64)
+        cols = np.where(s % self.k == 0, s // self.k, -1)
+        cols[s == self.total] = self.last
+        return cols
+
+
 def estimate_bytes(lengths: Sequence[int], n_layer: int, d_model: int, cfg: ConsensusConfig,
                    new_tokens: int = 0) -> int:
     """Host bytes a run will record: the five per-column series, the cosine matrices when asked,
-    the final hidden states, and (consensus decoding) the per-token traces."""
+    the final hidden states, and (consensus decoding) the per-token traces. The rest of what a run
+    allocates is counted by :func:`memory_plan`."""
     B, T = len(lengths), max(lengths, default=0)
     P = _n_columns(int(cfg.iterations) * n_layer, max(1, int(cfg.record_every)))
     if new_tokens:
@@ -99,27 +122,118 @@ def estimate_bytes(lengths: Sequence[int], n_layer: int, d_model: int, cfg: Cons
     return total
 
 
-def _check_memory(lengths: Sequence[int], n_layer: int, d_model: int, cfg: ConsensusConfig,
-                  new_tokens: int = 0) -> int:
-    need = estimate_bytes(lengths, n_layer, d_model, cfg, new_tokens)
-    if need <= cfg.memory_budget:
-        return need
-    total_steps = int(cfg.iterations) * n_layer
-    lo, hi = max(1, int(cfg.record_every)), total_steps
-    if estimate_bytes(lengths, n_layer, d_model, replace(cfg, record_every=hi), new_tokens) > cfg.memory_budget:
+def _chunk_budget(cfg: ConsensusConfig) -> int:
+    """Bytes of statistics a batch buffers on the device between two copies to the host: at most
+    :data:`DEVICE_CHUNK_BUDGET`, and a sixteenth of the run's budget, so small budgets stay small."""
+    return max(1, min(DEVICE_CHUNK_BUDGET, int(cfg.memory_budget) // 16))
+
+
+def _capacity(per_col: int, cfg: ConsensusConfig, at_least: int, window: int | None = None) -> int:
+    """Columns a recorder buffers (``window=None``: the most it could, for planning)."""
+    fit = _chunk_budget(cfg) // max(1, per_col)
+    return int(max(1, at_least, fit if window is None else min(window, fit)))
+
+
+@dataclass
+class MemoryPlan:
+    """What a run will allocate, in bytes, checked against ``cfg.memory_budget`` before anything
+    is: the recorded arrays, the prompts' token ids, a private copy of the weights (re-initialising
+    runs that must leave the model untouched), and one batch's working memory (activations, the
+    statistics, the device buffer and its host copy, the iteration engine's scratch) at the
+    largest batch that fits. Prompts of one length run in batches of at most ``batch``."""
+
+    recordings: int
+    prompts: int
+    model_copy: int
+    working: int
+    batch: int
+
+    @property
+    def total(self) -> int:
+        return self.recordings + self.prompts + self.model_copy + self.working
+
+
+def _working_bytes(lm: "LoadedModel", b: int, T: int, cfg: ConsensusConfig, new_tokens: int) -> int:
+    """One batch of ``b`` prompts of ``T`` tokens (``T + new_tokens`` by the end of decoding)."""
+    st = lm.stack
+    elem = torch.finfo(st.dtype).bits // 8
+    D, H, V, L = st.d_model, st.n_head, st.vocab_size, st.n_layer
+    T = T + new_tokens
+    acts = elem * T * (19 * D + 2 * H * T)  # one block: norms, q/k/v, scores and softmax, a 4x MLP, residuals
+    stats = 4 * T * (3 * D + 7 * T)  # token_stats in float32
+    lens = (elem + 4) * T * V if cfg.decode_iterations else (elem + 4) * V if new_tokens else 0
+    host = 4 * T * D + 8 * T  # the state copied to the host at a flush, the token ids
+    per_col = 4 * b * (len(STAT_NAMES) + (T * T if cfg.matrix and not new_tokens else 0))
+    engine = _engine(lm, cfg, b, T) if st.device.type == "cuda" or cfg.engine != "auto" else "block"
+    runner = _IterationRunner.scratch_bytes(lm, b, T, cfg.matrix) if engine != "block" else 0
+    at_least = L + 2 if engine != "block" else 1
+    return b * (acts + stats + lens + host) + 2 * per_col * _capacity(per_col, cfg, at_least) + runner
+
+
+def memory_plan(lm: "LoadedModel", token_ids: Sequence[Sequence[int]], cfg: ConsensusConfig,
+                new_tokens: int = 0, texts: Sequence[str] = ()) -> MemoryPlan:
+    """The :class:`MemoryPlan` of a run over prompts with these token ids, at the largest batch
+    that fits the budget (1 when none does: :func:`_check_memory` says what to change)."""
+    st = lm.stack
+    lengths = [len(t) for t in token_ids]
+    recordings = estimate_bytes(lengths, st.n_layer, st.d_model, cfg, new_tokens)
+    prompts = sum(36 * n + 100 for n in lengths) + sum(4 * len(t) for t in texts)
+    copy = (st.num_params() * (torch.finfo(st.dtype).bits // 8)
+            if cfg.reinit != "none" and cfg.restore_weights else 0)
+    groups: dict[int, int] = {}
+    for n in lengths:
+        groups[n] = groups.get(n, 0) + 1
+    room = int(cfg.memory_budget) - recordings - prompts - copy
+
+    def working(b: int) -> int:
+        return max((_working_bytes(lm, min(b, count), T, cfg, new_tokens) for T, count in groups.items()), default=0)
+
+    lo, hi = 1, max(groups.values(), default=1)
+    while lo < hi:  # the largest batch whose working memory fits (it grows with the batch)
+        mid = (lo + hi + 1) // 2
+        if working(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return MemoryPlan(recordings, prompts, copy, working(lo), lo)
+
+
+def _check_memory(lm: "LoadedModel", token_ids: Sequence[Sequence[int]], cfg: ConsensusConfig,
+                  new_tokens: int = 0, texts: Sequence[str] = ()) -> MemoryPlan:
+    """The run's :class:`MemoryPlan` when it fits the budget; else a :class:`LabError` saying what
+    to change, offering (as ``fix``) a ``record_every`` that fits when the recording is what is too big."""
+    plan = memory_plan(lm, token_ids, cfg, new_tokens, texts)
+    budget = int(cfg.memory_budget)
+    if plan.total <= budget:
+        return plan
+    n = len(token_ids)
+    total_steps = int(cfg.iterations) * lm.stack.n_layer
+
+    def fits(k: int) -> bool:
+        return memory_plan(lm, token_ids, replace(cfg, record_every=k), new_tokens, texts).total <= budget
+
+    if not fits(total_steps):
+        rest = plan.total - plan.recordings
+        if rest > budget:
+            T = max(len(t) for t in token_ids) + new_tokens
+            raise LabError(f"One batch of prompts of {T} tokens needs about {fmt_bytes(rest)} to run (activations, "
+                           f"statistics{', weight copy' if plan.model_copy else ''}), over the {fmt_bytes(budget)} "
+                           f"memory budget; use fewer or shorter prompts{' or drop the matrices' if cfg.matrix else ''},"
+                           f" or raise the memory budget.")
         what = "the token cosine matrices (--matrixerror)" if cfg.matrix else "the recorded arrays"
-        raise LabError(f"Even recording only the first and last layer-step, {what} for {len(lengths)} prompt(s) "
-                       f"need more than the {fmt_bytes(cfg.memory_budget)} memory budget; use fewer or shorter "
+        raise LabError(f"Even recording only the first and last layer-step, {what} for {n} prompt(s) "
+                       f"need more than the {fmt_bytes(budget)} memory budget; use fewer or shorter "
                        f"prompts{' or drop the matrices' if cfg.matrix else ''}.")
-    while lo < hi:  # smallest record_every that fits (estimate_bytes falls as k grows)
+    lo, hi = max(1, int(cfg.record_every)), total_steps
+    while lo < hi:  # smallest record_every that fits (the need falls as k grows)
         mid = (lo + hi) // 2
-        if estimate_bytes(lengths, n_layer, d_model, replace(cfg, record_every=mid), new_tokens) <= cfg.memory_budget:
+        if fits(mid):
             hi = mid
         else:
             lo = mid + 1
-    raise LabError(f"Recording all {total_steps} layer-steps for {len(lengths)} prompt(s)"
-                   f"{' with T x T cosine matrices' if cfg.matrix else ''} needs about {fmt_bytes(need)}, over the "
-                   f"{fmt_bytes(cfg.memory_budget)} memory budget; keep one layer-step in {lo} "
+    raise LabError(f"Recording all {total_steps} layer-steps for {n} prompt(s)"
+                   f"{' with T x T cosine matrices' if cfg.matrix else ''} needs about {fmt_bytes(plan.total)}, over "
+                   f"the {fmt_bytes(budget)} memory budget; keep one layer-step in {lo} "
                    f"(--record-every {lo}) or use fewer prompts or iterations.", fix={"record_every": lo})
 
 
@@ -139,7 +253,7 @@ def random_prompt_ids(lm: "LoadedModel", n: int, length: int, seed: int = 42) ->
     return torch.randint(0, vocab, (int(n), int(length)), generator=gen).tolist()
 
 
-def _one_line(text: str) -> str:
+def _printable(text: str) -> str:
     """``text`` safe to quote inside a one-line message: newlines, tabs and other unprintable
     characters (terminal escapes included) shown as their escapes (``\\n``), not acted on."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -161,6 +275,7 @@ class _Plan:
     n_layer: int
     steps: np.ndarray
     bytes: int
+    memory: MemoryPlan
 
 
 def _plan(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig, new_tokens: int = 0) -> _Plan:
@@ -188,19 +303,21 @@ def _plan(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig
             texts.append(tok.decode(t))
         limit = stack.context_length - new_tokens
         if len(t) > limit:
-            short = _one_line(texts[-1][:40]) + ("..." if len(texts[-1]) > 40 else "")
+            short = _printable(shorten(texts[-1], 43))
             extra = f" plus {new_tokens} new tokens" if new_tokens else ""
             raise LabError(f"Prompt {n} ('{short}') has {len(t)} tokens{extra}, beyond the model's context of "
                            f"{stack.context_length}; shorten it to at most {max(limit, 0)} tokens"
                            f"{' or ask for fewer new tokens' if new_tokens else ''}.")
         ids.append(t)
+    memory = _check_memory(lm, ids, cfg, new_tokens, texts)
     by_len: dict[int, list[int]] = {}
     for row, t in enumerate(ids):
         by_len.setdefault(len(t), []).append(row)
-    groups = [_Group(rows, torch.tensor([ids[r] for r in rows], dtype=torch.long)) for rows in by_len.values()]
-    need = _check_memory([len(t) for t in ids], stack.n_layer, stack.d_model, cfg, new_tokens)
+    b = memory.batch
+    groups = [_Group(rows[i:i + b], torch.tensor([ids[r] for r in rows[i:i + b]], dtype=torch.long))
+              for rows in by_len.values() for i in range(0, len(rows), b)]
     steps = recorded_steps(int(cfg.iterations) * stack.n_layer, int(cfg.record_every))
-    return _Plan(texts, ids, groups, stack.n_layer, steps, need)
+    return _Plan(texts, ids, groups, stack.n_layer, steps, memory.total, memory)
 
 
 # -- the walk -------------------------------------------------------------------------------------
@@ -245,17 +362,19 @@ class _Recorder:
     preallocated buffer); ``flush`` is the one host synchronisation, at event boundaries.
     """
 
-    def __init__(self, rows: list[int], T: int, col_of_step: np.ndarray, steps: np.ndarray, device: torch.device,
-                 matrix: bool, window: int, sink, token: int | None = None, at_least: int = 1):
+    def __init__(self, rows: list[int], T: int, col_of_step: _Columns, steps: np.ndarray, device: torch.device,
+                 cfg: ConsensusConfig, matrix: bool, window: int, sink, token: int | None = None, at_least: int = 1):
         self.rows, self.T, self.col_of_step, self.steps = rows, T, col_of_step, steps
         self.matrix, self.sink, self.token = matrix, sink, token
         b = len(rows)
         per_col = 4 * b * (len(STAT_NAMES) + (T * T if matrix else 0))
-        self.capacity = int(max(1, at_least, min(window, DEVICE_CHUNK_BUDGET // per_col)))
+        self.capacity = _capacity(per_col, cfg, at_least, window)
         self.buf = torch.empty(b, self.capacity, len(STAT_NAMES), dtype=torch.float32, device=device)
         self.mbuf = (torch.empty(b, self.capacity, T, T, dtype=torch.float32, device=device) if matrix else None)
         self.cols: list[int] = []
         self.step, self.h = -1, None  # the latest layer-step seen and its state (a reference, no copy)
+        self.done = -1  # the layer-step the host copy has reached
+        self.broken = False
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
@@ -273,7 +392,7 @@ class _Recorder:
         The caller makes sure there is :attr:`room` for ``L`` columns."""
         L = stats.shape[1]
         self.step, self.h = first_step + L - 1, h
-        cols = self.col_of_step[first_step:first_step + L]
+        cols = self.col_of_step.span(first_step, L)
         local = tuple(int(x) for x in np.flatnonzero(cols >= 0))
         if not local:
             return
@@ -305,7 +424,12 @@ class _Recorder:
 
     def flush(self, h: torch.Tensor | None = None) -> MetricChunk:
         """Copy the pending columns and the state ``h`` (default: the latest recorded one) to the
-        host, hand them to the sink, and return the columns as a chunk."""
+        host, hand them to the sink, and return the columns as a chunk. States that stopped being
+        numbers (activations overflowing, in a 16-bit dtype soonest) keep the columns before them
+        and end the run with a sentence, never a chart of NaN."""
+        if self.broken:  # the run ended at a state that was not numbers: nothing after it is kept
+            return MetricChunk(rows=list(self.rows), steps=self.steps[:0], token=self.token,
+                               **{name: np.zeros((len(self.rows), 0), np.float32) for name in STAT_NAMES})
         h = self.h if h is None else h
         step = self.step
         n = len(self.cols)
@@ -315,9 +439,24 @@ class _Recorder:
         mat = self.mbuf[:, :n].to("cpu", copy=True).numpy() if self.mbuf is not None else None  # (b, n, T, T)
         hidden = h.float().cpu().numpy() if h is not None else None
         self.cols = []
+        bad = ~np.isfinite(stats[:, :, _ALWAYS_FINITE]).all(axis=(0, 2))  # (n,) columns that are not numbers
+        if bad.any() or (hidden is not None and not np.isfinite(hidden).all()):
+            good = int(np.argmax(bad)) if bad.any() else n
+            last = int(self.steps[cols[good - 1]]) if good else self.done
+            self.sink(self.rows, cols[:good], stats[:, :good], None if mat is None else mat[:, :good], None, last)
+            at = int(self.steps[cols[good]]) if good < n else step
+            self.h, self.broken = None, True
+            raise LabError(f"The hidden states stopped being numbers (NaN or infinity) by layer-step {at}: the "
+                           f"activations overflow after so many iterations; load the model in float32 or run fewer "
+                           f"iterations. What was computed before is kept.")
         self.sink(self.rows, cols, stats, mat, hidden, step)
+        self.done = step
         parts = {name: stats[:, :, k] for k, name in enumerate(STAT_NAMES)}
         return MetricChunk(rows=list(self.rows), steps=self.steps[cols], token=self.token, **parts)
+
+
+# statistics that are numbers for any finite state (the pairwise means are NaN for a one-token prompt)
+_ALWAYS_FINITE = [STAT_NAMES.index(name) for name in ("metric", "effective_rank", "centroid_distance")]
 
 
 @torch.no_grad()
@@ -479,12 +618,6 @@ def _runner_for(lm: "LoadedModel", cfg: ConsensusConfig, b: int, T: int) -> tupl
     return _IterationRunner(lm, b, T, cfg, graph=engine == "graph"), lm.stack.n_layer + 2
 
 
-def _col_of_step(total_steps: int, steps: np.ndarray) -> np.ndarray:
-    col = np.full(total_steps + 1, -1, dtype=np.int64)
-    col[steps] = np.arange(len(steps))
-    return col
-
-
 def _walked_model(lm: "LoadedModel", cfg: ConsensusConfig) -> "LoadedModel":
     """The model a run walks: ``lm`` itself, or a private copy when the run re-initialises weights
     and ``lm`` must stay untouched (see the module docstring)."""
@@ -567,7 +700,7 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
     result = _new_result(lm, plan, cfg)
     NL = int(cfg.iterations) * plan.n_layer
     clock = _Clock(NL * len(plan.groups), cfg.max_events)
-    col_of_step = _col_of_step(NL, plan.steps)
+    col_of_step = _Columns(NL, int(cfg.record_every))
     decode_at = set(int(i) for i in cfg.decode_iterations)
     window = clock.every // int(cfg.record_every) + 2
     t0 = time.perf_counter()
@@ -606,8 +739,8 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
                 lm.stack.reinit(cfg.seed)
             h = _embed(lm, g.ids)
             runner, need = _runner_for(lm, cfg, len(g.rows), g.ids.shape[1])
-            rec = _Recorder(g.rows, g.ids.shape[1], col_of_step, plan.steps, h.device, cfg.matrix, window, sink,
-                            at_least=need)
+            rec = _Recorder(g.rows, g.ids.shape[1], col_of_step, plan.steps, h.device, cfg, cfg.matrix, window,
+                            sink, at_least=need)
             yield from _iterate(lm, h, cfg, rec, clock, lens(g.rows), runner)
             rec = None
     except _OOM as e:
@@ -659,8 +792,6 @@ def consensus_decode_stream(lm: "LoadedModel", prompts: Sequence[PromptLike], cf
 
 def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                    decode: DecodeConfig) -> Iterator[ConsensusEvent]:
-    from ..generation.sampling import apply_temperature, apply_top_p
-
     B, K, P = len(plan.token_ids), int(decode.new_tokens), len(plan.steps)
     NL = int(cfg.iterations) * plan.n_layer
     result = ConsensusDecodeResult(
@@ -668,7 +799,7 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
         completions=[""] * B, texts=list(plan.prompts), traces=np.full((B, K, P), np.nan, dtype=np.float32),
         steps=plan.steps, config=cfg, decode=decode, n_layer=plan.n_layer, device=str(lm.stack.device))
     clock = _Clock(NL * K * len(plan.groups), cfg.max_events)
-    col_of_step = _col_of_step(NL, plan.steps)
+    col_of_step = _Columns(NL, int(cfg.record_every))
     window = clock.every // int(cfg.record_every) + 2
     gen = torch.Generator().manual_seed(int(cfg.seed if decode.seed is None else decode.seed))
     t0 = time.perf_counter()
@@ -690,7 +821,7 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                     lm.stack.reinit(cfg.seed)
                 h = _embed(lm, seq)
                 runner, need = _runner_for(lm, cfg, len(g.rows), seq.shape[1])
-                rec = _Recorder(g.rows, seq.shape[1], col_of_step, plan.steps, h.device, False, window,
+                rec = _Recorder(g.rows, seq.shape[1], col_of_step, plan.steps, h.device, cfg, False, window,
                                 sink_for(k), token=k, at_least=need)
                 h = yield from _iterate(lm, h, cfg, rec, clock, None, runner)
                 rec = None

@@ -54,11 +54,11 @@ import torch
 
 from .config import (INTEGRATORS, MAX_DIM, MAX_EVENT_GAP_S, MAX_TOKENS, QKV_KINDS, SimulationConfig,  # noqa: F401
                      parse_qkv)
-from .engine import (ConsensusConfig, ConsensusResult, Finished, MetricChunk, Progress, Started,
-                        estimate_bytes, recorded_steps)
+from .engine import (ConsensusConfig, ConsensusResult, Finished, MetricChunk, Progress, Started, _Columns,
+                     estimate_bytes, recorded_steps)
 from .metrics import STAT_NAMES, token_stats
-from ..devices import fmt_bytes
-from ..errors import LabError
+from .. import devices
+from ..errors import LabError, fmt_bytes
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -228,11 +228,13 @@ def _consensus_config(cfg: SimulationConfig) -> ConsensusConfig:
 
 
 def _check_memory(cfg: SimulationConfig, dim: int) -> int:
-    """Bytes the recording needs; a :class:`LabError` offering a ``record_every`` that fits if too many."""
+    """Bytes the run allocates (the recording plus the integration's working memory, see
+    :func:`working_bytes`); a :class:`LabError` offering a ``record_every`` that fits if too many."""
     lengths = [int(cfg.tokens)] * int(cfg.batch)
+    work = working_bytes(cfg, dim)
 
     def need(k: int) -> int:
-        return estimate_bytes(lengths, 1, dim, replace(_consensus_config(cfg), record_every=k))
+        return estimate_bytes(lengths, 1, dim, replace(_consensus_config(cfg), record_every=k)) + work
 
     total = need(int(cfg.record_every))
     if total <= cfg.memory_budget:
@@ -241,7 +243,7 @@ def _check_memory(cfg: SimulationConfig, dim: int) -> int:
     if need(hi) > cfg.memory_budget:
         raise LabError(f"Even recording only the first and last step, {cfg.batch} initial condition(s) of "
                        f"{cfg.tokens} tokens{' with cosine matrices' if cfg.matrix else ''} need more than the "
-                       f"memory budget; use fewer tokens or initial conditions"
+                       f"{fmt_bytes(cfg.memory_budget)} memory budget; use fewer tokens or initial conditions"
                        f"{' or drop the matrices' if cfg.matrix else ''}.")
     while lo < hi:  # smallest record_every that fits (the need falls as k grows)
         mid = (lo + hi) // 2
@@ -251,7 +253,8 @@ def _check_memory(cfg: SimulationConfig, dim: int) -> int:
             lo = mid + 1
     raise LabError(f"Recording all {cfg.steps} steps{' with n x n cosine matrices' if cfg.matrix else ''} needs "
                    f"about {fmt_bytes(total)}, over the {fmt_bytes(cfg.memory_budget)} memory budget; record every "
-                   f"{lo} steps (--record-every {lo}) or use fewer steps, tokens or initial conditions.")
+                   f"{lo} steps (--record-every {lo}) or use fewer steps, tokens or initial conditions.",
+                   fix={"record_every": lo})
 
 
 def working_bytes(cfg: SimulationConfig, dim: int) -> int:
@@ -266,8 +269,6 @@ def _check_working_memory(cfg: SimulationConfig, dim: int, dev: torch.device) ->
     """Refuse a simulation whose working tensors cannot fit in the device's free memory, before
     anything is allocated: a d x d matrix or a B x n x n score tensor too big for the machine
     would otherwise end in the out-of-memory killer, not in a message."""
-    from .. import devices
-
     devices.require_free(working_bytes(cfg, dim), dev, "This simulation needs",
                          "use a smaller d, fewer tokens or fewer initial conditions.",
                          detail=f" of working memory ({cfg.batch} initial condition(s) of {cfg.tokens} tokens in "
@@ -280,9 +281,7 @@ def resolve_device(device: str | torch.device | None, lm: "LoadedModel | None" =
         return torch.device(lm.stack.device) if lm is not None else torch.device("cpu")
     if isinstance(device, torch.device):
         return device
-    from ..devices import resolve_device as _resolve
-
-    return torch.device(_resolve(str(device)))  # "auto" -> the first GPU when there is one
+    return torch.device(devices.resolve_device(str(device)))  # "auto" -> the first GPU when there is one
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -335,8 +334,7 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
                        model: str | None) -> Iterator:
     S = int(cfg.steps)
     steps = recorded_steps(S, int(cfg.record_every))
-    col_of_step = np.full(S + 1, -1, dtype=np.int64)
-    col_of_step[steps] = np.arange(len(steps))
+    col_of_step = _Columns(S, int(cfg.record_every))
     result = _new_result(cfg, qkv, steps, dev, model)
     rows = list(range(int(cfg.batch)))
     every = max(1, math.ceil(S / int(cfg.max_events)))
@@ -354,22 +352,41 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
             pending.append((col, stats, cos))
 
     def flush() -> MetricChunk:
-        """The one host synchronisation: pending columns and the current state to the result."""
+        """The one host synchronisation: pending columns and the current state to the result. A
+        state that left the numbers (NaN or infinity: dt or beta too large for the integrator)
+        keeps the columns before it and ends the run with a sentence."""
         cols = np.asarray([c for c, _, _ in pending], dtype=np.int64)
         if pending:
             stats = torch.stack([s for _, s, _ in pending], dim=1).cpu().numpy()  # (B, m, 5)
-            for k, name in enumerate(STAT_NAMES):
-                getattr(result, name)[:, cols] = stats[:, :, k]
-            if cfg.matrix:
-                mat = torch.stack([c for _, _, c in pending], dim=-1).cpu().numpy()  # (B, n, n, m)
-                result.matrix[..., cols] = mat
+            mat = torch.stack([c for _, _, c in pending], dim=-1).cpu().numpy() if cfg.matrix else None  # (B, n, n, m)
         else:
-            stats = np.zeros((len(rows), 0, len(STAT_NAMES)), dtype=np.float32)
+            stats, mat = np.zeros((len(rows), 0, len(STAT_NAMES)), dtype=np.float32), None
         pending.clear()
-        result.hidden[:] = state["x"].float().cpu().numpy()
+        x_host = state["x"].float().cpu().numpy()
+        bad = ~np.isfinite(stats).all(axis=(0, 2))  # (m,) columns whose statistics are not numbers
+        if bad.any() or not np.isfinite(x_host).all():
+            good = int(np.argmax(bad)) if bad.any() else len(cols)
+            _keep(cols[:good], stats[:, :good], None if mat is None else mat[..., :good])
+            if good:
+                result.steps_done[:] = int(steps[cols[good - 1]])
+            result.seconds = time.perf_counter() - t0
+            at = int(steps[cols[good]]) if good < len(cols) else state["step"]
+            err = LabError(f"The simulation stopped being numbers (NaN or infinity) by step {at}: dt = {cfg.dt:g} with "
+                           f"beta = {cfg.beta:g} is too large a step for {cfg.integrator}; use a smaller dt or beta. "
+                           f"The steps before it are kept.")
+            err.result = result  # type: ignore[attr-defined]
+            raise err
+        _keep(cols, stats, mat)
+        result.hidden[:] = x_host
         result.steps_done[:] = state["step"]
         result.seconds = time.perf_counter() - t0
         return MetricChunk(rows=list(rows), steps=steps[cols], **{n: stats[:, :, k] for k, n in enumerate(STAT_NAMES)})
+
+    def _keep(cols: np.ndarray, stats: np.ndarray, mat: np.ndarray | None) -> None:
+        for k, name in enumerate(STAT_NAMES):
+            getattr(result, name)[:, cols] = stats[:, :, k]
+        if mat is not None:
+            result.matrix[..., cols] = mat
 
     info = dict(model=result.model, prompts=result.prompts, lengths=result.lengths, groups=[rows], n_layer=1,
                 iterations=S, total=S, columns=len(steps), bytes=need, device=str(dev),
@@ -394,7 +411,7 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
         if pending:  # stopped between two events: keep what the device already holds
             try:
                 flush()
-            except Exception:  # the device may be unusable after a failure; the host copy stands
+            except Exception:  # the device may be unusable after a failure (or the state not numbers); kept so far
                 pass
         result.seconds = time.perf_counter() - t0
     yield Finished(result)

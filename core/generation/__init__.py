@@ -11,4 +11,5 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **names(".autoregressive", "SamplingConfig", "TokenInfo", "Started", "TokenEvent", "GenerationResult", "Finished",
             "Event", "encode_prompt", "stream", "generate", "partial_result", "beam_bytes", "score_continuation",
             "token_logprobs", "perplexity"),
+    **names(".sampler", "Sampler", "Run", "sampler_for"),
 })

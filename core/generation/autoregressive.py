@@ -8,7 +8,6 @@ the model believed, independent of the sampling settings that picked the token.
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Union
@@ -18,7 +17,7 @@ import torch
 from .. import devices as _devices
 from ..errors import LabError
 from ..models.loading import LoadedModel
-from .config import SamplingConfig
+from .config import SamplingConfig, draw_seed, sampler_name
 from .sampling import process_logits
 
 @dataclass
@@ -135,10 +134,11 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
     """
     ids_list = encode_prompt(lm, prompt)
     cfg.check(lm.stack.context_length - len(ids_list))
-    if lm.objective == "diffusion":
-        raise LabError("This is a diffusion model; sample it with core.generation.diffusion.stream or generate "
-                       "(the Generate page and `python -m core generate` pick that sampler automatically).")
-    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    if sampler_name(lm.objective) != "autoregressive":
+        raise LabError(f"{lm.name} is a {sampler_name(lm.objective)} model; sample it with "
+                       f"core.generation.sampler.sampler_for(lm) (the Generate page and `python -m core generate` "
+                       f"pick its sampler automatically).")
+    seed = cfg.seed if cfg.seed is not None else draw_seed()
     settings = {**asdict(cfg), "seed": seed}
     if cfg.num_beams > 1:
         yield from _beam_stream(lm, prompt, ids_list, cfg, settings)

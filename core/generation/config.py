@@ -4,11 +4,32 @@ flags and the Generate page's widgets read them from here. No torch, so ``--help
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 from ..errors import LabError
 
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # torch generators take 64 bits; consensus adds step counts on top
+DRAWN_SEEDS = 2**31  # a seed drawn for a run that named none is below this; the pages' seed boxes stop under it
+MAX_TEMPERATURE = 10.0  # the pages' temperature boxes go up to this (the engine takes any finite value)
+
+# Which sampler a model takes, by the objective it was trained with: stated here, read by
+# core.generation.sampler.sampler_for and by each sampler's own guard.
+SAMPLER_OF_OBJECTIVE = {"ar": "autoregressive", "diffusion": "diffusion"}
+
+
+def sampler_name(objective: str) -> str:
+    """``"autoregressive"`` or ``"diffusion"``: the sampler a model trained with ``objective`` takes."""
+    try:
+        return SAMPLER_OF_OBJECTIVE[objective]
+    except KeyError:
+        raise LabError(f"No sampler knows models trained with the objective '{objective}'; GPT Lab samples "
+                       f"{' and '.join(SAMPLER_OF_OBJECTIVE)} models.") from None
+
+
+def draw_seed() -> int:
+    """A fresh seed, drawn up front so a run stopped early still reports the seed that repeats it."""
+    return secrets.randbelow(DRAWN_SEEDS)
 
 
 def check_seed(seed: int | None) -> None:

@@ -5,7 +5,6 @@ the prompt, until no mask is left.
 """
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Union
@@ -15,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LabError
-from .config import STRATEGIES, DiffusionConfig  # noqa: F401  (STRATEGIES: part of this sampler's API)
+from ..models.loading import mask_token
+from .autoregressive import encode_prompt
+from .config import STRATEGIES, DiffusionConfig, draw_seed, sampler_name  # noqa: F401  (STRATEGIES: this sampler's API)
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -141,18 +142,13 @@ def denoise(model: nn.Module, prompt_ids: list[int], mask_id: int, cfg: Diffusio
 
 def stream(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig) -> Iterator[DiffusionEvent]:
     """Diffusion generation from ``prompt`` as events: Started, one DenoiseStep per step, Finished."""
-    from .autoregressive import encode_prompt
-
-    if lm.objective != "diffusion":
-        raise LabError(f"{lm.name} is an autoregressive model; use ordinary generation for it.")
-    mask_id = getattr(getattr(lm.model, "config", None), "mask_token_id", None)
-    if mask_id is None:
-        mask_id = lm.tokenizer.mask_id
-    if mask_id is None:
-        raise LabError(f"{lm.name} names no mask token; it cannot be sampled as a diffusion model.")
+    if sampler_name(lm.objective) != "diffusion":
+        raise LabError(f"{lm.name} is an {sampler_name(lm.objective)} model; sample it with "
+                       f"core.generation.sampler.sampler_for(lm).")
+    mask_id = mask_token(lm)
     ids = encode_prompt(lm, prompt)
     cfg.check(lm.stack.context_length - len(ids))
-    seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+    seed = cfg.seed if cfg.seed is not None else draw_seed()
     steps = min(cfg.steps, cfg.gen_length)
     yield DiffusionStarted(prompt_ids=ids, gen_length=cfg.gen_length, mask_id=mask_id, steps=steps)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 
 def _conv1d_type() -> type | None:
-    try:
+    try:  # here, not at the top: transformers costs a second, and only its models have Conv1D layers
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers missing or moved: our own GPT still benefits
         return None

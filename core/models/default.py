@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..corpus import shakespeare_files, shakespeare_texts
 from ..files import atomic_write_text
-from .loading import DEFAULT_DIR, load_model
+from ..generation.autoregressive import SamplingConfig, generate
+from .loading import DEFAULT_DIR, load_model, read_checkpoint_meta
 from .tokenizer import train_bpe
 
 VOCAB_SIZE = 8192
@@ -28,8 +29,6 @@ def build_tokenizer(out_dir: Path = DEFAULT_DIR) -> Path:
 
 
 def _samples(folder: Path) -> list[tuple[str, str]]:
-    from ..generation.autoregressive import SamplingConfig, generate
-
     lm = load_model(str(folder))
     return [(p, generate(lm, p, SamplingConfig(seed=i + 1, **SAMPLE_SETTINGS)).completion)
             for i, p in enumerate(SAMPLE_PROMPTS)]
@@ -38,7 +37,7 @@ def _samples(folder: Path) -> list[tuple[str, str]]:
 def ship(run_dir: Path, step: int, commands: list[str], out_dir: Path = DEFAULT_DIR) -> Path:
     """Replace assets/default with checkpoint ``step`` of ``run_dir`` plus its card and metrics."""
     ckpt = run_dir / "checkpoints" / str(step)
-    meta = json.loads((ckpt / "config.json").read_text())
+    meta = read_checkpoint_meta(ckpt)[0]
     if meta.get("objective") != "ar":
         raise SystemExit(f"{ckpt} is not an autoregressive checkpoint")
     staging = out_dir.with_name(out_dir.name + ".new")

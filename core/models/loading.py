@@ -3,6 +3,13 @@
 A spec string names a model everywhere (CLI ``--model``, the Python API, the app's picker).
 Nothing here unpickles: our checkpoints are safetensors + JSON, ``.pt`` state dicts go through
 ``torch.load(weights_only=True)``.
+
+What is loaded is checked before anything runs on it, each failure one sentence: a local folder is
+read only from inside itself (:func:`core.files.check_folder_links`); a checkpoint's config must
+hold sensible sizes (:meth:`GPTConfig.from_dict`) that fit in memory before the model is built;
+weights must be finite; the tokenizer must not know more tokens than the model; a diffusion model
+must name its mask token. transformers is imported only where a Hugging Face model is loaded: it
+costs about a second, which the shipped default should not pay.
 """
 from __future__ import annotations
 
@@ -16,10 +23,14 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from ..devices import dtype_name, resolve_device, resolve_dtype
-from ..errors import LabError, ModelNotAvailableError
-from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..devices import dtype_name, require_free, resolve_device, resolve_dtype
+from ..errors import LabError, ModelNotAvailableError, first_line, shorten
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, check_folder_links, read_text_inside
+from ..generation.config import SAMPLER_OF_OBJECTIVE
+from .config import DTYPE_BYTES
 from .gpt import GPT, GPTConfig
 from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
@@ -29,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
 DEFAULT_DIR = ASSETS / "default"
 CHECKPOINT_FORMAT = "gptlab"
+OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
 
 # Hub ids the picker offers; any other hub id works too when it is cached or reachable.
 KNOWN_HUB_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125M",
@@ -75,13 +87,72 @@ class LoadedModel:
 # -- our checkpoint format ----------------------------------------------------------------------
 
 def is_gptlab_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
+    """Whether ``path`` is one of our model folders (its config.json says ``"format": "gptlab"``);
+    a config.json that is unreadable, not an object, or a link out of the folder says no."""
     try:
-        return json.loads(cfg.read_text()).get("format") == CHECKPOINT_FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not (path / "config.json").is_file():
+            return False
+        meta = json.loads(read_text_inside(path, "config.json") or "null")
+    except (LabError, OSError, json.JSONDecodeError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT
+
+
+def read_checkpoint_meta(path: Path) -> tuple[dict, GPTConfig]:
+    """Our folder's config.json as ``(meta, model config)``, every value checked (types, ranges,
+    the objective) before anything is built from it."""
+    try:
+        meta = json.loads(read_text_inside(path, "config.json") or "null")
+    except json.JSONDecodeError as e:
+        raise LabError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); restore it or load "
+                       f"another checkpoint.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise LabError(f"{path / 'config.json'} has no \"model\" object of sizes; the checkpoint is damaged, so "
+                       f"restore it or load another one.")
+    try:
+        cfg = GPTConfig.from_dict(meta["model"])
+    except LabError as e:
+        raise LabError(f"{path / 'config.json'} holds an impossible model: {e}") from None
+    objective = meta.get("objective", "ar")
+    if objective not in OBJECTIVES:
+        raise LabError(f"{path / 'config.json'} names the objective {shorten(repr(objective), 40)}; GPT Lab knows "
+                       f"{' and '.join(OBJECTIVES)}, so fix the file or load another checkpoint.")
+    return meta, cfg
+
+
+def check_finite(tensors, what: str) -> None:
+    """Refuse weights holding NaN or infinity: such a model only ever writes nonsense, and says so
+    nowhere. ``tensors`` is an iterable of ``(name, tensor)``."""
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise LabError(f"The weights of {what} hold NaN or infinite values (first in {name}); the checkpoint is "
+                           f"broken, so load an earlier one or train again.")
+
+
+def check_tokenizer(tok: Tokenizer, vocab_size: int, what: str) -> None:
+    """A tokenizer may know fewer tokens than the model (unused rows), never more: its extra ids
+    would index past the embedding."""
+    if tok.vocab_size > vocab_size:
+        raise LabError(f"The tokenizer of {what} has {tok.vocab_size:,} tokens but the model only {vocab_size:,}; "
+                       f"pass the tokenizer the model was trained with (--tokenizer).")
+
+
+def check_mask_token(cfg: GPTConfig | None, tok: Tokenizer, what: str) -> int:
+    """The mask token a diffusion model denoises from: its config's, else its tokenizer's; a
+    :class:`LabError` when it names none inside its vocabulary."""
+    mask = getattr(cfg, "mask_token_id", None)
+    if mask is None:
+        mask = tok.mask_id
+    vocab = getattr(cfg, "vocab_size", None) or tok.vocab_size
+    if mask is None or not 0 <= mask < vocab:
+        raise LabError(f"{what} is labelled a diffusion model but names no mask token inside its vocabulary; "
+                       f"it cannot be sampled, so set mask_token_id in its config.json or load another checkpoint.")
+    return int(mask)
+
+
+def mask_token(lm: LoadedModel) -> int:
+    """The mask token of the diffusion model ``lm`` (checked when it loaded; see :func:`check_mask_token`)."""
+    return check_mask_token(getattr(lm.model, "config", None), lm.tokenizer, lm.name)
 
 
 def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str | None = None, *,
@@ -89,8 +160,6 @@ def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str |
                     extra: dict | None = None) -> Path:
     """Write our model folder: config.json, model.safetensors, tokenizer.json, and an optional model
     card. Each file lands atomically."""
-    from safetensors.torch import save
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": CHECKPOINT_FORMAT, "format_version": 1, "model": model.config.to_dict(),
@@ -107,31 +176,34 @@ def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str |
 
 
 def _load_gptlab(path: Path, device: str, dtype: torch.dtype) -> tuple[GPT, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "config.json").read_text())
-    cfg = GPTConfig.from_dict(meta["model"])
+    meta, cfg = read_checkpoint_meta(path)
     weights = path / "model.safetensors"
-    if weights.exists():
-        with torch.device("meta"):
-            model = GPT(cfg)
-        try:
-            sd = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LabError(f"The weights file {weights} is corrupt or truncated ({e}); "
-                           f"restore it or load an earlier checkpoint.") from e
-        if cfg.tie_weights:
-            sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))
-        try:
-            model.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as e:
-            raise LabError(f"The weights in {weights} do not match its config.json ({str(e).splitlines()[0]}); "
-                           f"the checkpoint folder is inconsistent.") from e
-        if cfg.tie_weights:
-            model.lm_head.weight = model.transformer.wte.weight
-    else:
+    if not weights.is_file():
         raise LabError(f"{path} has a config.json but no model.safetensors; the checkpoint is incomplete.")
+    need = cfg.n_params * DTYPE_BYTES[dtype_name(dtype)]
+    host = weights.stat().st_size + (need if torch.device(device).type == "cpu" else 0)
+    require_free(host, "cpu", f"{path} needs", "load it on a machine with more memory or in a 16-bit dtype.",
+                 detail=f" to load ({cfg.n_params:,} parameters)")
+    if torch.device(device).type != "cpu":
+        require_free(need, device, f"{path} needs", "use a 16-bit dtype, another device or a smaller model.",
+                     detail=f" ({cfg.n_params:,} parameters)")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LabError(f"The weights file {weights} is corrupt or truncated ({shorten(first_line(e), 160)}); "
+                       f"restore it or load an earlier checkpoint.") from e
+    check_finite(sd.items(), str(path))
+    if cfg.tie_weights:
+        sd.setdefault("lm_head.weight", sd.get("transformer.wte.weight"))
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except (RuntimeError, TypeError) as e:
+        raise LabError(f"The weights in {weights} do not match its config.json ({shorten(first_line(e), 160)}); "
+                       f"the checkpoint folder is inconsistent.") from e
+    if cfg.tie_weights:
+        model.lm_head.weight = model.transformer.wte.weight
     return model.to(device=device, dtype=dtype).eval(), meta
 
 
@@ -160,20 +232,20 @@ def _remote_code_refused(source: str, error: ValueError) -> LabError:
     if "trust_remote_code" in str(error):
         return LabError(f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; pass "
                         f"--trust-remote-code (trust_remote_code=True) if you trust its authors.")
-    return LabError(f"Model '{source}' has a config transformers cannot read ({str(error).splitlines()[0][:160]}); "
+    return LabError(f"Model '{source}' has a config transformers cannot read ({shorten(first_line(error), 160)}); "
                     f"pass a GPT-2 or GPT-Neo model, or use --model default.")
 
 
 def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # a second of import: only Hugging Face models pay it
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
     kwargs = dict(local_files_only=True) if local else {}
     # Always passed, never left to transformers: left out, it asks on a terminal whether to run the code.
-    trust = {"trust_remote_code": bool(trust_remote_code)}
+    trust = bool(trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=True, **trust)
+        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust)
     except ValueError as e:
         raise _remote_code_refused(source, e) from None
     except OSError:
@@ -182,30 +254,32 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         if not hub_reachable():
             raise ModelNotAvailableError(offline_message(source)) from None
         try:
-            config = AutoConfig.from_pretrained(source, **trust)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
         except ValueError as e:
             raise _remote_code_refused(source, e) from None
         except OSError as e:
-            raise ModelNotAvailableError(f"Model '{source}' was not found on the hub ({str(e).splitlines()[0]}); "
+            raise ModelNotAvailableError(f"Model '{source}' was not found on the hub ({shorten(first_line(e), 160)}); "
                                          f"check the id, or use --model default.") from None
     else:
         kwargs = dict(local_files_only=True)
     if config.model_type not in ("gpt2", "gpt_neo"):
         raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
                        f"models and its own GPT checkpoints.")
-    load_kwargs = dict(dtype=dtype, **kwargs, **trust)
+    load_kwargs = dict(dtype=dtype, **kwargs)
     if device == "auto":
         load_kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, **load_kwargs)
     except OSError as e:
         if "local_files_only" in kwargs and not local:
             raise ModelNotAvailableError(offline_message(source)) from None
-        raise LabError(f"Could not load weights of '{source}': {str(e).splitlines()[0]}") from e
+        raise LabError(f"Could not load the weights of '{source}' ({shorten(first_line(e), 160)}); check the folder "
+                       f"or fetch the model again.") from e
     except pickle.UnpicklingError as e:  # a .bin holding objects: torch's weights_only refused it
         raise LabError(f"Refused to load the weights of '{source}': its pickle file holds objects other than "
                        f"tensors; only safetensors or plain tensor files are loaded, so convert it to "
                        f"model.safetensors where it came from.") from e
+    check_finite(model.named_parameters(), f"'{source}'")
     if device != "auto":
         model = model.to(device)
     return model.eval(), kwargs.get("local_files_only", False)
@@ -231,9 +305,8 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
     try:
         local = spec == "default" or path.exists()
     except OSError as e:  # e.g. a name longer than the file system allows
-        shown = spec if len(spec) <= 80 else spec[:60] + "…"
-        raise LabError(f"Model spec '{shown}' is neither a usable path nor a model name ({e.strerror or e}); "
-                       f"enter a model folder, a hub id such as gpt2, or default.") from None
+        raise LabError(f"Model spec '{shorten(spec, 80)}' is neither a usable path nor a model name "
+                       f"({e.strerror or e}); enter a model folder, a hub id such as gpt2, or default.") from None
 
     if local:
         if not path.exists():
@@ -241,27 +314,35 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
         if path.is_file():
             raise LabError(f"{path} is a file; pass a model folder (with config.json), or use --weights/--ckpt "
                            f"for a bare GPT-2 state dict.")
+        check_folder_links(path)
         if is_gptlab_folder(path):
             model, meta = _load_gptlab(path, single, torch_dtype)
             tok = load_tokenizer(tokenizer or path)
-            card = (path / "README.md").read_text(encoding="utf-8") if (path / "README.md").exists() else None
-            return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, single), device=single,
-                               dtype=torch_dtype, source=str(path), untrained=bool(meta.get("untrained")),
-                               objective=meta.get("objective", "ar"), card_text=card, extra=meta)
+            check_tokenizer(tok, model.config.vocab_size, str(path))
+            objective = meta.get("objective", "ar")
+            if objective == "diffusion":
+                check_mask_token(model.config, tok, str(path))
+            return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, single),
+                               device=single, dtype=torch_dtype, source=str(path), untrained=bool(meta.get("untrained")),
+                               objective=objective, card_text=read_text_inside(path, "README.md"), extra=meta)
         if not (path / "config.json").exists():
             raise LabError(f"{path} holds no config.json; pass a Hugging Face model folder or a GPT Lab checkpoint.")
         model, _ = _load_hf(str(path), dev, torch_dtype, local=True, trust_remote_code=trust_remote_code)
         tok = load_tokenizer(tokenizer or path, trust_remote_code=trust_remote_code)
-        return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
-                           dtype=torch_dtype, source=str(path))
+        stack = _inference_stack(model, dev)
+        check_tokenizer(tok, stack.vocab_size, str(path))
+        return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack, device=dev, dtype=torch_dtype,
+                           source=str(path))
 
     if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
         raise LabError(f"Model path {spec} does not exist; check the path, or use --model default.")
     model, cached = _load_hf(spec, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code)
     tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if tokenizer
            else load_tokenizer(spec, local_files_only=cached, trust_remote_code=trust_remote_code))
-    return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=_inference_stack(model, dev), device=dev,
-                       dtype=torch_dtype, source=f"hub:{spec}")
+    stack = _inference_stack(model, dev)
+    check_tokenizer(tok, stack.vocab_size, f"'{spec}'")
+    return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack, device=dev, dtype=torch_dtype,
+                       source=f"hub:{spec}")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -271,15 +352,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise LabError(f"Weights file {p} does not exist; check the path.")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(p))
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt archives raise many types
-        raise LabError(f"Could not read weights from {p} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise LabError(f"Could not read weights from {p} ({type(e).__name__}: {shorten(first_line(e), 200)}); "
                        f"only safetensors or plain tensor state dicts are accepted.") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LabError(f"{p} is not a state dict of tensors.")
+    check_finite(sd.items(), str(p))
     return sd

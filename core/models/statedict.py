@@ -14,7 +14,6 @@ Both layouts are accepted: Hugging Face's (Conv1D, ``[in, out]``, transposed on 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import torch
 
 from .convert import config_from_hf_gpt2, load_gpt2_state_dict, normalise_gpt2_keys
 from ..devices import resolve_device, resolve_dtype
-from ..errors import LabError
+from ..errors import LabError, first_line, shorten
+from ..files import check_folder_links
 from .gpt import GPT, PRESETS, GPTConfig
-from .loading import LoadedModel, is_gptlab_folder, load_state_dict_file
+from .loading import LoadedModel, check_tokenizer, is_gptlab_folder, load_state_dict_file, read_checkpoint_meta
 from .stack import stack_for
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -47,12 +47,13 @@ def gpt2_preset_config(name: str, vocab_size: int = GPT2_VOCAB, block_size: int 
 
 
 def _hf_folder_config(folder: Path) -> GPTConfig:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # a second of import: only Hugging Face folders pay it
 
-    try:
-        hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    check_folder_links(folder)
+    try:  # a GPT-2 config needs no code of its own: the folder's is never run
+        hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise LabError(f"{folder} is not a readable Hugging Face model folder ({str(e).splitlines()[0][:160]}); "
+        raise LabError(f"{folder} is not a readable Hugging Face model folder ({shorten(first_line(e), 160)}); "
                        f"pass a GPT-2 folder or a GPT-2 size name as --model.") from e
     if hf_config.model_type != "gpt2":
         raise LabError(f"{folder} holds a {hf_config.model_type} model; a bare state dict can only be "
@@ -87,8 +88,7 @@ def config_for_spec(spec: str, sd: dict[str, torch.Tensor]) -> tuple[GPTConfig, 
     folder = Path(spec).expanduser()
     if folder.is_dir():
         if is_gptlab_folder(folder):
-            meta = json.loads((folder / "config.json").read_text())
-            return GPTConfig.from_dict(meta["model"]), folder
+            return read_checkpoint_meta(folder)[1], folder
         return _hf_folder_config(folder), folder
     raise LabError(f"--model '{spec}' does not say which GPT-2 size the state dict is; use gpt2, gpt2-medium, "
                    f"gpt2-large, gpt2-xl, or a local GPT-2 / GPT Lab folder whose config.json gives the sizes.")
@@ -162,9 +162,7 @@ def load_state_dict_model(path: str | os.PathLike, spec: str = "default", device
     dev = resolve_device(device)
     model = model.to(device=dev, dtype=torch_dtype)
     tok = gpt2_tokenizer(tokenizer, folder, str(path))
-    if tok.vocab_size > cfg.vocab_size:
-        raise LabError(f"The tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; "
-                       f"pass the tokenizer the weights were trained with (--tokenizer).")
+    check_tokenizer(tok, cfg.vocab_size, str(path))
     return LoadedModel(spec=str(path), model=model, tokenizer=tok, stack=stack_for(model), device=dev,
                        dtype=torch_dtype, source=f"state dict {path}",
                        extra={"config_from": str(folder) if folder else (spec or "default")})

@@ -7,10 +7,15 @@ Everything downstream (generation, consensus, the token view) only sees :class:`
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import tiktoken
+from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+
 from ..errors import LabError
+from ..files import atomic_write_text, check_folder_links
 
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
@@ -39,8 +44,6 @@ class BPETokenizer(Tokenizer):
     """A bare ``tokenizer.json`` from the ``tokenizers`` library (our trained BPE)."""
 
     def __init__(self, path: str | os.PathLike):
-        from tokenizers import Tokenizer as _Tok
-
         self.path = str(path)
         try:
             self._tok = _Tok.from_file(self.path)
@@ -62,7 +65,7 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (a model folder's own, or a hub id)."""
 
     def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # a second of import: only Hugging Face tokenizers pay it
 
         self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
                                                   trust_remote_code=trust_remote_code)
@@ -82,8 +85,6 @@ class TiktokenTokenizer(Tokenizer):
     """tiktoken's GPT-2 encoding (what the custom consensus script used)."""
 
     def __init__(self, encoding: str = "gpt2"):
-        import tiktoken
-
         try:
             self._enc = tiktoken.get_encoding(encoding)
         except Exception as e:
@@ -114,6 +115,7 @@ def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
             raise LabError(f"Tokenizer file {p} is not a tokenizer.json; pass a tokenizer.json or a model folder.")
         return BPETokenizer(p)
     if p.is_dir():
+        p = check_folder_links(p)
         if (p / "tokenizer_config.json").exists() or (p / "vocab.json").exists():
             return HFTokenizer(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
         if (p / "tokenizer.json").exists():
@@ -136,8 +138,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
     The vocabulary always holds ``<|endoftext|>`` (document separator) and ``<|mask|>``
     (the absorbing state of masked diffusion), so one tokenizer serves both objectives.
     """
-    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 300:
         raise LabError(f"vocab_size must be at least 300 for a byte-level BPE (got {vocab_size}).")
     tok = _Tok(models.BPE())
@@ -147,10 +147,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(iter_text_chunks(texts), trainer=trainer)
     if out_path is None:
-        import tempfile
-
         out_path = Path(tempfile.mkdtemp()) / "tokenizer.json"
-    from ..files import atomic_write_text
-
     atomic_write_text(out_path, tok.to_str())
     return BPETokenizer(out_path)

@@ -21,12 +21,14 @@ from typing import Callable
 
 import torch
 
+from .config import LOGITS_TOLERANCE, VALIDATE_GEN_PROMPT, VALIDATE_NEW_TOKENS, VALIDATE_PROMPT
 from .convert import CONV1D, gpt_from_hf_gpt2, normalise_gpt2_keys
+from .loading import LoadedModel, is_gptlab_folder, load_model, load_state_dict_file
+from .stack import stack_for
+from .statedict import config_for_spec, gpt2_tokenizer, gpt_from_state_dict, is_linear_layout
+from ..devices import resolve_device
 from ..errors import LabError
-
-LOGITS_TOLERANCE = 1e-4
-DEFAULT_PROMPT = "The quick brown fox"
-DEFAULT_GEN_PROMPT = "Hello, my name is Larry and I'm currently building a GPT model from scratch - but loading"
+from ..generation.autoregressive import SamplingConfig, generate
 
 
 @dataclass
@@ -115,10 +117,7 @@ def _finite(x: float) -> float | None:
 
 def _hf_from_state_dict(path: str | os.PathLike, spec: str, tokenizer: str | None):
     """A transformers GPT2LMHeadModel and our GPT from one bare state-dict file."""
-    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
-
-    from .loading import is_gptlab_folder, load_state_dict_file
-    from .statedict import config_for_spec, gpt2_tokenizer, gpt_from_state_dict, is_linear_layout
+    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel  # a second of import: validate's own cost
 
     sd = normalise_gpt2_keys(load_state_dict_file(path))
     cfg, folder = config_for_spec(spec, sd)
@@ -126,7 +125,7 @@ def _hf_from_state_dict(path: str | os.PathLike, spec: str, tokenizer: str | Non
         raise LabError(f"The architecture --model '{spec}' describes is not GPT-2's (causal, biases, 4x MLP); "
                        f"only GPT-2 models can be validated against transformers.")
     if folder is not None and not is_gptlab_folder(folder):
-        hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     else:
         hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_eps,
@@ -150,8 +149,6 @@ def _hf_from_state_dict(path: str | os.PathLike, spec: str, tokenizer: str | Non
 
 
 def _hf_from_spec(spec: str, device: str, tokenizer: str | None, trust_remote_code: bool = False):
-    from .loading import load_model
-
     lm = load_model(spec, device=device, dtype="float32", tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     if lm.family != "gpt2":
         what = "a GPT Lab model" if lm.family == "gptlab" else f"a {lm.family} model"
@@ -188,17 +185,12 @@ def _encode(tok, text: str, what: str, context: int) -> list[int]:
     return ids
 
 
-def validate_gpt2(spec: str = "gpt2", *, prompt: str = DEFAULT_PROMPT, gen_prompt: str = DEFAULT_GEN_PROMPT,
-                  max_new_tokens: int = 40, weights: str | os.PathLike | None = None, device: str = "cpu",
+def validate_gpt2(spec: str = "gpt2", *, prompt: str = VALIDATE_PROMPT, gen_prompt: str = VALIDATE_GEN_PROMPT,
+                  max_new_tokens: int = VALIDATE_NEW_TOKENS, weights: str | os.PathLike | None = None, device: str = "cpu",
                   tokenizer: str | None = None, log: Callable[[str], None] | None = None,
                   trust_remote_code: bool = False) -> ValidationReport:
     """Compare transformers' GPT-2 named by ``spec`` (or built from the state dict ``weights``, with
     the sizes ``spec`` implies) with our GPT holding the same weights. Runs in float32."""
-    from ..devices import resolve_device
-    from ..generation.autoregressive import SamplingConfig, generate
-    from .loading import LoadedModel
-    from .stack import stack_for
-
     say = log or (lambda _msg: None)
     dev = resolve_device(device)
     if weights is not None and str(weights).strip().lower() == "auto":

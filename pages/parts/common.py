@@ -16,7 +16,8 @@ from typing import Iterator
 import streamlit as st
 
 from core.devices import dtype_name
-from core.errors import LabError
+from core.errors import LabError, failure
+from core.models.config import DEFAULT_DTYPE
 from core.models.loading import ROOT, LoadedModel, load_model
 from core.training.runs import runs_root
 
@@ -24,7 +25,6 @@ SPEC_KEY = "model_spec"       # the model spec every page uses; set it to open a
 DEVICE_KEY = "model_device"
 DTYPE_KEY = "model_dtype"
 TRUST_KEY = "model_trust_remote_code"  # let transformers run code shipped with the model (off unless ticked)
-DTYPES = ["float32", "bfloat16", "float16"]
 _OUTCOME_KEY = "_model_outcome"  # (request, weak reference to the model or None, error or None) of this run's load
 
 
@@ -81,7 +81,7 @@ def model_request() -> tuple[str, str, str, bool]:
     """The (spec, device, dtype, trust_remote_code) the user asked for; defaults before the sidebar has run."""
     ss = st.session_state
     return (str(ss.get(SPEC_KEY) or "default").strip() or "default", ss.get(DEVICE_KEY, "cpu"),
-            ss.get(DTYPE_KEY, "float32"), bool(ss.get(TRUST_KEY, False)))
+            ss.get(DTYPE_KEY, DEFAULT_DTYPE), bool(ss.get(TRUST_KEY, False)))
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading model…")
@@ -112,14 +112,9 @@ def load_outcome() -> tuple[LoadedModel | None, str | None]:
         model = _load_cached(spec, device, dtype, trust)
     except LabError as e:
         error = str(e)
-    except MemoryError:
-        error = f"Not enough memory to load '{spec}'; pick a smaller model or a 16-bit dtype."
     except Exception as e:  # anything else is a bug, but the user still gets one line, not a traceback
-        if "out of memory" in str(e).lower():
-            error = (f"The device ran out of memory loading '{spec}'; pick a smaller model, "
-                     f"a 16-bit dtype, or another device.")
-        else:
-            error = f"Could not load model '{spec}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        error = f"Could not load model '{spec}': " + failure(
+            e, "the device ran out of memory; pick a smaller model, a 16-bit dtype, or another device.")
     st.session_state[_OUTCOME_KEY] = (request, None if model is None else weakref.ref(model), error)
     return model, error
 
@@ -136,6 +131,13 @@ def ensure_frame() -> None:
     ``st.navigation``. When a fresh server's first request names a page (a reloaded tab), that page
     would run bare; this switches to ``st.navigation`` mode and reruns, so app.py draws the frame.
     Call it first thing on every page.
+
+    Why a private attribute: Streamlit 1.67 has no public switch for this. ``PagesManager``
+    sets the class attribute ``uses_pages_directory`` from the mere existence of ``pages/`` beside
+    the entry script (no config option turns that off), the script runner then runs the requested
+    page file itself (``_mpa_v1``), and only a call of ``st.navigation`` clears the flag; a page run
+    bare has no public way to clear it before its own navigation call would come. DESIGN.md fixes
+    the folder's name, so the flag is cleared here. Remove this when Streamlit drops the legacy mode.
     """
     try:
         from streamlit.runtime.pages_manager import PagesManager
@@ -177,9 +179,7 @@ def streamed_into(record: dict, events, live, out_of_memory: str) -> Iterator[No
     except LabError as e:
         record["status"], record["error"] = "failed", str(e)
     except Exception as e:  # a bug or the device failing: one line for the user, no traceback
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        reason = out_of_memory if "out of memory" in str(e).lower() else first
-        record["status"], record["error"] = "failed", f"Generation failed: {reason}"
+        record["status"], record["error"] = "failed", f"Generation failed: {failure(e, out_of_memory)}"
     finally:
         events.close()
     live.empty()

@@ -3,7 +3,7 @@ starts as masks and every denoising step reveals some of them; the page shows th
 then lets you replay any intermediate state. core.generation.diffusion computes; this module draws.
 
 Not a page of its own: pages/generate.py calls :func:`diffusion_view` when the loaded model's
-objective is diffusion. The result lives in ``st.session_state[RESULT_KEY]``, a dict
+sampler (:func:`core.generation.sampler.sampler_for`) is the diffusion one. The result lives in ``st.session_state[RESULT_KEY]``, a dict
 ``{"status": "running" | "done" | "stopped" | "failed", "result": DiffusionResult | None,
 "error": str | None, "run": int}``; while denoising, "result" is refreshed after every step, so a run
 cut off by Stop (Streamlit aborts the script and reruns it) keeps every state it reached.
@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import html
 import json
-import secrets
-import time
 from dataclasses import replace
 
 import streamlit as st
 
 from core.errors import LabError
 from core.generation.autoregressive import encode_prompt
+from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, STRATEGIES, DiffusionConfig, draw_seed
+from core.generation.diffusion import DenoiseStep, DiffusionResult, DiffusionStarted, state_masked
+from core.generation.sampler import Sampler, sampler_for
 from core.models.loading import LoadedModel
-from core.generation import diffusion as diff  # module attribute, so tests can swap diff.stream
-from core.generation.diffusion import (STRATEGIES, DenoiseStep, DiffusionConfig, DiffusionFinished, DiffusionResult,
-                                     DiffusionStarted, partial_result, result_json, state_masked)
 from pages.parts.common import streamed_into
 
 RESULT_KEY = "gen_diff_result"
 RUN_KEY = "gen_diff_run"
 OUT_OF_MEMORY = "the device ran out of memory; generate fewer tokens or use a smaller model."
-SEED_MAX = 2**31 - 1
+D = DiffusionConfig  # every control's default is the config's
 MASK_BG = "#c9ccd1"       # a masked position: a grey block
 NEW_BG = "#ffd54f"        # revealed at the step shown
 OLD_BG = "#e3f2e1"        # revealed at an earlier step
@@ -49,26 +47,26 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
     cols = st.columns(n_columns)
     cell = lambda i: cols[i % n_columns]  # noqa: E731
     gen_length = cell(0).number_input(
-        "Generation length", 1, 4096, 64, step=1, key=dkey("gen_length"), **keep,
+        "Generation length", 1, 4096, D.gen_length, step=1, key=dkey("gen_length"), **keep,
         help="How many tokens to generate after the prompt. They all start masked; prompt plus generation must "
              "fit the model's context.")
     steps = cell(1).number_input(
-        "Denoising steps", 1, 4096, 32, step=1, key=dkey("steps"), **keep,
+        "Denoising steps", 1, 4096, D.steps, step=1, key=dkey("steps"), **keep,
         help="How many steps reveal the masks (a linear schedule: about length / steps tokens per step). More "
              "steps, fewer tokens decided at once; above the generation length it reveals one token per step.")
     strategy = cell(2).selectbox(
-        "Unmask", STRATEGIES, key=dkey("unmask"), format_func=lambda s: f"{s} ({STRATEGY_HELP[s]})", **keep,
+        "Unmask", STRATEGIES, STRATEGIES.index(D.strategy), key=dkey("unmask"), format_func=lambda s: f"{s} ({STRATEGY_HELP[s]})", **keep,
         help="Which masked positions each step reveals: those where the model is most confident of its "
              "prediction, or positions picked at random.")
     temperature = cell(3).number_input(
-        "Temperature", 0.0, 10.0, 0.0, step=0.05, key=dkey("temperature"), **keep,
+        "Temperature", 0.0, MAX_TEMPERATURE, D.temperature, step=0.05, key=dkey("temperature"), **keep,
         help="0 puts the most likely token at each revealed position; above 0 samples it from the model's "
              "distribution divided by this temperature.")
     top_k = cell(4).number_input(
-        "Top-k", 0, 1_000_000, 0, step=1, key=dkey("top_k"), disabled=temperature == 0, **keep,
+        "Top-k", 0, 1_000_000, D.top_k, step=1, key=dkey("top_k"), disabled=temperature == 0, **keep,
         help="With temperature above 0: sample among the k most likely tokens only; 0 turns it off.")
     seed = cell(5).number_input(
-        "Seed", 0, SEED_MAX, None, step=1, key=dkey("seed"), placeholder="random", **keep,
+        "Seed", 0, DRAWN_SEEDS - 1, None, step=1, key=dkey("seed"), placeholder="random", **keep,
         help="Same seed, same settings, same model: same text (it matters with temperature above 0 or random "
              "unmasking). Leave empty for a random seed; it is reported with the result.")
     return DiffusionConfig(gen_length=int(gen_length), steps=int(steps), strategy=str(strategy),
@@ -86,31 +84,24 @@ def settle_interrupted(record: dict | None) -> bool:
     return True
 
 
-def run_denoise(lm: LoadedModel, prompt: str, cfg: DiffusionConfig, record: dict) -> None:
+def run_denoise(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionConfig, record: dict) -> None:
     """Denoise into a live view, refreshing ``record["result"]`` after every step."""
     live = st.empty()
-    started: DiffusionStarted | None = None
-    steps: list[DenoiseStep] = []
-    t0 = time.perf_counter()
-    events = diff.stream(lm, prompt, cfg)
-    with streamed_into(record, events, live, OUT_OF_MEMORY):
-        for event in events:
+    run = sampler.start(lm, prompt, cfg)
+    with streamed_into(record, run, live, OUT_OF_MEMORY):
+        for event in run:
             if isinstance(event, DiffusionStarted):
-                started = event
-                record["result"] = partial_result(lm, prompt, cfg, started, steps, 0.0)
+                record["result"] = run.result
             elif isinstance(event, DenoiseStep):
-                steps.append(event)
-                result = partial_result(lm, prompt, cfg, started, steps, time.perf_counter() - t0)
-                record["result"] = result
+                result = record["result"] = run.result
                 with live.container():
                     st.html(state_html(lm, result, event.step))
                     st.caption(f"step {event.step} / {event.total_steps} · "
                                f"{sum(event.masked)} of {cfg.gen_length} masks left…")
-            elif isinstance(event, DiffusionFinished):
-                record["result"], record["status"] = event.result, "done"
+        record["result"], record["status"] = run.result, "done"
 
 
-def generate(lm: LoadedModel, prompt: str, cfg: DiffusionConfig) -> None:
+def generate(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionConfig) -> None:
     """Check the input first, so a mistake costs nothing (the earlier result stays on screen)."""
     ss = st.session_state
     try:
@@ -120,11 +111,11 @@ def generate(lm: LoadedModel, prompt: str, cfg: DiffusionConfig) -> None:
         st.error(str(e))
         return
     if cfg.seed is None:
-        cfg = replace(cfg, seed=secrets.randbelow(SEED_MAX))  # drawn here so a stopped run still reports it
+        cfg = replace(cfg, seed=draw_seed())  # drawn here so a stopped run still reports it
     ss[RUN_KEY] = ss.get(RUN_KEY, 0) + 1
     record = {"status": "running", "result": None, "error": None, "run": ss[RUN_KEY]}
     ss[RESULT_KEY] = record
-    run_denoise(lm, prompt, cfg, record)
+    run_denoise(lm, sampler, prompt, cfg, record)
 
 
 # -- showing --------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def legend_html() -> str:
             f'{swatch(OLD_BG, "revealed earlier")}</div>')
 
 
-def show_result(lm: LoadedModel, record: dict | None) -> None:
+def show_result(lm: LoadedModel, sampler: Sampler, record: dict | None) -> None:
     if record is None:
         return
     result: DiffusionResult | None = record["result"]
@@ -204,7 +195,7 @@ def show_result(lm: LoadedModel, record: dict | None) -> None:
     d1.download_button("Download text", result.text, file_name="diffusion.txt", mime="text/plain",
                        key=dkey("download_txt"), on_click="ignore")
     d2.download_button("Download JSON",
-                       json.dumps(result_json(lm.tokenizer, result, stopped=record["status"] == "stopped"),
+                       json.dumps(sampler.to_json(lm, result, stopped=record["status"] == "stopped"),
                                   indent=2, ensure_ascii=False),
                        file_name="diffusion.json", mime="application/json", key=dkey("download_json"),
                        on_click="ignore", help="The result with every intermediate state (token ids and text).")
@@ -215,6 +206,7 @@ def show_result(lm: LoadedModel, record: dict | None) -> None:
 def diffusion_view(lm: LoadedModel, prompt: str) -> None:
     """Controls, Generate / Stop, the live denoising and the replay, for a diffusion model."""
     ss = st.session_state
+    sampler = sampler_for(lm)
     st.caption(f"{lm.name} is a masked-diffusion model: the completion starts as masks, and each denoising step "
                f"reveals some of them, anywhere in the text.")
     cfg = diffusion_controls()
@@ -228,5 +220,5 @@ def diffusion_view(lm: LoadedModel, prompt: str) -> None:
     if settle_interrupted(record) and not stop:
         st.info("The last generation was interrupted by a change on the page; its states so far are kept.")
     if go:
-        generate(lm, prompt, cfg)
-    show_result(lm, ss.get(RESULT_KEY))
+        generate(lm, sampler, prompt, cfg)
+    show_result(lm, sampler, ss.get(RESULT_KEY))

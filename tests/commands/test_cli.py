@@ -412,7 +412,6 @@ def test_run_folder_stands_for_its_latest_checkpoint(capsys, tmp_path, tiny_gptl
 def test_models_lists_default_hub_checkpoints_and_presets(capsys, monkeypatch, tmp_path, tiny_gptlab_dir):
     import huggingface_hub.constants as hub_constants
 
-    from core.commands.models import param_count
     from core.models.gpt import GPT, GPTConfig, preset_config
 
     cache = tmp_path / "hub"
@@ -442,7 +441,7 @@ def test_models_lists_default_hub_checkpoints_and_presets(capsys, monkeypatch, t
         assert presets["tiny"] == GPT(preset_config("tiny", vocab_size=50257, block_size=1024)).num_params()
         untied = GPTConfig(vocab_size=99, block_size=16, n_layer=2, n_head=2, d_model=8, bias=False,
                            tie_weights=False, mlp_expansion=3)
-        assert param_count(untied) == GPT(untied).num_params()
+        assert untied.n_params == GPT(untied).num_params()
 
     rc, text, _ = run_cli(capsys, "models", "--runs", runs)
     assert rc == 0 and "state: trained" in text and "r1/checkpoints/40" in text

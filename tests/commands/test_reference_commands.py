@@ -34,7 +34,7 @@ from core.commands.cli import load_from_args as real_load_from_args  # resolve()
 from core.commands.generate import sampling_config
 from core.models.loading import CHECKPOINT_FORMAT, offline_message
 from core.training.config import TrainConfig
-from core.models.validate import DEFAULT_GEN_PROMPT, DEFAULT_PROMPT
+from core.models.config import VALIDATE_GEN_PROMPT as DEFAULT_GEN_PROMPT, VALIDATE_PROMPT as DEFAULT_PROMPT
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reference-commands.md"

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.consensus.engine import (ConsensusConfig, Decoded, DecodeConfig, Finished, Progress, Started, TokenSampled,
-                            consensus_decode, consensus_decode_stream, consensus_stream, estimate_bytes,
+                            consensus_decode, consensus_decode_stream, consensus_stream, estimate_bytes, memory_plan,
                             random_prompt_ids, recorded_steps, run_consensus)
 from core.consensus.metrics import STAT_NAMES, token_stats
 from core.errors import LabError
@@ -348,19 +348,24 @@ def test_prompt_beyond_the_context_names_it(gpt2):
 
 def test_memory_estimate_offers_a_record_every_that_fits(gpt2):
     lengths = [len(gpt2.tokenizer.encode(p)) for p in PROMPTS]
+    ids = [gpt2.tokenizer.encode(p) for p in PROMPTS]
     cfg = ConsensusConfig(iterations=50, matrix=True)
     need = estimate_bytes(lengths, gpt2.stack.n_layer, gpt2.stack.d_model, cfg)
     T, P = max(lengths), 1 + 50 * gpt2.stack.n_layer
     assert need == 4 * (3 * P * 5 + 3 * T * gpt2.stack.d_model + 3 * T * T * P)
+    plan = memory_plan(gpt2, ids, cfg, texts=PROMPTS)
+    assert plan.recordings == need and plan.total > need  # the budget covers more than the recording
     cfg.memory_budget = need // 3
     with pytest.raises(LabError, match=r"--record-every (\d+)") as err:
         consensus_stream(gpt2, PROMPTS, cfg)
     import re
     k = int(re.search(r"--record-every (\d+)", str(err.value)).group(1))
+    assert err.value.fix == {"record_every": k}
     cfg.record_every = k
-    assert estimate_bytes(lengths, gpt2.stack.n_layer, gpt2.stack.d_model, cfg) <= cfg.memory_budget
+    assert memory_plan(gpt2, ids, cfg, texts=PROMPTS).total <= cfg.memory_budget
+    run_consensus(gpt2, PROMPTS, cfg)  # the offer runs
     cfg.record_every = k - 1
-    assert estimate_bytes(lengths, gpt2.stack.n_layer, gpt2.stack.d_model, cfg) > cfg.memory_budget
+    assert memory_plan(gpt2, ids, cfg, texts=PROMPTS).total > cfg.memory_budget
     with pytest.raises(LabError, match="fewer or shorter prompts"):
         consensus_stream(gpt2, PROMPTS, ConsensusConfig(iterations=50, matrix=True, memory_budget=1000))
 

@@ -128,7 +128,7 @@ def test_reinit_flags_are_seeded(tiny_gpt2_dir, tmp_path, capsys, flag):
     (["--prompt", "hi", "--size", "2", "--decode", "5"], r"outside 0\.\.1"),
     (["--prompt", "hi", "--randomprompt", "2", "3"], "not both"),
     (["--prompt", "hi", "--use-model", "2", "--eplot", "x"], "--use-model"),
-    (["--prompt", A, "--size", "500", "--matrixerror", "m", "--memory-budget", "0.0001"], "--record-every"),
+    (["--prompt", A, "--size", "500", "--matrixerror", "m", "--memory-budget", "0.0005"], "--record-every"),
     (["--prompt", "hi", "--randominit", "--fullrandom"], "not allowed with"),
 ])
 def test_errors_exit_2_with_one_line(tiny_gpt2_dir, tmp_path, capsys, monkeypatch, args, match):

@@ -230,10 +230,11 @@ def test_bad_layer_and_head_and_memory(tiny_gptlab_dir):
         make_qkv("layer:2", 4, lm=lm)
     with pytest.raises(LabError, match="heads 0..1"):
         make_qkv("layer:0:2", 4, lm=lm)
-    offer = r"needs about 41.5 KB, over the 19.5 KB memory budget; record every 3 steps \(--record-every 3\)"
+    offer = r"needs about 45.5 KB, over the 19.5 KB memory budget; record every 3 steps \(--record-every 3\)"
     with pytest.raises(LabError, match=offer):
         simulation_stream(SimulationConfig(tokens=10, dim=3, steps=100, matrix=True, memory_budget=20_000))
-    # 4 bytes x (5 series + 10 x 10 cosines) per column, plus the final state: k = 3 gives 35 columns
+    # 4 bytes x (5 series + 10 x 10 cosines) per column, plus the final state and the working memory
+    # (working_bytes): k = 3 gives 35 columns
     simulation_stream(SimulationConfig(tokens=10, dim=3, steps=100, matrix=True, memory_budget=20_000,
                                        record_every=3))
 
@@ -287,4 +288,4 @@ def test_simulate_through_the_cli_when_wired(tmp_path, capsys):
                  "--savefile", str(tmp_path / "s")])
     assert code == 0 and np.load(tmp_path / "s.npy").shape == (1, 6)
     assert main(["consensus", "--simulate", "--tokens", "1", "--size", "5"]) == 2
-    assert "at least 2 tokens" in capsys.readouterr().err
+    assert "--tokens must be between 2 and" in capsys.readouterr().err  # refused while parsing

@@ -23,7 +23,7 @@ def test_default_is_the_trained_shakespeare_model():
 
 def test_untrained_models_are_labelled(tmp_path):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, d_model=16))
+    model = GPT(GPTConfig(vocab_size=8192, block_size=16, n_layer=1, n_head=2, d_model=16))  # the default's BPE
     from core.models.loading import DEFAULT_DIR
     out = save_checkpoint(tmp_path / "u", model, str(DEFAULT_DIR / "tokenizer.json"), untrained=True)
     lm = load_model(str(out))

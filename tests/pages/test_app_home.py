@@ -5,6 +5,7 @@ from pathlib import Path
 
 from app_harness import open_app, texts
 
+from core.errors import fmt_count
 from core.models.loading import load_model
 from pages.parts.common import WORKBENCHES
 
@@ -17,7 +18,7 @@ def test_home_shows_default_model_card():
     at = open_app()
     assert not at.exception
     assert not at.error
-    assert metrics(at) == {"Layers": "4", "Width": "256", "Heads": "4", "Parameters": "5.32 M", "Context": "256"}
+    assert metrics(at) == {"Layers": "4", "Width": "256", "Heads": "4", "Parameters": "5.3M", "Context": "256"}
     assert not at.warning  # the shipped default is trained: no untrained banner
     status = " ".join(texts(at.sidebar.caption))
     assert "default" in status and "untrained" not in status and "cpu" in status and "float32" in status
@@ -43,7 +44,7 @@ def test_picker_other_loads_fixture_and_updates_card(tiny_gptlab_dir: Path):
     assert not at.error
     expected = load_model(str(tiny_gptlab_dir)).card()
     assert expected["parameters"] < 1_000_000
-    assert metrics(at) == {"Layers": "2", "Width": "32", "Heads": "2", "Parameters": f"{expected['parameters']:,}",
+    assert metrics(at) == {"Layers": "2", "Width": "32", "Heads": "2", "Parameters": fmt_count(expected['parameters']),
                            "Context": "64"}
     assert not at.warning  # trained-or-not flag is false for this checkpoint: no untrained banner
     assert at.session_state["model_spec"] == str(tiny_gptlab_dir)
