@@ -57,6 +57,7 @@ class Job:
     output: str | None         # the transcoder set folder the job writes into
     state: str                 # running | finished | failed | stopped | unreadable
     pid: int | None = None
+    pid_start: str | None = None   # the process's start time: a pid only counts while it matches
     started: str | None = None
     ended: str | None = None
     reason: str | None = None
@@ -288,7 +289,7 @@ def read_job(folder: str | os.PathLike) -> Job:
     return Job(id=folder.name, path=folder, action=text(cfg.get("action")) or "?",
                argv=[str(a) for a in argv] if isinstance(argv, list) else [], model=text(cfg.get("model")) or "",
                output=text(cfg.get("output")), state=st.get("state", "running"), pid=st.get("pid"),
-               started=text(st.get("started")), ended=text(st.get("ended")), reason=text(st.get("reason")),
+               pid_start=text(st.get("pid_start")), started=text(st.get("started")), ended=text(st.get("ended")), reason=text(st.get("reason")),
                fix=st.get("fix") if isinstance(st.get("fix"), dict) else None,
                stop_requested=(folder / STOP_FILE).exists())
 
@@ -335,7 +336,7 @@ def stop(job: Job, force: bool = False) -> Job:
     job = read_job(job.path)
     if not job.running:
         raise LabError(f"Job {job.id} is not running (it is {job.state}); nothing to stop.")
-    runner.stop(job.path, job.pid, sig=signal.SIGINT, group=True, force=force)
+    runner.stop(job.path, job.pid, job.pid_start, sig=signal.SIGINT, group=True, force=force)
     if force:
         StatusFile(job.path).update("stopped", reason="killed on request.", ended=now())
     return read_job(job.path)

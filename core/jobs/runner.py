@@ -154,26 +154,40 @@ def live_status(folder: str | os.PathLike, st: dict) -> dict:
     return {**st, "state": "stopped" if (folder / STOP_FILE).exists() else "failed", "lost": True}
 
 
-def stop(folder: str | os.PathLike, pid: int | None, *, sig: int = signal.SIGINT, group: bool = True,
-         force: bool = False, signal_process: bool = True) -> None:
+def signalable(pid: object, pid_start: object) -> bool:
+    """Whether ``pid`` may be sent a signal as the job's process: a real pid (not 0, which is
+    our own process group, nor 1, init), not this process, and still the process that started
+    at ``pid_start``. A status.json written by hand, or naming a pid the system gave to another
+    process since, never makes a Stop signal someone else."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1 or pid == os.getpid():
+        return False
+    return isinstance(pid_start, str) and process_start(pid) == pid_start
+
+
+def stop(folder: str | os.PathLike, pid: int | None, pid_start: str | None = None, *, sig: int = signal.SIGINT,
+         group: bool = True, force: bool = False, signal_process: bool = True) -> None:
     """Ask the job in ``folder`` to stop: a STOP file (which every rank of a distributed run
-    sees) and ``sig`` to its process, or to its whole process group when ``group`` (a job
-    started here leads its own session, so its group is all of it). ``force`` sends SIGKILL to
-    the group and waits for a child started here."""
+    sees, and which the job acts on even when no signal can be sent) and ``sig`` to its process,
+    or to its whole process group when ``group`` and it leads one (a job started here leads its
+    own session, so its group is all of it). ``force`` sends SIGKILL instead and waits for a
+    child started here. Signals go only to a pid :func:`signalable` vouches for."""
     folder = Path(folder)
     (folder / STOP_FILE).touch()
     child = _child_in(folder)
-    pid = pid if pid else (child.proc.pid if child is not None else None)
-    if pid and (signal_process or force):
-        try:
-            if force:
-                os.killpg(int(pid), signal.SIGKILL)
-            elif group:
-                os.killpg(int(pid), sig)
-            else:
-                os.kill(int(pid), sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    if not pid and child is not None:
+        pid, pid_start = child.proc.pid, process_start(child.proc.pid)
+    if not (signal_process or force) or not signalable(pid, pid_start):
+        return
+    try:
+        leads_group = os.getpgid(pid) == pid
+        if force:
+            os.killpg(pid, signal.SIGKILL) if leads_group else os.kill(pid, signal.SIGKILL)
+        elif group and leads_group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
     if force and child is not None:
         try:
             child.proc.wait(timeout=10)

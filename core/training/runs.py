@@ -300,14 +300,17 @@ def _status_of(p: Path) -> dict:
     return _lost_reason(p, live) if live.get("lost") else live
 
 
-def read_status(run: str | os.PathLike, root: Path | None = None) -> dict:
-    """status.json, with a dead ``running`` process reported as ``failed`` and a broken file as
-    ``unreadable`` (with the ``reason``)."""
-    p = run_path(run, root)
+def _status_or_unreadable(p: Path) -> dict:
     try:
         return _status_of(p)
     except StatusUnreadable as e:
         return {"state": "unreadable", "reason": str(e)}
+
+
+def read_status(run: str | os.PathLike, root: Path | None = None) -> dict:
+    """status.json, with a dead ``running`` process reported as ``failed`` and a broken file as
+    ``unreadable`` (with the ``reason``)."""
+    return _status_or_unreadable(run_path(run, root))
 
 
 def read_metrics(run: str | os.PathLike, root: Path | None = None, name: str = "metrics.jsonl") -> list[dict]:
@@ -521,21 +524,22 @@ def stop(run: str | os.PathLike, root: Path | None = None, wait: float = 0.0) ->
     """Ask a running run to checkpoint and stop: a STOP file (every rank sees it) plus SIGTERM for a
     single process. ``wait`` seconds: block until it has stopped (or the time is up)."""
     p = run_path(run, root)
-    st = read_status(p)
+    st = _status_or_unreadable(p)
     if st.get("state") != "running":
         raise LabError(f"Run {p.name} is not running (it is {st.get('state')}); nothing to stop.")
-    runner.stop(p, st.get("pid"), sig=signal.SIGTERM, group=False, signal_process=not st.get("distributed"))
+    runner.stop(p, st.get("pid"), st.get("pid_start"), sig=signal.SIGTERM, group=False,
+                signal_process=not st.get("distributed"))
     deadline = time.monotonic() + wait
-    while wait and time.monotonic() < deadline and read_status(p).get("state") == "running":
+    while wait and time.monotonic() < deadline and _status_or_unreadable(p).get("state") == "running":
         time.sleep(0.1)
     runner.reap()
-    return run_info(p)
+    return run_info(p, root)
 
 
 def resume(run: str | os.PathLike, root: Path | None = None, max_steps: int | None = None) -> RunInfo:
     """Continue a stopped or failed run from its last checkpoint, in a new process."""
     p = run_path(run, root).resolve()
-    st = read_status(p)
+    st = _status_or_unreadable(p)
     if st.get("state") == "running":
         raise LabError(f"Run {p.name} is still running; stop it before resuming.")
     if st.get("state") == "unreadable":
@@ -551,7 +555,7 @@ def resume(run: str | os.PathLike, root: Path | None = None, max_steps: int | No
         runner.start(p, args, kind=RUN_KIND, locks=[lock])
     finally:
         lock.release()
-    return run_info(p)
+    return run_info(p, root)
 
 
 def delete(run: str | os.PathLike, root: Path | None = None) -> None:
@@ -562,7 +566,7 @@ def delete(run: str | os.PathLike, root: Path | None = None) -> None:
     if not _inside(p, root):
         raise LabError(f"{p} is outside the runs folder {root}; GPT Lab deletes only runs inside it, so pass "
                        f"--root {p.parent} or remove the folder yourself.")
-    if read_status(p).get("state") == "running":
+    if _status_or_unreadable(p).get("state") == "running":
         raise LabError(f"Run {p.name} is running; stop it before deleting it.")
     with acquire(p, "Run", "stop it before deleting it."):
         shutil.rmtree(p)
