@@ -292,7 +292,8 @@ def run_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
         return Path(args.resume)
     if getattr(args, "output_dir", None):
         folder = Path(args.output_dir)
-        check_output_folder(folder)
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder; the others never judge it
+            check_output_folder(folder)
         return folder
     if getattr(args, "run_name", None):
         folder = runs_root() / check_run_id(args.run_name)

@@ -207,7 +207,7 @@ class Trainer:
             raise LabError(f"Cannot resume: run folder {run_dir} does not exist.")
         if resume and self.run_dir.is_symlink():
             raise LabError(f"{self.run_dir} is a symbolic link; resume the run folder itself.")
-        if not resume and self.run_dir is not None:
+        if not resume and self.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
             runs_mod.check_output_folder(self.run_dir)  # a fresh run never writes over a model or another run
         self.stop_reason: str | None = None
         self.step = 0
@@ -579,7 +579,7 @@ class Trainer:
             if not is_out_of_memory(e):
                 self._fail(e)
                 raise
-            err = LabError(self._oom_message())
+            err = self._oom_error()
             self._fail(err)
             raise err from None
         except GeneratorExit:  # the consumer stopped iterating: keep the work done so far
@@ -620,14 +620,17 @@ class Trainer:
                 raise
         return lock
 
-    def _oom_message(self) -> str:
+    def _oom_error(self) -> LabError:
         """What to change after running out of memory: halve the micro-batch and raise the
-        accumulation (about the same sequences per optimizer step), shorten the context, or autocast."""
+        accumulation (about the same sequences per optimizer step), shorten the context, or autocast.
+        The first of these also travels as data (``fix``), for a page to offer it as one click."""
         cfg = self.cfg
         B, G, T = cfg.batch_size, cfg.grad_acc_steps, cfg.block_size
         fixes = []
+        fix: dict = {} if cfg.amp else {"amp": True}
         if B > 1:
             b, g = B // 2, math.ceil(B * G / (B // 2))
+            fix = {"batch_size": b, "grad_acc_steps": g}
             same = "the same" if b * g == B * G else f"{b * g} instead of"
             fixes.append(f"--batch-size {b} with --grad-acc-steps {g} ({same} {B * G} sequences per step)")
         fixes.append(f"a shorter --block-size (now {T})")
@@ -636,8 +639,8 @@ class Trainer:
         choices = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
         saved = runs_mod.checkpoint_steps(self.run_dir) if self.dist.main else []
         kept = f"; the checkpoints saved so far are kept (last: step {saved[-1]})" if saved else ""
-        return (f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} tokens; "
-                f"use {choices}{kept}.")
+        return LabError(f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} "
+                        f"tokens; use {choices}{kept}.", fix=fix)
 
     def _fail(self, e: BaseException) -> None:
         """Record a failure in status.json (reason, and a LabError's fix as data) and events.jsonl."""

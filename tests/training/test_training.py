@@ -269,3 +269,10 @@ def test_a_cpu_training_process_reuses_freed_activations_instead_of_faulting_the
         faults_for_a_64mb_activation()
     # without the setting every such block is a fresh mmap: ~16,000 page faults each time
     assert max(faults_for_a_64mb_activation() for _ in range(3)) < 1000
+
+
+def test_the_config_lists_the_recipes_the_optimiser_knows():
+    """TrainConfig stays torch-free, so it names the recipes itself; they must be the optimiser's."""
+    from core.training.config import MODEL_VERSIONS
+
+    assert MODEL_VERSIONS == tuple(RECIPES)
