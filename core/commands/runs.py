@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ..errors import LabError
+from ..training import runs  # torch-free: run folders, not the trainer
 from .cli import float_arg, int_arg
 
 NAME = "runs"
@@ -45,7 +46,6 @@ def _fmt(v, spec: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import runs  # the engine loads here, not at import, so `runs --help` stays light
 
     if args.action is None:
         raise LabError(f"Say what to do: python -m core runs {{{','.join(ACTIONS)}}} [RUN], e.g. "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import LabError
 from ..models.config import PRESETS
+from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
                                OPTIMIZERS, TrainConfig)
 from .cli import device_arg, float_arg, int_arg
@@ -208,8 +209,7 @@ def _read_config_file(text: str) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags describe (on top of --config or the resumed run's config)."""
-    from ..training import runs  # the engine loads only when a command runs
-    from ..training.trainer import resume_config
+    from ..training.trainer import resume_config  # the engine (torch) loads only when a command runs
 
     given = dict(vars(args))
     for k in ("command", "run", "output_dir", "run_name", "config", "resume", "no_progress"):
@@ -286,21 +286,19 @@ def _check_heads(cfg: TrainConfig) -> None:
 def run_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
     """The run's folder: --resume's, --output-dir (checked: never a model or another run),
     runs/--run-name, or a new name under the runs root."""
-    from ..training.runs import check_output_folder, check_run_id, new_run_id, runs_root  # engine: at run time
-
     if getattr(args, "resume", None):
         return Path(args.resume)
     if getattr(args, "output_dir", None):
         folder = Path(args.output_dir)
         if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder; the others never judge it
-            check_output_folder(folder)
+            runs.check_output_folder(folder)
         return folder
     if getattr(args, "run_name", None):
-        folder = runs_root() / check_run_id(args.run_name)
+        folder = runs.runs_root() / runs.check_run_id(args.run_name)
         if folder.exists():
             raise LabError(f"Run {folder} already exists; pick another --run-name or resume it with --resume {folder}.")
         return folder
-    return runs_root() / new_run_id(cfg)
+    return runs.runs_root() / runs.new_run_id(cfg)
 
 
 def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock) -> None:
@@ -309,7 +307,6 @@ def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock) -> None:
     import torch  # only a multi-GPU run needs it here
 
     from ..training.distributed import torchrun_command
-    from ..training.runs import prepare_run
 
     if not torch.cuda.is_available():
         raise LabError("Several devices were chosen but no CUDA GPU is visible; use one device (--device cpu).")
@@ -318,7 +315,7 @@ def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock) -> None:
     if bad:
         raise LabError(f"GPU index {bad[0]} does not exist: this machine has {n} GPU(s) (0..{n - 1}).")
     if not resume:
-        prepare_run(folder, cfg)
+        runs.prepare_run(folder, cfg)
     args = ["--resume", str(folder)] if resume else ["--config", str(folder / "config.json"), "--output-dir", str(folder)]
     cmd = torchrun_command(args + ["--no-progress"], len(cfg.devices))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in cfg.devices)}
@@ -333,7 +330,6 @@ def run(args: argparse.Namespace) -> int:
     # the engine (torch) is imported here, not at the top, so `train --help` stays torch-free
     from ..devices import resolve_device
     from ..training.memory import check_fits
-    from ..training.runs import lock_run
     from ..training.trainer import train
 
     cfg = config_from_args(args)
@@ -342,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
-    lock = None if worker else lock_run(folder)  # one writer per run, for as long as this command trains it
+    lock = None if worker else runs.lock_run(folder)  # one writer per run, for as long as this command trains it
     try:
         if cfg.devices and len(cfg.devices) > 1 and not worker:
             _exec_torchrun(cfg, folder, resume, lock)

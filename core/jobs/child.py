@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from ..commands import cli
 from ..errors import LabError, first_line
 from .events import EventLog
 from .folder import STOP_FILE, StatusFile, now
@@ -33,8 +34,6 @@ STOPPED_REASON = "on request (Ctrl-C); what it had done so far is kept."
 
 def _instrument(log: EventLog, seen: dict[str, BaseException]) -> None:
     """Wrap the CLI's progress bar and every command's ``run`` to write events (see module doc)."""
-    from ..commands import cli
-
     draw = cli.progress
 
     def progress(events, total, desc="", *, position=None, status=None):
@@ -98,10 +97,8 @@ def run(folder: Path, argv: list[str]) -> int:
     log.state("running", pid=os.getpid())
     seen: dict[str, BaseException] = {}
     try:
-        from ..commands.cli import main
-
         _instrument(log, seen)
-        rc = main(argv)
+        rc = cli.main(argv)
     except KeyboardInterrupt:
         rc = 130
     except BaseException as e:  # a bug outside the command: the traceback goes to the console

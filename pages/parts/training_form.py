@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+import torch
 
 from core.devices import available_devices
 from core.errors import LabError
@@ -78,8 +79,6 @@ def device_label(device: str) -> str:
     if device == "cpu":
         return "CPU"
     try:
-        import torch
-
         return f"GPU {device.split(':')[1]} · {torch.cuda.get_device_name(device)}"
     except Exception:  # a name is decoration; the index is what matters
         return device
