@@ -402,7 +402,7 @@ def sweep_partial_checkpoints(run: str | os.PathLike) -> list[str]:
     neither pile up nor pass for checkpoints (``checkpoint_steps`` never lists them).
     """
     ck = Path(run) / "checkpoints"
-    if not ck.is_dir():
+    if not ck.is_dir() or ck.is_symlink():  # never delete inside a folder a link points at
         return []
     done = []
     for d in sorted(ck.iterdir()):
