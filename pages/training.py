@@ -1,10 +1,13 @@
 """Training: launch GPT and masked-diffusion runs, watch them live, stop, resume or delete them,
 and open their checkpoints in the other workbenches.
 
-Runs are separate processes (core.training.runs.launch), so they outlive this page; the page only
-reads run folders under the runs folder (``runs/``, or ``$GPTLAB_RUNS``), which also holds the runs
-started with ``python -m core train``. The runs section is a fragment that re-reads those folders
-every :data:`REFRESH_S` seconds while any run is running, and stops polling when none is.
+Runs are separate processes (core.training.runs.launch, a detached job of core.jobs), so they
+outlive this page; the page only reads run folders under the runs folder (``runs/``, or
+``$GPTLAB_RUNS``), which also holds the runs started with ``python -m core train``. A running run's
+progress bar comes from its events file (core.jobs.events), never from its console text. The runs
+section is a fragment that re-reads those folders every :data:`REFRESH_S` seconds while any run is
+running, and stops polling when none is. A run whose files are broken is listed as unreadable, with
+the reason, and can still be deleted.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from core.errors import LabError
+from core.errors import LabError, first_line
 from core.training.data import uploads_dir
 from core.training.memory import check_fits
 from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
@@ -35,7 +38,8 @@ LOG_LINES = 40
 PREVIEWS_SHOWN = 3
 OPEN_IN = [("pages/generate.py", "Generate"), ("pages/consensus.py", "Consensus"), ("pages/features.py", "Features")]
 STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",
-               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]"}
+               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]",
+               "unreadable": ":gray-badge[unreadable]"}
 
 
 def runs_dir() -> Path:
@@ -49,8 +53,7 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str
     except LabError as e:
         return None, str(e)
     except Exception as e:  # a bug or a file system surprise: still one line, never a traceback
-        first = str(e).splitlines()[0] if str(e) else ""
-        return None, f"{type(e).__name__}: {first}".rstrip(": ")
+        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def fmt_loss(v: float | None) -> str:
@@ -97,7 +100,9 @@ def show_refusal(run_id: str) -> None:
 
 def run_actions(info: RunInfo) -> None:
     cols = st.columns([1, 2, 1], vertical_alignment="bottom")
-    if info.state == "running":
+    if info.state == "unreadable":
+        pass  # nothing to stop or resume; deleting is still offered
+    elif info.state == "running":
         if cols[0].button("Stop", key=f"tr_stop_{info.id}", icon=":material/stop:",
                           help="Writes a checkpoint at the next step, then ends the process."):
             act(info, stop, notice=f"Stop requested for {info.id}: it saves a checkpoint and stops.")
@@ -141,6 +146,16 @@ def run_checkpoints(info: RunInfo) -> None:
     st.caption(f"`{spec_label(str(folder))}` is a model spec: `python -m core generate --model {folder}`")
 
 
+def run_progress(info: RunInfo) -> None:
+    """The run's progress bar, from the newest progress event in its events file."""
+    p = info.progress
+    if p is None:
+        st.progress(0.0, text="preparing data…")
+        return
+    of = f" / {p.total:,}" if p.total else ""
+    st.progress(p.fraction, text=f"{p.stage} step {p.done:,}{of}" + (f" · {p.text}" if p.text else ""))
+
+
 def run_panel(info: RunInfo) -> None:
     with st.container(border=True, key=f"tr_panel_{info.id}"):
         st.markdown(f"**{info.id}** {STATE_BADGE.get(info.state, info.state)}  \n"
@@ -149,7 +164,11 @@ def run_panel(info: RunInfo) -> None:
         cols[0].metric("Step", fmt_step(info))
         cols[1].metric("Train loss", fmt_loss(info.train_loss))
         cols[2].metric("Val loss", fmt_loss(info.val_loss))
-        if info.state == "failed":
+        if info.state == "running":
+            run_progress(info)
+        if info.state == "unreadable":
+            st.error(f"Run unreadable: {info.reason}")
+        elif info.state == "failed":
             st.error(f"Run failed: {info.reason or 'no reason was recorded'}")
             if info.last_log:
                 st.code("\n".join(info.last_log), language=None)

@@ -1,5 +1,9 @@
 """Runs live under runs/ (or $GPTLAB_RUNS, or --root); a RUN is a run name there or a run folder path.
 
+A run is a folder GPT Lab's training made (it carries a .gptlab-job marker; older runs directly in
+the runs folder are recognised by their files); anything else, a model folder say, is refused, and
+delete removes only runs inside the runs folder. A run whose files are broken lists as unreadable.
+
 Examples:
   python -m core runs list
   python -m core runs status 20250101-120000-ar-tiny --log 30
@@ -13,14 +17,16 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import LabError
+from ..training import runs  # torch-free: run folders, not the trainer
+from .cli import float_arg, int_arg
+
 NAME = "runs"
 HELP = "List training runs; show status, stop (with a checkpoint), resume or delete one."
 ACTIONS = ("list", "status", "stop", "resume", "delete")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import float_arg, int_arg
-
     # optional here so that a missing action gets run()'s sentence instead of argparse's "required: action"
     parser.add_argument("action", nargs="?", choices=ACTIONS, metavar="<action>",
                         help="list, status, stop, resume or delete")
@@ -40,8 +46,6 @@ def _fmt(v, spec: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import LabError
-    from ..training import runs
 
     if args.action is None:
         raise LabError(f"Say what to do: python -m core runs {{{','.join(ACTIONS)}}} [RUN], e.g. "
@@ -60,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'run':<40} {'state':<9} {'step':>11} {'train':>7} {'val':>7}  model / objective / dataset")
         for r in items:
             steps = f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
+            about = r.reason if r.state == "unreadable" else f"{r.model} / {r.objective} / {r.dataset}"
             print(f"{r.id:<40} {r.state:<9} {steps:>11} {_fmt(r.train_loss, '.4f'):>7} {_fmt(r.val_loss, '.4f'):>7}  "
-                  f"{r.model} / {r.objective} / {r.dataset}")
+                  f"{about}")
         return 0
     if not args.target:
         raise LabError(f"`runs {args.action}` needs a RUN (a name from `python -m core runs list`, or a run folder).")

@@ -25,11 +25,18 @@ import sys
 from pathlib import Path
 
 from ..errors import LabError
+from ..models.config import PRESETS
+from ..training import runs  # torch-free: run folders, names and the writer's lock
+from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
+                               OPTIMIZERS, TrainConfig)
+from .cli import device_arg, float_arg, int_arg
 
 NAME = "train"
 HELP = "Train a GPT or a text-diffusion model; writes a run folder with metrics and loadable checkpoints."
 
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+AMP_ALIASES = {"bf16": "bfloat16", "fp16": "float16"}   # gpt-training-suite.md's spellings
+D = TrainConfig()   # the defaults shown in --help are the config's own
 
 
 def _bool(text: str) -> bool:
@@ -48,94 +55,113 @@ def _indices(text: str) -> list[int]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import device_arg, float_arg, int_arg
+def _num(name: str, note: str = ""):
+    """The argparse type of a TrainConfig number: its lower bound (and the upper one of a
+    fraction) checked as the flag is parsed; the rest of :data:`LIMITS` by TrainConfig.check."""
+    limit = LIMITS[name]
+    if isinstance(limit.low, int):
+        return int_arg(limit.low, note=note)
+    high = limit.high if limit.high <= 1 else None
+    return float_arg(limit.low, high, low_open=limit.low_open, high_open=limit.high_open and high is not None,
+                     note=note)
 
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # flags left out keep the config's value (defaults live in TrainConfig)
-    count, steps = int_arg(1), int_arg(0, note="; 0 turns it off")  # ranges as TrainConfig.check has them
+    off = "; 0 turns it off"
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=S, metavar="NAME|PATH",
-                   help="shakespeare (default), small (OpenWebText-10k), large (WikiText-103), fineweb-edu, "
+                   help=f"{D.dataset} (default), small (OpenWebText-10k), large (WikiText-103), fineweb-edu, "
                         "openwebtext, wikitext-103, a hub dataset id, or a local .txt/.jsonl file or folder")
     g.add_argument("--tokenizer", default=S, metavar="SPEC",
-                   help="bpe (train our byte-level BPE; default), gpt2, or a tokenizer.json / model folder")
-    g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=count, default=S, metavar="N",
-                   help="vocabulary of a trained BPE (default 8192)")
-    g.add_argument("--val-fraction", dest="val_fraction", type=float_arg(0, 0.5, high_open=True), default=S,
-                   metavar="F",
-                   help="share of the tokens held out for validation (default 0.05)")
-    g.add_argument("--max-data-tokens", dest="max_data_tokens", type=count, default=S, metavar="N",
-                   help="read at most N tokens of the dataset (large hub datasets)")
+                   help=f"bpe (train our byte-level BPE), gpt2, or a tokenizer.json / model folder "
+                        f"(default {D.tokenizer})")
+    g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int_arg(1), default=S, metavar="N",
+                   help=f"vocabulary of a trained BPE (default {D.vocab_size})")
+    g.add_argument("--val-fraction", dest="val_fraction", type=_num("val_fraction"), default=S, metavar="F",
+                   help=f"share of the tokens held out for validation (default {D.val_fraction})")
+    g.add_argument("--max-data-tokens", dest="max_data_tokens", type=_num("max_data_tokens"), default=S,
+                   metavar="N", help="read at most N tokens of the dataset (large hub datasets)")
     g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR",
                    help="token cache folder (default $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data)")
 
     m = parser.add_argument_group("model")
-    m.add_argument("--objective", choices=("ar", "diffusion"), default=S,
-                   help="ar: next-token prediction (default); diffusion: masked diffusion (bidirectional)")
+    m.add_argument("--objective", choices=OBJECTIVES, default=S,
+                   help=f"ar: next-token prediction; diffusion: masked diffusion (bidirectional) "
+                        f"(default {D.objective})")
     m.add_argument("--preset", default=S, metavar="NAME",
-                   help="tiny (default), gpt2-small|medium|large|xl, gpt3-ada|babbage|curie|davinci")
-    m.add_argument("--n-layer", "--num_layers", dest="n_layer", type=count, default=S, metavar="N")
-    m.add_argument("--n-head", "--num_heads", dest="n_head", type=count, default=S, metavar="N")
-    m.add_argument("--d-model", "--model_dim", dest="d_model", type=count, default=S, metavar="N")
-    m.add_argument("--block-size", "--train_seq_len", dest="block_size", type=count, default=S, metavar="T",
-                   help="context length in tokens (default 256)")
-    m.add_argument("--val_seq_len", dest="val_seq_len", type=count, default=S, metavar="T",
+                   help=f"{', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    m.add_argument("--n-layer", "--num_layers", dest="n_layer", type=_num("n_layer"), default=S, metavar="N")
+    m.add_argument("--n-head", "--num_heads", dest="n_head", type=_num("n_head"), default=S, metavar="N")
+    m.add_argument("--d-model", "--model_dim", dest="d_model", type=_num("d_model"), default=S, metavar="N")
+    m.add_argument("--block-size", "--train_seq_len", dest="block_size", type=_num("block_size"), default=S,
+                   metavar="T", help=f"context length in tokens (default {D.block_size})")
+    m.add_argument("--val_seq_len", dest="val_seq_len", type=int_arg(1), default=S, metavar="T",
                    help="accepted for the reference script; validation uses the training context")
-    m.add_argument("--dropout", type=float_arg(0, 1, high_open=True), default=S, metavar="P")
+    m.add_argument("--dropout", type=_num("dropout"), default=S, metavar="P")
 
     o = parser.add_argument_group("optimisation")
-    o.add_argument("--model-version", dest="model_version", choices=("gpt2", "gpt3"), default=S,
-                   help="the paper recipe for AdamW betas, weight decay, warmup, clipping and cosine floor "
-                        "(default gpt3: betas 0.9/0.95, wd 0.1, clip 1.0, cosine to 10%%)")
-    o.add_argument("--optimizer", choices=("adamw", "muon"), default=S,
+    o.add_argument("--model-version", dest="model_version", choices=MODEL_VERSIONS, default=S,
+                   help=f"the paper recipe for AdamW betas, weight decay, warmup, clipping and cosine floor "
+                        f"(default {D.model_version}: betas 0.9/0.95, wd 0.1, clip 1.0, cosine to 10%%)")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
                    help="muon: Muon for the blocks' 2-D weights, AdamW for the rest")
-    o.add_argument("--lr", "--learning-rate", dest="lr", type=float_arg(0, low_open=True), default=S, metavar="LR",
+    o.add_argument("--lr", "--learning-rate", dest="lr", type=_num("lr"), default=S, metavar="LR",
                    help="peak learning rate (default from --model-version)")
-    o.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=float_arg(0, 1), default=S, metavar="R")
-    o.add_argument("--weight-decay", dest="weight_decay", type=float_arg(0), default=S, metavar="WD")
-    o.add_argument("--beta1", type=float_arg(0, 1, high_open=True), default=S)
-    o.add_argument("--beta2", type=float_arg(0, 1, high_open=True), default=S)
-    o.add_argument("--grad-clip", dest="grad_clip", type=float_arg(0, note="; 0 turns it off"), default=S,
+    o.add_argument("--min-lr-ratio", dest="min_lr_ratio", type=_num("min_lr_ratio"), default=S, metavar="R")
+    o.add_argument("--weight-decay", dest="weight_decay", type=_num("weight_decay"), default=S, metavar="WD")
+    o.add_argument("--beta1", type=_num("beta1"), default=S)
+    o.add_argument("--beta2", type=_num("beta2"), default=S)
+    o.add_argument("--grad-clip", dest="grad_clip", type=_num("grad_clip", off), default=S,
                    metavar="C", help="0 = off")
-    o.add_argument("--warmup-steps", dest="warmup_steps", type=int_arg(0), default=S, metavar="N")
-    o.add_argument("--batch-size", dest="batch_size", type=count, default=S, metavar="B",
-                   help="sequences per micro-batch per GPU (default 16)")
-    o.add_argument("--grad-acc-steps", "--grad_acc_steps", dest="grad_acc_steps", type=count, default=S, metavar="N")
-    o.add_argument("--max-steps", "--train_steps", dest="max_steps", type=count, default=S, metavar="N",
+    o.add_argument("--warmup-steps", dest="warmup_steps", type=_num("warmup_steps"), default=S, metavar="N")
+    o.add_argument("--batch-size", dest="batch_size", type=_num("batch_size"), default=S, metavar="B",
+                   help=f"sequences per micro-batch per GPU (default {D.batch_size})")
+    o.add_argument("--grad-acc-steps", "--grad_acc_steps", dest="grad_acc_steps", type=_num("grad_acc_steps"),
+                   default=S, metavar="N")
+    o.add_argument("--max-steps", "--train_steps", dest="max_steps", type=_num("max_steps"), default=S, metavar="N",
                    help="optimizer steps (default: --epochs worth)")
-    o.add_argument("--epochs", type=float_arg(0, low_open=True), default=S, metavar="E",
-                   help="passes over the data (default 1)")
-    o.add_argument("--seed", type=int, default=S)
+    o.add_argument("--epochs", type=_num("epochs"), default=S, metavar="E",
+                   help=f"passes over the data (default {DEFAULT_EPOCHS:g})")
+    o.add_argument("--seed", type=_num("seed"), default=S, help=f"(default {D.seed})")
 
     p = parser.add_argument_group("precision, devices, speed")
-    p.add_argument("--amp", action="store_const", const=True, default=S, help="autocast (bfloat16 unless --amp-dtype)")
-    p.add_argument("--amp-dtype", dest="amp_dtype", choices=("bf16", "bfloat16", "fp16", "float16"), default=S,
+    p.add_argument("--amp", action="store_const", const=True, default=S,
+                   help=f"autocast ({D.amp_dtype} unless --amp-dtype)")
+    p.add_argument("--amp-dtype", dest="amp_dtype", choices=(*AMP_ALIASES, *AMP_DTYPES), default=S,
                    help="fp16 adds a GradScaler")
     p.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
-    p.add_argument("--device", default=S, type=device_arg, metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--device", default=S, type=device_arg, metavar="DEVICE",
+                   help=f"cpu, cuda, cuda:N or auto (default {D.device})")
     p.add_argument("--cuda", dest="cuda", type=_indices, default=S, metavar="N[,M]",
                    help="GPU index as in the reference scripts; several (0,1) train with DDP under torchrun")
     p.add_argument("--devices", dest="cuda", type=_indices, default=S, metavar="N,M", help="same as --cuda")
 
     b = parser.add_argument_group("validation, previews, checkpoints")
-    b.add_argument("--val-every", "--val_loss_every", dest="val_every", type=steps, default=S, metavar="N",
-                   help="validate every N steps (default 200; 0 = only at the end)")
+    b.add_argument("--val-every", "--val_loss_every", dest="val_every", type=_num("val_every", off), default=S,
+                   metavar="N", help=f"validate every N steps (default {D.val_every}; 0 = only at the end)")
     b.add_argument("--val-checking", dest="val_checking", action="store_true", default=S,
                    help="reference spelling; validation is on by default")
-    b.add_argument("--val-batches", dest="val_batches", type=count, default=S, metavar="N")
-    b.add_argument("--preview-every", dest="preview_every", type=steps, default=S, metavar="N",
+    b.add_argument("--val-batches", dest="val_batches", type=_num("val_batches"), default=S, metavar="N",
+                   help=f"(default {D.val_batches})")
+    b.add_argument("--preview-every", dest="preview_every", type=_num("preview_every", off), default=S, metavar="N",
                    help="sample a short text every N steps (default off)")
     b.add_argument("--preview-prompt", dest="preview_prompt", default=S, metavar="TEXT")
-    b.add_argument("--preview-tokens", dest="preview_tokens", type=count, default=S, metavar="N")
-    b.add_argument("--save-every", "--save_every", dest="save_every", type=steps, default=S, metavar="N",
-                   help="checkpoint every N steps (default 500; 0 = only at the end or on stop)")
+    b.add_argument("--preview-tokens", dest="preview_tokens", type=_num("preview_tokens"), default=S, metavar="N",
+                   help=f"(default {D.preview_tokens})")
+    b.add_argument("--save-every", "--save_every", dest="save_every", type=_num("save_every", off), default=S,
+                   metavar="N", help=f"checkpoint every N steps (default {D.save_every}; 0 = only at the end or on stop)")
     b.add_argument("--save_model", dest="save_model", type=_bool, default=S, metavar="True|False",
                    help="reference spelling; False keeps only the final checkpoint")
-    b.add_argument("--keep-last", dest="keep_last", type=count, default=S, metavar="K", help="(default 3)")
-    b.add_argument("--log-every", dest="log_every", type=count, default=S, metavar="N", help="(default 10)")
+    b.add_argument("--keep-last", dest="keep_last", type=_num("keep_last"), default=S, metavar="K",
+                   help=f"(default {D.keep_last})")
+    b.add_argument("--log-every", dest="log_every", type=_num("log_every"), default=S, metavar="N",
+                   help=f"(default {D.log_every})")
 
     r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR", help="the run folder itself")
+    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
+                   help="the run folder itself: missing or empty (a folder holding a model or another run is "
+                        "refused)")
     r.add_argument("--run-name", dest="run_name", default=S, metavar="NAME", help="runs/NAME as the run folder")
     r.add_argument("--ckpt-name", dest="ckpt_name", default=S, metavar="NAME",
                    help="also export the final model as <run>/NAME/ (reference spelling; .pt is dropped)")
@@ -151,11 +177,11 @@ RESUME_OVERRIDES = ("max_steps", "epochs", "val_every", "val_batches", "preview_
                     "ckpt_name", "batch_size", "grad_acc_steps")
 
 
-def _same_sequences_per_step(run: str, cfg) -> None:
+def _same_sequences_per_step(run: str, cfg: TrainConfig) -> None:
     """A resumed run may split its step differently (after running out of memory: a smaller
     --batch-size, more --grad-acc-steps) but must keep the sequences per step, so the data order,
     the schedule and the loss curve carry on as if nothing had changed."""
-    from ..training.trainer import resume_config
+    from ..training.trainer import resume_config  # the engine (torch) loads only when a command runs
 
     saved = resume_config(run)
     n_saved, n_now = saved.batch_size * saved.grad_acc_steps, cfg.batch_size * cfg.grad_acc_steps
@@ -165,10 +191,25 @@ def _same_sequences_per_step(run: str, cfg) -> None:
                        f"x {cfg.grad_acc_steps}).")
 
 
-def config_from_args(args: argparse.Namespace):
+def _read_config_file(text: str) -> dict:
+    """--config FILE as a dict of settings, or one sentence saying why not (a FIFO is refused
+    before it is opened: reading one would wait forever)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_file():
+        raise LabError(f"--config {text} is not a regular file; pass a run's config.json.")
+    try:
+        base = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LabError(f"Could not read --config {text} ({e}); pass a run's config.json.") from None
+    if not isinstance(base, dict):
+        raise LabError(f"--config {text} holds {type(base).__name__} instead of an object of settings; pass a "
+                       f"run's config.json.")
+    return base
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags describe (on top of --config or the resumed run's config)."""
-    from ..training.config import TrainConfig
-    from ..training.trainer import resume_config
+    from ..training.trainer import resume_config  # the engine (torch) loads only when a command runs
 
     given = dict(vars(args))
     for k in ("command", "run", "output_dir", "run_name", "config", "resume", "no_progress"):
@@ -191,71 +232,80 @@ def config_from_args(args: argparse.Namespace):
             given["devices"] = idx
             given["device"] = "cuda"
     if "amp_dtype" in given:
-        given["amp_dtype"] = {"bf16": "bfloat16", "fp16": "float16"}.get(given["amp_dtype"], given["amp_dtype"])
+        given["amp_dtype"] = AMP_ALIASES.get(given["amp_dtype"], given["amp_dtype"])
     if getattr(args, "resume", None):
-        if not Path(args.resume).expanduser().is_dir():
+        folder = Path(args.resume).expanduser()
+        if not folder.is_symlink() and not folder.is_dir():
             raise LabError(f"--resume {args.resume} is not a run folder; pick one from `python -m core runs list`.")
+        runs.run_path(folder)  # a run GPT Lab made, and not a link to one
         extra = sorted(set(given) - set(RESUME_OVERRIDES))
         if extra:
             raise LabError(f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)} "
                            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES[:4])}, ... may change).")
         cfg = resume_config(args.resume, **given)
         _same_sequences_per_step(args.resume, cfg)
+        cfg.check()
         return cfg
-    base: dict = {}
-    if getattr(args, "config", None):
-        try:
-            base = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise LabError(f"Could not read --config {args.config} ({e}); pass a run's config.json.") from None
+    base = _read_config_file(args.config) if getattr(args, "config", None) else {}
     cfg = TrainConfig.from_dict({**base, **given})
+    cfg.check_types()
     _check_flags(cfg, given)
+    cfg.check_ranges()
+    _check_heads(cfg)
     cfg.check()
     return cfg
 
 
-def _check_flags(cfg, given: dict) -> None:
+def _check_flags(cfg: TrainConfig, given: dict) -> None:
     """What TrainConfig.check would refuse in its own words, said here in the flags' words."""
-    from ..models.gpt import PRESETS
-    from ..training.data import LOCAL_SUFFIXES
+    from ..training.data import LOCAL_SUFFIXES, check_regular  # the engine loads only when a command runs
 
     if "preset" in given and given["preset"] not in PRESETS:
         raise LabError(f"--preset {given['preset']} is not a preset; choose one of {', '.join(PRESETS)}.")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < LIMITS["vocab_size"].low:
+        raise LabError(f"--vocab-size {cfg.vocab_size} is too small for our byte-level BPE (256 bytes and the "
+                       f"special tokens come first); pass at least {LIMITS['vocab_size'].low}.")
+    data = str(cfg.dataset).strip()
+    path = Path(data).expanduser()
+    if (data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES) and not path.exists():
+        raise LabError(f"--dataset {data} does not exist; check the path, or use --dataset shakespeare.")
+    if path.exists():
+        check_regular(path, f"--dataset {data}")
+
+
+def _check_heads(cfg: TrainConfig) -> None:
+    """The head count must divide the width; said in the flags' words, with a count that fits."""
     sizes = cfg.model_sizes()
     d, h = sizes["d_model"], sizes["n_head"]
     if h >= 1 and d % h:
         fit = next(k for k in range(h, 0, -1) if d % k == 0)
         raise LabError(f"--d-model {d} is not divisible by --n-head {h}; pick a head count that divides it "
                        f"(e.g. --n-head {fit}).")
-    if cfg.tokenizer == "bpe" and cfg.vocab_size < 300:
-        raise LabError(f"--vocab-size {cfg.vocab_size} is too small for our byte-level BPE (256 bytes and the "
-                       f"special tokens come first); pass at least 300.")
-    data = str(cfg.dataset).strip()
-    path = Path(data).expanduser()
-    if (data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES) and not path.exists():
-        raise LabError(f"--dataset {data} does not exist; check the path, or use --dataset shakespeare.")
 
 
-def run_folder(args: argparse.Namespace, cfg) -> Path:
-    from ..training.runs import check_run_id, new_run_id, runs_root
-
+def run_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
+    """The run's folder: --resume's, --output-dir (checked: never a model or another run),
+    runs/--run-name, or a new name under the runs root."""
     if getattr(args, "resume", None):
         return Path(args.resume)
     if getattr(args, "output_dir", None):
-        return Path(args.output_dir)
+        folder = Path(args.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder; the others never judge it
+            runs.check_output_folder(folder)
+        return folder
     if getattr(args, "run_name", None):
-        folder = runs_root() / check_run_id(args.run_name)
+        folder = runs.runs_root() / runs.check_run_id(args.run_name)
         if folder.exists():
             raise LabError(f"Run {folder} already exists; pick another --run-name or resume it with --resume {folder}.")
         return folder
-    return runs_root() / new_run_id(cfg)
+    return runs.runs_root() / runs.new_run_id(cfg)
 
 
-def _exec_torchrun(cfg, folder: Path, resume: bool) -> None:
-    """Re-run this command as torchrun's workers, one per chosen GPU (this process becomes torchrun)."""
-    import torch
+def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock) -> None:
+    """Re-run this command as torchrun's workers, one per chosen GPU (this process becomes torchrun,
+    and keeps the run's lock for them)."""
+    import torch  # only a multi-GPU run needs it here
 
-    from ..files import atomic_write_json
     from ..training.distributed import torchrun_command
 
     if not torch.cuda.is_available():
@@ -264,36 +314,50 @@ def _exec_torchrun(cfg, folder: Path, resume: bool) -> None:
     bad = [i for i in cfg.devices if i >= n]
     if bad:
         raise LabError(f"GPU index {bad[0]} does not exist: this machine has {n} GPU(s) (0..{n - 1}).")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "config.json", cfg.to_dict())
+    if not resume:
+        runs.prepare_run(folder, cfg)
     args = ["--resume", str(folder)] if resume else ["--config", str(folder / "config.json"), "--output-dir", str(folder)]
     cmd = torchrun_command(args + ["--no-progress"], len(cfg.devices))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in cfg.devices)}
+    if lock is not None:
+        lock.keep_across_exec()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.trainer import CheckpointSaved, Previewed, RunEnded, RunStarted, StepLogged, Validated, train
-
+    # the engine (torch) is imported here, not at the top, so `train --help` stays torch-free
+    from ..devices import resolve_device
     from ..training.memory import check_fits
+    from ..training.trainer import train
 
     cfg = config_from_args(args)
+    worker = "WORLD_SIZE" in os.environ  # a torchrun worker: the command that started torchrun holds the lock
     if int(os.environ.get("RANK", "0")) == 0:  # before any folder or data: an impossible size costs nothing
-        from ..devices import resolve_device
-
         check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
-    if cfg.devices and len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:
-        _exec_torchrun(cfg, folder, resume)
-    events = train(cfg, folder, resume=resume)
-    if bool(getattr(args, "no_progress", False)) or int(os.environ.get("RANK", "0")) != 0:
-        for _ in events:  # the run folder gets everything; nothing to show
-            pass
+    lock = None if worker else runs.lock_run(folder)  # one writer per run, for as long as this command trains it
+    try:
+        if cfg.devices and len(cfg.devices) > 1 and not worker:
+            _exec_torchrun(cfg, folder, resume, lock)
+        events = train(cfg, folder, resume=resume)
+        if bool(getattr(args, "no_progress", False)) or int(os.environ.get("RANK", "0")) != 0:
+            for _ in events:  # the run folder gets everything; nothing to show
+                pass
+            return 0
+        _show(events)
         return 0
-    from .cli import progress
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _show(events) -> None:
+    """Draw the run on stderr: a header line, a progress bar, notes above it, and how it ended."""
+    from ..training.trainer import CheckpointSaved, Previewed, RunEnded, RunStarted, StepLogged, Validated  # engine
+    from .cli import progress  # looked up when called: a job's runner wraps it to record progress
 
     end = None
     for ev in events:  # until the run knows its step count (after data preparation)
@@ -303,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
                   + (f", resumed at step {ev.step}" if ev.resumed else ""), file=sys.stderr)
             break
     else:
-        return 0
+        return
     shown = progress(events, ev.max_steps, "train",
                      position=lambda e: e.step if isinstance(e, StepLogged) else None,
                      status=lambda e: f"loss {e.metrics['train_loss']:.4f}" if isinstance(e, StepLogged) else None)
@@ -321,13 +385,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{end.state} at step {end.step}{val}; model: {end.checkpoint}", file=sys.stderr)
         if end.state == "stopped":
             print(f"resume with: python -m core train --resume {end.run_dir}", file=sys.stderr)
-    return 0
 
 
 def _note(text: str) -> None:
     """A line above the progress bar (tqdm.write keeps the bar intact)."""
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: a plain line without it
 
         tqdm.write(text, file=sys.stderr)
     except ImportError:

@@ -23,15 +23,21 @@ import re
 import shutil
 import unicodedata
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer as _Tok
 
-from ..errors import LabError
+from ..corpus import SPEAKER_FORMAT, shakespeare_files, shakespeare_texts
+from ..errors import LabError, first_line, shorten
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..models.tokenizer import MASK, BPETokenizer
+from ..jobs.process import process_alive, this_host
+from ..models.loading import DEFAULT_DIR, hub_reachable
+from ..models.tokenizer import MASK, BPETokenizer, train_bpe
+from .runs import UPLOADS_DIR, runs_root
 
 CACHE_FORMAT = 1
 SPLIT_BLOCK = 4096            # tokens per routing block of the train/validation split
@@ -84,10 +90,6 @@ class ShakespeareSource(TextSource):
     default_prompt = "ROMEO:"
 
     def __init__(self) -> None:
-        from importlib.metadata import PackageNotFoundError, version
-
-        from ..corpus import SPEAKER_FORMAT, shakespeare_files
-
         try:
             ver = version("shakespeare")
         except PackageNotFoundError:
@@ -95,14 +97,13 @@ class ShakespeareSource(TextSource):
         self.identity = f"shakespeare=={ver}:speakers={SPEAKER_FORMAT}:" + ",".join(shakespeare_files())
 
     def documents(self) -> Iterator[tuple[str, bool]]:
-        from ..corpus import shakespeare_texts
-
         for text in shakespeare_texts():
             yield text, True
 
 
 class LocalSource(TextSource):
     def __init__(self, path: Path):
+        check_regular(path, f"Dataset {shorten(str(path), 80)}")
         self.path = path
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
@@ -183,12 +184,10 @@ def hub_offline_message(label: str, name: str) -> str:
 
 
 def _load_hub_rows(label: str, ds: HubDataset):
-    from ..models.loading import hub_reachable
-
     online = hub_reachable()
     if not online:  # answer from the cache or fail in seconds instead of retrying the network
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
+    try:  # optional and heavy: imported only for a hub dataset
         import datasets
         import huggingface_hub.constants as hub_constants
     except ImportError as e:
@@ -202,8 +201,7 @@ def _load_hub_rows(label: str, ds: HubDataset):
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         if not online:
             raise LabError(hub_offline_message(label, ds.name)) from None
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise LabError(f"Could not load dataset '{label}' ({first}); check the name, or train on a local file.") from None
+        raise LabError(f"Could not load dataset '{label}' ({first_line(e)[:200]}); check the name, or train on a local file.") from None
 
 
 def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
@@ -213,7 +211,7 @@ def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
     if spec == "shakespeare":
         return ShakespeareSource()
     path = Path(spec).expanduser()
-    shown = spec if len(spec) <= 80 else spec[:60] + "…"  # a pasted text, say: echoed short
+    shown = shorten(spec, 80)  # a pasted text, say: echoed short
     try:
         exists = path.exists()
     except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, ...
@@ -231,6 +229,14 @@ def resolve_source(dataset: str, max_tokens: int | None = None) -> TextSource:
                        f"(owner/name or owner/name:config); check the path or the id.")
     name, _, config = spec.partition(":")
     return HubSource(spec, HubDataset(name, config or None, streaming=True), max_tokens)
+
+
+def check_regular(path: Path, what: str) -> None:
+    """Refuse a path that is neither a regular file nor a folder: reading a FIFO, a device or a
+    socket would wait forever (or read without end) in a background process nobody watches."""
+    if not (path.is_file() or path.is_dir()):
+        raise LabError(f"{what} is not a regular file or folder (a FIFO, device or socket cannot be read as a "
+                       f"corpus); save the text to a .txt or .jsonl file and use that.")
 
 
 def _pieces(source: TextSource) -> Iterator[tuple[str, bool]]:
@@ -254,8 +260,6 @@ def _sha(data: bytes | str) -> str:
 
 def _with_mask_token(json_text: str) -> str:
     """Add ``<|mask|>`` as a special token when the vocabulary lacks it (diffusion needs one)."""
-    from tokenizers import Tokenizer as _Tok
-
     tok = _Tok.from_str(json_text)
     if tok.token_to_id(MASK) is None:
         tok.add_special_tokens([MASK])
@@ -264,9 +268,7 @@ def _with_mask_token(json_text: str) -> str:
 
 def _gpt2_tokenizer_json(cache: Path) -> str:
     """GPT-2's BPE as a bare tokenizer.json: from Hugging Face (cache or hub), else tiktoken."""
-    from ..models.loading import hub_reachable
-
-    try:
+    try:  # transformers is heavy and only needed for a tokenizer that is not ours
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained("gpt2", local_files_only=not hub_reachable()).backend_tokenizer.to_str()
@@ -292,9 +294,7 @@ def _external_tokenizer_json(spec: str, cache: Path) -> str:
     if p.is_file():
         BPETokenizer(p)  # a clear error for a file that is not a tokenizer.json
         return p.read_text(encoding="utf-8")
-    from ..models.loading import hub_reachable
-
-    try:
+    try:  # heavy: only for a hub tokenizer
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(spec, local_files_only=p.is_dir() or not hub_reachable()) \
@@ -311,8 +311,6 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
     ``bpe`` trains our byte-level BPE on the source (for the embedded corpus at the shipped
     size it reuses ``assets/default/tokenizer.json``, so trained models share the default's ids).
     """
-    from ..models.loading import DEFAULT_DIR
-
     if spec == "bpe":
         shipped = DEFAULT_DIR / "tokenizer.json"
         if isinstance(source, ShakespeareSource) and shipped.is_file() and \
@@ -322,8 +320,6 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
             folder = cache / "tokenizers" / _sha(f"bpe:{vocab_size}:{source.identity}")[:16]
             if not (folder / "tokenizer.json").is_file():
                 log(f"training a {vocab_size}-token BPE on {source.label}")
-                from ..models.tokenizer import train_bpe
-
                 train_bpe(_limited_text(source, BPE_TRAIN_CHARS), vocab_size, folder / "tokenizer.json")
             text = (folder / "tokenizer.json").read_text(encoding="utf-8")
     else:
@@ -431,11 +427,39 @@ class _SplitRouter:
         return self.train.total, self.val.total
 
 
+_BUILD_TMP = re.compile(r"\.(?P<key>[0-9a-f]+)\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)")  # fullmatch
+
+
+def sweep_stale_builds(tokens_dir: Path) -> list[str]:
+    """Remove the temporaries of token-cache builds whose process is dead; returns their names.
+
+    A build writes ``.<key>.tmp-<host>-<pid>/`` and renames it to ``<key>/`` when complete, so a
+    build killed half-way leaves its temporary behind, and nothing else would ever remove it.
+    Only this host's temporaries are judged (a shared cache folder may hold another machine's
+    build in progress); older names without a host (``.<key>.tmp-<pid>``) are taken as this
+    host's. A temporary whose pid is alive is kept, even if the pid was reused: it goes next time.
+    """
+    removed = []
+    try:
+        entries = list(Path(tokens_dir).iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = _BUILD_TMP.fullmatch(d.name)
+        if m is None or d.is_symlink() or not d.is_dir() or m["host"] not in (None, this_host()):
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and not process_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
 def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fraction: float,
                  max_tokens: int | None, log: Callable[[str], None]) -> None:
     tok = BPETokenizer(tokenizer_path)
     dtype = token_dtype(tok.vocab_size)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp = folder.with_name(f".{folder.name}.tmp-{this_host()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -509,6 +533,8 @@ def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction:
         if not (folder / "meta.json").is_file():
             if not build:
                 raise LabError(f"Token cache {folder} is missing; rank 0 should have built it.")
+            for name in sweep_stale_builds(folder.parent):
+                log(f"removed {name}, left in the token cache by a build that was killed")
             _build_cache(source, tok_path, folder, val_fraction, max_tokens, log)
     except OSError as e:
         if e.errno == 28:
@@ -600,7 +626,6 @@ def validation_windows(split: TokenSplit, block_size: int, n_windows: int, world
 
 # -- uploaded text ------------------------------------------------------------------------------
 
-UPLOADS_DIR = "data"          # under the runs root: uploaded training text sits beside the runs using it
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
 UPLOAD_NAME_BYTES = 100       # the stem's limit in UTF-8 bytes (file systems allow 255 for the whole name)
 _UNSAFE_NAME = re.compile(r"[^\w.-]+")
@@ -608,8 +633,6 @@ _UNSAFE_NAME = re.compile(r"[^\w.-]+")
 
 def uploads_dir(root: str | os.PathLike | None = None) -> Path:
     """Where uploaded datasets are saved: ``<runs root>/data`` (``$GPTLAB_RUNS``, default ``runs``)."""
-    from .runs import runs_root
-
     return (runs_root() if root is None else Path(root)) / UPLOADS_DIR
 
 
@@ -625,16 +648,12 @@ def upload_name(name: str, data: bytes) -> str:
     stem, dot, suffix = base.rpartition(".")
     suffix = f".{suffix.lower()}" if dot else ""
     if suffix not in UPLOAD_SUFFIXES:
-        raise LabError(f"Only .txt and .jsonl files can be uploaded as training data (got '{_short(base)}'); "
+        raise LabError(f"Only .txt and .jsonl files can be uploaded as training data (got '{shorten(base)}'); "
                        f"save the text as plain UTF-8 .txt, or JSON lines with a 'text' field.")
     stem = _UNSAFE_NAME.sub("_", stem).strip("._-")
     while len(stem.encode("utf-8")) > UPLOAD_NAME_BYTES:
         stem = stem[:-1]
     return f"{stem.rstrip('._-') or 'upload'}-{_sha(data)[:8]}{suffix}"
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def check_upload_text(name: str, data: bytes) -> None:

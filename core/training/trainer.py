@@ -20,11 +20,12 @@ waiting in a collective.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import math
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -34,18 +35,25 @@ from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..errors import LabError, is_out_of_memory
+from ..errors import LabError, first_line, fmt_bytes, is_out_of_memory
 from ..files import atomic_write
+from ..generation.autoregressive import SamplingConfig, generate
+from ..generation.diffusion import DiffusionConfig, denoise, render
+from ..jobs.process import process_start, this_host
 from ..models.gpt import GPT
+from ..models.loading import LoadedModel, save_checkpoint
+from ..models.stack import stack_for
 from . import runs as runs_mod
 from .allocator import keep_freed_memory
-from .config import TrainConfig
+from .config import DEFAULT_EPOCHS, TrainConfig
 from .data import BatchSampler, TrainingData, prepare_data, validation_windows
-from ..generation.diffusion import DiffusionConfig, denoise, render
-from .objective import diffusion_loss, sequence_bound, validation_rates
 from .distributed import Dist, init_distributed
 from .metrics import estimate_training_bytes, flops_per_token, gpu_memory_gb, mfu, peak_flops
+from .objective import diffusion_loss, sequence_bound, validation_rates
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
 from .schedules import lr_at
 
@@ -116,12 +124,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, *, resume:
 
 def resume_config(run_dir: str | os.PathLike, **overrides) -> TrainConfig:
     """The run's saved config with ``overrides`` (fields left ``None`` are kept)."""
-    import json
-
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise LabError(f"{run_dir} holds no config.json; pass the folder of a run to resume.")
-    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LabError(f"{path} cannot be read as JSON ({first_line(e)}); restore it to resume the run.") from None
+    cfg = TrainConfig.from_dict(saved)
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -133,20 +143,26 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno == 28
+    return isinstance(e, OSError) and e.errno == errno.ENOSPC
 
 
-def _refuse_used_folder(run_dir: Path) -> None:
-    """A fresh run must not start in a folder that already trained (typically the same command
-    re-run after a crash instead of ``--resume``): its metrics would repeat steps, and the old
-    run's higher-numbered checkpoints would outrank (and prune) the new ones."""
-    steps = runs_mod.checkpoint_steps(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    logged = metrics.is_file() and metrics.stat().st_size > 0
-    if steps or logged:
-        what = f"checkpoints up to step {steps[-1]}" if steps else "logged training steps"
-        raise LabError(f"{run_dir} already holds a training run ({what}); continue it with --resume {run_dir}, "
-                       f"or pick another --output-dir (or delete that folder) to start over.")
+def free_space(folder: Path) -> int | None:
+    """Bytes free on the disk holding ``folder`` (or its nearest existing parent)."""
+    for p in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(folder: Path, run_dir: Path | None) -> LabError:
+    """The one sentence for a full disk: where, how much is free, and how to go on."""
+    free = free_space(folder)
+    left = f" ({fmt_bytes(free)} free)" if free is not None else ""
+    resume = f", then resume with `python -m core train --resume {run_dir}`" if run_dir is not None else ""
+    return LabError(f"The disk is full while writing {folder}{left}; free space on that disk{resume} (checkpoints "
+                    f"already saved are intact).")
 
 
 def load_trainer_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
@@ -189,14 +205,18 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if resume and (self.run_dir is None or not self.run_dir.is_dir()):
             raise LabError(f"Cannot resume: run folder {run_dir} does not exist.")
-        if not resume and self.run_dir is not None:
-            _refuse_used_folder(self.run_dir)
+        if resume and self.run_dir.is_symlink():
+            raise LabError(f"{self.run_dir} is a symbolic link; resume the run folder itself.")
+        if not resume and self.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+            runs_mod.check_output_folder(self.run_dir)  # a fresh run never writes over a model or another run
         self.stop_reason: str | None = None
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
         self.last_val: float | None = None
         self.last_ckpt: Path | None = None
+        self.lock = None
+        self._loss_text: str | None = None
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -219,7 +239,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_acc_steps * self.dist.world
         steps_per_epoch = max(1, self.sampler.windows_per_epoch // (self.sampler.global_batch * cfg.grad_acc_steps))
         self.max_steps = cfg.max_steps if cfg.max_steps is not None else \
-            max(1, int(round((cfg.epochs or 1.0) * steps_per_epoch)))
+            max(1, int(round((cfg.epochs or DEFAULT_EPOCHS) * steps_per_epoch)))
         self.hp: Hyper = resolve_hyper(cfg, self.max_steps, self.tokens_per_step)
         self._check_memory()
         self.optimizers = build_optimizers(self.raw, cfg.optimizer, self.hp)
@@ -231,8 +251,6 @@ class Trainer:
             self._load_latest()
         self.fwd: nn.Module = torch.compile(self.raw) if cfg.compile else self.raw
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             self.model: nn.Module = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.model = self.fwd
@@ -292,9 +310,9 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def save(self) -> Path | None:
-        """Write checkpoints/<step>/ atomically (temp folder, then rename) and keep the last k."""
-        from ..models.loading import save_checkpoint
-
+        """Write checkpoints/<step>/ atomically (temp folder, then rename) and keep the last k.
+        A full disk (torch reports it as a RuntimeError of its zip writer) ends the run with one
+        sentence naming the folder and the free space."""
         if not self.dist.main:
             return None
         root = self.run_dir / "checkpoints"
@@ -306,9 +324,15 @@ class Trainer:
         meta = {"training": {"run": str(self.run_dir), "step": self.step, "tokens": self.tokens,
                              "val_loss": self.last_val, "config": self.cfg.to_dict()}}
         try:
-            save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective, extra=meta)
-            state = self._trainer_state()
-            atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            try:
+                save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective,
+                                extra=meta)
+                state = self._trainer_state()
+                atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            except (OSError, RuntimeError, SafetensorError) as e:
+                if self._out_of_disk(e, root):
+                    raise disk_full_error(root, self.run_dir) from None
+                raise
             if final.exists():  # the same step saved twice (stop right after a scheduled save)
                 old = root / f".old-{self.step}-{os.getpid()}"
                 os.rename(final, old)
@@ -327,10 +351,16 @@ class Trainer:
         self.log(f"checkpoint saved: {final}")
         return final
 
-    def _load_latest(self) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _out_of_disk(self, e: BaseException, folder: Path) -> bool:
+        """Whether a failed write failed for want of space: ENOSPC, or torch's and safetensors'
+        own write errors while less than a checkpoint's size is free."""
+        if _disk_full(e):
+            return True
+        free = free_space(folder)
+        need = 3 * 4 * self.raw.num_params()  # float32 weights plus AdamW's two moments
+        return free is not None and free < need
 
+    def _load_latest(self) -> None:
         steps = [s for s in runs_mod.checkpoint_steps(self.run_dir)
                  if (self.run_dir / "checkpoints" / str(s) / STATE_FILE).is_file()]
         if not steps:
@@ -457,10 +487,6 @@ class Trainer:
                     pass
                 text = render(tok, last.ids[len(ids):], last.masked[len(ids):])
             else:
-                from ..generation.autoregressive import SamplingConfig, generate
-                from ..models.loading import LoadedModel
-                from ..models.stack import stack_for
-
                 lm = LoadedModel(spec=self.run_dir.name, model=self.raw, tokenizer=tok, stack=stack_for(self.raw),
                                  device=str(self.device), dtype=torch.float32, source=str(self.run_dir))
                 res = generate(lm, prompt, SamplingConfig(max_new_tokens=n, top_k=40, seed=self.cfg.seed,
@@ -504,18 +530,24 @@ class Trainer:
         cfg = self.cfg
         self.dist: Dist = init_distributed(cfg.device)
         self.device = torch.device(self.dist.device)
-        if self.run_dir is None:
-            rid = runs_mod.new_run_id(cfg, self.root) if self.dist.main else None
-            self.run_dir = (self.root / self.dist.broadcast(rid)).resolve()
+        try:
+            if self.run_dir is None:
+                rid = runs_mod.new_run_id(cfg, self.root) if self.dist.main else None
+                self.run_dir = (self.root / self.dist.broadcast(rid)).resolve()
+            self.lock = self._take_lock()
+        except BaseException:
+            self.dist.close()
+            raise
         self.files = runs_mod.RunFiles(self.run_dir, enabled=self.dist.main)
         old_handlers = self._install_signals()
         try:
             self.files.write_config(cfg)
             self.files.clear_stop()
-            self.files.status("running", pid=os.getpid(), pid_start=runs_mod.process_start(os.getpid()),
-                              host=socket.gethostname(), step=0, reason=None,
+            self.files.status("running", pid=os.getpid(), pid_start=process_start(os.getpid()),
+                              host=this_host(), step=0, reason=None, fix=None,
                               last_log=[], started=runs_mod.now(), distributed=self.dist.enabled,
                               world_size=self.dist.world, objective=cfg.objective)
+            self.files.events.state("running", pid=os.getpid())
             self.log(f"{'resuming' if self.resume else 'starting'} run {self.run_dir.name} on {self.device} "
                      f"(world size {self.dist.world})")
             if self.dist.main:
@@ -523,6 +555,7 @@ class Trainer:
                     self.log(f"removed a partial checkpoint left by an interrupted save: {name}")
             self._setup()
             self.files.status(max_steps=self.max_steps, step=self.step)
+            self.files.events.progress("train", self.step, self.max_steps, force=True)
             self.log(f"model: {self.raw.num_params():,} parameters ({self.n_params:,} without position embeddings), "
                      f"{self.raw.config.n_layer} layers, d_model {self.raw.config.d_model}, "
                      f"context {self.raw.config.block_size}, {cfg.objective}")
@@ -537,6 +570,7 @@ class Trainer:
             if state == "finished" and cfg.ckpt_name and self.dist.main:
                 self._export(cfg.ckpt_name)
             self.files.status(state, step=self.step, reason=self.stop_reason, val_loss=self.last_val)
+            self.files.events.state(state, step=self.step)
             self.log(f"run {state} at step {self.step}" + (f" ({self.stop_reason})" if self.stop_reason else ""))
             yield RunEnded(state=state, step=self.step, run_dir=str(self.run_dir),
                            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
@@ -545,15 +579,23 @@ class Trainer:
             if not is_out_of_memory(e):
                 self._fail(e)
                 raise
-            err = LabError(self._oom_message())
+            err = self._oom_error()
             self._fail(err)
             raise err from None
         except GeneratorExit:  # the consumer stopped iterating: keep the work done so far
             if getattr(self, "optimizers", None) is not None and self.step > 0:
                 self.save()
             self.files.status("stopped", step=self.step, reason="stopped by its consumer")
+            self.files.events.state("stopped", step=self.step)
             self.log(f"run stopped at step {self.step} (stopped by its consumer)")
             raise
+        except OSError as e:
+            if not _disk_full(e):
+                self._fail(e)
+                raise
+            err = disk_full_error(Path(e.filename).parent if e.filename else self.run_dir, self.run_dir)
+            self._fail(err)
+            raise err from None
         except BaseException as e:
             self._fail(e)
             raise
@@ -561,15 +603,34 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.dist.close()
+            if self.lock is not None:
+                self.lock.release()
 
-    def _oom_message(self) -> str:
+    def _take_lock(self):
+        """Become the run's one writer (see :mod:`core.training.runs`). Under torchrun the ranks
+        do not lock: the ``train`` command that started torchrun holds the lock for all of them."""
+        if not self.dist.main or self.dist.enabled:
+            return None
+        lock = runs_mod.lock_run(self.run_dir)
+        if not self.resume:
+            try:  # again, now that no one else can write it: another run may have just finished there
+                runs_mod.check_output_folder(self.run_dir)
+            except LabError:
+                lock.release()
+                raise
+        return lock
+
+    def _oom_error(self) -> LabError:
         """What to change after running out of memory: halve the micro-batch and raise the
-        accumulation (about the same sequences per optimizer step), shorten the context, or autocast."""
+        accumulation (about the same sequences per optimizer step), shorten the context, or autocast.
+        The first of these also travels as data (``fix``), for a page to offer it as one click."""
         cfg = self.cfg
         B, G, T = cfg.batch_size, cfg.grad_acc_steps, cfg.block_size
         fixes = []
+        fix: dict = {} if cfg.amp else {"amp": True}
         if B > 1:
             b, g = B // 2, math.ceil(B * G / (B // 2))
+            fix = {"batch_size": b, "grad_acc_steps": g}
             same = "the same" if b * g == B * G else f"{b * g} instead of"
             fixes.append(f"--batch-size {b} with --grad-acc-steps {g} ({same} {B * G} sequences per step)")
         fixes.append(f"a shorter --block-size (now {T})")
@@ -578,24 +639,27 @@ class Trainer:
         choices = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
         saved = runs_mod.checkpoint_steps(self.run_dir) if self.dist.main else []
         kept = f"; the checkpoints saved so far are kept (last: step {saved[-1]})" if saved else ""
-        return (f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} tokens; "
-                f"use {choices}{kept}.")
+        return LabError(f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} "
+                        f"tokens; use {choices}{kept}.", fix=fix)
 
     def _fail(self, e: BaseException) -> None:
+        """Record a failure in status.json (reason, and a LabError's fix as data) and events.jsonl."""
         if isinstance(e, KeyboardInterrupt):
             reason = "Interrupted (a second Ctrl-C) before a checkpoint could be written."
-        elif _disk_full(e):
-            reason = (f"The disk is full ({e.filename or 'while writing'}); free space, then resume with "
-                      f"`python -m core runs resume {self.run_dir}`; checkpoints already saved are intact.")
         elif isinstance(e, LabError):
             reason = str(e)
         else:
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+            reason = f"{type(e).__name__}: {first_line(e)}"
+        fix = e.fix if isinstance(e, LabError) and e.fix else None
         try:
             if not isinstance(e, (LabError, KeyboardInterrupt)):
                 self.log("".join(traceback.format_exception(type(e), e, e.__traceback__)))
             self.log(f"run failed: {reason}")
-            self.files.status("failed", step=self.step, reason=reason, last_log=runs_mod.log_tail(self.run_dir, 20))
+            if not isinstance(e, KeyboardInterrupt):
+                self.files.events.error(e)
+            self.files.events.state("failed", step=self.step)
+            self.files.status("failed", step=self.step, reason=reason, fix=fix,
+                              last_log=runs_mod.log_tail(self.run_dir, 20))
         except OSError:
             pass  # the disk may be full: the exception itself still reaches the caller
 
@@ -610,6 +674,7 @@ class Trainer:
             loss, grad_norm, lr = self._train_step()
             self.step += 1
             self.tokens += self.tokens_per_step
+            self.files.events.progress("train", self.step, self.max_steps, text=self._loss_text)
             pending.append(loss)
             last = self.step == self.max_steps
             do_val = (cfg.val_every and self.step % cfg.val_every == 0) or last
@@ -641,6 +706,7 @@ class Trainer:
                         val_event = Validated(step=self.step, val_loss=v)
                         self.log(f"step {self.step}: validation loss {v:.4f}")
                 self.files.metric(record)
+                self._loss_text = f"loss {train_loss:.4f}"
                 self.log(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                          f"grad {gn:.3f} | {tps:,.0f} tok/s")
                 self.files.status(step=self.step, train_loss=train_loss, val_loss=self.last_val, tokens=self.tokens,
@@ -669,8 +735,6 @@ class Trainer:
 
     def _export(self, name: str) -> None:
         """``--ckpt-name``: the final model, weights only, as ``<run>/<name>/`` (a model spec)."""
-        from ..models.loading import save_checkpoint
-
         stem = Path(name).stem
         folder = self.run_dir / stem
         tmp = self.run_dir / f".tmp-{stem}-{os.getpid()}"

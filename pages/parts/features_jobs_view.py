@@ -1,6 +1,7 @@
 """The Features page's background jobs: a form that starts ``python -m core transcoders
-train|collect|describe`` as its own process (pages/parts/features_jobs.py), and a live list of jobs with
-their progress, log and a Stop button, re-read every :data:`REFRESH_S` seconds while one runs.
+train|collect|describe`` as its own process (core.interp.jobs), and a live list of jobs with their
+progress (read from each job's events file), log and a Stop button, re-read every
+:data:`REFRESH_S` seconds while one runs.
 """
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any, Callable
 import streamlit as st
 
 from core.devices import available_devices
-from core.errors import LabError
+from core.errors import LabError, first_line
+from core.interp.jobs import Job, console_lines, job_argv, jobs_root, launch, list_jobs, progress, read_job, stop
 from core.interp.transcoder import transcoder_dir_for
 from core.models.loading import LoadedModel
 from pages.parts.common import DTYPE_KEY, spec_label
-from pages.parts.features_jobs import Job, console_lines, job_argv, jobs_root, launch, list_jobs, progress, read_job, stop
 
 REFRESH_S = 2.0
 JOBS_SHOWN = 5
@@ -24,7 +25,8 @@ FOLLOW_KEY = "feat_j_follow"       # the job launched here whose set the picker 
 ACTION_LABELS = {"train": "Train transcoders", "collect": "Collect features", "describe": "Describe features"}
 EXPLAINER_CHOICES = {"builtin": "Built-in (offline)", "lm": "Language model"}
 STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",
-               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]"}
+               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]",
+               "unreadable": ":gray-badge[unreadable]"}
 
 
 def jkey(name: str) -> str:
@@ -38,8 +40,7 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str
     except LabError as e:
         return None, str(e)
     except Exception as e:  # a file-system surprise or a bug: still one line, never a traceback
-        first = str(e).splitlines()[0] if str(e) else ""
-        return None, f"{type(e).__name__}: {first}".rstrip(": ")
+        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def device_options() -> list[str]:
@@ -187,7 +188,8 @@ def job_panel(job: Job) -> None:
             if p is None:
                 st.progress(0.0, text="starting…")
             else:
-                st.progress(p.fraction, text=f"{p.stage}: {p.done:,} / {p.total:,}")
+                of = f" / {p.total:,}" if p.total else ""
+                st.progress(p.fraction, text=f"{p.stage}: {p.done:,}{of}" + (f" · {p.text}" if p.text else ""))
             cols = st.columns(4)
             cols[0].button("Stop", key=f"feat_j_stop_{job.id}", icon=":material/stop:", on_click=_stop,
                            args=(job, False), help="Ctrl-C: training saves what it has learnt, describing keeps "
@@ -197,6 +199,8 @@ def job_panel(job: Job) -> None:
                                args=(job, True), help="End the process at once.")
         elif job.state == "failed":
             st.error(f"Job failed: {job.reason or 'no reason was recorded'}")
+        elif job.state == "unreadable":
+            st.error(f"Job unreadable: {job.reason}")
         elif job.state == "stopped":
             st.caption(f"Stopped: {job.reason or 'on request'}")
         elif job.state == "finished":

@@ -2,7 +2,8 @@
 widgets' values to a :class:`~core.training.config.TrainConfig`.
 
 The mapping (:func:`config_from_values`) is plain Python so it can be checked without Streamlit;
-it raises LabError for anything the engine would refuse, before a process is started.
+it raises LabError for anything the engine would refuse, before a process is started. Defaults,
+choice lists and the widgets' limits are TrainConfig's own (core.training.config), never restated.
 
 An uploaded dataset (:data:`UPLOAD_CHOICE`) is checked here (a file chosen, within the upload
 limit, text training can read) and named by its content, but written only by the page, right
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+import torch
 
 from core.devices import available_devices
 from core.errors import LabError
-from core.models.gpt import PRESETS
-from core.training.config import TrainConfig
-from core.training.data import check_upload_text, save_upload, upload_name, uploads_dir
+from core.models.config import PRESETS
+from core.training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS,
+                                  NAMED_TOKENIZERS, OBJECTIVES, OPTIMIZERS, TrainConfig)
+from core.training.data import check_upload_text, resolve_source, save_upload, upload_name, uploads_dir
 from core.training.optim import RECIPES
 from core.training.runs import check_run_id
 
@@ -38,12 +41,17 @@ DATASET_LABELS = {
 }
 UPLOAD_TYPES = ["txt", "jsonl"]
 RUN_NAME_MAX = 100
-TOKENIZERS = {"bpe": "Train our byte-level BPE", "gpt2": "GPT-2 BPE (50,257 tokens)"}
-OBJECTIVES = {"ar": "Autoregressive (next token)", "diffusion": "Masked diffusion (bidirectional)"}
-# precision choice -> (TrainConfig.amp, TrainConfig.amp_dtype)
-PRECISIONS = {"float32": (False, "bfloat16"), "bfloat16": (True, "bfloat16"), "float16": (True, "float16")}
-PRECISION_LABELS = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast + GradScaler"}
 DEFAULTS = TrainConfig()
+TOKENIZER_LABELS = {"bpe": "Train our byte-level BPE", "gpt2": "GPT-2 BPE (50,257 tokens)"}
+OBJECTIVE_LABELS = {"ar": "Autoregressive (next token)", "diffusion": "Masked diffusion (bidirectional)"}
+# precision choice -> (TrainConfig.amp, TrainConfig.amp_dtype): full precision, or autocast to one of AMP_DTYPES
+PRECISIONS = {"float32": (False, DEFAULTS.amp_dtype), **{dt: (True, dt) for dt in AMP_DTYPES}}
+PRECISION_LABELS = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast + GradScaler"}
+
+
+def limits(name: str) -> tuple:
+    """``(min_value, max_value)`` of a number widget: TrainConfig's range for that field."""
+    return LIMITS[name].low, LIMITS[name].high
 
 
 def key(name: str) -> str:
@@ -71,8 +79,6 @@ def device_label(device: str) -> str:
     if device == "cpu":
         return "CPU"
     try:
-        import torch
-
         return f"GPU {device.split(':')[1]} · {torch.cuda.get_device_name(device)}"
     except Exception:  # a name is decoration; the index is what matters
         return device
@@ -154,8 +160,6 @@ def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[
     dataset is the path the upload will be saved to under ``uploads`` (default: the runs root's
     data folder); :func:`save_uploaded` writes it.
     """
-    from core.training.data import resolve_source
-
     def opt_int(name: str) -> int | None:
         return None if v.get(name) is None else int(v[name])
 
@@ -198,21 +202,22 @@ def launch_form() -> dict[str, Any] | None:
         st.markdown("**Model**")
         c = st.columns([3, 1, 1, 1, 1])
         v["preset"] = c[0].selectbox(
-            "Preset", list(PRESETS), index=list(PRESETS).index("tiny"), format_func=preset_label,
+            "Preset", list(PRESETS), index=list(PRESETS).index(DEFAULT_PRESET), format_func=preset_label,
             key=key("preset"), **keep,
             help="GPT-2 and GPT-3 size tiers (gpt-training-suite.md); fill layers / heads / d_model to make "
-                 "a custom size on top of one (tiny is the usual start).")
-        v["n_layer"] = c[1].number_input("Layers", 1, 1024, None, step=1, key=key("n_layer"),
+                 f"a custom size on top of one ({DEFAULT_PRESET} is the usual start).")
+        v["n_layer"] = c[1].number_input("Layers", *limits("n_layer"), None, step=1, key=key("n_layer"),
                                          placeholder="from preset", **keep)
-        v["n_head"] = c[2].number_input("Heads", 1, 1024, None, step=1, key=key("n_head"),
+        v["n_head"] = c[2].number_input("Heads", *limits("n_head"), None, step=1, key=key("n_head"),
                                         placeholder="from preset", **keep,
                                         help="Must divide d_model.")
-        v["d_model"] = c[3].number_input("d_model", 1, 65536, None, step=1, key=key("d_model"),
+        v["d_model"] = c[3].number_input("d_model", *limits("d_model"), None, step=1, key=key("d_model"),
                                          placeholder="from preset", **keep, help="Width of the residual stream.")
-        v["block_size"] = c[4].number_input("Block size", 1, 131072, d.block_size, step=1, key=key("block_size"),
+        v["block_size"] = c[4].number_input("Block size", *limits("block_size"), d.block_size,
+                                            step=1, key=key("block_size"),
                                             **keep, help="Context length in tokens.")
         c = st.columns([2, 3])
-        v["objective"] = c[0].radio("Objective", list(OBJECTIVES), format_func=OBJECTIVES.get, key=key("objective"),
+        v["objective"] = c[0].radio("Objective", OBJECTIVES, format_func=OBJECTIVE_LABELS.get, key=key("objective"),
                                     horizontal=True, **keep,
                                     help="Masked diffusion trains a bidirectional model (MDLM-style absorbing "
                                          "masks); its validation loss is an NLL bound comparable with the "
@@ -229,9 +234,10 @@ def launch_form() -> dict[str, Any] | None:
             "Path or dataset id", "", key=key("dataset_path"), placeholder="/data/corpus.txt, a folder, owner/name",
             **keep, help="Used when the dataset is 'Local file / folder or hub id': a .txt/.md/.jsonl file, a folder "
                          "of them, or a hub dataset id (owner/name or owner/name:config).")
-        v["tokenizer"] = c[2].selectbox("Tokenizer", list(TOKENIZERS), format_func=TOKENIZERS.get,
+        v["tokenizer"] = c[2].selectbox("Tokenizer", NAMED_TOKENIZERS, format_func=TOKENIZER_LABELS.get,
                                         key=key("tokenizer"), **keep)
-        v["vocab_size"] = c[3].number_input("Vocab size", 300, 1 << 20, d.vocab_size, step=1, key=key("vocab_size"),
+        v["vocab_size"] = c[3].number_input("Vocab size", *limits("vocab_size"), d.vocab_size,
+                                            step=1, key=key("vocab_size"),
                                             **keep, help="For our BPE only.")
         limit_mb = max(1, -(-upload_limit_bytes() // 2**20))  # whole MB, rounded up, as the widget takes it
         v["upload"] = st.file_uploader(
@@ -243,39 +249,46 @@ def launch_form() -> dict[str, Any] | None:
 
         st.markdown("**Optimisation**")
         c = st.columns(6)
-        v["model_version"] = c[0].selectbox("Recipe", list(RECIPES), index=list(RECIPES).index(d.model_version),
+        v["model_version"] = c[0].selectbox("Recipe", MODEL_VERSIONS, index=MODEL_VERSIONS.index(d.model_version),
                                             key=key("model_version"), **keep, help=recipe_help())
-        v["optimizer"] = c[1].selectbox("Optimizer", ["adamw", "muon"], key=key("optimizer"), **keep,
+        v["optimizer"] = c[1].selectbox("Optimizer", OPTIMIZERS, index=OPTIMIZERS.index(d.optimizer),
+                                        key=key("optimizer"), **keep,
                                         help="muon: Muon for the blocks' 2-D weights, AdamW for the rest.")
-        v["lr"] = c[2].number_input("Learning rate", 0.0, 10.0, None, step=1e-4, format="%.2e", key=key("lr"),
+        v["lr"] = c[2].number_input("Learning rate", *limits("lr"), None, step=1e-4, format="%.2e", key=key("lr"),
                                     placeholder="from recipe", **keep, help="Peak learning rate.")
-        v["weight_decay"] = c[3].number_input("Weight decay", 0.0, 10.0, None, step=0.01, key=key("weight_decay"),
+        v["weight_decay"] = c[3].number_input("Weight decay", *limits("weight_decay"), None,
+                                              step=0.01, key=key("weight_decay"),
                                               placeholder="from recipe", **keep)
-        v["warmup_steps"] = c[4].number_input("Warmup steps", 0, 10_000_000, None, step=1, key=key("warmup_steps"),
+        v["warmup_steps"] = c[4].number_input("Warmup steps", *limits("warmup_steps"), None,
+                                              step=1, key=key("warmup_steps"),
                                               placeholder="from recipe", **keep)
-        v["seed"] = c[5].number_input("Seed", 0, 2**31 - 1, d.seed, step=1, key=key("seed"), **keep)
+        v["seed"] = c[5].number_input("Seed", *limits("seed"), d.seed, step=1, key=key("seed"), **keep)
         c = st.columns(6)
-        v["batch_size"] = c[0].number_input("Batch size", 1, 65536, d.batch_size, step=1, key=key("batch_size"),
+        v["batch_size"] = c[0].number_input("Batch size", *limits("batch_size"), d.batch_size,
+                                            step=1, key=key("batch_size"),
                                             **keep, help="Sequences per micro-batch per device.")
-        v["grad_acc_steps"] = c[1].number_input("Grad accumulation", 1, 65536, d.grad_acc_steps, step=1,
+        v["grad_acc_steps"] = c[1].number_input("Grad accumulation", *limits("grad_acc_steps"), d.grad_acc_steps,
+                                                step=1,
                                                 key=key("grad_acc_steps"), **keep,
                                                 help="Micro-batches per optimizer step.")
-        v["max_steps"] = c[2].number_input("Max steps", 1, 100_000_000, None, step=1, key=key("max_steps"),
+        v["max_steps"] = c[2].number_input("Max steps", *limits("max_steps"), None, step=1, key=key("max_steps"),
                                            placeholder="from epochs", **keep,
                                            help="Optimizer steps; empty: as many as the epochs need.")
-        v["epochs"] = c[3].number_input("Epochs", 0.0, 100_000.0, None, step=0.5, key=key("epochs"),
-                                        placeholder="1", **keep, help="Used when max steps is empty.")
-        v["val_every"] = c[4].number_input("Validate every", 0, 100_000_000, d.val_every, step=1,
+        v["epochs"] = c[3].number_input("Epochs", *limits("epochs"), None, step=0.5, key=key("epochs"),
+                                        placeholder=f"{DEFAULT_EPOCHS:g}", **keep, help="Used when max steps is empty.")
+        v["val_every"] = c[4].number_input("Validate every", *limits("val_every"), d.val_every, step=1,
                                            key=key("val_every"), **keep, help="Steps; 0 = only at the end.")
-        v["log_every"] = c[5].number_input("Log every", 1, 100_000_000, d.log_every, step=1, key=key("log_every"),
+        v["log_every"] = c[5].number_input("Log every", *limits("log_every"), d.log_every, step=1, key=key("log_every"),
                                            **keep, help="Steps between metric lines (the charts' resolution).")
         c = st.columns(6)
-        v["preview_every"] = c[0].number_input("Preview every", 0, 100_000_000, d.preview_every, step=1,
+        v["preview_every"] = c[0].number_input("Preview every", *limits("preview_every"), d.preview_every, step=1,
                                                key=key("preview_every"), **keep,
                                                help="Steps between sample texts; 0 = off.")
-        v["save_every"] = c[1].number_input("Save every", 0, 100_000_000, d.save_every, step=1, key=key("save_every"),
+        v["save_every"] = c[1].number_input("Save every", *limits("save_every"), d.save_every,
+                                            step=1, key=key("save_every"),
                                             **keep, help="Steps between checkpoints; 0 = only at the end or on stop.")
-        v["keep_last"] = c[2].number_input("Keep last", 1, 100_000, d.keep_last, step=1, key=key("keep_last"), **keep,
+        v["keep_last"] = c[2].number_input("Keep last", *limits("keep_last"), d.keep_last,
+                                           step=1, key=key("keep_last"), **keep,
                                            help="Checkpoints kept; older ones are deleted.")
 
         st.markdown("**Hardware**")

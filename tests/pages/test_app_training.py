@@ -9,6 +9,7 @@ process. Every process a test starts is killed at teardown.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 from app_harness import chart_data, open_app, set_widgets, texts
 
 from core.errors import LabError
+from core.jobs.events import EventLog
+from core.jobs.process import process_start, this_host
 from core.training import runs as runs_mod
 from pages.parts.training_form import config_from_values, devices_config
 
@@ -291,3 +294,38 @@ def test_gpu_metrics_are_charted_when_reported(runs_root: Path):
     assert chart_data(at, "MFU")["mfu"].tolist() == pytest.approx([0.41, 0.42, 0.43, 0.44])
     assert chart_data(at, "GPU memory (GB)")["gpu_mem_gb"].tolist() == [10.5] * 4
     assert not any("not reported" in t for t in texts(at.caption))
+
+
+def test_a_broken_run_is_shown_unreadable_and_the_others_as_usual(runs_root: Path):
+    write_run(runs_root, "good", {"state": "finished", "step": 6, "max_steps": 6, "train_loss": 4.4},
+              fake_metrics(6, 5.0))
+    broken = write_run(runs_root, "broken", {"state": "finished"}, fake_metrics(2, 5.0))
+    (broken / "status.json").write_text('{"state": "finished", "step": "six"')
+    at = open_app(PAGE, state={"tr_show": ["good", "broken"]})
+    assert not at.exception
+    rows = table(at).set_index("run")
+    assert rows.loc["good", "state"] == "finished" and rows.loc["good", "step"] == "6 / 6"
+    assert rows.loc["broken", "state"] == "unreadable"
+    (error,) = texts(at.error)
+    assert error.startswith("Run unreadable: ") and "status.json is not valid JSON" in error
+    keys = [b.key for b in at.button]
+    assert "tr_resume_good" in keys and "tr_resume_broken" not in keys and "tr_stop_broken" not in keys
+    at.button(key="tr_delete_broken").click().run()
+    assert not at.exception and not broken.exists()
+    assert table(at)["run"].tolist() == ["good"]
+
+
+def test_a_running_runs_progress_bar_comes_from_its_events_file(runs_root: Path):
+    status = {"state": "running", "step": 8, "max_steps": 20, "pid": os.getpid(),
+              "pid_start": process_start(os.getpid()), "host": this_host()}
+    folder = write_run(runs_root, "live", status, fake_metrics(8, 5.0))
+    at = open_app(PAGE)
+    assert [p.proto.text for p in at.get("progress")] == ["preparing data…"]  # no event yet
+    log = EventLog(folder)
+    log.progress("train", 9, 20, text="loss 4.1000")
+    at.run()
+    (bar,) = at.get("progress")
+    assert bar.proto.text == "train step 9 / 20 · loss 4.1000" and bar.proto.value == 45
+    (folder / "console.txt").write_text("train:  99%|#########| 19/20 [00:01<00:00]\n")  # never parsed
+    at.run()
+    assert [p.proto.text for p in at.get("progress")] == ["train step 9 / 20 · loss 4.1000"]

@@ -312,6 +312,7 @@ def test_out_of_memory_fails_the_run_with_what_to_change_and_keeps_checkpoints(t
                        f"--block-size (now 32), or --amp; the checkpoints saved so far are kept (last: step 6).")
     st = read_status(run)
     assert st["state"] == "failed" and st["reason"] == message and st["step"] == st_step
+    assert st["fix"] == {"batch_size": 2, "grad_acc_steps": 6}  # the advice as data, for a one-click retry
     assert checkpoint_steps(run) == [3, 6]
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     for s in (3, 6):

@@ -137,10 +137,10 @@ def test_a_crash_marks_the_run_failed_with_reason_and_log(text_file, cache, tmp_
 
 
 def test_disk_full_while_saving_fails_clearly_and_keeps_earlier_checkpoints(text_file, cache, tmp_path, monkeypatch):
-    import core.models.loading
+    import core.training.trainer as trainer_mod
 
     folder = tmp_path / "run"
-    real = core.models.loading.save_checkpoint
+    real = trainer_mod.save_checkpoint
     calls = []
 
     def flaky(path, *a, **kw):
@@ -149,8 +149,8 @@ def test_disk_full_while_saving_fails_clearly_and_keeps_earlier_checkpoints(text
             raise OSError(28, "No space left on device", str(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(core.models.loading, "save_checkpoint", flaky)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", flaky)
+    with pytest.raises(LabError, match=r"The disk is full while writing .*checkpoints \(.* free\)"):
         run_all(tiny(text_file, cache, max_steps=6, save_every=2), folder)
     st = read_status(folder)
     assert st["state"] == "failed" and "disk is full" in st["reason"] and "resume" in st["reason"]
@@ -269,3 +269,10 @@ def test_a_cpu_training_process_reuses_freed_activations_instead_of_faulting_the
         faults_for_a_64mb_activation()
     # without the setting every such block is a fresh mmap: ~16,000 page faults each time
     assert max(faults_for_a_64mb_activation() for _ in range(3)) < 1000
+
+
+def test_the_config_lists_the_recipes_the_optimiser_knows():
+    """TrainConfig stays torch-free, so it names the recipes itself; they must be the optimiser's."""
+    from core.training.config import MODEL_VERSIONS
+
+    assert MODEL_VERSIONS == tuple(RECIPES)
