@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.consensus.config import (MAX_TOKENS, PAGE_INITS, PAGE_ITERATIONS, PAGE_NEW_TOKENS, REINIT_MODES,
+from core.consensus.config import (INTEGRATORS, MAX_TOKENS, PAGE_INITS, PAGE_ITERATIONS, PAGE_NEW_TOKENS, REINIT_MODES,
                                    parse_iterations)
 from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
                                    Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
@@ -34,7 +34,7 @@ from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, Conse
 from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
-from core.consensus.simulation import INTEGRATORS, SimulationConfig, SimulationResult, simulation_stream
+from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
 from core.errors import LabError, failure, fmt_bytes, shorten
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel

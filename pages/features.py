@@ -27,8 +27,9 @@ from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, spec_label
 from pages.parts.features_card import density_chart, draw_card, md_escape
 from pages.parts.features_completion import completion_panel
-from pages.parts.features_jobs import list_jobs, usable_path
-from pages.parts.features_jobs_view import attempt, followed_set, jobs_section
+from core.interp.jobs import list_jobs, usable_path
+from pages.parts.common import attempt
+from pages.parts.features_jobs_view import followed_set, jobs_section
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
 SET_OTHER_KEY = "feat_set_other"  # the folder typed for OTHER

@@ -18,12 +18,11 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from core.errors import LabError, first_line
 from core.training.data import uploads_dir
 from core.training.memory import check_fits
 from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
                                 runs_root, stop)
-from pages.parts.common import ROOT, SPEC_KEY, ensure_frame, spec_label
+from pages.parts.common import ROOT, SPEC_KEY, STATE_BADGE, attempt, ensure_frame, spec_label
 from pages.parts.training_charts import draw_charts, metrics_frame
 from pages.parts.training_form import UPLOAD_CHOICE, config_from_values, launch_form, save_uploaded
 
@@ -37,23 +36,8 @@ _COLLAPSE_KEY = "_tr_collapse_form"  # set by a launch: close the form on the ne
 LOG_LINES = 40
 PREVIEWS_SHOWN = 3
 OPEN_IN = [("pages/generate.py", "Generate"), ("pages/consensus.py", "Consensus"), ("pages/features.py", "Features")]
-STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",
-               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]",
-               "unreadable": ":gray-badge[unreadable]"}
-
-
 def runs_dir() -> Path:
     return runs_root().expanduser().resolve()
-
-
-def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
-    """Call the engine; a LabError (or anything unexpected) becomes one line for st.error."""
-    try:
-        return fn(*args, **kwargs), None
-    except LabError as e:
-        return None, str(e)
-    except Exception as e:  # a bug or a file system surprise: still one line, never a traceback
-        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def fmt_loss(v: float | None) -> str:

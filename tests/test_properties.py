@@ -20,7 +20,8 @@ import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from core.consensus.engine import (REINIT_MODES, ConsensusConfig, DecodeConfig, consensus_decode, recorded_steps,
+from core.consensus.config import REINIT_MODES
+from core.consensus.engine import (ConsensusConfig, DecodeConfig, consensus_decode, recorded_steps,
                             run_consensus)
 from core.consensus.metrics import STAT_NAMES
 from core.errors import LabError

@@ -53,18 +53,17 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .config import (DEFAULT_ITERATIONS, DEFAULT_MEMORY_BUDGET, DEVICE_CHUNK_BUDGET, ENGINES, FUSED_BUDGET,  # noqa: F401
-                     MIN_GRAPH_ITERATIONS, REINIT_MODES, ConsensusConfig, DecodeConfig, PromptLike)
+from .config import DEVICE_CHUNK_BUDGET, FUSED_BUDGET, MIN_GRAPH_ITERATIONS, ConsensusConfig, DecodeConfig, PromptLike
 from .metrics import token_stats
 from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
                       MetricChunk, Progress, Started, TokenSampled)
-from ..errors import LabError, fmt_bytes, shorten
+from ..errors import LabError, first_line, fmt_bytes, shorten
 from ..generation.config import check_seed
 from ..generation.sampling import apply_temperature, apply_top_p
 from ..models.stack import stack_for
@@ -541,7 +540,7 @@ class _IterationRunner:
         except _OOM:
             raise
         except RuntimeError as e:  # a model whose blocks cannot be captured still runs, one launch at a time
-            warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); running without graphs.")
+            warnings.warn(f"CUDA graph capture failed ({first_line(e)}); running without graphs.")
             self.use_graph, self.graph, self.out = False, None, None
 
     def __call__(self, h: torch.Tensor):

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Iterator, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import LabError
 from ..models.loading import mask_token

@@ -22,8 +22,9 @@ from typing import Any
 
 from ..errors import LabError, shorten
 from ..models.config import PRESETS, GPTConfig
+from ..generation.config import SAMPLER_OF_OBJECTIVE
 
-OBJECTIVES = ("ar", "diffusion")
+OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a model can be trained as: each has its sampler
 OPTIMIZERS = ("adamw", "muon")
 AMP_DTYPES = ("bfloat16", "float16")
 MODEL_VERSIONS = ("gpt2", "gpt3")       # the recipes of core.training.optim.RECIPES (a test keeps them equal)

@@ -271,7 +271,7 @@ def _gpt2_tokenizer_json(cache: Path) -> str:
     try:  # transformers is heavy and only needed for a tokenizer that is not ours
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained("gpt2", local_files_only=not hub_reachable()).backend_tokenizer.to_str()
+        return AutoTokenizer.from_pretrained("gpt2", local_files_only=not hub_reachable(), trust_remote_code=False).backend_tokenizer.to_str()
     except Exception:  # not cached and offline: try tiktoken's copy of the same encoding
         pass
     try:
@@ -297,7 +297,8 @@ def _external_tokenizer_json(spec: str, cache: Path) -> str:
     try:  # heavy: only for a hub tokenizer
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(spec, local_files_only=p.is_dir() or not hub_reachable()) \
+        return AutoTokenizer.from_pretrained(spec, local_files_only=p.is_dir() or not hub_reachable(),
+                                             trust_remote_code=False) \
             .backend_tokenizer.to_str()
     except Exception:
         raise LabError(f"Tokenizer '{spec}' could not be opened (not a tokenizer.json, a folder with one, or a cached "

@@ -379,7 +379,7 @@ class Trainer:
         try:
             self.raw.load_state_dict(sd)
         except RuntimeError as e:
-            raise LabError(f"Checkpoint {folder} does not match the run's config ({str(e).splitlines()[0]}); "
+            raise LabError(f"Checkpoint {folder} does not match the run's config ({first_line(e)}); "
                            f"resume with the config it was trained with.") from None
         for opt, sd_opt in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd_opt)

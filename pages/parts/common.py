@@ -11,12 +11,12 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import streamlit as st
 
 from core.devices import dtype_name
-from core.errors import LabError, failure
+from core.errors import LabError, failure, first_line
 from core.models.config import DEFAULT_DTYPE
 from core.models.loading import ROOT, LoadedModel, load_model
 from core.training.runs import runs_root
@@ -183,3 +183,19 @@ def streamed_into(record: dict, events, live, out_of_memory: str) -> Iterator[No
     finally:
         events.close()
     live.empty()
+
+
+STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",  # a run's or job's state
+               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]",
+               "unreadable": ":gray-badge[unreadable]"}
+
+
+def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call the engine; a LabError (or anything unexpected: a file-system surprise, a bug) becomes
+    one line for st.error, never a traceback."""
+    try:
+        return fn(*args, **kwargs), None
+    except LabError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {first_line(e)}"

@@ -23,7 +23,7 @@ from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
 from core.models.loading import LoadedModel
 from pages.parts.features_card import attribution_html, md_escape
-from pages.parts.features_jobs import usable_path
+from core.interp.jobs import usable_path
 from pages.parts.features_jobs_view import device_options
 
 RESULT_KEY = "feat_x_result"     # {"result": CompletionExplanation, "set": folder, "model": spec}

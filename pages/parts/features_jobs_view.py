@@ -5,16 +5,14 @@ progress (read from each job's events file), log and a Stop button, re-read ever
 """
 from __future__ import annotations
 
-from typing import Any, Callable
 
 import streamlit as st
 
 from core.devices import available_devices
-from core.errors import LabError, first_line
 from core.interp.jobs import Job, console_lines, job_argv, jobs_root, launch, list_jobs, progress, read_job, stop
 from core.interp.transcoder import transcoder_dir_for
 from core.models.loading import LoadedModel
-from pages.parts.common import DTYPE_KEY, spec_label
+from pages.parts.common import DTYPE_KEY, STATE_BADGE, attempt, spec_label
 
 REFRESH_S = 2.0
 JOBS_SHOWN = 5
@@ -24,23 +22,8 @@ REFUSAL_KEY = "feat_j_refusal"     # (job id, message) of a refused stop
 FOLLOW_KEY = "feat_j_follow"       # the job launched here whose set the picker opens when it is done
 ACTION_LABELS = {"train": "Train transcoders", "collect": "Collect features", "describe": "Describe features"}
 EXPLAINER_CHOICES = {"builtin": "Built-in (offline)", "lm": "Language model"}
-STATE_BADGE = {"running": ":green-badge[running]", "finished": ":blue-badge[finished]",
-               "failed": ":red-badge[failed]", "stopped": ":orange-badge[stopped]",
-               "unreadable": ":gray-badge[unreadable]"}
-
-
 def jkey(name: str) -> str:
     return f"feat_j_{name}"
-
-
-def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
-    """Call the engine; a LabError (or anything unexpected) becomes one line for st.error."""
-    try:
-        return fn(*args, **kwargs), None
-    except LabError as e:
-        return None, str(e)
-    except Exception as e:  # a file-system surprise or a bug: still one line, never a traceback
-        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def device_options() -> list[str]:

@@ -17,7 +17,6 @@ CORE = ROOT / "core"
 CALLS = ("from_pretrained", "pipeline")
 PENDING = {  # file -> who is changing it (report: pass trust_remote_code explicitly)
     "core/interp/explain.py": "the interp engineer: the explainer's AutoConfig/AutoTokenizer/model from_pretrained",
-    "core/training/data.py": "the training engineer: AutoTokenizer.from_pretrained for the gpt2 / hub tokenizers",
 }
 
 

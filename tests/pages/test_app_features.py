@@ -22,10 +22,10 @@ from conftest import kill_process_groups, leftover_pids
 from core.generation.autoregressive import SamplingConfig
 from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
                          store_path)
-from core.interp.store import Context
-from core.interp.store import HIST_EDGES
+from core.interp import jobs as features_jobs
+from core.interp.store import HIST_EDGES, Context
+from core.jobs.events import EventLog
 from core.models.loading import load_model
-from pages.parts import features_jobs
 from pages.parts.features_card import activation_alpha, context_html, histogram_frame, logit_frame, md_escape, shown_token
 
 PAGE = "pages/features.py"
@@ -413,15 +413,12 @@ def test_job_command_lines_and_progress_parsing(tmp_path: Path):
 
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    (job_dir / "console.txt").write_text(
-        "training 2 transcoders\n\rtrain:   0%|   | 0/20 [00:00<?, ?it/s]\rtrain:  45%|##  | 9/20 [00:01<00:01]"
-        "saved x\n\rdescribe (builtin):  50%|#####     | 64/128 [00:00<00:00, 422.02it/s]")
+    (job_dir / "console.txt").write_text("train:  45%|##  | 9/20 [00:01<00:01]\n")
+    assert features_jobs.progress(job_dir) is None  # console text is for people: never parsed for progress
+    EventLog(job_dir).progress("describe (builtin)", 64, 128)
     progress = features_jobs.progress(job_dir)
-    assert (progress.stage, progress.done, progress.total) == ("describe (builtin)", 64, 128)
-    assert progress.fraction == 0.5
-    assert features_jobs.console_lines(job_dir)[-1].startswith("describe (builtin):  50%")
-    (job_dir / "console.txt").write_text("collect |######------| 3/10  scan\n")
-    assert features_jobs.progress(job_dir).done == 3
+    assert (progress.stage, progress.done, progress.total, progress.fraction) == ("describe (builtin)", 64, 128, 0.5)
+    assert features_jobs.console_lines(job_dir)[-1].startswith("train:  45%")
 
 
 def test_context_html_escapes_tokens_and_marks_the_activation():
