@@ -18,6 +18,7 @@ class, every subcommand), numeric flags check their range as they are parsed (:f
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import difflib
 import importlib
 import math
@@ -174,8 +175,10 @@ def _description(mod: ModuleType) -> str:
     return f"{mod.HELP}\n\n{doc}" if doc and doc != mod.HELP else mod.HELP
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit)."""
+def main(argv: Sequence[str] | None = None, on_error: Callable[[BaseException], None] | None = None) -> int:
+    """Parse ``argv`` and run the command; always returns the exit code (never raises SystemExit).
+    ``on_error`` sees the exception a command failed with before it becomes a line (a detached job
+    records it, with a LabError's ``fix``, in its events file)."""
     bad = _not_utf8(sys.argv[1:] if argv is None else argv)
     if bad:
         print(f"error: {bad}", file=sys.stderr)
@@ -192,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: name a command: {names} (see `{PROG} --help`)", file=sys.stderr)
         return 2
     try:
-        return int(args.run(args) or 0)
+        try:
+            return int(args.run(args) or 0)
+        except Exception as e:
+            if on_error is not None:
+                on_error(e)
+            raise
     except LabError as e:
         _flush_stdout()
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -269,6 +277,21 @@ def _flush_stdout() -> None:
 
 # -- progress -----------------------------------------------------------------------------------
 
+ProgressListener = Callable[[str, int, "int | None", "str | None"], None]
+_LISTENERS: list[ProgressListener] = []
+
+
+@contextmanager
+def progress_listener(listener: ProgressListener) -> Iterator[None]:
+    """While the block runs, every bar drawn by :func:`progress` also calls ``listener(stage, done,
+    total, text)`` when it moves: how a detached job turns its bars into progress events."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
+
+
 def progress(events: Iterable[T], total: int | None, desc: str = "", *,
              position: Callable[[T], int | None] | None = None,
              status: Callable[[T], str | None] | None = None) -> Iterator[T]:
@@ -286,6 +309,9 @@ def progress(events: Iterable[T], total: int | None, desc: str = "", *,
             pos = position(ev) if position is not None else bar.n + 1
             text = status(ev) if status is not None else None
             bar.update(pos, text)
+            if pos is not None:
+                for listener in _LISTENERS:
+                    listener(desc or "progress", bar.n, total, text)
             yield ev
     finally:
         bar.close()

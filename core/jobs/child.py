@@ -6,10 +6,10 @@ is the trainer's) and around it:
 - takes over the folder locks its launcher handed down (:func:`core.jobs.lock.adopt_inherited`);
 - records this process (pid, start time, host) in status.json;
 - turns the command's progress bars into ``progress`` events: every command draws its bar with
-  :func:`core.commands.cli.progress`, which is wrapped here to also write the bar's position,
-  total and status text to events.jsonl (the bar on the console stays as it was);
+  :func:`core.commands.cli.progress`, whose listener here writes the bar's position, total and
+  status text to events.jsonl (the bar on the console stays as it was);
 - records a LabError (its message and its ``fix``) or an unexpected exception as an ``error``
-  event, caught on its way out of the command's ``run`` before the CLI turns it into a line;
+  event, handed over by the CLI's ``on_error`` before it turns the exception into a line;
 - when the command did not report its own end (a transcoder command; a training run that
   failed before its trainer started), records it: ``finished`` (exit 0), ``stopped`` (Ctrl-C,
   or a STOP was requested) or ``failed`` with the error's message and fix as the reason.
@@ -20,7 +20,6 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
 
 from ..commands import cli
 from ..errors import LabError, first_line
@@ -30,41 +29,6 @@ from .lock import adopt_inherited
 from .process import process_start, this_host
 
 STOPPED_REASON = "on request (Ctrl-C); what it had done so far is kept."
-
-
-def _instrument(log: EventLog, seen: dict[str, BaseException]) -> None:
-    """Wrap the CLI's progress bar and every command's ``run`` to write events (see module doc)."""
-    draw = cli.progress
-
-    def progress(events, total, desc="", *, position=None, status=None):
-        count = 0
-
-        def where(ev):
-            nonlocal count
-            pos = position(ev) if position is not None else count + 1
-            if pos is not None:
-                count = pos
-                log.progress(desc or "progress", count, total, status(ev) if status is not None else None)
-            return pos
-
-        return draw(events, total, desc, position=where, status=status)
-
-    cli.progress = progress
-    for mod in cli.command_modules():  # imported after the wrap, so `from .cli import progress` gets it
-        mod.run = _recording(mod.run, log, seen)
-
-
-def _recording(run: Callable[[Any], int], log: EventLog, seen: dict[str, BaseException]) -> Callable[[Any], int]:
-    def recorded(args: Any) -> int:
-        try:
-            return run(args)
-        except (KeyboardInterrupt, BrokenPipeError):
-            raise
-        except Exception as e:
-            seen["error"] = e
-            log.error(e)
-            raise
-    return recorded
 
 
 def _reason(e: BaseException | None, rc: int) -> str:
@@ -96,9 +60,13 @@ def run(folder: Path, argv: list[str]) -> int:
     StatusFile(folder).update(pid=os.getpid(), pid_start=process_start(os.getpid()), host=this_host())
     log.state("running", pid=os.getpid())
     seen: dict[str, BaseException] = {}
+    def failed(e: BaseException) -> None:
+        seen["error"] = e
+        log.error(e)
+
     try:
-        _instrument(log, seen)
-        rc = cli.main(argv)
+        with cli.progress_listener(log.progress):
+            rc = cli.main(argv, on_error=failed)
     except KeyboardInterrupt:
         rc = 130
     except BaseException as e:  # a bug outside the command: the traceback goes to the console

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, kill_process_groups, leftover_pids, wait_for
 
+from core.commands import cli
+from core.commands import runs as runs_cmd
 from core.errors import LabError
 from core.interp import jobs as tjobs
 from core.jobs import child, runner
@@ -207,8 +209,13 @@ def test_the_child_records_a_refusal_with_its_fix_and_an_unexpected_error(tmp_pa
 
     log = EventLog(folder)
     seen: dict = {}
-    with pytest.raises(LabError):
-        child._recording(refuse, log, seen)(None)
+
+    def failed(e):  # what the child hands the CLI: the exception on its way to becoming a line
+        seen["error"] = e
+        log.error(e)
+
+    monkeypatch.setattr(runs_cmd, "run", refuse)
+    assert cli.main(["runs", "list"], on_error=failed) == 2
     child.record_end(folder, 2, seen["error"], log)
     st = read_status_file(folder)
     assert st["state"] == "failed" and st["reason"].startswith("Too much") and st["fix"] == {"record_every": 4}
