@@ -28,9 +28,8 @@ import torch
 
 from ..errors import LabError
 from .activations import CorpusTokens, corpus_tokens, iter_batches, mlp_io, model_inputs
-from . import lock
 from .config import CollectConfig
-from .store import HIST_EDGES, Context, FeatureStats, FeatureStore, store_path
+from .store import HIST_EDGES, Context, FeatureStats, FeatureStore, store_path, writer_lock
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -298,7 +297,7 @@ def collect_features(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfi
         if tset.folder is None:
             raise LabError("Say where to write the feature store (out=...): this transcoder set was never saved.")
         out = store_path(tset.folder)
-    with lock.writing(out, what="feature store"):
+    with writer_lock(out):
         yield from _collect(lm, tset, cfg, layers, Path(out), corpus)
 
 

@@ -18,7 +18,7 @@ Tables (one file may hold several sets; most hold one, and ``set_id=None`` means
 
 Writes go through transactions; a fresh store is built in a temp file and renamed into place
 (:meth:`FeatureStore.build`), so a reader never sees half a store. One process writes a store at
-a time (:mod:`.lock`): a second writer waits a few seconds, then is refused with a sentence; readers
+a time (:func:`writer_lock`): a second writer waits a few seconds, then is refused with a sentence; readers
 wait out a writer's commit (SQLite's busy timeout). A file that is not a whole feature store of a
 known format (garbage, truncated, another schema) is refused when opened, and anything SQLite or
 the decoding of a row raises later becomes one LabError naming the file, never a traceback.
@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import LabError, first_line
 from ..models.hooks import act_name
-from . import lock
+from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
 
 STORE_FORMAT = 1
@@ -304,25 +304,36 @@ def _expected_tables() -> dict[str, list[str]]:
         conn.close()
 
 
+WRITER_WAIT_S = 5.0  # how long a second writer of a store waits before it is refused
+
+
+def writer_lock(path: str | os.PathLike, wait_s: float = WRITER_WAIT_S) -> FolderLock:
+    """The one-writer lock (:mod:`core.jobs.lock`) of the folder holding the store at ``path``: the
+    same lock a transcoder job holds on its set folder, so a hand-started ``describe`` and a job
+    writing that set take turns. Re-entrant within a process (a collection holds it from its first
+    batch to the rename, and the store it builds asks again)."""
+    return acquire(Path(path).parent, "The feature store", "wait for it to finish (or stop it) and try again.",
+                   wait_s=wait_s, named=path)
+
+
 class FeatureStore:
     """A connection to one feature store file. Use :meth:`build` to make a new one atomically.
 
-    Opened for writing (``readonly=False``) it holds the store's writer lock (:mod:`.lock`) until
+    Opened for writing (``readonly=False``) it holds the store's writer lock (:func:`writer_lock`) until
     closed, waiting at most ``wait_s`` seconds for another writer to finish.
     """
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, wait_s: float = lock.LOCK_WAIT_S,
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, wait_s: float = WRITER_WAIT_S,
                  _create: bool = False, _label: str | os.PathLike | None = None):
         self.path = Path(path)
         self.label = Path(_label or path)   # the file messages name (a store being built: its final place)
         self._vocab_cache: dict[int, dict[int, str]] = {}
         self.conn: sqlite3.Connection | None = None
-        self._locked = False
+        self._lock: FolderLock | None = None
         if not _create and not self.path.is_file():
             raise LabError(f"No feature store at {self.path}; {COLLECT_HINT}.")
         if not readonly and not _create:
-            lock.acquire(self.path, wait_s, "feature store")
-            self._locked = True
+            self._lock = writer_lock(self.path, wait_s)
         try:
             if readonly:
                 # as_uri escapes a folder name's '?', '#' or '%', which a bare file: URI would misread
@@ -389,14 +400,14 @@ class FeatureStore:
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
     @contextmanager
-    def build(cls, path: str | os.PathLike, wait_s: float = lock.LOCK_WAIT_S) -> Iterator["FeatureStore"]:
+    def build(cls, path: str | os.PathLike, wait_s: float = WRITER_WAIT_S) -> Iterator["FeatureStore"]:
         """A new, empty store written to a temp file next to ``path`` and renamed onto it when the
         block finishes without error (an existing store stays untouched until then). The writer
         lock of ``path`` is held throughout, so no one is writing the store it replaces."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with lock.writing(path, wait_s, "feature store"):
+        with writer_lock(path, wait_s):
             if tmp.exists():
                 tmp.unlink()
             store = cls(tmp, _create=True, _label=path)
@@ -427,9 +438,9 @@ class FeatureStore:
                 self.conn.close()
             except sqlite3.ProgrammingError:
                 pass
-        if self._locked:
-            self._locked = False
-            lock.release(self.path)
+        if self._lock is not None:
+            self._lock, held = None, self._lock
+            held.release()
 
     def __enter__(self) -> "FeatureStore":
         return self

@@ -15,8 +15,10 @@ is unlocked between the launcher's check and the child's work. :func:`acquire` i
 adopts the inherited lock instead of waiting on itself.
 
 Within one process :func:`acquire` is re-entrant (the ``train`` command and the trainer it runs
-both ask for the run's lock). Readers never need the lock; :func:`holder` tells whether someone
-holds it, and acquiring retries for :data:`RETRY_S` so such a probe cannot refuse a writer.
+both ask for the run's lock; a describe job holds its set folder and the feature store in it asks
+again), and its table of held locks is guarded for the app server's threads. Readers never need the lock; :func:`holder` tells whether someone
+holds it, and acquiring retries for :data:`RETRY_S` (or the ``wait_s`` given) so such a probe cannot
+refuse a writer.
 The file is removed on an orderly release; an acquirer checks that the file it locked is still
 the one at the path, so a release racing with an acquire cannot give two writers the lock.
 """
@@ -28,6 +30,7 @@ import fcntl
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,17 +57,18 @@ class FolderLock:
 
     def release(self) -> None:
         """Give the lock up (after as many releases as acquires in this process)."""
-        self.count -= 1
-        if self.count > 0 or self.fd < 0:
-            return
-        _HELD.pop(str(self.folder), None)
-        if _same_file(self.fd, self.path):
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-        os.close(self.fd)  # closing the last descriptor of the open file releases the flock
-        self.fd = -1
+        with _GUARD:
+            self.count -= 1
+            if self.count > 0 or self.fd < 0:
+                return
+            _HELD.pop(str(self.folder), None)
+            if _same_file(self.fd, self.path):
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
+            os.close(self.fd)  # closing the last descriptor of the open file releases the flock
+            self.fd = -1
 
     def hand_over(self) -> None:
         """Drop this process's copy of a lock now held by a child it started with the descriptor."""
@@ -85,6 +89,7 @@ class FolderLock:
 
 
 _HELD: dict[str, FolderLock] = {}
+_GUARD = threading.RLock()  # _HELD is shared by the threads of one process (the app's sessions)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -117,26 +122,29 @@ def _inherited(folder: Path) -> FolderLock | None:
     return FolderLock(folder, fd)
 
 
-def acquire(folder: str | os.PathLike, what: str, hint: str) -> FolderLock:
-    """Lock ``folder`` (created if missing) for this process, or LabError: "{what} {folder} is
-    being written by another process (pid N: command); {hint}"."""
+def acquire(folder: str | os.PathLike, what: str, hint: str, wait_s: float = RETRY_S,
+            named: str | os.PathLike | None = None) -> FolderLock:
+    """Lock ``folder`` (created if missing) for this process, waiting up to ``wait_s`` seconds for
+    another holder, or LabError: "{what} {named or folder} is being written by another process
+    (pid N: command); {hint}"."""
     folder = Path(folder).expanduser().resolve()
-    held = _HELD.get(str(folder))
-    if held is not None:
-        held.count += 1
-        return held
-    lock = _inherited(folder)
-    if lock is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(folder, _take(folder, what, hint))
-    _record_holder(lock.fd)
-    _HELD[str(folder)] = lock
-    return lock
+    with _GUARD:
+        held = _HELD.get(str(folder))
+        if held is not None:
+            held.count += 1
+            return held
+        lock = _inherited(folder)
+        if lock is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(folder, _take(folder, what, hint, wait_s, named or folder))
+        _record_holder(lock.fd)
+        _HELD[str(folder)] = lock
+        return lock
 
 
-def _take(folder: Path, what: str, hint: str) -> int:
+def _take(folder: Path, what: str, hint: str, wait_s: float, named: str | os.PathLike) -> int:
     path = folder / LOCK_FILE
-    deadline = time.monotonic() + RETRY_S
+    deadline = time.monotonic() + max(0.0, wait_s)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -150,7 +158,7 @@ def _take(folder: Path, what: str, hint: str) -> int:
         except BlockingIOError:
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise LabError(f"{what} {folder} is being written by another process{_describe(folder)}; "
+                raise LabError(f"{what} {named} is being written by another process{_describe(folder)}; "
                                f"{hint}") from None
             time.sleep(0.05)
             continue
@@ -203,12 +211,13 @@ def adopt_inherited() -> list[FolderLock]:
     except ValueError:
         return []
     locks = []
-    for folder in handed if isinstance(handed, dict) else {}:
-        lock = _inherited(Path(folder))
-        if lock is not None and str(lock.folder) not in _HELD:
-            _record_holder(lock.fd)
-            _HELD[str(lock.folder)] = lock
-            locks.append(lock)
+    with _GUARD:
+        for folder in handed if isinstance(handed, dict) else {}:
+            lock = _inherited(Path(folder))
+            if lock is not None and str(lock.folder) not in _HELD:
+                _record_holder(lock.fd)
+                _HELD[str(lock.folder)] = lock
+                locks.append(lock)
     return locks
 
 

@@ -288,10 +288,10 @@ def test_a_second_writer_waits_then_is_refused_in_a_sentence(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         t0 = time.monotonic()
-        with pytest.raises(LabError, match=f"being written by process {holder.pid}; wait for it") as e:
+        with pytest.raises(LabError, match=rf"being written by another process \(pid {holder.pid}: .*\); wait for it") as e:
             FeatureStore(path, wait_s=0.3)
         assert time.monotonic() - t0 >= 0.3 and "\n" not in str(e.value) and str(path) in str(e.value)
-        with pytest.raises(LabError, match="being written by process"):   # nor can a collection replace it
+        with pytest.raises(LabError, match="being written by another process"):   # nor can a collection replace it
             with FeatureStore.build(path, wait_s=0.1) as fresh:
                 fresh.add_set("other", None, {})
         with open_store(path) as reader:                                   # readers are never in the way
