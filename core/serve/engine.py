@@ -48,17 +48,20 @@ class ModelWorker:
         queued = time.monotonic()
 
         def job():
-            waited = time.monotonic() - queued
-            if waited > self.queue_timeout_s:
-                raise Busy(f"The request waited {waited:.0f}s for the model without starting; retry later.")
-            return fn(*args)
+            try:  # the slot is free before the job's result is, so whoever waits on it finds room
+                waited = time.monotonic() - queued
+                if waited > self.queue_timeout_s:
+                    raise Busy(f"The request waited {waited:.0f}s for the model without starting; retry later.")
+                return fn(*args)
+            finally:
+                self._slots.release()
 
         try:
             future = self._executor.submit(job)
         except RuntimeError:                                        # shut down
             self._slots.release()
             raise Busy("The server is shutting down; retry against another one.") from None
-        future.add_done_callback(lambda _: self._slots.release())
+        future.add_done_callback(lambda f: self._slots.release() if f.cancelled() else None)  # dropped unrun
         return future
 
     def close(self) -> None:
