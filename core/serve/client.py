@@ -44,6 +44,9 @@ class Answer:
     top: dict[str, float] | None = None   # the first answer token's alternatives {token: logprob}, when given
 
 
+_RAISE = object()
+
+
 class _TooLong(Exception):
     """The server said the prompt does not fit its context."""
 
@@ -117,12 +120,12 @@ class Endpoint:
     # -- calls -----------------------------------------------------------------------------------------
     def _model(self) -> tuple[str, int | None]:
         """The model to ask (the one the server lists when none was named) and its context, if listed."""
-        try:
-            listed = list(self._call(self._client.models.list))
-        except LabError:
+        page = self._call(self._client.models.list, missing=None)
+        if page is None:                           # a server without /models: the first request will tell
             if self.config.model is None:
-                raise
-            return self.config.model, None     # some servers have no /models; the first request will tell
+                raise LabError(f"The server at {self.shown} does not list its models; pass --explainer-model NAME.")
+            return self.config.model, None
+        listed = list(page)
         ids = [m.id for m in listed]
         name = self.config.model
         if name is None:
@@ -135,8 +138,9 @@ class Endpoint:
         context = getattr(entry, "max_model_len", None) if entry is not None else None
         return name, context if isinstance(context, int) and context > 0 else None
 
-    def _call(self, fn: Callable[..., T], **kwargs) -> T:
-        """``fn(**kwargs)`` with every failure the ``openai`` client gives up on turned into one sentence."""
+    def _call(self, fn: Callable[..., T], missing: object = _RAISE, **kwargs) -> T:
+        """``fn(**kwargs)`` with every failure the ``openai`` client gives up on turned into one
+        sentence; a 404 returns ``missing`` instead when it is given."""
         oa, where, tries = self._openai, f"The explainer server at {self.shown}", self.config.max_retries
         try:
             return fn(**kwargs)
@@ -153,6 +157,8 @@ class Endpoint:
             raise LabError(f"Could not reach the explainer server at {self.shown} ({first_line(e.__cause__ or e)}); "
                            f"start it or check --explainer.") from None
         except oa.NotFoundError as e:
+            if missing is not _RAISE:
+                return missing  # type: ignore[return-value]
             raise LabError(f"{where} answered 404 ({_server_message(e)}); check --explainer-model and the URL "
                            f"(it usually ends in /v1).") from None
         except oa.BadRequestError as e:
