@@ -225,11 +225,14 @@ class Endpoint:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``[fn(x) for x in items]`` with up to ``concurrency`` requests in flight, in order; the
-        first failure is raised once the requests already sent have finished."""
+        first failure is raised once the requests already sent have finished (no more are sent)."""
         if len(items) <= 1 or self.config.concurrency == 1:
             return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(items))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(items)))
+        try:
             return list(pool.map(fn, items))
+        finally:  # after a failure, the requests not yet sent are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         self._client.close()

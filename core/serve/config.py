@@ -35,7 +35,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class ServeConfig:
-    """How ``python -m core serve`` listens and how much it lets wait.
+    """How ``python -m core serve`` listens and how much it lets wait (errors name the CLI's flags).
 
     The model answers one request at a time; up to ``max_queue`` more wait their turn, and a
     request beyond that is answered at once with 503 (and a Retry-After), so a busy server never
@@ -53,17 +53,17 @@ class ServeConfig:
 
     def check(self) -> None:
         if not self.host.strip():
-            raise LabError("The host is empty; pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).")
+            raise LabError("--host is empty; pass 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).")
         if not 0 <= self.port <= 65535:
-            raise LabError(f"The port must be between 0 and 65535 (got {self.port}); 0 picks a free one.")
+            raise LabError(f"--port must be between 0 and 65535 (got {self.port}); 0 picks a free one.")
         if self.max_queue < 0:
-            raise LabError(f"The queue length must be 0 or more (got {self.max_queue}).")
+            raise LabError(f"--max-queue must be 0 or more (got {self.max_queue}).")
         if not self.queue_timeout_s > 0:
-            raise LabError(f"The queue timeout must be above 0 seconds (got {self.queue_timeout_s}).")
+            raise LabError(f"--queue-timeout must be above 0 seconds (got {self.queue_timeout_s}).")
         if self.log_level not in LOG_LEVELS:
-            raise LabError(f"The log level must be one of {', '.join(LOG_LEVELS)} (got '{self.log_level}').")
+            raise LabError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (got '{self.log_level}').")
         if self.model_name is not None and not self.model_name.strip():
-            raise LabError("The served model name is empty; pass a name or leave it out to use the model spec.")
+            raise LabError("--served-model-name is empty; pass a name or leave it out to use the model spec.")
 
     def key(self) -> str | None:
         """The key requests must carry: ``api_key``, else the ``GPTLAB_API_KEY`` variable, else none."""

@@ -90,7 +90,7 @@ def _stops(body: dict) -> list[str]:
 def _refuse_unsupported(body: dict) -> None:
     for name, neutral in _UNSUPPORTED.items():
         value = body.get(name)
-        if value is None or value == neutral or value in ({}, []):
+        if value is None or value == neutral or value in ({}, [], "none"):
             continue
         hint = "; use repetition_penalty instead" if name.endswith("_penalty") else ""
         raise LabError(f"'{name}' is not supported by this server{hint}; leave it out.")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.commands.cli import build_parser, main
 from core.serve.config import ServeConfig, is_loopback
 from tests.serve.helpers import client
@@ -42,11 +44,26 @@ def test_a_taken_port_is_one_sentence(capsys):
     assert err.startswith(f"error: Cannot listen on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
 
 
-def test_bad_flags_are_one_line(capsys):
-    assert main(["serve", "--port", "70000"]) == 2
-    assert "--port must be between 0 and 65535" in capsys.readouterr().err
-    assert main(["serve", "--host", " "]) == 2
-    assert "The host is empty" in capsys.readouterr().err
+# The same shape as tests/commands/test_cli_bad_input.py's BAD_INPUTS: (argv, what the one line names).
+BAD_INPUTS = [
+    (["serve", "--port"], "--port"),
+    (["serve", "--frobnicate"], "--frobnicate"),
+    (["serve", "--port", "70000"], "--port must be between 0 and 65535"),
+    (["serve", "--max-queue", "-1"], "--max-queue must be 0 or more"),
+    (["serve", "--queue-timeout", "0"], "--queue-timeout must be above 0"),
+    (["serve", "--log-level", "loud"], "--log-level"),
+    (["serve", "--host", " "], "--host is empty"),
+    (["serve", "--port", "0", "--model", "./no/such/model"], "--model"),
+]
+
+
+@pytest.mark.parametrize("argv, names", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, monkeypatch, capsys, argv, names):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert names in err and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_command_serves_until_ctrl_c(tiny_gptlab_dir):
