@@ -4,6 +4,7 @@ comes from the environment and is never written; a busy server is waited out, a 
 and a refused key end in one sentence, and a failed call leaves the store as it was."""
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -98,15 +99,17 @@ def test_it_asks_the_t5_paths_prompts(server, key):
     assert "<< king>>" in sent[0] and ex.count(sent[0]) <= ex.max_input
 
 
-def test_the_cli_describes_through_the_server_and_never_shows_the_key(server, key, tmp_path, capsys):
+def test_the_cli_describes_through_the_server_and_never_shows_the_key(server, key, tmp_path, capsys, caplog):
     from core.commands.cli import main
 
+    caplog.set_level(logging.DEBUG)  # the openai client's and the server's own logs, at their most talkative
     path = small_store(tmp_path / "features.sqlite")
     rc = main(["transcoders", "describe", "--model", "default", "--transcoders", str(tmp_path), "--store", str(path),
                "--explainer", server.url, "--explainer-model", "default", "--layers", "0"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "layer 0:" in out and "total:" in out and KEY not in out + err
+    assert "Sending HTTP Request: POST" in caplog.text and KEY not in caplog.text
     with FeatureStore(path, readonly=True) as store:
         assert set(store.explanations(0, f"api:default@{server.url}")) == {0, 1}
     assert KEY.encode() not in path.read_bytes()

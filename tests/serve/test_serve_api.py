@@ -109,6 +109,8 @@ def test_every_sampling_control_reaches_the_sampler(server, lm):
     again = c.completions.create(model=lm.spec, prompt=PROMPT, max_tokens=10, n=3, temperature=0.7, top_p=0.9, seed=7,
                                  extra_body={k: settings[k] for k in ("top_k", "min_p", "repetition_penalty")})
     assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
+    beams = c.completions.create(model=lm.spec, prompt=PROMPT, max_tokens=6, extra_body={"num_beams": 3})
+    assert beams.choices[0].text == generate(lm, PROMPT, SamplingConfig(max_new_tokens=6, num_beams=3)).completion
 
 
 def test_stop_strings_cut_the_text_and_its_stream(server, lm):
