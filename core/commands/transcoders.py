@@ -9,7 +9,9 @@ the features in words (with held-out scores), and explain a completion layer by 
   collect   top-k contexts, quantile samples, held-out windows, histograms and promoted /
             suppressed tokens per feature into DIR/features.sqlite (a fresh store)
   describe  explanations per feature, scores on held-out windows, per-layer and total descriptions,
-            by the built-in explainer (offline) or a language model (--explainer google/flan-t5-base)
+            by the built-in explainer (offline), a language model (--explainer google/flan-t5-base) or
+            a model behind an OpenAI-compatible server (--explainer http://127.0.0.1:8000/v1
+            --explainer-model NAME, key in GPTLAB_EXPLAINER_KEY or OPENAI_API_KEY)
   explain   generate from --prompt and print what each layer did and a total description, scored
 
 Order: train -> collect -> describe -> explain (train does the first three by default).
@@ -31,6 +33,7 @@ Examples:
       --train_steps 2000 --train_seq_len 128 --cuda 0
   python -m core transcoders describe --model default --explainer google/flan-t5-base --max-features 200
   python -m core transcoders explain --model default --prompt "ROMEO:"
+  python -m core transcoders describe --model default --explainer http://127.0.0.1:8000/v1 --explainer-model NAME
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from ..files import atomic_write_json
 from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
                              EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
                              completion_settings)
+from ..serve.config import EXPLAINER_KEY_ENVS
 
 # Every flag's default comes from the engine's torch-free configs, so --help and the engine agree.
 TRAIN = TranscoderTrainConfig()
@@ -199,9 +203,14 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
 
 
 def _explainer_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--explainer", default="builtin", metavar="SPEC",
-                   help="builtin (offline; default), or a seq2seq/causal LM: hub id (google/flan-t5-base) or folder; "
-                        "its own Python code runs only with --trust-remote-code")
+    g.add_argument("--explainer", default="builtin", metavar="SPEC|URL",
+                   help="builtin (offline; default); a seq2seq/causal LM: hub id (google/flan-t5-base) or folder, whose "
+                        "own Python code runs only with --trust-remote-code; or an OpenAI-compatible server, "
+                        "http://HOST:PORT/v1 (vLLM, llama.cpp, Ollama, python -m core serve, a hosted API; a URL "
+                        f"ending in /completions uses plain completions), its key read from {EXPLAINER_KEY_ENVS[0]} "
+                        f"or {EXPLAINER_KEY_ENVS[1]}")
+    g.add_argument("--explainer-model", dest="explainer_model", metavar="NAME",
+                   help="the model to ask at --explainer URL (default: the one model the server lists)")
     g.add_argument("--explainer-device", dest="explainer_device", type=device_arg, default="cpu", metavar="DEVICE",
                    help="(default: %(default)s)")
 
@@ -319,7 +328,9 @@ def _explainer(args: argparse.Namespace, device: str):
     """The explainer --explainer names; an LM's own code runs only with --trust-remote-code."""
     from ..interp.explain import load_explainer
 
-    return load_explainer(args.explainer, device=device, trust_remote_code=bool(args.trust_remote_code))
+    model = getattr(args, "explainer_model", None)
+    extra = {"model": model} if model is not None else {}  # only a server URL takes a model name
+    return load_explainer(args.explainer, device=device, trust_remote_code=bool(args.trust_remote_code), **extra)
 
 
 # -- actions --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Explainers: turn a feature's evidence into words, layers' features into a layer description,
 layers into a total description, and rate a completion and an interpretation from 1 to 10.
 
-Two explainers, one interface (:class:`Explainer`):
+Three explainers, one interface (:class:`Explainer`):
 
 - :class:`BuiltinExplainer` (``builtin``, the offline default) needs no model. It writes
   templated descriptions from the evidence: the tokens a feature fires on (in double quotes,
@@ -15,6 +15,8 @@ Two explainers, one interface (:class:`Explainer`):
   length, greedy-decoded, answers parsed. Python code shipped with the explainer's repository
   runs only when the caller passes ``trust_remote_code=True`` (``--trust-remote-code``, or the
   page's tick box).
+- :class:`RemoteExplainer` (``api:<model>@<url>``): any model behind an OpenAI-compatible server,
+  asked the very same prompts (both are :class:`PromptedExplainer`); see :mod:`core.serve.client`.
 
 :func:`describe_store` runs an explainer over a feature store: explanations, held-out scores
 (:mod:`core.interp.scoring`), per-layer and total descriptions, as a generator of events.
@@ -26,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import torch
 
@@ -38,6 +40,9 @@ from .prompts import (FALLBACK_MAX_INPUT, clean_token, feature_prompt, interpret
 from .scoring import (Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
                       quoted_tokens, score_feature)
 from .store import Context, FeatureStore, Score
+
+if TYPE_CHECKING:
+    from ..serve.client import Endpoint
 
 BUILTIN = "builtin"
 LM_PREFIX = "lm:"      # an LM explainer's name is LM_PREFIX + its spec
@@ -201,7 +206,56 @@ def _remote_code_refused(spec: str) -> LabError:
                     f"--trust-remote-code (on the page: tick 'Trust the explainer's code') if you trust its authors.")
 
 
-class LMExplainer(Explainer):
+class PromptedExplainer(Explainer):
+    """An explainer that is a language model answering the prompts of :mod:`core.interp.prompts`.
+
+    Every description (feature, layer, total), rating and detection question is built and parsed
+    here, once, so a local transformers model (:class:`LMExplainer`) and a model behind an
+    OpenAI-compatible server (:class:`RemoteExplainer`) are asked exactly the same things. A
+    subclass says how to count a prompt's tokens (``count``), how many it may have
+    (``max_input``), and how to get greedy answers (``generate``) and yes/no verdicts (``yes_no``).
+    """
+
+    max_input: int
+
+    def count(self, text: str) -> int:
+        """Tokens ``text`` takes as the explainer's input."""
+        raise NotImplementedError
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers, one per prompt, in order."""
+        raise NotImplementedError
+
+    def yes_no(self, prompts: Sequence[str]) -> list[bool]:
+        """Per prompt: is "yes" likelier than "no" as the answer?"""
+        raise NotImplementedError
+
+    def explain_features(self, evidence: Sequence[FeatureEvidence]) -> list[str]:
+        prompts = [feature_prompt(ev.top, self.count, self.max_input, [clean_token(t) for t, _ in ev.promoted])[0]
+                   for ev in evidence]
+        return [parse_explanation(a) or "(no answer)" for a in self.generate(prompts)]
+
+    def describe_layer(self, layer: int, items: Sequence[tuple[str, float]]) -> str:
+        answer = self.generate([layer_prompt(layer, [t for t, _ in items], self.count, self.max_input)])[0]
+        return parse_explanation(answer) or "(no answer)"
+
+    def describe_total(self, layer_descriptions: Sequence[tuple[int, str]], prompt: str | None = None,
+                       completion: str | None = None) -> str:
+        answer = self.generate([total_prompt(layer_descriptions, self.count, self.max_input, prompt, completion)])[0]
+        return parse_explanation(answer) or "(no answer)"
+
+    def rate_output(self, prompt: str, completion: str, mean_logprob: float | None = None) -> int | None:
+        return parse_score(self.generate([output_rating_prompt(prompt, completion)], 6)[0])
+
+    def rate_interpretation(self, prompt: str, completion: str, description: str,
+                            measured: int | None = None) -> int | None:
+        return parse_score(self.generate([interpretation_rating_prompt(prompt, completion, description)], 6)[0])
+
+    def detector(self) -> Detector:
+        return LMDetector(self)
+
+
+class LMExplainer(PromptedExplainer):
     """A transformers seq2seq or causal LM as explainer (flan-t5 in the reference pipeline)."""
 
     def __init__(self, spec: str, device: str = "cpu", max_new_tokens: int = 32, batch_size: int = 8,
@@ -314,38 +368,61 @@ class LMExplainer(Explainer):
             out.extend((logits[:, yes] > logits[:, no]).tolist())
         return out
 
-    def explain_features(self, evidence: Sequence[FeatureEvidence]) -> list[str]:
-        prompts = [feature_prompt(ev.top, self.count, self.max_input, [clean_token(t) for t, _ in ev.promoted])[0]
-                   for ev in evidence]
-        return [parse_explanation(a) or "(no answer)" for a in self.generate(prompts)]
 
-    def describe_layer(self, layer: int, items: Sequence[tuple[str, float]]) -> str:
-        answer = self.generate([layer_prompt(layer, [t for t, _ in items], self.count, self.max_input)])[0]
-        return parse_explanation(answer) or "(no answer)"
+class RemoteExplainer(PromptedExplainer):
+    """A model behind any OpenAI-compatible server as explainer and scorer (vLLM, llama.cpp's server,
+    Ollama, text-generation-webui, a hosted API, or ``python -m core serve``), asked the same
+    prompts as :class:`LMExplainer`, greedily. The server's tokenizer is out of reach, so prompt
+    lengths are estimated cautiously (:func:`core.serve.client.estimate_tokens`) within the context
+    the server lists; timeouts, retries, rate limits and the key are :class:`~core.serve.client.Endpoint`'s
+    business. Its name in a store is ``api:MODEL@URL`` (never the key)."""
 
-    def describe_total(self, layer_descriptions: Sequence[tuple[int, str]], prompt: str | None = None,
-                       completion: str | None = None) -> str:
-        answer = self.generate([total_prompt(layer_descriptions, self.count, self.max_input, prompt, completion)])[0]
-        return parse_explanation(answer) or "(no answer)"
+    def __init__(self, endpoint: "Endpoint"):
+        from ..serve.client import estimate_tokens
 
-    def rate_output(self, prompt: str, completion: str, mean_logprob: float | None = None) -> int | None:
-        return parse_score(self.generate([output_rating_prompt(prompt, completion)], 6)[0])
+        self.endpoint = endpoint
+        self.name = endpoint.name
+        self.max_new_tokens = endpoint.config.max_new_tokens
+        self.max_input = endpoint.context - self.max_new_tokens
+        self._estimate = estimate_tokens
+        if self.max_input < 16:
+            raise LabError(f"Explainer '{endpoint.model}' at {endpoint.shown} leaves {self.max_input} tokens for a "
+                           f"prompt, too few for any; serve a model with a longer context.")
 
-    def rate_interpretation(self, prompt: str, completion: str, description: str,
-                            measured: int | None = None) -> int | None:
-        return parse_score(self.generate([interpretation_rating_prompt(prompt, completion, description)], 6)[0])
+    def count(self, text: str) -> int:
+        return self._estimate(text)
 
-    def detector(self) -> Detector:
-        return LMDetector(self)
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        n_new = max_new_tokens or self.max_new_tokens
+        return self.endpoint.map(lambda p: self.endpoint.ask(p, n_new).text, list(prompts))
+
+    def yes_no(self, prompts: Sequence[str]) -> list[bool]:
+        return self.endpoint.map(self.endpoint.yes_no, list(prompts))
+
+
+def is_endpoint_url(spec: str | None) -> bool:
+    """Whether an explainer spec names a server (``http://...``) rather than a model."""
+    return bool(spec) and spec.strip().lower().startswith(("http://", "https://"))
 
 
 def load_explainer(spec: str | None = None, device: str = "cpu", *, trust_remote_code: bool = False,
-                   **kwargs) -> Explainer:
-    """``builtin`` (or None) for the model-free explainer; anything else is an LM spec (hub id or
+                   model: str | None = None, **kwargs) -> Explainer:
+    """``builtin`` (or None) for the model-free explainer; an ``http(s)://`` URL for the model
+    ``model`` behind that OpenAI-compatible server (:class:`RemoteExplainer`; ``kwargs`` are
+    :class:`~core.serve.config.EndpointConfig` fields); anything else is an LM spec (hub id or
     folder, optionally prefixed ``lm:``), whose repository code runs only with ``trust_remote_code``."""
     if spec is None or spec.strip().lower() in ("", BUILTIN):
+        if model is not None:
+            raise LabError("--explainer-model names a model behind a server; pass the server with --explainer URL.")
         return BuiltinExplainer()
     spec = spec.strip()
+    if is_endpoint_url(spec):
+        from ..serve.client import connect
+
+        return RemoteExplainer(connect(spec, model, **kwargs))
+    if model is not None:
+        raise LabError(f"--explainer-model goes with a server URL (--explainer http://HOST:PORT/v1); "
+                       f"'{spec}' is a model itself, so drop --explainer-model.")
     return LMExplainer(spec[len(LM_PREFIX):] if spec.startswith(LM_PREFIX) else spec, device=device,
                        trust_remote_code=trust_remote_code, **kwargs)
 
@@ -395,7 +472,9 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
     """Explain (and score) the live features of ``layers`` (all by default), most frequent first,
     at most ``max_features`` per layer; then describe each layer from its ``layer_items`` most
     active explained features (density x mean activation) and the whole set from the layers.
-    Each batch is committed as it is done, so a stopped run keeps its explanations."""
+    Each batch is committed once its explanations and scores are all in hand, so a stopped run keeps
+    the batches it finished and a failed explainer call (a server gone, a refused key) writes
+    nothing of its batch: the store never holds an explanation without its score."""
     explainer = explainer or BuiltinExplainer()
     batch_size = batch_size or DESCRIBE_BATCH["builtin" if isinstance(explainer, BuiltinExplainer) else "lm"]
     info = store.layers(set_id)
@@ -419,7 +498,6 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
             chunk = feats[s:s + batch_size]
             evs = [FeatureEvidence.from_store(store, layer, f.feature, n_top, set_id) for f in chunk]
             texts = explainer.explain_features(evs)
-            store.put_explanations([(layer, f.feature, t) for f, t in zip(chunk, texts)], explainer.name, set_id)
             score_rows: list[tuple[int, int, Score]] = []
             per_feature: list[dict[str, float | None]] = []
             for f, t in zip(chunk, texts):
@@ -429,6 +507,8 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
                 det = next((sc.value for sc in got if sc.method == "detection"), None)
                 if det is not None:
                     det_values.append(det)
+            # written only now: an explainer call that fails above leaves this batch out entirely
+            store.put_explanations([(layer, f.feature, t) for f, t in zip(chunk, texts)], explainer.name, set_id)
             if score_rows:
                 store.put_scores(score_rows, explainer.name, set_id)
             for f, t, sc in zip(chunk, texts, per_feature):
@@ -447,6 +527,7 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
                            mean_scores=mean_scores, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["Explainer", "BuiltinExplainer", "LMExplainer", "FeatureEvidence", "load_explainer", "describe_store",
+__all__ = ["Explainer", "BuiltinExplainer", "PromptedExplainer", "LMExplainer", "RemoteExplainer", "is_endpoint_url",
+           "FeatureEvidence", "load_explainer", "describe_store",
            "DescribeStarted", "FeatureExplained", "LayerDescribed", "DescribeFinished", "DescribeEvent", "BUILTIN",
            "interpretability_from_scores"]

@@ -142,6 +142,17 @@ def detection_prompt(explanation: str, text: str) -> str:
             f"Would the neuron fire somewhere in this text? Answer yes or no.\nAnswer:")
 
 
+def fit_detection_prompt(explanation: str, tokens: Sequence[str], count: Callable[[str], int],
+                         max_tokens: int) -> str:
+    """:func:`detection_prompt` for the window ``tokens`` within ``max_tokens``: the window loses
+    whole tokens from its start until it fits, so the explanation and the question always stay."""
+    for start in range(max(len(tokens), 1)):
+        prompt = detection_prompt(explanation, plain_context(tokens[start:]))
+        if count(prompt) <= max_tokens:
+            return prompt
+    return prompt
+
+
 # -- answer parsing ---------------------------------------------------------------------------
 
 _PREFIX = re.compile(r"^\s*(answer|explanation|description|summary|the neuron (detects|fires on)|it detects)\s*[:\-]?\s*",

@@ -12,7 +12,7 @@
 Detectors and simulators: :class:`RuleDetector` / :class:`RuleSimulator` need no model: they read
 the tokens quoted in the explanation (``"the"``) and predict firing exactly on those tokens (what
 the built-in explainer writes); :class:`LMDetector` asks the explainer's language model the
-yes/no question of :func:`core.interp.prompts.detection_prompt`.
+yes/no question of :func:`core.interp.prompts.detection_prompt`, locally or through a server.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from .prompts import clean_token, detection_prompt, plain_context
+from .prompts import clean_token, fit_detection_prompt
 from .store import Context, FeatureStore, Score
 
 if TYPE_CHECKING:
-    from .explain import LMExplainer
+    from .explain import PromptedExplainer
 
 METHODS = ("detection", "simulation")
 
@@ -79,16 +79,18 @@ class RuleSimulator:
 
 
 class LMDetector:
-    """The explainer's language model as detector: "would the neuron fire in this text? yes/no",
-    read off the relative likelihood of "yes" and "no" as the answer's first token."""
+    """The explainer's language model (local or behind a server) as detector: "would the neuron fire
+    in this text? yes/no", read off the relative likelihood of "yes" and "no" as the answer's first
+    token. A window too long for the explainer's input loses tokens from its start, never the
+    explanation or the question."""
 
-    def __init__(self, explainer: "LMExplainer"):
+    def __init__(self, explainer: "PromptedExplainer"):
         self.explainer = explainer
         self.name = explainer.name
 
     def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[bool]:
-        prompts = [detection_prompt(explanation, plain_context(t)) for t in texts]
-        return self.explainer.yes_no(prompts)
+        ex = self.explainer
+        return ex.yes_no([fit_detection_prompt(explanation, t, ex.count, ex.max_input) for t in texts])
 
 
 def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | None:
