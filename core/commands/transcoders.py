@@ -47,9 +47,10 @@ from .cli import add_model_args, device_arg, float_arg, int_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 from ..files import atomic_write_json
+from ..jobs.lock import acquire
 from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
                              EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
-                             completion_settings)
+)
 from ..serve.config import EXPLAINER_KEY_ENVS
 
 # Every flag's default comes from the engine's torch-free configs, so --help and the engine agree.
@@ -336,11 +337,6 @@ def _explainer(args: argparse.Namespace, device: str):
 # -- actions --------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> int:
-    from ..interp.explain import BuiltinExplainer
-    from ..interp.store import FeatureStore, store_path
-    from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, Validated, \
-        train_transcoders
-
     lm = _load(args)
     out = Path(args.output_dir).expanduser() if args.output_dir else _set_dir(args, lm)
     cfg = TranscoderTrainConfig(
@@ -350,6 +346,23 @@ def _train(args: argparse.Namespace) -> int:
         save_every=args.save_every, save_dtype=args.save_dtype, seed=args.seed)
     cfg.check()
     save_dir = out if args.save_model else None
+    # one writer per set: a job started from the app already holds this (re-entrant); a second
+    # `transcoders train` into the same folder is refused here rather than interleaving its files
+    lock = acquire(out, "Transcoder set", "wait for the job writing it to finish or stop it first.") \
+        if save_dir is not None else None
+    try:
+        return _train_into(args, lm, cfg, out, save_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_into(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: Path, save_dir: Path | None) -> int:
+    from ..interp.explain import BuiltinExplainer
+    from ..interp.store import FeatureStore, store_path
+    from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, Validated, \
+        train_transcoders
+
     events = train_transcoders(lm, cfg, out_dir=save_dir)
     tset = None
     first = next(events)
@@ -434,7 +447,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _explain(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..interp.completion import CompletionExplained, explain_completion
+    from ..interp.completion import CompletionExplained, completion_settings, explain_completion
     from ..interp.transcoder import find_transcoder_set
 
     prompts = _read_prompts(args)
@@ -450,7 +463,7 @@ def _explain(args: argparse.Namespace) -> int:
     results = []
     try:
         for prompt in prompts:
-            settings = completion_settings(lm.objective, args.max_new_tokens, temperature=args.temperature,
+            settings = completion_settings(lm, args.max_new_tokens, temperature=args.temperature,
                                            top_p=args.top_p, seed=args.seed, steps=args.steps)
             t0 = time.perf_counter()
             for ev in explain_completion(lm, tset, prompt, store=store, explainer=explainer, settings=settings,

@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Iterator, Union
 import torch
 
 from ..errors import LabError
-from ..generation.autoregressive import encode_prompt, generate
 from ..generation.config import DiffusionConfig, SamplingConfig
-from ..generation.diffusion import generate as diffusion_generate
+from ..generation.sampler import sampler_for
 from ..models.hooks import act_name
-from .config import EXPLAIN_TOP_FEATURES, completion_settings
+from .config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES
 from .explain import BuiltinExplainer, Explainer, FeatureEvidence
 from .scoring import interpretability_from_scores, score_feature
 from .store import FeatureStore
@@ -111,23 +110,24 @@ CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, Completion
 def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int], list[int], torch.Tensor,
                                                                   list[tuple[int, int]]]:
     """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
-    cfg = settings if settings is not None else completion_settings(lm.objective)
-    if lm.objective == "diffusion":
-        res = diffusion_generate(lm, prompt, cfg)
-        P = len(res.prompt_ids)
-        x = torch.tensor([res.states[0]])                                   # prompt + masks
-        targets = [(P + j, t) for j, t in enumerate(res.completion_ids)]
-        return res.completion, res.prompt_ids, res.completion_ids, x, targets
-    prompt_ids = encode_prompt(lm, prompt)
-    res = generate(lm, prompt, cfg)
-    new = [t.token_id for t in res.tokens]
+    sampler = sampler_for(lm)
+    res = sampler.generate(lm, prompt, settings if settings is not None else completion_settings(lm))
+    prompt_ids, new = sampler.token_ids(lm, res)
     if not new:
         raise LabError("The model ended the completion at once (end of text); try another prompt or sampling.")
-    P = len(prompt_ids)
-    ids = prompt_ids + new
-    x = torch.tensor([ids[:-1]])                                            # the last token predicts nothing we need
-    targets = [(P - 1 + j, t) for j, t in enumerate(new)]
-    return res.completion, prompt_ids, new, x, targets
+    x, targets = sampler.reads(prompt_ids, new)  # prompt + masks for a diffusion model; no last token for a causal one
+    return res.completion, prompt_ids, new, torch.tensor([x]), targets
+
+
+def completion_settings(lm: "LoadedModel", max_new_tokens: int = EXPLAIN_MAX_NEW_TOKENS, *,
+                        temperature: float | None = None, top_p: float | None = None, seed: int | None = 0,
+                        steps: int | None = None):
+    """The generation settings of a completion to explain, in the form ``lm``'s sampler takes:
+    greedy when ``temperature`` is None, else sampled; a diffusion model denoises in ``steps``
+    (one per token by default). Checked, so a bad value fails here in one sentence. The CLI's
+    ``explain``, the Features page and :func:`explain_completion`'s default all use this."""
+    return sampler_for(lm).settings(int(max_new_tokens), greedy=temperature is None, temperature=temperature,
+                                    top_p=top_p, seed=seed, steps=int(steps or max_new_tokens), n_alternatives=0)
 
 
 def attribute(lm: "LoadedModel", tset: "TranscoderSet", x: torch.Tensor, targets: list[tuple[int, int]],

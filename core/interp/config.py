@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 from ..errors import LabError
-from ..generation.config import DiffusionConfig, SamplingConfig
 from ..models.hooks import act_name
 
 ACTIVATIONS = ("topk", "relu")                  # TopK: exactly k features a token; ReLU: sparsity from an L1 penalty
@@ -36,24 +35,6 @@ def transcoder_hooks(layer: int) -> tuple[str, str]:
     """``(the activation transcoder `layer` reads, the one it writes)``, e.g.
     ``("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")``."""
     return act_name(HOOK_POINT, layer), act_name(HOOK_POINT_OUT, layer)
-
-
-def completion_settings(objective: str, max_new_tokens: int = EXPLAIN_MAX_NEW_TOKENS, *,
-                        temperature: float | None = None, top_p: float = 1.0, seed: int | None = 0,
-                        steps: int | None = None) -> SamplingConfig | DiffusionConfig:
-    """The generation settings of a completion to explain, in the form the model's ``objective``
-    takes: greedy when ``temperature`` is None, else sampled; a diffusion model denoises in
-    ``steps`` (one per token by default). Checked, so a bad value fails here in one sentence."""
-    cfg: SamplingConfig | DiffusionConfig
-    if objective == "diffusion":
-        cfg = DiffusionConfig(gen_length=int(max_new_tokens), steps=int(steps or max_new_tokens),
-                              temperature=0.0 if temperature is None else float(temperature), seed=seed)
-    else:
-        cfg = SamplingConfig(max_new_tokens=int(max_new_tokens), greedy=temperature is None,
-                             temperature=1.0 if temperature is None else float(temperature), top_p=float(top_p),
-                             seed=seed, n_alternatives=0)
-    cfg.check()
-    return cfg
 
 
 class _Dict:
@@ -174,4 +155,4 @@ class CollectConfig(_Dict):
 
 __all__ = ["ACTIVATIONS", "SAVE_DTYPES", "HOOK_POINT", "HOOK_POINT_OUT", "DESCRIBE_N_TOP", "DESCRIBE_BATCH",
            "EXPLAIN_MAX_NEW_TOKENS", "EXPLAIN_TOP_FEATURES", "EXPLAIN_TOP_FEATURES_MAX", "TranscoderConfig",
-           "TranscoderTrainConfig", "CollectConfig", "completion_settings", "transcoder_hooks"]
+           "TranscoderTrainConfig", "CollectConfig", "transcoder_hooks"]

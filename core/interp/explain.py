@@ -267,10 +267,10 @@ class LMExplainer(PromptedExplainer):
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.name = f"{LM_PREFIX}{spec}"
         local = Path(spec).expanduser().is_dir()
-        trust = {"trust_remote_code": bool(trust_remote_code)}  # the repository's own code runs only when asked
-        kwargs = {"local_files_only": True, **trust}
+        trust = bool(trust_remote_code)  # the repository's own code runs only when asked
+        kwargs = {"local_files_only": True}
         try:
-            config = AutoConfig.from_pretrained(spec, **kwargs)
+            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust, **kwargs)
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
                 raise _remote_code_refused(spec) from None
@@ -281,18 +281,18 @@ class LMExplainer(PromptedExplainer):
                                    f"builtin.") from None
                 raise ModelNotAvailableError(offline_message(spec).replace("--model default",
                                                                           "--explainer builtin")) from None
-            kwargs = dict(trust)
+            kwargs = {}
             try:
-                config = AutoConfig.from_pretrained(spec, **kwargs)
+                config = AutoConfig.from_pretrained(spec, trust_remote_code=trust, **kwargs)
             except ValueError as e:
                 if "trust_remote_code" in str(e):
                     raise _remote_code_refused(spec) from None
                 raise
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(spec, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust, **kwargs)
             cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-            self.model = cls.from_pretrained(spec, **kwargs).to(device).eval()
+            self.model = cls.from_pretrained(spec, trust_remote_code=trust, **kwargs).to(device).eval()
         except (OSError, ValueError) as e:
             if "trust_remote_code" in str(e):
                 raise _remote_code_refused(spec) from None

@@ -39,6 +39,11 @@ class Tokenizer:
         """How one token reads on its own (for token views and feature cards)."""
         return self.decode([int(token_id)])
 
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        """``messages`` as the prompt the model was tuned on, ready for its answer, when the
+        tokenizer carries a chat template; None when it has none (ours never do)."""
+        return None
+
 
 class BPETokenizer(Tokenizer):
     """A bare ``tokenizer.json`` from the ``tokenizers`` library (our trained BPE)."""
@@ -79,6 +84,11 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        if not getattr(self._tok, "chat_template", None):
+            return None
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class TiktokenTokenizer(Tokenizer):

@@ -29,23 +29,17 @@ def transcript(messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-def chat_template(lm: "LoadedModel"):
-    """The transformers tokenizer behind ``lm`` when it carries a chat template, else None."""
-    hf = getattr(lm.tokenizer, "_tok", None)  # HFTokenizer keeps the transformers tokenizer here
-    return hf if getattr(hf, "chat_template", None) and hasattr(hf, "apply_chat_template") else None
-
-
 def chat_prompt(lm: "LoadedModel", messages: list[dict[str, str]]) -> tuple[str, list[str]]:
     """``(prompt, extra stop strings)`` for ``messages``: the tokenizer's chat template when it has
     one, else the transcript with :data:`TRANSCRIPT_STOP`."""
-    template = chat_template(lm)
-    if template is None:
-        return transcript(messages), [TRANSCRIPT_STOP]
     try:
-        return template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), []
+        prompt = lm.tokenizer.apply_chat_template(messages)
     except Exception as e:  # templates are Jinja programs: they raise what they like (roles out of order...)
         raise LabError(f"The model's chat template refused these messages ({first_line(e)[:200]}); check the "
                        f"roles and their order.") from None
+    if prompt is None:
+        return transcript(messages), [TRANSCRIPT_STOP]
+    return prompt, []
 
 
-__all__ = ["TRANSCRIPT_STOP", "transcript", "chat_template", "chat_prompt"]
+__all__ = ["TRANSCRIPT_STOP", "transcript", "chat_prompt"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import LabError
 from ..generation.autoregressive import Finished, TokenEvent, TokenInfo, encode_prompt, score_continuation, stream
 from ..generation.config import DiffusionConfig, SamplingConfig
+from ..generation.sampler import sampler_for
 from .protocol import GenerationRequest
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class Prepared:
 
 def prepare(lm: "LoadedModel", req: GenerationRequest) -> list[Prepared]:
     """Check every prompt of ``req`` against ``lm`` (LabError: a 400) before the request waits its turn."""
-    if lm.objective == "diffusion":
+    if sampler_for(lm).denoises:
         _diffusion_limits(req)
     out = []
     for prompt in req.prompts:
@@ -143,7 +144,7 @@ def run_choice(lm: "LoadedModel", prep: Prepared, cfg: SamplingConfig, index: in
     prompt_tokens = _echo_tokens(lm, prep.ids, logprobs) if echo and logprobs is not None else []
     if prep.max_new_tokens == 0:
         return ChoiceResult(index, "", [], "length", 0, prompt_tokens)
-    if lm.objective == "diffusion":
+    if sampler_for(lm).denoises:
         return _diffusion_choice(lm, prep, cfg, index)
     cfg = replace(cfg, n_alternatives=logprobs or 0)
     tokens: list[TokenInfo] = []

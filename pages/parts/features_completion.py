@@ -14,10 +14,10 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError, first_line, is_out_of_memory, shorten
+from core.generation.sampler import sampler_for
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
-                                    LayerExplained, explain_completion, score_text)
-from core.interp.config import (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX,
-                                completion_settings)
+                                    LayerExplained, completion_settings, explain_completion, score_text)
+from core.interp.config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX
 from core.interp.explain import BUILTIN, Explainer, load_explainer
 from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
@@ -168,7 +168,7 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
         st.caption(":orange[No feature store for this set]: features are named by address only and the measured "
                    "score is n/a. Collect one below.")
     prompt = st.text_area("Prompt", DEFAULT_PROMPT, key=xkey("prompt"), height=80, **keep)
-    diffusion = lm.objective == "diffusion"
+    diffusion = sampler_for(lm).denoises
     cols = st.columns(5 if diffusion else 4)
     max_new = cols[0].number_input("Max new tokens", 1, MAX_NEW_TOKENS_MAX, EXPLAIN_MAX_NEW_TOKENS, step=1,
                                    key=xkey("max_new"), **keep,
@@ -201,7 +201,7 @@ def completion_panel(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore |
             st.error("Enter a prompt to explain; it is empty.")
         else:
             try:
-                settings = completion_settings(lm.objective, max_new, temperature=None if greedy else temperature,
+                settings = completion_settings(lm, max_new, temperature=None if greedy else temperature,
                                                seed=None if greedy else int(seed), steps=steps)
                 explainer = get_explainer(kind, spec, device, trust and not builtin)
             except LabError as e:

@@ -73,6 +73,13 @@ BAD_INPUTS = [
     (["runs", "stop", "some-run", "--wait", "-1"], "--wait must be 0 or more"),
     (["runs", "resume", "some-run", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["runs", "delete"], "RUN"),
+    # serve
+    (["serve", "--port"], "--port"),
+    (["serve", "--frobnicate"], "--frobnicate"),
+    (["serve", "--port", "70000"], "--port must be between 0 and 65535"),
+    (["serve", "--max-queue", "-1"], "--max-queue must be 0 or more"),
+    (["serve", "--queue-timeout", "0"], "--queue-timeout must be above 0"),
+    (["serve", "--host", " "], "--host is empty"),
     # transcoders and its actions
     (["transcoders"], "transcoders {train,collect,describe,explain}"),
     (["transcoders", "frobnicate"], "'frobnicate'"),

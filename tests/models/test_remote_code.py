@@ -2,9 +2,7 @@
 (``*.from_pretrained``, ``pipeline``) names ``trust_remote_code`` itself, in every file of core/.
 Left out, transformers decides (and on a terminal, asks), so the test reads the source, not a run.
 
-Each file of core/ is its own case, so a failure names the file and line. Files other engineers
-are rewriting now are listed in PENDING: their cases are expected to fail until they pass the flag
-(strict, so the entry must go once they do)."""
+Each file of core/ is its own case, so a failure names the file and line."""
 from __future__ import annotations
 
 import ast
@@ -15,9 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "core"
 CALLS = ("from_pretrained", "pipeline")
-PENDING = {  # file -> who is changing it (report: pass trust_remote_code explicitly)
-    "core/interp/explain.py": "the interp engineer: the explainer's AutoConfig/AutoTokenizer/model from_pretrained",
-}
 
 
 def offenders(path: Path, root: Path = ROOT) -> list[str]:
@@ -35,8 +30,7 @@ def offenders(path: Path, root: Path = ROOT) -> list[str]:
 FILES = sorted(str(p.relative_to(ROOT)) for p in CORE.rglob("*.py"))
 
 
-@pytest.mark.parametrize("name", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=PENDING[f]))
-                                  if f in PENDING else f for f in FILES])
+@pytest.mark.parametrize("name", FILES)
 def test_every_remote_code_call_says_whether_it_trusts(name):
     bad = offenders(ROOT / name)
     assert not bad, "these calls leave trust_remote_code to transformers: " + "; ".join(bad)
