@@ -73,22 +73,6 @@ def tiny_spec(at, folder: Path) -> None:
     clean(at)
 
 
-@pytest.fixture(scope="module")
-def diff_dir(tmp_path_factory) -> Path:
-    """A tiny bidirectional GPT saved as a GPT Lab diffusion checkpoint (context 64)."""
-    from core.models.gpt import GPT, GPTConfig
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import train_bpe
-
-    folder = tmp_path_factory.mktemp("tiny-diffusion")
-    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
-                          mask_token_id=tok.mask_id))
-    save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective="diffusion")
-    return folder
-
-
 # -- Home and the model picker ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(TEXTS))
@@ -265,14 +249,14 @@ def diff_click(at, prompt: str):
     return at.run()
 
 
-def test_diffusion_controls_at_min_and_max(diff_dir: Path):
+def test_diffusion_controls_at_min_and_max(tiny_diffusion_dir: Path):
     from core.generation import diffusion as diff
 
-    lm = load_model(str(diff_dir))
+    lm = load_model(str(tiny_diffusion_dir))
     prompt = "ROMEO:"
     room = lm.stack.context_length - len(lm.tokenizer.encode(prompt))
     at = open_app(GEN_PAGE)
-    tiny_spec(at, diff_dir)
+    tiny_spec(at, tiny_diffusion_dir)
     found = {w.key: limits(w) for w in at.number_input if w.key.startswith("gen_diff_")}
     assert found == {"gen_diff_gen_length": (1, 4096), "gen_diff_steps": (1, 4096), "gen_diff_temperature": (0.0, 10.0),
                      "gen_diff_top_k": (0, 1_000_000), "gen_diff_seed": (0, 2**31 - 1)}
