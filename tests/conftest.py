@@ -119,6 +119,18 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture
+def own_code_model(tmp_path: Path) -> tuple[Path, Path]:
+    """(a model folder whose config names its own Python code, the file that code writes if it
+    ever runs): loading it without trusting remote code must refuse and leave no such file."""
+    folder, marker = tmp_path / "own-code-model", tmp_path / "code-ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "gptlab_custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder, marker
+
+
 def wait_for(predicate, timeout: float = 240.0, every: float = 0.1):
     """Poll ``predicate`` until it returns something true (returned); generous timeouts because
     CI machines are slow and a real process is on the other side."""

@@ -275,14 +275,9 @@ def test_a_damaged_feature_store_is_one_sentence_and_the_rest_still_works(descri
         assert at.radio(key="feat_j_action") is not None          # the job form, to collect a new store, still draws
 
 
-def test_an_explainer_with_its_own_code_runs_only_when_ticked(described, env, tmp_path: Path):
+def test_an_explainer_with_its_own_code_runs_only_when_ticked(described, env, own_code_model):
     model_dir, _ = described
-    custom = tmp_path / "custom-explainer"
-    custom.mkdir()
-    marker = tmp_path / "ran"
-    (custom / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
-                                        '"configuration_custom.CustomConfig"}}')
-    (custom / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    custom, marker = own_code_model
     at = page(model_dir, feat_section="Explain a completion")
     assert at.checkbox(key="feat_x_trust").disabled                # nothing to trust with the built-in explainer
     at.radio(key="feat_x_explainer").set_value("lm").run()
