@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from app_harness import code, described_feature_model, open_app, set_widgets, shown, stop_at_first_progress, texts
+from app_harness import (LONG, ODD, TEXTS, clean, code, described_feature_model, limits, no_exception, one_error,
+                         open_app, pick_model, set_widgets, shown, stop_at_first_progress, texts)
 
 from core.errors import LabError
 from core.generation.autoregressive import SamplingConfig, generate
@@ -32,74 +33,8 @@ from core.training.config import TrainConfig
 from core.training.data import save_upload, upload_name, uploads_dir
 from core.training.memory import check_fits, parameter_count
 
-LONG = ("To be, or not to be, that is the question: " * 500)[:20_000]
-ODD = "🙂 ünïcödé \u200b\u202e ﷽ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 日本語 \x00 Ω≈ç√∫ \U0010ffff"
-TEXTS = {"empty": "", "blank": " \n\t \n", "long": LONG, "unicode": ODD}
 CORPUS = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
           "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name.\n") * 40
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-def no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def one_error(at, *phrases: str) -> str:
-    """Exactly one error on the page, a sentence holding every phrase (and no echo of 20k characters)."""
-    no_exception(at)
-    errors = texts(at.main.error)
-    assert len(errors) == 1, errors
-    for phrase in phrases:
-        assert phrase in errors[0], errors[0]
-    assert len(errors[0]) < 1000, errors[0][:200]
-    return errors[0]
-
-
-def clean(at) -> None:
-    no_exception(at)
-    assert not at.error, texts(at.error)
-
-
-def limits(widget) -> tuple:
-    """(min, max) of a number input or slider, as the page declared them."""
-    return widget.proto.min, widget.proto.max
-
-
-def tiny_spec(at, folder: Path) -> None:
-    """Point the sidebar at a model folder, as a user does (other…, then a path)."""
-    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
-    at.sidebar.text_input(key="model_other").input(str(folder)).run()
-    clean(at)
-
-
-# -- Home and the model picker ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", list(TEXTS))
-def test_home_model_spec_text_extremes_end_in_one_line_each(name):
-    at = open_app()
-    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
-    at.sidebar.text_input(key="model_other").input(TEXTS[name]).run()
-    no_exception(at)
-    if name in ("empty", "blank"):  # nothing typed: the picker keeps the model it had
-        clean(at)
-        assert [m.value for m in at.metric][:1] == ["4"]
-        return
-    sidebar, page = texts(at.sidebar.error), texts(at.main.error)
-    assert len(sidebar) == 1 and len(page) == 1 and sidebar == page
-    assert len(page[0]) < 1000 and not at.metric  # one sentence, no card of another model
-    at.sidebar.selectbox(key="model_choice").set_value("default").run()
-    clean(at)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_home_every_dtype_loads_the_default_model(dtype):
-    at = open_app()
-    at.sidebar.selectbox(key="model_dtype").set_value(dtype).run()
-    clean(at)
-    facts = at.table[0].value
-    assert facts.loc["dtype"].iloc[0] == dtype
-    assert {m.label: m.value for m in at.metric}["Layers"] == "4"
 
 
 # -- Generate ------------------------------------------------------------------------------------
@@ -216,7 +151,7 @@ def test_generate_all_maxima_at_once_on_a_tiny_model_and_in_compare_mode(tiny_gp
     low = dict(max_new_tokens=1, temperature=0.05, top_k=1, top_p=0.01, min_p=0.0, repetition_penalty=0.05, seed=0,
                n_alternatives=0)
     at = open_app(GEN_PAGE)
-    tiny_spec(at, tiny_gptlab_dir)
+    pick_model(at, tiny_gptlab_dir)
     at.toggle(key="gen_compare").set_value(True).run()
     gen_settings(at, "A", **high)
     gen_settings(at, "B", **low)
@@ -256,7 +191,7 @@ def test_diffusion_controls_at_min_and_max(tiny_diffusion_dir: Path):
     prompt = "ROMEO:"
     room = lm.stack.context_length - len(lm.tokenizer.encode(prompt))
     at = open_app(GEN_PAGE)
-    tiny_spec(at, tiny_diffusion_dir)
+    pick_model(at, tiny_diffusion_dir)
     found = {w.key: limits(w) for w in at.number_input if w.key.startswith("gen_diff_")}
     assert found == {"gen_diff_gen_length": (1, 4096), "gen_diff_steps": (1, 4096), "gen_diff_temperature": (0.0, 10.0),
                      "gen_diff_top_k": (0, 1_000_000), "gen_diff_seed": (0, 2**31 - 1)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from app_harness import chart_data, described_feature_model, open_app, texts
-from conftest import kill_process_groups, leftover_pids
+from tests.conftest import kill_process_groups, leftover_pids
 
 from core.generation.autoregressive import SamplingConfig
 from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
