@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from app_harness import open_app, set_widgets, texts
+from app_harness import open_app, pick_model, set_widgets, texts
 
 from core.commands.cli import main
 from core.commands import generate as generate_cmd
@@ -195,9 +195,7 @@ def test_partial_result_and_state_texts(tiny_diffusion_lm):
 def open_diffusion_page(folder: Path):
     """The Generate page with the diffusion checkpoint picked in the sidebar (other…, then a path)."""
     at = open_app(PAGE)
-    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
-    at.sidebar.text_input(key="model_other").input(str(folder)).run()
-    assert not at.exception and not at.error
+    pick_model(at, folder)
     return at
 
 
