@@ -29,7 +29,7 @@ from core.generation.autoregressive import (GenerationResult, TokenEvent, TokenI
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig, draw_seed
 from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
-from pages.parts.common import current_model, ensure_frame, streamed_into
+from pages.parts.common import current_model, ensure_frame, stream_run
 from pages.parts.generate_diffusion import diffusion_view
 
 RESULTS_KEY = "gen_results"
@@ -145,14 +145,15 @@ def run_stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) 
     """Stream one generation into a live view, refreshing ``record`` after every token."""
     live = st.empty()
     run = AUTOREGRESSIVE.start(lm, prompt, cfg)
-    with streamed_into(record, run, live, OUT_OF_MEMORY):
-        for event in run:
-            if isinstance(event, TokenEvent):
-                record["result"] = run.result
-                with live.container():
-                    st.code(prompt + event.completion, language=None, wrap_lines=True)
-                    st.caption(f"{run.done} / {cfg.max_new_tokens} tokens…")
-        record["result"], record["status"] = run.result, "done"
+
+    def show(event) -> None:
+        if isinstance(event, TokenEvent):
+            record["result"] = run.result
+            with live.container():
+                st.code(prompt + event.completion, language=None, wrap_lines=True)
+                st.caption(f"{run.done} / {cfg.max_new_tokens} tokens…")
+
+    stream_run(record, run, live, OUT_OF_MEMORY, show)
 
 
 def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig], out_columns) -> None:

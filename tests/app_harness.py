@@ -91,6 +91,8 @@ def stop_at_first_progress() -> Iterator[None]:
         ProgressMixin.progress = original
 
 
+
+
 def set_widgets(at: AppTest, prefix: str, **values: Any) -> None:
     """Set each ``prefix + name`` widget to its value, whatever kind of widget holds that key."""
     kinds = (at.number_input, at.toggle, at.slider, at.text_area, at.text_input, at.selectbox, at.multiselect,
@@ -149,3 +151,43 @@ def chart_data(at, title: str):
             (ds,) = chart.proto.datasets
             return pa.ipc.open_stream(io.BytesIO(ds.data.data)).read_all().to_pandas()
     raise KeyError(title)
+
+
+# -- inputs at their extremes, and what a page must answer them with ---------------------------------
+
+LONG = ("To be, or not to be, that is the question: " * 500)[:20_000]
+ODD = "🙂 ünïcödé \u200b\u202e ﷽ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 日本語 \x00 Ω≈ç√∫ \U0010ffff"
+TEXTS = {"empty": "", "blank": " \n\t \n", "long": LONG, "unicode": ODD}  # typed text at its extremes
+
+
+def no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def one_error(at: AppTest, *phrases: str) -> str:
+    """Exactly one error on the page, a sentence holding every phrase (and no echo of 20k characters)."""
+    no_exception(at)
+    errors = texts(at.main.error)
+    assert len(errors) == 1, errors
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+    assert len(errors[0]) < 1000, errors[0][:200]
+    return errors[0]
+
+
+def clean(at: AppTest) -> None:
+    """Neither an exception nor an error on the page."""
+    no_exception(at)
+    assert not at.error, texts(at.error)
+
+
+def limits(widget) -> tuple:
+    """(min, max) of a number input or slider, as the page declared them."""
+    return widget.proto.min, widget.proto.max
+
+
+def pick_model(at: AppTest, folder: Path) -> None:
+    """Point the sidebar at a model folder, as a user does (other…, then a path)."""
+    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
+    at.sidebar.text_input(key="model_other").input(str(folder)).run()
+    clean(at)

@@ -37,47 +37,72 @@ def _hf_tokenizer(folder: Path, vocab_size: int = 300):
     return fast
 
 
+def _tiny_hf_dir(tmp_path_factory, name: str, build) -> Path:
+    """A Hugging Face model folder: the small tokenizer trained here, and ``build(tokenizer)``'s
+    model (seeded, in eval mode) saved beside it."""
+    folder = tmp_path_factory.mktemp(name)
+    tok = _hf_tokenizer(folder)
+    torch.manual_seed(0)
+    build(tok).eval().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = _hf_tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
-    return folder
+    return _tiny_hf_dir(tmp_path_factory, "tiny-gpt2", lambda tok: GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id)))
 
 
 @pytest.fixture(scope="session")
 def tiny_neo_dir(tmp_path_factory) -> Path:
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-neo")
-    tok = _hf_tokenizer(folder)
-    torch.manual_seed(0)
     # window 8 < context 64 so the local layers' sliding window is exercised
-    cfg = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=4,
-                       num_heads=4, attention_types=[[["global", "local"], 2]], window_size=8,
-                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPTNeoForCausalLM(cfg).eval().save_pretrained(folder)
+    return _tiny_hf_dir(tmp_path_factory, "tiny-neo", lambda tok: GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=len(tok), max_position_embeddings=64, hidden_size=32, num_layers=4, num_heads=4,
+        attention_types=[[["global", "local"], 2]], window_size=8, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id)))
+
+
+def _tiny_gptlab_dir(folder: Path, objective: str = "ar") -> Path:
+    """Our own checkpoint format with real (random) weights and a BPE tokenizer trained here:
+    2 layers, width 32, context 64; a diffusion model is bidirectional and knows its mask token."""
+    from core.models.gpt import GPT, GPTConfig
+    from core.models.loading import save_checkpoint
+    from core.models.tokenizer import train_bpe
+
+    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
+    diffusion = objective == "diffusion"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32,
+                          causal=not diffusion, mask_token_id=tok.mask_id if diffusion else None))
+    save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective=objective)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_gptlab_dir(tmp_path_factory) -> Path:
-    """Our own checkpoint format with real (random) weights and a trained BPE tokenizer."""
-    from core.models.gpt import GPT, GPTConfig
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import train_bpe
+    """A tiny autoregressive GPT Lab checkpoint (see ``_tiny_gptlab_dir``)."""
+    return _tiny_gptlab_dir(tmp_path_factory.mktemp("tiny-gptlab"))
 
-    folder = tmp_path_factory.mktemp("tiny-gptlab")
-    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32))
-    save_checkpoint(folder, model, str(folder / "tokenizer.json"))
-    return folder
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_dir(tmp_path_factory) -> Path:
+    """A tiny masked-diffusion GPT Lab checkpoint (see ``_tiny_gptlab_dir``)."""
+    return _tiny_gptlab_dir(tmp_path_factory.mktemp("tiny-diffusion"), objective="diffusion")
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusion_lm(tiny_diffusion_dir):
+    """The tiny diffusion checkpoint loaded, once per test module."""
+    from core.models.loading import load_model
+
+    lm = load_model(str(tiny_diffusion_dir))
+    assert lm.objective == "diffusion"
+    return lm
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +117,18 @@ def text_file(tmp_path_factory) -> Path:
 def cache(tmp_path_factory) -> Path:
     """A token cache folder for a test module's runs (the text is tokenised once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def own_code_model(tmp_path: Path) -> tuple[Path, Path]:
+    """(a model folder whose config names its own Python code, the file that code writes if it
+    ever runs): loading it without trusting remote code must refuse and leave no such file."""
+    folder, marker = tmp_path / "own-code-model", tmp_path / "code-ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "gptlab_custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder, marker
 
 
 def wait_for(predicate, timeout: float = 240.0, every: float = 0.1):

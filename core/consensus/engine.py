@@ -617,6 +617,41 @@ def _runner_for(lm: "LoadedModel", cfg: ConsensusConfig, b: int, T: int) -> tupl
     return _IterationRunner(lm, b, T, cfg, graph=engine == "graph"), lm.stack.n_layer + 2
 
 
+def _start(lm: "LoadedModel", cfg: ConsensusConfig, ids: torch.Tensor,
+           b: int) -> tuple[torch.Tensor, _IterationRunner | None, int]:
+    """Where a run over ``ids`` (``b`` prompts) begins: the weights re-initialised from the seed when
+    the run asks for it, then the embeddings, and the runner with the recorder window it needs."""
+    if cfg.reinit != "none":
+        lm.stack.reinit(cfg.seed)
+    h = _embed(lm, ids)
+    runner, need = _runner_for(lm, cfg, b, ids.shape[1])
+    return h, runner, need
+
+
+def _framed(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig, clock: _Clock, result, t0: float,
+            groups) -> Iterator[ConsensusEvent]:
+    """What every run does around its work: :class:`Started`, then the events of
+    ``groups(lm, under_way)`` (``lm`` the model the run walks, see :func:`_walked_model`;
+    ``under_way`` a list that holds the recorder of the chunk in progress), then :class:`Finished`.
+    A device out of memory becomes a :class:`LabError` carrying the partial result; however the run
+    ends (also stopped mid-chunk) what the device already holds is kept and the run's time is set."""
+    lm = _walked_model(lm, cfg)
+    under_way: list[_Recorder] = []
+    yield Started(_info(lm, plan, cfg, clock.total), result)
+    try:
+        yield from groups(lm, under_way)
+    except _OOM as e:
+        raise _oom_error(e, result) from e
+    finally:
+        if under_way:  # stopped mid-chunk: keep what the device already holds
+            try:
+                under_way[0].flush()
+            except Exception:  # the device may be unusable after a failure; the host copy stands
+                pass
+        result.seconds = time.perf_counter() - t0
+    yield Finished(result)
+
+
 def _walked_model(lm: "LoadedModel", cfg: ConsensusConfig) -> "LoadedModel":
     """The model a run walks: ``lm`` itself, or a private copy when the run re-initialises weights
     and ``lm`` must stay untouched (see the module docstring)."""
@@ -720,7 +755,7 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
         result.steps_done[r] = step
         result.seconds = time.perf_counter() - t0
 
-    def lens(rows):
+    def lens(lm, rows):
         def on_iteration(i, h, s):
             if i in decode_at:
                 texts = [lm.tokenizer.decode(t) for t in _lens_argmax(lm, h)]
@@ -729,29 +764,15 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
                 yield Decoded(i, list(rows), texts)
         return on_iteration
 
-    lm = _walked_model(lm, cfg)
-    rec = None
-    yield Started(_info(lm, plan, cfg, clock.total), result)
-    try:
+    def groups(lm, under_way):
         for g in plan.groups:
-            if cfg.reinit != "none":
-                lm.stack.reinit(cfg.seed)
-            h = _embed(lm, g.ids)
-            runner, need = _runner_for(lm, cfg, len(g.rows), g.ids.shape[1])
-            rec = _Recorder(g.rows, g.ids.shape[1], col_of_step, plan.steps, h.device, cfg, cfg.matrix, window,
-                            sink, at_least=need)
-            yield from _iterate(lm, h, cfg, rec, clock, lens(g.rows), runner)
-            rec = None
-    except _OOM as e:
-        raise _oom_error(e, result) from e
-    finally:
-        if rec is not None:  # stopped mid-chunk: keep what the device already holds
-            try:
-                rec.flush()
-            except Exception:  # the device may be unusable after a failure; the host copy stands
-                pass
-        result.seconds = time.perf_counter() - t0
-    yield Finished(result)
+            h, runner, need = _start(lm, cfg, g.ids, len(g.rows))
+            under_way[:] = [_Recorder(g.rows, g.ids.shape[1], col_of_step, plan.steps, h.device, cfg, cfg.matrix,
+                                      window, sink, at_least=need)]
+            yield from _iterate(lm, h, cfg, under_way[0], clock, lens(lm, g.rows), runner)
+            under_way.clear()
+
+    yield from _framed(lm, plan, cfg, clock, result, t0, groups)
 
 
 def run_consensus(lm: "LoadedModel", prompts: Sequence[PromptLike],
@@ -809,21 +830,15 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
             result.seconds = time.perf_counter() - t0
         return sink
 
-    lm = _walked_model(lm, cfg)
-    rec = None
-    yield Started(_info(lm, plan, cfg, clock.total), result)
-    try:
+    def groups(lm, under_way):
         for g in plan.groups:
             seq = g.ids
             for k in range(K):
-                if cfg.reinit != "none":
-                    lm.stack.reinit(cfg.seed)
-                h = _embed(lm, seq)
-                runner, need = _runner_for(lm, cfg, len(g.rows), seq.shape[1])
-                rec = _Recorder(g.rows, seq.shape[1], col_of_step, plan.steps, h.device, cfg, False, window,
-                                sink_for(k), token=k, at_least=need)
-                h = yield from _iterate(lm, h, cfg, rec, clock, None, runner)
-                rec = None
+                h, runner, need = _start(lm, cfg, seq, len(g.rows))
+                under_way[:] = [_Recorder(g.rows, seq.shape[1], col_of_step, plan.steps, h.device, cfg, False, window,
+                                          sink_for(k), token=k, at_least=need)]
+                h = yield from _iterate(lm, h, cfg, under_way[0], clock, None, runner)
+                under_way.clear()
                 logits = apply_top_p(apply_temperature(_last_logits(lm, h), float(decode.temperature)),
                                      float(decode.top_p))
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)  # (b, 1)
@@ -834,16 +849,8 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                     result.completions[r] = lm.tokenizer.decode(result.new_ids[r])
                     result.texts[r] = lm.tokenizer.decode(plan.token_ids[r] + result.new_ids[r])
                 yield TokenSampled(k, list(g.rows), ids, [lm.tokenizer.decode([t]) for t in ids])
-    except _OOM as e:
-        raise _oom_error(e, result) from e
-    finally:
-        if rec is not None:
-            try:
-                rec.flush()
-            except Exception:
-                pass
-        result.seconds = time.perf_counter() - t0
-    yield Finished(result)
+
+    yield from _framed(lm, plan, cfg, clock, result, t0, groups)
 
 
 def consensus_decode(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig | None = None,

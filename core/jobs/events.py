@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import LabError, one_line
 
@@ -111,10 +111,12 @@ def _tail_lines(folder: str | os.PathLike, tail_bytes: int) -> list[str]:
 def read_events(folder: str | os.PathLike, kind: str | None = None,
                 tail_bytes: int = TAIL_BYTES) -> list[dict]:
     """The events in the last ``tail_bytes`` of the file (all of a small one), oldest first."""
-    return list(_parsed(_tail_lines(folder, tail_bytes), kind))
+    return list(json_objects(_tail_lines(folder, tail_bytes), kind))
 
 
-def _parsed(lines: list[str], kind: str | None) -> Iterator[dict]:
+def json_objects(lines: Iterable[str], kind: str | None = None) -> Iterator[dict]:
+    """The lines that are JSON objects (of that ``kind``, when one is given), in order; any other
+    line (half written, or not JSON) is skipped. Events files and metrics files are read with it."""
     for line in lines:
         try:
             ev = json.loads(line)

@@ -18,12 +18,19 @@ from .config import TrainConfig
 
 
 @dataclass(frozen=True)
-class Recipe:
+class _StepNumbers:
+    """What a recipe sets and a run then trains with: peak learning rate, Adam's betas and eps,
+    weight decay, gradient clipping (global norm)."""
+
     lr: float
     betas: tuple[float, float]
     eps: float
     weight_decay: float
     grad_clip: float
+
+
+@dataclass(frozen=True)
+class Recipe(_StepNumbers):
     min_lr_ratio: float                 # cosine floor as a fraction of the peak
     warmup_steps: int | None = None     # the paper's warmup, in optimizer steps ...
     warmup_tokens: int | None = None    # ... or in tokens
@@ -49,14 +56,9 @@ WARMUP_CAP = 0.05
 
 
 @dataclass(frozen=True)
-class Hyper:
+class Hyper(_StepNumbers):
     """The resolved numbers a run trains with (recipe + explicit overrides)."""
 
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
-    grad_clip: float
     warmup_steps: int
     min_lr_ratio: float
     total_steps: int

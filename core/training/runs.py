@@ -41,7 +41,7 @@ from pathlib import Path
 from ..errors import LabError, first_line
 from ..files import atomic_write_json, atomic_write_text
 from ..jobs import runner
-from ..jobs.events import EventLog, Progress, last_progress
+from ..jobs.events import EventLog, Progress, json_objects, last_progress
 from ..jobs.folder import (COUNT, MARKER_FILE, STATES, STATUS_FILE, STOP_FILE, StatusFile,  # noqa: F401
                            StatusUnreadable, mark, marker_kind, now, read_status_file)
 from ..jobs.lock import FolderLock, acquire
@@ -319,15 +319,7 @@ def read_metrics(run: str | os.PathLike, root: Path | None = None, name: str = "
     path = run_path(run, root) / name
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
+    return list(json_objects(path.read_text(encoding="utf-8", errors="replace").splitlines()))
 
 
 class MetricsFollower:
@@ -352,14 +344,7 @@ class MetricsFollower:
             chunk = fh.read(size - self.offset)
         end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
         self.offset += end
-        new = []
-        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                new.append(row)
+        new = list(json_objects(chunk[:end].decode("utf-8", errors="replace").splitlines()))
         self.rows += new
         return new
 

@@ -8,10 +8,9 @@ Other pages may open a model elsewhere by setting ``st.session_state[SPEC_KEY]``
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import streamlit as st
 
@@ -168,20 +167,23 @@ def status_line(model: LoadedModel | None, error: str | None) -> str:
     return " · ".join(parts)
 
 
-@contextmanager
-def streamed_into(record: dict, events, live, out_of_memory: str) -> Iterator[None]:
-    """Around a loop that streams ``events`` into ``record`` and a ``live`` placeholder: a failure
-    becomes one line in ``record["error"]`` (``out_of_memory`` says what to change when the device
-    ran out), the generator is closed however the loop ends (also on Stop, when Streamlit aborts
-    the script mid-loop), and the live view is cleared once the loop is over."""
+def stream_run(record: dict, run, live, out_of_memory: str, show: Callable[[Any], None]) -> None:
+    """Stream a sampler's ``run`` (core.generation.sampler.Run) into ``record`` and a ``live``
+    placeholder: ``show(event)`` draws each event (refreshing ``record["result"]`` where it needs),
+    and at the end the record holds the run's result, done. A failure becomes one line in
+    ``record["error"]`` (``out_of_memory`` says what to change when the device ran out), the run is
+    closed however the loop ends (also on Stop, when Streamlit aborts the script mid-loop), and the
+    live view is cleared once the loop is over."""
     try:
-        yield
+        for event in run:
+            show(event)
+        record["result"], record["status"] = run.result, "done"
     except LabError as e:
         record["status"], record["error"] = "failed", str(e)
     except Exception as e:  # a bug or the device failing: one line for the user, no traceback
         record["status"], record["error"] = "failed", f"Generation failed: {failure(e, out_of_memory)}"
     finally:
-        events.close()
+        run.close()
     live.empty()
 
 

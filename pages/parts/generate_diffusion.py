@@ -22,7 +22,7 @@ from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, STRATEGIES, Dif
 from core.generation.diffusion import DenoiseStep, DiffusionResult, DiffusionStarted, state_masked
 from core.generation.sampler import Sampler, sampler_for
 from core.models.loading import LoadedModel
-from pages.parts.common import streamed_into
+from pages.parts.common import stream_run
 
 RESULT_KEY = "gen_diff_result"
 RUN_KEY = "gen_diff_run"
@@ -88,17 +88,18 @@ def run_denoise(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionCo
     """Denoise into a live view, refreshing ``record["result"]`` after every step."""
     live = st.empty()
     run = sampler.start(lm, prompt, cfg)
-    with streamed_into(record, run, live, OUT_OF_MEMORY):
-        for event in run:
-            if isinstance(event, DiffusionStarted):
-                record["result"] = run.result
-            elif isinstance(event, DenoiseStep):
-                result = record["result"] = run.result
-                with live.container():
-                    st.html(state_html(lm, result, event.step))
-                    st.caption(f"step {event.step} / {event.total_steps} · "
-                               f"{sum(event.masked)} of {cfg.gen_length} masks left…")
-        record["result"], record["status"] = run.result, "done"
+
+    def show(event) -> None:
+        if isinstance(event, DiffusionStarted):
+            record["result"] = run.result
+        elif isinstance(event, DenoiseStep):
+            result = record["result"] = run.result
+            with live.container():
+                st.html(state_html(lm, result, event.step))
+                st.caption(f"step {event.step} / {event.total_steps} · "
+                           f"{sum(event.masked)} of {cfg.gen_length} masks left…")
+
+    stream_run(record, run, live, OUT_OF_MEMORY, show)
 
 
 def generate(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionConfig) -> None:

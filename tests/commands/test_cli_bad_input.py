@@ -5,7 +5,6 @@ unless given, and warns when it is."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -264,12 +263,8 @@ def test_validate_passes_the_flag_on(monkeypatch, capsys):
     assert seen["trust_remote_code"] is False
 
 
-def test_a_model_with_its_own_code_is_refused_without_running_it(tmp_path, capsys):
-    folder, marker = tmp_path / "custom-model", tmp_path / "code-ran"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "gptlab_custom_test", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
-    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+def test_a_model_with_its_own_code_is_refused_without_running_it(own_code_model, capsys):
+    folder, marker = own_code_model
     assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "ships its own Python code" in line and "--trust-remote-code" in line

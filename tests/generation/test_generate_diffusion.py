@@ -9,9 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from app_harness import open_app, set_widgets, texts
-from conftest import CORPUS
+from app_harness import open_app, pick_model, set_widgets, texts
 
 from core.commands.cli import main
 from core.commands import generate as generate_cmd
@@ -25,30 +23,6 @@ from core.generation.diffusion import (DenoiseStep, DiffusionConfig, DiffusionSt
 PAGE = "pages/generate.py"
 PROMPT = "ROMEO:\nBut soft"
 GLYPH = generate_cmd.MASK_GLYPH
-
-
-@pytest.fixture(scope="module")
-def diff_dir(tmp_path_factory) -> Path:
-    """A tiny bidirectional GPT saved as a GPT Lab diffusion checkpoint (context 64)."""
-    from core.models.gpt import GPT, GPTConfig
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import train_bpe
-
-    folder = tmp_path_factory.mktemp("tiny-diffusion")
-    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
-    assert tok.mask_id is not None
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
-                          mask_token_id=tok.mask_id))
-    save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective="diffusion")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def diff_lm(diff_dir):
-    lm = load_model(str(diff_dir))
-    assert lm.objective == "diffusion"
-    return lm
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -65,10 +39,10 @@ def no_mask_left(lm, result) -> None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 
-def test_cli_picks_the_diffusion_sampler_and_prints_its_result(capsys, diff_dir, diff_lm):
-    expected = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=12, steps=4, seed=3))
-    no_mask_left(diff_lm, expected)
-    rc, out, err = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", 12,
+def test_cli_picks_the_diffusion_sampler_and_prints_its_result(capsys, tiny_diffusion_dir, tiny_diffusion_lm):
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=12, steps=4, seed=3))
+    no_mask_left(tiny_diffusion_lm, expected)
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 12,
                            "--diffusion-steps", 4, "--seed", 3)
     assert rc == 0
     assert out == expected.text + "\n"
@@ -76,25 +50,25 @@ def test_cli_picks_the_diffusion_sampler_and_prints_its_result(capsys, diff_dir,
     assert "[12 tokens in 4 denoising steps" in err and "confidence unmasking, temperature 0; seed 3" in err
     assert "note:" not in err
     # --gen-length defaults to --max-new-tokens
-    rc, out2, _ = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, "--max-new-tokens", 12,
+    rc, out2, _ = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--max-new-tokens", 12,
                           "--diffusion-steps", 4, "--seed", 3)
     assert rc == 0 and out2 == out
 
 
-def test_cli_same_seed_same_text_when_sampling(capsys, diff_dir, diff_lm):
-    argv = ["generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", 10, "--diffusion-steps", 5,
+def test_cli_same_seed_same_text_when_sampling(capsys, tiny_diffusion_dir, tiny_diffusion_lm):
+    argv = ["generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 10, "--diffusion-steps", 5,
             "--unmask", "random", "--temperature", 1.0, "--top-k", 40]
     runs = [run_cli(capsys, *argv, "--seed", seed)[1] for seed in (5, 5, 6)]
-    expected = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=10, steps=5, strategy="random",
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=10, steps=5, strategy="random",
                                                               temperature=1.0, top_k=40, seed=5))
     assert runs[0] == runs[1] == expected.text + "\n"
     assert runs[2] != runs[0]  # 10 tokens sampled from ~320 with another seed
 
 
-def test_cli_stream_prints_every_denoising_state_on_its_own_line(capsys, diff_dir, diff_lm):
+def test_cli_stream_prints_every_denoising_state_on_its_own_line(capsys, tiny_diffusion_dir, tiny_diffusion_lm):
     L, steps = 12, 4
-    result = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=L, steps=steps, seed=1))
-    rc, out, _ = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", L,
+    result = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=L, steps=steps, seed=1))
+    rc, out, _ = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", L,
                          "--diffusion-steps", steps, "--seed", 1, "--stream")
     assert rc == 0
     assert out.endswith("\n" + result.text + "\n")  # the plain result comes last
@@ -106,20 +80,20 @@ def test_cli_stream_prints_every_denoising_state_on_its_own_line(capsys, diff_di
     for k, (line, count) in enumerate(zip(lines, unmask_schedule(L, steps)), start=1):
         prefix = f"[{k}/{steps}] "
         assert line.startswith(prefix + shown_prompt)
-        state = PROMPT + render(diff_lm.tokenizer, result.states[k][P:], state_masked(result, k), GLYPH)
+        state = PROMPT + render(tiny_diffusion_lm.tokenizer, result.states[k][P:], state_masked(result, k), GLYPH)
         assert line == prefix + generate_cmd.one_line(state)
         masks_left -= count
         assert sum(state_masked(result, k)) == masks_left == state.count(GLYPH)
     assert GLYPH not in lines[-1] and masks_left == 0
 
 
-def test_cli_json_holds_every_state(capsys, tmp_path, diff_dir, diff_lm):
+def test_cli_json_holds_every_state(capsys, tmp_path, tiny_diffusion_dir, tiny_diffusion_lm):
     target = tmp_path / "out.json"
-    rc, out, err = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", 8,
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 8,
                            "--diffusion-steps", 8, "--seed", 2, "--json", target)
     assert rc == 0 and f"wrote {target} (all 9 states)" in err
     saved = json.loads(target.read_text())
-    expected = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=8, steps=8, seed=2))
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=8, steps=8, seed=2))
     assert saved["text"] + "\n" == out and saved["completion_ids"] == expected.completion_ids
     assert saved["states"] == expected.states and len(saved["states"]) == 9
     P, mask = len(saved["prompt_ids"]), saved["mask_id"]
@@ -131,8 +105,8 @@ def test_cli_json_holds_every_state(capsys, tmp_path, diff_dir, diff_lm):
     assert saved["settings"]["seed"] == 2 and saved["settings"]["strategy"] == "confidence"
 
 
-def test_cli_interrupt_writes_the_states_so_far(capsys, monkeypatch, tmp_path, diff_dir, diff_lm):
-    full = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=12, steps=6, seed=4))
+def test_cli_interrupt_writes_the_states_so_far(capsys, monkeypatch, tmp_path, tiny_diffusion_dir, tiny_diffusion_lm):
+    full = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=12, steps=6, seed=4))
     real = diff.stream
 
     def interrupted_after_two_steps(lm, prompt, cfg):
@@ -143,7 +117,7 @@ def test_cli_interrupt_writes_the_states_so_far(capsys, monkeypatch, tmp_path, d
 
     monkeypatch.setattr(diff, "stream", interrupted_after_two_steps)
     target = tmp_path / "partial.json"
-    rc, out, err = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", 12,
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 12,
                            "--diffusion-steps", 6, "--seed", 4, "--stream", "--json", target)
     assert rc == 130 and "wrote the 2 denoising steps done so far" in err
     assert len(out.splitlines()) == 2
@@ -152,15 +126,16 @@ def test_cli_interrupt_writes_the_states_so_far(capsys, monkeypatch, tmp_path, d
     assert saved["completion"].count("[MASK]") == 12 - 4 and saved["settings"]["seed"] == 4
 
 
-def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, diff_dir, diff_lm, tiny_gptlab_dir):
-    base = ["generate", "--model", diff_dir, "--prompt", PROMPT, "--gen-length", 6, "--diffusion-steps", 3,
+def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, tiny_diffusion_dir, tiny_diffusion_lm,
+                                                                      tiny_gptlab_dir):
+    base = ["generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 6, "--diffusion-steps", 3,
             "--seed", 0]
     _, plain, _ = run_cli(capsys, *base)
     rc, out, err = run_cli(capsys, *base, "--top-p", 0.5, "--num-beams", 2, "--stop", "x", "--top-k", 5)
     assert rc == 0 and out == plain
     notes = [ln for ln in err.splitlines() if ln.startswith("note:")]
-    assert notes == [f"note: {diff_lm.name} is a diffusion model; its sampler ignores --top-p, --num-beams, --stop, "
-                     f"--top-k (it applies only with --temperature above 0)."]
+    assert notes == [f"note: {tiny_diffusion_lm.name} is a diffusion model; its sampler ignores --top-p, --num-beams, "
+                     f"--stop, --top-k (it applies only with --temperature above 0)."]
     # temperature 0 is the diffusion default, and --greedy says the same
     rc, out, err = run_cli(capsys, *base, "--temperature", 0, "--greedy")
     assert rc == 0 and out == plain and "note:" not in err
@@ -187,8 +162,8 @@ def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, dif
     (["--unmask", "left"], "invalid choice"),
     (["--prompt", ""], "prompt is empty"),
 ])
-def test_bad_diffusion_inputs_exit_2_with_one_line(capsys, diff_dir, argv, message):
-    rc, out, err = run_cli(capsys, "generate", "--model", diff_dir, "--prompt", PROMPT, *argv)
+def test_bad_diffusion_inputs_exit_2_with_one_line(capsys, tiny_diffusion_dir, argv, message):
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, *argv)
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert "Traceback" not in err and lines[-1].startswith("error: ") and message in lines[-1], err
@@ -198,31 +173,29 @@ def test_cli_strategies_match_the_sampler():
     assert generate_cmd.STRATEGIES == diff.STRATEGIES
 
 
-def test_partial_result_and_state_texts(diff_lm):
+def test_partial_result_and_state_texts(tiny_diffusion_lm):
     cfg = DiffusionConfig(gen_length=9, steps=3, seed=7)
-    events = list(diff.stream(diff_lm, PROMPT, cfg))
+    events = list(diff.stream(tiny_diffusion_lm, PROMPT, cfg))
     started = events[0]
     steps = [e for e in events if isinstance(e, DenoiseStep)]
     full = events[-1].result
     assert isinstance(started, DiffusionStarted)
-    part = partial_result(diff_lm, PROMPT, cfg, started, steps[:1], 0.5)
+    part = partial_result(tiny_diffusion_lm, PROMPT, cfg, started, steps[:1], 0.5)
     assert part.states == full.states[:2] and part.steps == 3 and part.seconds == 0.5
     assert part.reveal_step == [r if r == 1 else 0 for r in full.reveal_step]
     assert part.completion == steps[0].text and part.completion.count("[MASK]") == 6
-    assert state_texts(diff_lm.tokenizer, full) == ["[MASK]" * 9] + [s.text for s in steps]
-    whole = partial_result(diff_lm, PROMPT, cfg, started, steps, 1.0)
+    assert state_texts(tiny_diffusion_lm.tokenizer, full) == ["[MASK]" * 9] + [s.text for s in steps]
+    whole = partial_result(tiny_diffusion_lm, PROMPT, cfg, started, steps, 1.0)
     assert whole.states == full.states and whole.completion == full.completion
-    assert result_json(diff_lm.tokenizer, part, stopped=True)["stopped"] is True
+    assert result_json(tiny_diffusion_lm.tokenizer, part, stopped=True)["stopped"] is True
 
 
 # -- the Generate page ----------------------------------------------------------------------------
 
-def open_diffusion_page(diff_dir: Path):
+def open_diffusion_page(folder: Path):
     """The Generate page with the diffusion checkpoint picked in the sidebar (other…, then a path)."""
     at = open_app(PAGE)
-    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
-    at.sidebar.text_input(key="model_other").input(str(diff_dir)).run()
-    assert not at.exception and not at.error
+    pick_model(at, folder)
     return at
 
 
@@ -245,10 +218,10 @@ def state_view(at) -> str:
     return next(b for b in page_html(at) if "white-space:pre-wrap" in b)
 
 
-def test_page_switches_to_diffusion_controls_denoises_and_replays(monkeypatch, diff_dir, diff_lm):
+def test_page_switches_to_diffusion_controls_denoises_and_replays(monkeypatch, tiny_diffusion_dir, tiny_diffusion_lm):
     import pages.parts.generate_diffusion as view
 
-    at = open_diffusion_page(diff_dir)
+    at = open_diffusion_page(tiny_diffusion_dir)
     keys = {w.key for w in [*at.number_input, *at.selectbox, *at.toggle]}
     assert {"gen_diff_gen_length", "gen_diff_steps", "gen_diff_unmask", "gen_diff_temperature", "gen_diff_top_k",
             "gen_diff_seed"} <= keys
@@ -269,7 +242,7 @@ def test_page_switches_to_diffusion_controls_denoises_and_replays(monkeypatch, d
     assert not at.exception and not at.error
     assert live_states == [1, 2, 3, 4, 4]  # one live frame per step, then the replay view at the end
 
-    expected = diff.generate(diff_lm, PROMPT, DiffusionConfig(gen_length=12, steps=4, seed=3))
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(gen_length=12, steps=4, seed=3))
     assert texts(at.code) == [expected.text]
     assert "[MASK]" not in texts(at.code)[0]
     m = {x.label: x.value for x in at.metric}
@@ -297,8 +270,8 @@ def test_page_switches_to_diffusion_controls_denoises_and_replays(monkeypatch, d
     ("", {}, "prompt is empty"),
     (PROMPT, {"gen_length": 100}, "ask for at most"),
 ])
-def test_page_bad_input_shows_error_and_keeps_the_earlier_result(diff_dir, prompt, controls, message):
-    at = open_diffusion_page(diff_dir)
+def test_page_bad_input_shows_error_and_keeps_the_earlier_result(tiny_diffusion_dir, prompt, controls, message):
+    at = open_diffusion_page(tiny_diffusion_dir)
     set_diffusion(at, gen_length=6, steps=3, seed=0)
     click_generate(at)
     earlier = texts(at.code)
@@ -311,15 +284,15 @@ def test_page_bad_input_shows_error_and_keeps_the_earlier_result(diff_dir, promp
     assert texts(at.code) == earlier
 
 
-def test_page_stop_keeps_the_states_so_far(diff_dir, diff_lm):
+def test_page_stop_keeps_the_states_so_far(tiny_diffusion_dir, tiny_diffusion_lm):
     cfg = DiffusionConfig(gen_length=12, steps=4, seed=5)
-    events = diff.stream(diff_lm, PROMPT, cfg)
+    events = diff.stream(tiny_diffusion_lm, PROMPT, cfg)
     started = next(events)
     steps = [next(events), next(events)]
     events.close()
-    partial = partial_result(diff_lm, PROMPT, cfg, started, steps, 0.1)
+    partial = partial_result(tiny_diffusion_lm, PROMPT, cfg, started, steps, 0.1)
     record = {"status": "running", "result": partial, "error": None, "run": 1}
-    at = open_app(PAGE, state={"model_spec": str(diff_dir), "gen_diff_result": record, "gen_diff_run": 1})
+    at = open_app(PAGE, state={"model_spec": str(tiny_diffusion_dir), "gen_diff_result": record, "gen_diff_run": 1})
     at.button(key="gen_diff_stop").click().run()
     assert not at.exception and not at.error
     assert at.session_state["gen_diff_result"]["status"] == "stopped"
@@ -332,12 +305,12 @@ def test_page_stop_keeps_the_states_so_far(diff_dir, diff_lm):
     assert not at.info
 
 
-def test_page_failure_is_one_line_and_autoregressive_mode_comes_back(monkeypatch, diff_dir):
+def test_page_failure_is_one_line_and_autoregressive_mode_comes_back(monkeypatch, tiny_diffusion_dir):
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
         yield  # pragma: no cover
 
-    at = open_diffusion_page(diff_dir)
+    at = open_diffusion_page(tiny_diffusion_dir)
     monkeypatch.setattr(diff, "stream", broken)
     set_diffusion(at, gen_length=6, steps=3)
     click_generate(at)

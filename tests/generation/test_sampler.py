@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS
 
 from core.errors import LabError
 from core.generation import autoregressive as ar
@@ -20,48 +19,33 @@ def ar_lm(tiny_gptlab_dir):
     return load_model(str(tiny_gptlab_dir))
 
 
-@pytest.fixture(scope="module")
-def diff_lm(tmp_path_factory):
-    from core.models.gpt import GPT, GPTConfig
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import train_bpe
-
-    folder = tmp_path_factory.mktemp("sampler-diffusion")
-    tok = train_bpe([CORPUS], 320, folder / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, d_model=16, causal=False,
-                          mask_token_id=tok.mask_id))
-    save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective="diffusion")
-    return load_model(str(folder))
-
-
-def test_the_objective_picks_the_sampler(ar_lm, diff_lm):
+def test_the_objective_picks_the_sampler(ar_lm, tiny_diffusion_lm):
     assert sampler_for(ar_lm) is AUTOREGRESSIVE and sampler_for(ar_lm).mask_id is None
-    d = sampler_for(diff_lm)
-    assert d.name == DIFFUSION.name and d.denoises and d.mask_id == diff_lm.tokenizer.mask_id
+    d = sampler_for(tiny_diffusion_lm)
+    assert d.name == DIFFUSION.name and d.denoises and d.mask_id == tiny_diffusion_lm.tokenizer.mask_id
     assert (d.config_type, AUTOREGRESSIVE.config_type) == (DiffusionConfig, SamplingConfig)
     with pytest.raises(LabError, match="No sampler knows models trained with the objective 'telepathy'"):
         sampler_name("telepathy")
     with pytest.raises(LabError, match="is a diffusion model; sample it with core.generation.sampler.sampler_for"):
-        next(ar.stream(diff_lm, PROMPT, SamplingConfig()))
+        next(ar.stream(tiny_diffusion_lm, PROMPT, SamplingConfig()))
     with pytest.raises(LabError, match="is an autoregressive model"):
         next(diff.stream(ar_lm, PROMPT, DiffusionConfig()))
 
 
-def test_shared_settings_become_each_samplers_config(ar_lm, diff_lm):
+def test_shared_settings_become_each_samplers_config(ar_lm, tiny_diffusion_lm):
     a = sampler_for(ar_lm).settings(7, greedy=True, seed=3, steps=99, n_alternatives=0)
     assert a == SamplingConfig(max_new_tokens=7, greedy=True, seed=3, n_alternatives=0)
-    d = sampler_for(diff_lm).settings(7, greedy=True, temperature=0.9, seed=3, steps=5)
+    d = sampler_for(tiny_diffusion_lm).settings(7, greedy=True, temperature=0.9, seed=3, steps=5)
     assert d == DiffusionConfig(gen_length=7, steps=5, temperature=0.0, seed=3)
-    assert sampler_for(diff_lm).settings(7, temperature=0.9).temperature == 0.9
-    assert sampler_for(diff_lm).settings(7).steps == DiffusionConfig.steps  # None keeps the config's default
+    assert sampler_for(tiny_diffusion_lm).settings(7, temperature=0.9).temperature == 0.9
+    assert sampler_for(tiny_diffusion_lm).settings(7).steps == DiffusionConfig.steps  # None keeps the config's default
     with pytest.raises(LabError, match="at least 1"):
         sampler_for(ar_lm).settings(0)
 
 
 @pytest.mark.parametrize("which", ["ar", "diffusion"])
-def test_a_run_stopped_early_keeps_a_partial_result_the_finished_one_agrees(ar_lm, diff_lm, which):
-    lm = ar_lm if which == "ar" else diff_lm
+def test_a_run_stopped_early_keeps_a_partial_result_the_finished_one_agrees(ar_lm, tiny_diffusion_lm, which):
+    lm = ar_lm if which == "ar" else tiny_diffusion_lm
     sampler = sampler_for(lm)
     cfg = sampler.settings(6, greedy=True, seed=1, steps=6)
     run = sampler.start(lm, PROMPT, cfg)
@@ -82,8 +66,8 @@ def test_a_run_stopped_early_keeps_a_partial_result_the_finished_one_agrees(ar_l
 
 
 @pytest.mark.parametrize("which", ["ar", "diffusion"])
-def test_reads_says_which_position_predicted_each_token(ar_lm, diff_lm, which):
-    lm = ar_lm if which == "ar" else diff_lm
+def test_reads_says_which_position_predicted_each_token(ar_lm, tiny_diffusion_lm, which):
+    lm = ar_lm if which == "ar" else tiny_diffusion_lm
     sampler = sampler_for(lm)
     result = sampler.generate(lm, PROMPT, sampler.settings(4, greedy=True, steps=4))
     prompt_ids, new = sampler.token_ids(lm, result)

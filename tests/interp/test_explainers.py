@@ -116,13 +116,8 @@ def test_the_explainer_passes_trust_remote_code_explicitly(tiny_gpt2_dir, monkey
     assert all(value is trust for _, value in seen), seen
 
 
-def test_an_explainer_with_its_own_code_is_refused_without_running_it(tmp_path):
-    folder = tmp_path / "custom"
-    folder.mkdir()
-    marker = tmp_path / "ran"
-    (folder / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
-                                        '"configuration_custom.CustomConfig"}}')
-    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+def test_an_explainer_with_its_own_code_is_refused_without_running_it(own_code_model):
+    folder, marker = own_code_model
     with pytest.raises(LabError, match="ships its own Python code.*--trust-remote-code"):
         load_explainer(str(folder))
     assert not marker.exists()

@@ -305,21 +305,13 @@ def test_reference_model_flags_map_to_checkpoints(tmp_path, tiny_gptlab_dir):
         resolve_reference_model(str(run), "state_step000500.pt")
 
 
-def test_diffusion_models_work_end_to_end(tiny_gptlab_dir, tmp_path):
+def test_diffusion_models_work_end_to_end(tiny_diffusion_dir):
     """A bidirectional masked-diffusion model: trained on masked inputs, explained from its first
     denoising state."""
-    from core.models.gpt import GPT, GPTConfig
     from core.interp import CompletionExplained, explain_completion
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import BPETokenizer
     from core.generation.diffusion import DiffusionConfig
 
-    tok = BPETokenizer(tiny_gptlab_dir / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
-                          mask_token_id=tok.mask_id))
-    save_checkpoint(tmp_path / "dm", model, str(tiny_gptlab_dir / "tokenizer.json"), objective="diffusion")
-    dm = load_model(str(tmp_path / "dm"))
+    dm = load_model(str(tiny_diffusion_dir))
     corpus = corpus_from_texts(dm, TEXTS)
     tset = run_to_end(train_transcoders(dm, TranscoderTrainConfig(**{**FAST, "steps": 20}), corpus=corpus))
     q = tset.metrics["layers"]["0"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, kill_process_groups, leftover_pids, wait_for
+from tests.conftest import CORPUS, kill_process_groups, leftover_pids, wait_for
 
 from core.commands import cli
 from core.commands import runs as runs_cmd

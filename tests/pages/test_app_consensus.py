@@ -1,27 +1,31 @@
 """The Consensus page, driven through app.py with AppTest (see app_harness.py), on the shipped
-untrained default model (4 layers, width 256)."""
+untrained default model (4 layers, width 256).
+
+At the end every number input goes to its minimum and its maximum, text goes in empty, blank, very
+long and in odd Unicode, and Run is pressed: the page shows no exception, an impossible input gets
+one st.error saying what to change, and the runs already on screen stay. Where a maximum is long by
+nature (10 million iterations or simulation steps) the run is started and stopped."""
 from __future__ import annotations
 
 import io
 import json
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from app_harness import open_app, stop_at_first_progress, texts
+from app_harness import (LONG, ODD, TEXTS, clean, limits, no_exception, one_error, open_app, set_widgets,
+                         stop_at_first_progress, texts)
 
 from core.consensus.engine import ConsensusConfig, Progress, Started, consensus_stream, run_consensus
-from core.models.loading import load_model
 from core.consensus.simulation import SimulationConfig, run_simulation
+from core.errors import LabError
 
 PAGE = "pages/consensus.py"
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft!"]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("default")
 
 
 def npy(files: dict[str, bytes], name: str) -> np.ndarray:
@@ -38,26 +42,23 @@ def charts(at) -> list[tuple[dict, pd.DataFrame]]:
     return out
 
 
-def page(mode: str | None = None):
-    at = open_app(PAGE)
+def page(mode: str | None = None, model: Path | None = None):
+    at = open_app(PAGE, state={"model_spec": str(model)} if model else None)
     if mode is not None:
         at.radio(key="cons_mode").set_value(mode).run()
     return at
 
 
-def clean(at) -> None:
-    assert not at.exception, at.exception
-    assert not at.error, texts(at.error)
-
-
-def run(at):
-    at.button(key="cons_run").click().run()
-    return at
+def run(at, **values):
+    """Set controls (by full key) and press Run, in one script run as a browser sends them."""
+    set_widgets(at, "", **values)
+    at.button(key="cons_run").click()
+    return at.run()
 
 
 # -- consensus runs ------------------------------------------------------------------------------
 
-def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(lm, downloads):
+def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(default_lm, downloads):
     at = page()
     at.text_area(key="cons_prompts").input("\n".join(PROMPTS))
     at.number_input(key="cons_iterations").set_value(2)
@@ -65,7 +66,7 @@ def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(lm, downl
     at.text_input(key="cons_decode").input("0,1")
     run(at)
     clean(at)
-    expected = run_consensus(lm, PROMPTS, ConsensusConfig(iterations=2, matrix=True, decode_iterations=(0, 1)))
+    expected = run_consensus(default_lm, PROMPTS, ConsensusConfig(iterations=2, matrix=True, decode_iterations=(0, 1)))
     B, P = expected.metric.shape
     assert (B, P) == (2, 9)  # 2 iterations x 4 blocks + the embeddings
 
@@ -106,7 +107,7 @@ def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(lm, downl
     assert downloads["consensus_chart.png"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_random_prompts_run(lm):
+def test_random_prompts_run(default_lm):
     at = page()
     at.radio(key="cons_source").set_value("random").run()
     at.number_input(key="cons_rand_n").set_value(3)
@@ -119,7 +120,7 @@ def test_random_prompts_run(lm):
     assert data["prompt"].nunique() == 3 and len(data) == 3 * 5
 
 
-def test_skip_mlp_and_overlay_of_two_runs(lm):
+def test_skip_mlp_and_overlay_of_two_runs(default_lm):
     at = page()
     at.text_area(key="cons_prompts").input(PROMPTS[0])
     at.number_input(key="cons_iterations").set_value(2)
@@ -132,7 +133,7 @@ def test_skip_mlp_and_overlay_of_two_runs(lm):
     assert set(over["run"]) == {"default N=2", "default N=2 noff"}
     with_mlp = over[over["run"] == "default N=2"]["value"].to_numpy()
     without = over[over["run"] == "default N=2 noff"]["value"].to_numpy()
-    expected = run_consensus(lm, PROMPTS[:1], ConsensusConfig(iterations=2, skip_mlp=True)).metric[0]
+    expected = run_consensus(default_lm, PROMPTS[:1], ConsensusConfig(iterations=2, skip_mlp=True)).metric[0]
     np.testing.assert_allclose(without, expected, atol=1e-6)
     assert not np.allclose(with_mlp, without)
     # the same settings again get their own label; clearing empties the list
@@ -247,9 +248,9 @@ def test_memory_estimate_offers_record_every():
     assert not at.error and not at.get("vega_lite_chart")  # set, not started
 
 
-def test_stopped_run_stays_on_screen_and_downloadable(lm, downloads):
+def test_stopped_run_stays_on_screen_and_downloadable(default_lm, downloads):
     """Stop reruns the script mid-loop; the run's live record (set at Started) is archived as stopped."""
-    events = consensus_stream(lm, PROMPTS[:1], ConsensusConfig(iterations=5, max_events=5))
+    events = consensus_stream(default_lm, PROMPTS[:1], ConsensusConfig(iterations=5, max_events=5))
     started = next(events)
     assert isinstance(started, Started)
     for ev in events:
@@ -313,3 +314,290 @@ def test_out_of_memory_mid_run_keeps_the_partial_run(monkeypatch, downloads):
     assert any(w.startswith("Failed after 2 of 12 layer-steps") for w in texts(at.warning))
     assert npy(downloads, "consensus.npy").shape == (1, 3)  # the embeddings and two blocks
     assert np.isfinite(npy(downloads, "consensus.npy")).all()
+
+
+# -- every control at its extremes ------------------------------------------------------------------
+
+def runs_in(at) -> list[dict]:
+    return at.session_state["cons_runs"] if "cons_runs" in at.session_state else []
+
+
+def test_consensus_widget_limits_are_the_ones_tested():
+    at = page()
+    at.radio(key="cons_source").set_value("random").run()
+    found = {w.key: limits(w) for w in at.number_input}
+    assert found == {"cons_rand_n": (1, 1024), "cons_rand_len": (1, 100_000), "cons_iterations": (1, 10_000_000),
+                     "cons_seed": (0, 2**31 - 1), "cons_record_every": (1, 10_000_000)}
+    at.radio(key="cons_mode").set_value("Consensus decoding").run()
+    found = {w.key: limits(w) for w in [*at.number_input, *at.slider] if w.key.startswith("cons_")}
+    assert found["cons_new_tokens"] == (1, 100_000) and found["cons_temperature"] == (0.0, 10.0)
+    assert found["cons_top_p"] == (0.01, 1.0)
+    at.radio(key="cons_mode").set_value("Simulation").run()
+    found = {w.key: limits(w) for w in at.number_input}
+    assert found == {"sim_tokens": (2, 4096), "sim_dim": (2, 4096), "sim_dt": (0.0, 100.0),
+                     "sim_beta": (-1000.0, 1000.0), "sim_steps": (1, 10_000_000), "sim_inits": (1, 1024),
+                     "sim_seed": (0, 2**31 - 1), "sim_record_every": (1, 10_000_000)}
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_consensus_prompt_text_extremes(name, downloads):
+    """With the real vl-convert: a prompt holding a NUL used to abort the whole process when its
+    chart was rendered to PNG for the download button."""
+    at = page()
+    run(at, cons_prompts=TEXTS[name], cons_iterations=1)
+    if name in ("empty", "blank"):
+        one_error(at, "No prompts")
+        assert not runs_in(at)
+    elif name == "long":
+        one_error(at, "beyond the model's context of 256", "shorten it")
+        assert not runs_in(at)
+    else:
+        clean(at)
+        (record,) = runs_in(at)
+        assert record["status"] == "finished" and record["result"].prompts == [ODD]
+        assert downloads["consensus_chart.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_consensus_run_controls_at_their_extremes(fast_png):
+    at = page()
+    # every re-initialisation, at the smallest and the largest seed, one iteration each
+    for reinit in ("none", "once", "iteration", "block"):
+        for seed in (0, 2**31 - 1):
+            run(at, cons_prompts="To be, or not to be", cons_iterations=1, cons_reinit=reinit, cons_seed=seed,
+                     cons_record_every=1)
+            clean(at)
+    assert [r["status"] for r in runs_in(at)] == ["finished"] * 8
+    # record every k at its maximum: the embeddings and the last layer-step only
+    run(at, cons_reinit="none", cons_iterations=3, cons_record_every=10_000_000)
+    clean(at)
+    assert runs_in(at)[-1]["result"].steps.tolist() == [0, 12]
+    # decode iterations: empty, junk (echoed short), out of range, odd unicode digits
+    run(at, cons_decode="")
+    clean(at)
+    run(at, cons_decode="9" * 20_000 + "x")
+    one_error(at, "comma-separated whole numbers like 0,4,9")
+    run(at, cons_decode=ODD)
+    one_error(at, "comma-separated whole numbers like 0,4,9")
+    run(at, cons_decode="0,2,3")
+    one_error(at, "outside 0..2")
+    run(at, cons_decode=" \t")
+    clean(at)
+
+
+def test_consensus_random_prompts_at_their_extremes(fast_png):
+    at = page()
+    at.radio(key="cons_source").set_value("random").run()
+    run(at, cons_rand_n=1024, cons_rand_len=100_000, cons_iterations=1)
+    one_error(at, "exceed the model's context of 256 tokens", "ask for at most 256")
+    assert not runs_in(at)
+    run(at, cons_rand_n=1, cons_rand_len=1, cons_iterations=1)
+    clean(at)
+    run(at, cons_rand_n=1024, cons_rand_len=2, cons_iterations=1)
+    clean(at)
+    run(at, cons_rand_n=1, cons_rand_len=256, cons_iterations=1)
+    clean(at)
+    done = runs_in(at)
+    assert [len(r["result"].prompts) for r in done] == [1, 1024, 1]
+    assert [r["result"].lengths[0] for r in done] == [1, 2, 256]
+
+
+# Characters in a chart's text that make vl-convert panic, which aborts the whole process (found here:
+# a prompt holding a NUL took the server down when its chart was rendered for download).
+VL_CONVERT_ABORTS_ON = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+@pytest.fixture
+def fast_png(monkeypatch, downloads) -> list[str]:
+    """Every download made as if clicked (see ``downloads``), with vl-convert's PNG rendering (about
+    a second a chart) replaced by a check that the spec it would get holds nothing that makes it
+    abort the process; the real renderer runs in the Unicode prompt test. Returns the specs seen,
+    as JSON."""
+    import vl_convert
+
+    seen: list[str] = []
+
+    def check(spec, scale=1, **kw):
+        text = json.dumps(spec, ensure_ascii=False) if not isinstance(spec, str) else spec
+        assert not VL_CONVERT_ABORTS_ON.search(text)
+        seen.append(text)
+        return b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(vl_convert, "vegalite_to_png", check)
+    return seen
+
+
+def test_consensus_ten_million_iterations_start_and_stop(fast_png, tiny_gptlab_dir: Path):
+    at = page(model=tiny_gptlab_dir)
+    t0 = time.monotonic()
+    with stop_at_first_progress():
+        run(at, cons_prompts="To be, or not to be", cons_iterations=10_000_000, cons_record_every=10_000_000)
+    at.run()
+    clean(at)
+    assert time.monotonic() - t0 < 60
+    (record,) = runs_in(at)
+    total = 10_000_000 * 2
+    assert record["status"] == "stopped"
+    done = int(record["result"].steps_done.max())
+    assert 0 < done < total
+    assert any(w.startswith(f"Stopped after {done:,} of {total:,} layer-steps") for w in texts(at.warning))
+
+
+def test_consensus_decoding_controls_at_their_extremes(fast_png):
+    at = page("Consensus decoding")
+    run(at, cons_prompts="To be", cons_iterations=1, cons_new_tokens=100_000)
+    one_error(at, "beyond the model's context of 256", "ask for fewer new tokens")
+    run(at, cons_new_tokens=1, cons_top_p=0.01, cons_temperature=0.0)
+    one_error(at, "temperature must be above 0")
+    assert not runs_in(at)
+    run(at, cons_new_tokens=1, cons_top_p=0.01, cons_temperature=10.0)
+    clean(at)
+    run(at, cons_new_tokens=2, cons_top_p=1.0, cons_temperature=0.05)
+    clean(at)
+    done = runs_in(at)
+    assert [r["status"] for r in done] == ["finished", "finished"]
+    assert [r["result"].tokens_done for r in done] == [1, 2]
+
+
+def test_simulation_controls_at_their_extremes(fast_png):
+    at = page("Simulation")
+    small = dict(sim_tokens=3, sim_dim=2, sim_steps=3, sim_inits=1, sim_record_every=1, sim_dt=0.1, sim_beta=1.0)
+    run(at, **{**small, "sim_dt": 0.0})
+    one_error(at, "The step size dt must be a positive number")
+    for integrator in ("euler", "rk4"):
+        for qkv in ("identity", "random"):
+            run(at, **small, sim_integrator=integrator, sim_qkv=qkv)
+            clean(at)
+    run(at, **{**small, "sim_tokens": 2, "sim_dim": 2, "sim_steps": 1, "sim_dt": 0.0001, "sim_beta": -1000.0,
+                    "sim_seed": 0, "sim_causal": True})
+    clean(at)
+    run(at, **{**small, "sim_dt": 100.0, "sim_beta": 1000.0, "sim_seed": 2**31 - 1, "sim_matrix": True,
+                    "sim_causal": False})
+    clean(at)
+    run(at, **{**small, "sim_tokens": 4096, "sim_dim": 2, "sim_steps": 1, "sim_matrix": False})
+    clean(at)
+    run(at, **{**small, "sim_tokens": 4, "sim_dim": 4096, "sim_steps": 1})
+    clean(at)
+    run(at, **{**small, "sim_inits": 1024, "sim_steps": 2, "sim_record_every": 10_000_000})
+    clean(at)
+    sims = runs_in(at)
+    assert all(r["status"] == "finished" and np.isfinite(r["result"].metric).all() for r in sims)
+    assert [r["result"].simulation.tokens for r in sims[-3:]] == [4096, 4, 3]
+    assert sims[-2]["result"].hidden.shape == (1, 4, 4096) and sims[-1]["result"].steps.tolist() == [0, 2]
+    # everything at its maximum: refused up front, with what to change
+    run(at, sim_tokens=4096, sim_dim=4096, sim_inits=1024, sim_steps=10_000_000, sim_record_every=10_000_000,
+             sim_matrix=True, sim_dt=100.0, sim_beta=1000.0, sim_seed=2**31 - 1, sim_causal=True)
+    one_error(at, "of working memory (1024 initial condition(s) of 4096 tokens in d = 4096)",
+              "use a smaller d, fewer tokens or fewer initial conditions")
+    # what fits the machine but not the recording: a record-every that fits is offered
+    run(at, sim_dim=2, sim_inits=1, sim_record_every=1)
+    message = one_error(at, "over the 2.0 GB memory budget", "(--record-every ")
+    k = int(message.split("--record-every ")[1].split(")")[0])
+    at.button(key="cons_offer").click().run()
+    assert at.number_input(key="sim_record_every").value == k
+    assert len(runs_in(at)) == len(sims)
+
+
+def test_simulation_layer_qkv_every_head_and_the_last_layer(fast_png, default_lm):
+    lm = default_lm
+    at = page("Simulation")
+    at.selectbox(key="sim_qkv").set_value("layer").run()
+    assert limits(at.number_input(key="sim_layer")) == (0, lm.stack.n_layer - 1)
+    assert at.selectbox(key="sim_head").options == ["all (averaged scores, V = W_O W_V)"] + \
+        [str(h) for h in range(lm.stack.n_head)]
+    run(at, sim_layer=0, sim_head="all", sim_tokens=3, sim_steps=2)
+    clean(at)
+    for layer, head in [(lm.stack.n_layer - 1, lm.stack.n_head - 1)]:
+        run(at, sim_layer=layer, sim_head=head, sim_tokens=3, sim_steps=2)
+        clean(at)
+    assert [r["result"].hidden.shape[-1] for r in runs_in(at)] == [lm.stack.d_model] * 2
+
+
+def test_simulation_ten_million_steps_start_and_stop(fast_png):
+    at = page("Simulation")
+    with stop_at_first_progress():
+        run(at, sim_tokens=8, sim_dim=3, sim_steps=10_000_000, sim_record_every=10_000_000, sim_inits=1)
+    at.run()
+    clean(at)
+    (record,) = runs_in(at)
+    assert record["status"] == "stopped"
+    done = int(record["result"].steps_done.max())
+    assert 0 < done < 10_000_000
+    assert any(w.startswith(f"Stopped after {done:,} of 10,000,000 steps") for w in texts(at.warning))
+
+
+def test_simulation_progress_comes_at_least_every_second_however_slow_the_steps(monkeypatch):
+    """The engine's event cadence is count-based (max_events) and time-based: a run whose steps
+    are slow still reports (and so can be stopped) within about a second."""
+    import core.consensus.simulation as sim
+    from core.consensus.engine import Progress
+
+    real = sim.integrate_step
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "integrate_step", slow)
+    events = sim.simulation_stream(sim.SimulationConfig(tokens=3, dim=2, steps=1000, max_events=10))
+    next(events)
+    t0 = time.monotonic()
+    first = next(ev for ev in events if isinstance(ev, Progress))
+    events.close()
+    assert first.step < 100  # long before the 100th step the count cadence would wait for
+    assert time.monotonic() - t0 < 15  # the 100th step would take 30 s; a busy CI core is slow, not that slow
+
+
+def test_simulation_working_memory_is_refused_before_anything_is_made(monkeypatch):
+    import core.devices as devices
+    import core.consensus.simulation as sim
+
+    cfg = sim.SimulationConfig(tokens=64, dim=1024, batch=8, steps=1)
+    need = sim.working_bytes(cfg, 1024)
+    assert need == 4 * (5 * 1024 ** 2 + 12 * 8 * 64 * 1024 + 6 * 8 * 64 * 64)
+    monkeypatch.setattr(devices, "free_bytes", lambda device: need - 1)
+    monkeypatch.setattr(sim, "make_qkv", lambda *a, **k: pytest.fail("made the matrices of a refused run"))
+    with pytest.raises(LabError, match=r"needs about 44\.8 MB of working memory \(8 initial condition\(s\) of 64 "
+                                       r"tokens in d = 1024\), more than the 44\.7 MB free on cpu; use a smaller d"):
+        sim.simulation_stream(cfg)
+    monkeypatch.setattr(devices, "free_bytes", lambda device: None)  # cannot tell: no refusal
+    monkeypatch.undo()
+    assert sim.run_simulation(sim.SimulationConfig(tokens=4, dim=8, steps=2)).complete
+
+
+def test_consensus_results_controls_at_their_extremes(fast_png, downloads):
+    at = page()
+    run(at, cons_prompts="To be, or not to be\nThat is the question", cons_iterations=2, cons_matrix=True)
+    run(at, cons_noff=True)
+    clean(at)
+    from core.consensus.metrics import STAT_NAMES
+
+    for series in STAT_NAMES:
+        at.selectbox(key="cons_series").set_value(series).run()
+        at.toggle(key="cons_log").set_value(True).run()
+        no_exception(at)
+    for prefix, expected in [("", "consensus"), (" \t", "consensus"), (LONG, "To_be_or_not_to_be_that_is"),
+                             (ODD, ""), ("../../etc/passwd", "etc_passwd")]:
+        downloads.clear()
+        at.text_input(key="cons_prefix").input(prefix).run()
+        no_exception(at)
+        stems = {name.rsplit(".", 1)[0].removesuffix("_hidden").removesuffix("_eplot").removesuffix("_matrix")
+                 .removesuffix("_chart").removesuffix("_overlay") for name in downloads}
+        assert len(stems) == 1, sorted(downloads)
+        (stem,) = stems
+        assert len(stem) <= 100 and "/" not in stem and not stem.startswith(".")
+        assert stem.startswith(expected) and stem.isascii(), stem
+    slider = at.select_slider(key="cons_heat_step")
+    for step in (slider.options[0], slider.options[-1]):
+        at.select_slider(key="cons_heat_step").set_value(int(step)).run()
+        no_exception(at)
+    for prompt in (0, 1):
+        at.selectbox(key="cons_heat_prompt").set_value(prompt).run()
+        no_exception(at)
+    at.multiselect(key="cons_overlay").set_value([]).run()
+    no_exception(at)
+    labels = at.selectbox(key="cons_show").options
+    at.multiselect(key="cons_overlay").set_value(labels).run()
+    no_exception(at)
+    for label in labels:
+        at.selectbox(key="cons_show").set_value(label).run()
+        clean(at)

@@ -6,6 +6,11 @@ describes it with the built-in explainer; the page is then checked against what 
 One test starts a real background training job from the page (a separate ``python -m core
 transcoders train`` process) and waits for its set to appear in the picker; every job process a
 test starts is killed at teardown.
+
+At the end every control goes to its extremes (layers, features, sorts, searches, the explain form,
+the job forms at their minimum and maximum, text fields empty, blank, very long and in odd Unicode):
+the page shows no exception, and an impossible input gets one st.error saying what to change. The
+job launcher is a stand-in there, so no job starts.
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from app_harness import chart_data, described_feature_model, open_app, texts
-from conftest import kill_process_groups, leftover_pids
+from app_harness import (TEXTS, chart_data, clean, described_feature_model, limits, no_exception, one_error, open_app,
+                         set_widgets, texts)
 
+from core.errors import LabError
 from core.generation.autoregressive import SamplingConfig
 from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_transcoder_set, run_explain_completion,
                          store_path)
@@ -39,22 +45,6 @@ def described(tmp_path_factory, tiny_gptlab_dir: Path) -> tuple[Path, Path]:
     """(model folder, its transcoder set folder) with a collected and described feature store."""
     return described_feature_model(tmp_path_factory.mktemp("features-model"), tiny_gptlab_dir, CORPUS, steps=30,
                                    n_tokens=2048)
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch) -> Path:
-    """Runs and token caches under tmp_path; every job process started meanwhile is killed after."""
-    root = tmp_path / "runs"
-    monkeypatch.setenv("GPTLAB_RUNS", str(root))
-    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "token-cache"))
-    before = set(features_jobs._CHILDREN)
-    yield root
-    pids: dict[int, object] = {}
-    for folder, proc in list(features_jobs._CHILDREN.items()):
-        if folder not in before:
-            pids[proc.pid] = proc
-            features_jobs._CHILDREN.pop(folder)
-    kill_process_groups({**pids, **leftover_pids(features_jobs.jobs_root(root).glob("*/status.json"), pids)})
 
 
 def page(model_dir: Path, **state):
@@ -275,14 +265,9 @@ def test_a_damaged_feature_store_is_one_sentence_and_the_rest_still_works(descri
         assert at.radio(key="feat_j_action") is not None          # the job form, to collect a new store, still draws
 
 
-def test_an_explainer_with_its_own_code_runs_only_when_ticked(described, env, tmp_path: Path):
+def test_an_explainer_with_its_own_code_runs_only_when_ticked(described, env, own_code_model):
     model_dir, _ = described
-    custom = tmp_path / "custom-explainer"
-    custom.mkdir()
-    marker = tmp_path / "ran"
-    (custom / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
-                                        '"configuration_custom.CustomConfig"}}')
-    (custom / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    custom, marker = own_code_model
     at = page(model_dir, feat_section="Explain a completion")
     assert at.checkbox(key="feat_x_trust").disabled                # nothing to trust with the built-in explainer
     at.radio(key="feat_x_explainer").set_value("lm").run()
@@ -434,3 +419,200 @@ def test_context_html_escapes_tokens_and_marks_the_activation():
     assert 'rgba(255, 140, 0, 0.90); border-radius: 3px;" title="activation 4">x' in body
     assert activation_alpha(0.5, 4.0) == pytest.approx(0.15 + 0.75 / 8)
     assert md_escape('fires on "$x$" and *y*') == 'fires on "\\$x\\$" and \\*y\\*'
+
+
+# -- every control at its extremes ------------------------------------------------------------------
+
+@pytest.fixture
+def launched_jobs(env, monkeypatch) -> list[tuple[str, list[str], str]]:
+    """The jobs the page would start, as (action, argv, output), captured instead of started: the
+    job launcher is a stand-in that records its command and answers with an error."""
+    import pages.parts.features_jobs_view as view
+
+    calls: list = []
+
+    def fake_launch(action, argv, model, output, root=None):
+        calls.append((action, list(argv), output))
+        raise LabError("captured")
+
+    monkeypatch.setattr(view, "launch", fake_launch)
+    return calls
+
+
+def test_features_browse_controls_at_their_extremes(described, launched_jobs):
+    model_dir, set_dir = described
+    at = page(model_dir)
+    clean(at)
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        n_features = {i.layer: i.n_features for i in store.layers()}
+    for layer in sorted(n_features):
+        at.selectbox(key="feat_layer").set_value(layer).run()
+        assert limits(at.number_input(key="feat_feature")) == (0, n_features[layer] - 1)
+        for feature in (0, n_features[layer] - 1):
+            at.number_input(key="feat_feature").set_value(feature).run()
+            clean(at)
+            assert [s.value for s in at.subheader if s.value.startswith("Feature")] == \
+                [f"Feature {feature} · layer {layer}"]
+    for sort in ("frequency", "explanation score", "max activation", "feature"):
+        for descending in (True, False):
+            at.selectbox(key="feat_sort").set_value(sort)
+            at.toggle(key="feat_desc").set_value(descending).run()
+            clean(at)
+    for method in ("detection", "simulation"):
+        at.selectbox(key="feat_method").set_value(method).run()
+        clean(at)
+    for name, query in TEXTS.items():
+        at.text_input(key="feat_search").input(query).run()
+        clean(at)
+        if name == "long":
+            (caption,) = [c for c in texts(at.caption) if c.startswith("No explanation contains")]
+            assert len(caption) < 120
+    at.text_input(key="feat_search").input('" OR * ) ( NEAR AND "').run()  # FTS syntax is plain text
+    clean(at)
+
+
+def test_features_explain_controls_at_their_extremes(described, launched_jobs):
+    model_dir, _ = described
+    at = page(model_dir, feat_section="Explain a completion")
+    clean(at)
+    found = {w.key: limits(w) for w in at.number_input if w.key.startswith("feat_x_")}
+    assert found == {"feat_x_max_new": (1, 1024), "feat_x_temperature": (0.05, 5.0), "feat_x_seed": (0, 2**31 - 1),
+                     "feat_x_top": (1, 20)}
+
+    def explain(prompt: str = "ROMEO:", **values):
+        at.text_area(key="feat_x_prompt").input(prompt)
+        set_widgets(at, "feat_x_", **values)
+        at.run()
+        at.button(key="feat_x_run").click()
+        return at.run()
+
+    explain(max_new=1, top=1)
+    clean(at)
+    assert "feat_x_result" in at.session_state
+    explain(max_new=1024, top=20)
+    one_error(at, "ask for at most")
+    explain(max_new=2, greedy=False)
+    for temperature, seed in ((0.05, 0), (5.0, 2**31 - 1)):
+        explain(max_new=2, temperature=temperature, seed=seed, top=20)
+        clean(at)
+    for name, prompt in TEXTS.items():
+        explain(prompt, max_new=2)
+        if name in ("empty", "blank"):
+            one_error(at, "Enter a prompt to explain; it is empty.")
+        elif name in ("long", "unicode"):  # the tiny model's context is 64 tokens
+            one_error(at, "but the model's context is 64")
+        else:
+            clean(at)
+    at.radio(key="feat_x_explainer").set_value("lm").run()
+    for name, spec in TEXTS.items():
+        at.text_input(key="feat_x_lm").input(spec)
+        explain(max_new=2)
+        one_error(at, {"empty": "Enter the explainer model", "blank": "Enter the explainer model",
+                       "long": "The explainer model 'To be, or not to be", "unicode": "contains a NUL character"}[name])
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_features_set_folder_text_extremes(described, launched_jobs, name):
+    model_dir, _ = described
+    at = page(model_dir)
+    clean(at)
+    at.selectbox(key="feat_set").set_value("other…").run()
+    at.text_input(key="feat_set_other").input(TEXTS[name]).run()
+    no_exception(at)
+    if name in ("empty", "blank"):
+        assert any("Enter the folder of a transcoder set" in t for t in texts(at.info))
+        assert not at.main.error
+    elif name == "long":
+        one_error(at, "is not a usable path (File name too long)")
+    else:
+        one_error(at, "contains a NUL character")
+
+
+SHAPING = ("activation", "steps", "then_collect", "then_describe")  # fields that show, hide or enable others
+
+
+def _job(at, action: str, **values):
+    """Fill the job form as a user does: the fields that change the form first, then the rest, Start."""
+    at.radio(key="feat_j_action").set_value(action).run()
+    for name in SHAPING:
+        if name in values:
+            set_widgets(at, "feat_j_", **{name: values[name]})
+            at.run()
+    set_widgets(at, "feat_j_", **{k: v for k, v in values.items() if k not in SHAPING})
+    at.button(key="feat_j_launch").click()
+    return at.run()
+
+
+def test_features_job_forms_at_min_and_max(described, launched_jobs):
+    model_dir, set_dir = described
+    calls = launched_jobs
+    at = page(model_dir)
+    clean(at)
+    jmax = dict(expansion=256, activation="topk", k=4096, lr=1.0, steps=10_000_000, batch_tokens=1_000_000,
+                seq_len=8192, seed=2**31 - 1, then_collect=True, then_describe=True, collect_tokens=100_000_000,
+                collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=100, n_negative=100,
+                max_features=1_000_000, n_top=100, score=True)
+    _job(at, "train", **jmax)
+    one_error(at, "captured")
+    jmin = dict(expansion=1, activation="relu", l1_coeff=0.0, lr=1e-6, steps=None, train_tokens=1024, batch_tokens=16,
+                seq_len=8, seed=0, then_collect=True, then_describe=False, collect_tokens=256, collect_seq_len=8,
+                top_k=1, n_quantile=0, n_heldout=0, n_negative=0)
+    _job(at, "train", **jmin)
+    one_error(at, "captured")
+    _job(at, "collect", collect_tokens=100_000_000, collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=100,
+         n_negative=100)
+    one_error(at, "captured")
+    _job(at, "describe", max_features=1, n_top=1, score=False)
+    one_error(at, "captured")
+    (a, high, _), (b, low, _), (c, collect, _), (d, describe, _) = calls
+    assert (a, b, c, d) == ("train", "train", "collect", "describe")
+
+    def flags(argv: list[str]) -> dict[str, str]:
+        return {f: v for f, v in zip(argv, argv[1:] + [""]) if f.startswith("--")}
+
+    assert {k: flags(high)[k] for k in ("--expansion", "--k", "--steps", "--batch-tokens", "--seq-len", "--seed",
+                                          "--collect-tokens", "--top-k", "--max-features", "--n-top", "--lr")} == \
+        {"--expansion": "256", "--k": "4096", "--steps": "10000000", "--batch-tokens": "1000000", "--seq-len": "8192",
+         "--seed": str(2**31 - 1), "--collect-tokens": "100000000", "--top-k": "200", "--max-features": "1000000",
+         "--n-top": "100", "--lr": "1.0"}
+    assert {k: flags(low)[k] for k in ("--expansion", "--activation", "--l1-coeff", "--train-tokens", "--batch-tokens",
+                                         "--seq-len", "--n-quantile")} == \
+        {"--expansion": "1", "--activation": "relu", "--l1-coeff": "0.0", "--train-tokens": "1024",
+         "--batch-tokens": "16", "--seq-len": "8", "--n-quantile": "0"}
+    assert "--no-describe" in low and "--steps" not in low
+    assert flags(collect)["--collect-tokens"] == "100000000" and "--no-score" in describe
+
+
+@pytest.mark.parametrize("field", ["output", "dataset_path", "explainer_spec"])
+def test_features_job_text_extremes(described, launched_jobs, field, tmp_path):
+    model_dir, _ = described
+    at = page(model_dir)
+    clean(at)
+    for name, text in TEXTS.items():
+        before = len(launched_jobs)
+        if field == "explainer_spec":
+            at.radio(key="feat_j_action").set_value("describe").run()
+            at.radio(key="feat_j_explainer_kind").set_value("lm").run()
+        else:
+            at.radio(key="feat_j_action").set_value("train").run()
+            if field == "dataset_path":
+                at.selectbox(key="feat_j_dataset").set_value("path").run()
+        at.text_input(key=f"feat_j_{field}").input(text).run()
+        at.button(key="feat_j_launch").click().run()
+        no_exception(at)
+        error = one_error(at)
+        started = len(launched_jobs) > before
+        if field == "output":  # empty: the model's own folder; otherwise the path, if usable
+            assert started == (name in ("empty", "blank")) or error == "captured"
+            if name == "long":
+                assert "is not a usable path (File name too long)" in error
+            if name == "unicode":
+                assert "contains a NUL character" in error
+        elif field == "dataset_path":
+            assert not started
+            assert {"empty": "Enter a local .txt/.jsonl file or folder for the corpus",
+                    "blank": "Enter a local .txt/.jsonl file or folder for the corpus",
+                    "long": "is not a usable path (File name too long)",
+                    "unicode": "contains a NUL character"}[name] in error
+        else:
+            assert (name in ("empty", "blank")) == ("Enter the explainer" in error)

@@ -3,6 +3,11 @@ and switches to pages/generate.py, the same path a browser takes (see app_harnes
 
 Outputs are compared with core.generation.autoregressive on the same model, so the page is checked to show
 exactly what the engine produced, not merely that it ran.
+
+At the end every control goes to its minimum and its maximum, the prompt goes in empty, blank, very
+long (20,000 characters) and in odd Unicode, and Generate is pressed: the page shows no exception;
+where the input is impossible it shows one st.error saying what to change, and the earlier result
+stays. A diffusion model's controls get the same treatment (tiny models keep maxima cheap).
 """
 from __future__ import annotations
 
@@ -10,18 +15,14 @@ import html
 from pathlib import Path
 
 import pytest
-from app_harness import code, open_app, set_widgets, shown, texts
+from app_harness import (LONG, ODD, TEXTS, clean, code, limits, no_exception, one_error, open_app, pick_model,
+                         set_widgets, shown, texts)
 
 from core.generation.autoregressive import SamplingConfig, TokenEvent, generate, partial_result, perplexity, stream
 from core.models.loading import load_model
 
 PAGE = "pages/generate.py"
 PROMPT = "ROMEO: But soft, what light"
-
-
-@pytest.fixture(scope="module")
-def default_lm():
-    return load_model("default")
 
 
 def metrics(at) -> dict[str, str]:
@@ -36,10 +37,11 @@ def set_controls(at, slot: str = "A", **values) -> None:
     set_widgets(at, f"gen_{slot}_", **values)
 
 
-def click_generate(at, prompt: str | None = PROMPT):
+def click_generate(at, prompt: str | None = PROMPT, button: str = "gen_go"):
+    """Type the prompt (unless None) and press Generate (``gen_diff_go``: a diffusion model's)."""
     if prompt is not None:
         at.text_area(key="gen_prompt").input(prompt)
-    at.button(key="gen_go").click()
+    at.button(key=button).click()
     return at.run()
 
 
@@ -239,3 +241,189 @@ def test_unloadable_model_disables_generate(tmp_path: Path):
     assert not at.exception
     assert any("does not exist" in e for e in texts(at.main.error))
     assert at.button(key="gen_go").disabled
+
+
+# -- every control at its extremes ------------------------------------------------------------------
+
+GEN_BASE = dict(greedy=False, num_beams=1, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                repetition_penalty=1.0, seed=1, n_alternatives=5, stop="")
+GEN_CASES = [  # (control, value, error phrase or None for a run that must succeed)
+    ("max_new_tokens", 1, None), ("max_new_tokens", 4096, "ask for at most"),
+    ("temperature", 0.0, "temperature must be above 0"), ("temperature", 10.0, None),
+    ("top_k", 0, None), ("top_k", 1_000_000, None),
+    ("top_p", 0.0, "top-p must be in (0, 1]"), ("top_p", 1.0, None),
+    ("min_p", 0.0, None), ("min_p", 1.0, "min-p must be in [0, 1)"),
+    ("repetition_penalty", 0.0, "repetition penalty must be above 0"), ("repetition_penalty", 10.0, None),
+    ("seed", 0, None), ("seed", 2**31 - 1, None),
+    ("n_alternatives", 0, None), ("n_alternatives", 20, None),
+    ("stop", " \n\t \n", None), ("stop", LONG, None), ("stop", ODD, None),
+]
+STOPS = {"": [], " \n\t \n": [" ", "\t "], LONG: [LONG], ODD: [ODD]}  # one stop string per non-empty line
+
+
+def set_controls_in_order(at, slot: str = "A", **values) -> None:
+    """Set controls in two passes, as a user must: greedy and beams first (they enable others)."""
+    first = {k: values.pop(k) for k in ("greedy", "num_beams") if k in values}
+    if first:
+        set_controls(at, slot, **first)
+        at.run()
+    set_controls(at, slot, **values)
+
+
+def test_generate_widget_limits_are_the_ones_tested():
+    at = open_app(PAGE)
+    found = {w.key: limits(w) for w in [*at.number_input, *at.slider] if w.key.startswith("gen_A_")}
+    assert found == {"gen_A_max_new_tokens": (1, 4096), "gen_A_num_beams": (1, 16), "gen_A_temperature": (0.0, 10.0),
+                     "gen_A_top_k": (0, 1_000_000), "gen_A_top_p": (0.0, 1.0), "gen_A_min_p": (0.0, 1.0),
+                     "gen_A_repetition_penalty": (0.0, 10.0), "gen_A_seed": (0, 2**31 - 1),
+                     "gen_A_length_penalty": (-5.0, 5.0), "gen_A_n_alternatives": (0, 20)}
+
+
+def test_generate_every_control_at_min_and_max(default_lm):
+    lm = default_lm
+    prompt = "ROMEO:"
+    at = open_app(PAGE)
+    set_controls_in_order(at, **GEN_BASE)
+    click_generate(at, prompt)
+    clean(at)
+    for control, value, error in GEN_CASES:
+        before = texts(at.code)
+        set_controls_in_order(at, **{**GEN_BASE, control: value})
+        click_generate(at, prompt)
+        if error:
+            one_error(at, error)
+            assert texts(at.code) == before, (control, value)  # the earlier result stays, nothing half-made
+            continue
+        clean(at)
+        settings = {**GEN_BASE, control: value}
+        expected = generate(lm, prompt, SamplingConfig(**{**settings, "stop": STOPS[settings["stop"]]}))
+        assert code(at) == shown(prompt + expected.completion), (control, value)
+        # the token inspector with no alternatives recorded, and with 20
+        if control == "n_alternatives" and value == 0:
+            assert not at.dataframe and "No alternatives were recorded (Alternatives was 0)." in texts(at.caption)
+        if control == "n_alternatives" and value == 20:
+            assert len(at.dataframe[0].value) >= 20
+
+
+def test_generate_beams_at_max_with_both_length_penalty_extremes(default_lm):
+    lm = default_lm
+    prompt = "ROMEO:"
+    at = open_app(PAGE)
+    for penalty in (-5.0, 5.0):
+        set_controls_in_order(at, num_beams=16, max_new_tokens=4, length_penalty=penalty)
+        click_generate(at, prompt)
+        clean(at)
+        expected = generate(lm, prompt, SamplingConfig(num_beams=16, max_new_tokens=4, length_penalty=penalty))
+        assert code(at) == shown(prompt + expected.completion)
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_generate_prompt_extremes(default_lm, name):
+    lm = default_lm
+    at = open_app(PAGE)
+    set_controls_in_order(at, greedy=True, max_new_tokens=2)
+    click_generate(at, "ROMEO:")
+    earlier = texts(at.code)
+    click_generate(at, TEXTS[name])
+    if name in ("empty", "blank"):
+        one_error(at, "The prompt is empty; type some text to continue.")
+        assert texts(at.code) == earlier
+    elif name == "long":
+        n = len(lm.tokenizer.encode(LONG))
+        one_error(at, f"The prompt is {n} tokens but the model's context is 256", "shorten the prompt")
+        assert texts(at.code) == earlier
+        assert any(f"{n} prompt tokens · context 256 · room for 0 new tokens" in c for c in texts(at.caption))
+    else:
+        clean(at)
+        expected = generate(lm, ODD, SamplingConfig(greedy=True, max_new_tokens=2))
+        assert code(at) == shown(ODD + expected.completion)
+
+
+def test_generate_all_maxima_at_once_on_a_tiny_model_and_in_compare_mode(tiny_gptlab_dir: Path):
+    """Every control at its largest valid value at once (max new tokens = the room the context
+    leaves), side by side with every control at its smallest valid value."""
+    lm = load_model(str(tiny_gptlab_dir))
+    prompt = "ROMEO:"
+    room = lm.stack.context_length - len(lm.tokenizer.encode(prompt))
+    high = dict(max_new_tokens=room, temperature=10.0, top_k=1_000_000, top_p=1.0, min_p=0.99,
+                repetition_penalty=10.0, seed=2**31 - 1, n_alternatives=20)
+    low = dict(max_new_tokens=1, temperature=0.05, top_k=1, top_p=0.01, min_p=0.0, repetition_penalty=0.05, seed=0,
+               n_alternatives=0)
+    at = open_app(PAGE)
+    pick_model(at, tiny_gptlab_dir)
+    at.toggle(key="gen_compare").set_value(True).run()
+    set_controls_in_order(at, "A", **high)
+    set_controls_in_order(at, "B", **low)
+    click_generate(at, prompt)
+    clean(at)
+    a = generate(lm, prompt, SamplingConfig(**high))
+    b = generate(lm, prompt, SamplingConfig(**low))
+    assert code(at) == shown(prompt + a.completion, prompt + b.completion)
+    # the inspector's picker goes from the first to the last generated token
+    pick = at.selectbox(key="gen_A_pick_1")
+    for index in (pick.options[0], pick.options[-1]):
+        at.selectbox(key="gen_A_pick_1").set_value(int(index) if str(index).isdigit() else index).run()
+        no_exception(at)
+    # one more than the room: refused, the two results stay
+    set_controls_in_order(at, "A", max_new_tokens=room + 1)
+    click_generate(at, prompt)
+    one_error(at, f"ask for at most {room} new tokens")
+    assert code(at) == shown(prompt + a.completion, prompt + b.completion)
+
+
+# -- a diffusion model's controls at their extremes ------------------------------------------------
+
+def test_diffusion_controls_at_min_and_max(tiny_diffusion_dir: Path):
+    from core.generation import diffusion as diff
+
+    lm = load_model(str(tiny_diffusion_dir))
+    prompt = "ROMEO:"
+    room = lm.stack.context_length - len(lm.tokenizer.encode(prompt))
+    at = open_app(PAGE)
+    pick_model(at, tiny_diffusion_dir)
+    found = {w.key: limits(w) for w in at.number_input if w.key.startswith("gen_diff_")}
+    assert found == {"gen_diff_gen_length": (1, 4096), "gen_diff_steps": (1, 4096), "gen_diff_temperature": (0.0, 10.0),
+                     "gen_diff_top_k": (0, 1_000_000), "gen_diff_seed": (0, 2**31 - 1)}
+    cases = [
+        dict(gen_length=1, steps=1, temperature=0.0, seed=0),                       # every minimum
+        dict(gen_length=room, steps=4096, temperature=10.0, seed=2**31 - 1),        # every maximum that fits
+        dict(gen_length=room, steps=1, unmask="random", temperature=0.0, seed=3),
+    ]
+    for case in cases:
+        strategy = case.pop("unmask", "confidence")
+        set_controls(at, "diff", unmask=strategy, **{k: v for k, v in case.items() if k != "top_k"})
+        at.run()
+        if case["temperature"] > 0:
+            set_controls(at, "diff", top_k=1_000_000)
+        click_generate(at, prompt, button="gen_diff_go")
+        clean(at)
+        cfg = diff.DiffusionConfig(gen_length=case["gen_length"], steps=case["steps"], strategy=strategy,
+                                   temperature=case["temperature"], seed=case["seed"],
+                                   top_k=1_000_000 if case["temperature"] > 0 else 0)
+        expected = diff.generate(lm, prompt, cfg)
+        assert code(at) == shown(expected.text)
+        states = len(expected.states) - 1
+        assert {m.label: m.value for m in at.metric}["Denoising steps"] == f"{states} / {expected.steps}"
+        if states >= 1:  # the replay slider at both ends
+            slider = next(s for s in at.slider if s.key.startswith("gen_diff_step_"))
+            assert limits(slider) == (0, states)
+            for state in (0, states):
+                slider.set_value(state).run()
+                no_exception(at)
+                slider = next(s for s in at.slider if s.key.startswith("gen_diff_step_"))
+    earlier = texts(at.code)
+    set_controls(at, "diff", gen_length=4096)
+    click_generate(at, prompt, button="gen_diff_go")
+    one_error(at, f"ask for at most {room} tokens")
+    assert texts(at.code) == earlier
+    n_odd = len(lm.tokenizer.encode(ODD))
+    for name, text in {**TEXTS, "short unicode": ODD[:12]}.items():
+        set_controls(at, "diff", gen_length=2, steps=2, temperature=0.0)
+        click_generate(at, text, button="gen_diff_go")
+        if name in ("empty", "blank"):
+            one_error(at, "The prompt is empty")
+        elif name == "long" or (name == "unicode" and n_odd >= 64):
+            one_error(at, "but the model's context is 64", "shorten the prompt")
+        else:
+            clean(at)
+            assert code(at)[0].startswith(text)

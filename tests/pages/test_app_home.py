@@ -1,9 +1,11 @@
-"""The app frame and the Home page, driven through app.py with AppTest (see app_harness.py)."""
+"""The app frame and the Home page, driven through app.py with AppTest (see app_harness.py); the model
+picker's text and the dtype at their extremes end in one sentence or a loaded model, never an exception."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from app_harness import open_app, texts
+import pytest
+from app_harness import TEXTS, clean, no_exception, open_app, texts
 
 from core.errors import fmt_count
 from core.models.loading import load_model
@@ -136,3 +138,32 @@ def test_trust_remote_code_is_off_unless_ticked_and_warns(tiny_gpt2_dir: Path, m
     at.sidebar.selectbox(key="model_choice").set_value("default").run()  # leaving "other" turns it off
     assert at.session_state["model_trust_remote_code"] is False
     common._load_cached.clear()
+
+
+# -- the model picker and the dtype at their extremes ----------------------------------------------
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_home_model_spec_text_extremes_end_in_one_line_each(name):
+    at = open_app()
+    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
+    at.sidebar.text_input(key="model_other").input(TEXTS[name]).run()
+    no_exception(at)
+    if name in ("empty", "blank"):  # nothing typed: the picker keeps the model it had
+        clean(at)
+        assert [m.value for m in at.metric][:1] == ["4"]
+        return
+    sidebar, page = texts(at.sidebar.error), texts(at.main.error)
+    assert len(sidebar) == 1 and len(page) == 1 and sidebar == page
+    assert len(page[0]) < 1000 and not at.metric  # one sentence, no card of another model
+    at.sidebar.selectbox(key="model_choice").set_value("default").run()
+    clean(at)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_home_every_dtype_loads_the_default_model(dtype):
+    at = open_app()
+    at.sidebar.selectbox(key="model_dtype").set_value(dtype).run()
+    clean(at)
+    facts = at.table[0].value
+    assert facts.loc["dtype"].iloc[0] == dtype
+    assert {m.label: m.value for m in at.metric}["Layers"] == "4"

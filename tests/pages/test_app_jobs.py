@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 from app_harness import open_app, texts
 
 from core.interp import jobs as tjobs
@@ -17,14 +16,6 @@ from core.jobs.folder import StatusFile, mark
 from core.jobs.process import process_start, this_host
 
 PAGE = "pages/features.py"
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch) -> Path:
-    root = tmp_path / "runs"
-    monkeypatch.setenv("GPTLAB_RUNS", str(root))
-    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "token-cache"))
-    return root
 
 
 def job_folder(root: Path, name: str, status: dict, action: str = "train") -> Path:

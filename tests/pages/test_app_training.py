@@ -5,6 +5,12 @@ process), watches its curve grow, is refused a delete while it runs, stops it (a
 written) and deletes it. The others use run folders written here (as a CLI run would leave
 them) to check the table, overlaid charts, failure display and the "Open in" buttons without a
 process. Every process a test starts is killed at teardown.
+
+At the end every number field goes to its minimum and its maximum and the text fields go in empty,
+blank, very long and in odd Unicode before Launch is pressed (the launcher a stand-in that records
+the run it was given): an impossible run gets one st.error saying what to change and starts nothing.
+The upload (a .txt/.jsonl file saved under the runs folder's data/) is tested through AppTest's file
+uploader, down to a real tiny run training on the saved copy.
 """
 from __future__ import annotations
 
@@ -16,12 +22,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from app_harness import chart_data, open_app, set_widgets, texts
+import torch
+from app_harness import ODD, TEXTS, chart_data, clean, limits, no_exception, one_error, open_app, set_widgets, texts
 
 from core.errors import LabError
 from core.jobs.events import EventLog
 from core.jobs.process import process_start, this_host
 from core.training import runs as runs_mod
+from core.training.config import TrainConfig
+from core.training.data import save_upload, upload_name, uploads_dir
+from core.training.memory import check_fits, parameter_count
 from pages.parts.training_form import config_from_values, devices_config
 
 PAGE = "pages/training.py"
@@ -329,3 +339,242 @@ def test_a_running_runs_progress_bar_comes_from_its_events_file(runs_root: Path)
     (folder / "console.txt").write_text("train:  99%|#########| 19/20 [00:01<00:00]\n")  # never parsed
     at.run()
     assert [p.proto.text for p in at.get("progress")] == ["train step 9 / 20 · loss 4.1000"]
+
+
+# -- every field at its extremes --------------------------------------------------------------------
+
+TR_MAX = dict(n_layer=1024, n_head=1024, d_model=65536, block_size=131072, vocab_size=1 << 20, lr=10.0,
+              weight_decay=10.0, warmup_steps=10_000_000, seed=2**31 - 1, batch_size=65536, grad_acc_steps=65536,
+              max_steps=100_000_000, epochs=100_000.0, val_every=100_000_000, log_every=100_000_000,
+              preview_every=100_000_000, save_every=100_000_000, keep_last=100_000)
+TR_MIN = dict(n_layer=1, n_head=1, d_model=1, block_size=1, vocab_size=300, lr=0.0, weight_decay=0.0, warmup_steps=0,
+              seed=0, batch_size=1, grad_acc_steps=1, max_steps=1, epochs=0.0, val_every=0, log_every=1,
+              preview_every=0, save_every=0, keep_last=1)
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[tuple[TrainConfig, str | None]]:
+    """The runs the page would start, captured instead of started (the page re-imports ``launch``
+    from core.training.runs on every run, so the stand-in is what it calls)."""
+    calls: list = []
+
+    def fake_launch(cfg, run_id=None, root=None):
+        calls.append((cfg, run_id))
+        raise LabError("captured")  # the page shows it; no folder, no process
+
+    monkeypatch.setattr(runs_mod, "launch", fake_launch)
+    return calls
+
+
+def nothing_started(root: Path) -> bool:
+    return not root.exists() or not any(p for p in root.iterdir())
+
+
+def test_training_form_limits_are_the_ones_tested(runs_root):
+    at = open_app(PAGE)
+    found = {w.key[3:]: limits(w) for w in at.number_input if w.key.startswith("tr_")}
+    assert found == {k: (TR_MIN[k], TR_MAX[k]) for k in TR_MAX}
+    assert at.selectbox(key="tr_dataset").options[-1] == "Upload a .txt/.jsonl file…"
+    uploader = at.file_uploader(key="tr_upload")
+    assert uploader.allowed_type == [".txt", ".jsonl"] and uploader.proto.max_upload_size_mb == 200
+
+
+def test_training_every_maximum_is_refused_before_a_process_starts(runs_root, launched):
+    at = open_app(PAGE)
+    launch(at, **TR_MAX)
+    one_error(at, "This run needs about", "more than the", "free on cpu",
+              "use fewer layers, a smaller d_model, a smaller batch size or a shorter block size")
+    assert not launched and nothing_started(runs_root)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(lr=0.0), "learning rate must be above 0 (got 0.0)"),
+    (dict(epochs=0.0, max_steps=None), "epochs must be above 0 (got 0.0)"),
+    (dict(d_model=1, n_head=None), "d_model=1 is not divisible by n_head=4"),
+    (dict(n_layer=1024, d_model=65536, n_head=1024), "This run needs about"),
+])
+def test_training_impossible_extremes_say_what_to_change(runs_root, launched, values, message):
+    at = open_app(PAGE)
+    base = {**TR_MIN, "lr": None, "epochs": None}
+    launch(at, **{**base, **values})
+    one_error(at, message)
+    assert not launched and nothing_started(runs_root)
+
+
+def test_training_valid_extremes_reach_the_launch_with_those_values(runs_root, launched):
+    """Every count at its maximum on a tiny model, then every setting at its smallest valid value:
+    the config handed to the launcher carries them (the launcher is a stand-in here)."""
+    at = open_app(PAGE)
+    counts = {k: TR_MAX[k] for k in ("lr", "weight_decay", "warmup_steps", "seed", "max_steps", "val_every",
+                                     "log_every", "preview_every", "save_every", "keep_last", "grad_acc_steps")}
+    launch(at, n_layer=1, n_head=1, d_model=8, block_size=16, batch_size=1, vocab_size=300, **counts)
+    one_error(at, "captured")
+    launch(at, **{**TR_MIN, "lr": None, "epochs": None})
+    one_error(at, "captured")
+    (high, _), (low, _) = launched
+    assert {k: getattr(high, k) for k in counts} == counts
+    assert (high.n_layer, high.d_model, high.block_size) == (1, 8, 16)
+    assert {k: getattr(low, k) for k in TR_MIN if k not in ("lr", "epochs")} == \
+        {k: v for k, v in TR_MIN.items() if k not in ("lr", "epochs")}
+    assert nothing_started(runs_root)
+
+
+@pytest.mark.parametrize("field, name", [(f, n) for f in ("run_name", "dataset_path") for n in TEXTS])
+def test_training_text_extremes(runs_root, launched, field, name):
+    at = open_app(PAGE)
+    values = {"run_name": "", "dataset": "shakespeare", "dataset_path": ""}
+    if field == "dataset_path":
+        values["dataset"] = "path"
+    values[field] = TEXTS[name]
+    launch(at, **values)
+    expected = {
+        ("run_name", "empty"): "captured", ("run_name", "blank"): "captured",
+        ("run_name", "long"): "The run name is 20,000 characters long; use at most 100",
+        ("run_name", "unicode"): "is not allowed; use letters, digits",
+        ("dataset_path", "empty"): "Enter a local .txt/.jsonl file or folder",
+        ("dataset_path", "blank"): "Enter a local .txt/.jsonl file or folder",
+        ("dataset_path", "long"): "is not a usable path or dataset name (File name too long)",
+        ("dataset_path", "unicode"): "is neither an existing local file or folder nor a Hugging Face dataset id",
+    }[(field, name)]
+    one_error(at, expected)
+    assert len(launched) == (1 if expected == "captured" else 0)
+    if launched:
+        assert launched[0][1] is None  # a blank name: the engine names the run
+
+
+# -- uploads ---------------------------------------------------------------------------------------
+
+def upload(at, name: str, data: bytes, mime: str = "text/plain") -> None:
+    at.file_uploader(key="tr_upload").set_value((name, data, mime))
+
+
+def saved_uploads(root: Path) -> list[Path]:
+    folder = uploads_dir(root)
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_upload_trains_a_run_on_the_saved_copy_with_every_minimum(runs_root):
+    """The whole path: a file uploaded with a hostile name is saved under the runs folder's data/,
+    the run's dataset is that copy, and a run with every setting at its smallest valid value
+    (one layer of width 1, a one-token context, one step) trains on it to the end."""
+    at = open_app(PAGE)
+    data = CORPUS.encode("utf-8")
+    upload(at, "../../../etc/my corpus.txt", data)
+    launch(at, dataset="upload", **{**TR_MIN, "lr": None, "epochs": None})
+    clean(at)
+    assert any("Launched run" in t for t in texts(at.success))
+    (saved,) = saved_uploads(runs_root)
+    assert saved.name == upload_name("my corpus.txt", data) and saved.name.startswith("my_corpus-")
+    assert saved.parent == (runs_root / "data").resolve() and saved.read_bytes() == data
+    (folder,) = [p for p in runs_root.iterdir() if p.name != "data"]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["dataset"] == str(saved)
+    assert {k: cfg[k] for k in ("n_layer", "n_head", "d_model", "block_size", "batch_size", "max_steps")} == \
+        dict(n_layer=1, n_head=1, d_model=1, block_size=1, batch_size=1, max_steps=1)
+    deadline = time.monotonic() + 120
+    while runs_mod.read_status(folder)["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    status = runs_mod.read_status(folder)
+    assert status["state"] == "finished", (status, runs_mod.log_tail(folder))
+    assert status["step"] == 1
+    at.run()
+    no_exception(at)
+    assert at.dataframe[0].value["run"].tolist() == [folder.name]  # the data folder is not a run
+
+
+def test_upload_refusals_write_nothing(runs_root, launched, monkeypatch):
+    import pages.parts.training_form as form
+
+    monkeypatch.setattr(form, "upload_limit_bytes", lambda: 1000)  # the page's cap, as a 200 MB file would meet it
+    at = open_app(PAGE)
+    launch(at, dataset="upload")
+    one_error(at, "Choose a .txt or .jsonl file under 'Upload a dataset file', or pick another dataset.")
+    upload(at, "big.txt", b"x" * 1001)
+    launch(at, dataset="upload")
+    one_error(at, "The file is 0.0 MB, over the 0.0 MB upload limit",
+              "copy it to this machine, choose 'Local file / folder or hub id…' and enter its path under "
+              "'Path or dataset id'")
+    for name, data, message in [
+        ("empty.txt", b"", "is empty; upload a file with text in it"),
+        ("blank.txt", b" \n\t\n", "is empty; upload a file with text in it"),
+        ("latin1.txt", "Ça va, Roméo?".encode("latin-1"), "is not UTF-8 text (byte 0); save it as UTF-8"),
+        ("rows.jsonl", b'{"text": "fine"}\n{"text": 3}\n', "line 2 has no string 'text' field"),
+        ("rows.jsonl", b'{"text": "fine"}\nnot json\n', "line 2 is not valid JSON"),
+    ]:
+        upload(at, name, data)
+        launch(at, dataset="upload")
+        one_error(at, message)
+    assert not launched and not saved_uploads(runs_root)
+
+
+def test_upload_of_odd_and_long_names_and_unicode_text(runs_root, launched):
+    at = open_app(PAGE)
+    text = (ODD + "\n").encode("utf-8")
+    # (no NUL in a name: no file system has one, and Streamlit refuses such an upload itself)
+    for name in [ODD.replace("\x00", "") + ".txt", "x" * 20_000 + ".jsonl", "..\\..\\windows.TXT", ".hidden.txt"]:
+        data = text if not name.endswith(".jsonl") else json.dumps({"text": ODD}).encode() + b"\n"
+        upload(at, name, data)
+        launch(at, dataset="upload")
+        one_error(at, "captured")
+        no_exception(at)
+    names = [cfg.dataset for cfg, _ in launched]
+    assert len(names) == 4
+    for path in map(Path, names):
+        assert path.parent == (runs_root / "data").resolve()
+        assert len(path.name.encode()) <= 100 + 20 and not path.name.startswith(".")
+    assert Path(names[2]).name.startswith("windows-") and Path(names[2]).suffix == ".txt"
+    # refused by the stand-in launcher after saving: the saved copies are whole files, no temp files
+    assert all(not p.name.startswith(".") for p in saved_uploads(runs_root))
+
+
+def test_save_upload_sanitises_names_dedupes_and_caps(tmp_path: Path):
+    folder = tmp_path / "data"
+    a = save_upload("../../x/../corpus.txt", b"first text", folder, 1 << 20)
+    b = save_upload("corpus.txt", b"first text", folder, 1 << 20)
+    c = save_upload("C:\\Users\\me\\corpus.txt", b"second text", folder, 1 << 20)
+    assert a == b and a != c and a.parent == c.parent == folder.resolve()
+    assert a.read_bytes() == b"first text" and c.read_bytes() == b"second text"
+    assert sorted(p.name for p in folder.iterdir()) == sorted({a.name, c.name})  # no temp files left
+    with pytest.raises(LabError, match=r"over the 0 MB limit for uploads; to train on a bigger file, copy it"):
+        save_upload("big.txt", b"x" * 11, folder, 10)
+    with pytest.raises(LabError, match=r"Only \.txt and \.jsonl files can be uploaded .*got 'notes\.pdf'"):
+        save_upload("notes.pdf", b"text", folder, 1 << 20)
+    with pytest.raises(LabError, match=r"got 'xxxxx.*\.\.\.'"):
+        save_upload("x" * 5000 + ".exe", b"text", folder, 1 << 20)
+    assert len(list(folder.iterdir())) == 2
+    for hostile in ["..", ".", "/", "\x00", "../..", "a.txt/"]:
+        with pytest.raises(LabError):
+            upload_name(hostile, b"x")
+    assert upload_name("a/../../b.txt.txt", b"x").startswith("b.txt-")
+
+
+def test_streamlit_config_caps_uploads_at_200_mb():
+    import tomllib
+
+    import streamlit as st
+
+    config = tomllib.loads((Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == 200
+    from pages.parts.training_form import upload_limit_bytes
+
+    assert upload_limit_bytes() == st.get_option("server.maxUploadSize") * 2**20 == 200 * 2**20
+
+
+def test_training_memory_estimate_counts_parameters_exactly_and_refuses_what_cannot_fit(monkeypatch):
+    import core.devices as devices
+    from core.models.gpt import GPT
+
+    for sizes in (dict(preset="tiny"), dict(n_layer=3, n_head=2, d_model=24), dict(n_layer=1, n_head=1, d_model=1)):
+        cfg = TrainConfig(block_size=40, vocab_size=333, **sizes)
+        with torch.device("meta"):
+            model = GPT(cfg.gpt_config(vocab_size=333, mask_token_id=None))
+        assert parameter_count(cfg, 333) == model.num_params()
+    cfg = TrainConfig(preset="tiny", block_size=64, batch_size=4, vocab_size=512)
+    need = check_fits(cfg, "cpu")
+    monkeypatch.setattr(devices, "free_bytes", lambda device: need - 1)
+    with pytest.raises(LabError, match=r"This run needs about .* free on cpu; use fewer layers"):
+        check_fits(cfg, "cpu")
+    with pytest.raises(LabError, match=r"free on cuda:1"):  # under DDP every GPU holds a replica
+        check_fits(cfg, "cuda", [1])
+    monkeypatch.setattr(devices, "free_bytes", lambda device: None)
+    assert check_fits(cfg, "cpu") == need

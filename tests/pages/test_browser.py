@@ -113,8 +113,30 @@ def _enter(page, role, name, value, tries=4):
     raise AssertionError(f"{name} did not keep {value!r} (shows {box.input_value()!r})")
 
 
+def _open(page, server, path, role, name):
+    """Go to one of the app's pages on the ``server`` and wait until the widget (role, name) is
+    drawn and the script has finished its run."""
+    url, _ = server
+    page.goto(f"{url}/{path}")
+    page.get_by_role(role, name=name).wait_for(timeout=90_000)
+    _settle(page)
+
+
+def _press(page, button, until, timeout=90_000):
+    """Click ``button`` and wait until ``until`` (a locator) shows and the script has finished."""
+    button.click()
+    until.wait_for(timeout=timeout)
+    _settle(page)
+
+
 def _no_exception(page):
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def _checked_screenshot(page, tmp_path, name):
+    """No exception box on the page; then its screenshot, as ``name``.png."""
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / f"{name}.png"), full_page=True)
 
 
 def test_server_listens_on_localhost_only(server):
@@ -133,37 +155,24 @@ def test_home_shows_the_model_card(server, page, tmp_path):
     _settle(page)
     body = page.inner_text("body")
     assert "GPT Lab" in body and "Parameters" in body and "Generate" in body
-    _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "home.png"), full_page=True)
+    _checked_screenshot(page, tmp_path, "home")
 
 
 def test_generate_streams_tokens_and_shows_the_token_view(server, page, tmp_path):
-    url, _ = server
-    page.goto(f"{url}/generate")
-    prompt = page.get_by_role("textbox", name="Prompt")
-    prompt.wait_for(timeout=90_000)
-    _settle(page)
+    _open(page, server, "generate", "textbox", "Prompt")
     _enter(page, "textbox", "Prompt", "ROMEO:")
     _enter(page, "spinbutton", "Max new tokens", "12")
-    page.get_by_role("button", name="Generate").click()
-    page.get_by_text("Prompt perplexity").wait_for(timeout=90_000)
-    _settle(page)
+    _press(page, page.get_by_role("button", name="Generate"), page.get_by_text("Prompt perplexity"))
     body = page.inner_text("body")
     assert "Stopped by" in body and "max new tokens" in body
     assert page.locator("span[title]").count() >= 12  # one coloured span per generated token
-    _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "generate.png"), full_page=True)
+    _checked_screenshot(page, tmp_path, "generate")
 
 
 def test_consensus_run_draws_the_live_chart(server, page, tmp_path):
-    url, _ = server
-    page.goto(f"{url}/consensus")
-    page.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
-    _settle(page)
+    _open(page, server, "consensus", "spinbutton", "Iterations N")
     _enter(page, "spinbutton", "Iterations N", "2")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
-    _settle(page)
+    _press(page, page.get_by_role("button", name="Run", exact=True), page.get_by_role("button", name="Metric .npy"))
     assert page.locator("[data-testid=stVegaLiteChart]").count() >= 1  # the metric chart
     page.get_by_text("default N=2").first.wait_for(timeout=30_000)  # the run, labelled for overlays
     # downloads are made when pressed (deferred): the server must hand over real files
@@ -174,15 +183,11 @@ def test_consensus_run_draws_the_live_chart(server, page, tmp_path):
     with page.expect_download(timeout=60_000) as chart:
         page.get_by_role("button", name="Chart (PNG)").first.click()
     assert Path(chart.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "consensus.png"), full_page=True)
+    _checked_screenshot(page, tmp_path, "consensus")
 
 
 def test_training_launch_and_stop_a_tiny_run(server, page, tmp_path):
-    url, _ = server
-    page.goto(f"{url}/training")
-    page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=90_000)
-    _settle(page)
+    _open(page, server, "training", "spinbutton", "Max steps")
     _enter(page, "spinbutton", "Max steps", "3000")
     _enter(page, "spinbutton", "Validate every", "20")
     page.get_by_role("button", name="Launch").click()
@@ -204,16 +209,13 @@ def test_features_card_and_explain_a_completion(server, page, tmp_path):
     page.wait_for_timeout(3000)  # the card's tables and charts finish drawing
     body = page.inner_text("body")
     assert "Top contexts" in body and "Explain a completion" in body
-    _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "features.png"), full_page=True)
+    _checked_screenshot(page, tmp_path, "features")
     page.get_by_role("tab", name="Explain a completion").click()
     page.get_by_test_id("stTabs").get_by_test_id("stBaseButton-primary").wait_for(timeout=60_000)
     _settle(page)
-    page.get_by_test_id("stTabs").get_by_test_id("stBaseButton-primary").click()
-    page.get_by_text("Total description").first.wait_for(timeout=120_000)
-    _settle(page)
-    _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "features_explain.png"), full_page=True)
+    _press(page, page.get_by_test_id("stTabs").get_by_test_id("stBaseButton-primary"),
+           page.get_by_text("Total description").first, timeout=120_000)
+    _checked_screenshot(page, tmp_path, "features_explain")
 
 
 def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browser, tmp_path):
@@ -258,10 +260,8 @@ def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browse
         cons.get_by_text("default N=2 const-reset seed=42").first.wait_for(timeout=30_000)
         assert "Prompt perplexity" not in cons.inner_text("body")
         assert cons.locator("[data-testid=stVegaLiteChart]").count() >= 1
-        for pg in (gen, cons):
-            _no_exception(pg)
-        gen.screenshot(path=str(_shots(tmp_path) / "two_sessions_generate.png"), full_page=True)
-        cons.screenshot(path=str(_shots(tmp_path) / "two_sessions_consensus.png"), full_page=True)
+        _checked_screenshot(gen, tmp_path, "two_sessions_generate")
+        _checked_screenshot(cons, tmp_path, "two_sessions_consensus")
     finally:
         for ctx in contexts:
             ctx.close()

@@ -288,21 +288,10 @@ def test_a_chat_template_is_used_when_the_tokenizer_has_one(tiny_gpt2_dir, tmp_p
         assert r.choices[0].message.content == greedy(lm, prompt, 6).completion
 
 
-def test_a_diffusion_model_is_served_without_logprobs(tmp_path):
-    import torch
-
+def test_a_diffusion_model_is_served_without_logprobs(tiny_diffusion_dir):
     from core.generation.diffusion import DiffusionConfig, generate as diffusion_generate
-    from core.models.gpt import GPT, GPTConfig
-    from core.models.loading import save_checkpoint
-    from core.models.tokenizer import train_bpe
-    from tests.conftest import CORPUS
 
-    tok = train_bpe([CORPUS], 320, tmp_path / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
-                          mask_token_id=tok.mask_id))
-    save_checkpoint(tmp_path / "dm", model, str(tmp_path / "tokenizer.json"), objective="diffusion")
-    lm = load_model(str(tmp_path / "dm"))
+    lm = load_model(str(tiny_diffusion_dir))
     expected = diffusion_generate(lm, PROMPT, DiffusionConfig(gen_length=8, steps=8, temperature=0.0, seed=0))
     with serving(lm) as s:
         c = client(s.url)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import wait_for
+from tests.conftest import wait_for
 
 from core.commands.cli import main
 from core.errors import LabError
