@@ -603,7 +603,7 @@ def _export(args: argparse.Namespace) -> int:
 
     to = Path(args.to).expanduser()
     if args.export_format == "neuronpedia":
-        from ..interp.neuronpedia import export_neuronpedia, source_name
+        from ..interp.neuronpedia import export_neuronpedia
 
         names = re.compile(rf"\d+-{re.escape(args.sae_set)}")
         _output_folder(to, "--to", args.overwrite, lambda e: e.is_dir() and names.fullmatch(e.name) is not None,
@@ -636,8 +636,8 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.close()
-    print(f"wrote {len(folders)} SAELens folder(s) to {to} (load one with sae_lens.SAE.load_from_disk(\"{folders[0]}\"))",
-          file=sys.stderr)
+    print(f"wrote {len(folders)} SAELens folder(s) to {to} (load one with "
+          f"sae_lens.SAE.load_from_disk(\"{folders[0]}\"))", file=sys.stderr)
     return 0
 
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_json, parse_json
+from ..files import atomic_write_json, atomic_write_text, parse_json
 from .config import NEURONPEDIA_SET, transcoder_hooks
 from .store import HIST_EDGES, Context, FeatureStore, Score
 
@@ -94,7 +94,8 @@ def _activations(top: list[Context], quantiles: list[Context]) -> list[dict]:
     return out
 
 
-def layer_json(store: FeatureStore, layer: int, *, model_id: str, sae_set: str = NEURONPEDIA_SET) -> tuple[list[dict], list[dict], dict]:
+def layer_json(store: FeatureStore, layer: int, *, model_id: str,
+               sae_set: str = NEURONPEDIA_SET) -> tuple[list[dict], list[dict], dict]:
     """``(batches, explanation records, run settings)`` of one layer (see the module docstring)."""
     info = {l.layer: l for l in store.layers()}.get(layer)
     if info is None:
@@ -137,7 +138,8 @@ def layer_json(store: FeatureStore, layer: int, *, model_id: str, sae_set: str =
                 "n_tokens_in_prompt": seq_len, "dataset": dataset,
                 "gptlab": {"store": str(store.label), "model": sets[-1]["model"] if sets else "",
                            "set_folder": sets[-1]["folder"] if sets else None, "quality": quality,
-                           "description": store.description("layer", layer), "total_description": store.description("total")}}
+                           "description": store.description("layer", layer),
+                           "total_description": store.description("total")}}
     return batches, records, settings
 
 
@@ -165,7 +167,10 @@ def export_neuronpedia(store: FeatureStore, out: str | os.PathLike, *, model_id:
         files[folder / EXPLANATIONS_FILENAME] = records
         files[folder / RUN_SETTINGS_FILENAME] = settings
     for path, obj in files.items():
-        atomic_write_json(path, obj)
+        if path.name.startswith("batch-"):  # compact, as SAEDashboard writes them: they are most of the bytes
+            atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
+        else:
+            atomic_write_json(path, obj)
     return [out / source_name(i, sae_set) for i in layers]
 
 

@@ -61,7 +61,8 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 SPARSITY_TENSOR = "sparsity"
 SPARSITY_EPS = 1e-10                  # log10(density + eps), SAELens' trainer's floor for a dead feature
-SAELENS_CONFIG_VERSION = "6.0.0"      # the cfg.json layout written (metadata nested); SAELens reads older ones differently
+SAELENS_CONFIG_VERSION = "6.0.0"      # the cfg.json layout written (metadata nested); SAELens reads older ones
+                                      # (flat, pre-6.0) differently
 # GPT Lab activation -> SAELens architecture (export); import also takes SAELens' plain SAE kinds
 # when their metadata names an output hook.
 ARCHITECTURES = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk"}
@@ -393,7 +394,8 @@ def _transcoder(sae: SAELensFolder, layer: int, cfg: TranscoderConfig, ln2, fold
         w = ln2.weight.detach().double().cpu()
         b = ln2.bias.detach().double().cpu() if getattr(ln2, "bias", None) is not None else torch.zeros_like(w)
         if bool((w.abs() < 1e-12).any()):
-            raise LabError(f"ln2 of layer {layer} has a weight of zero in channel {int((w.abs() < 1e-12).nonzero()[0])}, "
+            zero = int((w.abs() < 1e-12).nonzero()[0])
+            raise LabError(f"ln2 of layer {layer} has a weight of zero in channel {zero}, "
                            f"so a transcoder that read the stream before that weight cannot be folded; import with "
                            f"--fold-ln no only if it read the MLP's real input.")
         We = W_enc.double()
@@ -430,7 +432,8 @@ def import_saelens(source: str | os.PathLike, lm: "LoadedModel", *, layers: list
             raise LabError(f"Two SAEs read layer {i} ({saes[i].path} and {p}); pass the one you want with --from.")
         saes[i] = sae
     if layers is not None and sorted(set(layers)) != sorted(saes):
-        raise LabError(f"--layers {sorted(set(layers))}: {folder} has SAEs for layers {sorted(saes) or 'none of them'}.")
+        found = sorted(saes) or "none of them"
+        raise LabError(f"--layers {sorted(set(layers))}: {folder} has SAEs for layers {found}.")
     if not saes:
         raise LabError(f"No transcoder in {folder} reads a layer GPT Lab can splice in.")
     first = saes[min(saes)]
@@ -515,7 +518,7 @@ def densities_from(source: str | os.PathLike) -> dict[int, np.ndarray]:
     return out
 
 
-__all__ = ["ARCHITECTURES", "IMPORTED", "NO_PROCESSING", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME", "SPARSITY_FILENAME",
-           "SAELensConfig", "SAELensFolder", "export_saelens", "find_saelens_folders", "import_saelens",
+__all__ = ["ARCHITECTURES", "IMPORTED", "NO_PROCESSING", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME",
+           "SPARSITY_FILENAME", "SAELensConfig", "SAELensFolder", "export_saelens", "find_saelens_folders", "import_saelens",
            "layer_folder", "log_sparsity", "read_saelens_folder", "resolve_source", "saelens_config",
            "source_model_name", "densities_from"]

@@ -33,7 +33,8 @@ def store_path(tmp_path_factory):
     vocab = {i: f" tok{i}" for i in range(50)} | {50: "\n", 51: "é\"quoted\""}
     with FeatureStore.build(path) as store:
         store.set_vocab_size(1000)
-        store.add_set("tiny/model", "/tmp/set", {"transcoder": {"n_features": N0}, "seq_len": 32, "corpus": "shakespeare"})
+        store.add_set("tiny/model", "/tmp/set", {"transcoder": {"n_features": N0}, "seq_len": 32,
+                                                 "corpus": "shakespeare"})
         store.put_vocab(vocab)
         for layer, n in ((0, N0), (2, 5)):
             store.put_layer(layer, n, {"fve": 0.9, "l0": 8.0, "dead_fraction": 0.1, "loss_clean": 3.0,
@@ -99,7 +100,8 @@ def test_export_has_saedashboards_shape(store_path, tmp_path):
     assert rec["layer"] == "0-tc" and rec["modelId"] == "tiny-model" and rec["description"] == "Fires on \"tok\" words"
     assert {s["explanationScoreTypeName"]: s["value"] for s in rec["scores"]} == {"detection": 0.9, "simulation": None}
     settings = json.loads((folders[1] / "run_settings.json").read_text())
-    assert settings["hook_name"] == "blocks.2.ln2.hook_normalized" and settings["hook_name_out"] == "blocks.2.hook_mlp_out"
+    assert (settings["hook_name"], settings["hook_name_out"]) == ("blocks.2.ln2.hook_normalized",
+                                                                  "blocks.2.hook_mlp_out")
     assert settings["gptlab"]["total_description"] == "Everything."
 
 

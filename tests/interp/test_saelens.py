@@ -23,10 +23,14 @@ from core.interp.store import HIST_EDGES
 from core.interp.transcoder import Transcoder, TranscoderSet
 from core.models.loading import load_model
 
-sae_lens = pytest.importorskip("sae_lens")  # the oracle: pip install sae-lens==6.54.12
-from sae_lens import SAE  # noqa: E402
-
 D, F = 32, 64  # the tiny models' width; features per layer
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    """The oracle, SAELens itself (sae-lens==6.54.12 from PyPI, in requirements.txt); imported only by
+    the tests that use it, which skip where it is not installed."""
+    return pytest.importorskip("sae_lens")
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +71,17 @@ def store_with_densities(path: Path, layers=(0, 1)) -> dict[int, np.ndarray]:
     return dens
 
 
-def load_saelens(folder: Path):
+def load_saelens(sae_lens, folder: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "load the model with from_pretrained_no_processing": what the export asks
-        return SAE.load_from_disk(folder)
+        return sae_lens.SAE.load_from_disk(folder)
 
 
 # -- export: SAELens' own loader computes what we compute ------------------------------------------
 
 @pytest.mark.parametrize("activation,cls", [("topk", "TopKSAE"), ("relu", "Transcoder"),
                                             ("jumprelu", "JumpReLUTranscoder")])
-def test_export_loads_in_saelens_and_computes_the_same(tmp_path, activation, cls):
+def test_export_loads_in_saelens_and_computes_the_same(sae_lens, tmp_path, activation, cls):
     tset = random_set(activation)
     dens = store_with_densities(tmp_path / "features.sqlite")
     with FeatureStore(tmp_path / "features.sqlite", readonly=True) as store:
@@ -86,7 +90,7 @@ def test_export_loads_in_saelens_and_computes_the_same(tmp_path, activation, cls
     x = torch.randn(4, 9, D, generator=torch.Generator().manual_seed(1)) * 3
     for i, folder in zip((0, 1), folders):
         assert sorted(p.name for p in folder.iterdir()) == [SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME]
-        sae = load_saelens(folder)
+        sae = load_saelens(sae_lens, folder)
         assert type(sae).__name__ == cls
         meta = sae.cfg.metadata
         assert (meta.hook_name, meta.hook_name_out, meta.model_name) == (f"blocks.{i}.ln2.hook_normalized",
@@ -94,7 +98,8 @@ def test_export_loads_in_saelens_and_computes_the_same(tmp_path, activation, cls
         assert meta.model_from_pretrained_kwargs == NO_PROCESSING and meta.context_size == 32
         assert (sae.cfg.d_in, sae.cfg.d_sae) == (D, F)
         raw = json.loads((folder / SAE_CFG_FILENAME).read_text())
-        assert raw["architecture"] == {"topk": "topk", "relu": "transcoder", "jumprelu": "jumprelu_transcoder"}[activation]
+        arch = {"topk": "topk", "relu": "transcoder", "jumprelu": "jumprelu_transcoder"}[activation]
+        assert raw["architecture"] == arch
         assert raw["d_out"] == D and raw.get("k") == (8 if activation == "topk" else None)
         ours = tset[i]
         acts = sae.encode(x)
@@ -132,7 +137,7 @@ def test_export_then_import_is_the_same_set(lm, tmp_path):
 
 # -- import: folders SAELens wrote -----------------------------------------------------------------
 
-def saelens_transcoder(arch: str, layer: int, meta: dict, seed: int = 0):
+def saelens_transcoder(sae_lens, arch: str, layer: int, meta: dict, seed: int = 0):
     """A transcoder made and saved by SAELens itself (its own random init, not ours)."""
     from sae_lens.saes.sae import SAEMetadata
 
@@ -157,8 +162,9 @@ def saelens_transcoder(arch: str, layer: int, meta: dict, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["transcoder", "jumprelu_transcoder", "topk"])
-def test_folders_saelens_wrote_import_bit_for_bit(lm, tmp_path, arch):
-    saes = {i: saelens_transcoder(arch, i, {"model_from_pretrained_kwargs": NO_PROCESSING}, seed=i) for i in (0, 1)}
+def test_folders_saelens_wrote_import_bit_for_bit(sae_lens, lm, tmp_path, arch):
+    meta = {"model_from_pretrained_kwargs": NO_PROCESSING}
+    saes = {i: saelens_transcoder(sae_lens, arch, i, meta, seed=i) for i in (0, 1)}
     for i, sae in saes.items():
         sae.save_model(tmp_path / "release" / f"layer_{i}")
     tset = import_saelens(tmp_path / "release", lm)
@@ -176,12 +182,12 @@ def test_folders_saelens_wrote_import_bit_for_bit(lm, tmp_path, arch):
     # and round trip through SAELens again: our export of the imported set loads as the same SAE
     export_saelens(tset, tmp_path / "again")
     for i, sae in saes.items():
-        again = load_saelens(tmp_path / "again" / layer_folder(i))
+        again = load_saelens(sae_lens, tmp_path / "again" / layer_folder(i))
         for name, v in sae.state_dict().items():
             assert torch.equal(again.state_dict()[name], v), name
 
 
-def test_transformerlens_folded_transcoders_get_ln2_folded_in(tmp_path, tiny_gpt2_dir):
+def test_transformerlens_folded_transcoders_get_ln2_folded_in(sae_lens, tmp_path, tiny_gpt2_dir):
     """A transcoder trained on a fold_ln model read the stream normalised but before ln2's weight
     and bias, and wrote hook_mlp_out less its mean: on import the affine goes into the encoder and
     FVE is measured against the centred target."""
@@ -192,7 +198,7 @@ def test_transformerlens_folded_transcoders_get_ln2_folded_in(tmp_path, tiny_gpt
         with torch.no_grad():
             ln.weight.copy_(0.5 + torch.rand(D, generator=g))
             ln.bias.copy_(torch.randn(D, generator=g) * 0.3)
-    sae = saelens_transcoder("transcoder", 1, {})                 # no model_from_pretrained_kwargs: TL's defaults
+    sae = saelens_transcoder(sae_lens, "transcoder", 1, {})       # no model_from_pretrained_kwargs: TL's defaults
     with torch.no_grad():
         sae.W_dec.mul_(0.02)                                      # writes about as much as the tiny MLP does
     sae.save_model(tmp_path / "tl")
@@ -207,7 +213,8 @@ def test_transformerlens_folded_transcoders_get_ln2_folded_in(tmp_path, tiny_gpt
         h = lm.stack.block(i, h, record=record)
     resid = record["blocks.1.hook_mlp_in"]
     ln = lm.stack.ln_2(1)
-    normalized = (resid - resid.mean(-1, keepdim=True)) / torch.sqrt(resid.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    var = resid.var(-1, unbiased=False, keepdim=True)
+    normalized = (resid - resid.mean(-1, keepdim=True)) / torch.sqrt(var + ln.eps)  # LNPre: no weight, no bias
     x = record["blocks.1.ln2.hook_normalized"]                    # GPT Lab's hook: after the affine
     assert torch.allclose(tset[1].encode(x), sae.encode(normalized), atol=1e-5, rtol=1e-5)
     assert torch.allclose(tset[1](x), sae(normalized), atol=1e-5, rtol=1e-5)
@@ -267,9 +274,9 @@ def test_import_from_the_hugging_face_cache(lm, tmp_path, monkeypatch):
 
 # -- refusals --------------------------------------------------------------------------------------
 
-def test_what_cannot_be_spliced_in_is_refused_in_one_sentence(lm, tmp_path):
+def test_what_cannot_be_spliced_in_is_refused_in_one_sentence(sae_lens, lm, tmp_path):
     def write(name: str, meta: dict):
-        sae = saelens_transcoder("transcoder", 0, meta)
+        sae = saelens_transcoder(sae_lens, "transcoder", 0, meta)
         sae.save_model(tmp_path / name)
         return tmp_path / name
 
