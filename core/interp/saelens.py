@@ -317,8 +317,9 @@ def resolve_source(source: str) -> Path:
     except Exception as e:  # the hub's own errors: not cached, not found, no network
         where = "the hub cannot be reached and it is not in the local Hugging Face cache" if not online else \
             f"the hub answered {shorten(first_line(e), 120)}"
-        raise LabError(f"Cannot get {repo}{'@' + revision if revision else ''}: {where}; download it where there is "
-                       f"internet (`hf download {repo}`) and copy the cache here, or pass a folder.") from None
+        raise LabError(f"--from {shorten(text, 120)} is no folder here, and as a Hugging Face repo "
+                       f"({repo}{'@' + revision if revision else ''}) {where}; download it where there is internet "
+                       f"(`hf download {repo}`) and copy the cache here, or pass a folder.") from None
     folder = snap / sub if sub else snap
     if not folder.is_dir():
         raise LabError(f"{repo} has no folder {sub} in the local Hugging Face cache ({snap}); check the path.")
@@ -417,7 +418,13 @@ def import_saelens(source: str | os.PathLike, lm: "LoadedModel", *, layers: list
     nothing is written (``TranscoderSet.save`` does). The set's ``origin`` says where it came
     from and what was changed."""
     folder = resolve_source(str(source))
-    paths = find_saelens_folders(folder)
+    try:
+        paths = find_saelens_folders(folder)
+    except OSError as e:
+        raise LabError(f"Cannot read the folders under {folder} ({e.strerror or first_line(e)}); check their "
+                       f"permissions.") from None
+    local = Path(str(source)).expanduser()
+    label = str(local.resolve()) if local.exists() else str(source)  # a folder by its full path, a repo by its id
     if not paths:
         raise LabError(f"No SAELens SAE in {folder} (no {SAE_CFG_FILENAME} in it or the folders below it); pass the "
                        f"folder `transcoders export --format saelens` or SAELens wrote.")
@@ -496,10 +503,10 @@ def import_saelens(source: str | os.PathLike, lm: "LoadedModel", *, layers: list
     if gl:
         metrics = {"layers": {str(i): (s.config.metadata.get("gptlab") or {}).get("quality") for i, s in saes.items()
                               if (s.config.metadata.get("gptlab") or {}).get("quality")}}
-    origin = {"format": "saelens", "source": str(source), "architecture": c0.architecture,
+    origin = {"format": "saelens", "source": label, "architecture": c0.architecture,
               "model_name": c0.metadata.get("model_name"),
               "dtype": src_dtype if unchanged and src_dtype in SAVE_DTYPES else "float32",
-              "notes": [f"Imported from SAELens ({c0.architecture}, {c0.d_sae:,} features) from {source}.",
+              "notes": [f"Imported from SAELens ({c0.architecture}, {c0.d_sae:,} features) from {label}.",
                         *sorted(notes)]}
     if gl.get("origin"):  # imported before, exported, imported again: the first origin's notes still hold
         origin["notes"] += [n for n in gl["origin"].get("notes", []) if n not in origin["notes"]]

@@ -187,6 +187,38 @@ def test_folders_saelens_wrote_import_bit_for_bit(sae_lens, lm, tmp_path, arch):
             assert torch.equal(again.state_dict()[name], v), name
 
 
+@pytest.mark.parametrize("arch,extra", [("topk", {"rescale_acts_by_decoder_norm": True}),
+                                        ("topk", {"apply_b_dec_to_input": True}),
+                                        ("jumprelu", {"apply_b_dec_to_input": True}),
+                                        ("standard", {"apply_b_dec_to_input": True})])
+def test_saelens_kinds_that_need_a_fold_compute_the_same(sae_lens, lm, tmp_path, arch, extra):
+    """SAEs that rank TopK by decoder norm, or subtract b_dec from their input, are folded into a plain
+    transcoder that computes what SAELens computes (weights changed, so within float error)."""
+    from sae_lens.saes.sae import SAEMetadata
+
+    cls, cfg_cls = sae_lens.registry.get_sae_class(arch)
+    meta = SAEMetadata(model_name="tiny", hook_name="blocks.1.ln2.hook_normalized",
+                       hook_name_out="blocks.1.hook_mlp_out", model_from_pretrained_kwargs=NO_PROCESSING)
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = cls(cfg_cls(d_in=D, d_sae=F, metadata=meta, **({"k": 6} if arch == "topk" else {}), **extra))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        sae.W_dec.mul_(torch.rand(F, 1) * 2 + 0.5)               # decoder rows of uneven norm
+        if hasattr(sae, "threshold"):
+            sae.threshold.abs_()
+    sae.save_model(tmp_path / "sae")
+    tset = import_saelens(tmp_path / "sae", lm)
+    for flag in extra:                                            # what was folded is said
+        assert any(flag in note for note in tset.origin["notes"]), tset.origin["notes"]
+    x = torch.randn(50, D) * 2
+    assert torch.allclose(tset[1](x), sae(x), atol=1e-5, rtol=1e-5)
+    on = sae.encode(x) > 0
+    assert torch.equal(tset[1].encode(x) > 0, on)
+
+
 def test_transformerlens_folded_transcoders_get_ln2_folded_in(sae_lens, tmp_path, tiny_gpt2_dir):
     """A transcoder trained on a fold_ln model read the stream normalised but before ln2's weight
     and bias, and wrote hook_mlp_out less its mean: on import the affine goes into the encoder and
@@ -261,7 +293,7 @@ def test_import_from_the_hugging_face_cache(lm, tmp_path, monkeypatch):
     back = import_saelens("someone/tiny-transcoders/saes", lm)
     assert back.layers == [0, 1]
     assert all(torch.equal(back[i].W_enc, tset[i].W_enc) for i in (0, 1))
-    with pytest.raises(LabError, match="not in the local Hugging Face cache"):
+    with pytest.raises(LabError, match="no folder here, and as a Hugging Face repo .* not in the local Hugging Face"):
         resolve_source("someone/not-there")
     # a file that links out of the repository is refused, never read
     outside = tmp_path / "elsewhere.json"
