@@ -389,3 +389,18 @@ def test_cli_export_and_import(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
                "--no-eval", "--no-collect"])
     assert rc == 2 and "not a transcoder set" in capsys.readouterr().err
     assert (tmp_path / "other" / "config.json").read_text() == "{}"
+
+
+def test_older_flat_configs_read_too(tmp_path):
+    """SAELens before 6.0 kept the metadata at the top level and named hooks hook_point(_out)."""
+    from core.interp.saelens import SAELensConfig, source_model_name
+
+    flat = {"d_in": D, "d_sae": F, "d_out": D, "hook_point": "blocks.2.ln2.hook_normalized",
+            "hook_point_out": "blocks.2.hook_mlp_out", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
+            "model_name": "gpt2-small", "dtype": "torch.float32", "normalize_activations": False}
+    cfg = SAELensConfig.from_dict(flat)
+    assert (cfg.architecture, cfg.k, cfg.dtype, cfg.normalize_activations) == ("topk", 4, "float32", "none")
+    assert cfg.metadata["hook_name"] == "blocks.2.ln2.hook_normalized"
+    assert cfg.metadata["hook_name_out"] == "blocks.2.hook_mlp_out" and cfg.apply_b_dec_to_input
+    (tmp_path / SAE_CFG_FILENAME).write_text(json.dumps(flat))
+    assert source_model_name(tmp_path) == "gpt2"                     # TransformerLens' name -> the hub id
