@@ -2,7 +2,8 @@
 Playwright; never a browser download) against `streamlit run app.py` on localhost.
 
 Each page is opened, its main action done with the default model, and checked for the expected
-elements and for the absence of Streamlit's exception box. Screenshots land in
+elements and for the absence of Streamlit's exception box. Long runs are cut off the ways a user
+cuts them off (Stop, Run again, leaving the page) and the page must answer within a second. Screenshots land in
 $GPTLAB_SCREENSHOTS (the README's docs/screenshots when set) or the test's tmp folder.
 """
 from __future__ import annotations
@@ -268,17 +269,6 @@ def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browse
             ctx.close()
 
 
-def test_server_console_stays_quiet(server, server_console):
-    """Runs last, after every page's main action: the server's console holds no traceback (errors
-    reach users as sentences, and nothing fails behind their back) and no file-watcher flood (the
-    inotify watcher drowned the console in "queue overflowed" lines while torch was imported from
-    the README's .venv)."""
-    console = server_console.read_text(errors="replace")
-    assert "You can now view your Streamlit app" in console
-    assert "Traceback" not in console, console[-3000:]
-    assert "Inotify queue overflowed" not in console, console[-3000:]
-
-
 # -- Stop answers at once --------------------------------------------------------------------------
 # Pressing Stop (or Run again, or leaving the page) starts a new script run at once, in a new
 # thread, while the old one is told to stop at its next call into Streamlit. The page must not wait
@@ -424,3 +414,14 @@ def test_generate_stop_answers_within_a_second(server, page):
     n = len(load_model("default").tokenizer.encode(prompt))
     _change_and_time(page, "textbox", "Prompt", prompt, f"{n} prompt tokens", "generate after Stop")
     _no_exception(page)
+
+
+def test_server_console_stays_quiet(server, server_console):
+    """Runs last, after every page's main action: the server's console holds no traceback (errors
+    reach users as sentences, and nothing fails behind their back) and no file-watcher flood (the
+    inotify watcher drowned the console in "queue overflowed" lines while torch was imported from
+    the README's .venv)."""
+    console = server_console.read_text(errors="replace")
+    assert "You can now view your Streamlit app" in console
+    assert "Traceback" not in console, console[-3000:]
+    assert "Inotify queue overflowed" not in console, console[-3000:]
