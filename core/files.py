@@ -161,6 +161,10 @@ def check_output_dir(path: str | os.PathLike | None, flag: str) -> Path:
                            f"system allows; use a shorter name.")
         if out.is_symlink():
             raise LabError(f"{flag} {shown} is a link; name a new or empty folder, not a link to one.")
+        here, absolute = Path.cwd(), Path(os.path.abspath(out))
+        if absolute == here or absolute in here.parents:
+            raise LabError(f"{flag} {shown} is the working folder or holds it; name a new or empty folder inside "
+                           f"it instead, e.g. {flag} exported.")
         if out.exists() and not out.is_dir():
             raise LabError(f"{flag} {shown} is a file; name a new or empty folder.")
         if out.is_dir():
@@ -192,8 +196,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     synced and the folder renamed onto ``path`` (absent or an empty folder: checked first with
     :func:`check_output_dir`), so ``path`` appears complete or not at all. If the block fails,
     the temp folder is removed and ``path`` is left as it was."""
-    out = Path(path).expanduser()
-    parent = out.absolute().parent
+    out = Path(os.path.abspath(Path(path).expanduser()))  # "a/.." is judged as the folder it names
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name[:200]}.", suffix=".tmp"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,15 @@ def test_anything_else_is_refused_in_one_sentence(tmp_path, make, words):
         check_output_dir(target, "--to")
     assert words in str(e.value) and "\n" not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_the_working_folder_is_never_the_output(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for name in (".", "..", "sub/..", str(tmp_path / "here")):
+        with pytest.raises(LabError, match="is the working folder or holds it"):
+            check_output_dir(name, "--to")
+    assert check_output_dir("sub/../new", "--to") == Path("sub/../new")
 
 
 def test_empty_name_too_long_name_and_a_file_on_the_way(tmp_path):
