@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the fol
 
 def find_assets() -> Path:
     """The shipped assets (the default model, its tokenizer and transcoders): ``core/assets/`` inside
-    an installed wheel, where pyproject.toml puts the repository's ``assets/`` as package data, else
+    an installed wheel, where the build (setup.py) puts the repository's ``assets/`` as package data, else
     ``assets/`` beside ``core/`` (a checkout, or an editable install, which runs from it)."""
     packaged = Path(__file__).resolve().parents[1] / "assets"
     return packaged if packaged.is_dir() else ROOT / "assets"
