@@ -4,7 +4,10 @@
   previous file intact, never a truncated one; a full disk is a sentence naming the folder and
   the space left, not an ``OSError`` from deep inside numpy.
 - :func:`check_output`: every command that writes a file asks it about the path *before* the
-  work starts, so an hour-long run never ends in "cannot write there".
+  work starts, so an hour-long run never ends in "cannot write there"; :func:`check_output_dir`
+  does the same for a folder a command fills (new or empty, never one that holds anything).
+- :func:`atomic_folder`: a folder of files built in a hidden sibling and renamed into place, so
+  it appears whole or not at all.
 - :func:`check_folder_links`: a model folder is read only inside itself; a file that is a link out
   of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
 """
@@ -15,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -135,6 +139,92 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
                   errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
         raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
     return out
+
+
+def check_output_dir(path: str | os.PathLike | None, flag: str) -> Path:
+    """The folder ``flag`` (``--to`` ...) names, checked before any work: a name is given, it is
+    new or an empty folder (never a file, a link, or a folder holding anything: a model folder is
+    never overwritten), no part of the name is longer than the file system allows, and the nearest
+    existing folder on its way takes a new folder (probed with a real one). Writes nothing that
+    stays; fill it with :func:`atomic_folder`."""
+    text = "" if path is None else os.fspath(path)
+    if not text.strip():
+        raise LabError(f"{flag} needs a folder name (got an empty one); name a new or empty folder to write.")
+    shown = shorten(text, 120)
+    out = Path(text).expanduser()
+    try:
+        name_max = os.pathconf(_nearest_existing(out.absolute().parent), "PC_NAME_MAX")
+        long = next((p for p in [out.name, *(q.name for q in out.absolute().parents)]
+                     if len(os.fsencode(p)) > name_max), None)
+        if long is not None:
+            raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
+                           f"system allows; use a shorter name.")
+        if out.is_symlink():
+            raise LabError(f"{flag} {shown} is a link; name a new or empty folder, not a link to one.")
+        here, absolute = Path.cwd(), Path(os.path.abspath(out))
+        if absolute == here or absolute in here.parents:
+            raise LabError(f"{flag} {shown} is the working folder or holds it; name a new or empty folder inside "
+                           f"it instead, e.g. {flag} exported.")
+        if out.exists() and not out.is_dir():
+            raise LabError(f"{flag} {shown} is a file; name a new or empty folder.")
+        if out.is_dir():
+            held = sorted(p.name for p in out.iterdir())
+            if held:
+                what = "a model folder (it holds config.json)" if "config.json" in held else \
+                    f"not empty (it holds {shorten(', '.join(held[:3]), 60)}{', ...' if len(held) > 3 else ''})"
+                raise LabError(f"{flag} {shown} is {what}; name a new or empty folder, nothing is ever written "
+                               f"over an existing one.")
+        existing = _nearest_existing(out.absolute().parent)  # where the finished folder is renamed into
+        if not existing.is_dir():
+            raise LabError(f"{flag} {shown} cannot be made: {existing} is a file, not a folder; pick another place.")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".gptlab-probe-"))
+    except LabError:
+        raise
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(_nearest_existing(out.absolute()), e) from None
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
+                  errno.ENOTDIR: "part of the way is a file, not a folder"}.get(e.errno, e.strerror or str(e))
+        raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
+    return out
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temp folder beside ``path`` to fill; when the block ends, its files are
+    synced and the folder renamed onto ``path`` (absent or an empty folder: checked first with
+    :func:`check_output_dir`), so ``path`` appears complete or not at all. If the block fails,
+    the temp folder is removed and ``path`` is left as it was."""
+    out = Path(os.path.abspath(Path(path).expanduser()))  # "a/.." is judged as the folder it names
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name[:200]}.", suffix=".tmp"))
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(parent, e) from e
+        raise
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, file.stat().st_mode & 0o7777 | 0o666 & ~_UMASK)  # some writers make 0600
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder ordinary permissions
+        try:
+            os.replace(tmp, out)  # atomic; replaces an empty folder, refuses anything else
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise LabError(f"{shorten(str(out), 120)} was filled by something else while it was being written; "
+                               f"name a new or empty folder and run again.") from None
+            raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise _disk_full(parent, e) from e
+        raise
 
 
 def _nearest_existing(folder: Path) -> Path:

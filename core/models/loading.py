@@ -36,8 +36,18 @@ from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
 from .tokenizer import Tokenizer, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "assets"
+ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the folder that holds core/)
+
+
+def find_assets() -> Path:
+    """The shipped assets (the default model, its tokenizer and transcoders): ``core/assets/`` inside
+    an installed wheel, where the build (setup.py) puts the repository's ``assets/`` as package data, else
+    ``assets/`` beside ``core/`` (a checkout, or an editable install, which runs from it)."""
+    packaged = Path(__file__).resolve().parents[1] / "assets"
+    return packaged if packaged.is_dir() else ROOT / "assets"
+
+
+ASSETS = find_assets()
 DEFAULT_DIR = ASSETS / "default"
 CHECKPOINT_FORMAT = "gptlab"
 OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
