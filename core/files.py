@@ -4,13 +4,12 @@
   previous file intact, never a truncated one; a full disk is a sentence naming the folder and
   the space left, not an ``OSError`` from deep inside numpy.
 - :func:`check_output`: every command that writes a file asks it about the path *before* the
-  work starts, so an hour-long run never ends in "cannot write there".
-- :func:`check_output_dir`: the same for a folder a command creates or fills (``--output-dir``,
-  ``--data-cache``), before the work.
-- :func:`check_folder_links`: a model, run or transcoder-set folder is read only inside itself; a
-  file that is a link out of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
-- :func:`parse_json`: ``json.loads`` for files GPT Lab did not necessarily write: JSON nested too
-  deeply for the parser is malformed JSON like any other (a ``ValueError``), not a RecursionError.
+  work starts, so an hour-long run never ends in "cannot write there"; :func:`check_output_dir`
+  does the same for a folder a command fills (new or empty, never one that holds anything).
+- :func:`atomic_folder`: a folder of files built in a hidden sibling and renamed into place, so
+  it appears whole or not at all.
+- :func:`check_folder_links`: a model folder is read only inside itself; a file that is a link out
+  of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
 """
 from __future__ import annotations
 
@@ -19,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,16 +37,6 @@ def _disk_full(folder: Path, e: OSError) -> LabError:
     except OSError:
         free = "no free space that can be told"
     return LabError(f"The disk holding {folder} is full ({free}); free some space there or write somewhere else.")
-
-
-def parse_json(text: str | bytes) -> Any:
-    """``json.loads(text)``, except that nesting too deep for Python's parser (a hostile
-    ``[[[[...]]]]``) raises :class:`json.JSONDecodeError` like any other malformed JSON, so every
-    reader that refuses bad JSON in a sentence refuses this one too."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -105,46 +95,6 @@ def atomic_save_npy(path: str | os.PathLike, array) -> Path:
 
 # -- output paths, checked before the work ----------------------------------------------------------
 
-def name_too_long(path: str | os.PathLike) -> str | None:
-    """A sentence-part when some part of ``path`` is longer than the file system allows, else None."""
-    out = Path(os.fspath(path)).expanduser().absolute()
-    try:
-        name_max = os.pathconf(_nearest_existing(out.parent), "PC_NAME_MAX")
-    except OSError:
-        name_max = 255
-    parts = [out.name] + [p.name for p in out.parents]
-    long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
-    if long is None:
-        return None
-    return f"the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file system allows"
-
-
-def _os_reason(e: OSError) -> str:
-    return {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-            errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
-            errno.ENOTDIR: "part of the way is a file, not a folder",
-            errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
-
-
-def _check_place(out: Path, flag: str, shown: str, probe_in: Path) -> None:
-    """Every existing part of the way to ``out`` is a folder, and the nearest existing one
-    (``probe_in`` when it exists) takes a new file: probed with a real temp file, so a read-only
-    mount or a folder that is not yours fails here. Leaves nothing behind."""
-    existing = _nearest_existing(probe_in)
-    if not existing.is_dir():
-        raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
-                       f"place.")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        if e.errno in _FULL:
-            raise _disk_full(existing, e) from None
-        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") \
-            from None
-
-
 def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
     """The file ``flag`` (``--json``, ``--eplot`` ...) names, checked before any work: a name is
     given, it is not a folder, every existing part of its way is a folder, the nearest existing
@@ -158,64 +108,128 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
         raise LabError(f"{flag} needs a file name (got an empty one); name the file to write, or drop {flag}.")
     shown = shorten(text, 120)
     out = Path(text).expanduser()
+    existing = out.absolute().parent
     try:
-        long = name_too_long(out)
+        name_max = os.pathconf(_nearest_existing(existing), "PC_NAME_MAX")
+        parts = [out.name] + [p.name for p in out.absolute().parents]
+        long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
         if long is not None:
-            raise LabError(f"{flag}: {long}; use a shorter name.")
+            raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
+                           f"system allows; use a shorter name.")
         if text.endswith(os.sep) or out.is_dir():
             raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. "
                            f"{os.path.join(shorten(text, 80), 'out')}.")
         if out.exists() and not out.is_file():
             raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
-        _check_place(out, flag, shown, out.absolute().parent)
+        existing = _nearest_existing(existing)
+        if not existing.is_dir():
+            raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
+                           f"place.")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
+        os.close(fd)
+        os.unlink(probe)
     except LabError:
         raise
     except OSError as e:
         if e.errno in _FULL:
-            raise _disk_full(out.absolute().parent, e) from None
-        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
+            raise _disk_full(existing, e) from None
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
+                  errno.ENOTDIR: "part of the way is a file, not a folder",
+                  errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
+        raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
     return out
 
 
-def check_output_dir(path: str | os.PathLike | None, flag: str) -> Path | None:
-    """The folder ``flag`` (``--output-dir``, ``--data-cache`` ...) names, checked before any work
-    the way :func:`check_output` checks a file: a name is given and fits the file system, it is a
-    folder or does not exist yet, every existing part of its way is a folder, and the folder (or
-    its nearest existing parent) takes a new file. What the folder may already hold is for the
-    caller to judge. ``None`` passes through; writes nothing that stays."""
-    if path is None:
-        return None
-    text = os.fspath(path)
+def check_output_dir(path: str | os.PathLike | None, flag: str) -> Path:
+    """The folder ``flag`` (``--to`` ...) names, checked before any work: a name is given, it is
+    new or an empty folder (never a file, a link, or a folder holding anything: a model folder is
+    never overwritten), no part of the name is longer than the file system allows, and the nearest
+    existing folder on its way takes a new folder (probed with a real one). Writes nothing that
+    stays; fill it with :func:`atomic_folder`."""
+    text = "" if path is None else os.fspath(path)
     if not text.strip():
-        raise LabError(f"{flag} needs a folder name (got an empty one); name the folder, or drop {flag}.")
+        raise LabError(f"{flag} needs a folder name (got an empty one); name a new or empty folder to write.")
     shown = shorten(text, 120)
     out = Path(text).expanduser()
     try:
-        long = name_too_long(out)
+        name_max = os.pathconf(_nearest_existing(out.absolute().parent), "PC_NAME_MAX")
+        long = next((p for p in [out.name, *(q.name for q in out.absolute().parents)]
+                     if len(os.fsencode(p)) > name_max), None)
         if long is not None:
-            raise LabError(f"{flag}: {long}; use a shorter name.")
+            raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
+                           f"system allows; use a shorter name.")
+        if out.is_symlink():
+            raise LabError(f"{flag} {shown} is a link; name a new or empty folder, not a link to one.")
+        here, absolute = Path.cwd(), Path(os.path.abspath(out))
+        if absolute == here or absolute in here.parents:
+            raise LabError(f"{flag} {shown} is the working folder or holds it; name a new or empty folder inside "
+                           f"it instead, e.g. {flag} exported.")
         if out.exists() and not out.is_dir():
-            kind = "a file" if out.is_file() else "not a folder"
-            raise LabError(f"{flag} {shown} is {kind}; name a folder (a new one is made).")
-        _check_place(out, flag, shown, out.absolute())
+            raise LabError(f"{flag} {shown} is a file; name a new or empty folder.")
+        if out.is_dir():
+            held = sorted(p.name for p in out.iterdir())
+            if held:
+                what = "a model folder (it holds config.json)" if "config.json" in held else \
+                    f"not empty (it holds {shorten(', '.join(held[:3]), 60)}{', ...' if len(held) > 3 else ''})"
+                raise LabError(f"{flag} {shown} is {what}; name a new or empty folder, nothing is ever written "
+                               f"over an existing one.")
+        existing = _nearest_existing(out.absolute().parent)  # where the finished folder is renamed into
+        if not existing.is_dir():
+            raise LabError(f"{flag} {shown} cannot be made: {existing} is a file, not a folder; pick another place.")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".gptlab-probe-"))
     except LabError:
         raise
     except OSError as e:
         if e.errno in _FULL:
-            raise _disk_full(out.absolute(), e) from None
-        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
+            raise _disk_full(_nearest_existing(out.absolute()), e) from None
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
+                  errno.ENOTDIR: "part of the way is a file, not a folder"}.get(e.errno, e.strerror or str(e))
+        raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
     return out
 
 
-def _nearest_existing(folder: Path) -> Path:
-    """``folder`` or its closest ancestor that exists (a file, if the way runs into one); a part
-    the file system cannot even look up (a name too long) counts as missing."""
-    while folder != folder.parent:
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temp folder beside ``path`` to fill; when the block ends, its files are
+    synced and the folder renamed onto ``path`` (absent or an empty folder: checked first with
+    :func:`check_output_dir`), so ``path`` appears complete or not at all. If the block fails,
+    the temp folder is removed and ``path`` is left as it was."""
+    out = Path(os.path.abspath(Path(path).expanduser()))  # "a/.." is judged as the folder it names
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name[:200]}.", suffix=".tmp"))
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(parent, e) from e
+        raise
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, file.stat().st_mode & 0o7777 | 0o666 & ~_UMASK)  # some writers make 0600
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder ordinary permissions
         try:
-            if folder.exists():
-                break
-        except OSError:
-            pass
+            os.replace(tmp, out)  # atomic; replaces an empty folder, refuses anything else
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise LabError(f"{shorten(str(out), 120)} was filled by something else while it was being written; "
+                               f"name a new or empty folder and run again.") from None
+            raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise _disk_full(parent, e) from e
+        raise
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or its closest ancestor that exists (a file, if the way runs into one)."""
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
 
@@ -233,41 +247,30 @@ def allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def link_out_of(folder: str | os.PathLike) -> tuple[Path, Path] | None:
-    """``(entry, target)`` for the first entry of ``folder`` that is a symbolic link leading out of
-    it (see :func:`allowed_roots`), or None. OSError when the folder cannot be listed."""
+def check_folder_links(folder: str | os.PathLike) -> Path:
+    """``folder`` resolved, after refusing it when one of its files is a link leading out of it
+    (see :func:`allowed_roots`): a model card, config, weights or tokenizer is read only from
+    inside the model folder, never from wherever a link points."""
     root = Path(folder).resolve()
     roots = allowed_roots(root)
-    for entry in sorted(root.iterdir()):
+    try:
+        entries = list(root.iterdir())
+    except OSError as e:
+        raise LabError(f"Cannot read the model folder {root} ({e.strerror or e}); check its permissions.") from None
+    for entry in entries:
         if not entry.is_symlink():
             continue
         target = entry.resolve()
         if not any(target == r or target.is_relative_to(r) for r in roots):
-            return entry, target
-    return None
-
-
-def check_folder_links(folder: str | os.PathLike, what: str = "model") -> Path:
-    """``folder`` resolved, after refusing it when one of its files is a link leading out of it
-    (see :func:`allowed_roots`): a model card, config, weights or tokenizer (or a run's log, a
-    transcoder set's weights and feature store: ``what`` names the kind of folder) is read only
-    from inside the folder, never from wherever a link points."""
-    root = Path(folder).resolve()
-    try:
-        found = link_out_of(root)
-    except OSError as e:
-        raise LabError(f"Cannot read the {what} folder {root} ({e.strerror or e}); check its permissions.") from None
-    if found is not None:
-        entry, target = found
-        raise LabError(f"{entry} is a link to {shorten(str(target), 80)}, outside the {what} folder; GPT Lab "
-                       f"reads a {what} only from inside its folder, so copy that file in instead of linking it.")
+            raise LabError(f"{entry} is a link to {shorten(str(target), 80)}, outside the model folder; GPT Lab "
+                           f"reads a model only from inside its folder, so copy that file in instead of linking it.")
     return root
 
 
-def read_text_inside(folder: str | os.PathLike, name: str, what: str = "model") -> str | None:
-    """The text of ``folder/name`` when it is a file inside the ``what`` folder (``None`` when it
-    is absent), read as UTF-8 with undecodable bytes replaced; a link out of the folder is refused."""
-    root = check_folder_links(folder, what)
+def read_text_inside(folder: str | os.PathLike, name: str) -> str | None:
+    """The text of ``folder/name`` when it is a file inside the model folder (``None`` when it is
+    absent), read as UTF-8 with undecodable bytes replaced; a link out of the folder is refused."""
+    root = check_folder_links(folder)
     path = root / name
     if not path.is_file():
         return None

@@ -7,14 +7,18 @@ every finished, stopped or failed run in ``st.session_state[RUNS_KEY]`` as a dic
 ``{"label", "kind": "run" | "decode" | "sim", "status": "finished" | "stopped" | "failed",
 "result", "error", "tokens", "settings"}`` so earlier runs can be overlaid and downloaded.
 
-Stop: pressing any button reruns the script, and Streamlit aborts the running loop at its next
-call into Streamlit. The engines fill their result objects in place, and the loop's ``finally``
-archives what was computed (``result.trimmed()``), so a stopped run stays on screen and
-downloadable. A run whose loop could not even reach ``finally`` is settled on the next run from
-``st.session_state[LIVE_KEY]``, set when the run started.
+Stop: pressing any button (or leaving the page) starts a new script run at once, in a new thread,
+while the old one is told to stop: Streamlit raises a stop inside its next call into Streamlit,
+and again at every later one, session-state access included. The engines fill their result
+objects in place, so the new script run archives the stopped run from
+``st.session_state[LIVE_KEY]`` (a copy: ``result.trimmed()``) without waiting for the old thread,
+which stops at its next progress event; that thread's ``finally`` touches nothing of Streamlit's,
+it only closes the engine and sets the record's ``done`` event. A run that ends by itself is
+archived by its own script run.
 """
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -48,7 +52,6 @@ MAX_RUNS = 12                 # older runs are dropped (a run with cosine matric
 HEATMAP_TOKENS = 128          # tokens shown in the cosine heatmap at most
 MAX_EVENTS = 2000             # progress events per run: Stop is noticed at the next one
 REDRAW_S = 0.5                # the live chart is redrawn at most this often
-STOP_WAIT_S = 20.0            # how long a new script run waits for a stopping run to hand its result over
 SIM_MAX_DIM = 4096            # the simulation's d on this page (see sim_controls)
 PREFIX_MAX = 100              # characters of a download file prefix
 
@@ -307,14 +310,14 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
     bar = st.progress(0.0, text="starting…")
     live_chart, live_text = st.empty(), st.empty()
     record = None
-    kept = False
     drawn = 0.0
     try:
         for ev in events:
             if isinstance(ev, Started):
                 record = dict(label=request.label, kind=request.kind, status="running", result=ev.result,
                               error=None, tokens=_token_strings(lm, ev.result), settings=request.settings,
-                              new_texts=[[] for _ in ev.result.prompts], done=threading.Event())
+                              new_texts=[[] for _ in ev.result.prompts], done=threading.Event(),
+                              lock=threading.Lock())
                 ss[LIVE_KEY] = record
             elif isinstance(ev, Progress):
                 unit = "steps" if request.kind == "sim" else "layer-steps"
@@ -341,10 +344,13 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
         else:
             st.error(_failure(e))
     finally:
-        events.close()  # also on Stop, when Streamlit aborts the script mid-loop
+        # Also on Stop, when Streamlit aborts the script mid-loop. Nothing of Streamlit's here: after
+        # a Stop every call into it raises again, session state included.
+        events.close()
         if record is not None:
-            kept = archive(record)
-            record["done"].set()
+            record["done"].set()  # the engine is closed: the result is written no more
+    # Only a run that ended by itself gets here; a stopped one is archived by the next script run.
+    kept = record is not None and archive(record)
     bar.empty()
     live_chart.empty()
     live_text.empty()
@@ -352,60 +358,65 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
         st.error(record["error"])
 
 
-def archive(live: dict) -> bool:
-    """Keep a run that ended (finished, stopped or failed) in the list of runs, if it computed
-    anything; True when it did. Archives a copy, once: the live record may still be written by
-    its own thread."""
-    ss = st.session_state
-    if ss.get(LIVE_KEY) is live:
-        ss.pop(LIVE_KEY, None)
-    if live.get("archived"):
-        return False
-    live["archived"] = True
-    record = {k: v for k, v in live.items() if k not in ("done", "archived")}
+def snapshot(live: dict) -> dict | None:
+    """The record to keep of a live run, or None when it computed nothing. A copy, with a copy of
+    the result when the run is not over: a run still stopping writes it for a moment longer."""
+    record = {k: v for k, v in live.items() if k not in ("done", "lock", "archived")}
     if record["status"] == "running":
         record["status"] = "stopped"
+    over = live.get("done") is None or live["done"].is_set()
+    record["new_texts"] = [list(t) for t in record.get("new_texts") or []]
     result = record["result"]
     if isinstance(result, ConsensusResult):
         if result.columns_done == 0:
-            return False
+            return None
         if record["status"] != "finished":
             record["result"] = result.trimmed()
-    elif isinstance(result, ConsensusDecodeResult) and not np.isfinite(result.traces).any():
+    elif isinstance(result, ConsensusDecodeResult):
+        if not np.isfinite(result.traces).any():
+            return None
+        if not over:
+            record["result"] = copy.deepcopy(result)
+    return record
+
+
+def archive(live: dict) -> bool:
+    """Keep a run that ended (finished, stopped or failed) in the list of runs, if it computed
+    anything; True when it did. Once, whichever script run gets here first: the run's own when it
+    ended by itself, the next one after a Stop (both may, when Stop comes as the run finishes)."""
+    ss = st.session_state
+    with live.setdefault("lock", threading.Lock()):
+        record = None if live.get("archived") else snapshot(live)
+        if record is not None:
+            runs = ss.setdefault(RUNS_KEY, [])  # a stopped script run raises here, before anything changed
+            labels = {r["label"] for r in runs}
+            label, k = record["label"], 2
+            while label in labels:
+                label, k = f"{record['label']} #{k}", k + 1
+            record["label"] = label
+            runs.append(record)
+            del runs[:-MAX_RUNS]
+        live["archived"] = True
+    if ss.get(LIVE_KEY) is live:
+        ss.pop(LIVE_KEY, None)
+    if record is None:
         return False
-    runs = ss.setdefault(RUNS_KEY, [])
-    labels = {r["label"] for r in runs}
-    label, k = record["label"], 2
-    while label in labels:
-        label, k = f"{record['label']} #{k}", k + 1
-    record["label"] = label
-    runs.append(record)
-    del runs[:-MAX_RUNS]
-    ss[SHOW_KEY] = label
-    kept = {r["label"] for r in runs}
+    ss[SHOW_KEY] = record["label"]
+    kept = {r["label"] for r in ss[RUNS_KEY]}
     overlay = [x for x in ss.get(OVERLAY_KEY, []) if x in kept]
     if record["kind"] != "decode":
-        overlay.append(label)
+        overlay.append(record["label"])
     ss[OVERLAY_KEY] = overlay
     return True
 
 
 def settle_interrupted() -> None:
-    """Settle a run left by an earlier script run of this session.
-
-    Stop (any widget, in fact) starts a new script run at once, in a new thread, while the old
-    one is told to stop and does so at its next call into Streamlit, the next progress event.
-    Wait for it to archive its run, so the results below include it and the model is free;
-    a run whose thread died, or that does not answer in time, is archived from here as it stands.
-    """
+    """Archive a run left by an earlier script run of this session (Stop, Run again, any widget,
+    or a visit to another page cut it off), as it stands: its thread stops at its next progress
+    event, and the page never waits for that."""
     record = st.session_state.get(LIVE_KEY)
-    if record is None:
-        return
-    done = record.get("done")
-    if done is not None and not done.is_set():
-        with st.spinner("Stopping the run…"):
-            done.wait(STOP_WAIT_S)
-    archive(record)
+    if record is not None:
+        archive(record)
 
 
 def clear_runs() -> None:

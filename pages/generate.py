@@ -111,20 +111,21 @@ def sampling_controls(slot: str, n_columns: int) -> SamplingConfig:
 # -- running ---------------------------------------------------------------------------------------
 
 def settle_interrupted(results: dict, lm: LoadedModel | None) -> list[str]:
-    """Runs still marked "running" were cut off by a rerun (Stop, or any widget touched):
-    keep their tokens, mark them stopped, and fill in the prompt's perplexity the stream had no
-    time to report."""
+    """Runs still marked "running" were cut off by a rerun (Stop, or any widget touched): keep
+    their tokens, marked stopped, with the prompt's perplexity the stream had no time to report.
+    Each is kept as a new record: the cut-off run's thread may still write its own record once,
+    between its next token and its next call into Streamlit (where the stop reaches it)."""
     settled = []
-    for slot, record in results.items():
+    for slot, record in list(results.items()):
         if record["status"] != "running":
             continue
-        record["status"] = "stopped"
         res: GenerationResult = record["result"]
         if res.prompt_perplexity is None and lm is not None and lm.name == res.model:
             try:
-                record["result"] = replace(res, prompt_perplexity=perplexity(lm, res.prompt))
+                res = replace(res, prompt_perplexity=perplexity(lm, res.prompt))
             except LabError:  # a one-token prompt has no perplexity
                 pass
+        results[slot] = {**record, "status": "stopped", "result": res}
         settled.append(slot)
     return settled
 

@@ -1,4 +1,5 @@
-"""The command line: ``python -m core <command>``.
+"""The command line: ``python -m core <command>``, or ``gptlab <command>`` once the package is
+installed (pyproject.toml's console script calls :func:`main`; help and errors name what was run).
 
 Commands are discovered, not listed: every module in :mod:`core.commands` that exposes ``NAME``,
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int`` becomes a subcommand, so
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel
 
 PROG = "python -m core"
+CONSOLE_COMMAND = "gptlab"  # pyproject.toml's [project.scripts] entry: the same CLI, installed
+
+
+def prog() -> str:
+    """The name the user ran: ``gptlab`` (the installed command) or ``python -m core``."""
+    return CONSOLE_COMMAND if Path(sys.argv[0] if sys.argv else "").name == CONSOLE_COMMAND else PROG
+
 OUT_OF_MEMORY = "the device ran out of memory; use a smaller model or batch, --dtype bfloat16, or --device cpu."
 T = TypeVar("T")
 
@@ -149,12 +157,13 @@ def command_modules() -> list[ModuleType]:
 
 def build_parser() -> argparse.ArgumentParser:
     mods = command_modules()
-    parser = LabArgumentParser(prog=PROG, usage=f"{PROG} <command> [flags]",
+    name = prog()
+    parser = LabArgumentParser(prog=name, usage=f"{name} <command> [flags]",
                                description="GPT Lab: generate, validate, explore consensus, train and interpret "
                                            "GPT-style models from the command line.",
-                               epilog=commands_table(mods), formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=commands_table(mods, name), formatter_class=argparse.RawDescriptionHelpFormatter)
     # argparse would wrap each command's help over several lines; the epilog lists them one a line
-    sub = parser.add_subparsers(dest="command", metavar="<command>", help=argparse.SUPPRESS, prog=PROG)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", help=argparse.SUPPRESS, prog=name)
     for mod in mods:
         p = sub.add_parser(mod.NAME, description=_description(mod),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def commands_table(mods: Sequence[ModuleType]) -> str:
+def commands_table(mods: Sequence[ModuleType], name: str = PROG) -> str:
     """``--help``'s list of commands: one line each (the module's HELP), then how to learn more."""
     width = max(len(m.NAME) for m in mods)
     rows = [f"  {m.NAME:<{width}}  {one_line(m.HELP)}" for m in mods]
-    return "\n".join(["commands:", *rows, "", f"Run `{PROG} <command> --help` for a command's flags and examples."])
+    return "\n".join(["commands:", *rows, "", f"Run `{name} <command> --help` for a command's flags and examples."])
 
 
 def _description(mod: ModuleType) -> str:
@@ -192,7 +201,7 @@ def main(argv: Sequence[str] | None = None, on_error: Callable[[BaseException], 
         return int(e.code or 0)
     if getattr(args, "run", None) is None:
         names = ", ".join(m.NAME for m in command_modules())
-        print(f"error: name a command: {names} (see `{PROG} --help`)", file=sys.stderr)
+        print(f"error: name a command: {names} (see `{prog()} --help`)", file=sys.stderr)
         return 2
     try:
         try:

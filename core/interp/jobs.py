@@ -10,6 +10,13 @@ own output). The job's own process (:mod:`core.jobs.child`) writes status and ev
 job ended is recorded even when no page is watching; a ``running`` job whose process is gone
 (killed with -9) reads as ``failed``.
 
+Where a job writes: never into the shipped ``assets/`` (git tracks it; the CLI may, the app does
+not). ``train`` writes into the model's own set folder (``transcoder_dir_for``) unless that is in
+``assets/``, in which case a new folder under ``<runs root>/transcoder-sets/`` takes its place
+(:func:`train_folder`). Writing over a set that is there (``train``) or over a feature store
+(``collect`` starts a fresh one, explanations and all) needs ``replace=True``: the page asks first
+(:func:`write_check`, :func:`job_argv`).
+
 One writer per set: a job holds the lock of the set folder it writes (:mod:`core.jobs.lock`)
 for its whole life, so a second job writing the same set, from this page or any other, is
 refused before it starts.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 from dataclasses import dataclass
@@ -38,6 +46,7 @@ from ..training.runs import runs_root
 
 JOB_KIND = "transcoder-job"
 JOBS_DIR = "transcoders"            # under the runs root
+SETS_DIR = "transcoder-sets"        # under the runs root: new sets whose model's own folder is in assets/
 ACTIONS = ("train", "collect", "describe")
 _CHILDREN = runner.ChildrenView(JOB_KIND, key="folder")  # job folder -> Popen of jobs this process started
 
@@ -45,6 +54,73 @@ _CHILDREN = runner.ChildrenView(JOB_KIND, key="folder")  # job folder -> Popen o
 def jobs_root(root: str | os.PathLike | None = None) -> Path:
     """Where job folders go: ``<runs root>/transcoders`` (``$GPTLAB_RUNS``, default ``runs``)."""
     return (runs_root() if root is None else Path(root)) / JOBS_DIR
+
+
+def sets_root(root: str | os.PathLike | None = None) -> Path:
+    """Where the app puts a new set that may not go to its model's own folder: ``<runs root>/transcoder-sets``."""
+    return (runs_root() if root is None else Path(root)) / SETS_DIR
+
+
+def new_set_folder(model: str, root: str | os.PathLike | None = None) -> Path:
+    """A fresh ``<model>-<time>`` folder name under :func:`sets_root` (not created: the job does)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[-60:].lstrip("-.") or "model"
+    base = sets_root(root) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder, n = base, 2
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return folder
+
+
+def shipped(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` lies in the shipped ``assets/`` folder (git tracks it; the app never writes there)."""
+    from ..models.loading import ASSETS
+
+    try:
+        return Path(folder).expanduser().resolve().is_relative_to(ASSETS.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def train_folder(typed: str, own: str | os.PathLike, model: str, root: str | os.PathLike | None = None) -> Path:
+    """Where a ``train`` job writes: the folder typed, else the model's own set folder ``own``,
+    else (``own`` is in the shipped assets/) a new folder under :func:`sets_root`."""
+    if typed.strip():
+        return Path(typed.strip()).expanduser()
+    return Path(own) if not shipped(own) else new_set_folder(model, root)
+
+
+def _shipped_refusal(action: str, folder: Path, model: str) -> LabError:
+    proposal = new_set_folder(model)
+    if action == "train":
+        return LabError(f"{folder} is in the shipped assets/ folder, which the app never writes (git tracks it); "
+                        f"leave the folder empty for a new set under {sets_root()}, or enter a folder there such as "
+                        f"{proposal}.", fix={"output": str(proposal)})
+    return LabError(f"The set in {folder} is shipped in assets/, which the app never writes (git tracks it); "
+                    f"{action} a copy instead: copy the folder to {proposal} and pick it as another folder.",
+                    fix={"copy_to": str(proposal)})
+
+
+def write_check(action: str, folder: str | os.PathLike | None, model: str) -> tuple[str | None, str | None]:
+    """What starting ``action`` on ``folder`` would do that the page must not do unasked:
+    ``(refusal, replaces)``. ``refusal`` is a sentence when the job would write into the shipped
+    assets/; ``replaces`` names what it would write over (``"the transcoder set"`` for ``train``
+    on a set, ``"the feature store"`` for ``collect`` on a set with one), to be confirmed first."""
+    from .store import store_path
+    from .transcoder import is_transcoder_folder
+
+    if folder is None or not str(folder).strip():
+        return None, None
+    path = Path(str(folder).strip()).expanduser()
+    if shipped(path):
+        return str(_shipped_refusal(action, path.resolve(), model)), None
+    try:
+        if action == "train" and is_transcoder_folder(path):
+            return None, "the transcoder set"
+        if action == "collect" and store_path(path).is_file():
+            return None, "the feature store"
+    except OSError:  # an unusable path: job_argv says so
+        pass
+    return None, None
 
 
 @dataclass
@@ -130,13 +206,15 @@ def _check_action(action: str) -> None:
         raise LabError(f"A transcoder job is one of {', '.join(ACTIONS)} (got '{action}').")
 
 
-def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLike | None) -> tuple[list[str], str]:
+def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLike | None,
+             replace: bool = False) -> tuple[list[str], str]:
     """``(arguments after python -m core, the set folder written)`` for a job the form describes.
 
     ``values`` holds the form's fields (see pages/parts/features_jobs_view.py); ``set_folder`` is where
     ``train`` writes, or the set ``collect`` and ``describe`` read. Only what can be told without
     loading anything is checked here; the command itself checks the rest and its error becomes the
-    job's failure reason.
+    job's failure reason. No job writes into the shipped assets/, and one that would write over a
+    set (or a feature store) is refused unless ``replace`` (see :func:`write_check`).
     """
     _check_action(action)
     if not set_folder or not str(set_folder).strip():
@@ -144,6 +222,12 @@ def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLik
     folder = usable_path(str(set_folder).strip(), "The transcoder set folder").resolve()
     if folder.is_file():
         raise LabError(f"{folder} is a file; enter a folder for the transcoder set.")
+    if shipped(folder):
+        raise _shipped_refusal(action, folder, model)
+    _, replaces = write_check(action, folder, model)
+    if replaces and not replace:
+        raise LabError(f"{folder} already holds {replaces}, which this {action} job would replace; confirm that "
+                       f"you want it replaced, or pick another folder.", fix={"replace": True})
     argv = ["transcoders", action, "--model", model, "--device", values.get("device") or "cpu",
             "--dtype", values.get("dtype") or "float32"]
     layers = values.get("layers")

@@ -37,7 +37,8 @@ from .folder import CONSOLE_FILE, STATUS_FILE, STOP_FILE, StatusFile, now
 from .lock import FolderLock, handed_env
 from .process import process_alive, process_start, this_host
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding core/: the checkout, or site-packages installed
+FOLDER_VARIABLES = ("GPTLAB_RUNS", "GPTLAB_DATA_CACHE", "GPTLAB_TRANSCODERS")  # folders a job reads or writes
 START_GRACE_S = 60.0   # a running status with no pid yet (its launcher died mid-start) reads as failed after this
 
 
@@ -54,9 +55,13 @@ _LOCK = threading.Lock()
 
 def child_env() -> dict[str, str]:
     """The job's environment: this one, with GPT Lab importable and output unbuffered (the
-    console file is read while the job writes it)."""
+    console file is read while the job writes it). The job runs in ROOT, so a relative folder in
+    ``$GPTLAB_RUNS`` and the like is made absolute here: it means the same folder to the job as
+    to whoever started it, from whatever folder that was."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    folders = {k: os.path.abspath(os.path.expanduser(os.environ[k])) for k in FOLDER_VARIABLES
+               if os.environ.get(k, "").strip()}
+    return {**os.environ, **folders, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def job_command(folder: str | os.PathLike, argv: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from ..errors import LabError, shorten
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the CLI's --dtype choices and the sidebar's list
 DEFAULT_DTYPE = DTYPE_NAMES[0]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+EXPORT_FORMATS = ("hf",)  # `export --format`: hf, a folder transformers loads as GPT2LMHeadModel
 
 # The largest sizes a config may name. Far above any GPT that exists (GPT-3 davinci: 96 layers,
 # width 12288), they exist so that a corrupt or hostile config.json ("n_layer": 100000, a vocabulary

@@ -36,8 +36,18 @@ from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
 from .tokenizer import Tokenizer, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "assets"
+ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the folder that holds core/)
+
+
+def find_assets() -> Path:
+    """The shipped assets (the default model, its tokenizer and transcoders): ``core/assets/`` inside
+    an installed wheel, where the build (setup.py) puts the repository's ``assets/`` as package data, else
+    ``assets/`` beside ``core/`` (a checkout, or an editable install, which runs from it)."""
+    packaged = Path(__file__).resolve().parents[1] / "assets"
+    return packaged if packaged.is_dir() else ROOT / "assets"
+
+
+ASSETS = find_assets()
 DEFAULT_DIR = ASSETS / "default"
 CHECKPOINT_FORMAT = "gptlab"
 OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
@@ -221,19 +231,53 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def offline_message(spec: str) -> str:
-    return (f"Model '{spec}' is not in the local Hugging Face cache and the hub cannot be reached; "
-            f"download it where there is internet (`hf download {spec}`) and copy the cache or folder here, "
-            f"or use --model default, which works offline.")
+# How the command line words a load error's remedy; the app names its model picker instead (see
+# model_message and pages/parts/common.py). The remedies are data in the error's ``fix``.
+USE_DEFAULT = "use --model default"
+TRUST_REMOTE_CODE = "pass --trust-remote-code (trust_remote_code=True)"
+WEIGHTS_FILE = "use --weights/--ckpt for a bare GPT-2 state dict"
+
+
+def model_message(kind: str, source: str, detail: str = "", *, use_default: str = USE_DEFAULT,
+                  trust: str = TRUST_REMOTE_CODE, weights: str | None = WEIGHTS_FILE) -> str:
+    """The sentence for a model that cannot be loaded, by ``kind`` (offline, not_on_hub, config,
+    remote_code, missing_path, file), with its remedy in the caller's words: the defaults name the
+    CLI's flags. The errors raised with these carry ``fix["message"] = [kind, source, detail]``, so
+    another interface says the same thing its own way without rewriting the sentence."""
+    if kind == "offline":
+        return (f"Model '{source}' is not in the local Hugging Face cache and the hub cannot be reached; "
+                f"download it where there is internet (`hf download {source}`) and copy the cache or folder here, "
+                f"or {use_default}, which works offline.")
+    if kind == "not_on_hub":
+        return f"Model '{source}' was not found on the hub ({detail}); check the id, or {use_default}."
+    if kind == "config":
+        return (f"Model '{source}' has a config transformers cannot read ({detail}); pass a GPT-2 or GPT-Neo model, "
+                f"or {use_default}.")
+    if kind == "remote_code":
+        return (f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; {trust} if you "
+                f"trust its authors.")
+    if kind == "missing_path":
+        return f"Model path {source} does not exist; check the path, or {use_default}."
+    if kind == "file":
+        return f"{source} is a file; pass a model folder (with config.json)" + (f", or {weights}." if weights else ".")
+    raise ValueError(f"unknown model message kind {kind!r}")
+
+
+def model_error(kind: str, source: str, detail: str = "", cls: type[LabError] = LabError) -> LabError:
+    """A load error worded by :func:`model_message`, its remedy and words kept as ``fix`` data."""
+    remedy = {"remote_code": {"trust_remote_code": True}, "file": {}}.get(kind, {"model": "default"})
+    return cls(model_message(kind, source, detail), fix={**remedy, "message": [kind, source, detail]})
+
+
+def offline_message(spec: str, use_default: str = USE_DEFAULT) -> str:
+    return model_message("offline", spec, use_default=use_default)
 
 
 def _remote_code_refused(source: str, error: ValueError) -> LabError:
     """transformers' ValueError for a config it cannot read, as one sentence saying what to do."""
     if "trust_remote_code" in str(error):
-        return LabError(f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; pass "
-                        f"--trust-remote-code (trust_remote_code=True) if you trust its authors.")
-    return LabError(f"Model '{source}' has a config transformers cannot read ({shorten(first_line(error), 160)}); "
-                    f"pass a GPT-2 or GPT-Neo model, or use --model default.")
+        return model_error("remote_code", source)
+    return model_error("config", source, shorten(first_line(error), 160))
 
 
 def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
@@ -252,14 +296,13 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         if local:
             raise LabError(f"{source} is not a readable Hugging Face model folder (config.json missing or bad).")
         if not hub_reachable():
-            raise ModelNotAvailableError(offline_message(source)) from None
+            raise model_error("offline", source, cls=ModelNotAvailableError) from None
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
         except ValueError as e:
             raise _remote_code_refused(source, e) from None
         except OSError as e:
-            raise ModelNotAvailableError(f"Model '{source}' was not found on the hub ({shorten(first_line(e), 160)}); "
-                                         f"check the id, or use --model default.") from None
+            raise model_error("not_on_hub", source, shorten(first_line(e), 160), ModelNotAvailableError) from None
     else:
         kwargs = dict(local_files_only=True)
     if config.model_type not in ("gpt2", "gpt_neo"):
@@ -272,7 +315,7 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, **load_kwargs)
     except OSError as e:
         if "local_files_only" in kwargs and not local:
-            raise ModelNotAvailableError(offline_message(source)) from None
+            raise model_error("offline", source, cls=ModelNotAvailableError) from None
         raise LabError(f"Could not load the weights of '{source}' ({shorten(first_line(e), 160)}); check the folder "
                        f"or fetch the model again.") from e
     except pickle.UnpicklingError as e:  # a .bin holding objects: torch's weights_only refused it
@@ -312,8 +355,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
         if not path.exists():
             raise LabError(f"The default model is missing from {DEFAULT_DIR}; reinstall GPT Lab.")
         if path.is_file():
-            raise LabError(f"{path} is a file; pass a model folder (with config.json), or use --weights/--ckpt "
-                           f"for a bare GPT-2 state dict.")
+            raise model_error("file", str(path))
         check_folder_links(path)
         if is_gptlab_folder(path):
             model, meta = _load_gptlab(path, single, torch_dtype)
@@ -335,7 +377,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
                            source=str(path))
 
     if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
-        raise LabError(f"Model path {spec} does not exist; check the path, or use --model default.")
+        raise model_error("missing_path", spec)
     model, cached = _load_hf(spec, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code)
     tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if tokenizer
            else load_tokenizer(spec, local_files_only=cached, trust_remote_code=trust_remote_code))

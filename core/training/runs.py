@@ -376,6 +376,31 @@ def checkpoint_steps(run: str | os.PathLike) -> list[int]:
                   if d.name.isdigit() and d.is_dir() and (d / "config.json").is_file())
 
 
+def checkpoint_sets(folder: str | os.PathLike) -> list[Path]:
+    """The transcoder sets inside a checkpoint folder: finished ones, and ones a job is still
+    writing (it holds the set folder's writer lock). A checkpoint's own set goes to
+    ``<checkpoint>/transcoders`` (core.interp.transcoder.transcoder_dir_for); the trainer itself
+    writes only files there, so any such folder is someone's later work."""
+    from ..interp.transcoder import is_transcoder_folder
+    from ..jobs.lock import LOCK_FILE
+
+    try:
+        subs = sorted(d for d in Path(folder).iterdir() if d.is_dir() and not d.is_symlink())
+    except OSError:
+        return []
+    return [d for d in subs if is_transcoder_folder(d) or (d / LOCK_FILE).exists()]
+
+
+def rotation(run: str | os.PathLike, keep_last: int) -> tuple[list[int], list[int]]:
+    """Checkpoint rotation (``--keep-last K``): ``(steps to delete, older steps kept because they
+    hold a transcoder set)``. The newest K are always kept; an older checkpoint that holds a set is
+    kept too, since deleting it would delete the set (delete the set, or the run, to free it)."""
+    older = checkpoint_steps(run)[:-int(keep_last)] if int(keep_last) > 0 else checkpoint_steps(run)
+    ck = Path(run) / "checkpoints"
+    held = [s for s in older if checkpoint_sets(ck / str(s))]
+    return [s for s in older if s not in held], held
+
+
 def sweep_partial_checkpoints(run: str | os.PathLike) -> list[str]:
     """Tidy what a killed save left in ``checkpoints/`` (only the trainer writes there, so it runs
     before training starts); returns the names removed or restored.

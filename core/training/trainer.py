@@ -215,6 +215,7 @@ class Trainer:
         self.elapsed = 0.0
         self.last_val: float | None = None
         self.last_ckpt: Path | None = None
+        self.held_logged: set[int] = set()  # old checkpoints rotation keeps for their transcoder sets, logged once
         self.lock = None
         self._loss_text: str | None = None
 
@@ -334,6 +335,8 @@ class Trainer:
                     raise disk_full_error(root, self.run_dir) from None
                 raise
             if final.exists():  # the same step saved twice (stop right after a scheduled save)
+                for kept in runs_mod.checkpoint_sets(final):  # a transcoder set made meanwhile moves along
+                    os.rename(kept, tmp / kept.name)
                 old = root / f".old-{self.step}-{os.getpid()}"
                 os.rename(final, old)
                 os.rename(tmp, final)
@@ -343,10 +346,15 @@ class Trainer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no half-written folder
         self.last_ckpt = final
-        for s in runs_mod.checkpoint_steps(self.run_dir)[:-self.cfg.keep_last]:
+        doomed_steps, held = runs_mod.rotation(self.run_dir, self.cfg.keep_last)
+        for s in doomed_steps:
             doomed = root / f".del-{s}-{os.getpid()}"  # hidden first: a kill mid-delete leaves no half checkpoint
             os.rename(root / str(s), doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+        for s in sorted(set(held) - self.held_logged):
+            self.held_logged.add(s)
+            self.log(f"checkpoint {s} kept beyond --keep-last {self.cfg.keep_last}: it holds a transcoder set "
+                     f"({', '.join(d.name for d in runs_mod.checkpoint_sets(root / str(s)))})")
         self.files.status(checkpoint=str(final), step=self.step)
         self.log(f"checkpoint saved: {final}")
         return final

@@ -17,7 +17,7 @@ import streamlit as st
 from core.devices import dtype_name
 from core.errors import LabError, failure, first_line
 from core.models.config import DEFAULT_DTYPE
-from core.models.loading import ROOT, LoadedModel, load_model
+from core.models.loading import ROOT, LoadedModel, load_model, model_message
 from core.training.runs import runs_root
 
 SPEC_KEY = "model_spec"       # the model spec every page uses; set it to open another model
@@ -25,6 +25,9 @@ DEVICE_KEY = "model_device"
 DTYPE_KEY = "model_dtype"
 TRUST_KEY = "model_trust_remote_code"  # let transformers run code shipped with the model (off unless ticked)
 _OUTCOME_KEY = "_model_outcome"  # (request, weak reference to the model or None, error or None) of this run's load
+# A load error's remedy in the app's words (the engine's sentences name the command line's flags)
+APP_REMEDIES = dict(use_default="pick `default` in the sidebar's model picker",
+                    trust="tick Trust remote code below the model spec in the sidebar", weights=None)
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,19 @@ def load_outcome() -> tuple[LoadedModel | None, str | None]:
     try:
         model = _load_cached(spec, device, dtype, trust)
     except LabError as e:
-        error = str(e)
+        error = app_message(e)
     except Exception as e:  # anything else is a bug, but the user still gets one line, not a traceback
         error = f"Could not load model '{spec}': " + failure(
             e, "the device ran out of memory; pick a smaller model, a 16-bit dtype, or another device.")
     st.session_state[_OUTCOME_KEY] = (request, None if model is None else weakref.ref(model), error)
     return model, error
+
+
+def app_message(error: LabError) -> str:
+    """A model's load error as the app says it: the same sentence, its remedy naming the sidebar's
+    controls instead of a command-line flag (the error carries its words as ``fix["message"]``)."""
+    said = error.fix.get("message")
+    return model_message(*said, **APP_REMEDIES) if said else str(error)
 
 
 def forget_outcome() -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import streamlit as st
 
 from core.devices import available_devices
-from core.interp.jobs import Job, console_lines, job_argv, jobs_root, launch, list_jobs, progress, read_job, stop
+from core.interp.jobs import (Job, console_lines, job_argv, jobs_root, launch, list_jobs, new_set_folder, progress,
+                              read_job, sets_root, shipped, stop, write_check)
 from core.interp.transcoder import transcoder_dir_for
 from core.models.loading import LoadedModel
 from pages.parts.common import DTYPE_KEY, STATE_BADGE, attempt, spec_label
@@ -20,6 +21,8 @@ LOG_LINES = 40
 NOTICE_KEY = "feat_j_notice"
 REFUSAL_KEY = "feat_j_refusal"     # (job id, message) of a refused stop
 FOLLOW_KEY = "feat_j_follow"       # the job launched here whose set the picker opens when it is done
+REPLACE_KEY = "feat_j_replace"     # the tick that lets a job write over a set or a feature store
+_REPLACE_FOR = "_feat_j_replace_for"  # (action, folder) the tick was given for: another target asks again
 ACTION_LABELS = {"train": "Train transcoders", "collect": "Collect features", "describe": "Describe features"}
 EXPLAINER_CHOICES = {"builtin": "Built-in (offline)", "lm": "Language model"}
 def jkey(name: str) -> str:
@@ -114,22 +117,45 @@ def _train_fields(lm: LoadedModel) -> dict:
     return v
 
 
-def job_form(lm: LoadedModel, set_folder: str | None) -> tuple[str, dict, str] | None:
-    """The new-job form; ``(action, values, set folder)`` when Start is clicked."""
+def confirm_replace(action: str, folder: str | None, replaces: str | None) -> bool:
+    """Ask before a job writes over ``replaces`` in ``folder``: a warning and a tick, given again
+    for each folder and action (a tick never carries over to another target)."""
+    ss = st.session_state
+    if ss.get(_REPLACE_FOR) != (action, folder):
+        ss[REPLACE_KEY] = False
+        ss[_REPLACE_FOR] = (action, folder)
+    if replaces is None:
+        return False
+    what = {"the transcoder set": "its weights, metrics and feature store are written anew",
+            "the feature store": "its contexts and every explanation in it are collected anew"}.get(replaces, "")
+    st.warning(f"`{spec_label(str(folder))}` already holds {replaces}; this job replaces it ({what}).",
+               icon=":material/warning:")
+    return st.checkbox(f"Replace {replaces} in this folder", key=REPLACE_KEY)
+
+
+def job_form(lm: LoadedModel, set_folder: str | None) -> tuple[str, dict, str, bool] | None:
+    """The new-job form; ``(action, values, set folder, replace)`` when Start is clicked."""
     action = st.radio("Job", list(ACTION_LABELS), format_func=ACTION_LABELS.get, key=jkey("action"),
                       horizontal=True)
     own = transcoder_dir_for(lm)
     if action == "train":
-        out = st.text_input("Write the set to", key=jkey("output"), placeholder=str(own),
-                            help="A folder; empty: the model's own transcoder folder, where this page finds it. "
-                                 "A set already there is replaced.")
-        folder = out.strip() or str(own)
+        fresh = shipped(own)  # the model's own folder is shipped in assets/: a new folder instead
+        where = f"a new folder under {spec_label(str(sets_root()))}/" if fresh else "the model's own transcoder folder"
+        out = st.text_input("Write the set to", key=jkey("output"),
+                            placeholder=spec_label(str(new_set_folder(lm.spec) if fresh else own)),
+                            help=f"A folder; empty: {where}, where this page finds it. A set already there is replaced "
+                                 f"only when you tick Replace; the shipped assets/ folder is never written.")
+        folder = out.strip() or (None if fresh else str(own))  # None: a new folder, named when Start is pressed
     else:
         if set_folder is None:
             st.info("Pick a transcoder set above (or train one) to collect or describe its features.")
             return None
         folder = set_folder
         st.caption(f"Set: `{spec_label(folder)}`")
+    refusal, replaces = write_check(action, folder, lm.spec)
+    if refusal:
+        st.error(refusal)
+    replace = confirm_replace(action, folder, replaces)
     cols = st.columns(3)
     values: dict = {"device": cols[0].selectbox("Device", device_options(), key=jkey("device")),
                     "dtype": st.session_state.get(DTYPE_KEY, "float32")}
@@ -147,9 +173,11 @@ def job_form(lm: LoadedModel, set_folder: str | None) -> tuple[str, dict, str] |
         values["layers"] = st.multiselect("Layers", list(range(lm.stack.n_layer)), key=jkey("describe_layers"),
                                           placeholder="all layers of the store")
         values |= _describe_fields(with_explainer=True)
+    blocked = bool(refusal) or (replaces is not None and not replace)
     if st.button(f"Start: {ACTION_LABELS[action].lower()}", key=jkey("launch"), type="primary",
-                 icon=":material/play_arrow:"):
-        return action, values, folder
+                 icon=":material/play_arrow:", disabled=blocked,
+                 help="Tick Replace above first." if replaces and not replace else None):
+        return action, values, folder or str(new_set_folder(lm.spec)), replace
     return None
 
 
@@ -223,8 +251,8 @@ def jobs_section(lm: LoadedModel, set_folder: str | None, expanded: bool) -> Non
     with st.expander("New job", expanded=expanded, icon=":material/add:"):
         picked = job_form(lm, set_folder)
     if picked is not None:
-        action, values, folder = picked
-        made, error = attempt(job_argv, action, values, lm.spec, folder)
+        action, values, folder, replace = picked
+        made, error = attempt(job_argv, action, values, lm.spec, folder, replace)
         if error is None:
             argv, out = made
             job, error = attempt(launch, action, argv, lm.spec, out)

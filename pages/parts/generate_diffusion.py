@@ -75,13 +75,13 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
 
 # -- running --------------------------------------------------------------------------------------
 
-def settle_interrupted(record: dict | None) -> bool:
-    """A record still "running" was cut off by a rerun (Stop, or any widget touched): it keeps the
-    states it reached and is marked stopped."""
+def settle_interrupted(record: dict | None) -> dict | None:
+    """A record still "running" was cut off by a rerun (Stop, or any widget touched): the states it
+    reached are kept as a new record marked stopped (the cut-off run's thread may still write its
+    own record once before the stop reaches it), which is returned; None when there was none."""
     if record is None or record["status"] != "running":
-        return False
-    record["status"] = "stopped"
-    return True
+        return None
+    return {**record, "status": "stopped"}
 
 
 def run_denoise(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionConfig, record: dict) -> None:
@@ -218,7 +218,10 @@ def diffusion_view(lm: LoadedModel, prompt: str) -> None:
     record = ss.get(RESULT_KEY)
     if record is not None and record["result"] is not None and record["result"].model != lm.name:
         record = ss[RESULT_KEY] = None  # made by another model: its token ids mean nothing here
-    if settle_interrupted(record) and not stop:
+    stopped = settle_interrupted(record)
+    if stopped is not None:
+        record = ss[RESULT_KEY] = stopped
+    if stopped is not None and not stop:
         st.info("The last generation was interrupted by a change on the page; its states so far are kept.")
     if go:
         generate(lm, sampler, prompt, cfg)

@@ -79,6 +79,14 @@ BAD_INPUTS = [
     (["serve", "--max-queue", "-1"], "--max-queue must be 0 or more"),
     (["serve", "--queue-timeout", "0"], "--queue-timeout must be above 0"),
     (["serve", "--host", " "], "--host is empty"),
+    # export
+    (["export"], "--to"),
+    (["export", "--to"], "--to"),
+    (["export", "--to", "out", "--frobnicate"], "--frobnicate"),
+    (["export", "--to", "out", "--format", "gguf"], "--format"),
+    (["export", "--to", "out", "--dtype", "int8"], "--dtype"),
+    (["export", "--to", " "], "--to needs a folder name"),
+    (["export", "--to", "out", "--model", "./no/such/model"], "./no/such/model does not exist"),
     # transcoders and its actions
     (["transcoders"], "transcoders {train,collect,describe,explain}"),
     (["transcoders", "frobnicate"], "'frobnicate'"),

@@ -288,3 +288,17 @@ def test_unreadable_and_legacy_job_folders(tmp_path):
     assert set(listed) == {legacy.name, broken.name}
     assert listed[legacy.name].state == "finished"
     assert listed[broken.name].state == "unreadable" and "not valid JSON" in listed[broken.name].reason
+
+
+def test_a_relative_runs_root_means_the_same_folder_to_the_job(tmp_path, monkeypatch):
+    """Jobs run in runner.ROOT (the checkout, or site-packages when installed); a relative
+    $GPTLAB_RUNS set where they were started from must not move with them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPTLAB_RUNS", "my-runs")
+    monkeypatch.setenv("GPTLAB_DATA_CACHE", "~/cache")
+    monkeypatch.delenv("GPTLAB_TRANSCODERS", raising=False)
+    env = runner.child_env()
+    assert env["GPTLAB_RUNS"] == str(tmp_path / "my-runs")
+    assert env["GPTLAB_DATA_CACHE"] == os.path.expanduser("~/cache")
+    assert "GPTLAB_TRANSCODERS" not in env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(runner.ROOT)

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import pyarrow as pa
 import pytest
 from app_harness import (LONG, ODD, TEXTS, clean, limits, no_exception, one_error, open_app, set_widgets,
                          stop_at_first_progress, texts)
+from streamlit.elements.progress import ProgressMixin
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
 from core.consensus.engine import ConsensusConfig, Progress, Started, consensus_stream, run_consensus
 from core.consensus.simulation import SimulationConfig, run_simulation
@@ -288,6 +291,55 @@ def test_stop_mid_run_archives_what_was_computed(downloads):
     assert any(w.startswith("Stopped after 1 of 200 layer-steps") for w in texts(at.warning))
     np.testing.assert_array_equal(npy(downloads, "consensus.npy"), result.metric)
     assert np.isfinite(result.metric).all()
+
+
+@contextmanager
+def stop_pressed_mid_run(at_update: int = 1):
+    """Press Stop at the progress bar's ``at_update``-th update, the way a server does: the script
+    run's request becomes STOP, so that update and every later call into Streamlit raise
+    StopException, session-state access included (``stop_at_first_progress`` raises once only,
+    which hid a page that waited 20 s for a stopped run to hand its result over)."""
+    original, seen = ProgressMixin.progress, []
+
+    def press_stop(self, value, text=None, **kw):
+        if value > 0:
+            seen.append(value)
+            if len(seen) == at_update:
+                get_script_run_ctx().script_requests.request_stop()
+        return original(self, value, text, **kw)
+
+    ProgressMixin.progress = press_stop
+    try:
+        yield
+    finally:
+        ProgressMixin.progress = original
+
+
+@pytest.mark.parametrize("mode", [None, "Consensus decoding", "Simulation"])
+def test_stop_answers_at_once_and_keeps_the_partial_run(mode):
+    """After a real Stop the next script run shows the stopped run at once: it never waits on the
+    stopped thread (it used to wait 20 s: the loop's clean-up touched session state, which raises
+    after a Stop, so it never said it was done)."""
+    at = page(mode)
+    if mode == "Consensus decoding":
+        at.number_input(key="cons_iterations").set_value(2)
+        at.number_input(key="cons_new_tokens").set_value(50)
+    elif mode == "Simulation":
+        at.number_input(key="sim_steps").set_value(1_000_000)
+    else:
+        at.number_input(key="cons_iterations").set_value(1_000_000)
+    with stop_pressed_mid_run(at_update=2):
+        run(at)
+    live = at.session_state["cons_live"]
+    assert live["done"].is_set()  # the stopped thread closed its engine and said so
+    t0 = time.monotonic()
+    at.run()
+    assert time.monotonic() - t0 < 5  # a whole script run on a shared CPU; it waited 20 s
+    clean(at)
+    (record,) = at.session_state["cons_runs"]
+    assert record["status"] == "stopped" and "cons_live" not in at.session_state
+    assert any(w.startswith("Stopped after") for w in texts(at.warning))
+    assert set(record) == {"label", "kind", "status", "result", "error", "tokens", "settings", "new_texts"}
 
 
 def test_out_of_memory_mid_run_keeps_the_partial_run(monkeypatch, downloads):

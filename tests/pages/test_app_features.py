@@ -31,7 +31,8 @@ from core.interp import (BuiltinExplainer, FeatureStore, load_explainer, load_tr
 from core.interp import jobs as features_jobs
 from core.interp.store import HIST_EDGES, Context
 from core.jobs.events import EventLog
-from core.models.loading import load_model
+from core.errors import LabError
+from core.models.loading import DEFAULT_DIR, load_model
 from pages.parts.features_card import activation_alpha, context_html, histogram_frame, logit_frame, md_escape, shown_token
 
 PAGE = "pages/features.py"
@@ -265,6 +266,7 @@ def test_bad_input_shows_one_error(described, env, tmp_path: Path):
 
     # a job form with a corpus that is not there starts nothing
     at.radio(key="feat_j_action").set_value("train").run()
+    at.text_input(key="feat_j_output").input(str(tmp_path / "new-set"))
     at.selectbox(key="feat_j_dataset").set_value("path").run()
     at.text_input(key="feat_j_dataset_path").input(str(tmp_path / "nowhere.txt"))
     at.button(key="feat_j_launch").click().run()
@@ -390,6 +392,117 @@ def test_stop_a_running_job_from_the_page(described, env, tmp_path: Path):
     at.run()
     assert any(t.startswith("Stopped: on request") for t in texts(at.caption))
     assert "interrupted (Ctrl-C)." in features_jobs.console_lines(job)
+
+
+# -- where jobs write: never into assets/, never over a set unasked ---------------------------------
+
+@pytest.fixture
+def launched(env, monkeypatch) -> list:
+    """The job launcher replaced by a stand-in that records ``(action, argv, output)`` and starts nothing."""
+    import pages.parts.features_jobs_view as view
+
+    calls: list = []
+
+    def fake_launch(action, argv, model, output, root=None):
+        calls.append((action, list(argv), output))
+        raise LabError("captured")
+
+    monkeypatch.setattr(view, "launch", fake_launch)
+    return calls
+
+
+def start(at):
+    button = at.button(key="feat_j_launch")
+    assert not button.disabled
+    button.click().run()
+    assert not at.exception
+    assert texts(at.error) == ["captured"], texts(at.error)
+
+
+def shipped_files() -> dict[str, int]:
+    folder = DEFAULT_DIR / "transcoders"
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_the_shipped_set_is_never_written_from_the_page(env, launched):
+    """``default``'s own set is assets/default/transcoders (git-tracked): training with the folder left
+    empty goes to a new folder under the runs root, a folder in assets/ is refused with a sentence that
+    proposes one there, and collect / describe on the shipped set are refused."""
+    before = shipped_files()
+    at = page("default")
+    assert at.radio(key="feat_j_action").value == "train"
+    field = at.text_input(key="feat_j_output")
+    assert field.placeholder.startswith(str(env / "transcoder-sets" / "default-"))
+    assert not at.warning and not at.error
+    start(at)
+    ((action, argv, out),) = launched
+    out = Path(out)
+    assert action == "train" and out.parent == (env / "transcoder-sets").resolve() and out.name.startswith("default-")
+    assert argv[argv.index("--output-dir") + 1] == str(out)
+
+    for typed in (DEFAULT_DIR / "transcoders", DEFAULT_DIR / "transcoders" / "again", DEFAULT_DIR.parent):
+        at.text_input(key="feat_j_output").input(str(typed)).run()
+        (error,) = texts(at.error)
+        assert error.startswith(f"{typed.resolve()} is in the shipped assets/ folder, which the app never writes")
+        assert f"leave the folder empty for a new set under {env / 'transcoder-sets'}" in error
+        assert at.button(key="feat_j_launch").disabled
+    at.text_input(key="feat_j_output").input("").run()
+    for action in ("collect", "describe"):
+        at.radio(key="feat_j_action").set_value(action).run()
+        (error,) = texts(at.error)
+        assert error.startswith(f"The set in {(DEFAULT_DIR / 'transcoders').resolve()} is shipped in assets/")
+        assert f"{action} a copy instead" in error and str(env / "transcoder-sets") in error
+        assert at.button(key="feat_j_launch").disabled
+    assert len(launched) == 1 and shipped_files() == before
+    with pytest.raises(LabError, match="never writes"):  # the engine refuses too, whatever the page does
+        features_jobs.job_argv("collect", {}, "default", DEFAULT_DIR / "transcoders", replace=True)
+
+
+def test_replacing_a_set_or_its_store_asks_first(described, env, launched, tmp_path: Path):
+    model_dir, set_dir = described
+    at = page(model_dir)
+    # the model's own folder (the field left empty) holds a set: a warning, and Start waits for the tick
+    (warning,) = texts(at.warning)
+    assert "already holds the transcoder set; this job replaces it" in warning
+    assert at.checkbox(key="feat_j_replace").value is False and at.button(key="feat_j_launch").disabled
+    at.checkbox(key="feat_j_replace").check().run()
+    start(at)
+    assert launched[-1][2] == str(set_dir.resolve())
+
+    # another folder with a set: the tick given for the first does not carry over
+    other = tmp_path / "other-set"
+    shutil.copytree(set_dir, other)
+    at.text_input(key="feat_j_output").input(str(other)).run()
+    assert at.checkbox(key="feat_j_replace").value is False and at.button(key="feat_j_launch").disabled
+    # an empty folder (or a new one) replaces nothing: no question
+    at.text_input(key="feat_j_output").input(str(tmp_path / "fresh")).run()
+    assert not at.warning and not [c for c in at.checkbox if c.key == "feat_j_replace"]
+    start(at)
+    assert launched[-1][2] == str((tmp_path / "fresh").resolve())
+
+    # collecting into a set that has a feature store replaces the store: asked too
+    at.radio(key="feat_j_action").set_value("collect").run()
+    (warning,) = texts(at.warning)
+    assert "already holds the feature store" in warning and "every explanation" in warning
+    assert at.button(key="feat_j_launch").disabled
+    at.checkbox(key="feat_j_replace").check().run()
+    start(at)
+    assert launched[-1][0] == "collect"
+    # describing adds explanations to the store: nothing to confirm
+    at.radio(key="feat_j_action").set_value("describe").run()
+    assert not at.warning and not at.button(key="feat_j_launch").disabled
+
+    # the engine refuses without the confirmation, whatever the page does
+    with pytest.raises(LabError, match="already holds the transcoder set") as refused:
+        features_jobs.job_argv("train", TRAIN_VALUES, str(model_dir), set_dir)
+    assert refused.value.fix == {"replace": True}
+    argv, out = features_jobs.job_argv("train", TRAIN_VALUES, str(model_dir), set_dir, replace=True)
+    assert out == str(set_dir.resolve())
+
+
+TRAIN_VALUES = dict(device="cpu", dtype="float32", expansion=2, activation="topk", k=4, lr=1e-3, steps=2,
+                    train_tokens=1024, batch_tokens=64, seq_len=16, dataset="shakespeare", seed=0, layers=[0],
+                    collect=False)
 
 
 def test_job_command_lines_and_progress_parsing(tmp_path: Path):
@@ -565,8 +678,18 @@ def _job(at, action: str, **values):
             set_widgets(at, "feat_j_", **{name: values[name]})
             at.run()
     set_widgets(at, "feat_j_", **{k: v for k, v in values.items() if k not in SHAPING})
+    at.run()
+    confirm_replace(at)
     at.button(key="feat_j_launch").click()
     return at.run()
+
+
+def confirm_replace(at) -> None:
+    """Tick "Replace ... in this folder" when the form asks (the model's own set is already there)."""
+    ticks = [c for c in at.checkbox if c.key == "feat_j_replace"]
+    if ticks and not ticks[0].value:
+        ticks[0].check()
+        at.run()
 
 
 def test_features_job_forms_at_min_and_max(described, launched_jobs):
@@ -624,6 +747,7 @@ def test_features_job_text_extremes(described, launched_jobs, field, tmp_path):
             if field == "dataset_path":
                 at.selectbox(key="feat_j_dataset").set_value("path").run()
         at.text_input(key=f"feat_j_{field}").input(text).run()
+        confirm_replace(at)
         at.button(key="feat_j_launch").click().run()
         no_exception(at)
         error = one_error(at)

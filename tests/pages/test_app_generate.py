@@ -12,6 +12,8 @@ stays. A diffusion model's controls get the same treatment (tiny models keep max
 from __future__ import annotations
 
 import html
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,88 @@ def test_interrupted_generation_keeps_its_tokens_as_stopped(default_lm):
     assert float(m["Prompt perplexity"]) == pytest.approx(perplexity(default_lm, PROMPT), rel=1e-5, abs=0.005)
     assert any("seed 3" in c for c in texts(at.caption))
     assert not at.info  # a Stop click needs no explanation
+
+
+@contextmanager
+def stop_pressed_at_caption(ending: str, nth: int):
+    """Press Stop as a server does it, when the page writes its ``nth`` caption ending in ``ending``
+    (one per streamed token or denoising step): the script run's request becomes STOP, so that
+    call and every later call into Streamlit raise, session-state access included."""
+    from streamlit.delta_generator import DeltaGenerator
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    enqueue, seen = DeltaGenerator._enqueue, []
+
+    def press_stop(self, delta_type, element_proto, *args, **kwargs):
+        if delta_type == "markdown" and element_proto.body.endswith(ending):
+            seen.append(element_proto.body)
+            if len(seen) == nth:
+                get_script_run_ctx().script_requests.request_stop()
+        return enqueue(self, delta_type, element_proto, *args, **kwargs)
+
+    DeltaGenerator._enqueue = press_stop
+    try:
+        yield
+    finally:
+        DeltaGenerator._enqueue = enqueue
+
+
+def test_real_stop_mid_stream_keeps_the_tokens_and_answers_at_once(default_lm):
+    """After a real Stop the next run shows the stopped generation at once, as a new record (the
+    cut-off thread may still write its own one once), perplexity filled in."""
+    at = open_app(PAGE)
+    set_controls(at, max_new_tokens=200, seed=3)
+    with stop_pressed_at_caption(" tokens…", 5):
+        click_generate(at)
+    cut = at.session_state["gen_results"]["A"]
+    assert cut["status"] == "running" and len(cut["result"].tokens) == 5
+    t0 = time.monotonic()
+    at.button(key="gen_stop").click().run()
+    assert time.monotonic() - t0 < 5
+    assert not at.exception and not at.error
+    kept = at.session_state["gen_results"]["A"]
+    assert kept is not cut and kept["status"] == "stopped" and kept["result"].prompt_perplexity is not None
+    assert any("Stopped after 5 token(s)" in w for w in texts(at.warning))
+    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=5, seed=3))
+    assert code(at) == shown(want.text)
+    cut["result"] = None  # the cut-off thread writing its own record late changes nothing shown
+    at.run()
+    assert code(at) == shown(want.text) and not at.exception
+
+
+@pytest.fixture(scope="module")
+def diffusion_dir(tmp_path_factory) -> Path:
+    """A tiny bidirectional GPT saved as a GPT Lab diffusion checkpoint (context 64)."""
+    import torch
+
+    from core.models.gpt import GPT, GPTConfig
+    from core.models.loading import save_checkpoint
+    from core.models.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("tiny-diffusion")
+    tok = train_bpe(["To be, or not to be, that is the question. ROMEO: But soft! " * 40], 300,
+                    folder / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32, causal=False,
+                          mask_token_id=tok.mask_id))
+    save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective="diffusion")
+    return folder
+
+
+def test_real_stop_mid_denoising_keeps_the_states(diffusion_dir: Path):
+    at = open_app(PAGE, state={"model_spec": str(diffusion_dir)})
+    assert not at.exception and not at.error
+    set_widgets(at, "gen_diff_", gen_length=40, steps=40)
+    at.text_area(key="gen_prompt").input("ROMEO:")
+    with stop_pressed_at_caption("masks left…", 3):
+        at.button(key="gen_diff_go").click().run()
+    cut = at.session_state["gen_diff_result"]
+    assert cut["status"] == "running"
+    at.button(key="gen_diff_stop").click().run()
+    assert not at.exception and not at.error
+    kept = at.session_state["gen_diff_result"]
+    assert kept is not cut and kept["status"] == "stopped"
+    assert any(w.startswith("Stopped after 3 of 40 denoising steps") for w in texts(at.warning))
 
 
 def test_unexpected_failure_is_one_line_not_a_traceback(monkeypatch):

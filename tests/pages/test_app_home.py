@@ -167,3 +167,67 @@ def test_home_every_dtype_loads_the_default_model(dtype):
     facts = at.table[0].value
     assert facts.loc["dtype"].iloc[0] == dtype
     assert {m.label: m.value for m in at.metric}["Layers"] == "4"
+
+
+# -- the picker's hub ids and load errors in the app's words ---------------------------------------
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """A local Hugging Face cache holding gpt2's config and weights only (files, never the network)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_ids_missing_from_the_cache_say_so(hub_cache):
+    from core.commands.models import collect
+
+    at = open_app()
+    picker = at.sidebar.selectbox(key="model_choice")
+    hub = {h["id"]: h["cached"] for h in collect()["hub"]}  # what `python -m core models` says
+    assert hub["gpt2"] and not any(v for k, v in hub.items() if k != "gpt2")
+    labels = [o for o in picker.options if o.split(" ")[0] in hub]
+    assert labels == [k if cached else f"{k} (not cached)" for k, cached in hub.items()]
+    assert picker.options[0] == "default" and picker.options[-1] == "other…"
+
+
+def test_load_errors_name_the_picker_not_command_line_flags(hub_cache, tmp_path: Path):
+    from core.models.loading import model_message
+
+    at = open_app()
+    at.sidebar.selectbox(key="model_choice").set_value("gpt2-medium").run()
+    assert not at.exception
+    errors = texts(at.error)
+    assert len(errors) == 2 and len(set(errors)) == 1  # the sidebar's and the page's
+    assert errors[0] == ("Model 'gpt2-medium' is not in the local Hugging Face cache and the hub cannot be reached; "
+                         "download it where there is internet (`hf download gpt2-medium`) and copy the cache or folder "
+                         "here, or pick `default` in the sidebar's model picker, which works offline.")
+    assert "use --model default" in model_message("offline", "gpt2-medium")  # the CLI's sentence is unchanged
+
+    custom = tmp_path / "custom-code"
+    custom.mkdir()
+    (custom / "config.json").write_text('{"model_type": "gptlab_custom", "auto_map": {"AutoConfig": '
+                                        '"configuration_custom.CustomConfig"}}')
+    a_file = tmp_path / "weights.pt"
+    a_file.write_bytes(b"")
+    cases = {str(tmp_path / "nowhere" / "model") + "/": "does not exist; check the path, or pick `default` in the "
+                                                        "sidebar's model picker.",
+             str(custom): "ships its own Python code, which GPT Lab runs only when asked; tick Trust remote code "
+                          "below the model spec in the sidebar if you trust its authors.",
+             str(a_file): "is a file; pass a model folder (with config.json)."}
+    at.sidebar.selectbox(key="model_choice").set_value("other…").run()
+    for spec, ending in cases.items():
+        at.sidebar.text_input(key="model_other").input(spec).run()
+        assert not at.exception
+        errors = texts(at.error)
+        assert errors and all(e.endswith(ending) for e in errors), errors
+        assert not any("--" in e for e in errors)

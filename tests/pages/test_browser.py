@@ -2,12 +2,14 @@
 Playwright; never a browser download) against `streamlit run app.py` on localhost.
 
 Each page is opened, its main action done with the default model, and checked for the expected
-elements and for the absence of Streamlit's exception box. Screenshots land in
+elements and for the absence of Streamlit's exception box. Long runs are cut off the ways a user
+cuts them off (Stop, Run again, leaving the page) and the page must answer within a second. Screenshots land in
 $GPTLAB_SCREENSHOTS (the README's docs/screenshots when set) or the test's tmp folder.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -265,6 +267,153 @@ def test_two_sessions_generate_and_run_consensus_at_the_same_time(server, browse
     finally:
         for ctx in contexts:
             ctx.close()
+
+
+# -- Stop answers at once --------------------------------------------------------------------------
+# Pressing Stop (or Run again, or leaving the page) starts a new script run at once, in a new
+# thread, while the old one is told to stop at its next call into Streamlit. The page must not wait
+# on the old thread: within a second of the click the stopped run's partial result is on screen,
+# the script is idle, and a widget change is answered.
+
+ANSWER_S = 1.0  # the promise: the page is usable again within this long after Stop
+IDLE_JS = ("() => { const w = document.querySelector('[data-testid=\"stStatusWidget\"]');"
+           " return !w || !(w.innerText.includes('Running') || w.innerText.includes('Stop')); }")
+
+
+def _seconds_until(page, condition, timeout_s: float = 60.0) -> float:
+    """Seconds until ``condition(page)`` holds (polled every 25 ms)."""
+    t0 = time.monotonic()
+    while not condition(page):
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"not answered within {timeout_s} s")
+        page.wait_for_timeout(25)
+    return time.monotonic() - t0
+
+
+def _idle_and_showing(text: str, count: int = 1):
+    """The script is idle and ``text`` is on the page at least ``count`` times."""
+    def check(page) -> bool:
+        return page.get_by_text(text).count() >= count and page.evaluate(IDLE_JS)
+    return check
+
+
+def _running(page, progress_text: str) -> None:
+    """Wait until the run streams: its progress bar shows ``progress_text`` with work done."""
+    page.get_by_text(progress_text).first.wait_for(timeout=90_000)
+    page.wait_for_timeout(1500)  # well under way: live chart drawn, several events handled
+
+
+def _consensus_page(page, url: str, iterations: str) -> None:
+    page.goto(f"{url}/consensus")
+    page.get_by_role("spinbutton", name="Iterations N").wait_for(timeout=90_000)
+    _settle(page)
+    _enter(page, "spinbutton", "Iterations N", iterations)
+
+
+def _steps_shown(page) -> int | None:
+    """The step count on the run's progress bar ("1,234 / 4,000,000 layer-steps"; 0 while it says
+    "starting…"), None without one."""
+    text = page.evaluate("() => { const p = document.querySelector('[data-testid=\"stProgress\"]');"
+                         " return p ? p.innerText : null; }") or ""
+    m = re.search(r"([\d,]+) / [\d,]+", text)
+    return int(m.group(1).replace(",", "")) if m else 0 if "starting" in text else None
+
+
+def _stop_and_time(page, button: str, shown: str, what: str) -> None:
+    """Press ``button`` and assert that within a second the script is idle with ``shown`` on the page."""
+    t0 = time.monotonic()
+    page.get_by_role("button", name=button, exact=True).click()
+    _seconds_until(page, _idle_and_showing(shown))
+    took = time.monotonic() - t0
+    print(f"{what}: '{shown}' on an idle page {took:.2f} s after the click")
+    assert took < ANSWER_S, f"{what}: the page answered {took:.2f} s after the click"
+
+
+def _change_and_time(page, role: str, name: str, value: str, shown: str, what: str) -> None:
+    """Change a field; the page redraws with ``shown`` (text it did not show before) within a second."""
+    assert page.get_by_text(shown).count() == 0
+    page.get_by_role(role, name=name).fill(value)
+    t0 = time.monotonic()
+    page.keyboard.press("Tab")
+    _seconds_until(page, _idle_and_showing(shown))
+    took = time.monotonic() - t0
+    print(f"{what}: widget change answered in {took:.2f} s")
+    assert took < ANSWER_S
+
+
+def test_consensus_stop_run_again_and_leaving_answer_within_a_second(server, page):
+    """Long runs (a million iterations: hours on this CPU) cut off three ways: Stop, Run pressed
+    again, a visit to another page. Each time the page answers within a second."""
+    url, _ = server
+    _consensus_page(page, url, "1000000")
+    total = "/ 4,000,000 layer-steps"  # 4 blocks; the two prompts' lengths differ, so two batches of 1
+    page.get_by_role("button", name="Run", exact=True).click()
+    _running(page, total)
+    _stop_and_time(page, "Stop", "Stopped after", "consensus Stop")
+    assert page.get_by_role("button", name="Metric .npy").is_enabled()  # the partial run is downloadable
+    _change_and_time(page, "spinbutton", "Iterations N", "3", "12 layer-steps per prompt", "consensus after Stop")
+    _enter(page, "spinbutton", "Iterations N", "1000000")
+
+    # Run while a run is running: the first is kept as stopped and the second starts at once
+    page.get_by_role("button", name="Run", exact=True).click()
+    _running(page, total)
+    before = _steps_shown(page)
+    t0 = time.monotonic()
+    page.get_by_role("button", name="Run", exact=True).click()
+    _seconds_until(page, lambda pg: (_steps_shown(pg) if _steps_shown(pg) is not None else before) < before)
+    took = time.monotonic() - t0
+    print(f"consensus Run while running: the new run streams {took:.2f} s after the click")
+    assert took < ANSWER_S
+
+    # leave mid-run and come back: the run is kept as stopped
+    page.wait_for_timeout(1000)
+    page.get_by_role("link", name="Generate").click()
+    page.get_by_role("button", name="Generate").wait_for(timeout=30_000)
+    t0 = time.monotonic()
+    page.get_by_role("link", name="Consensus").click()
+    _seconds_until(page, _idle_and_showing("Stopped after"))
+    took = time.monotonic() - t0
+    print(f"consensus left and returned: the stopped run shown {took:.2f} s after the click")
+    assert took < ANSWER_S
+    page.get_by_text("default N=1000000 #3").first.wait_for(timeout=5_000)  # all three runs kept
+    _no_exception(page)
+
+
+def test_simulation_stop_answers_within_a_second(server, page):
+    url, _ = server
+    page.goto(f"{url}/consensus")
+    mode = page.locator('[data-testid="stRadio"] label').filter(has_text="Simulation")
+    mode.wait_for(timeout=90_000)
+    _settle(page)
+    mode.click()
+    page.get_by_role("spinbutton", name="Steps").wait_for(timeout=30_000)
+    _settle(page)
+    _enter(page, "spinbutton", "Steps", "10000000")
+    page.get_by_role("button", name="Run", exact=True).click()
+    _running(page, "/ 10,000,000 steps")
+    _stop_and_time(page, "Stop", "Stopped after", "simulation Stop")
+    _no_exception(page)
+
+
+def test_generate_stop_answers_within_a_second(server, page):
+    """A long generation (the default model's whole context, seconds here), Stop after a second."""
+    url, _ = server
+    page.goto(f"{url}/generate")
+    page.get_by_role("textbox", name="Prompt").wait_for(timeout=90_000)
+    _settle(page)
+    _enter(page, "textbox", "Prompt", "ROMEO:")
+    _enter(page, "spinbutton", "Max new tokens", "250")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("/ 250 tokens…").first.wait_for(timeout=90_000)
+    page.wait_for_timeout(800)
+    _stop_and_time(page, "Stop", "Stopped after", "generate Stop")
+    assert "Token to inspect" in page.inner_text("body")  # the stopped generation's card, tokens and all
+    from core.models.loading import load_model
+
+    prompt = "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"
+    n = len(load_model("default").tokenizer.encode(prompt))
+    _change_and_time(page, "textbox", "Prompt", prompt, f"{n} prompt tokens", "generate after Stop")
+    _no_exception(page)
 
 
 def test_server_console_stays_quiet(server, server_console):
