@@ -47,7 +47,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -287,7 +286,7 @@ def _export_parser(sub, fmt) -> None:
     _common(p)
     g = p.add_argument_group("export")
     g.add_argument("--to", "--output-dir", dest="to", required=True, metavar="DIR",
-                   help="the folder to write (new or empty; see --overwrite)")
+                   help="the folder to write: new or empty (nothing is written over an existing one)")
     g.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
                    help="(default: %(default)s)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to export (default: all)")
@@ -298,8 +297,6 @@ def _export_parser(sub, fmt) -> None:
                    help="neuronpedia: the model's id there (default: the store's model spec)")
     g.add_argument("--sae-set", dest="sae_set", default=NEURONPEDIA_SET, metavar="NAME",
                    help="neuronpedia: the source set; layer i's source is i-NAME (default: %(default)s)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="write into a --to that holds an earlier export of the same layers")
 
 
 def _import_parser(sub, fmt) -> None:
@@ -314,12 +311,11 @@ def _import_parser(sub, fmt) -> None:
     g.add_argument("--from", dest="from_", required=True, metavar="DIR|ORG/NAME",
                    help="the SAELens folder(s), or a Hugging Face repo id (ORG/NAME[/PATH][@REVISION])")
     g.add_argument("--to", "--output-dir", dest="to", metavar="DIR",
-                   help="the set folder to write (new, empty, or a set with --overwrite; default: the model's own)")
+                   help="the set folder to write, new or empty (default: the model's own, <model folder>/transcoders/)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to import (default: all found)")
     g.add_argument("--fold-ln", dest="fold_ln", choices=FOLD_LN, default=FOLD_LN[0],
                    help="fold ln2's weight and bias into the encoder: auto reads the folders' "
                         "model_from_pretrained_kwargs (TransformerLens folds by default) (default: %(default)s)")
-    g.add_argument("--overwrite", action="store_true", help="replace the transcoder set already in --to")
     g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH",
                    help="the corpus to evaluate and collect on (default: %(default)s)")
     g.add_argument("--seq-len", dest="seq_len", type=int_arg(1), default=TRAIN.seq_len, metavar="T",
@@ -584,30 +580,13 @@ def _print_reference(r) -> None:
     print(f"        models mechanistic interpretability score={r.interpretability_score}")
 
 
-def _output_folder(path: Path, flag: str, overwrite: bool, may_replace, what: str) -> Path:
-    """``path`` checked before any work: a place a folder can be made or written in, and new or
-    empty, or (with --overwrite) holding only what ``may_replace(entry)`` says this command wrote."""
-    check_output_dir(path, flag)
-    entries = sorted(path.iterdir()) if path.is_dir() else []
-    if entries:
-        other = next((e for e in entries if not may_replace(e)), None)
-        if not overwrite or other is not None:
-            why = (f"it holds {other.name}, which is not {what}" if other is not None else
-                   f"it holds {what} already; pass --overwrite to replace it")
-            raise LabError(f"{flag} {path} is not empty ({why}); pick a new or empty folder.")
-    return path
-
-
 def _export(args: argparse.Namespace) -> int:
     from ..interp.store import FeatureStore, store_path
 
-    to = Path(args.to).expanduser()
+    to = check_output_dir(args.to, "--to")  # before any work: new or empty, writable
     if args.export_format == "neuronpedia":
         from ..interp.neuronpedia import export_neuronpedia
 
-        names = re.compile(rf"\d+-{re.escape(args.sae_set)}")
-        _output_folder(to, "--to", args.overwrite, lambda e: e.is_dir() and names.fullmatch(e.name) is not None,
-                       "a Neuronpedia export of this set")
         path = Path(args.store).expanduser() if args.store else store_path(
             Path(args.transcoders).expanduser() if args.transcoders else _set_dir(args, _load(args)))
         if not path.is_file():
@@ -618,12 +597,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {len(folders)} Neuronpedia source(s) to {to}: {', '.join(f.name for f in folders)}",
               file=sys.stderr)
         return 0
-    from ..interp.saelens import export_saelens, layer_folder
+    from ..interp.saelens import export_saelens
     from ..interp.transcoder import load_transcoder_set
 
-    names = re.compile(layer_folder(0).replace(".", r"\.").replace(r"\.0\.", r"\.\d+\."))
-    _output_folder(to, "--to", args.overwrite, lambda e: e.is_dir() and names.fullmatch(e.name) is not None,
-                   "a SAELens export")
     folder = Path(args.transcoders).expanduser() if args.transcoders else _set_dir(args, _load(args))
     tset = load_transcoder_set(folder)
     path = Path(args.store).expanduser() if args.store else store_path(folder)
@@ -642,39 +618,36 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from ..files import atomic_folder
     from ..interp.saelens import import_saelens, source_model_name
-    from ..interp.transcoder import is_transcoder_folder, transcoder_dir_for
-
-    def is_set(folder: Path):
-        return lambda entry: is_transcoder_folder(folder)  # a set's own files (and its lock, store, ...)
+    from ..interp.transcoder import transcoder_dir_for
 
     if args.to:
-        _output_folder(Path(args.to).expanduser(), "--to", args.overwrite, is_set(Path(args.to).expanduser()),
-                       "a transcoder set")
+        check_output_dir(args.to, "--to")  # before the model loads
     if not (model_given(args) or args.checkpoint or args.weights or args.train_folder):
         named = source_model_name(args.from_)
         if named:
             args.model = named
     lm = _load(args)
-    out = Path(args.to).expanduser() if args.to else transcoder_dir_for(lm)
-    if not args.to:
-        _output_folder(out, "--to", args.overwrite, is_set(out), "a transcoder set")
+    out = check_output_dir(args.to or transcoder_dir_for(lm), "--to")
     tset = import_saelens(args.from_, lm, layers=args.layers, fold_ln=args.fold_ln)
+    dtype = tset.origin.get("dtype", "float32")
+    with atomic_folder(out) as tmp:  # the set appears whole or not at all
+        tset.save(tmp, dtype)
+    tset.folder = out
     lock = acquire(out, "Transcoder set", "wait for the job writing it to finish or stop it first.")
     try:
-        return _import_into(args, lm, tset, out)
+        return _import_into(args, lm, tset, out, dtype)
     finally:
         lock.release()
 
 
-def _import_into(args: argparse.Namespace, lm, tset, out: Path) -> int:
+def _import_into(args: argparse.Namespace, lm, tset, out: Path, dtype: str) -> int:
     from ..interp.activations import corpus_tokens
     from ..interp.explain import BuiltinExplainer
     from ..interp.quality import evaluate_transcoders, metrics_json
     from ..interp.store import FeatureStore, store_path
 
-    dtype = tset.origin.get("dtype", "float32")
-    tset.save(out, dtype)
     c = tset.config
     print(f"imported {len(tset.layers)} transcoder(s) of {c.n_features:,} features ({c.activation}) for layers "
           f"{tset.layers} of {lm.name} into {out}", file=sys.stderr)
@@ -690,9 +663,6 @@ def _import_into(args: argparse.Namespace, lm, tset, out: Path) -> int:
         tset.save(out, dtype)
         _print_quality(quality)
     if not args.collect:
-        if store_path(out).is_file():
-            print(f"note: {store_path(out)} describes the set that was there before; run `transcoders collect`.",
-                  file=sys.stderr)
         return 0
     _run_collect(lm, tset, _collect_config(args), store_path(out))
     if args.describe:

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_json, atomic_write_text, parse_json
+from ..files import atomic_folder
 from .config import NEURONPEDIA_SET, transcoder_hooks
 from .store import HIST_EDGES, Context, FeatureStore, Score
 
@@ -145,8 +145,8 @@ def layer_json(store: FeatureStore, layer: int, *, model_id: str,
 
 def export_neuronpedia(store: FeatureStore, out: str | os.PathLike, *, model_id: str | None = None,
                        sae_set: str = NEURONPEDIA_SET, layers: list[int] | None = None) -> list[Path]:
-    """Write the store's ``layers`` (default all) under ``out``; returns the source folders. Every
-    layer is encoded before the first file is written; each file is written atomically."""
+    """Write the store's ``layers`` (default all) under ``out``, a new or empty folder that appears
+    whole or not at all (:func:`core.files.atomic_folder`); returns the source folders."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", sae_set or ""):
         raise LabError(f"--sae-set must be letters, digits, '.', '_' or '-' (got {sae_set!r}): Neuronpedia names "
                        f"sources '<layer>-<set>'.")
@@ -161,16 +161,17 @@ def export_neuronpedia(store: FeatureStore, out: str | os.PathLike, *, model_id:
     files: dict[Path, object] = {}
     for i in layers:
         batches, records, settings = layer_json(store, i, model_id=model_id, sae_set=sae_set)
-        folder = out / source_name(i, sae_set)
+        folder = Path(source_name(i, sae_set))  # relative to out
         for n, batch in enumerate(batches):
             files[folder / f"batch-{n}.json"] = batch
         files[folder / EXPLANATIONS_FILENAME] = records
         files[folder / RUN_SETTINGS_FILENAME] = settings
-    for path, obj in files.items():
-        if path.name.startswith("batch-"):  # compact, as SAEDashboard writes them: they are most of the bytes
-            atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
-        else:
-            atomic_write_json(path, obj)
+    with atomic_folder(out) as tmp:
+        for path, obj in files.items():
+            compact = path.name.startswith("batch-")  # as SAEDashboard writes them: they are most of the bytes
+            text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2) + "\n"
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / path).write_text(text, encoding="utf-8")
     return [out / source_name(i, sae_set) for i in layers]
 
 
@@ -208,8 +209,8 @@ def _contexts(acts: list[dict]) -> tuple[list[Context], list[Context]]:
 
 def _read(path: Path):
     try:
-        return parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to parse
         raise LabError(f"Cannot read {path} ({shorten(first_line(e), 120)}); export it again.") from None
 
 
@@ -243,8 +244,8 @@ def read_neuronpedia(folder: str | os.PathLike) -> dict[int, dict[int, Dashboard
                     if r["scores"]:
                         feat.scores[ex] = {s["explanationScoreTypeName"]: Score(
                             method=s["explanationScoreTypeName"], value=s["value"], n=int(s["n"]),
-                            details=parse_json(s["jsonDetails"]) if s.get("jsonDetails") else {}) for s in r["scores"]}
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                            details=json.loads(s["jsonDetails"]) if s.get("jsonDetails") else {}) for s in r["scores"]}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         raise LabError(f"{folder} is not a Neuronpedia export GPT Lab wrote ({type(e).__name__}: "
                        f"{shorten(first_line(e), 120)}); export it again.") from None
     return out

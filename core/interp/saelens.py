@@ -30,8 +30,9 @@ Such a transcoder was also trained on ``hook_mlp_out`` less its mean over d_mode
 is measured against that target. The set's ``origin`` notes (its card on the Features page) say
 what was changed; weights nothing needed to change are kept bit for bit.
 
-Metadata also carries a ``gptlab`` block (the set's transcoder config, training, model info and
-the layer's quality), so an export imported again is the same set.
+An export goes to a new or empty folder and appears whole or not at all. Metadata also carries a
+``gptlab`` block (the set's transcoder config, training, model info and the layer's quality), so an
+export imported again is the same set.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_bytes, parse_json
+from ..files import atomic_folder
 from .config import FOLD_LN, SAVE_DTYPES, TranscoderConfig, transcoder_hooks
 from .transcoder import SET_FORMAT, SET_FORMAT_VERSION, Transcoder, TranscoderSet
 
@@ -169,19 +170,19 @@ def saelens_config(tset: TranscoderSet, layer: int, dtype: str = "float32") -> S
 
 def export_saelens(tset: TranscoderSet, out: str | os.PathLike, *, store: "FeatureStore | None" = None,
                    layers: list[int] | None = None, dtype: str = "float32") -> list[Path]:
-    """Write ``tset`` (its ``layers``, default all) under ``out`` as SAELens folders; the densities
-    come from ``store`` when given. Everything is checked and encoded before the first file is
-    written; each file is written atomically. Returns the layer folders."""
+    """Write ``tset`` (its ``layers``, default all) as SAELens folders under ``out``, a new or empty
+    folder that appears whole or not at all (:func:`core.files.atomic_folder`); the densities come
+    from ``store`` when given. Returns the layer folders."""
     if dtype not in SAVE_DTYPES:
         raise LabError(f"The export dtype must be one of {', '.join(SAVE_DTYPES)} (got '{dtype}').")
     layers = tset.layers if layers is None else sorted(set(layers))
     missing = [i for i in layers if i not in tset.transcoders]
     if missing or not layers:
         raise LabError(f"--layers must name layers of the set, which covers {tset.layers} (got {layers}).")
-    files: dict[Path, bytes] = {}
+    files: dict[Path, bytes] = {}  # relative to out
     out = Path(out)
     for i in layers:
-        folder = out / layer_folder(i)
+        folder = Path(layer_folder(i))
         tensors = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in tset[i].state_dict().items()}
         if not all(bool(torch.isfinite(v).all()) for v in tensors.values()):
             raise LabError(f"The transcoder of layer {i} has weights that are not finite in {dtype}, so nothing was "
@@ -192,8 +193,10 @@ def export_saelens(tset: TranscoderSet, out: str | os.PathLike, *, store: "Featu
         density = _densities(store, i, tset[i].n_features) if store is not None else None
         if density is not None:
             files[folder / SPARSITY_FILENAME] = save({SPARSITY_TENSOR: log_sparsity(density)})
-    for path, blob in files.items():
-        atomic_write_bytes(path, blob)
+    with atomic_folder(out) as tmp:
+        for path, blob in files.items():
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / path).write_bytes(blob)
     return [out / layer_folder(i) for i in layers]
 
 
@@ -245,13 +248,13 @@ def read_saelens_folder(folder: str | os.PathLike, roots: list[Path] | None = No
     roots = roots or _roots(folder)
     cfg_path = folder / SAE_CFG_FILENAME
     try:
-        raw = parse_json(_inside(cfg_path, roots).read_text(encoding="utf-8"))
+        raw = json.loads(_inside(cfg_path, roots).read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         cfg = SAELensConfig.from_dict(raw)
     except OSError as e:
         raise LabError(f"Cannot read {cfg_path} ({e.strerror or first_line(e)}); pass a SAELens SAE folder.") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:  # JSON nested too deep too
         raise LabError(f"{cfg_path} is not a SAELens config ({type(e).__name__}: {shorten(first_line(e), 120)}); pass "
                        f"a folder written by SAELens or by `transcoders export --format saelens`.") from None
     weights = folder / SAE_WEIGHTS_FILENAME
@@ -330,9 +333,9 @@ def source_model_name(source: str | os.PathLike) -> str | None:
     """The model an SAELens source was trained on (its metadata's model_name, as a GPT Lab spec), if it says."""
     for folder in find_saelens_folders(resolve_source(str(source))):
         try:
-            raw = parse_json((folder / SAE_CFG_FILENAME).read_text(encoding="utf-8"))
+            raw = json.loads((folder / SAE_CFG_FILENAME).read_text(encoding="utf-8"))
             name = SAELensConfig.from_dict(raw).metadata.get("model_name")
-        except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        except (OSError, KeyError, TypeError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(name, str) and name.strip():
             return TL_MODEL_NAMES.get(name.strip(), name.strip())
@@ -526,6 +529,6 @@ def densities_from(source: str | os.PathLike) -> dict[int, np.ndarray]:
 
 
 __all__ = ["ARCHITECTURES", "IMPORTED", "NO_PROCESSING", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME",
-           "SPARSITY_FILENAME", "SAELensConfig", "SAELensFolder", "export_saelens", "find_saelens_folders", "import_saelens",
-           "layer_folder", "log_sparsity", "read_saelens_folder", "resolve_source", "saelens_config",
-           "source_model_name", "densities_from"]
+           "SPARSITY_FILENAME", "SAELensConfig", "SAELensFolder", "export_saelens", "find_saelens_folders",
+           "import_saelens", "layer_folder", "log_sparsity", "read_saelens_folder", "resolve_source",
+           "saelens_config", "source_model_name", "densities_from"]

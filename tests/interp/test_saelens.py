@@ -357,18 +357,17 @@ def test_cli_export_and_import(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "SAE.load_from_disk" in err, err
     assert (out / layer_folder(1) / SPARSITY_FILENAME).is_file()
-    rc = main(["transcoders", "export", "--transcoders", str(tmp_path / "set"), "--to", str(out)])
+    # nothing is ever written over an existing folder: a second export, a model folder
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    rc = main(["transcoders", "export", "--transcoders", str(tmp_path / "set"), "--to", str(out), "--layers", "1"])
     err = capsys.readouterr().err
-    assert rc == 2 and "not empty" in err and "--overwrite" in err and err.count("\n") == 1
-    rc = main(["transcoders", "export", "--transcoders", str(tmp_path / "set"), "--to", str(out), "--overwrite",
-               "--layers", "1"])
-    assert rc == 0, capsys.readouterr().err
+    assert rc == 2 and "is not empty" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
-    rc = main(["transcoders", "export", "--transcoders", str(tmp_path / "set"), "--to", str(tmp_path / "other"),
-               "--overwrite"])
-    assert rc == 2 and "holds config.json" in capsys.readouterr().err
-    assert (tmp_path / "other" / "config.json").read_text() == "{}"
+    rc = main(["transcoders", "export", "--transcoders", str(tmp_path / "set"), "--to", str(tmp_path / "other")])
+    assert rc == 2 and "a model folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
 
     # import: --model comes from the folders' model_name; evaluated, collected and described like train
     rc = main(["transcoders", "import", "--from", str(out), "--to", str(tmp_path / "imported"), "--dataset", str(text),
@@ -382,13 +381,15 @@ def test_cli_export_and_import(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "imported" / "features.sqlite").is_file() and "total:" in captured.out
     for i in (0, 1):
         assert torch.equal(back[i].W_dec, tset[i].W_dec)
-    rc = main(["transcoders", "import", "--from", str(out), "--to", str(tmp_path / "imported"), "--no-eval",
-               "--no-collect"])
-    assert rc == 2 and "--overwrite" in capsys.readouterr().err
-    rc = main(["transcoders", "import", "--from", str(out), "--to", str(tmp_path / "other"), "--overwrite",
-               "--no-eval", "--no-collect"])
-    assert rc == 2 and "not a transcoder set" in capsys.readouterr().err
-    assert (tmp_path / "other" / "config.json").read_text() == "{}"
+    for taken in ("imported", "other"):  # a set, a model folder: refused before the model loads
+        rc = main(["transcoders", "import", "--from", str(out), "--to", str(tmp_path / taken), "--no-eval",
+                   "--no-collect"])
+        assert rc == 2 and "name a new or empty folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
+    # without --to, the model's own set folder
+    rc = main(["transcoders", "import", "--from", str(out), "--no-eval", "--no-collect"])
+    assert rc == 0, capsys.readouterr().err
+    assert load_transcoder_set(Path(tiny_gptlab_dir) / "transcoders").origin["format"] == "saelens"
 
 
 def test_older_flat_configs_read_too(tmp_path):
