@@ -386,10 +386,13 @@ def test_cli_export_and_import(tiny_gptlab_dir, tmp_path, monkeypatch, capsys):
                    "--no-collect"])
         assert rc == 2 and "name a new or empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
-    # without --to, the model's own set folder
-    rc = main(["transcoders", "import", "--from", str(out), "--no-eval", "--no-collect"])
+    # without --to, the model's own set folder (a copy of the model: the fixture is shared)
+    own = tmp_path / "model"
+    shutil.copytree(tiny_gptlab_dir, own)
+    rc = main(["transcoders", "import", "--from", str(out), "--model", str(own), "--no-eval", "--no-collect"])
     assert rc == 0, capsys.readouterr().err
-    assert load_transcoder_set(Path(tiny_gptlab_dir) / "transcoders").origin["format"] == "saelens"
+    assert load_transcoder_set(own / "transcoders").origin["format"] == "saelens"
+    assert not (Path(tiny_gptlab_dir) / "transcoders").exists()
 
 
 def test_older_flat_configs_read_too(tmp_path):
