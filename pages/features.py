@@ -47,6 +47,7 @@ _APPLIED = "_feat_applied"        # the last list / search selection turned into
 _PENDING = "_feat_pending_open"   # (layer, feature) to open at the top of the next run
 _SETS_SEEN = "_feat_sets_seen"    # (model spec, whether it had sets) when the picker was last drawn
 OTHER = "other…"
+IMPORT_FORMATS = {"saelens": "SAELens"}  # an imported set's origin format -> its name in the set's card
 BROWSE, EXPLAIN = "Features", "Explain a completion"
 SORTS = {label: key for key, label in SORT_KEYS.items()}  # the sort picker shows labels
 LIST_LIMIT = 5000
@@ -115,11 +116,22 @@ def pick_set(lm: LoadedModel) -> tuple[str | None, bool]:
 
 def set_summary(tset: TranscoderSet) -> str:
     c = tset.config
-    sparsity = f"top-{c.k}" if c.activation == "topk" else f"ReLU, L1 {c.l1_coeff:g}"
+    imported = tset.origin.get("format")
+    sparsity = {"topk": f"top-{c.k}", "jumprelu": "JumpReLU",
+                "relu": "ReLU" if imported else f"ReLU, L1 {c.l1_coeff:g}"}.get(c.activation, c.activation)
     steps = (tset.metrics or {}).get("steps")
+    source = str(tset.origin.get("source") or "")
     return (f"{len(tset.layers)} layers × {c.n_features:,} features ({sparsity})"
             + (f" · {steps:,} training steps" if steps else "")
-            + (f" · trained on `{spec_label(tset.model)}`" if tset.model else ""))
+            + (f" · imported from {md_escape(IMPORT_FORMATS.get(imported, str(imported)))} "
+               f"`{spec_label(source)}` for `{spec_label(tset.model)}`" if imported
+               else f" · trained on `{spec_label(tset.model)}`" if tset.model else ""))
+
+
+def set_notes(tset: TranscoderSet) -> list[str]:
+    """What an import changed (its first note is the summary's "imported from" already)."""
+    notes = tset.origin.get("notes")
+    return [str(n) for n in notes[1:]] if isinstance(notes, list) else []
 
 
 def guarded(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
@@ -350,6 +362,8 @@ def page() -> None:
         ss[_FOR_SET] = folder
     apply_pending_open()
     st.caption(set_summary(tset))
+    for note in set_notes(tset):
+        st.caption(md_escape(note))
     store, error = open_store(folder)
     try:
         if error:

@@ -13,8 +13,15 @@ the features in words (with held-out scores), and explain a completion layer by 
             a model behind an OpenAI-compatible server (--explainer http://127.0.0.1:8000/v1
             --explainer-model NAME, key in GPTLAB_EXPLAINER_KEY or OPENAI_API_KEY)
   explain   generate from --prompt and print what each layer did and a total description, scored
+  export    write a set as SAELens folders (--format saelens: per layer cfg.json,
+            sae_weights.safetensors, sparsity.safetensors) or its feature store as the JSON
+            Neuronpedia / SAEDashboard load (--format neuronpedia)
+  import    read SAELens transcoder folders (a folder, or ORG/NAME[/PATH][@REV] from the Hugging
+            Face cache) into a set folder; folds ln2's affine in where they read the stream before
+            it (TransformerLens' fold_ln), then evaluates, collects and describes like train
 
-Order: train -> collect -> describe -> explain (train does the first three by default).
+Order: train -> collect -> describe -> explain (train does the first three by default); import
+stands in for train.
 A model's own set lives in <model folder>/transcoders/ (`default`: assets/default/transcoders/;
 hub models: ~/.cache/gptlab/transcoders/<id>/); --transcoders DIR picks another.
 
@@ -34,6 +41,8 @@ Examples:
   python -m core transcoders describe --model default --explainer google/flan-t5-base --max-features 200
   python -m core transcoders explain --model default --prompt "ROMEO:"
   python -m core transcoders describe --model default --explainer http://127.0.0.1:8000/v1 --explainer-model NAME
+  python -m core transcoders export --model default --to out/saelens --format saelens
+  python -m core transcoders import --model gpt2 --from ORG/gpt2-transcoders --to gpt2-transcoders
 """
 from __future__ import annotations
 
@@ -43,13 +52,14 @@ import time
 from pathlib import Path
 
 from . import cli  # cli.load_from_args through the module, so a test's stand-in for it is seen here
-from .cli import add_model_args, device_arg, float_arg, int_arg, progress
+from .cli import add_model_args, device_arg, float_arg, int_arg, model_given, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_output_dir
 from ..jobs.lock import acquire
-from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
-                             EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
+from ..interp.config import (TRAIN_ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
+                             EXPLAIN_TOP_FEATURES_MAX, EXPORT_FORMATS, FOLD_LN, NEURONPEDIA_SET, SAVE_DTYPES,
+                             CollectConfig, TranscoderTrainConfig,
 )
 from ..serve.config import EXPLAINER_KEY_ENVS
 
@@ -59,7 +69,7 @@ COLLECT = CollectConfig()
 
 NAME = "transcoders"
 HELP = "Train transcoders on a model's MLPs, collect and describe their features, explain a completion."
-ACTIONS = ("train", "collect", "describe", "explain")
+ACTIONS = ("train", "collect", "describe", "explain", "export", "import")
 
 
 def _bool(text: str) -> bool:
@@ -120,7 +130,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
     g.add_argument("--expansion", type=int_arg(1), default=TRAIN.expansion, metavar="E",
                    help="features = E x d_model (default: %(default)s)")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=TRAIN.activation,
+    g.add_argument("--activation", choices=TRAIN_ACTIVATIONS, default=TRAIN.activation,
                    help="topk: exactly --k features per token; relu: sparsity from --l1-coeff (default: %(default)s)")
     g.add_argument("--k", type=int_arg(1), default=TRAIN.k, metavar="K",
                    help="active features per token with topk (default: %(default)s)")
@@ -261,6 +271,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "description=, total description=, models output score=, ...)")
     g.add_argument("--save", action="store_true", help="also keep the result in the feature store's history")
     _no_effect_flags(p, "explain", tuple(REFERENCE_TRAINING_FLAGS))
+    _export_parser(sub, fmt)
+    _import_parser(sub, fmt)
+
+
+def _export_parser(sub, fmt) -> None:
+    p = sub.add_parser("export", help="write a set as SAELens folders, or its feature store as Neuronpedia JSON",
+                       formatter_class=fmt, description=(
+                           "saelens: per layer DIR/blocks.{i}.ln2.hook_normalized/ with cfg.json, "
+                           "sae_weights.safetensors and sparsity.safetensors (log10 feature densities from the "
+                           "feature store), loadable with sae_lens.SAE.load_from_disk.\n"
+                           "neuronpedia: per layer DIR/{i}-SET/ with SAEDashboard's batch-N.json, explanations.json "
+                           "(with scores) and run_settings.json, read from the feature store alone."))
+    _common(p)
+    g = p.add_argument_group("export")
+    g.add_argument("--to", "--output-dir", dest="to", required=True, metavar="DIR",
+                   help="the folder to write: new or empty (nothing is written over an existing one)")
+    g.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
+                   help="(default: %(default)s)")
+    g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to export (default: all)")
+    g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite of the set)")
+    g.add_argument("--save-dtype", dest="save_dtype", choices=SAVE_DTYPES, default="float32",
+                   help="saelens: the weights' dtype on disk (default: %(default)s)")
+    g.add_argument("--model-id", dest="model_id", metavar="NAME",
+                   help="neuronpedia: the model's id there (default: the store's model spec)")
+    g.add_argument("--sae-set", dest="sae_set", default=NEURONPEDIA_SET, metavar="NAME",
+                   help="neuronpedia: the source set; layer i's source is i-NAME (default: %(default)s)")
+
+
+def _import_parser(sub, fmt) -> None:
+    p = sub.add_parser("import", help="read SAELens transcoder folders into a set (then evaluate, collect, describe)",
+                       formatter_class=fmt, description=(
+                           "--from: one SAE folder (cfg.json + sae_weights.safetensors), a folder of them (one per "
+                           "layer), or ORG/NAME[/PATH][@REVISION] from the local Hugging Face cache. Each must read "
+                           "blocks.{i}.ln2.hook_normalized and write blocks.{i}.hook_mlp_out (kinds: transcoder, "
+                           "jumprelu_transcoder, topk). --model defaults to the folders' model_name."))
+    add_model_args(p)
+    g = p.add_argument_group("import")
+    g.add_argument("--from", dest="from_", required=True, metavar="DIR|ORG/NAME",
+                   help="the SAELens folder(s), or a Hugging Face repo id (ORG/NAME[/PATH][@REVISION])")
+    g.add_argument("--to", "--output-dir", dest="to", metavar="DIR",
+                   help="the set folder to write, new or empty (default: the model's own, <model folder>/transcoders/)")
+    g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to import (default: all found)")
+    g.add_argument("--fold-ln", dest="fold_ln", choices=FOLD_LN, default=FOLD_LN[0],
+                   help="fold ln2's weight and bias into the encoder: auto reads the folders' "
+                        "model_from_pretrained_kwargs (TransformerLens folds by default) (default: %(default)s)")
+    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH",
+                   help="the corpus to evaluate and collect on (default: %(default)s)")
+    g.add_argument("--seq-len", dest="seq_len", type=int_arg(1), default=TRAIN.seq_len, metavar="T",
+                   help="window the quality is measured on (default: %(default)s)")
+    g.add_argument("--val-windows", dest="val_windows", type=int_arg(1), default=TRAIN.val_windows, metavar="N",
+                   help="held-out windows the quality is measured on (default: %(default)s)")
+    g.add_argument("--seed", type=int_arg(), default=TRAIN.seed)
+    g.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the quality numbers (FVE, L0, losses)")
+    g.add_argument("--no-collect", dest="collect", action="store_false", help="stop before collecting")
+    g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
+    _collect_flags(p)
+    _describe_flags(p, in_train=True)
 
 
 # -- shared steps ---------------------------------------------------------------------------------
@@ -512,10 +580,102 @@ def _print_reference(r) -> None:
     print(f"        models mechanistic interpretability score={r.interpretability_score}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ..interp.store import FeatureStore, store_path
+
+    to = check_output_dir(args.to, "--to")  # before any work: new or empty, writable
+    if args.export_format == "neuronpedia":
+        from ..interp.neuronpedia import export_neuronpedia
+
+        path = Path(args.store).expanduser() if args.store else store_path(
+            Path(args.transcoders).expanduser() if args.transcoders else _set_dir(args, _load(args)))
+        if not path.is_file():
+            raise LabError(f"No feature store at {path}; run `python -m core transcoders collect` first, or pass "
+                           f"--store FILE.")
+        with FeatureStore(path, readonly=True) as store:
+            folders = export_neuronpedia(store, to, model_id=args.model_id, sae_set=args.sae_set, layers=args.layers)
+        print(f"wrote {len(folders)} Neuronpedia source(s) to {to}: {', '.join(f.name for f in folders)}",
+              file=sys.stderr)
+        return 0
+    from ..interp.saelens import export_saelens
+    from ..interp.transcoder import load_transcoder_set
+
+    folder = Path(args.transcoders).expanduser() if args.transcoders else _set_dir(args, _load(args))
+    tset = load_transcoder_set(folder)
+    path = Path(args.store).expanduser() if args.store else store_path(folder)
+    store = FeatureStore(path, readonly=True) if path.is_file() else None
+    if store is None:
+        print(f"note: no feature store at {path}, so no sparsity.safetensors (feature densities) is written; run "
+              f"`transcoders collect` first to have them.", file=sys.stderr)
+    try:
+        folders = export_saelens(tset, to, store=store, layers=args.layers, dtype=args.save_dtype)
+    finally:
+        if store is not None:
+            store.close()
+    print(f"wrote {len(folders)} SAELens folder(s) to {to} (load one with "
+          f"sae_lens.SAE.load_from_disk(\"{folders[0]}\"))", file=sys.stderr)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ..files import atomic_folder
+    from ..interp.saelens import import_saelens, source_model_name
+    from ..interp.transcoder import transcoder_dir_for
+
+    if args.to:
+        check_output_dir(args.to, "--to")  # before the model loads
+    if not (model_given(args) or args.checkpoint or args.weights or args.train_folder):
+        named = source_model_name(args.from_)
+        if named:
+            args.model = named
+    lm = _load(args)
+    out = check_output_dir(args.to or transcoder_dir_for(lm), "--to")
+    tset = import_saelens(args.from_, lm, layers=args.layers, fold_ln=args.fold_ln)
+    dtype = tset.origin.get("dtype", "float32")
+    with atomic_folder(out) as tmp:  # the set appears whole or not at all
+        tset.save(tmp, dtype)
+    tset.folder = out
+    lock = acquire(out, "Transcoder set", "wait for the job writing it to finish or stop it first.")
+    try:
+        return _import_into(args, lm, tset, out, dtype)
+    finally:
+        lock.release()
+
+
+def _import_into(args: argparse.Namespace, lm, tset, out: Path, dtype: str) -> int:
+    from ..interp.activations import corpus_tokens
+    from ..interp.explain import BuiltinExplainer
+    from ..interp.quality import evaluate_transcoders, metrics_json
+    from ..interp.store import FeatureStore, store_path
+
+    c = tset.config
+    print(f"imported {len(tset.layers)} transcoder(s) of {c.n_features:,} features ({c.activation}) for layers "
+          f"{tset.layers} of {lm.name} into {out}", file=sys.stderr)
+    for note in tset.origin.get("notes", [])[1:]:
+        print(f"  {note}", file=sys.stderr)
+    if args.evaluate:
+        corpus = corpus_tokens(lm, args.dataset)
+        seq_len = min(args.seq_len, lm.stack.context_length)
+        split = "val" if corpus.val.size >= seq_len else "train"
+        quality = evaluate_transcoders(lm, tset, corpus.windows(split, seq_len, args.val_windows),
+                                       batch_size=TRAIN.model_batch, seed=args.seed)
+        tset.metrics = metrics_json(quality, imported=True, target_centered=c.target_centered)
+        tset.save(out, dtype)
+        _print_quality(quality)
+    if not args.collect:
+        return 0
+    _run_collect(lm, tset, _collect_config(args), store_path(out))
+    if args.describe:
+        with FeatureStore(store_path(out)) as store:
+            _run_describe(store, BuiltinExplainer(), None, args)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "action", None)
     if action is None:
         raise LabError(f"Say what to do: python -m core transcoders {{{','.join(ACTIONS)}}} ..., e.g. "
                        f"`python -m core transcoders explain --prompt TEXT` (see `python -m core transcoders --help`).")
     _note_no_effect(args)
-    return {"train": _train, "collect": _collect, "describe": _describe, "explain": _explain}[action](args)
+    return {"train": _train, "collect": _collect, "describe": _describe, "explain": _explain, "export": _export,
+            "import": _import}[action](args)

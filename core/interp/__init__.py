@@ -12,6 +12,10 @@ Pipeline (each step a generator of events; the CLI is ``python -m core transcode
 4. :func:`explain_completion` -> a :class:`CompletionExplanation`: per-layer and total
    descriptions of how the model produced a completion, with scores.
 
+Other tools' formats: :func:`export_saelens` / :func:`import_saelens` write a set as SAELens
+folders and read SAELens transcoders back as a set (:mod:`.saelens`); :func:`export_neuronpedia`
+writes a feature store as the JSON Neuronpedia and SAEDashboard load (:mod:`.neuronpedia`).
+
 Addresses are TransformerLens names, all built by :func:`core.models.hooks.act_name`: transcoder
 ``i`` reads ``blocks.{i}.ln2.hook_normalized`` and writes ``blocks.{i}.hook_mlp_out``
 (:func:`.config.transcoder_hooks`); feature ``f`` of it is ``blocks.{i}.transcoder.{f}``. The
@@ -21,11 +25,13 @@ from ..lazy import lazy_exports, names
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     **names(".activations", "CorpusTokens", "corpus_from_texts", "corpus_tokens", "model_loss", "mlp_io"),
-    **names(".config", "ACTIVATIONS", "SAVE_DTYPES", "CollectConfig", "TranscoderConfig", "TranscoderTrainConfig", "transcoder_hooks"),
+    **names(".config", "ACTIVATIONS", "TRAIN_ACTIVATIONS", "SAVE_DTYPES", "CollectConfig", "TranscoderConfig", "TranscoderTrainConfig", "transcoder_hooks"),
     **names(".collect", "CollectFinished", "CollectProgress", "CollectStarted", "collect_features", "logit_effects"),
     **names(".completion", "CompletionExplained", "CompletionExplanation", "CompletionStarted", "FeatureAttribution", "Generated", "LayerExplained", "LayerExplanation", "attribute", "explain_completion", "run_explain_completion"),
     **names(".explain", "BUILTIN", "BuiltinExplainer", "DescribeFinished", "DescribeStarted", "Explainer", "FeatureEvidence", "FeatureExplained", "LayerDescribed", "LMExplainer", "describe_store", "load_explainer"),
+    **names(".neuronpedia", "export_neuronpedia", "read_neuronpedia"),
     **names(".quality", "LayerQuality", "evaluate_transcoders"),
+    **names(".saelens", "export_saelens", "import_saelens"),
     **names(".scoring", "RuleDetector", "RuleSimulator", "balanced_accuracy", "detection_score", "interpretability_from_scores", "quoted_tokens", "score_feature", "simulation_score"),
     **names(".store", "FTS5", "Context", "FeatureCard", "FeatureStats", "FeatureStore", "FeatureSummary", "LayerInfo", "Score", "SearchHit", "open_store", "store_error", "store_path"),
     **names(".train", "Evaluated", "Saved", "TrainFinished", "TrainProgress", "TrainStarted", "Validated", "run_to_end", "train_transcoders"),

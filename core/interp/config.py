@@ -14,13 +14,24 @@ from typing import Any, TypeVar
 from ..errors import LabError
 from ..models.hooks import act_name
 
-ACTIVATIONS = ("topk", "relu")                  # TopK: exactly k features a token; ReLU: sparsity from an L1 penalty
+TRAIN_ACTIVATIONS = ("topk", "relu")            # TopK: exactly k features a token; ReLU: sparsity from an L1 penalty
+ACTIVATIONS = TRAIN_ACTIVATIONS + ("jumprelu",)  # JumpReLU (a learnt threshold per feature): imported sets only
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 # What a transcoder reads and writes, as activation points (core.models.hooks): the MLP's input
 # after its norm, and the MLP's output. SAELens calls these an SAE's hook_name and hook_name_out.
 HOOK_POINT = "ln2_normalized"
 HOOK_POINT_OUT = "mlp_out"
+
+# Formats a set and its feature store are written in (`transcoders export --format`): SAELens'
+# folders (cfg.json + sae_weights.safetensors + sparsity.safetensors per layer, see
+# core.interp.saelens) and the JSON Neuronpedia / SAEDashboard load (see core.interp.neuronpedia).
+EXPORT_FORMATS = ("saelens", "neuronpedia")
+# Whether an imported transcoder read ln2.hook_normalized *before* the norm's weight and bias (a
+# TransformerLens model loaded with fold_ln, its default), so that affine must be folded into its
+# encoder: "auto" reads the folder's metadata (model_from_pretrained_kwargs), "yes" / "no" decide.
+FOLD_LN = ("auto", "yes", "no")
+NEURONPEDIA_SET = "gptlab-tc"                    # Neuronpedia source set: layer 3's source is "3-gptlab-tc"
 
 DESCRIBE_N_TOP = 10                              # top contexts an explainer is shown per feature
 DESCRIBE_BATCH = {"builtin": 256, "lm": 16}      # features per explainer call and per commit
@@ -58,6 +69,10 @@ class TranscoderConfig(_Dict):
     activation: str = "topk"        # one of ACTIVATIONS
     k: int = 32                     # active features per token (topk)
     l1_coeff: float = 3e-4          # L1 weight on activations (relu), relative to the normalised MSE
+    # What it was trained to write: hook_mlp_out (False), or hook_mlp_out less its mean over d_model
+    # (True: a TransformerLens model with center_writing_weights, its default). Splicing it in is the
+    # same either way (every norm after it removes the mean); FVE is measured against this target.
+    target_centered: bool = False
 
     def check(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -100,6 +115,9 @@ class TranscoderTrainConfig(_Dict):
     seed: int = 0
 
     def check(self) -> None:
+        if self.activation not in TRAIN_ACTIVATIONS:
+            raise LabError(f"--activation must be one of {', '.join(TRAIN_ACTIVATIONS)} (got '{self.activation}'); "
+                           f"other kinds come in through `transcoders import`.")
         positive = ("expansion", "batch_tokens", "seq_len", "model_batch", "buffer_batches", "val_windows")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -153,6 +171,6 @@ class CollectConfig(_Dict):
             raise LabError("--holdout-every must be at least 2 so some windows are held out for scoring.")
 
 
-__all__ = ["ACTIVATIONS", "SAVE_DTYPES", "HOOK_POINT", "HOOK_POINT_OUT", "DESCRIBE_N_TOP", "DESCRIBE_BATCH",
+__all__ = ["ACTIVATIONS", "TRAIN_ACTIVATIONS", "EXPORT_FORMATS", "FOLD_LN", "NEURONPEDIA_SET", "SAVE_DTYPES", "HOOK_POINT", "HOOK_POINT_OUT", "DESCRIBE_N_TOP", "DESCRIBE_BATCH",
            "EXPLAIN_MAX_NEW_TOKENS", "EXPLAIN_TOP_FEATURES", "EXPLAIN_TOP_FEATURES_MAX", "TranscoderConfig",
            "TranscoderTrainConfig", "CollectConfig", "transcoder_hooks"]

@@ -1,7 +1,10 @@
 """How good a transcoder set is, per layer, on held-out text.
 
 - ``fve``: fraction of the MLP output's variance the transcoder explains,
-  ``1 - sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over all validation tokens.
+  ``1 - sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over all validation tokens, with ``y`` the
+  target the transcoder was trained on: ``hook_mlp_out``, or for one trained on a TransformerLens
+  model with centred writing weights (``TranscoderConfig.target_centered``, set on import),
+  ``hook_mlp_out`` less its mean over the model dimension.
 - ``l0``: mean number of active features per token.
 - ``dead_fraction``: share of features that never fire on the validation tokens.
 - Replacement fidelity: the model's loss on the same tokens as it is (``loss_clean``), with this
@@ -93,6 +96,8 @@ def evaluate_transcoders(lm: "LoadedModel", transcoders: "dict[int, Transcoder] 
         io = mlp_io(lm, x_in, layers)
         for i in layers:
             x, y = io[i]
+            if tcs[i].cfg.target_centered:
+                y = y - y.mean(-1, keepdim=True)
             acts = tcs[i].encode(x)
             moments[i].add(y, tcs[i].decode(acts), acts)
         weights.append(ids.shape[0])

@@ -11,13 +11,17 @@ Because the output is a sum of a few decoder rows, each feature's effect on the 
 fixed vector, which is what makes features and their circuits readable. Two activations:
 ``relu`` (sparsity from an L1 penalty on ``a``) and ``topk`` (exactly ``k`` features per token,
 Gao et al. 2024). Decoder rows are renormalised after every optimiser step, so the activation
-alone says how much a feature writes.
+alone says how much a feature writes. A third, ``jumprelu`` (a feature is on only above its own
+learnt ``threshold``; Gemma Scope's transcoders), comes in through ``transcoders import`` from
+SAELens folders (:mod:`core.interp.saelens`), as do ReLU transcoders whose decoder rows are not
+unit-norm: imported weights are kept exactly as they were written.
 
 A *transcoder set* is one transcoder per MLP layer, kept in a folder::
 
     config.json            format, model, layers, per-layer hook_name / hook_name_out (what each
-                           transcoder reads and writes, as core.models.hooks names), sizes, training
-    layer_{i}.safetensors  W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,)
+                           transcoder reads and writes, as core.models.hooks names), sizes, training;
+                           for an imported set its ``origin`` (where from, and what was changed)
+    layer_{i}.safetensors  W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,) [, threshold (F,): jumprelu]
     metrics.json           per-layer quality (see core.interp.quality)
     features.sqlite        the feature store (see core.interp.store), once collected
 
@@ -71,6 +75,8 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(n))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -96,6 +102,8 @@ class Transcoder(nn.Module):
         pre = self.pre_acts(x)
         if self.cfg.activation == "relu":
             return F.relu(pre)
+        if self.cfg.activation == "jumprelu":
+            return F.relu(pre) * (pre > self.threshold)
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
 
@@ -130,6 +138,8 @@ class Transcoder(nn.Module):
         t.b_enc.copy_(self.b_enc * out_scale)
         t.W_dec.copy_(self.W_dec)
         t.b_dec.copy_(self.b_dec * out_scale)
+        if self.cfg.activation == "jumprelu":
+            t.threshold.copy_(self.threshold * out_scale)
         return t
 
     @torch.no_grad()
@@ -157,6 +167,9 @@ class TranscoderSet:
     training: dict = field(default_factory=dict)     # TranscoderTrainConfig as a dict
     metrics: dict = field(default_factory=dict)      # {"layers": {str(layer): LayerQuality dict}, ...}
     folder: Path | None = None
+    # An imported set: {"format": "saelens", "source": where from, "notes": [what was changed, one
+    # sentence each: the set's card on the Features page shows them]}; empty for a trained set.
+    origin: dict = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -213,7 +226,8 @@ class TranscoderSet:
             "format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, "model": self.model,
             "model_info": self.model_info, "layers": self.layers,
             "hook_name": {i: h[0] for i, h in hooks.items()}, "hook_name_out": {i: h[1] for i, h in hooks.items()},
-            "transcoder": self.config.to_dict(), "training": self.training, "dtype": dtype})
+            "transcoder": self.config.to_dict(), "training": self.training, "dtype": dtype,
+            **({"origin": self.origin} if self.origin else {})})
         self.folder = folder
         return folder
 
@@ -283,7 +297,8 @@ def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = 
         metrics = json.loads((folder / METRICS_FILENAME).read_text())
     return TranscoderSet(transcoders=transcoders, config=cfg, model=meta.get("model", ""),
                          model_info=meta.get("model_info", {}), training=meta.get("training", {}),
-                         metrics=metrics, folder=folder)
+                         metrics=metrics, folder=folder,
+                         origin=meta["origin"] if isinstance(meta.get("origin"), dict) else {})
 
 
 def transcoder_dir_for(lm: "LoadedModel") -> Path:

@@ -88,7 +88,7 @@ BAD_INPUTS = [
     (["export", "--to", " "], "--to needs a folder name"),
     (["export", "--to", "out", "--model", "./no/such/model"], "./no/such/model does not exist"),
     # transcoders and its actions
-    (["transcoders"], "transcoders {train,collect,describe,explain}"),
+    (["transcoders"], "transcoders {train,collect,describe,explain,export,import}"),
     (["transcoders", "frobnicate"], "'frobnicate'"),
     (["transcoders", "train", "--model"], "--model"),
     (["transcoders", "train", "--frobnicate"], "--frobnicate"),
@@ -102,6 +102,13 @@ BAD_INPUTS = [
     (["transcoders", "explain", "--prompt", "hi", "--top-p", "2"], "--top-p"),
     (["transcoders", "explain", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["transcoders", "explain", "--prompt", "hi", "--model", "./no/such/model"], "--model"),
+    (["transcoders", "export"], "--to"),
+    (["transcoders", "export", "--to", "out", "--format", "onnx"], "--format"),
+    (["transcoders", "export", "--to", "", "--transcoders", "set"], "--to needs a folder name"),
+    (["transcoders", "export", "--to", ".", "--format", "neuronpedia", "--store", "x.sqlite"], "--to . is the working"),
+    (["transcoders", "import"], "--from"),
+    (["transcoders", "import", "--from", "x", "--fold-ln", "maybe"], "--fold-ln"),
+    (["transcoders", "import", "--from", "./no/such/folder", "--to", "set"], "--from ./no/such/folder: no such folder"),
 ]
 
 
@@ -141,7 +148,7 @@ def test_every_command_has_at_least_three_bad_inputs():
     assert min(counts.values()) >= 3, counts
     for action in ("list", "status", "stop", "resume", "delete"):
         assert any(a[:2] == ["runs", action] for a, _ in BAD_INPUTS), action
-    for action in ("train", "collect", "describe", "explain"):
+    for action in ("train", "collect", "describe", "explain", "export", "import"):
         assert sum(a[:2] == ["transcoders", action] for a, _ in BAD_INPUTS) >= 2, action
 
 

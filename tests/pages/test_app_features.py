@@ -213,6 +213,32 @@ def test_explain_a_completion_with_the_builtin_and_an_lm_explainer(described, en
     assert f"Feature {first.feature} · layer {first.layer}" in [s.value for s in at.subheader]
 
 
+def test_an_imported_saelens_set_says_where_it_came_from(described, env, tmp_path: Path):
+    """A set imported from SAELens folders (here: written as a TransformerLens fold_ln model's
+    transcoders would be) opens like a trained one, and its card says what the import changed."""
+    import json
+
+    from core.interp.saelens import SAE_CFG_FILENAME, export_saelens, import_saelens
+
+    model_dir, set_dir = described
+    lm = load_model(str(model_dir))
+    folders = export_saelens(load_transcoder_set(set_dir), tmp_path / "saelens")
+    for folder in folders:  # as TransformerLens' defaults wrote it: no kwargs, no GPT Lab block
+        cfg = json.loads((folder / SAE_CFG_FILENAME).read_text())
+        del cfg["metadata"]["model_from_pretrained_kwargs"], cfg["metadata"]["gptlab"]
+        (folder / SAE_CFG_FILENAME).write_text(json.dumps(cfg))
+    imported = import_saelens(tmp_path / "saelens", lm).save(tmp_path / "imported")
+    shutil.copy(store_path(set_dir), store_path(imported))
+    at = page(model_dir)
+    at.selectbox(key="feat_set").set_value("other…").run()
+    at.text_input(key="feat_set_other").input(str(imported)).run()
+    assert not at.exception and not at.error, texts(at.error)
+    captions = texts(at.caption)
+    assert any("imported from SAELens" in t and "saelens" in t for t in captions), captions
+    assert any("ln2's weight and bias" in t for t in captions) and any("center" in t for t in captions)
+    assert frame(at, "feat_list_0_density")["feature"].tolist()
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 def test_bad_input_shows_one_error(described, env, tmp_path: Path):
