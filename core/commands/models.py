@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import LabError, fmt_count
 from ..files import read_text_inside
 from ..models.config import PRESETS, GPTConfig, preset_config
+from .cli import path_arg
 
 NAME = "models"
 HELP = "List usable model specs: default, known hub ids (cached or not), local checkpoints, presets."
@@ -22,7 +23,7 @@ PRESET_VOCAB, PRESET_CONTEXT = 50257, 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", metavar="DIR",
+    parser.add_argument("--runs", metavar="DIR", type=path_arg,
                         help="folder of training runs to search for checkpoints (default: runs)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 

@@ -29,7 +29,7 @@ from ..models.config import PRESETS
 from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
                                OPTIMIZERS, TrainConfig)
-from .cli import device_arg, float_arg, int_arg
+from .cli import device_arg, float_arg, int_arg, path_arg
 
 NAME = "train"
 HELP = "Train a GPT or a text-diffusion model; writes a run folder with metrics and loadable checkpoints."
@@ -70,10 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # flags left out keep the config's value (defaults live in TrainConfig)
     off = "; 0 turns it off"
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default=S, metavar="NAME|PATH",
+    g.add_argument("--dataset", default=S, metavar="NAME|PATH", type=path_arg,
                    help=f"{D.dataset} (default), small (OpenWebText-10k), large (WikiText-103), fineweb-edu, "
                         "openwebtext, wikitext-103, a hub dataset id, or a local .txt/.jsonl file or folder")
-    g.add_argument("--tokenizer", default=S, metavar="SPEC",
+    g.add_argument("--tokenizer", default=S, metavar="SPEC", type=path_arg,
                    help=f"bpe (train our byte-level BPE), gpt2, or a tokenizer.json / model folder "
                         f"(default {D.tokenizer})")
     g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int_arg(1), default=S, metavar="N",
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"share of the tokens held out for validation (default {D.val_fraction})")
     g.add_argument("--max-data-tokens", dest="max_data_tokens", type=_num("max_data_tokens"), default=S,
                    metavar="N", help="read at most N tokens of the dataset (large hub datasets)")
-    g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR",
+    g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR", type=path_arg,
                    help="token cache folder (default $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data)")
 
     m = parser.add_argument_group("model")
@@ -159,14 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"(default {D.log_every})")
 
     r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
+    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR", type=path_arg,
                    help="the run folder itself: missing or empty (a folder holding a model or another run is "
                         "refused)")
     r.add_argument("--run-name", dest="run_name", default=S, metavar="NAME", help="runs/NAME as the run folder")
-    r.add_argument("--ckpt-name", dest="ckpt_name", default=S, metavar="NAME",
+    r.add_argument("--ckpt-name", dest="ckpt_name", default=S, metavar="NAME", type=path_arg,
                    help="also export the final model as <run>/NAME/ (reference spelling; .pt is dropped)")
-    r.add_argument("--config", default=S, metavar="FILE", help="a run's config.json to start from")
-    r.add_argument("--resume", default=S, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    r.add_argument("--config", default=S, metavar="FILE", type=path_arg, help="a run's config.json to start from")
+    r.add_argument("--resume", default=S, metavar="RUN_DIR", type=path_arg, help="continue this run from its last checkpoint")
     r.add_argument("--no-progress", dest="no_progress", action="store_true", default=S,
                    help="no progress bar (runs launched in the background)")
 

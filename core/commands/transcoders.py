@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from . import cli  # cli.load_from_args through the module, so a test's stand-in for it is seen here
-from .cli import add_model_args, device_arg, float_arg, int_arg, progress
+from .cli import add_model_args, device_arg, float_arg, int_arg, path_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 from ..files import atomic_write_json
@@ -80,7 +80,7 @@ def _layers(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)  # --model ... and the reference --train_folder, --checkpoint_name, --cuda, sizes
-    p.add_argument("--transcoders", metavar="DIR",
+    p.add_argument("--transcoders", metavar="DIR", type=path_arg,
                    help="the transcoder set folder (default: the model's own, <model folder>/transcoders/)")
 
 
@@ -115,7 +115,7 @@ def _note_no_effect(args: argparse.Namespace) -> None:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transcoders")
-    g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR",
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR", type=path_arg,
                    help="where the set goes (default: --transcoders, else the model's own folder)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
     g.add_argument("--expansion", type=int_arg(1), default=TRAIN.expansion, metavar="E",
@@ -138,7 +138,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate (default: %(default)s)")
     g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=int_arg(1), default=TRAIN.seq_len, metavar="T",
                    help="tokens per corpus window the model reads (default: %(default)s)")
-    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH",
+    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH", type=path_arg,
                    help="the corpus: shakespeare, a local .txt/.jsonl file or folder, or a hub dataset "
                         "(default: %(default)s)")
     g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=int_arg(0), default=TRAIN.eval_every,
@@ -174,8 +174,8 @@ def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
     g.add_argument("--collect-batch", dest="collect_batch", type=int_arg(1), default=COLLECT.batch_size, metavar="B",
                    help="windows per forward pass (default: %(default)s)")
     if prefix:
-        g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
-        g.add_argument("--dataset", default=COLLECT.dataset, metavar="NAME|PATH",
+        g.add_argument("--store", metavar="FILE", type=path_arg, help="the store to write (default: DIR/features.sqlite)")
+        g.add_argument("--dataset", default=COLLECT.dataset, metavar="NAME|PATH", type=path_arg,
                        help="the corpus (default: %(default)s)")
         g.add_argument("--train_steps", dest="collect_batches", type=int_arg(1), metavar="N",
                        help="reference spelling: scan N steps of --grad_acc_steps batches (N x G x --collect-batch x "
@@ -192,7 +192,7 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
     if not in_train:
         _explainer_flags(g)
         g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to describe (default: all)")
-        g.add_argument("--store", metavar="FILE", help="the store (default: DIR/features.sqlite)")
+        g.add_argument("--store", metavar="FILE", type=path_arg, help="the store (default: DIR/features.sqlite)")
         batches = ", ".join(f"{n} {kind}" for kind, n in DESCRIBE_BATCH.items())
         g.add_argument("--batch-size", dest="explain_batch", type=int_arg(1), metavar="B",
                        help=f"features per explainer call and per commit (default: {batches})")
@@ -204,7 +204,7 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
 
 
 def _explainer_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--explainer", default="builtin", metavar="SPEC|URL",
+    g.add_argument("--explainer", default="builtin", metavar="SPEC|URL", type=path_arg,
                    help="builtin (offline; default); a seq2seq/causal LM: hub id (google/flan-t5-base) or folder, whose "
                         "own Python code runs only with --trust-remote-code; or an OpenAI-compatible server, "
                         "http://HOST:PORT/v1 (vLLM, llama.cpp, Ollama, python -m core serve, a hosted API; a URL "
@@ -252,10 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int_arg(1), metavar="N", help="denoising steps of a diffusion model (default: one per token)")
     g = p.add_argument_group("explanation")
     _explainer_flags(g)
-    g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite)")
+    g.add_argument("--store", metavar="FILE", type=path_arg, help="the feature store (default: DIR/features.sqlite)")
     g.add_argument("--top-features", dest="top_features", type=int_arg(1, EXPLAIN_TOP_FEATURES_MAX),
                    default=EXPLAIN_TOP_FEATURES, metavar="N", help="features listed per layer (default: %(default)s)")
-    g.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    g.add_argument("--json", metavar="FILE", type=path_arg, help="also write the full result as JSON")
     g.add_argument("--format", choices=("text", "reference"), default="text",
                    help="reference: the lines generate_descriptions.py printed (continuation=, per layer "
                         "description=, total description=, models output score=, ...)")
