@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import LabError, fmt_count
-from ..files import read_text_inside
+from ..files import parse_json, read_text_inside
 from ..models.config import PRESETS, GPTConfig, preset_config
 from .cli import path_arg
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def checkpoint_summary(folder: Path) -> dict:
     """What a GPT Lab model folder's config.json says, without loading any weights (files are read
     only from inside the folder: a card linking elsewhere is refused, not shown)."""
-    meta = json.loads(read_text_inside(folder, "config.json") or "{}")
+    meta = parse_json(read_text_inside(folder, "config.json") or "{}")
     cfg = GPTConfig.from_dict(meta.get("model") if isinstance(meta, dict) else None)
     card = read_text_inside(folder, "README.md")
     title = next((ln.lstrip("# ").strip() for ln in card.splitlines() if ln.strip()), None) if card else None

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LabError
+from ..files import parse_json
 from ..models.config import PRESETS
 from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
@@ -198,7 +199,7 @@ def _read_config_file(text: str) -> dict:
     if path.exists() and not path.is_file():
         raise LabError(f"--config {text} is not a regular file; pass a run's config.json.")
     try:
-        base = json.loads(path.read_text(encoding="utf-8"))
+        base = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LabError(f"Could not read --config {text} ({e}); pass a run's config.json.") from None
     if not isinstance(base, dict):

@@ -42,6 +42,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from ..errors import LabError, first_line
+from ..files import parse_json
 from ..models.hooks import act_name
 from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
@@ -547,7 +548,7 @@ class FeatureStore:
 
     @_plain_errors
     def sets(self) -> list[dict]:
-        return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": json.loads(r["config"]),
+        return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": parse_json(r["config"]),
                  "created": r["created"]} for r in self.conn.execute("SELECT * FROM sets ORDER BY id")]
 
     @_plain_errors
@@ -606,7 +607,7 @@ class FeatureStore:
             sql += " LIMIT ? OFFSET ?"
             params += [int(limit), int(offset)]
         return [FeatureSummary(layer=r["layer"], feature=r["feature"], density=r["density"], max_act=r["max_act"],
-                               mean_act=r["mean_act"], top_tokens=[t for t, _ in json.loads(r["top_tokens"])],
+                               mean_act=r["mean_act"], top_tokens=[t for t, _ in parse_json(r["top_tokens"])],
                                explanation=r["explanation"], score=r["score"])
                 for r in self.conn.execute(sql, params)]
 
@@ -627,10 +628,10 @@ class FeatureStore:
                            f"from the list.")
         return FeatureStats(layer=layer, feature=feature, density=r["density"], n_active=r["n_active"],
                             max_act=r["max_act"], mean_act=r["mean_act"],
-                            hist=(json.loads(r["hist"]) + [0] * len(HIST_EDGES))[:len(HIST_EDGES)],
-                            top_tokens=[tuple(x) for x in json.loads(r["top_tokens"])],
-                            promoted=[tuple(x) for x in json.loads(r["promoted"])],
-                            suppressed=[tuple(x) for x in json.loads(r["suppressed"])])
+                            hist=(parse_json(r["hist"]) + [0] * len(HIST_EDGES))[:len(HIST_EDGES)],
+                            top_tokens=[tuple(x) for x in parse_json(r["top_tokens"])],
+                            promoted=[tuple(x) for x in parse_json(r["promoted"])],
+                            suppressed=[tuple(x) for x in parse_json(r["suppressed"])])
 
     @_plain_errors
     def contexts(self, layer: int, feature: int, kind: str = "top", limit: int | None = None,
@@ -674,7 +675,7 @@ class FeatureStore:
         for r in self.conn.execute("SELECT * FROM scores WHERE set_id=? AND layer=? AND feature=?",
                                    (sid, layer, feature)):
             out.setdefault(r["explainer"], {})[r["method"]] = Score(method=r["method"], value=r["value"], n=r["n"],
-                                                                    details=json.loads(r["details"]))
+                                                                    details=parse_json(r["details"]))
         return out
 
     @_plain_errors
@@ -718,7 +719,7 @@ class FeatureStore:
     def completions(self, limit: int = 20, set_id: int | None = None) -> list[dict]:
         sid = self._set(set_id)
         return [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"], "explainer": r["explainer"],
-                 "result": json.loads(r["result"]), "created": r["created"]} for r in self.conn.execute(
+                 "result": parse_json(r["result"]), "created": r["created"]} for r in self.conn.execute(
             "SELECT * FROM completions WHERE set_id=? ORDER BY id DESC LIMIT ?", (sid, limit))]
 
     @_plain_errors

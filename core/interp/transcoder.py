@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..errors import LabError, first_line
-from ..files import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json, parse_json
 from .config import ACTIVATIONS, SAVE_DTYPES, TranscoderConfig, transcoder_hooks  # noqa: F401 (old import path)
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def set_hooks(meta: dict, layers: list[int]) -> dict[int, tuple[str, str]]:
 def is_transcoder_folder(path: str | os.PathLike) -> bool:
     cfg = Path(path) / CONFIG_FILENAME
     try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == SET_FORMAT
+        return cfg.is_file() and parse_json(cfg.read_text()).get("format") == SET_FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
 
@@ -250,7 +250,7 @@ def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = 
     if not is_transcoder_folder(folder):
         raise LabError(f"{folder} is not a transcoder set (no {CONFIG_FILENAME} with format '{SET_FORMAT}'); train "
                        f"one with `python -m core transcoders train --model SPEC --output-dir {folder}`.")
-    meta = json.loads((folder / CONFIG_FILENAME).read_text())
+    meta = parse_json((folder / CONFIG_FILENAME).read_text())
     try:
         version = int(meta.get("format_version", 1))
         layers = [int(i) for i in meta["layers"]]
@@ -280,7 +280,7 @@ def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = 
         transcoders[i] = t.to(device).eval().requires_grad_(False)
     metrics = {}
     if (folder / METRICS_FILENAME).is_file():
-        metrics = json.loads((folder / METRICS_FILENAME).read_text())
+        metrics = parse_json((folder / METRICS_FILENAME).read_text())
     return TranscoderSet(transcoders=transcoders, config=cfg, model=meta.get("model", ""),
                          model_info=meta.get("model_info", {}), training=meta.get("training", {}),
                          metrics=metrics, folder=folder)

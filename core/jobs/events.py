@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import LabError, one_line
+from ..files import parse_json
 
 EVENTS_FILE = "events.jsonl"
 MIN_INTERVAL_S = 0.5
@@ -117,7 +118,7 @@ def read_events(folder: str | os.PathLike, kind: str | None = None,
 def _parsed(lines: list[str], kind: str | None) -> Iterator[dict]:
     for line in lines:
         try:
-            ev = json.loads(line)
+            ev = parse_json(line)
         except ValueError:
             continue
         if isinstance(ev, dict) and (kind is None or ev.get("kind") == kind):

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ..errors import LabError, shorten
+from ..files import parse_json
 from .folder import now
 from .process import this_host
 
@@ -180,7 +181,7 @@ def holder(folder: str | os.PathLike) -> dict | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
+                info = parse_json(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
             except ValueError:
                 info = {}
             return info if isinstance(info, dict) else {}

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as _Tok
 
 from ..corpus import SPEAKER_FORMAT, shakespeare_files, shakespeare_texts
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, parse_json
 from ..jobs.process import process_alive, this_host
 from ..models.loading import DEFAULT_DIR, hub_reachable
 from ..models.tokenizer import MASK, BPETokenizer, train_bpe
@@ -141,7 +141,7 @@ def jsonl_texts(lines: Iterable[str], where: str) -> Iterator[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as e:
             raise LabError(f"{where} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
         text = row.get("text") if isinstance(row, dict) else None
@@ -542,7 +542,7 @@ def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction:
             raise LabError(f"The disk is full while caching tokens under {cache}; free space or set "
                            f"GPTLAB_DATA_CACHE to a roomier folder.") from None
         raise
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = parse_json((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     split = lambda name: TokenSplit(sorted(folder.glob(f"{name}_*.bin")), dtype)  # noqa: E731
     return TrainingData(folder=folder, tokenizer_path=folder / "tokenizer.json",

@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import LabError, first_line
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, parse_json
 from ..jobs import runner
 from ..jobs.events import EventLog, Progress, last_progress
 from ..jobs.folder import (COUNT, MARKER_FILE, STATES, STATUS_FILE, STOP_FILE, StatusFile,  # noqa: F401
@@ -238,7 +238,7 @@ class RunFiles:
 
 def _line_step(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
+        return int(parse_json(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1 << 62
 
@@ -322,7 +322,7 @@ def read_metrics(run: str | os.PathLike, root: Path | None = None, name: str = "
     out = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):
@@ -355,7 +355,7 @@ class MetricsFollower:
         new = []
         for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict):
@@ -421,7 +421,7 @@ def sweep_partial_checkpoints(run: str | os.PathLike) -> list[str]:
 
 def _read_config(p: Path) -> dict:
     try:
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = parse_json((p / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
