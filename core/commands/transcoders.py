@@ -46,7 +46,7 @@ from . import cli  # cli.load_from_args through the module, so a test's stand-in
 from .cli import add_model_args, device_arg, float_arg, int_arg, path_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_output
 from ..jobs.lock import acquire
 from ..interp.config import (ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
                              EXPLAIN_TOP_FEATURES_MAX, SAVE_DTYPES, CollectConfig, TranscoderTrainConfig,
@@ -337,8 +337,16 @@ def _explainer(args: argparse.Namespace, device: str):
 # -- actions --------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> int:
+    from ..interp.transcoder import check_set_output
+
+    flag = "--output-dir" if args.output_dir else "--transcoders"
+    named = args.output_dir or args.transcoders
+    if named and args.save_model:  # a folder the set cannot go to costs nothing: checked before the model loads
+        check_set_output(named, flag)
     lm = _load(args)
     out = Path(args.output_dir).expanduser() if args.output_dir else _set_dir(args, lm)
+    if args.save_model:
+        check_set_output(out, flag if named else "The model's own transcoder folder")
     cfg = TranscoderTrainConfig(
         layers=args.layers, expansion=args.expansion, activation=args.activation, k=args.k, l1_coeff=args.l1_coeff,
         train_tokens=args.train_tokens, steps=args.steps, batch_tokens=args.batch_tokens * args.grad_acc_steps,
@@ -404,12 +412,14 @@ def _print_quality(quality) -> None:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from ..interp.store import store_path
+    from ..interp.store import check_store_output, store_path
     from ..interp.transcoder import find_transcoder_set
 
+    check_store_output(args.store, "--store")  # before the model loads: a place it cannot go costs nothing
     lm = _load(args)
     tset = find_transcoder_set(lm, args.transcoders)
     out = Path(args.store).expanduser() if args.store else store_path(tset.folder)
+    check_store_output(out, "--store")
     _run_collect(lm, tset, _collect_config(args, args.layers), out)
     return 0
 
@@ -439,7 +449,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():
             raise LabError("No prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line.")
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        text = cli.read_stdin("prompts, one per line,")  # bytes that are not UTF-8 are a sentence, not a traceback
+        prompts = [line for line in (text or "").split("\n") if line.strip()]
     if not prompts or any(not p.strip() for p in prompts):
         raise LabError("A prompt is empty; pass --prompt TEXT with some text.")
     return prompts
@@ -450,6 +461,7 @@ def _explain(args: argparse.Namespace) -> int:
     from ..interp.completion import CompletionExplained, completion_settings, explain_completion
     from ..interp.transcoder import find_transcoder_set
 
+    check_output(args.json, "--json")  # before the work: an hour of explaining never ends in "cannot write there"
     prompts = _read_prompts(args)
     explainer_device = resolve_device(args.explainer_device)
     lm = _load(args)

@@ -41,8 +41,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from ..errors import LabError, first_line
-from ..files import parse_json
+from ..errors import LabError, first_line, shorten
+from ..files import check_output, parse_json
 from ..models.hooks import act_name
 from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
@@ -305,6 +305,35 @@ def _expected_tables() -> dict[str, list[str]]:
         conn.close()
 
 
+def check_store_input(path: Path) -> None:
+    """An existing store file to open: a regular file, and not a link leading out of its folder
+    (a store is read and written only where it lives); one sentence otherwise."""
+    try:
+        if not path.is_file():
+            raise LabError(f"No feature store at {path}; {COLLECT_HINT}.")
+        if path.is_symlink() and path.resolve().parent != path.parent.resolve():
+            raise LabError(f"The feature store {path} is a link to {shorten(str(path.resolve()), 80)}, outside its "
+                           f"folder; GPT Lab reads and writes a store only where it lives, so copy the file in instead "
+                           f"of linking it.")
+    except OSError as e:
+        raise LabError(f"Cannot open the feature store {path} ({e.strerror or e}); check the path.") from None
+
+
+def check_store_output(path: str | os.PathLike | None, flag: str = "--store") -> Path | None:
+    """Where a collection will write a new store, checked before the work: a file that can be
+    written (:func:`core.files.check_output`) and, when it exists, a feature store (a fresh one
+    replaces it) rather than some other file it would destroy."""
+    out = check_output(path, flag)
+    if out is None or not out.is_file():
+        return out
+    with open(out, "rb") as fh:
+        head = fh.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise LabError(f"{flag} {shorten(str(path), 120)} exists and is not a feature store; collecting would replace "
+                       f"it, so name a new file (or a store to rebuild).")
+    return out
+
+
 WRITER_WAIT_S = 5.0  # how long a second writer of a store waits before it is refused
 
 
@@ -331,8 +360,8 @@ class FeatureStore:
         self._vocab_cache: dict[int, dict[int, str]] = {}
         self.conn: sqlite3.Connection | None = None
         self._lock: FolderLock | None = None
-        if not _create and not self.path.is_file():
-            raise LabError(f"No feature store at {self.path}; {COLLECT_HINT}.")
+        if not _create:
+            check_store_input(self.path)
         if not readonly and not _create:
             self._lock = writer_lock(self.path, wait_s)
         try:

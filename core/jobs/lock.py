@@ -136,7 +136,11 @@ def acquire(folder: str | os.PathLike, what: str, hint: str, wait_s: float = RET
             return held
         lock = _inherited(folder)
         if lock is None:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file in the way, a read-only place: the folder cannot be written at all
+                raise LabError(f"Cannot create {what.lower()} folder {folder} ({e.strerror or e}); pick a folder you "
+                               f"can write to.") from None
             lock = FolderLock(folder, _take(folder, what, hint, wait_s, named or folder))
         _record_holder(lock.fd)
         _HELD[str(folder)] = lock
