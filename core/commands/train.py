@@ -238,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         folder = Path(args.resume).expanduser()
         if not folder.is_symlink() and not folder.is_dir():
             raise LabError(f"--resume {args.resume} is not a run folder; pick one from `python -m core runs list`.")
-        runs.run_path(folder)  # a run GPT Lab made, and not a link to one
+        runs.check_links(runs.run_path(folder))  # a run GPT Lab made, not a link to one, with no file linking out
         extra = sorted(set(given) - set(RESUME_OVERRIDES))
         if extra:
             raise LabError(f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)} "
@@ -254,12 +254,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg.check_ranges()
     _check_heads(cfg)
     cfg.check()
-    return cfg
+    return _absolute_paths(cfg)
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The run's config with its local paths (dataset, tokenizer, token cache) made absolute: the
+    config is the run's record, and a run resumed by `runs resume` or the Training page works in
+    another folder, where a relative path would name nothing (or something else)."""
+    from dataclasses import replace
+
+    from ..training.config import NAMED_TOKENIZERS
+    from ..training.data import ALIASES  # the engine loads only when a command runs
+
+    changes = {}
+    dataset = ALIASES.get(cfg.dataset.strip(), cfg.dataset.strip())
+    if dataset != "shakespeare" and Path(dataset).expanduser().exists():  # resolve_source's own order
+        changes["dataset"] = str(Path(dataset).expanduser().resolve())
+    if cfg.tokenizer not in NAMED_TOKENIZERS and Path(cfg.tokenizer).expanduser().exists():
+        changes["tokenizer"] = str(Path(cfg.tokenizer).expanduser().resolve())
+    if cfg.data_cache:
+        changes["data_cache"] = str(Path(cfg.data_cache).expanduser().absolute())
+    return replace(cfg, **changes) if changes else cfg
 
 
 def _check_flags(cfg: TrainConfig, given: dict) -> None:
     """What TrainConfig.check would refuse in its own words, said here in the flags' words."""
+    from ..files import check_output_dir
     from ..training.data import LOCAL_SUFFIXES, check_regular  # the engine loads only when a command runs
+
+    cache = check_output_dir(cfg.data_cache, "--data-cache")  # the token cache is written before the first step
+    if cache is not None and (cache / "config.json").exists():
+        raise LabError(f"--data-cache {cfg.data_cache} holds a model, run or transcoder set (config.json); the token "
+                       f"cache writes folders of its own there, so give it a folder of its own.")
 
     if "preset" in given and given["preset"] not in PRESETS:
         raise LabError(f"--preset {given['preset']} is not a preset; choose one of {', '.join(PRESETS)}.")
@@ -341,6 +367,10 @@ def run(args: argparse.Namespace) -> int:
     resume = bool(getattr(args, "resume", None))
     lock = None if worker else runs.lock_run(folder)  # one writer per run, for as long as this command trains it
     try:
+        if lock is not None and not resume and int(os.environ.get("RANK", "0")) == 0:
+            # judged again under the lock: a second `train` into the same folder that passed the first check
+            # while this one was starting finds this run here (or this one finds its run), never writes over it
+            runs.check_output_folder(folder)
         if cfg.devices and len(cfg.devices) > 1 and not worker:
             _exec_torchrun(cfg, folder, resume, lock)
         events = train(cfg, folder, resume=resume)

@@ -106,7 +106,12 @@ class LocalSource(TextSource):
         check_regular(path, f"Dataset {shorten(str(path), 80)}")
         self.path = path
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            try:
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            except OSError as e:  # a folder inside it that cannot be listed (permissions, /proc, a dead mount)
+                where = shorten(str(e.filename or path), 80)
+                raise LabError(f"Cannot read {where} inside the dataset folder {shorten(str(path), 80)} "
+                               f"({e.strerror or e}); point --dataset at a folder of text files you can read.") from None
             if not files:
                 raise LabError(f"Folder {path} holds no .txt, .md or .jsonl files; point --dataset at a folder "
                                f"of text files.")
