@@ -134,8 +134,8 @@ def path_arg(text: str) -> str:
     return text
 
 
-# Flags whose empty value has a sentence of its own further on (a prompt, a stop string).
-OWN_EMPTY_SENTENCE = frozenset({"prompt", "gen_prompt", "stop", "preview_prompt"})
+# Flags whose empty value has a sentence of its own, said before any work (an empty prompt).
+OWN_EMPTY_SENTENCE = frozenset({"prompt", "gen_prompt"})
 
 
 def empty_value(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

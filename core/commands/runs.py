@@ -19,11 +19,13 @@ from pathlib import Path
 
 from ..errors import LabError
 from ..training import runs  # torch-free: run folders, not the trainer
+from ..training.config import LIMITS
 from .cli import float_arg, int_arg, path_arg
 
 NAME = "runs"
 HELP = "List training runs; show status, stop (with a checkpoint), resume or delete one."
 ACTIONS = ("list", "status", "stop", "resume", "delete")
+MAX_STEPS = LIMITS["max_steps"]  # what `train --max-steps` takes: a resumed run is refused here, not in its process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="status: log lines to show (default 10)")
     parser.add_argument("--wait", type=float_arg(0), default=0.0, metavar="S",
                         help="stop: wait up to S seconds for the checkpoint and the stop")
-    parser.add_argument("--max-steps", dest="max_steps", type=int_arg(1), metavar="N",
+    parser.add_argument("--max-steps", dest="max_steps", type=int_arg(MAX_STEPS.low, MAX_STEPS.high), metavar="N",
                         help="resume: train up to N steps (needed to extend a finished run)")
 
 

@@ -425,9 +425,17 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _open_store(args: argparse.Namespace, lm, readonly: bool):
+    from ..files import check_folder_links
     from ..interp.store import FeatureStore, store_path
+    from ..interp.transcoder import SET_WHAT
 
-    path = Path(args.store).expanduser() if args.store else store_path(_set_dir(args, lm))
+    if args.store:
+        path = Path(args.store).expanduser()
+    else:
+        folder = _set_dir(args, lm)
+        if folder.is_dir():  # a set folder is used only whole: none of its files may lead out of it
+            check_folder_links(folder, SET_WHAT)
+        path = store_path(folder)
     if not path.is_file():
         raise LabError(f"No feature store at {path}; run `python -m core transcoders collect --model {lm.spec}` first.")
     return FeatureStore(path, readonly=readonly)

@@ -54,6 +54,9 @@ def _check_paths(args: argparse.Namespace) -> None:
     from ..models.loading import DEFAULT_DIR  # the engine, loaded only to run: `--help` stays torch-free
 
     check_output(args.json, "--json")
+    for flag, text in (("--prompt", args.prompt), ("--gen-prompt", args.gen_prompt)):
+        if not str(text).strip():
+            raise LabError(f"The {flag} text is empty; pass some text (or leave {flag} out for the default).")
     spec = (args.model or "").strip()
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise LabError(f"--model {spec} does not exist; check the path, or pass a GPT-2 hub id such as gpt2.")

@@ -71,7 +71,7 @@ BAD_INPUTS = [
     (["runs", "status"], "RUN"),
     (["runs", "status", "some-run", "--log", "-1"], "--log must be 0 or more"),
     (["runs", "stop", "some-run", "--wait", "-1"], "--wait must be 0 or more"),
-    (["runs", "resume", "some-run", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["runs", "resume", "some-run", "--max-steps", "0"], "--max-steps must be between 1 and"),
     (["runs", "delete"], "RUN"),
     # serve
     (["serve", "--port"], "--port"),
