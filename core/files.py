@@ -4,12 +4,15 @@
   previous file intact, never a truncated one; a full disk is a sentence naming the folder and
   the space left, not an ``OSError`` from deep inside numpy.
 - :func:`check_output`: every command that writes a file asks it about the path *before* the
-  work starts, so an hour-long run never ends in "cannot write there"; :func:`check_output_dir`
-  does the same for a folder a command fills (new or empty, never one that holds anything).
-- :func:`atomic_folder`: a folder of files built in a hidden sibling and renamed into place, so
-  it appears whole or not at all.
-- :func:`check_folder_links`: a model folder is read only inside itself; a file that is a link out
-  of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
+  work starts, so an hour-long run never ends in "cannot write there".
+- :func:`check_output_place`: the same for a folder a command creates or fills (``--output-dir``,
+  ``--data-cache``), before the work; what it may already hold is the caller's to judge.
+- :func:`check_output_dir`: stricter, for a folder a command writes whole (``export --to``): new or
+  empty, never one that holds anything. :func:`atomic_folder` fills it so it appears whole or not at all.
+- :func:`check_folder_links`: a model, run or transcoder-set folder is read only inside itself; a
+  file that is a link out of it (a ``README.md`` pointing at ``/etc/shadow``) is refused, never followed.
+- :func:`parse_json`: ``json.loads`` for files GPT Lab did not necessarily write: JSON nested too
+  deeply for the parser is malformed JSON like any other (a ``ValueError``), not a RecursionError.
 """
 from __future__ import annotations
 
@@ -37,6 +40,16 @@ def _disk_full(folder: Path, e: OSError) -> LabError:
     except OSError:
         free = "no free space that can be told"
     return LabError(f"The disk holding {folder} is full ({free}); free some space there or write somewhere else.")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads(text)``, except that nesting too deep for Python's parser (a hostile
+    ``[[[[...]]]]``) raises :class:`json.JSONDecodeError` like any other malformed JSON, so every
+    reader that refuses bad JSON in a sentence refuses this one too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -95,6 +108,46 @@ def atomic_save_npy(path: str | os.PathLike, array) -> Path:
 
 # -- output paths, checked before the work ----------------------------------------------------------
 
+def name_too_long(path: str | os.PathLike) -> str | None:
+    """A sentence-part when some part of ``path`` is longer than the file system allows, else None."""
+    out = Path(os.fspath(path)).expanduser().absolute()
+    try:
+        name_max = os.pathconf(_nearest_existing(out.parent), "PC_NAME_MAX")
+    except OSError:
+        name_max = 255
+    parts = [out.name] + [p.name for p in out.parents]
+    long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
+    if long is None:
+        return None
+    return f"the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file system allows"
+
+
+def _os_reason(e: OSError) -> str:
+    return {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
+            errno.ENOTDIR: "part of the way is a file, not a folder",
+            errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
+
+
+def _check_place(out: Path, flag: str, shown: str, probe_in: Path) -> None:
+    """Every existing part of the way to ``out`` is a folder, and the nearest existing one
+    (``probe_in`` when it exists) takes a new file: probed with a real temp file, so a read-only
+    mount or a folder that is not yours fails here. Leaves nothing behind."""
+    existing = _nearest_existing(probe_in)
+    if not existing.is_dir():
+        raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
+                       f"place.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(existing, e) from None
+        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") \
+            from None
+
+
 def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
     """The file ``flag`` (``--json``, ``--eplot`` ...) names, checked before any work: a name is
     given, it is not a folder, every existing part of its way is a folder, the nearest existing
@@ -108,36 +161,52 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
         raise LabError(f"{flag} needs a file name (got an empty one); name the file to write, or drop {flag}.")
     shown = shorten(text, 120)
     out = Path(text).expanduser()
-    existing = out.absolute().parent
     try:
-        name_max = os.pathconf(_nearest_existing(existing), "PC_NAME_MAX")
-        parts = [out.name] + [p.name for p in out.absolute().parents]
-        long = next((p for p in parts if len(os.fsencode(p)) > name_max), None)
+        long = name_too_long(out)
         if long is not None:
-            raise LabError(f"{flag}: the name '{shorten(long, 40)}' is longer than the {name_max} bytes the file "
-                           f"system allows; use a shorter name.")
+            raise LabError(f"{flag}: {long}; use a shorter name.")
         if text.endswith(os.sep) or out.is_dir():
             raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. "
                            f"{os.path.join(shorten(text, 80), 'out')}.")
         if out.exists() and not out.is_file():
             raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
-        existing = _nearest_existing(existing)
-        if not existing.is_dir():
-            raise LabError(f"{flag} {shown} cannot be written: {existing} is a file, not a folder; pick another "
-                           f"place.")
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gptlab-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        _check_place(out, flag, shown, out.absolute().parent)
     except LabError:
         raise
     except OSError as e:
         if e.errno in _FULL:
-            raise _disk_full(existing, e) from None
-        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                  errno.EROFS: "the file system is read-only", errno.ENAMETOOLONG: "the name is too long",
-                  errno.ENOTDIR: "part of the way is a file, not a folder",
-                  errno.ENOENT: "that folder takes no new files"}.get(e.errno, e.strerror or str(e))
-        raise LabError(f"{flag} {shown} cannot be written ({reason}); pick a folder you can write to.") from None
+            raise _disk_full(out.absolute().parent, e) from None
+        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
+    return out
+
+
+def check_output_place(path: str | os.PathLike | None, flag: str) -> Path | None:
+    """The folder ``flag`` (``--output-dir``, ``--data-cache`` ...) names, checked before any work
+    the way :func:`check_output` checks a file: a name is given and fits the file system, it is a
+    folder or does not exist yet, every existing part of its way is a folder, and the folder (or
+    its nearest existing parent) takes a new file. What the folder may already hold is for the
+    caller to judge. ``None`` passes through; writes nothing that stays."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    if not text.strip():
+        raise LabError(f"{flag} needs a folder name (got an empty one); name the folder, or drop {flag}.")
+    shown = shorten(text, 120)
+    out = Path(text).expanduser()
+    try:
+        long = name_too_long(out)
+        if long is not None:
+            raise LabError(f"{flag}: {long}; use a shorter name.")
+        if out.exists() and not out.is_dir():
+            kind = "a file" if out.is_file() else "not a folder"
+            raise LabError(f"{flag} {shown} is {kind}; name a folder (a new one is made).")
+        _check_place(out, flag, shown, out.absolute())
+    except LabError:
+        raise
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _disk_full(out.absolute(), e) from None
+        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
     return out
 
 
@@ -228,8 +297,14 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _nearest_existing(folder: Path) -> Path:
-    """``folder`` or its closest ancestor that exists (a file, if the way runs into one)."""
-    while not folder.exists() and folder != folder.parent:
+    """``folder`` or its closest ancestor that exists (a file, if the way runs into one); a part
+    the file system cannot even look up (a name too long) counts as missing."""
+    while folder != folder.parent:
+        try:
+            if folder.exists():
+                break
+        except OSError:
+            pass
         folder = folder.parent
     return folder
 
@@ -247,30 +322,41 @@ def allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def check_folder_links(folder: str | os.PathLike) -> Path:
-    """``folder`` resolved, after refusing it when one of its files is a link leading out of it
-    (see :func:`allowed_roots`): a model card, config, weights or tokenizer is read only from
-    inside the model folder, never from wherever a link points."""
+def link_out_of(folder: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(entry, target)`` for the first entry of ``folder`` that is a symbolic link leading out of
+    it (see :func:`allowed_roots`), or None. OSError when the folder cannot be listed."""
     root = Path(folder).resolve()
     roots = allowed_roots(root)
-    try:
-        entries = list(root.iterdir())
-    except OSError as e:
-        raise LabError(f"Cannot read the model folder {root} ({e.strerror or e}); check its permissions.") from None
-    for entry in entries:
+    for entry in sorted(root.iterdir()):
         if not entry.is_symlink():
             continue
         target = entry.resolve()
         if not any(target == r or target.is_relative_to(r) for r in roots):
-            raise LabError(f"{entry} is a link to {shorten(str(target), 80)}, outside the model folder; GPT Lab "
-                           f"reads a model only from inside its folder, so copy that file in instead of linking it.")
+            return entry, target
+    return None
+
+
+def check_folder_links(folder: str | os.PathLike, what: str = "model") -> Path:
+    """``folder`` resolved, after refusing it when one of its files is a link leading out of it
+    (see :func:`allowed_roots`): a model card, config, weights or tokenizer (or a run's log, a
+    transcoder set's weights and feature store: ``what`` names the kind of folder) is read only
+    from inside the folder, never from wherever a link points."""
+    root = Path(folder).resolve()
+    try:
+        found = link_out_of(root)
+    except OSError as e:
+        raise LabError(f"Cannot read the {what} folder {root} ({e.strerror or e}); check its permissions.") from None
+    if found is not None:
+        entry, target = found
+        raise LabError(f"{entry} is a link to {shorten(str(target), 80)}, outside the {what} folder; GPT Lab "
+                       f"reads a {what} only from inside its folder, so copy that file in instead of linking it.")
     return root
 
 
-def read_text_inside(folder: str | os.PathLike, name: str) -> str | None:
-    """The text of ``folder/name`` when it is a file inside the model folder (``None`` when it is
-    absent), read as UTF-8 with undecodable bytes replaced; a link out of the folder is refused."""
-    root = check_folder_links(folder)
+def read_text_inside(folder: str | os.PathLike, name: str, what: str = "model") -> str | None:
+    """The text of ``folder/name`` when it is a file inside the ``what`` folder (``None`` when it
+    is absent), read as UTF-8 with undecodable bytes replaced; a link out of the folder is refused."""
+    root = check_folder_links(folder, what)
     path = root / name
     if not path.is_file():
         return None

@@ -129,6 +129,45 @@ def float_arg(low: float | None = None, high: float | None = None, *, low_open: 
     return _range_type(float, "float", low, high, low_open, high_open, note)
 
 
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for every flag that names a file, folder or model spec: the text is
+    kept as typed, but a name no file system takes (a part longer than it allows) fails while
+    parsing, naming the flag, instead of as an OSError wherever the path is first looked up.
+    (An empty value is refused for every flag alike, by :func:`empty_value`.)"""
+    from ..files import name_too_long  # numpy comes with it; looked up only when a path flag is given
+
+    long = name_too_long(text) if str(text).strip() else None
+    if long is not None:
+        raise argparse.ArgumentTypeError(f"must be a name the file system takes: {long}; use a shorter name")
+    return text
+
+
+# Flags whose empty value has a sentence of its own, said before any work (an empty prompt).
+OWN_EMPTY_SENTENCE = frozenset({"prompt", "gen_prompt"})
+
+
+def empty_value(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """A sentence for the first flag given an empty (or blank) value, or None. An empty name is
+    never a name: left to each command, ``--store ''`` quietly meant "the default store",
+    ``--api-key ''`` "no key" and ``--json ''`` a file called ``.json``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            found = empty_value(chosen, args) if chosen is not None else None
+            if found:
+                return found
+            continue
+        if action.dest in OWN_EMPTY_SENTENCE or action.nargs == 0:
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is action.default or not any(isinstance(v, str) and not v.strip() for v in values):
+            continue
+        flag = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        return (f"{flag} is empty; give it a value or leave it out (see `{parser.prog} --help`)")
+    return None
+
+
 DEVICE_HINT = "use cpu, cuda, cuda:N or auto"
 
 
@@ -199,6 +238,10 @@ def main(argv: Sequence[str] | None = None, on_error: Callable[[BaseException], 
             _deepest_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return int(e.code or 0)
+    empty = empty_value(parser, args)
+    if empty:
+        print(f"error: {empty}", file=sys.stderr)
+        return 2
     if getattr(args, "run", None) is None:
         names = ", ".join(m.NAME for m in command_modules())
         print(f"error: name a command: {names} (see `{prog()} --help`)", file=sys.stderr)
@@ -426,20 +469,20 @@ ARCHITECTURE_FLAGS = (("num_layers", "n_layer", "layers"), ("num_heads", "n_head
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
     """The model flags every model-using command shares, including the reference scripts' spellings."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=default_model, metavar="SPEC", action=GivenAction,
+    g.add_argument("--model", default=default_model, metavar="SPEC", action=GivenAction, type=path_arg,
                    help="default (the shipped model), a hub id (gpt2, EleutherAI/gpt-neo-125M), a local Hugging "
                         "Face folder, or a GPT Lab checkpoint folder; with a bare state dict (--weights/--ckpt) "
                         "it names the architecture (default: %(default)s)")
     add_device_arg(g)
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help="(default: %(default)s)")
-    g.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
+    g.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH", type=path_arg,
                    help="use this tokenizer instead of the model's own: a tokenizer.json, a model folder, "
                         "tiktoken:gpt2, or a hub id")
-    g.add_argument("--checkpoint", "--ckpt", dest="checkpoint", metavar="PATH",
+    g.add_argument("--checkpoint", "--ckpt", dest="checkpoint", metavar="PATH", type=path_arg,
                    help="load this instead of --model: a GPT Lab checkpoint or run folder (its latest "
                         "checkpoint), a Hugging Face folder, or a bare GPT-2 state dict (.pt/.safetensors); "
                         "a missing X.pt falls back to the folder X/ that train --ckpt-name X.pt exports")
-    g.add_argument("--weights", metavar="FILE|auto",
+    g.add_argument("--weights", metavar="FILE|auto", type=path_arg,
                    help="a bare GPT-2 state dict (.pt/.safetensors) with the sizes implied by --model; "
                         "'auto' loads the model --model names")
     g.add_argument("--source", choices=("pretrained", "local"),
@@ -452,9 +495,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
         "reference-script spellings (diffusion-interpretability.md)",
         "  --train_folder RUN --checkpoint_name state_step020000.pt loads RUN/checkpoints/20000;\n"
         "  the sizes are checked against the checkpoint, which carries its own config.")
-    r.add_argument("--train_folder", metavar="DIR",
+    r.add_argument("--train_folder", metavar="DIR", type=path_arg,
                    help="a run folder: loads its checkpoint --checkpoint_name (default: its newest)")
-    r.add_argument("--checkpoint_name", metavar="NAME",
+    r.add_argument("--checkpoint_name", metavar="NAME", type=path_arg,
                    help="a checkpoint of --train_folder: state_step020000.pt (checkpoint 20000), a step number, "
                         "or a folder or weights file inside the run folder")
     r.add_argument("--cuda", type=int_arg(0), metavar="N", help="GPU index: same as --device cuda:N")

@@ -41,7 +41,7 @@ from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BU
                                 DecodeConfig, SimulationConfig, parse_iterations, parse_qkv)
 from ..consensus.files import output_paths, save_consensus, save_decode
 from ..errors import LabError, shorten
-from .cli import add_model_args, float_arg, int_arg, load_from_args, progress, read_stdin
+from .cli import add_model_args, float_arg, int_arg, load_from_args, path_arg, progress, read_stdin
 
 NAME = "consensus"
 HELP = "Iterate a model's layer stack N times on prompts and record how the token vectors converge."
@@ -92,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--decode", metavar="I,J,...",
                    help="print the logit-lens argmax decoding after these iterations (0-based), e.g. 0,4,9")
     o = parser.add_argument_group("files")
-    o.add_argument("--savefile", metavar="PREFIX", help="write PREFIX.npy and PREFIX_hidden.npy (or PREFIX_diag.npy)")
-    o.add_argument("--eplot", metavar="FILE", help="write the [B, N*L, 2] pairwise cosine / dot file")
-    o.add_argument("--matrixerror", metavar="FILE", help="write the [B, T, T, N*L] cosine matrices")
+    o.add_argument("--savefile", metavar="PREFIX", type=path_arg, help="write PREFIX.npy and PREFIX_hidden.npy (or PREFIX_diag.npy)")
+    o.add_argument("--eplot", metavar="FILE", type=path_arg, help="write the [B, N*L, 2] pairwise cosine / dot file")
+    o.add_argument("--matrixerror", metavar="FILE", type=path_arg, help="write the [B, T, T, N*L] cosine matrices")
     add_simulation_arguments(parser)
 
 

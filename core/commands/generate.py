@@ -35,7 +35,7 @@ import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
-from .cli import add_model_args, float_arg, int_arg, load_from_args, read_stdin, use_reference_weights
+from .cli import add_model_args, float_arg, int_arg, load_from_args, path_arg, read_stdin, use_reference_weights
 from ..errors import LabError, shorten
 from ..files import atomic_write_json, check_output
 from ..generation.config import STRATEGIES, DiffusionConfig, SamplingConfig, draw_seed
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--alternatives", type=int_arg(0), default=S.n_alternatives, metavar="N",
                    help="alternatives per token for --logprobs and --json (default: %(default)s)")
     g.add_argument("--perplexity", action="store_true", help="print the prompt's perplexity under the model")
-    g.add_argument("--json", metavar="FILE", help="write the full result (tokens, probabilities, settings) as JSON")
+    g.add_argument("--json", metavar="FILE", type=path_arg, help="write the full result (tokens, probabilities, settings) as JSON")
 
     d = parser.add_argument_group(f"decoding (default: sampling at temperature {S.temperature:g})")
     d.add_argument("--greedy", action="store_true", help="always take the most likely token")

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from ..errors import LabError, fmt_count
-from ..files import read_text_inside
+from ..files import parse_json, read_text_inside
 from ..models.config import PRESETS, GPTConfig, preset_config
+from .cli import path_arg
 
 NAME = "models"
 HELP = "List usable model specs: default, known hub ids (cached or not), local checkpoints, presets."
@@ -22,7 +23,7 @@ PRESET_VOCAB, PRESET_CONTEXT = 50257, 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", metavar="DIR",
+    parser.add_argument("--runs", metavar="DIR", type=path_arg,
                         help="folder of training runs to search for checkpoints (default: runs)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def checkpoint_summary(folder: Path) -> dict:
     """What a GPT Lab model folder's config.json says, without loading any weights (files are read
     only from inside the folder: a card linking elsewhere is refused, not shown)."""
-    meta = json.loads(read_text_inside(folder, "config.json") or "{}")
+    meta = parse_json(read_text_inside(folder, "config.json") or "{}")
     cfg = GPTConfig.from_dict(meta.get("model") if isinstance(meta, dict) else None)
     card = read_text_inside(folder, "README.md")
     title = next((ln.lstrip("# ").strip() for ln in card.splitlines() if ln.strip()), None) if card else None

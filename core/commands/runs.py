@@ -19,25 +19,27 @@ from pathlib import Path
 
 from ..errors import LabError
 from ..training import runs  # torch-free: run folders, not the trainer
-from .cli import float_arg, int_arg
+from ..training.config import LIMITS
+from .cli import float_arg, int_arg, path_arg
 
 NAME = "runs"
 HELP = "List training runs; show status, stop (with a checkpoint), resume or delete one."
 ACTIONS = ("list", "status", "stop", "resume", "delete")
+MAX_STEPS = LIMITS["max_steps"]  # what `train --max-steps` takes: a resumed run is refused here, not in its process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # optional here so that a missing action gets run()'s sentence instead of argparse's "required: action"
     parser.add_argument("action", nargs="?", choices=ACTIONS, metavar="<action>",
                         help="list, status, stop, resume or delete")
-    parser.add_argument("target", nargs="?", metavar="RUN", help="run name (under --root) or run folder")
-    parser.add_argument("--root", metavar="DIR", help="folder holding the runs (default runs/ or $GPTLAB_RUNS)")
+    parser.add_argument("target", nargs="?", metavar="RUN", type=path_arg, help="run name (under --root) or run folder")
+    parser.add_argument("--root", metavar="DIR", type=path_arg, help="folder holding the runs (default runs/ or $GPTLAB_RUNS)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--log", type=int_arg(0), default=10, metavar="N",
                         help="status: log lines to show (default 10)")
     parser.add_argument("--wait", type=float_arg(0), default=0.0, metavar="S",
                         help="stop: wait up to S seconds for the checkpoint and the stop")
-    parser.add_argument("--max-steps", dest="max_steps", type=int_arg(1), metavar="N",
+    parser.add_argument("--max-steps", dest="max_steps", type=int_arg(MAX_STEPS.low, MAX_STEPS.high), metavar="N",
                         help="resume: train up to N steps (needed to extend a finished run)")
 
 

@@ -25,11 +25,12 @@ import sys
 from pathlib import Path
 
 from ..errors import LabError
+from ..files import parse_json
 from ..models.config import PRESETS
 from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
                                OPTIMIZERS, TrainConfig)
-from .cli import device_arg, float_arg, int_arg
+from .cli import device_arg, float_arg, int_arg, path_arg
 
 NAME = "train"
 HELP = "Train a GPT or a text-diffusion model; writes a run folder with metrics and loadable checkpoints."
@@ -70,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # flags left out keep the config's value (defaults live in TrainConfig)
     off = "; 0 turns it off"
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default=S, metavar="NAME|PATH",
+    g.add_argument("--dataset", default=S, metavar="NAME|PATH", type=path_arg,
                    help=f"{D.dataset} (default), small (OpenWebText-10k), large (WikiText-103), fineweb-edu, "
                         "openwebtext, wikitext-103, a hub dataset id, or a local .txt/.jsonl file or folder")
-    g.add_argument("--tokenizer", default=S, metavar="SPEC",
+    g.add_argument("--tokenizer", default=S, metavar="SPEC", type=path_arg,
                    help=f"bpe (train our byte-level BPE), gpt2, or a tokenizer.json / model folder "
                         f"(default {D.tokenizer})")
     g.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int_arg(1), default=S, metavar="N",
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"share of the tokens held out for validation (default {D.val_fraction})")
     g.add_argument("--max-data-tokens", dest="max_data_tokens", type=_num("max_data_tokens"), default=S,
                    metavar="N", help="read at most N tokens of the dataset (large hub datasets)")
-    g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR",
+    g.add_argument("--data-cache", dest="data_cache", default=S, metavar="DIR", type=path_arg,
                    help="token cache folder (default $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data)")
 
     m = parser.add_argument_group("model")
@@ -159,14 +160,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"(default {D.log_every})")
 
     r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
+    r.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR", type=path_arg,
                    help="the run folder itself: missing or empty (a folder holding a model or another run is "
                         "refused)")
     r.add_argument("--run-name", dest="run_name", default=S, metavar="NAME", help="runs/NAME as the run folder")
-    r.add_argument("--ckpt-name", dest="ckpt_name", default=S, metavar="NAME",
+    r.add_argument("--ckpt-name", dest="ckpt_name", default=S, metavar="NAME", type=path_arg,
                    help="also export the final model as <run>/NAME/ (reference spelling; .pt is dropped)")
-    r.add_argument("--config", default=S, metavar="FILE", help="a run's config.json to start from")
-    r.add_argument("--resume", default=S, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    r.add_argument("--config", default=S, metavar="FILE", type=path_arg, help="a run's config.json to start from")
+    r.add_argument("--resume", default=S, metavar="RUN_DIR", type=path_arg, help="continue this run from its last checkpoint")
     r.add_argument("--no-progress", dest="no_progress", action="store_true", default=S,
                    help="no progress bar (runs launched in the background)")
 
@@ -198,7 +199,7 @@ def _read_config_file(text: str) -> dict:
     if path.exists() and not path.is_file():
         raise LabError(f"--config {text} is not a regular file; pass a run's config.json.")
     try:
-        base = json.loads(path.read_text(encoding="utf-8"))
+        base = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LabError(f"Could not read --config {text} ({e}); pass a run's config.json.") from None
     if not isinstance(base, dict):
@@ -237,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         folder = Path(args.resume).expanduser()
         if not folder.is_symlink() and not folder.is_dir():
             raise LabError(f"--resume {args.resume} is not a run folder; pick one from `python -m core runs list`.")
-        runs.run_path(folder)  # a run GPT Lab made, and not a link to one
+        runs.check_links(runs.run_path(folder))  # a run GPT Lab made, not a link to one, with no file linking out
         extra = sorted(set(given) - set(RESUME_OVERRIDES))
         if extra:
             raise LabError(f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)} "
@@ -253,12 +254,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg.check_ranges()
     _check_heads(cfg)
     cfg.check()
-    return cfg
+    return _absolute_paths(cfg)
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The run's config with its local paths (dataset, tokenizer, token cache) made absolute: the
+    config is the run's record, and a run resumed by `runs resume` or the Training page works in
+    another folder, where a relative path would name nothing (or something else)."""
+    from dataclasses import replace
+
+    from ..training.config import NAMED_TOKENIZERS
+    from ..training.data import ALIASES  # the engine loads only when a command runs
+
+    changes = {}
+    dataset = ALIASES.get(cfg.dataset.strip(), cfg.dataset.strip())
+    if dataset != "shakespeare" and Path(dataset).expanduser().exists():  # resolve_source's own order
+        changes["dataset"] = str(Path(dataset).expanduser().resolve())
+    if cfg.tokenizer not in NAMED_TOKENIZERS and Path(cfg.tokenizer).expanduser().exists():
+        changes["tokenizer"] = str(Path(cfg.tokenizer).expanduser().resolve())
+    if cfg.data_cache:
+        changes["data_cache"] = str(Path(cfg.data_cache).expanduser().absolute())
+    return replace(cfg, **changes) if changes else cfg
 
 
 def _check_flags(cfg: TrainConfig, given: dict) -> None:
     """What TrainConfig.check would refuse in its own words, said here in the flags' words."""
+    from ..files import check_output_place
     from ..training.data import LOCAL_SUFFIXES, check_regular  # the engine loads only when a command runs
+
+    cache = check_output_place(cfg.data_cache, "--data-cache")  # the token cache is written before the first step
+    if cache is not None and (cache / "config.json").exists():
+        raise LabError(f"--data-cache {cfg.data_cache} holds a model, run or transcoder set (config.json); the token "
+                       f"cache writes folders of its own there, so give it a folder of its own.")
 
     if "preset" in given and given["preset"] not in PRESETS:
         raise LabError(f"--preset {given['preset']} is not a preset; choose one of {', '.join(PRESETS)}.")
@@ -340,6 +367,10 @@ def run(args: argparse.Namespace) -> int:
     resume = bool(getattr(args, "resume", None))
     lock = None if worker else runs.lock_run(folder)  # one writer per run, for as long as this command trains it
     try:
+        if lock is not None and not resume and int(os.environ.get("RANK", "0")) == 0:
+            # judged again under the lock: a second `train` into the same folder that passed the first check
+            # while this one was starting finds this run here (or this one finds its run), never writes over it
+            runs.check_output_folder(folder)
         if cfg.devices and len(cfg.devices) > 1 and not worker:
             _exec_torchrun(cfg, folder, resume, lock)
         events = train(cfg, folder, resume=resume)

@@ -52,10 +52,10 @@ import time
 from pathlib import Path
 
 from . import cli  # cli.load_from_args through the module, so a test's stand-in for it is seen here
-from .cli import add_model_args, device_arg, float_arg, int_arg, model_given, progress
+from .cli import add_model_args, device_arg, float_arg, int_arg, model_given, path_arg, progress
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
-from ..files import atomic_write_json, check_output_dir
+from ..files import atomic_write_json, check_output, check_output_dir
 from ..jobs.lock import acquire
 from ..interp.config import (TRAIN_ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES,
                              EXPLAIN_TOP_FEATURES_MAX, EXPORT_FORMATS, FOLD_LN, NEURONPEDIA_SET, SAVE_DTYPES,
@@ -90,7 +90,7 @@ def _layers(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)  # --model ... and the reference --train_folder, --checkpoint_name, --cuda, sizes
-    p.add_argument("--transcoders", metavar="DIR",
+    p.add_argument("--transcoders", metavar="DIR", type=path_arg,
                    help="the transcoder set folder (default: the model's own, <model folder>/transcoders/)")
 
 
@@ -125,7 +125,7 @@ def _note_no_effect(args: argparse.Namespace) -> None:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transcoders")
-    g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR",
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", metavar="DIR", type=path_arg,
                    help="where the set goes (default: --transcoders, else the model's own folder)")
     g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to train (default: all)")
     g.add_argument("--expansion", type=int_arg(1), default=TRAIN.expansion, metavar="E",
@@ -148,7 +148,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate (default: %(default)s)")
     g.add_argument("--seq-len", "--train_seq_len", dest="seq_len", type=int_arg(1), default=TRAIN.seq_len, metavar="T",
                    help="tokens per corpus window the model reads (default: %(default)s)")
-    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH",
+    g.add_argument("--dataset", default=TRAIN.dataset, metavar="NAME|PATH", type=path_arg,
                    help="the corpus: shakespeare, a local .txt/.jsonl file or folder, or a hub dataset "
                         "(default: %(default)s)")
     g.add_argument("--eval-every", "--val_loss_every", dest="eval_every", type=int_arg(0), default=TRAIN.eval_every,
@@ -184,8 +184,8 @@ def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
     g.add_argument("--collect-batch", dest="collect_batch", type=int_arg(1), default=COLLECT.batch_size, metavar="B",
                    help="windows per forward pass (default: %(default)s)")
     if prefix:
-        g.add_argument("--store", metavar="FILE", help="the store to write (default: DIR/features.sqlite)")
-        g.add_argument("--dataset", default=COLLECT.dataset, metavar="NAME|PATH",
+        g.add_argument("--store", metavar="FILE", type=path_arg, help="the store to write (default: DIR/features.sqlite)")
+        g.add_argument("--dataset", default=COLLECT.dataset, metavar="NAME|PATH", type=path_arg,
                        help="the corpus (default: %(default)s)")
         g.add_argument("--train_steps", dest="collect_batches", type=int_arg(1), metavar="N",
                        help="reference spelling: scan N steps of --grad_acc_steps batches (N x G x --collect-batch x "
@@ -202,7 +202,7 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
     if not in_train:
         _explainer_flags(g)
         g.add_argument("--layers", type=_layers, metavar="I,J", help="layers to describe (default: all)")
-        g.add_argument("--store", metavar="FILE", help="the store (default: DIR/features.sqlite)")
+        g.add_argument("--store", metavar="FILE", type=path_arg, help="the store (default: DIR/features.sqlite)")
         batches = ", ".join(f"{n} {kind}" for kind, n in DESCRIBE_BATCH.items())
         g.add_argument("--batch-size", dest="explain_batch", type=int_arg(1), metavar="B",
                        help=f"features per explainer call and per commit (default: {batches})")
@@ -214,7 +214,7 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
 
 
 def _explainer_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--explainer", default="builtin", metavar="SPEC|URL",
+    g.add_argument("--explainer", default="builtin", metavar="SPEC|URL", type=path_arg,
                    help="builtin (offline; default); a seq2seq/causal LM: hub id (google/flan-t5-base) or folder, whose "
                         "own Python code runs only with --trust-remote-code; or an OpenAI-compatible server, "
                         "http://HOST:PORT/v1 (vLLM, llama.cpp, Ollama, python -m core serve, a hosted API; a URL "
@@ -262,10 +262,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int_arg(1), metavar="N", help="denoising steps of a diffusion model (default: one per token)")
     g = p.add_argument_group("explanation")
     _explainer_flags(g)
-    g.add_argument("--store", metavar="FILE", help="the feature store (default: DIR/features.sqlite)")
+    g.add_argument("--store", metavar="FILE", type=path_arg, help="the feature store (default: DIR/features.sqlite)")
     g.add_argument("--top-features", dest="top_features", type=int_arg(1, EXPLAIN_TOP_FEATURES_MAX),
                    default=EXPLAIN_TOP_FEATURES, metavar="N", help="features listed per layer (default: %(default)s)")
-    g.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    g.add_argument("--json", metavar="FILE", type=path_arg, help="also write the full result as JSON")
     g.add_argument("--format", choices=("text", "reference"), default="text",
                    help="reference: the lines generate_descriptions.py printed (continuation=, per layer "
                         "description=, total description=, models output score=, ...)")
@@ -405,8 +405,16 @@ def _explainer(args: argparse.Namespace, device: str):
 # -- actions --------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> int:
+    from ..interp.transcoder import check_set_output
+
+    flag = "--output-dir" if args.output_dir else "--transcoders"
+    named = args.output_dir or args.transcoders
+    if named and args.save_model:  # a folder the set cannot go to costs nothing: checked before the model loads
+        check_set_output(named, flag)
     lm = _load(args)
     out = Path(args.output_dir).expanduser() if args.output_dir else _set_dir(args, lm)
+    if args.save_model:
+        check_set_output(out, flag if named else "The model's own transcoder folder")
     cfg = TranscoderTrainConfig(
         layers=args.layers, expansion=args.expansion, activation=args.activation, k=args.k, l1_coeff=args.l1_coeff,
         train_tokens=args.train_tokens, steps=args.steps, batch_tokens=args.batch_tokens * args.grad_acc_steps,
@@ -472,20 +480,30 @@ def _print_quality(quality) -> None:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from ..interp.store import store_path
+    from ..interp.store import check_store_output, store_path
     from ..interp.transcoder import find_transcoder_set
 
+    check_store_output(args.store, "--store")  # before the model loads: a place it cannot go costs nothing
     lm = _load(args)
     tset = find_transcoder_set(lm, args.transcoders)
     out = Path(args.store).expanduser() if args.store else store_path(tset.folder)
+    check_store_output(out, "--store")
     _run_collect(lm, tset, _collect_config(args, args.layers), out)
     return 0
 
 
 def _open_store(args: argparse.Namespace, lm, readonly: bool):
+    from ..files import check_folder_links
     from ..interp.store import FeatureStore, store_path
+    from ..interp.transcoder import SET_WHAT
 
-    path = Path(args.store).expanduser() if args.store else store_path(_set_dir(args, lm))
+    if args.store:
+        path = Path(args.store).expanduser()
+    else:
+        folder = _set_dir(args, lm)
+        if folder.is_dir():  # a set folder is used only whole: none of its files may lead out of it
+            check_folder_links(folder, SET_WHAT)
+        path = store_path(folder)
     if not path.is_file():
         raise LabError(f"No feature store at {path}; run `python -m core transcoders collect --model {lm.spec}` first.")
     return FeatureStore(path, readonly=readonly)
@@ -507,7 +525,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():
             raise LabError("No prompt: pass --prompt TEXT (repeatable) or pipe prompts on stdin, one per line.")
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        text = cli.read_stdin("prompts, one per line,")  # bytes that are not UTF-8 are a sentence, not a traceback
+        prompts = [line for line in (text or "").split("\n") if line.strip()]
     if not prompts or any(not p.strip() for p in prompts):
         raise LabError("A prompt is empty; pass --prompt TEXT with some text.")
     return prompts
@@ -518,6 +537,7 @@ def _explain(args: argparse.Namespace) -> int:
     from ..interp.completion import CompletionExplained, completion_settings, explain_completion
     from ..interp.transcoder import find_transcoder_set
 
+    check_output(args.json, "--json")  # before the work: an hour of explaining never ends in "cannot write there"
     prompts = _read_prompts(args)
     explainer_device = resolve_device(args.explainer_device)
     lm = _load(args)

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg,
+from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remote_code_arg, int_arg, path_arg,
                   remote_code_allowed, use_reference_weights)
 from ..errors import LabError
 from ..files import atomic_write_json, check_output
@@ -29,10 +29,10 @@ HELP = "Check our GPT against transformers' GPT-2: parameters, weights, logits, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gpt2", metavar="SPEC", action=GivenAction,
+    parser.add_argument("--model", default="gpt2", metavar="SPEC", action=GivenAction, type=path_arg,
                         help="a GPT-2 hub id (gpt2 ... gpt2-xl) or a local Hugging Face GPT-2 folder; with "
                              "--weights, the architecture of the state dict (default: %(default)s)")
-    parser.add_argument("--weights", metavar="FILE|auto",
+    parser.add_argument("--weights", metavar="FILE|auto", type=path_arg,
                         help=f"a bare GPT-2 state dict (.pt/.safetensors) to validate instead of the hub weights; "
                              f"'auto' loads the model --model names (default: {REFERENCE_WEIGHTS} when it exists "
                              f"and --model is not given, else auto)")
@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int_arg(1), default=VALIDATE_NEW_TOKENS,
                         metavar="K", help="tokens to generate (default: %(default)s)")
     add_device_arg(parser, default="cpu", sharded=False)
-    parser.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH",
+    parser.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH", type=path_arg,
                         help="tokenizer to use instead of the model's own")
-    parser.add_argument("--json", metavar="FILE", help="also write the full report (every tensor) as JSON")
+    parser.add_argument("--json", metavar="FILE", type=path_arg, help="also write the full report (every tensor) as JSON")
     add_trust_remote_code_arg(parser)
 
 
@@ -54,6 +54,9 @@ def _check_paths(args: argparse.Namespace) -> None:
     from ..models.loading import DEFAULT_DIR  # the engine, loaded only to run: `--help` stays torch-free
 
     check_output(args.json, "--json")
+    for flag, text in (("--prompt", args.prompt), ("--gen-prompt", args.gen_prompt)):
+        if not str(text).strip():
+            raise LabError(f"The {flag} text is empty; pass some text (or leave {flag} out for the default).")
     spec = (args.model or "").strip()
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise LabError(f"--model {spec} does not exist; check the path, or pass a GPT-2 hub id such as gpt2.")

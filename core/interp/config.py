@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 from ..errors import LabError
+from ..generation.config import check_seed
 from ..models.hooks import act_name
 
 TRAIN_ACTIVATIONS = ("topk", "relu")            # TopK: exactly k features a token; ReLU: sparsity from an L1 penalty
@@ -38,6 +39,9 @@ DESCRIBE_BATCH = {"builtin": 256, "lm": 16}      # features per explainer call a
 EXPLAIN_MAX_NEW_TOKENS = 24                      # tokens generated for an explained completion
 EXPLAIN_TOP_FEATURES = 5                         # features listed per layer of an explained completion
 EXPLAIN_TOP_FEATURES_MAX = 20
+MAX_STEPS = 100_000_000                          # transcoder training steps (the trainer's own --max-steps limit)
+MAX_KEPT = 100_000                               # contexts kept per feature and kind (top, quantile, held-out)
+MAX_WINDOW = 1 << 20                             # context tokens around an activation (the longest context a model has)
 
 C = TypeVar("C")
 
@@ -127,6 +131,11 @@ class TranscoderTrainConfig(_Dict):
         if self.steps is None and self.train_tokens < self.batch_tokens:
             raise LabError(f"--train-tokens ({self.train_tokens}) is less than one step of --batch-tokens "
                            f"({self.batch_tokens}); raise it.")
+        if self.total_steps > MAX_STEPS:
+            flag = "--steps" if self.steps is not None else "--train-tokens / --batch-tokens"
+            raise LabError(f"{flag} asks for {self.total_steps:,} steps, more than the {MAX_STEPS:,} GPT Lab trains; "
+                           f"ask for fewer.")
+        check_seed(self.seed)
         if not self.lr > 0:
             raise LabError(f"--lr must be above 0 (got {self.lr}).")
         if self.save_dtype not in SAVE_DTYPES:
@@ -169,6 +178,15 @@ class CollectConfig(_Dict):
                 raise LabError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)}).")
         if self.holdout_every < 2 and (self.n_heldout or self.n_negative):
             raise LabError("--holdout-every must be at least 2 so some windows are held out for scoring.")
+        for name in ("top_k", "n_quantile", "n_heldout", "n_negative"):
+            if int(getattr(self, name)) > MAX_KEPT:
+                raise LabError(f"--{name.replace('_', '-')} must be at most {MAX_KEPT:,} contexts per feature "
+                               f"(got {getattr(self, name):,}).")
+        for name in ("window_before", "window_after"):
+            if int(getattr(self, name)) > MAX_WINDOW:
+                raise LabError(f"--window takes at most {MAX_WINDOW:,} tokens on each side (got {getattr(self, name):,} "
+                               f"{name.split('_')[1]}).")
+        check_seed(self.seed)
 
 
 __all__ = ["ACTIVATIONS", "TRAIN_ACTIVATIONS", "EXPORT_FORMATS", "FOLD_LN", "NEURONPEDIA_SET", "SAVE_DTYPES", "HOOK_POINT", "HOOK_POINT_OUT", "DESCRIBE_N_TOP", "DESCRIBE_BATCH",

@@ -25,7 +25,6 @@ No streamlit here: the page (pages/parts/features_jobs_view.py) draws what these
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -35,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import LabError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, parse_json
 from ..jobs import runner
 from ..jobs.events import Progress, last_progress
 from ..jobs.folder import CONSOLE_FILE, STOP_FILE, StatusFile, StatusUnreadable, mark, marker_kind, now, \
@@ -328,7 +327,7 @@ def is_job_folder(folder: Path, root: str | os.PathLike | None = None) -> bool:
     if folder.resolve().parent != jobs_root(root).resolve():
         return False
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = parse_json((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and cfg.get("kind") == "transcoders"
@@ -336,7 +335,7 @@ def is_job_folder(folder: Path, root: str | os.PathLike | None = None) -> bool:
 
 def _config(folder: Path) -> dict:
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = parse_json((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise LabError(f"{folder} is not a transcoder job folder (no readable config.json).") from None
     if not isinstance(cfg, dict):

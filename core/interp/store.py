@@ -41,7 +41,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from ..errors import LabError, first_line
+from ..errors import LabError, first_line, shorten
+from ..files import check_output, parse_json
 from ..models.hooks import act_name
 from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
@@ -304,6 +305,35 @@ def _expected_tables() -> dict[str, list[str]]:
         conn.close()
 
 
+def check_store_input(path: Path) -> None:
+    """An existing store file to open: a regular file, and not a link leading out of its folder
+    (a store is read and written only where it lives); one sentence otherwise."""
+    try:
+        if not path.is_file():
+            raise LabError(f"No feature store at {path}; {COLLECT_HINT}.")
+        if path.is_symlink() and path.resolve().parent != path.parent.resolve():
+            raise LabError(f"The feature store {path} is a link to {shorten(str(path.resolve()), 80)}, outside its "
+                           f"folder; GPT Lab reads and writes a store only where it lives, so copy the file in instead "
+                           f"of linking it.")
+    except OSError as e:
+        raise LabError(f"Cannot open the feature store {path} ({e.strerror or e}); check the path.") from None
+
+
+def check_store_output(path: str | os.PathLike | None, flag: str = "--store") -> Path | None:
+    """Where a collection will write a new store, checked before the work: a file that can be
+    written (:func:`core.files.check_output`) and, when it exists, a feature store (a fresh one
+    replaces it) rather than some other file it would destroy."""
+    out = check_output(path, flag)
+    if out is None or not out.is_file():
+        return out
+    with open(out, "rb") as fh:
+        head = fh.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise LabError(f"{flag} {shorten(str(path), 120)} exists and is not a feature store; collecting would replace "
+                       f"it, so name a new file (or a store to rebuild).")
+    return out
+
+
 WRITER_WAIT_S = 5.0  # how long a second writer of a store waits before it is refused
 
 
@@ -330,8 +360,8 @@ class FeatureStore:
         self._vocab_cache: dict[int, dict[int, str]] = {}
         self.conn: sqlite3.Connection | None = None
         self._lock: FolderLock | None = None
-        if not _create and not self.path.is_file():
-            raise LabError(f"No feature store at {self.path}; {COLLECT_HINT}.")
+        if not _create:
+            check_store_input(self.path)
         if not readonly and not _create:
             self._lock = writer_lock(self.path, wait_s)
         try:
@@ -547,7 +577,7 @@ class FeatureStore:
 
     @_plain_errors
     def sets(self) -> list[dict]:
-        return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": json.loads(r["config"]),
+        return [{"id": r["id"], "model": r["model"], "folder": r["folder"], "config": parse_json(r["config"]),
                  "created": r["created"]} for r in self.conn.execute("SELECT * FROM sets ORDER BY id")]
 
     @_plain_errors
@@ -606,7 +636,7 @@ class FeatureStore:
             sql += " LIMIT ? OFFSET ?"
             params += [int(limit), int(offset)]
         return [FeatureSummary(layer=r["layer"], feature=r["feature"], density=r["density"], max_act=r["max_act"],
-                               mean_act=r["mean_act"], top_tokens=[t for t, _ in json.loads(r["top_tokens"])],
+                               mean_act=r["mean_act"], top_tokens=[t for t, _ in parse_json(r["top_tokens"])],
                                explanation=r["explanation"], score=r["score"])
                 for r in self.conn.execute(sql, params)]
 
@@ -627,10 +657,10 @@ class FeatureStore:
                            f"from the list.")
         return FeatureStats(layer=layer, feature=feature, density=r["density"], n_active=r["n_active"],
                             max_act=r["max_act"], mean_act=r["mean_act"],
-                            hist=(json.loads(r["hist"]) + [0] * len(HIST_EDGES))[:len(HIST_EDGES)],
-                            top_tokens=[tuple(x) for x in json.loads(r["top_tokens"])],
-                            promoted=[tuple(x) for x in json.loads(r["promoted"])],
-                            suppressed=[tuple(x) for x in json.loads(r["suppressed"])])
+                            hist=(parse_json(r["hist"]) + [0] * len(HIST_EDGES))[:len(HIST_EDGES)],
+                            top_tokens=[tuple(x) for x in parse_json(r["top_tokens"])],
+                            promoted=[tuple(x) for x in parse_json(r["promoted"])],
+                            suppressed=[tuple(x) for x in parse_json(r["suppressed"])])
 
     @_plain_errors
     def contexts(self, layer: int, feature: int, kind: str = "top", limit: int | None = None,
@@ -674,7 +704,7 @@ class FeatureStore:
         for r in self.conn.execute("SELECT * FROM scores WHERE set_id=? AND layer=? AND feature=?",
                                    (sid, layer, feature)):
             out.setdefault(r["explainer"], {})[r["method"]] = Score(method=r["method"], value=r["value"], n=r["n"],
-                                                                    details=json.loads(r["details"]))
+                                                                    details=parse_json(r["details"]))
         return out
 
     @_plain_errors
@@ -718,7 +748,7 @@ class FeatureStore:
     def completions(self, limit: int = 20, set_id: int | None = None) -> list[dict]:
         sid = self._set(set_id)
         return [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"], "explainer": r["explainer"],
-                 "result": json.loads(r["result"]), "created": r["created"]} for r in self.conn.execute(
+                 "result": parse_json(r["result"]), "created": r["created"]} for r in self.conn.execute(
             "SELECT * FROM completions WHERE set_id=? ORDER BY id DESC LIMIT ?", (sid, limit))]
 
     @_plain_errors

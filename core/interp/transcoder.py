@@ -45,7 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..errors import LabError, first_line
-from ..files import atomic_write_bytes, atomic_write_json
+from ..files import (atomic_write_bytes, atomic_write_json, check_folder_links, check_output_place, parse_json,
+                     read_text_inside)
 from .config import ACTIVATIONS, SAVE_DTYPES, TranscoderConfig, transcoder_hooks  # noqa: F401 (old import path)
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ SET_FORMAT = "gptlab-transcoders"
 SET_FORMAT_VERSION = 2             # 2: per-layer hook_name / hook_name_out; 1 wrote hook_in / hook_out templates
 CONFIG_FILENAME = "config.json"
 METRICS_FILENAME = "metrics.json"
+SET_WHAT = "transcoder set"          # how messages name the folder (core.files.check_folder_links)
 
 
 def weights_filename(layer: int) -> str:
@@ -250,21 +252,61 @@ def set_hooks(meta: dict, layers: list[int]) -> dict[int, tuple[str, str]]:
 
 
 def is_transcoder_folder(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / CONFIG_FILENAME
+    """Whether ``path`` holds a transcoder set (its config.json says so; a config.json that is
+    unreadable, not an object, or a link out of the folder says no)."""
     try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == SET_FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        if not (Path(path) / CONFIG_FILENAME).is_file():
+            return False
+        meta = parse_json(read_text_inside(path, CONFIG_FILENAME, SET_WHAT) or "null")
+    except (json.JSONDecodeError, LabError, OSError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == SET_FORMAT
+
+
+_SET_FILE = re.compile(r"(config\.json|metrics\.json|layer_\d+\.safetensors|features\.sqlite(-journal|-wal|-shm)?)")
+
+
+def check_set_output(folder: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """The folder a transcoder set will be written to, checked before any work: a folder that can
+    be written (:func:`core.files.check_output_place`), and missing, empty or already a transcoder
+    set (retrained in place). A model, checkpoint or run folder is refused: the set's config.json
+    would replace the model's own."""
+    out = check_output_place(folder, flag)
+    if not out.is_dir() or is_transcoder_folder(out):
+        return out
+    entries = sorted(e.name for e in out.iterdir() if not e.name.startswith("."))
+    if not entries:
+        return out
+    foreign = [n for n in entries if not _SET_FILE.fullmatch(n)]
+    model = (out / CONFIG_FILENAME).exists() or any(n.endswith((".safetensors", ".bin", ".pt")) for n in foreign)
+    what = "a model or a checkpoint" if model else "files of something else"
+    raise LabError(f"{flag} {out} holds {what} ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); a "
+                   f"transcoder set writes config.json and layer files there, so pick an empty folder (a model's "
+                   f"own set goes in its transcoders/ subfolder) or an existing transcoder set.")
+
+
+def _metrics(raw: object) -> dict:
+    """metrics.json as read, keeping only what has the shape :func:`core.interp.quality.metrics_json`
+    writes: per-layer entries that are objects of numbers (a hand-edited or hostile file loses
+    the rest instead of failing later, far from the file)."""
+    if not isinstance(raw, dict):
+        return {}
+    layers = raw.get("layers")
+    clean = {str(k): {n: v for n, v in q.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+             for k, q in layers.items() if isinstance(q, dict)} if isinstance(layers, dict) else {}
+    return {**raw, "layers": clean}
 
 
 def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TranscoderSet:
     """Read a set written by :meth:`TranscoderSet.save` (safetensors only, nothing unpickled), by
     this version or an earlier one."""
     folder = Path(folder).expanduser()
+    if folder.is_dir():
+        check_folder_links(folder, SET_WHAT)  # weights, config and store are read only from inside the set
     if not is_transcoder_folder(folder):
         raise LabError(f"{folder} is not a transcoder set (no {CONFIG_FILENAME} with format '{SET_FORMAT}'); train "
                        f"one with `python -m core transcoders train --model SPEC --output-dir {folder}`.")
-    meta = json.loads((folder / CONFIG_FILENAME).read_text())
+    meta = parse_json(read_text_inside(folder, CONFIG_FILENAME, SET_WHAT))
     try:
         version = int(meta.get("format_version", 1))
         layers = [int(i) for i in meta["layers"]]
@@ -292,9 +334,10 @@ def load_transcoder_set(folder: str | os.PathLike, device: str | torch.device = 
             raise LabError(f"Transcoder weights {path} are missing or corrupt ({first_line(e)}); retrain the "
                            f"set.") from None
         transcoders[i] = t.to(device).eval().requires_grad_(False)
-    metrics = {}
-    if (folder / METRICS_FILENAME).is_file():
-        metrics = json.loads((folder / METRICS_FILENAME).read_text())
+    try:
+        metrics = _metrics(parse_json(read_text_inside(folder, METRICS_FILENAME, SET_WHAT) or "{}"))
+    except json.JSONDecodeError:
+        metrics = {}  # the quality numbers are a report, not part of the set: a damaged file reads as none
     return TranscoderSet(transcoders=transcoders, config=cfg, model=meta.get("model", ""),
                          model_info=meta.get("model_info", {}), training=meta.get("training", {}),
                          metrics=metrics, folder=folder,

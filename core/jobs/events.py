@@ -18,6 +18,7 @@ still being written is skipped until it is complete).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import LabError, one_line
+from ..files import parse_json
 
 EVENTS_FILE = "events.jsonl"
 MIN_INTERVAL_S = 0.5
@@ -57,7 +59,13 @@ class EventLog:
         if not self.enabled:
             return
         line = json.dumps({"t": round(time.time(), 3), "kind": kind, **fields}, default=str) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # O_NOFOLLOW: an event never lands in a file a link points at
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LabError(f"{self.path} is a symbolic link; GPT Lab writes a job's events only inside its "
+                               f"folder, so replace the link with a file.") from None
+            raise
         try:
             os.write(fd, line.encode("utf-8"))
         finally:
@@ -119,7 +127,7 @@ def json_objects(lines: Iterable[str], kind: str | None = None) -> Iterator[dict
     line (half written, or not JSON) is skipped. Events files and metrics files are read with it."""
     for line in lines:
         try:
-            ev = json.loads(line)
+            ev = parse_json(line)
         except ValueError:
             continue
         if isinstance(ev, dict) and (kind is None or ev.get("kind") == kind):

@@ -17,7 +17,6 @@ Every detached job (a training run, a transcoder job) owns one folder:
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_json
+from ..files import atomic_write_json, parse_json
 
 MARKER_FILE = ".gptlab-job"
 STATUS_FILE = "status.json"
@@ -55,7 +54,7 @@ def marker_kind(folder: str | os.PathLike) -> str | None:
     try:
         if path.is_symlink() or not path.is_file():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     kind = data.get("kind") if isinstance(data, dict) else None
@@ -116,7 +115,7 @@ def read_status_file(folder: str | os.PathLike, extra: dict[str, tuple[type, ...
     except (OSError, UnicodeDecodeError) as e:
         raise StatusUnreadable(f"{path} cannot be read ({first_line(e)}); check its permissions.") from None
     try:
-        st = json.loads(text)
+        st = parse_json(text)
     except ValueError as e:
         raise StatusUnreadable(f"{path} is not valid JSON ({first_line(e)}); delete the folder or restore the "
                                f"file.") from None
@@ -135,7 +134,7 @@ class StatusFile:
         self._last = 0.0
         if enabled:
             try:
-                data = json.loads((self.folder / STATUS_FILE).read_text(encoding="utf-8"))
+                data = parse_json((self.folder / STATUS_FILE).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 data = {}
             self.fields = data if isinstance(data, dict) else {}

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ..errors import LabError, shorten
+from ..files import parse_json
 from .folder import now
 from .process import this_host
 
@@ -135,7 +136,11 @@ def acquire(folder: str | os.PathLike, what: str, hint: str, wait_s: float = RET
             return held
         lock = _inherited(folder)
         if lock is None:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file in the way, a read-only place: the folder cannot be written at all
+                raise LabError(f"Cannot create {what.lower()} folder {folder} ({e.strerror or e}); pick a folder you "
+                               f"can write to.") from None
             lock = FolderLock(folder, _take(folder, what, hint, wait_s, named or folder))
         _record_holder(lock.fd)
         _HELD[str(folder)] = lock
@@ -180,7 +185,7 @@ def holder(folder: str | os.PathLike) -> dict | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
+                info = parse_json(os.pread(fd, 4096, 0).decode("utf-8", errors="replace") or "{}")
             except ValueError:
                 info = {}
             return info if isinstance(info, dict) else {}

@@ -81,7 +81,8 @@ def start(folder: str | os.PathLike, argv: list[str], kind: str, locks: list[Fol
     locks = list(locks or [])
     env = {**child_env(), **handed_env(locks)}
     try:
-        with open(folder / CONSOLE_FILE, "ab") as out:
+        console = os.open(folder / CONSOLE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with open(console, "ab") as out:  # O_NOFOLLOW: the job's output never lands where a link points
             proc = subprocess.Popen(job_command(folder, argv), cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env,
                                     pass_fds=[lock.fd for lock in locks])

@@ -27,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..devices import dtype_name, require_free, resolve_device, resolve_dtype
-from ..errors import LabError, ModelNotAvailableError, first_line, shorten
-from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, check_folder_links, read_text_inside
+from ..errors import LabError, ModelNotAvailableError, first_line, is_out_of_memory, shorten
+from ..files import (atomic_write_bytes, atomic_write_json, atomic_write_text, check_folder_links, parse_json,
+                     read_text_inside)
 from ..generation.config import SAMPLER_OF_OBJECTIVE
 from .config import DTYPE_BYTES
 from .gpt import GPT, GPTConfig
@@ -102,7 +103,7 @@ def is_gptlab_folder(path: Path) -> bool:
     try:
         if not (path / "config.json").is_file():
             return False
-        meta = json.loads(read_text_inside(path, "config.json") or "null")
+        meta = parse_json(read_text_inside(path, "config.json") or "null")
     except (LabError, OSError, json.JSONDecodeError):
         return False
     return isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT
@@ -112,7 +113,7 @@ def read_checkpoint_meta(path: Path) -> tuple[dict, GPTConfig]:
     """Our folder's config.json as ``(meta, model config)``, every value checked (types, ranges,
     the objective) before anything is built from it."""
     try:
-        meta = json.loads(read_text_inside(path, "config.json") or "null")
+        meta = parse_json(read_text_inside(path, "config.json") or "null")
     except json.JSONDecodeError as e:
         raise LabError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); restore it or load "
                        f"another checkpoint.") from None
@@ -128,6 +129,21 @@ def read_checkpoint_meta(path: Path) -> tuple[dict, GPTConfig]:
         raise LabError(f"{path / 'config.json'} names the objective {shorten(repr(objective), 40)}; GPT Lab knows "
                        f"{' and '.join(OBJECTIVES)}, so fix the file or load another checkpoint.")
     return meta, cfg
+
+
+def check_hf_config(path: Path) -> dict:
+    """A local Hugging Face folder's config.json, read by us before transformers sees it: JSON
+    that is broken, nested too deeply or not an object is one sentence here, not a TypeError or
+    RecursionError from inside transformers."""
+    try:
+        meta = parse_json(read_text_inside(path, "config.json") or "null")
+    except json.JSONDecodeError as e:
+        raise LabError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); restore it or load "
+                       f"another model.") from None
+    if not isinstance(meta, dict):
+        raise LabError(f"{path / 'config.json'} holds {type(meta).__name__} instead of a model config object; "
+                       f"restore it or load another model.")
+    return meta
 
 
 def check_finite(tensors, what: str) -> None:
@@ -280,6 +296,54 @@ def _remote_code_refused(source: str, error: ValueError) -> LabError:
     return model_error("config", source, shorten(first_line(error), 160))
 
 
+def _unreadable_config(source: str, error: BaseException) -> LabError:
+    """A config.json whose values transformers refuses (a string for a size, say), as one sentence."""
+    return model_error("config", source, f"{type(error).__name__}: {shorten(first_line(error), 160)}")
+
+
+# The sizes a Hugging Face config names, per family, as our GPTConfig's fields (whose LIMITS and
+# checks they go through), and its dropout probabilities.
+_HF_SIZES = {
+    "gpt2": dict(vocab_size="vocab_size", block_size="n_positions", n_layer="n_layer", n_head="n_head",
+                 d_model="n_embd", layer_norm_eps="layer_norm_epsilon"),
+    "gpt_neo": dict(vocab_size="vocab_size", block_size="max_position_embeddings", n_layer="num_layers",
+                    n_head="num_heads", d_model="hidden_size", layer_norm_eps="layer_norm_epsilon"),
+}
+_HF_INNER = {"gpt2": "n_inner", "gpt_neo": "intermediate_size"}
+_HF_DROPOUTS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+                "gpt_neo": ("resid_dropout", "embed_dropout", "attention_dropout")}
+
+
+def check_hf_sizes(cfg: dict, source: str) -> int:
+    """Refuse, before anything is built, a Hugging Face GPT-2 / GPT-Neo config whose sizes are not
+    sensible (the limits of our own checkpoints: a corrupt or hostile ``"n_layer": 100000`` would
+    otherwise be built until the machine gives up); returns the parameter count it implies."""
+    family = cfg.get("model_type")
+    names = _HF_SIZES[family]
+    sizes = {ours: cfg.get(theirs) for ours, theirs in names.items()}
+    inner = cfg.get(_HF_INNER[family])
+    d = sizes["d_model"]
+    try:
+        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or
+                                  not isinstance(d, int) or not 1 <= inner <= 64 * max(d, 1)):
+            raise LabError(f"{_HF_INNER[family]} must be a whole number between 1 and 64 x the width "
+                           f"(got {shorten(repr(inner), 40)}).")
+        for name in _HF_DROPOUTS[family]:
+            v = cfg.get(name, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise LabError(f"{name} must be a probability in [0, 1) (got {shorten(repr(v), 40)}).")
+        gpt = GPTConfig(**sizes)
+    except LabError as e:
+        names_back = {ours: theirs for ours, theirs in names.items()}
+        text = str(e)
+        for ours, theirs in names_back.items():
+            text = text.replace(f"{ours} ", f"{theirs} ").replace(f"{ours}=", f"{theirs}=")
+        raise LabError(f"Model '{source}' has an impossible config.json: {text.rstrip('.')}; fix the file or fetch "
+                       f"the model again.") from None
+    mlp = (inner or 4 * gpt.d_model) * gpt.d_model * 2
+    return gpt.n_params - gpt.n_layer * 8 * gpt.d_model * gpt.d_model + gpt.n_layer * mlp
+
+
 def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM  # a second of import: only Hugging Face models pay it
     from transformers.utils import logging as hf_logging
@@ -303,11 +367,19 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
             raise _remote_code_refused(source, e) from None
         except OSError as e:
             raise model_error("not_on_hub", source, shorten(first_line(e), 160), ModelNotAvailableError) from None
+        except Exception as e:  # a config.json whose values transformers' own checks refuse
+            raise _unreadable_config(source, e) from None
+    except Exception as e:  # the same, from a local folder or the cache
+        raise _unreadable_config(source, e) from None
     else:
         kwargs = dict(local_files_only=True)
     if config.model_type not in ("gpt2", "gpt_neo"):
         raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
                        f"models and its own GPT checkpoints.")
+    n_params = check_hf_sizes(config.to_dict(), source)
+    need = n_params * (torch.finfo(dtype).bits // 8)
+    require_free(need, "cpu", f"'{source}' needs", "load it on a machine with more memory or in a 16-bit dtype.",
+                 detail=f" to load ({n_params:,} parameters)")
     load_kwargs = dict(dtype=dtype, **kwargs)
     if device == "auto":
         load_kwargs["device_map"] = "auto"
@@ -322,6 +394,12 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         raise LabError(f"Refused to load the weights of '{source}': its pickle file holds objects other than "
                        f"tensors; only safetensors or plain tensor files are loaded, so convert it to "
                        f"model.safetensors where it came from.") from e
+    except Exception as e:  # weights that do not fit the config, a value only the model's build refuses
+        if is_out_of_memory(e):
+            raise
+        raise LabError(f"Could not build '{source}' from its config.json and weights ({type(e).__name__}: "
+                       f"{shorten(first_line(e), 160)}); the folder is inconsistent, so fetch the model again.") \
+            from None
     check_finite(model.named_parameters(), f"'{source}'")
     if device != "auto":
         model = model.to(device)
@@ -369,6 +447,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
                                objective=objective, card_text=read_text_inside(path, "README.md"), extra=meta)
         if not (path / "config.json").exists():
             raise LabError(f"{path} holds no config.json; pass a Hugging Face model folder or a GPT Lab checkpoint.")
+        check_hf_config(path)
         model, _ = _load_hf(str(path), dev, torch_dtype, local=True, trust_remote_code=trust_remote_code)
         tok = load_tokenizer(tokenizer or path, trust_remote_code=trust_remote_code)
         stack = _inference_stack(model, dev)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import tiktoken
 from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
 
-from ..errors import LabError
+from ..errors import LabError, first_line, shorten
 from ..files import atomic_write_text, check_folder_links
 
 EOS = "<|endoftext|>"
@@ -72,8 +72,22 @@ class HFTokenizer(Tokenizer):
     def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False):
         from transformers import AutoTokenizer  # a second of import: only Hugging Face tokenizers pay it
 
-        self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
-                                                  trust_remote_code=trust_remote_code)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
+                                                      trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise LabError(f"Tokenizer '{source}' ships its own Python code, which GPT Lab runs only when asked; "
+                               f"pass --trust-remote-code (trust_remote_code=True) if you trust its authors.") from None
+            raise LabError(f"Tokenizer '{source}' cannot be read ({shorten(first_line(e), 160)}); pass a tokenizer.json, "
+                           f"a model folder or a cached hub id.") from None
+        except OSError as e:
+            raise LabError(f"No tokenizer '{shorten(source, 80)}' here: it is neither a tokenizer.json, a model folder "
+                           f"nor a hub id in the local cache ({shorten(first_line(e), 120)}); check the path or "
+                           f"the id.") from None
+        except Exception as e:  # a tokenizer_config.json whose values the tokenizer class refuses
+            raise LabError(f"Tokenizer '{source}' cannot be read ({type(e).__name__}: {shorten(first_line(e), 160)}); "
+                           f"pass a tokenizer.json, a model folder or a cached hub id.") from None
         self.name = f"{type(self._tok).__name__} ({len(self._tok)} tokens)"
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
@@ -119,7 +133,10 @@ def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
     s = str(source)
     if s.startswith("tiktoken:") or s == "tiktoken":
         return TiktokenTokenizer(s.split(":", 1)[1] if ":" in s else "gpt2")
-    p = Path(s)
+    p = Path(s).expanduser()
+    if p.exists() and not (p.is_file() or p.is_dir()):
+        raise LabError(f"Tokenizer {s} is neither a file nor a folder (a FIFO or a device); pass a tokenizer.json or "
+                       f"a model folder.")
     if p.is_file():
         if p.suffix != ".json":
             raise LabError(f"Tokenizer file {p} is not a tokenizer.json; pass a tokenizer.json or a model folder.")
@@ -131,8 +148,8 @@ def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
         if (p / "tokenizer.json").exists():
             return BPETokenizer(p / "tokenizer.json")
         raise LabError(f"No tokenizer found in {p}: expected tokenizer.json or tokenizer_config.json there.")
-    if s.endswith(".json"):
-        raise LabError(f"Tokenizer file {s} does not exist; check the path.")
+    if s.endswith(".json") or s.startswith((".", "/", "~")):
+        raise LabError(f"Tokenizer {'file' if s.endswith('.json') else 'path'} {s} does not exist; check the path.")
     return HFTokenizer(s, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
 
 

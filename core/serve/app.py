@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import LabError, is_out_of_memory, one_line
+from ..files import parse_json
 from .chat import chat_prompt
 from .config import API_KEY_ENV, ServeConfig
 from .engine import Busy, ModelWorker, Prepared, prepare, run_choice
@@ -72,7 +73,7 @@ def _sse(obj: Any) -> str:
 async def _body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw)
+        return parse_json(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise LabError(f"The request body is not valid JSON ({one_line(e)}); send a JSON object.") from None
 

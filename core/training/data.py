@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as _Tok
 
 from ..corpus import SPEAKER_FORMAT, shakespeare_files, shakespeare_texts
 from ..errors import LabError, first_line, shorten
-from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, parse_json
 from ..jobs.process import process_alive, this_host
 from ..models.loading import DEFAULT_DIR, hub_reachable
 from ..models.tokenizer import MASK, BPETokenizer, train_bpe
@@ -106,7 +106,12 @@ class LocalSource(TextSource):
         check_regular(path, f"Dataset {shorten(str(path), 80)}")
         self.path = path
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            try:
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            except OSError as e:  # a folder inside it that cannot be listed (permissions, /proc, a dead mount)
+                where = shorten(str(e.filename or path), 80)
+                raise LabError(f"Cannot read {where} inside the dataset folder {shorten(str(path), 80)} "
+                               f"({e.strerror or e}); point --dataset at a folder of text files you can read.") from None
             if not files:
                 raise LabError(f"Folder {path} holds no .txt, .md or .jsonl files; point --dataset at a folder "
                                f"of text files.")
@@ -141,7 +146,7 @@ def jsonl_texts(lines: Iterable[str], where: str) -> Iterator[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as e:
             raise LabError(f"{where} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
         text = row.get("text") if isinstance(row, dict) else None
@@ -496,6 +501,27 @@ def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fra
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+TOKEN_DTYPES = ("uint16", "uint32")   # what token_dtype() gives
+
+
+def cache_damage(folder: Path) -> str | None:
+    """What is wrong with the token cache ``folder`` (a meta.json that is not what _build_cache
+    writes, a shard whose size is not whole tokens), or None when it can be read."""
+    try:
+        meta = parse_json((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"meta.json cannot be read: {first_line(e)}"
+    if not isinstance(meta, dict) or meta.get("dtype") not in TOKEN_DTYPES:
+        return "meta.json does not name the token type"
+    if folder.is_symlink() or not (folder / "tokenizer.json").is_file():
+        return "its tokenizer.json is missing"
+    size = np.dtype(meta["dtype"]).itemsize
+    for shard in folder.glob("*.bin"):
+        if shard.is_symlink() or shard.stat().st_size % size:
+            return f"{shard.name} is not whole tokens"
+    return None
+
+
 class TokenSplit:
     """The shards of one split as read-only memmaps."""
 
@@ -531,18 +557,26 @@ def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction:
         key = _sha(json.dumps({"format": CACHE_FORMAT, "source": source.identity, "tokenizer": _sha(tok_path.read_bytes()),
                                "val_fraction": val_fraction, "max_tokens": max_tokens}))[:16]
         folder = cache / "tokens" / key
+        damage = cache_damage(folder) if (folder / "meta.json").exists() else None
+        if damage and build:  # our own cache, damaged by hand or by a disk: built again, never trusted
+            log(f"the token cache {folder} is damaged ({damage}); building it again")
+            stale = folder.with_name(f".{folder.name}.stale-{this_host()}-{os.getpid()}")
+            os.rename(folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         if not (folder / "meta.json").is_file():
             if not build:
                 raise LabError(f"Token cache {folder} is missing; rank 0 should have built it.")
             for name in sweep_stale_builds(folder.parent):
                 log(f"removed {name}, left in the token cache by a build that was killed")
             _build_cache(source, tok_path, folder, val_fraction, max_tokens, log)
+        elif damage:
+            raise LabError(f"The token cache {folder} is damaged ({damage}); delete it so rank 0 builds it again.")
     except OSError as e:
         if e.errno == 28:
             raise LabError(f"The disk is full while caching tokens under {cache}; free space or set "
                            f"GPTLAB_DATA_CACHE to a roomier folder.") from None
         raise
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = parse_json((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     split = lambda name: TokenSplit(sorted(folder.glob(f"{name}_*.bin")), dtype)  # noqa: E731
     return TrainingData(folder=folder, tokenizer_path=folder / "tokenizer.json",

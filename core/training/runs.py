@@ -28,6 +28,7 @@ interleaving metrics.jsonl; a launcher takes the lock before it writes and hands
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -38,8 +39,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import LabError, first_line
-from ..files import atomic_write_json, atomic_write_text
+from ..errors import LabError, first_line, shorten
+from ..files import atomic_write_json, atomic_write_text, check_output_place, link_out_of, parse_json
 from ..jobs import runner
 from ..jobs.events import EventLog, Progress, json_objects, last_progress
 from ..jobs.folder import (COUNT, MARKER_FILE, STATES, STATUS_FILE, STOP_FILE, StatusFile,  # noqa: F401
@@ -119,6 +120,29 @@ def is_run(p: Path, root: Path | None = None) -> bool:
     return not p.is_symlink() and p.is_dir() and (is_marked_run(p) or adoptable(p, root))
 
 
+def link_refusal(p: Path) -> str | None:
+    """Why the run folder ``p`` must not be read or written (one of its files is a link leading out of
+    it: a log.txt pointing at /etc/shadow would be shown by ``runs status``, a metrics.jsonl
+    pointing elsewhere appended to by a resumed run), or None."""
+    try:
+        found = link_out_of(p)
+    except OSError as e:
+        return f"{p} cannot be read ({e.strerror or e}); check its permissions."
+    if found is None:
+        return None
+    entry, target = found
+    return (f"{entry} is a link to {shorten(str(target), 80)}, outside the run folder; GPT Lab reads and writes a "
+            f"run only inside its folder, so replace the link with the file itself (or delete the run).")
+
+
+def check_links(p: Path) -> Path:
+    """``p`` when no file of the run folder links out of it, else LabError (see :func:`link_refusal`)."""
+    reason = link_refusal(p)
+    if reason:
+        raise LabError(reason)
+    return p
+
+
 def _symlink_refusal(p: Path) -> LabError:
     return LabError(f"{p} is a symbolic link; GPT Lab does not follow links to run folders, so use the run folder "
                     f"itself (or move it into the runs folder) instead of the link.")
@@ -149,10 +173,11 @@ def check_output_folder(folder: str | os.PathLike) -> None:
     p = Path(folder).expanduser()
     if p.is_symlink():
         raise _symlink_refusal(p)
+    if p.exists() and not p.is_dir():
+        raise LabError(f"--output-dir {p} is a file; pick an empty folder for the run.")
+    check_output_place(p, "--output-dir")  # a name the file system takes, in a place that can be written
     if not p.exists():
         return
-    if not p.is_dir():
-        raise LabError(f"--output-dir {p} is a file; pick an empty folder for the run.")
     if any((p / name).exists() for name in MODEL_FILES):
         raise LabError(f"{p} holds a model or a checkpoint; training would overwrite its config.json, so pick an "
                        f"empty folder for --output-dir (or continue a run with --resume RUN_DIR).")
@@ -168,6 +193,10 @@ def check_output_folder(folder: str | os.PathLike) -> None:
     if kind is None and any((p / name).exists() for name in ("config.json", STATUS_FILE, "checkpoints")):
         raise LabError(f"{p} holds a model or another run's files (config.json); pick an empty folder for "
                        f"--output-dir (or continue a run with --resume RUN_DIR).")
+    others = sorted(e.name for e in p.iterdir() if not e.name.startswith("."))  # hidden: locks, markers being written
+    if kind is None and others:  # files of something else: a run folder is deleted whole, so it starts empty
+        raise LabError(f"--output-dir {p} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                       f"a run's folder holds only the run, so pick an empty or new folder.")
 
 
 def lock_run(folder: str | os.PathLike) -> FolderLock:
@@ -214,7 +243,14 @@ class RunFiles:
 
     def _append(self, name: str, line: str) -> None:
         if self.enabled:
-            with open(self.folder / name, "a", encoding="utf-8") as fh:
+            try:  # O_NOFOLLOW: a line meant for the run never lands in a file a link points at
+                fd = os.open(self.folder / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise LabError(f"{self.folder / name} is a symbolic link; GPT Lab writes a run only inside its "
+                                   f"folder, so replace the link with a file.") from None
+                raise
+            with open(fd, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
 
     def truncate_after(self, step: int) -> None:
@@ -238,7 +274,7 @@ class RunFiles:
 
 def _line_step(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
+        return int(parse_json(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return 1 << 62
 
@@ -292,6 +328,9 @@ def _lost_reason(p: Path, st: dict) -> dict:
 def _status_of(p: Path) -> dict:
     """status.json as it really is (a dead ``running`` process is ``failed``), or ``unknown``
     when there is none yet; raises StatusUnreadable for one GPT Lab did not write."""
+    reason = link_refusal(p)
+    if reason:
+        raise StatusUnreadable(reason)
     try:
         st = read_status_file(p, _STATUS_FIELDS)
     except FileNotFoundError:
@@ -317,7 +356,7 @@ def read_metrics(run: str | os.PathLike, root: Path | None = None, name: str = "
     """Every complete line of metrics.jsonl that is a JSON object (a line being written right now
     is skipped)."""
     path = run_path(run, root) / name
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():  # a link is never followed out of a run folder
         return []
     return list(json_objects(path.read_text(encoding="utf-8", errors="replace").splitlines()))
 
@@ -333,7 +372,7 @@ class MetricsFollower:
 
     def poll(self) -> list[dict]:
         """The new complete rows (all rows again if the file was replaced, e.g. by a resume)."""
-        if not self.path.is_file():
+        if not self.path.is_file() or self.path.is_symlink():
             return []
         st = self.path.stat()
         size = st.st_size
@@ -359,7 +398,7 @@ def log_tail(run: str | os.PathLike, n: int = 20) -> list[str]:
     lines: list[str] = []
     for name in ("log.txt", "console.txt"):
         f = p / name
-        if f.is_file():
+        if f.is_file() and not f.is_symlink():  # a link is never followed out of a run folder
             with open(f, "rb") as fh:
                 fh.seek(max(0, f.stat().st_size - 64 * 1024))
                 text = fh.read().decode("utf-8", errors="replace").replace("\r", "\n")
@@ -431,7 +470,7 @@ def sweep_partial_checkpoints(run: str | os.PathLike) -> list[str]:
 
 def _read_config(p: Path) -> dict:
     try:
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = parse_json((p / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import shutil
@@ -40,7 +39,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import LabError, first_line, fmt_bytes, is_out_of_memory
-from ..files import atomic_write
+from ..files import atomic_write, parse_json
 from ..generation.autoregressive import SamplingConfig, generate
 from ..generation.diffusion import DiffusionConfig, denoise, render
 from ..jobs.process import process_start, this_host
@@ -128,7 +127,7 @@ def resume_config(run_dir: str | os.PathLike, **overrides) -> TrainConfig:
     if not path.is_file():
         raise LabError(f"{run_dir} holds no config.json; pass the folder of a run to resume.")
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LabError(f"{path} cannot be read as JSON ({first_line(e)}); restore it to resume the run.") from None
     cfg = TrainConfig.from_dict(saved)

@@ -70,7 +70,7 @@ BAD_INPUTS = [
     (["runs", "status"], "RUN"),
     (["runs", "status", "some-run", "--log", "-1"], "--log must be 0 or more"),
     (["runs", "stop", "some-run", "--wait", "-1"], "--wait must be 0 or more"),
-    (["runs", "resume", "some-run", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["runs", "resume", "some-run", "--max-steps", "0"], "--max-steps must be between 1 and"),
     (["runs", "delete"], "RUN"),
     # serve
     (["serve", "--port"], "--port"),
@@ -85,7 +85,7 @@ BAD_INPUTS = [
     (["export", "--to", "out", "--frobnicate"], "--frobnicate"),
     (["export", "--to", "out", "--format", "gguf"], "--format"),
     (["export", "--to", "out", "--dtype", "int8"], "--dtype"),
-    (["export", "--to", " "], "--to needs a folder name"),
+    (["export", "--to", " "], "--to is empty"),
     (["export", "--to", "out", "--model", "./no/such/model"], "./no/such/model does not exist"),
     # transcoders and its actions
     (["transcoders"], "transcoders {train,collect,describe,explain,export,import}"),
@@ -104,7 +104,7 @@ BAD_INPUTS = [
     (["transcoders", "explain", "--prompt", "hi", "--model", "./no/such/model"], "--model"),
     (["transcoders", "export"], "--to"),
     (["transcoders", "export", "--to", "out", "--format", "onnx"], "--format"),
-    (["transcoders", "export", "--to", "", "--transcoders", "set"], "--to needs a folder name"),
+    (["transcoders", "export", "--to", "", "--transcoders", "set"], "--to is empty"),
     (["transcoders", "export", "--to", ".", "--format", "neuronpedia", "--store", "x.sqlite"], "--to . is the working"),
     (["transcoders", "import"], "--from"),
     (["transcoders", "import", "--from", "x", "--fold-ln", "maybe"], "--fold-ln"),

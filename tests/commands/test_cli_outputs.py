@@ -58,6 +58,8 @@ def _places(tmp_path: Path) -> dict[str, tuple[str, str]]:
     folder.mkdir()
     file = tmp_path / "a-file.txt"
     file.write_text("keep me")
+    fifo = tmp_path / "a-fifo"  # a device-like file of the test's own: a broken check must never replace /dev/null
+    os.mkfifo(fifo)
     places = {
         "folder": (str(folder), "folder"),
         "folder/": (str(folder) + os.sep, "folder"),
@@ -65,7 +67,7 @@ def _places(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "file as grandparent": (str(file / "deeper" / "out"), "is a file, not a folder"),
         "name too long": (str(tmp_path / ("n" * 300)), "longer than"),
         "empty": ("", "empty"),
-        "device": ("/dev/null", "not a regular file"),
+        "device": (str(fifo), "not a regular file"),
     }
     if os.geteuid() == 0:  # root writes through permissions: a pseudo file system refuses it instead
         places["read-only place"] = ("/proc/gptlab-out", "cannot be written")
