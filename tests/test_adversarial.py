@@ -912,3 +912,109 @@ def test_the_servers_bad_arguments_are_one_sentence_before_it_listens(lab, sandb
     model = [] if "--model" in extra else ["--model", lab.ckpt]
     line = contract(*call(["serve", *model, "--device", "cpu", "--port", "0", *extra], seconds=60))
     assert line is not None
+
+
+# == focused tests of the mechanisms the fixes share =====================================================
+
+def _path_flags() -> list[tuple[tuple[str, ...], str]]:
+    import argparse
+
+    found = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, (*path, name))
+            elif action.type is cli.path_arg:
+                found.append((path, action.option_strings[0] if action.option_strings else action.metavar))
+    walk(build_parser(), ())
+    return found
+
+
+PATH_FLAGS = _path_flags()
+
+
+@pytest.mark.parametrize("path, flag", PATH_FLAGS, ids=[f"{' '.join(p)} {f}" for p, f in PATH_FLAGS])
+def test_a_name_no_file_system_takes_is_refused_while_parsing(sandbox, path, flag):
+    """cli.path_arg: every flag naming a file, folder or model; was an OSError wherever it was first used."""
+    argv = [*path, flag, "n" * 300] if flag.startswith("-") else [*path, "status", "n" * 300]
+    line = contract(*call(argv))
+    assert line is not None and "longer than the" in line and "bytes the file system allows" in line, line
+
+
+def test_parse_json_takes_nesting_too_deep_for_a_malformed_file():
+    from core.files import parse_json
+
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    assert parse_json('{"a": [1, 2]}') == {"a": [1, 2]}
+
+
+def test_check_output_dir_judges_the_place_and_writes_nothing(tmp_path):
+    from core.errors import LabError
+    from core.files import check_output_place
+
+    file = tmp_path / "f.txt"
+    file.write_text("x")
+    assert check_output_place(tmp_path / "new" / "deeper", "--x") == tmp_path / "new" / "deeper"
+    assert check_output_place(tmp_path, "--x") == tmp_path
+    for bad, words in [(file, "is a file"), (file / "sub", "is a file, not a folder"), ("", "empty"),
+                       (tmp_path / ("n" * 300), "longer than")]:
+        with pytest.raises(LabError, match=words):
+            check_output_place(bad, "--x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_a_run_records_absolute_paths_so_it_resumes_from_anywhere(lab, sandbox):
+    """`runs resume` starts the run in another folder: a relative --dataset named nothing there."""
+    shutil.copy(lab.text, sandbox / "corpus.txt")
+    out = sandbox / "run"
+    assert contract(*call(["train", "--dataset", "corpus.txt", *TINY_TRAIN, "--max-steps", "1", "--output-dir",
+                           "run", "--data-cache", "cache"])) is None
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dataset"] == str(sandbox / "corpus.txt") and cfg["data_cache"] == str(sandbox / "cache")
+
+
+def test_a_damaged_token_cache_is_built_again(lab, sandbox):
+    cache = sandbox / "cache"
+    shutil.copytree(lab.cache, cache)
+    for meta in cache.glob("tokens/*/meta.json"):
+        meta.write_text(json.dumps({"dtype": "object"}))
+    assert contract(*call(["train", "--dataset", lab.text, *TINY_TRAIN, "--max-steps", "1", "--data-cache", cache,
+                           "--output-dir", sandbox / "run"])) is None
+    assert any(json.loads(m.read_text()).get("dtype") in ("uint16", "uint32") for m in cache.glob("tokens/*/meta.json"))
+    assert "damaged" in (sandbox / "run" / "log.txt").read_text()
+
+
+def test_an_unreadable_folder_inside_a_dataset_is_one_sentence(lab, sandbox, monkeypatch):
+    folder = sandbox / "corpus"
+    folder.mkdir()
+    shutil.copy(lab.text, folder / "a.txt")
+
+    def denied(self, pattern):
+        raise PermissionError(13, "Permission denied", str(folder / "locked"))
+
+    monkeypatch.setattr(Path, "rglob", denied)
+    line = contract(*call(["train", "--dataset", folder, *TINY_TRAIN, "--max-steps", "1", "--output-dir",
+                           sandbox / "run"]))
+    assert line is not None and "Cannot read" in line and "locked" in line
+
+
+def test_an_output_folder_is_judged_again_under_the_runs_lock(lab, sandbox):
+    """A second `train` that passed the first look while the first was starting finds that run there."""
+    from core.errors import LabError
+    from core.training import runs
+
+    folder = sandbox / "run"
+    folder.mkdir()
+    (folder / ".writer.lock").write_text("")  # our own lock, and a marker being written: hidden, not content
+    (folder / ".gptlab-job.tmp").write_text("")
+    runs.check_output_folder(folder)
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(LabError, match="already holds a training run"):
+        runs.check_output_folder(folder)
+    (folder / "metrics.jsonl").unlink()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(LabError, match="is not empty"):
+        runs.check_output_folder(folder)

@@ -109,7 +109,8 @@ class LocalSource(TextSource):
             try:
                 files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
             except OSError as e:  # a folder inside it that cannot be listed (permissions, /proc, a dead mount)
-                where = shorten(str(e.filename or path), 80)
+                inner = Path(str(e.filename or path))
+                where = inner.relative_to(path) if inner.is_relative_to(path) else shorten(str(inner), 80)
                 raise LabError(f"Cannot read {where} inside the dataset folder {shorten(str(path), 80)} "
                                f"({e.strerror or e}); point --dataset at a folder of text files you can read.") from None
             if not files:

@@ -179,6 +179,7 @@ BAD = [
     ({"messages": MESSAGES, "top_logprobs": 3}, "needs \"logprobs\": true"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "'tools' is not supported"),
     (b"{not json", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError: a 500 "bug in GPT Lab"
     (b'{"prompt": "a", "temperature": NaN}', "must be a finite number"),
     (b"[1, 2]", "must be a JSON object"),
 ]
