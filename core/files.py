@@ -154,30 +154,15 @@ def check_output(path: str | os.PathLike | None, flag: str) -> Path | None:
     one takes a new file (probed with a real temp file, so a read-only mount or a folder that is
     not yours fails here), and no part of the name is longer than the file system allows.
     ``None`` (the flag was not given) passes through. Writes nothing that stays."""
-    if path is None:
-        return None
-    text = os.fspath(path)
-    if not text.strip():
-        raise LabError(f"{flag} needs a file name (got an empty one); name the file to write, or drop {flag}.")
-    shown = shorten(text, 120)
-    out = Path(text).expanduser()
-    try:
-        long = name_too_long(out)
-        if long is not None:
-            raise LabError(f"{flag}: {long}; use a shorter name.")
+    def is_a_file(text: str, out: Path, shown: str) -> Path:
         if text.endswith(os.sep) or out.is_dir():
             raise LabError(f"{flag} {shown} is a folder; name a file inside it, e.g. "
                            f"{os.path.join(shorten(text, 80), 'out')}.")
         if out.exists() and not out.is_file():
             raise LabError(f"{flag} {shown} exists and is not a regular file; name a new or ordinary file.")
-        _check_place(out, flag, shown, out.absolute().parent)
-    except LabError:
-        raise
-    except OSError as e:
-        if e.errno in _FULL:
-            raise _disk_full(out.absolute().parent, e) from None
-        raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
-    return out
+        return out.absolute().parent  # where the file is made
+
+    return _check_writable(path, flag, "a file name", "name the file to write", is_a_file)
 
 
 def check_output_place(path: str | os.PathLike | None, flag: str) -> Path | None:
@@ -186,26 +171,39 @@ def check_output_place(path: str | os.PathLike | None, flag: str) -> Path | None
     folder or does not exist yet, every existing part of its way is a folder, and the folder (or
     its nearest existing parent) takes a new file. What the folder may already hold is for the
     caller to judge. ``None`` passes through; writes nothing that stays."""
+    def is_a_folder(text: str, out: Path, shown: str) -> Path:
+        if out.exists() and not out.is_dir():
+            kind = "a file" if out.is_file() else "not a folder"
+            raise LabError(f"{flag} {shown} is {kind}; name a folder (a new one is made).")
+        return out.absolute()  # the folder itself, or where it is made
+
+    return _check_writable(path, flag, "a folder name", "name the folder", is_a_folder)
+
+
+def _check_writable(path: str | os.PathLike | None, flag: str, what: str, remedy: str,
+                    judge: Callable[[str, Path, str], Path]) -> Path | None:
+    """What :func:`check_output` and :func:`check_output_place` share: a name is given and fits the
+    file system, ``judge(text, path, shown)`` refuses the wrong kind of thing and says where to probe,
+    the place takes a new file, and an ``OSError`` on the way is one sentence (a full disk named)."""
     if path is None:
         return None
     text = os.fspath(path)
     if not text.strip():
-        raise LabError(f"{flag} needs a folder name (got an empty one); name the folder, or drop {flag}.")
+        raise LabError(f"{flag} needs {what} (got an empty one); {remedy}, or drop {flag}.")
     shown = shorten(text, 120)
     out = Path(text).expanduser()
+    place = out.absolute()
     try:
         long = name_too_long(out)
         if long is not None:
             raise LabError(f"{flag}: {long}; use a shorter name.")
-        if out.exists() and not out.is_dir():
-            kind = "a file" if out.is_file() else "not a folder"
-            raise LabError(f"{flag} {shown} is {kind}; name a folder (a new one is made).")
-        _check_place(out, flag, shown, out.absolute())
+        place = judge(text, out, shown)
+        _check_place(out, flag, shown, place)
     except LabError:
         raise
     except OSError as e:
         if e.errno in _FULL:
-            raise _disk_full(out.absolute(), e) from None
+            raise _disk_full(place, e) from None
         raise LabError(f"{flag} {shown} cannot be written ({_os_reason(e)}); pick a folder you can write to.") from None
     return out
 
