@@ -32,7 +32,8 @@ class LayerStack:
     """Walks one loaded model block by block.
 
     Subclasses provide the family's modules (``wte``, ``wpe``, ``drop``, ``blocks``, ``ln_f``,
-    ``lm_head``) and ``_attention``; everything else is shared.
+    ``lm_head``), ``_qkv`` and ``_attn_out`` (and ``_window``/``_scale`` where they differ);
+    everything else is shared.
     """
 
     family = "base"
@@ -97,24 +98,22 @@ class LayerStack:
         dev = self.block_devices()[i]
         if h.device != dev:
             h = h.to(dev)
-        if record is not None:
-            record[act_name("resid_pre", i)] = h
-        attn_out = self._attention(i, self.ln_1(i)(h), cache)
-        h = h + attn_out
-        if record is not None:
-            record[act_name("attn_out", i)] = attn_out
-            record[act_name("resid_mid", i)] = h
+        h = self._at(record, "resid_pre", i, h)
+        attn_out = self._at(record, "attn_out", i, self._attention(i, self.ln_1(i)(h), cache))
+        h = self._at(record, "resid_mid", i, h + attn_out)
         if not skip_mlp:
-            x = self.ln_2(i)(h)
-            out = (mlp or self.mlp(i))(x)
-            if record is not None:
-                record[act_name("mlp_in", i)] = h      # TransformerLens: the stream before ln2
-                record[act_name("ln2_normalized", i)] = x
-                record[act_name("mlp_out", i)] = out
+            self._at(record, "mlp_in", i, h)      # TransformerLens: the stream before ln2
+            x = self._at(record, "ln2_normalized", i, self.ln_2(i)(h))
+            out = self._at(record, "mlp_out", i, (mlp or self.mlp(i))(x))
             h = h + out
+        return self._at(record, "resid_post", i, h)
+
+    def _at(self, record: dict | None, point: str, i: int | None, t: torch.Tensor) -> torch.Tensor:
+        """The one place an activation passes a named point (``act_name(point, i)``): recorded when
+        asked. Every family's walk, shared or overridden, calls it at each point it has."""
         if record is not None:
-            record[act_name("resid_post", i)] = h
-        return h
+            record[act_name(point, i)] = t
+        return t
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h.to(self.ln_f.weight.device))
@@ -150,9 +149,7 @@ class LayerStack:
             h = self.block(i, h, skip_mlp=skip_mlp, cache=cache, mlp=(mlps or {}).get(i), record=record)
         if cache is not None:
             cache.advance(ids.shape[1])
-        h = self.final_norm(h)
-        if record is not None:
-            record[act_name("ln_final_normalized")] = h
+        h = self._at(record, "ln_final_normalized", None, self.final_norm(h))
         if last_only:
             h = h[:, -1:]
         return self.unembed(h)
@@ -185,8 +182,34 @@ class LayerStack:
                 new = torch.ones(p.shape)
             p.copy_(new.to(p.dtype))
 
+    # -- attention: the family gives q, k, v and the output projection; the rest is shared ------
+    attn_in_float32: bool = False   # GPT-Neo computes attention scores in float32
+
     def _attention(self, i: int, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        offset = cache.length if cache is not None else 0
+        q, k, v = self._qkv(i, x, offset)  # (B, heads, T, d_head)
+        if cache is not None:
+            k, v = cache.update(i, k, v)
+        dtype = v.dtype
+        if self.attn_in_float32:
+            q, k, v = q.float(), k.float(), v.float()
+        z = attend(q, k, v, causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i))
+        return self._attn_out(i, merge_heads(z.to(dtype)))
+
+    def _qkv(self, i: int, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``(B, heads, T, d_head)`` of block ``i`` for input ``x`` whose
+        first token sits at absolute position ``offset`` (rotary families rotate here)."""
         raise NotImplementedError
+
+    def _attn_out(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """The output projection of block ``i`` applied to the merged heads ``(B, T, C)``."""
+        raise NotImplementedError
+
+    def _window(self, i: int) -> int | None:
+        return None
+
+    def _scale(self, i: int) -> float | None:
+        return None  # 1/sqrt(d_head)
 
     def describe(self) -> dict:
         return dict(family=self.family, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
@@ -211,8 +234,13 @@ class GPTLabStack(LayerStack):
     def blocks(self):
         return self.model.transformer.h
 
-    def _attention(self, i, x, cache):
-        return self.blocks[i].attn(x, cache, i)
+    def _qkv(self, i, x, offset):
+        q, k, v = self.blocks[i].attn.c_attn(x).split(self.d_model, dim=2)
+        return tuple(split_heads(t, self.n_head) for t in (q, k, v))
+
+    def _attn_out(self, i, y):
+        attn = self.blocks[i].attn
+        return attn.resid_dropout(attn.c_proj(y))
 
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -254,19 +282,17 @@ class GPT2Stack(_HFStack):
         self.scale_by_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
         self.scale_weights = bool(getattr(cfg, "scale_attn_weights", True))
 
-    def _attention(self, i, x, cache):
+    def _qkv(self, i, x, offset):
+        q, k, v = self.blocks[i].attn.c_attn(x).split(self.d_model, dim=2)
+        return tuple(split_heads(t, self.n_head) for t in (q, k, v))
+
+    def _scale(self, i):
+        scale = 1.0 / math.sqrt(self.d_model // self.n_head) if self.scale_weights else 1.0
+        return scale / float(i + 1) if self.scale_by_layer else scale
+
+    def _attn_out(self, i, y):
         attn = self.blocks[i].attn
-        q, k, v = attn.c_attn(x).split(self.d_model, dim=2)
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, nh, T, hs)
-        offset = 0
-        if cache is not None:
-            offset = cache.length
-            k, v = cache.update(i, k, v)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale_weights else 1.0
-        if self.scale_by_layer:
-            scale /= float(i + 1)
-        y = attend(q, k, v, causal=True, q_offset=offset, scale=scale)
-        return attn.resid_dropout(attn.c_proj(merge_heads(y)))
+        return attn.resid_dropout(attn.c_proj(y))
 
 
 class GPTNeoStack(_HFStack):
@@ -279,16 +305,21 @@ class GPTNeoStack(_HFStack):
         super().__init__(model, cfg.num_layers, cfg.num_heads, cfg.hidden_size, cfg.max_position_embeddings)
         self.windows = [cfg.window_size if kind == "local" else None for kind in cfg.attention_layers]
 
-    def _attention(self, i, x, cache):
+    attn_in_float32 = True
+
+    def _qkv(self, i, x, offset):
         attn = self.blocks[i].attn.attention
-        q, k, v = (split_heads(p(x), self.n_head) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        offset = 0
-        if cache is not None:
-            offset = cache.length
-            k, v = cache.update(i, k, v)
-        dtype = v.dtype
-        y = attend(q.float(), k.float(), v.float(), causal=True, q_offset=offset, window=self.windows[i], scale=1.0)
-        return attn.resid_dropout(attn.out_proj(merge_heads(y.to(dtype))))
+        return tuple(split_heads(p(x), self.n_head) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def _window(self, i):
+        return self.windows[i]
+
+    def _scale(self, i):
+        return 1.0
+
+    def _attn_out(self, i, y):
+        attn = self.blocks[i].attn.attention
+        return attn.resid_dropout(attn.out_proj(y))
 
 
 def stack_for(model: nn.Module) -> LayerStack:
