@@ -37,13 +37,15 @@ from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
 from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
+from core.consensus.text import readable_tokens
 from core.errors import LabError, failure, fmt_bytes
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, spec_label
-from pages.parts.consensus_charts import (HEATMAP_TOKENS, chart_download, csv_bytes, decodings_frame, heatmap_chart,
-                                         heatmap_frame, line_chart, overlay_chart, prompt_names, record_chart,
-                                         traces_frame)
+from pages.parts.charts import chart_download, draw
+from pages.parts.consensus_charts import (HEATMAP_TOKENS, csv_bytes, decodings_frame, heat_step, heatmap_chart,
+                                         heatmap_frame, overlay_chart, pick_lines, prompt_names, record_chart,
+                                         run_groups, show_decodings, trace_names, traces_chart)
 
 RUNS_KEY = "cons_runs"        # archived runs, oldest first
 LIVE_KEY = "cons_live"        # the run in progress (its result is filled in place)
@@ -151,9 +153,11 @@ def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, le
     steps = cfg.iterations * lm.stack.n_layer
     span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
     batches = f" in batches of {plan.batch}" if plan.batch < len(lengths) else ""
-    st.caption(f"{len(lengths)} prompt(s) of {span} tokens{batches} · {steps:,} layer-steps per "
-               f"{'new token' if new_tokens else 'prompt'} · needs about {fmt_bytes(plan.total)} "
-               f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
+    grow = f" + {new_tokens:,} new" if new_tokens else ""
+    work = (f"{steps:,} layer-steps per new token ({steps * new_tokens:,} per prompt)" if new_tokens
+            else f"{steps:,} layer-steps per prompt")
+    st.caption(f"{len(lengths)} prompt{'s' if len(lengths) != 1 else ''} of {span}{grow} tokens{batches} · {work} · needs about "
+               f"{fmt_bytes(plan.total)} (budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
 
 
 def run_controls(lm: LoadedModel | None) -> Request | None:
@@ -274,7 +278,7 @@ def sim_controls(lm: LoadedModel | None) -> Request:
 def _token_strings(lm: LoadedModel | None, result) -> list[list[str]] | None:
     if lm is None or isinstance(result, SimulationResult):
         return None
-    return [[lm.tokenizer.token_str(t) for t in ids] for ids in result.token_ids]
+    return [readable_tokens(lm.tokenizer, ids) for ids in result.token_ids]
 
 
 def _failure(e: Exception) -> str:
@@ -320,7 +324,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
                 unit = "steps" if request.kind == "sim" else "layer-steps"
                 bar.progress(min(1.0, ev.step / max(1, ev.total)), text=f"{ev.step:,} / {ev.total:,} {unit}")
                 if time.monotonic() - drawn > REDRAW_S:
-                    live_chart.altair_chart(record_chart(record, "metric", log=False), width="stretch")
+                    draw(record_chart(record, "metric", log=False), live_chart)
                     drawn = time.monotonic()
             elif isinstance(ev, Decoded):
                 live_text.dataframe(decodings_frame(record), hide_index=True)
@@ -457,15 +461,18 @@ def show_run(record: dict, name: str, log: bool) -> None:
     show_status(record)
     prefix = _safe(st.session_state.get("cons_prefix") or "consensus")
     if record["kind"] == "decode":
-        show_decoding(record, prefix)
+        show_decoding(record, prefix, log)
         return
-    chart = record_chart(record, name, log)
-    st.altair_chart(chart, width="stretch")
-    if result.matrix is not None and result.columns_done > 0:
+    picks = pick_lines(run_groups(record), "cons_pick_prompts", "initial conditions" if record["kind"] == "sim" else "prompts")
+    heatmap = result.matrix is not None and result.columns_done > 0
+    chart = record_chart(record, name, log, picks, mark_step=heat_step(record) if heatmap else None)
+    draw(chart)
+    if heatmap:
         show_heatmap(record)
     if result.decodings:
-        st.markdown("**Logit-lens decodings** (argmax token at every position after the iteration's final norm)")
-        st.dataframe(decodings_frame(record), hide_index=True)
+        st.markdown("**Logit-lens decodings**: the argmax token at every input position after the iteration's "
+                    "final norm (the lens's guess at the next token; ␣ is a space, ↵ a newline)")
+        show_decodings(record)
     cols = st.columns(6)
     # Each download's bytes are made when its button is pressed, not on every rerun: a long run's
     # matrices reach the memory budget (gigabytes), and serialising them whenever a slider moves
@@ -507,22 +514,22 @@ def show_heatmap(record: dict) -> None:
     col = steps.index(step)
     if result.lengths[b] > HEATMAP_TOKENS:
         st.caption(f"The first {HEATMAP_TOKENS} of {result.lengths[b]} tokens are shown; the download holds them all.")
-    st.altair_chart(heatmap_chart(heatmap_frame(record, b, col)), width="stretch")
+    draw(heatmap_chart(heatmap_frame(record, b, col)))
 
 
-def show_decoding(record: dict, prefix: str) -> None:
+def show_decoding(record: dict, prefix: str, log: bool) -> None:
     result: ConsensusDecodeResult = record["result"]
     for b, text in enumerate(result.texts):
         st.markdown(f"**Prompt {b}** · {len(result.new_ids[b])} new token(s)")
         st.code(text, language=None, wrap_lines=True)
-    frame = traces_frame(record)
     names = prompt_names(result)
     b = 0
     if len(names) > 1:
         b = st.selectbox("Traces of prompt", range(len(names)), key="cons_trace_prompt", format_func=names.__getitem__)
-    chart = line_chart(frame[frame["prompt"] == names[b]], "metric", False, "token")
+    picks = pick_lines(trace_names(record, b), "cons_pick_tokens", "new tokens")
+    chart = traces_chart(record, b, log, picks)
     st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
-    st.altair_chart(chart, width="stretch")
+    draw(chart)
     cols = st.columns(4)
     cols[0].download_button("Texts .npy", lambda: npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
                             key="cons_dl_texts", on_click="ignore", help="unicode [B]: prompt + generated text")
@@ -547,8 +554,13 @@ def show_results() -> None:
         ss[SHOW_KEY] = labels[-1]
     c = st.columns([3, 2, 1, 2])
     shown = c[0].selectbox("Run", labels, key=SHOW_KEY)
-    name = c[1].selectbox("Series", STAT_NAMES, key="cons_series", format_func=SERIES_LABELS.get, **KEEP)
-    log = c[2].toggle("Log y", key="cons_log", **KEEP, help="Symmetric log scale: shows the approach to 0.")
+    if runs[labels.index(shown)]["kind"] == "decode" and not ss.get(OVERLAY_KEY):  # traces hold the metric only
+        name = ss.get("cons_series") or STAT_NAMES[0]
+    else:
+        name = c[1].selectbox("Series", STAT_NAMES, key="cons_series", format_func=SERIES_LABELS.get, **KEEP)
+    log = c[2].toggle("Log y", key="cons_log", **KEEP,
+                      help="Log scale with a label at every power of ten, so a convergence rate reads off as a "
+                           "slope; values at or below 1e-8 (zero, rounding noise) sit on the bottom line.")
     c[3].text_input("File prefix", "consensus", key="cons_prefix", **KEEP)
     show_run(runs[labels.index(shown)], name, log)
 
@@ -560,7 +572,7 @@ def show_results() -> None:
                                  "model and simulation.")
     if picked:
         chart = overlay_chart([r for r in runs if r["label"] in picked], name, log)
-        st.altair_chart(chart, width="stretch")
+        draw(chart)
         with st.columns(4)[0]:
             chart_download(chart, f"{_safe(ss.get('cons_prefix') or 'consensus')}_overlay", "cons_dl_overlay")
     st.button("Clear all runs", key="cons_clear", on_click=clear_runs)

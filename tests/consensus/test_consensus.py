@@ -11,6 +11,7 @@ from core.consensus.engine import (ConsensusConfig, Decoded, DecodeConfig, Finis
                             consensus_decode, consensus_decode_stream, consensus_stream, estimate_bytes, memory_plan,
                             random_prompt_ids, recorded_steps, run_consensus)
 from core.consensus.metrics import STAT_NAMES, token_stats
+from core.consensus.text import readable_text, readable_tokens
 from core.errors import LabError
 from core.models.loading import load_model
 
@@ -311,9 +312,44 @@ def test_logit_lens_decoding(gpt2):
                 h = stack.block(layer, h)
             h = stack.final_norm(h)
             if i in (0, 2):
-                want = gpt2.tokenizer.decode(stack.unembed(h)[0].argmax(-1).tolist())
-                assert res.decodings[i][b] == want
-    assert set(res.decodings) == {0, 2}
+                ids = stack.unembed(h)[0].argmax(-1).tolist()
+                assert res.decodings[i][b] == gpt2.tokenizer.decode(ids)
+                # per input position, aligned: the argmax token at position j, each read on its own
+                assert res.lens_tokens[i][b] == [readable_text(gpt2.tokenizer, [t]) for t in ids]
+                assert len(res.lens_tokens[i][b]) == len(gpt2.tokenizer.encode(p))
+    assert set(res.decodings) == set(res.lens_tokens) == {0, 2}
+
+
+# -- readable token text ---------------------------------------------------------------------------------
+
+def byte_tokens(tok, wanted: bytes) -> list[int]:
+    """Ids of single-byte tokens for ``wanted``'s bytes (a byte-level vocabulary has all 256)."""
+    by_bytes = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    return [by_bytes[bytes([c])] for c in wanted]
+
+
+@pytest.mark.parametrize("which", ["gptlab", "hf"])
+def test_readable_text_decodes_the_sequence_and_escapes_stray_bytes(which, tiny_gptlab_dir, tiny_gpt2_dir):
+    tok = load_model(str(tiny_gptlab_dir if which == "gptlab" else tiny_gpt2_dir)).tokenizer
+    e_acute = byte_tokens(tok, "é".encode())  # two tokens, half a character each
+    assert [tok.decode([t]) for t in e_acute] == ["\ufffd", "\ufffd"]  # piece by piece: nothing readable
+    assert readable_text(tok, e_acute) == "é"  # the sequence: the character
+    assert readable_tokens(tok, e_acute) == ["\\xc3", "\\xa9"]  # each half on its own: its byte, escaped
+    stray = tok.encode("ab") + byte_tokens(tok, b"\x80") + tok.encode(" cd")
+    assert readable_text(tok, stray) == "ab\\x80 cd"
+    ordinary = tok.encode("To be, or not")
+    assert readable_text(tok, ordinary) == tok.decode(ordinary) == "To be, or not"
+    for i in range(tok.vocab_size):  # every token's bytes are what it decodes to, when that is text
+        text = tok.decode([i])
+        if "\ufffd" not in text:
+            assert tok.token_bytes(i).decode() == text, i
+
+
+def test_random_prompts_read_without_replacement_characters(gpt2):
+    ids = random_prompt_ids(gpt2, 64, 16, seed=42)
+    res = run_consensus(gpt2, ids, ConsensusConfig(iterations=1))
+    assert not any("\ufffd" in p for p in res.prompts)
+    assert res.prompts == [readable_text(gpt2.tokenizer, t) for t in ids]
 
 
 def test_consensus_decoding_traces_and_seed(gpt2):
