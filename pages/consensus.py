@@ -156,8 +156,9 @@ def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, le
     grow = f" + {new_tokens:,} new" if new_tokens else ""
     work = (f"{steps:,} layer-steps per new token ({steps * new_tokens:,} per prompt)" if new_tokens
             else f"{steps:,} layer-steps per prompt")
-    st.caption(f"{len(lengths)} prompt{'s' if len(lengths) != 1 else ''} of {span}{grow} tokens{batches} · {work} · needs about "
-               f"{fmt_bytes(plan.total)} (budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
+    prompts = f"{len(lengths)} prompt{'s' if len(lengths) != 1 else ''}"
+    st.caption(f"{prompts} of {span}{grow} tokens{batches} · {work} · needs about {fmt_bytes(plan.total)} "
+               f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
 
 
 def run_controls(lm: LoadedModel | None) -> Request | None:
@@ -463,7 +464,8 @@ def show_run(record: dict, name: str, log: bool) -> None:
     if record["kind"] == "decode":
         show_decoding(record, prefix, log)
         return
-    picks = pick_lines(run_groups(record), "cons_pick_prompts", "initial conditions" if record["kind"] == "sim" else "prompts")
+    what = "initial conditions" if record["kind"] == "sim" else "prompts"
+    picks = pick_lines(run_groups(record), "cons_pick_prompts", what)
     heatmap = result.matrix is not None and result.columns_done > 0
     chart = record_chart(record, name, log, picks, mark_step=heat_step(record) if heatmap else None)
     draw(chart)

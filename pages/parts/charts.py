@@ -23,7 +23,7 @@ import pandas as pd
 import streamlit as st
 
 PLOT_HEIGHT = 340             # px of the chart; Streamlit fits axes and padding inside, the plot gets about 280
-PNG_WIDTH = 900               # px of the plot area in a downloaded PNG (the screen's is its column's width)
+PNG_WIDTH = 940               # px of a downloaded PNG (on screen the chart is as wide as its column)
 LOG_FLOOR = 1e-8              # log axes: values at or below it (zero, rounding noise below zero) sit on this line
 # Tableau's ten and twenty colours, written out so the screen and the PNG agree on them.
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6",
@@ -118,6 +118,7 @@ def png_bytes(chart: alt.TopLevelMixin, width: int = PNG_WIDTH) -> bytes:
     with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
         spec = chart.to_dict()
     spec["width"] = width
+    spec["autosize"] = {"type": "fit", "contains": "padding"}  # as Streamlit sizes it: axes inside the height
     return vl_convert.vegalite_to_png(png_safe(spec), scale=2)
 
 

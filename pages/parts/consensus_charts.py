@@ -180,7 +180,8 @@ def overlay_chart(records: list[dict], name: str, log: bool) -> alt.LayerChart:
     frame = _shown(pd.concat([series_frame(r, name) for r in records], ignore_index=True), log)
     runs = first_seen(frame["run"])
     summary = summary_frame(frame, by="run")
-    colour = alt.Color("run:N", scale=alt.Scale(domain=runs, range=colours(len(runs))), legend=legend("run (mean, band: min to max over prompts)"))
+    colour = alt.Color("run:N", scale=alt.Scale(domain=runs, range=colours(len(runs))),
+                       legend=legend("run (mean, band: min to max over prompts)"))
     x = step_axis("layer-step (integration step for simulations)")
     band = alt.Chart(summary).mark_area(opacity=0.15).encode(x=x, y=y_axis("low", AXIS_TITLES[name], log, frame["y"]),
                                                              y2="high:Q", color=colour)

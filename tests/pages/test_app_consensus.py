@@ -739,7 +739,8 @@ def test_many_prompts_show_mean_and_min_max_band_and_picked_prompts_in_colour(de
     data = layer_data(spec, sets, picked)
     assert first_seen(data["prompt"]) == [names[3], names[17]]
     np.testing.assert_allclose(data[data["prompt"] == names[17]]["value"], result.metric[17], rtol=1e-6)
-    assert picked["encoding"]["color"]["scale"]["domain"] == ["mean of 24 prompts (band: min to max)", names[3], names[17]]
+    domain = picked["encoding"]["color"]["scale"]["domain"]
+    assert domain == ["mean of 24 prompts (band: min to max)", names[3], names[17]]
     assert picked["encoding"]["color"]["scale"]["range"] == [SUMMARY_COLOUR, *PALETTE[:2]]  # distinct colours
 
 
@@ -846,6 +847,7 @@ def test_png_download_is_the_chart_on_screen(fast_png):
     screen, _ = chart_specs(at)[0]
     png = next(json.loads(s) for s in fast_png if '"layer"' in s and '"pointerover"' in s)
     assert png["height"] == screen["height"] == PLOT_HEIGHT and png["width"] == PNG_WIDTH
+    assert png["autosize"] == screen["autosize"] == {"type": "fit", "contains": "padding"}  # axes inside the height
     assert [lay["mark"] for lay in png["layer"]] == [lay["mark"] for lay in screen["layer"]]
     assert [lay["encoding"] for lay in png["layer"]] == [lay["encoding"] for lay in screen["layer"]]
     assert png["config"]["axis"]["labelFontSize"] == 12  # the look travels with the spec, not a screen theme
