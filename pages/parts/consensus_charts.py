@@ -180,11 +180,14 @@ def overlay_chart(records: list[dict], name: str, log: bool) -> alt.LayerChart:
     frame = _shown(pd.concat([series_frame(r, name) for r in records], ignore_index=True), log)
     runs = first_seen(frame["run"])
     summary = summary_frame(frame, by="run")
-    colour = alt.Color("run:N", scale=alt.Scale(domain=runs, range=colours(len(runs))),
-                       legend=legend("run (mean, band: min to max over prompts)"))
+    scale = alt.Scale(domain=runs, range=colours(len(runs)))
     x = step_axis("layer-step (integration step for simulations)")
-    band = alt.Chart(summary).mark_area(opacity=0.15).encode(x=x, y=y_axis("low", AXIS_TITLES[name], log, frame["y"]),
-                                                             y2="high:Q", color=colour)
+    # one legend for band and line (a legend=None on either drops both): its symbols drawn opaque
+    colour = alt.Color("run:N", scale=scale, legend=alt.Legend(
+        title="runs: mean, band min–max", orient="right", labelLimit=260, symbolType="stroke",
+        symbolStrokeWidth=3, symbolOpacity=1))
+    band = alt.Chart(summary).mark_area(opacity=0.15).encode(
+        x=x, y=y_axis("low", AXIS_TITLES[name], log, frame["y"]), y2="high:Q", color=colour)
     line = alt.Chart(summary).mark_line(strokeWidth=2).encode(
         x=x, y="mean:Q", color=colour, tooltip=["run", "step", alt.Tooltip("mean:Q", format=".6g"),
                                                 alt.Tooltip("low:Q", title="min", format=".6g"),
