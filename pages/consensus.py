@@ -524,13 +524,13 @@ def show_decoding(record: dict, prefix: str, log: bool) -> None:
     for b, text in enumerate(result.texts):
         st.markdown(f"**Prompt {b}** · {len(result.new_ids[b])} new token(s)")
         st.code(text, language=None, wrap_lines=True)
+    st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
     names = prompt_names(result)
     b = 0
     if len(names) > 1:
         b = st.selectbox("Traces of prompt", range(len(names)), key="cons_trace_prompt", format_func=names.__getitem__)
     picks = pick_lines(trace_names(record, b), "cons_pick_tokens", "new tokens")
     chart = traces_chart(record, b, log, picks)
-    st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
     draw(chart)
     cols = st.columns(4)
     cols[0].download_button("Texts .npy", lambda: npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
