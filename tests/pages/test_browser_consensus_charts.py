@@ -45,7 +45,7 @@ def _random_run(page, server, n: int, matrix: bool = False) -> None:
     _no_exception(page)
 
 
-@pytest.mark.parametrize("n", [64, 24])
+@pytest.mark.parametrize("n", [64, 24, 10])
 def test_many_random_prompts_get_a_tall_plot_with_a_y_axis(server, page, tmp_path, n):
     _random_run(page, server, n, matrix=(n == 64))
     chart = page.locator("[data-testid=stVegaLiteChart]").first
@@ -57,7 +57,12 @@ def test_many_random_prompts_get_a_tall_plot_with_a_y_axis(server, page, tmp_pat
     assert axes["x"]["ticks"][0] == "0" and axes["x"]["ticks"][-1] == "12"  # whole layer-steps
     legend = chart.locator("g.role-legend").first.bounding_box()
     assert legend["x"] >= box["x"] + box["width"]  # beside the plot, not inside its height
-    assert f"mean of {n} prompts" in chart.inner_text()
+    entries = chart.locator("g.role-legend .role-legend-label text")
+    if n <= 10:  # a colour and a legend entry each, every one of them shown
+        assert entries.count() == n and [entries.nth(i).text_content()[:3] for i in range(n)] == [
+            f"{b}: "[:3] for b in range(n)]
+    else:
+        assert f"mean of {n} prompts" in chart.inner_text()
     chart.screenshot(path=str(tmp_path / f"consensus_{n}_prompts.png"))
     if n != 64:
         return
