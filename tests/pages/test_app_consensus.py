@@ -906,3 +906,12 @@ def test_decoding_mode_shows_only_controls_that_act_and_counts_prompt_tokens(def
 def test_visible_token_text():
     assert visible("\n\n") == "↵↵" and visible(" the") == "␣the" and visible("\t") == "⇥"
     assert visible("") == "∅" and visible("\x00a") == "\\x00a" and visible(None) == ""
+
+
+def test_thin_keeps_every_kth_point_and_each_lines_last():
+    from pages.parts.charts import thin
+
+    frame = pd.DataFrame({"prompt": np.repeat(["a", "b"], 10), "step": np.tile(np.arange(10), 2)})
+    assert thin(frame, "prompt", 100) is frame
+    kept = thin(frame, "prompt", 5)  # every 4th point of each line, and its last
+    assert kept.groupby("prompt")["step"].apply(list).to_dict() == {"a": [0, 4, 8, 9], "b": [0, 4, 8, 9]}
