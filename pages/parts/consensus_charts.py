@@ -1,9 +1,10 @@
 """The Consensus page's charts and tables: long-format frames of a run record, the Altair charts drawn
-from them (through the shared pieces of pages/parts/charts.py), and the PNG download of a chart.
+from them (through the shared pieces of pages/parts/charts.py), and the two widgets that go with
+them: the picker of lines to draw over a summary (:func:`pick_lines`) and the logit-lens table
+(:func:`show_decodings`).
 
 A run record is the page's dict (see pages/consensus.py): ``{"label", "kind": "run" | "decode" | "sim",
-"result", "tokens", ...}``. Frames are plain pandas (checked without Streamlit); only
-:func:`chart_download` draws a widget.
+"result", "tokens", ...}``. Frames and charts are plain pandas and Altair (checked without a browser).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pages.parts.charts import (FAINT_COLOUR, PALETTE, SUMMARY_COLOUR, colours, 
                                 styled, thin, y_axis)
 
 HEATMAP_TOKENS = 128          # tokens shown in the cosine heatmap at most
-HEATMAP_HEIGHT = 420          # px of the heatmap's plot area
+HEATMAP_HEIGHT = 420          # px of the heatmap chart, axes included
 HEAT_STEP_KEY = "cons_heat_step"
 EACH_MAX = 10                 # up to this many lines each get a colour; more are drawn as mean and min-max band
 MAX_FAINT_ROWS = 40_000       # points of the faint individual lines behind a summary (thinned beyond)
