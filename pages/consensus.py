@@ -25,9 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import altair as alt
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from core.consensus.config import (INTEGRATORS, MAX_TOKENS, PAGE_INITS, PAGE_ITERATIONS, PAGE_NEW_TOKENS, REINIT_MODES,
@@ -39,17 +37,21 @@ from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
 from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
-from core.errors import LabError, failure, fmt_bytes, shorten
+from core.consensus.text import readable_tokens
+from core.errors import LabError, failure, fmt_bytes
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, spec_label
+from pages.parts.charts import chart_download, draw
+from pages.parts.consensus_charts import (HEATMAP_TOKENS, csv_bytes, decodings_frame, heat_step, heatmap_chart,
+                                         heatmap_frame, overlay_chart, pick_lines, prompt_names, record_chart,
+                                         run_groups, show_decodings, trace_names, traces_chart)
 
 RUNS_KEY = "cons_runs"        # archived runs, oldest first
 LIVE_KEY = "cons_live"        # the run in progress (its result is filled in place)
 SHOW_KEY = "cons_show"
 OVERLAY_KEY = "cons_overlay"
 MAX_RUNS = 12                 # older runs are dropped (a run with cosine matrices can be large)
-HEATMAP_TOKENS = 128          # tokens shown in the cosine heatmap at most
 MAX_EVENTS = 2000             # progress events per run: Stop is noticed at the next one
 REDRAW_S = 0.5                # the live chart is redrawn at most this often
 SIM_MAX_DIM = 4096            # the simulation's d on this page (see sim_controls)
@@ -64,9 +66,6 @@ SERIES_LABELS = {
     "effective_rank": "effective rank of the token cloud",
     "centroid_distance": "mean distance to the centroid",
 }
-AXIS_TITLES = {"metric": "1 - mean |cos(h0, hj)|", "mean_cosine": "mean pairwise cosine",
-               "mean_dot": "mean pairwise dot", "effective_rank": "effective rank",
-               "centroid_distance": "distance to centroid"}
 REINIT_LABELS = {"none": "none", "once": "once (--randominit)", "iteration": "after each iteration (--fullrandom)",
                  "block": "after each block (--const-reset)"}  # one label for each of REINIT_MODES
 REINIT_TAGS = {"none": "", "once": " randominit", "iteration": " fullrandom", "block": " const-reset"}
@@ -154,8 +153,11 @@ def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, le
     steps = cfg.iterations * lm.stack.n_layer
     span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
     batches = f" in batches of {plan.batch}" if plan.batch < len(lengths) else ""
-    st.caption(f"{len(lengths)} prompt(s) of {span} tokens{batches} · {steps:,} layer-steps per "
-               f"{'new token' if new_tokens else 'prompt'} · needs about {fmt_bytes(plan.total)} "
+    grow = f" + {new_tokens:,} new" if new_tokens else ""
+    work = (f"{steps:,} layer-steps per new token ({steps * new_tokens:,} per prompt)" if new_tokens
+            else f"{steps:,} layer-steps per prompt")
+    prompts = f"{len(lengths)} prompt{'s' if len(lengths) != 1 else ''}"
+    st.caption(f"{prompts} of {span}{grow} tokens{batches} · {work} · needs about {fmt_bytes(plan.total)} "
                f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
 
 
@@ -277,7 +279,7 @@ def sim_controls(lm: LoadedModel | None) -> Request:
 def _token_strings(lm: LoadedModel | None, result) -> list[list[str]] | None:
     if lm is None or isinstance(result, SimulationResult):
         return None
-    return [[lm.tokenizer.token_str(t) for t in ids] for ids in result.token_ids]
+    return [readable_tokens(lm.tokenizer, ids) for ids in result.token_ids]
 
 
 def _failure(e: Exception) -> str:
@@ -323,7 +325,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
                 unit = "steps" if request.kind == "sim" else "layer-steps"
                 bar.progress(min(1.0, ev.step / max(1, ev.total)), text=f"{ev.step:,} / {ev.total:,} {unit}")
                 if time.monotonic() - drawn > REDRAW_S:
-                    live_chart.altair_chart(record_chart(record, "metric", log=False), width="stretch")
+                    draw(record_chart(record, "metric", log=False), live_chart)
                     drawn = time.monotonic()
             elif isinstance(ev, Decoded):
                 live_text.dataframe(decodings_frame(record), hide_index=True)
@@ -426,155 +428,11 @@ def clear_runs() -> None:
     ss.pop(SHOW_KEY, None)
 
 
-# -- frames and charts ------------------------------------------------------------------------------
-
-def prompt_names(result) -> list[str]:
-    return [f"{b}: {shorten(p, 32, ' ')}" for b, p in enumerate(result.prompts)]
-
-
-def series_frame(record: dict, name: str) -> pd.DataFrame:
-    """Long format ``prompt, step, value`` of one series over the computed columns."""
-    result = record["result"]
-    p = result.columns_done
-    values = result.series(name)[:, :p]  # (B, p)
-    B = values.shape[0]
-    frame = pd.DataFrame({"run": record["label"], "prompt": np.repeat(prompt_names(result), p),
-                          "step": np.tile(result.steps[:p], B), "value": values.reshape(-1).astype(np.float64)})
-    return frame[np.isfinite(frame["value"])]
-
-
-def traces_frame(record: dict) -> pd.DataFrame:
-    """Consensus decoding: ``prompt, token, step, value`` for every computed point of every trace."""
-    result: ConsensusDecodeResult = record["result"]
-    B, K, P = result.traces.shape
-    names = prompt_names(result)
-    rows = []
-    for b in range(B):
-        for k in range(K):
-            vals = result.traces[b, k]
-            ok = np.isfinite(vals)
-            if not ok.any():
-                continue
-            texts = record.get("new_texts") or [[] for _ in range(B)]
-            label = f"{k}" + (f" → {texts[b][k]!r}" if k < len(texts[b]) else " (running)")
-            rows.append(pd.DataFrame({"prompt": names[b], "token": label, "index": k, "step": result.steps[ok],
-                                      "value": vals[ok].astype(np.float64)}))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["prompt", "token", "index", "step", "value"])
-
-
-def _y(name: str, log: bool) -> alt.Y:
-    scale = alt.Scale(type="symlog", constant=1e-6) if log else alt.Scale(zero=False)
-    return alt.Y("value:Q", title=AXIS_TITLES[name], scale=scale)
-
-
-def line_chart(frame: pd.DataFrame, name: str, log: bool, color: str, detail: str | None = None,
-               x_title: str = "layer-step") -> alt.Chart:
-    enc = dict(x=alt.X("step:Q", title=x_title), y=_y(name, log),
-               color=alt.Color(f"{color}:N", sort=list(pd.unique(frame[color])),  # first-seen order, not A-Z
-                               legend=alt.Legend(orient="bottom", columns=1, labelLimit=400)),
-               tooltip=[c for c in ("run", "prompt", "token", "step") if c in frame.columns]
-               + [alt.Tooltip("value:Q", format=".6g")])
-    if detail:
-        enc["detail"] = f"{detail}:N"
-    return alt.Chart(frame).mark_line(point=len(frame) < 60).encode(**enc).properties(height=320)
-
-
-def record_chart(record: dict, name: str, log: bool) -> alt.Chart:
-    """One run: one line per prompt (per initial condition for a simulation; per new token for decoding)."""
-    if record["kind"] == "decode":
-        frame = traces_frame(record)
-        first = prompt_names(record["result"])[0]
-        return line_chart(frame[frame["prompt"] == first], "metric", log, "token")
-    x_title = "integration step" if record["kind"] == "sim" else "layer-step"
-    return line_chart(series_frame(record, name), name, log, "prompt", x_title=x_title)
-
-
-def overlay_chart(records: list[dict], name: str, log: bool) -> alt.Chart:
-    frame = pd.concat([series_frame(r, name) for r in records], ignore_index=True)
-    return line_chart(frame, name, log, "run", detail="prompt",
-                      x_title="layer-step (integration step for simulations)")
-
-
-def heatmap_frame(record: dict, b: int, col: int) -> pd.DataFrame:
-    result = record["result"]
-    T = result.lengths[b]
-    shown = min(T, HEATMAP_TOKENS)
-    cos = result.matrix[b, :shown, :shown, col]  # (shown, shown)
-    names = (record["tokens"][b][:shown] if record.get("tokens") else [f"x{i}" for i in range(shown)])
-    i, j = np.meshgrid(np.arange(shown), np.arange(shown), indexing="ij")
-    return pd.DataFrame({"i": i.reshape(-1), "j": j.reshape(-1), "cos": cos.reshape(-1).astype(np.float64),
-                         "token i": np.asarray(names, dtype=object)[i.reshape(-1)],
-                         "token j": np.asarray(names, dtype=object)[j.reshape(-1)]})
-
-
-def heatmap_chart(frame: pd.DataFrame) -> alt.Chart:
-    return (alt.Chart(frame).mark_rect()
-            .encode(x=alt.X("j:O", title="token j"), y=alt.Y("i:O", title="token i"),
-                    color=alt.Color("cos:Q", title="cos", scale=alt.Scale(domain=[-1, 1], scheme="redblue",
-                                                                        reverse=True)),
-                    tooltip=["i", "token i", "j", "token j", alt.Tooltip("cos:Q", format=".4f")])
-            .properties(height=360))
-
-
-def decodings_frame(record: dict) -> pd.DataFrame:
-    result = record["result"]
-    data = {"prompt": prompt_names(result)}
-    for it, texts in sorted(result.decodings.items()):
-        data[f"after iteration {it}"] = [t if t is not None else "" for t in texts]
-    return pd.DataFrame(data)
-
-
-def csv_bytes(record: dict) -> bytes:
-    """Long format: one row per prompt and recorded step, a column per statistic."""
-    result = record["result"]
-    if record["kind"] == "decode":
-        frame = traces_frame(record).rename(columns={"value": "metric", "index": "new_token"}).drop(columns="token")
-        return frame.to_csv(index=False).encode()
-    p = result.columns_done
-    B = len(result.prompts)
-    frame = pd.DataFrame({"prompt": np.repeat(np.arange(B), p), "prompt_text": np.repeat(result.prompts, p),
-                          "step": np.tile(result.steps[:p], B)})
-    for name in STAT_NAMES:
-        frame[name] = result.series(name)[:, :p].reshape(-1)
-    return frame.to_csv(index=False).encode()
-
-
-# Characters vl-convert's text shaping panics on (a Rust panic aborts the whole server process):
-# C0 controls other than tab / newline / carriage return, and the noncharacters U+FFFE and U+FFFF.
-_PNG_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def png_safe(spec):
-    """A Vega-Lite spec with every string made safe for vl-convert (a prompt may hold a NUL)."""
-    if isinstance(spec, str):
-        return _PNG_UNSAFE.sub("\ufffd", spec)
-    if isinstance(spec, list):
-        return [png_safe(x) for x in spec]
-    if isinstance(spec, dict):
-        return {k: png_safe(v) for k, v in spec.items()}
-    return spec
-
-
-def chart_download(chart: alt.Chart, name: str, key: str) -> None:
-    """The chart as a PNG, rendered by vl-convert (no browser needed) when the button is pressed:
-    rendering takes about a second, and the page reruns on every widget change."""
-    def png() -> bytes:
-        import vl_convert
-
-        with alt.data_transformers.enable("default", max_rows=None):  # altair refuses 5,000+ rows by default
-            spec = chart.to_dict()
-        return vl_convert.vegalite_to_png(png_safe(spec), scale=2)
-
-    st.download_button("Chart (PNG)", png, file_name=f"{name}.png", mime="image/png", key=key, on_click="ignore")
-
-
+# -- showing ---------------------------------------------------------------------------------------
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[:PREFIX_MAX] or "consensus"
 
-
-# -- showing ---------------------------------------------------------------------------------------
 
 def show_status(record: dict) -> None:
     result = record["result"]
@@ -604,15 +462,19 @@ def show_run(record: dict, name: str, log: bool) -> None:
     show_status(record)
     prefix = _safe(st.session_state.get("cons_prefix") or "consensus")
     if record["kind"] == "decode":
-        show_decoding(record, prefix)
+        show_decoding(record, prefix, log)
         return
-    chart = record_chart(record, name, log)
-    st.altair_chart(chart, width="stretch")
-    if result.matrix is not None and result.columns_done > 0:
+    what = "initial conditions" if record["kind"] == "sim" else "prompts"
+    picks = pick_lines(run_groups(record), "cons_pick_prompts", what)
+    heatmap = result.matrix is not None and result.columns_done > 0
+    chart = record_chart(record, name, log, picks, mark_step=heat_step(record) if heatmap else None)
+    draw(chart)
+    if heatmap:
         show_heatmap(record)
     if result.decodings:
-        st.markdown("**Logit-lens decodings** (argmax token at every position after the iteration's final norm)")
-        st.dataframe(decodings_frame(record), hide_index=True)
+        st.markdown("**Logit-lens decodings**: the argmax token at every input position after the iteration's "
+                    "final norm (the lens's guess at the next token; ␣ is a space, ↵ a newline)")
+        show_decodings(record)
     cols = st.columns(6)
     # Each download's bytes are made when its button is pressed, not on every rerun: a long run's
     # matrices reach the memory budget (gigabytes), and serialising them whenever a slider moves
@@ -654,22 +516,22 @@ def show_heatmap(record: dict) -> None:
     col = steps.index(step)
     if result.lengths[b] > HEATMAP_TOKENS:
         st.caption(f"The first {HEATMAP_TOKENS} of {result.lengths[b]} tokens are shown; the download holds them all.")
-    st.altair_chart(heatmap_chart(heatmap_frame(record, b, col)), width="stretch")
+    draw(heatmap_chart(heatmap_frame(record, b, col)))
 
 
-def show_decoding(record: dict, prefix: str) -> None:
+def show_decoding(record: dict, prefix: str, log: bool) -> None:
     result: ConsensusDecodeResult = record["result"]
     for b, text in enumerate(result.texts):
         st.markdown(f"**Prompt {b}** · {len(result.new_ids[b])} new token(s)")
         st.code(text, language=None, wrap_lines=True)
-    frame = traces_frame(record)
+    st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
     names = prompt_names(result)
     b = 0
     if len(names) > 1:
         b = st.selectbox("Traces of prompt", range(len(names)), key="cons_trace_prompt", format_func=names.__getitem__)
-    chart = line_chart(frame[frame["prompt"] == names[b]], "metric", False, "token")
-    st.markdown("**Per-token traces**: the reference metric of the consensus run behind each new token")
-    st.altair_chart(chart, width="stretch")
+    picks = pick_lines(trace_names(record, b), "cons_pick_tokens", "new tokens")
+    chart = traces_chart(record, b, log, picks)
+    draw(chart)
     cols = st.columns(4)
     cols[0].download_button("Texts .npy", lambda: npy_bytes(texts_array(result)), file_name=f"{prefix}.npy",
                             key="cons_dl_texts", on_click="ignore", help="unicode [B]: prompt + generated text")
@@ -694,8 +556,13 @@ def show_results() -> None:
         ss[SHOW_KEY] = labels[-1]
     c = st.columns([3, 2, 1, 2])
     shown = c[0].selectbox("Run", labels, key=SHOW_KEY)
-    name = c[1].selectbox("Series", STAT_NAMES, key="cons_series", format_func=SERIES_LABELS.get, **KEEP)
-    log = c[2].toggle("Log y", key="cons_log", **KEEP, help="Symmetric log scale: shows the approach to 0.")
+    if runs[labels.index(shown)]["kind"] == "decode" and not ss.get(OVERLAY_KEY):  # traces hold the metric only
+        name = ss.get("cons_series") or STAT_NAMES[0]
+    else:
+        name = c[1].selectbox("Series", STAT_NAMES, key="cons_series", format_func=SERIES_LABELS.get, **KEEP)
+    log = c[2].toggle("Log y", key="cons_log", **KEEP,
+                      help="Log scale with a label at every power of ten, so a convergence rate reads off as a "
+                           "slope; values at or below 1e-8 (zero, rounding noise) sit on the bottom line.")
     c[3].text_input("File prefix", "consensus", key="cons_prefix", **KEEP)
     show_run(runs[labels.index(shown)], name, log)
 
@@ -707,7 +574,7 @@ def show_results() -> None:
                                  "model and simulation.")
     if picked:
         chart = overlay_chart([r for r in runs if r["label"] in picked], name, log)
-        st.altair_chart(chart, width="stretch")
+        draw(chart)
         with st.columns(4)[0]:
             chart_download(chart, f"{_safe(ss.get('cons_prefix') or 'consensus')}_overlay", "cons_dl_overlay")
     st.button("Clear all runs", key="cons_clear", on_click=clear_runs)

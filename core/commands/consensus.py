@@ -186,10 +186,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{np.nanmean(final):.4f} averaged over tokens): > {shorten(text, 200)}")
     else:
         for b, prompt in enumerate(result.prompts):
-            m, er = result.metric[b], result.effective_rank[b]
+            m, er, cd = result.metric[b], result.effective_rank[b], result.centroid_distance[b]
             print(f"prompt {b + 1} ({len(result.token_ids[b])} tokens): metric {m[0]:.4f} -> {m[-1]:.4f}, "
-                  f"effective rank {er[0]:.2f} -> {er[-1]:.2f} after {result.total_steps} layer-steps  "
-                  f"\"{shorten(prompt, 60)}\"")
+                  f"effective rank {er[0]:.2f} -> {er[-1]:.2f}, centroid distance {cd[0]:.3g} -> {cd[-1]:.3g} "
+                  f"after {result.total_steps} layer-steps  \"{shorten(prompt, 60)}\"")
         for it, texts in result.decodings.items():
             for b, text in enumerate(texts):
                 print(f"prompt {b + 1}, iteration {it}: > {shorten(text or '', 200)}")

@@ -63,6 +63,7 @@ from .config import DEVICE_CHUNK_BUDGET, FUSED_BUDGET, MIN_GRAPH_ITERATIONS, Con
 from .metrics import token_stats
 from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
                       MetricChunk, Progress, Started, TokenSampled)
+from .text import readable_text, readable_tokens
 from ..errors import LabError, first_line, fmt_bytes, shorten
 from ..generation.config import check_seed
 from ..generation.sampling import apply_temperature, apply_top_p
@@ -299,7 +300,7 @@ def _plan(lm: "LoadedModel", prompts: Sequence[PromptLike], cfg: ConsensusConfig
             if bad:
                 raise LabError(f"Prompt {n} has token id {bad[0]} outside the model's vocabulary of "
                                f"{stack.vocab_size}; use ids 0..{stack.vocab_size - 1}.")
-            texts.append(tok.decode(t))
+            texts.append(readable_text(tok, t))
         limit = stack.context_length - new_tokens
         if len(t) > limit:
             short = _printable(shorten(texts[-1], 43))
@@ -720,6 +721,7 @@ def _new_result(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> Consens
         model=lm.name, prompts=plan.prompts, token_ids=plan.token_ids, config=cfg, n_layer=plan.n_layer,
         steps=plan.steps, hidden=nan(B, T, lm.stack.d_model), matrix=nan(B, T, T, P) if cfg.matrix else None,
         decodings={int(i): [None] * B for i in sorted(set(cfg.decode_iterations))},
+        lens_tokens={int(i): [None] * B for i in sorted(set(cfg.decode_iterations))},
         steps_done=np.full(B, -1, dtype=np.int64), device=str(lm.stack.device),
         **{name: nan(B, P) for name in STAT_NAMES})
 
@@ -758,10 +760,12 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
     def lens(lm, rows):
         def on_iteration(i, h, s):
             if i in decode_at:
-                texts = [lm.tokenizer.decode(t) for t in _lens_argmax(lm, h)]
-                for r, t in zip(rows, texts):
-                    result.decodings[i][r] = t
-                yield Decoded(i, list(rows), texts)
+                ids = _lens_argmax(lm, h)
+                texts = [lm.tokenizer.decode(t) for t in ids]
+                tokens = [readable_tokens(lm.tokenizer, t) for t in ids]  # per position, aligned with the input
+                for r, t, k in zip(rows, texts, tokens):
+                    result.decodings[i][r], result.lens_tokens[i][r] = t, k
+                yield Decoded(i, list(rows), texts, tokens)
         return on_iteration
 
     def groups(lm, under_way):
@@ -848,7 +852,7 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                     result.new_ids[r].append(int(t))
                     result.completions[r] = lm.tokenizer.decode(result.new_ids[r])
                     result.texts[r] = lm.tokenizer.decode(plan.token_ids[r] + result.new_ids[r])
-                yield TokenSampled(k, list(g.rows), ids, [lm.tokenizer.decode([t]) for t in ids])
+                yield TokenSampled(k, list(g.rows), ids, readable_tokens(lm.tokenizer, ids))
 
     yield from _framed(lm, plan, cfg, clock, result, t0, groups)
 

@@ -16,9 +16,15 @@ For one prompt with token vectors ``h_0 .. h_{T-1}`` and ``cos(a, b) = <a, b> / 
 - ``effective_rank = (sum_k s_k^2)^2 / sum_k s_k^4`` over the singular values ``s_k`` of the
   centred token matrix ``X = h - mean_j h_j``: the participation ratio, ``tr(G)^2 / |G|_F^2``
   for ``G = X X^T``. It is 1 when the tokens spread along one line and ``k`` when they spread
-  evenly over ``k`` orthogonal directions; 0 when all tokens coincide (``T = 1`` included).
-  Chosen over the entropy of the singular values because it needs no decomposition (a
-  decomposition would synchronise with the host on a GPU every block).
+  evenly over ``k`` orthogonal directions. Chosen over the entropy of the singular values because
+  it needs no decomposition (a decomposition would synchronise with the host on a GPU every block).
+  *Noise floor*: a cloud whose RMS distance to its centroid is at most :data:`NOISE_FLOOR_EPS`
+  machine epsilons of the hidden states' dtype (float32 at least) times its RMS token norm,
+  ``sum_j |x_j|^2 <= (8 eps)^2 sum_j |h_j|^2`` (8 eps = 9.5e-7 in float32), is one point as far as that
+  arithmetic can tell, and reads 1 (its un-centred token matrix has rank 1). Without the floor a converged
+  cloud reads the participation ratio of its rounding noise, about 2-5 in float32, although
+  its centroid distance is ``1e-7`` of the token norm. Clouds above the floor read the plain
+  participation ratio, bit for bit; a single token (``T = 1``) reads 1.
 - ``centroid_distance = (1/T) sum_j |h_j - mean_k h_k|``: the cloud's size in the model's units.
 - the cosine matrix ``C[i, j] = cos(h_i, h_j)`` ``(T, T)``, when asked.
 """
@@ -28,6 +34,7 @@ import torch
 
 from .results import STAT_NAMES  # noqa: F401  (the order of token_stats columns)
 EPS = 1e-12  # a zero vector's cosine with anything is 0, not NaN
+NOISE_FLOOR_EPS = 8  # effective rank: a spread within 8 epsilons of the dtype (relative to the norm) is one point
 
 
 def token_stats(h: torch.Tensor, matrix: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,8 +56,10 @@ def token_stats(h: torch.Tensor, matrix: bool = False) -> tuple[torch.Tensor, to
     gc = torch.bmm(xc, xc.transpose(1, 2))  # (B, T, T)
     trace = gc.diagonal(dim1=1, dim2=2).sum(-1)  # (B,) = sum of squared singular values
     frob2 = gc.square().sum((1, 2))  # (B,) = sum of fourth powers
-    eff_rank = torch.where(frob2 > 0, trace.square() / frob2.clamp_min(torch.finfo(torch.float32).tiny),
-                           torch.zeros_like(frob2))
+    floor = NOISE_FLOOR_EPS * max(torch.finfo(h.dtype).eps, torch.finfo(torch.float32).eps)
+    one_point = trace <= floor ** 2 * norms.square().sum(-1)  # (B,) spread within rounding noise of the norm
+    eff_rank = torch.where(one_point, torch.ones_like(trace),
+                           trace.square() / frob2.clamp_min(torch.finfo(torch.float32).tiny))
     centroid = xc.norm(dim=-1).mean(-1)  # (B,)
     stats = torch.stack([metric, mean_cos, mean_dot, eff_rank, centroid], dim=1)  # (B, 5)
     return stats, (cos if matrix else None)

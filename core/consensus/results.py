@@ -35,6 +35,8 @@ class ConsensusResult:
     hidden: np.ndarray  # float32 [B, T, D] state when the prompt stopped (after the last final norm when complete)
     matrix: np.ndarray | None = None  # float32 [B, T, T, P] token cosine matrices, when asked
     decodings: dict[int, list[str | None]] = field(default_factory=dict)  # iteration -> text per prompt
+    # iteration -> per prompt, the logit lens's argmax token at each input position, as readable text
+    lens_tokens: dict[int, list[list[str] | None]] = field(default_factory=dict)
     steps_done: np.ndarray | None = None  # int64 [B] layer-steps each prompt completed
     seconds: float = 0.0
     device: str = "cpu"
@@ -78,6 +80,7 @@ class ConsensusResult:
         matrix = self.matrix[..., :p].copy() if self.matrix is not None else None
         return replace(self, steps=self.steps[:p].copy(), matrix=matrix, hidden=self.hidden.copy(),
                        decodings={k: list(v) for k, v in self.decodings.items()},
+                       lens_tokens={k: list(v) for k, v in self.lens_tokens.items()},
                        steps_done=self.steps_done.copy(), **cut)
 
 
@@ -145,6 +148,7 @@ class Decoded:
     iteration: int
     rows: list[int]
     texts: list[str]
+    tokens: list[list[str]] | None = None  # per row, the argmax token at each position (readable text)
 
 
 @dataclass

@@ -39,6 +39,11 @@ class Tokenizer:
         """How one token reads on its own (for token views and feature cards)."""
         return self.decode([int(token_id)])
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one token stands for, when the tokenizer works on bytes (a token may hold half
+        of a UTF-8 character); None when it cannot tell."""
+        return None
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
         """``messages`` as the prompt the model was tuned on, ready for its answer, when the
         tokenizer carries a chat template; None when it has none (ours never do)."""
@@ -64,6 +69,10 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return _byte_level_bytes(self._tok.id_to_token(int(token_id))) if isinstance(
+            self._tok.decoder, decoders.ByteLevel) else None
 
 
 class HFTokenizer(Tokenizer):
@@ -99,6 +108,12 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        backend = getattr(self._tok, "backend_tokenizer", None)  # fast tokenizers only
+        if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+            return None
+        return _byte_level_bytes(self._tok.convert_ids_to_tokens(int(token_id)))
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
         if not getattr(self._tok, "chat_template", None):
             return None
@@ -124,6 +139,32 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        try:
+            return self._enc.decode_single_token_bytes(int(token_id))
+        except KeyError:  # an id the encoding does not have
+            return None
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    others for chr(256 + k) in byte order (what a byte-level BPE's token strings are written in)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def _byte_level_bytes(token: str | None) -> bytes | None:
+    """A byte-level token string as its bytes; special tokens (``<|endoftext|>``) read as their text."""
+    if token is None:
+        return None
+    if all(c in _BYTE_OF for c in token):
+        return bytes(_BYTE_OF[c] for c in token)
+    return token.encode()
 
 
 def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,

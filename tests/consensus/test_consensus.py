@@ -11,6 +11,7 @@ from core.consensus.engine import (ConsensusConfig, Decoded, DecodeConfig, Finis
                             consensus_decode, consensus_decode_stream, consensus_stream, estimate_bytes, memory_plan,
                             random_prompt_ids, recorded_steps, run_consensus)
 from core.consensus.metrics import STAT_NAMES, token_stats
+from core.consensus.text import readable_text, readable_tokens
 from core.errors import LabError
 from core.models.loading import load_model
 
@@ -39,8 +40,10 @@ def ref_stats(h: torch.Tensor) -> dict:
     dot = h @ h.T
     off = ~torch.eye(T, dtype=torch.bool)
     s = torch.linalg.svdvals(h - h.mean(0, keepdim=True)).double()
+    one_point = (s ** 2).sum() <= (8 * torch.finfo(torch.float32).eps) ** 2 * h.double().square().sum()
     return dict(metric=1 - cos0.abs().mean().item(), mean_cosine=cos[off].mean().item(),
-                mean_dot=dot[off].mean().item(), effective_rank=((s ** 2).sum() ** 2 / (s ** 4).sum()).item(),
+                mean_dot=dot[off].mean().item(),
+                effective_rank=1.0 if one_point else ((s ** 2).sum() ** 2 / (s ** 4).sum()).item(),
                 centroid_distance=(h - h.mean(0)).norm(dim=-1).mean().item(), matrix=cos)
 
 
@@ -111,7 +114,7 @@ def test_token_stats_known_clouds():
     stats, cos = token_stats(collapsed, matrix=True)
     metric, mean_cos, mean_dot, er, cd = stats[0].tolist()
     assert metric == pytest.approx(0, abs=1e-6) and mean_cos == pytest.approx(1, abs=1e-6)
-    assert mean_dot == pytest.approx(72, rel=1e-6) and er == 0 and cd == pytest.approx(0, abs=1e-6)
+    assert mean_dot == pytest.approx(72, rel=1e-6) and er == 1 and cd == pytest.approx(0, abs=1e-6)
     assert torch.allclose(cos, torch.ones(1, 5, 5))
     eye = torch.eye(4)[None] * 2.0  # four orthogonal tokens of norm 2
     metric, mean_cos, mean_dot, er, cd = token_stats(eye)[0][0].tolist()
@@ -121,7 +124,56 @@ def test_token_stats_known_clouds():
     anti = torch.tensor([[[1.0, 0], [-1.0, 0], [2.0, 0]]])  # anti-parallel counts as aligned
     assert token_stats(anti)[0][0, 0].item() == pytest.approx(0, abs=1e-6)
     single = token_stats(torch.randn(2, 1, 8))[0]
-    assert single[:, 0].abs().max() < 1e-6 and single[:, 1:3].isnan().all() and (single[:, 3] == 0).all()
+    assert single[:, 0].abs().max() < 1e-6 and single[:, 1:3].isnan().all() and (single[:, 3] == 1).all()
+
+
+def participation_ratio(h: torch.Tensor) -> float:
+    """The effective rank without a noise floor (its definition before the floor), in float64."""
+    s = torch.linalg.svdvals((h - h.mean(0, keepdim=True)).double())
+    return ((s ** 2).sum() ** 2 / (s ** 4).sum()).item()
+
+
+def test_effective_rank_of_a_collapsed_cloud_is_one_despite_float32_noise():
+    """A cloud collapsed to one point, as a long run leaves it: every token the same vector of norm
+    about 25 plus float32 rounding noise (relative spread 1.2e-7, what the shipped model shows after
+    300 iterations). Without the floor its rank reads the noise's participation ratio (> 2)."""
+    gen = torch.Generator().manual_seed(0)
+    point = torch.randn(64, generator=gen) * 3.0
+    noise = torch.randn(3, 12, 64, generator=gen) * (1.2e-7 * point.norm() / 8)  # per coordinate: |noise| = 1.2e-7 |h|
+    cloud = (point + noise).float()  # (3, 12, 64)
+    assert min(participation_ratio(c) for c in cloud) > 2  # what the unfloored definition read
+    stats = token_stats(cloud)[0]
+    assert stats[:, 3].tolist() == [1.0, 1.0, 1.0]
+    assert (stats[:, 4] / cloud.norm(dim=-1).mean(-1) < 1e-6).all()  # the centroid distance still shows the spread
+    # the same in bfloat16: its rounding (8 bits of mantissa) is the floor there
+    bf = (point + torch.randn(2, 12, 64, generator=gen) * 1e-3).bfloat16()
+    assert token_stats(bf)[0][:, 3].tolist() == [1.0, 1.0]
+    # exactly coincident tokens (zero spread), zero vectors included
+    assert token_stats(torch.zeros(1, 4, 8))[0][0, 3].item() == 1.0
+
+
+def test_effective_rank_of_a_spread_cloud_is_unchanged_by_the_floor():
+    gen = torch.Generator().manual_seed(1)
+    cloud = torch.randn(4, 10, 32, generator=gen) * 5 + 2  # (4, 10, 32) well spread
+    got = token_stats(cloud)[0][:, 3]
+    # the unfloored formula, as token_stats computed it before the floor, bit for bit
+    xc = cloud - cloud.mean(1, keepdim=True)
+    gc = torch.bmm(xc, xc.transpose(1, 2))
+    old = gc.diagonal(dim1=1, dim2=2).sum(-1).square() / gc.square().sum((1, 2))
+    assert torch.equal(got, old)
+    np.testing.assert_allclose(got.numpy(), [participation_ratio(c) for c in cloud], rtol=1e-5)
+    # a cloud converging but still 100x above the floor: two directions, evenly spread, read 2
+    base = torch.randn(64, generator=gen)
+    base = base / base.norm() * 25
+    e1, e2 = torch.eye(64)[0], torch.eye(64)[1]
+    offsets = torch.stack([e1, -e1, e2, -e2]) * (25 * 1e-4)
+    assert token_stats((base + offsets)[None])[0][0, 3].item() == pytest.approx(2.0, rel=1e-3)
+    # either side of the floor (8 float32 epsilons of relative spread): 4 is one point, 64 is not
+    eps = torch.finfo(torch.float32).eps
+    for rel, one in ((4 * eps, True), (64 * eps, False)):
+        h = (base.double() + offsets.double() / 1e-4 * rel)[None]  # exact in float64, then rounded
+        er = token_stats(h)[0][0, 3].item()
+        assert (er == 1.0) == one, (rel, er)
 
 
 # -- recording, events, stopping ------------------------------------------------------------------------
@@ -260,9 +312,44 @@ def test_logit_lens_decoding(gpt2):
                 h = stack.block(layer, h)
             h = stack.final_norm(h)
             if i in (0, 2):
-                want = gpt2.tokenizer.decode(stack.unembed(h)[0].argmax(-1).tolist())
-                assert res.decodings[i][b] == want
-    assert set(res.decodings) == {0, 2}
+                ids = stack.unembed(h)[0].argmax(-1).tolist()
+                assert res.decodings[i][b] == gpt2.tokenizer.decode(ids)
+                # per input position, aligned: the argmax token at position j, each read on its own
+                assert res.lens_tokens[i][b] == [readable_text(gpt2.tokenizer, [t]) for t in ids]
+                assert len(res.lens_tokens[i][b]) == len(gpt2.tokenizer.encode(p))
+    assert set(res.decodings) == set(res.lens_tokens) == {0, 2}
+
+
+# -- readable token text ---------------------------------------------------------------------------------
+
+def byte_tokens(tok, wanted: bytes) -> list[int]:
+    """Ids of single-byte tokens for ``wanted``'s bytes (a byte-level vocabulary has all 256)."""
+    by_bytes = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    return [by_bytes[bytes([c])] for c in wanted]
+
+
+@pytest.mark.parametrize("which", ["gptlab", "hf"])
+def test_readable_text_decodes_the_sequence_and_escapes_stray_bytes(which, tiny_gptlab_dir, tiny_gpt2_dir):
+    tok = load_model(str(tiny_gptlab_dir if which == "gptlab" else tiny_gpt2_dir)).tokenizer
+    e_acute = byte_tokens(tok, "é".encode())  # two tokens, half a character each
+    assert [tok.decode([t]) for t in e_acute] == ["\ufffd", "\ufffd"]  # piece by piece: nothing readable
+    assert readable_text(tok, e_acute) == "é"  # the sequence: the character
+    assert readable_tokens(tok, e_acute) == ["\\xc3", "\\xa9"]  # each half on its own: its byte, escaped
+    stray = tok.encode("ab") + byte_tokens(tok, b"\x80") + tok.encode(" cd")
+    assert readable_text(tok, stray) == "ab\\x80 cd"
+    ordinary = tok.encode("To be, or not")
+    assert readable_text(tok, ordinary) == tok.decode(ordinary) == "To be, or not"
+    for i in range(tok.vocab_size):  # every token's bytes are what it decodes to, when that is text
+        text = tok.decode([i])
+        if "\ufffd" not in text:
+            assert tok.token_bytes(i).decode() == text, i
+
+
+def test_random_prompts_read_without_replacement_characters(gpt2):
+    ids = random_prompt_ids(gpt2, 64, 16, seed=42)
+    res = run_consensus(gpt2, ids, ConsensusConfig(iterations=1))
+    assert not any("\ufffd" in p for p in res.prompts)
+    assert res.prompts == [readable_text(gpt2.tokenizer, t) for t in ids]
 
 
 def test_consensus_decoding_traces_and_seed(gpt2):

@@ -55,6 +55,31 @@ def test_savefile_eplot_matrixerror_layouts(tiny_gpt2_dir, lm, tmp_path, capsys)
     assert len(lines) == 2 and lines[0].startswith(f"prompt 1 ({ta} tokens)") and B in lines[1]
 
 
+def test_summary_line_reads_a_collapsed_cloud_as_rank_one(tiny_gpt2_dir, lm, capsys, monkeypatch):
+    """The summary prints the effective rank and the centroid distance, first and last; a cloud
+    collapsed to one point up to float32 rounding noise reads rank 1.00, not its noise's 2-5."""
+    code, out, _ = run(["--model", str(tiny_gpt2_dir), "--prompt", A, "--size", "2"], capsys)
+    ref = run_consensus(lm, [A], ConsensusConfig(iterations=2))
+    er, cd = ref.effective_rank[0], ref.centroid_distance[0]
+    assert code == 0 and (f"effective rank {er[0]:.2f} -> {er[-1]:.2f}, centroid distance {cd[0]:.3g} -> "
+                          f"{cd[-1]:.3g} after {2 * lm.stack.n_layer} layer-steps") in out
+
+    import torch
+
+    import core.consensus.engine as engine
+
+    gen = torch.Generator().manual_seed(0)
+
+    def collapse(lm_, layer, h, skip_mlp):  # every token moved onto the cloud's mean, plus float32 noise
+        point = h.mean(1, keepdim=True).expand_as(h)
+        scale = 1e-7 * point.norm(dim=-1, keepdim=True) / h.shape[-1] ** 0.5  # relative spread 1e-7
+        return point + torch.randn(h.shape, generator=gen) * scale
+
+    monkeypatch.setattr(engine, "_block", collapse)
+    code, out, _ = run(["--model", str(tiny_gpt2_dir), "--prompt", A, "--size", "1"], capsys)
+    assert code == 0 and " -> 1.00, centroid distance " in out
+
+
 def test_writes_nothing_unless_asked(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(["--model", str(tiny_gpt2_dir), "--prompt", B, "--size", "2"], capsys)

@@ -26,6 +26,7 @@ from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_r
 from core.consensus.engine import ConsensusConfig, Progress, Started, consensus_stream, run_consensus
 from core.consensus.simulation import SimulationConfig, run_simulation
 from core.errors import LabError
+from pages.parts.consensus_charts import visible
 
 PAGE = "pages/consensus.py"
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft!"]
@@ -35,13 +36,26 @@ def npy(files: dict[str, bytes], name: str) -> np.ndarray:
     return np.load(io.BytesIO(files[name]), allow_pickle=False)
 
 
-def charts(at) -> list[tuple[dict, pd.DataFrame]]:
-    """Every altair chart on the page: its Vega-Lite spec and its data."""
+def chart_specs(at) -> list[tuple[dict, dict[str, pd.DataFrame]]]:
+    """Every altair chart on the page: its whole Vega-Lite spec and its datasets by name."""
     out = []
     for el in at.get("vega_lite_chart"):
-        spec = json.loads(el.proto.spec)
-        data = pa.ipc.open_stream(el.proto.datasets[0].data.data).read_all().to_pandas()
-        out.append((spec, data))
+        sets = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in el.proto.datasets}
+        out.append((json.loads(el.proto.spec), sets))
+    return out
+
+
+def layer_data(spec: dict, sets: dict[str, pd.DataFrame], layer: dict) -> pd.DataFrame:
+    return sets[(layer.get("data") or spec.get("data"))["name"]]
+
+
+def charts(at) -> list[tuple[dict, pd.DataFrame]]:
+    """Every altair chart on the page: its first layer's spec (the lines, or the heatmap's cells) and
+    that layer's data."""
+    out = []
+    for spec, sets in chart_specs(at):
+        first = spec["layer"][0] if "layer" in spec else spec
+        out.append((first, layer_data(spec, sets, first)))
     return out
 
 
@@ -90,9 +104,16 @@ def test_typed_prompts_run_shows_chart_heatmap_decodings_and_downloads(default_l
                                expected.matrix[0, :T0, :T0, 0], atol=1e-6)
     assert set(over["run"]) == {"default N=2"}
 
+    # the logit lens per input position, aligned with the prompt's tokens, whitespace visible
     table = at.dataframe[0].value
-    assert list(table.columns) == ["prompt", "after iteration 0", "after iteration 1"]
-    assert table["after iteration 1"].tolist() == expected.decodings[1]
+    assert list(table.columns) == ["position", "input token", "after iteration 0", "after iteration 1"]
+    assert table["position"].tolist() == list(range(T0))
+    assert table["input token"].tolist() == [visible(default_lm.tokenizer.decode([t])) for t in expected.token_ids[0]]
+    assert table["after iteration 1"].tolist() == [visible(t) for t in expected.lens_tokens[1][0]]
+    at.selectbox(key="cons_lens_prompt").set_value(1).run()
+    table = at.dataframe[0].value
+    assert len(table) == len(expected.token_ids[1])
+    assert table["after iteration 0"].tolist() == [visible(t) for t in expected.lens_tokens[0][1]]
 
     labels = [d.label for d in at.download_button]
     assert labels[:6] == ["Metric .npy", "Hidden .npy", "Eplot .npy", "Matrices .npy", "CSV", "Chart (PNG)"]
@@ -134,8 +155,8 @@ def test_skip_mlp_and_overlay_of_two_runs(default_lm):
     assert at.multiselect(key="cons_overlay").value == ["default N=2", "default N=2 noff"]
     over = charts(at)[-1][1]
     assert set(over["run"]) == {"default N=2", "default N=2 noff"}
-    with_mlp = over[over["run"] == "default N=2"]["value"].to_numpy()
-    without = over[over["run"] == "default N=2 noff"]["value"].to_numpy()
+    with_mlp = over[over["run"] == "default N=2"]["mean"].to_numpy()  # one prompt: its mean is its line
+    without = over[over["run"] == "default N=2 noff"]["mean"].to_numpy()
     expected = run_consensus(default_lm, PROMPTS[:1], ConsensusConfig(iterations=2, skip_mlp=True)).metric[0]
     np.testing.assert_allclose(without, expected, atol=1e-6)
     assert not np.allclose(with_mlp, without)
@@ -653,3 +674,244 @@ def test_consensus_results_controls_at_their_extremes(fast_png, downloads):
     for label in labels:
         at.selectbox(key="cons_show").set_value(label).run()
         clean(at)
+
+
+# -- charts legible at many prompts (issue #12, item 3) ------------------------------------------------
+
+def layers(spec: dict) -> list[dict]:
+    return spec.get("layer", [spec])
+
+
+def random_run(at, n: int, length: int = 6, iterations: int = 1, **more):
+    at.radio(key="cons_source").set_value("random").run()
+    return run(at, cons_rand_n=n, cons_rand_len=length, cons_iterations=iterations, **more)
+
+
+def test_few_prompts_get_a_colour_each_and_the_legend_beside_a_fixed_height_plot(default_lm):
+    from pages.parts.charts import PALETTE, PLOT_HEIGHT
+
+    at = random_run(page(), 8)
+    clean(at)
+    (spec, sets), _ = chart_specs(at)  # the run, the overlay
+    assert spec["height"] == PLOT_HEIGHT
+    (lines,) = [lay for lay in layers(spec) if lay["mark"]["type"] == "line"]
+    colour = lines["encoding"]["color"]
+    assert colour["legend"]["orient"] == "right"  # beside the plot, never under it inside the height
+    names = [f"{b}: " for b in range(8)]
+    assert [d[:3] for d in colour["scale"]["domain"]] == names and colour["scale"]["range"] == PALETTE[:8]
+    assert not at.multiselect(key="cons_pick_prompts") if "cons_pick_prompts" in at.session_state else True
+    data = layer_data(spec, sets, lines)
+    assert data["prompt"].nunique() == 8
+
+
+def test_many_prompts_show_mean_and_min_max_band_and_picked_prompts_in_colour(default_lm):
+    from pages.parts.charts import FAINT_COLOUR, PALETTE, PLOT_HEIGHT, SUMMARY_COLOUR
+
+    at = random_run(page(), 24)
+    clean(at)
+    result = at.session_state["cons_runs"][-1]["result"]
+    spec, sets = chart_specs(at)[0]
+    assert spec["height"] == PLOT_HEIGHT
+    by_mark = {}
+    for lay in layers(spec):
+        by_mark.setdefault(lay["mark"]["type"], []).append(lay)
+    faint, mean = by_mark["line"][:2]
+    assert faint["encoding"]["color"]["value"] == FAINT_COLOUR and faint["encoding"]["detail"]["field"] == "prompt"
+    assert layer_data(spec, sets, faint)["prompt"].nunique() == 24  # every prompt, faint, hover brings one forward
+    params = spec.get("params", []) + [p for lay in layers(spec) for p in lay.get("params", [])]
+    assert any(p.get("select", {}).get("on") == "pointerover" for p in params)
+    summary = layer_data(spec, sets, mean)
+    np.testing.assert_allclose(summary["mean"], result.metric.mean(0), rtol=1e-6)
+    band = by_mark["area"][0]
+    data = layer_data(spec, sets, band)
+    np.testing.assert_allclose(data["low"], result.metric.min(0), rtol=1e-6)
+    np.testing.assert_allclose(data["high"], result.metric.max(0), rtol=1e-6)
+    colour = mean["encoding"]["color"]
+    assert colour["scale"]["domain"] == ["mean of 24 prompts (band: min to max)"]
+    assert colour["scale"]["range"] == [SUMMARY_COLOUR] and colour["legend"]["orient"] == "right"
+
+    names = at.multiselect(key="cons_pick_prompts").options
+    assert len(names) == 24 and names[0].startswith("0: ")
+    at.multiselect(key="cons_pick_prompts").set_value([names[3], names[17]]).run()
+    clean(at)
+    spec, sets = chart_specs(at)[0]
+    picked = [lay for lay in layers(spec) if lay["mark"]["type"] == "line"][2]
+    data = layer_data(spec, sets, picked)
+    assert first_seen(data["prompt"]) == [names[3], names[17]]
+    np.testing.assert_allclose(data[data["prompt"] == names[17]]["value"], result.metric[17], rtol=1e-6)
+    domain = picked["encoding"]["color"]["scale"]["domain"]
+    assert domain == ["mean of 24 prompts (band: min to max)", names[3], names[17]]
+    assert picked["encoding"]["color"]["scale"]["range"] == [SUMMARY_COLOUR, *PALETTE[:2]]  # distinct colours
+
+
+def first_seen(values) -> list:
+    return list(pd.unique(pd.Series(list(values))))
+
+
+def test_log_y_labels_every_decade_down_to_the_float_floor(default_lm):
+    from pages.parts.charts import LOG_FLOOR
+
+    at = page()
+    run(at, cons_prompts=PROMPTS[0], cons_iterations=2)
+    at.toggle(key="cons_log").set_value(True).run()
+    clean(at)
+    spec, data = charts(at)[0]
+    y = spec["encoding"]["y"]
+    result = at.session_state["cons_runs"][-1]["result"]
+    lo, hi = float(result.metric.min()), float(result.metric.max())
+    assert y["scale"]["type"] == "log" and y["field"] == "y"
+    ticks = y["axis"]["values"]
+    assert ticks == [10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)]
+    assert y["scale"]["domain"] == [ticks[0], ticks[-1]] and len(ticks) >= 2
+    assert "1e-" in y["axis"]["labelExpr"] or "format" in y["axis"]["labelExpr"]
+    np.testing.assert_allclose(data["y"], np.maximum(data["value"], LOG_FLOOR))
+    # a series that reaches zero (the metric of a one-token prompt) is drawn on the floor, and the axis says so
+    run(at, cons_prompts="ROMEO", cons_iterations=1)
+    clean(at)
+    spec, data = charts(at)[0]
+    y = spec["encoding"]["y"]
+    assert (data["value"] <= LOG_FLOOR).any() and y["axis"]["values"][0] == LOG_FLOOR
+    assert "drawn at 1e-8" in y["title"]
+
+
+def test_decade_labels_read_as_powers_of_ten():
+    """The axis's label expression, evaluated the way Vega does (d3-format), for the decades."""
+    from pages.parts.charts import decades
+
+    assert decades(3e-7, 0.8) == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert decades(1e-8, 1e-8) == [1e-8, 1e-7]
+    assert decades(2.0, 350.0) == [1.0, 10.0, 100.0, 1000.0]
+
+
+def test_heatmap_axes_show_the_tokens_and_the_metric_chart_marks_its_step(default_lm):
+    at = page()
+    run(at, cons_prompts="To be, or not to be\nROMEO:\nBut soft", cons_iterations=2, cons_matrix=True)
+    clean(at)
+    spec, sets = chart_specs(at)[0]
+    rule = layers(spec)[-1]
+    assert rule["mark"]["type"] == "rule" and layer_data(spec, sets, rule)["step"].tolist() == [8]
+    heat, _ = charts(at)[1]
+    tokens = [visible(default_lm.tokenizer.decode([t])) for t in default_lm.tokenizer.encode("To be, or not to be")]
+    for axis in ("x", "y"):
+        expr = heat["encoding"][axis]["axis"]["labelExpr"]
+        assert expr == "[" + ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens) + "][datum.value]"
+    assert "␣be" in tokens
+    at.select_slider(key="cons_heat_step").set_value(3).run()
+    spec, sets = chart_specs(at)[0]
+    assert layer_data(spec, sets, layers(spec)[-1])["step"].tolist() == [3]  # the rule follows the slider
+    run(at, cons_matrix=False)
+    spec, _ = chart_specs(at)[0]
+    assert all(lay["mark"]["type"] != "rule" for lay in layers(spec))  # no heatmap, no mark
+
+
+def test_overlay_draws_each_run_as_mean_and_band(default_lm):
+    at = random_run(page(), 12)
+    run(at, cons_noff=True)
+    clean(at)
+    spec, sets = chart_specs(at)[-1]
+    band, line = layers(spec)
+    assert band["mark"]["type"] == "area" and line["mark"]["type"] == "line"
+    assert line["encoding"]["color"]["legend"]["orient"] == "right"
+    data = layer_data(spec, sets, line)
+    runs = at.session_state["cons_runs"]
+    assert first_seen(data["run"]) == [r["label"] for r in runs]
+    for r in runs:
+        part = data[data["run"] == r["label"]]
+        np.testing.assert_allclose(part["mean"], r["result"].metric.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(part["low"], r["result"].metric.min(0), rtol=1e-6)
+        assert (part["lines"] == 12).all()
+
+
+def test_decoding_traces_summarise_many_tokens_and_follow_log_y():
+    at = page("Consensus decoding")
+    run(at, cons_prompts=PROMPTS[1], cons_iterations=1, cons_new_tokens=12)
+    clean(at)
+    spec, sets = chart_specs(at)[0]
+    marks = [lay["mark"]["type"] for lay in layers(spec)]
+    assert "area" in marks  # 12 new tokens: mean and band
+    tokens = at.multiselect(key="cons_pick_tokens").options
+    assert len(tokens) == 12 and tokens[0].startswith("0 → ")
+    at.toggle(key="cons_log").set_value(True).run()
+    spec, _ = chart_specs(at)[0]
+    assert layers(spec)[0]["encoding"]["y"]["scale"]["type"] == "log"
+
+
+def test_png_download_is_the_chart_on_screen(fast_png):
+    from pages.parts.charts import PNG_WIDTH, PLOT_HEIGHT
+
+    at = random_run(page(), 16)
+    at.toggle(key="cons_log").set_value(True).run()
+    clean(at)
+    fast_png.clear()
+    at.run()  # the download buttons render their PNGs (see ``downloads``)
+    screen, _ = chart_specs(at)[0]
+    png = next(json.loads(s) for s in fast_png if '"layer"' in s and '"pointerover"' in s)
+    assert png["height"] == screen["height"] == PLOT_HEIGHT and png["width"] == PNG_WIDTH
+    assert png["autosize"] == screen["autosize"] == {"type": "fit", "contains": "padding"}  # axes inside the height
+    assert [lay["mark"] for lay in png["layer"]] == [lay["mark"] for lay in screen["layer"]]
+    assert [lay["encoding"] for lay in png["layer"]] == [lay["encoding"] for lay in screen["layer"]]
+    assert png["config"]["axis"]["labelFontSize"] == 12  # the look travels with the spec, not a screen theme
+    (el,) = [e for e in at.get("vega_lite_chart")][:1]
+    assert el.proto.theme == ""  # drawn without Streamlit's theme: the screen shows the spec's own look
+
+
+# -- honest statistics and labels (issue #12, item 4) ----------------------------------------------------
+
+def test_random_prompt_labels_never_show_the_replacement_character(default_lm):
+    at = random_run(page(), 24, length=16)
+    clean(at)
+    result = at.session_state["cons_runs"][-1]["result"]
+    names = at.multiselect(key="cons_pick_prompts").options
+    assert not any("\ufffd" in n for n in names) and not any("\ufffd" in p for p in result.prompts)
+    # seed 42 draws byte tokens that make no character: they read as escapes
+    assert any("\\x" in p for p in result.prompts)
+    run(at, cons_rand_n=3, cons_matrix=True)
+    heat, _ = charts(at)[1]
+    assert "\ufffd" not in heat["encoding"]["x"]["axis"]["labelExpr"]
+
+
+def test_logit_lens_cells_are_never_blank(default_lm):
+    """A lens that predicts newlines everywhere used to show blank cells: whitespace is visible."""
+    at = page()
+    run(at, cons_prompts="ROMEO: But soft", cons_iterations=2, cons_decode="1")
+    clean(at)
+    table = at.dataframe[0].value
+    assert not table.apply(lambda col: col.astype(str).str.contains(r"^\s*$")).any().any()
+    assert table["input token"].tolist()[-2:] == ["␣But", "␣soft"]
+
+
+def test_decoding_mode_shows_only_controls_that_act_and_counts_prompt_tokens(default_lm):
+    at = page("Consensus decoding")
+    at.text_area(key="cons_prompts").input("\n".join(PROMPTS)).run()
+    lengths = [len(default_lm.tokenizer.encode(p)) for p in PROMPTS]
+    caption = next(c for c in texts(at.caption) if "layer-steps" in c)
+    span = f"{min(lengths)}–{max(lengths)}" if min(lengths) != max(lengths) else f"{lengths[0]}"
+    from core.consensus.config import PAGE_ITERATIONS, PAGE_NEW_TOKENS
+
+    per = PAGE_ITERATIONS * default_lm.stack.n_layer
+    assert caption.startswith(f"2 prompts of {span} + {PAGE_NEW_TOKENS} new tokens"), caption
+    assert f" · {per} layer-steps per new token ({per * PAGE_NEW_TOKENS:,} per prompt) · " in caption
+    keys = {w.key for w in at.main if getattr(w, "key", None)}
+    assert not {"cons_matrix", "cons_decode"} & keys  # consensus-run-only switches
+    run(at, cons_iterations=1, cons_new_tokens=2)
+    clean(at)
+    assert not [w for w in at.selectbox if w.key == "cons_series"]  # decoding traces hold the metric only
+    at.radio(key="cons_mode").set_value("Consensus run").run()
+    caption = next(c for c in texts(at.caption) if "layer-steps" in c)
+    assert caption.startswith(f"2 prompts of {span} tokens") and " · 4 layer-steps per prompt · " in caption
+    run(at)
+    assert [w for w in at.selectbox if w.key == "cons_series"]
+
+
+def test_visible_token_text():
+    assert visible("\n\n") == "↵↵" and visible(" the") == "␣the" and visible("\t") == "⇥"
+    assert visible("") == "∅" and visible("\x00a") == "\\x00a" and visible(None) == ""
+
+
+def test_thin_keeps_every_kth_point_and_each_lines_last():
+    from pages.parts.charts import thin
+
+    frame = pd.DataFrame({"prompt": np.repeat(["a", "b"], 10), "step": np.tile(np.arange(10), 2)})
+    assert thin(frame, "prompt", 100) is frame
+    kept = thin(frame, "prompt", 5)  # every 4th point of each line, and its last
+    assert kept.groupby("prompt")["step"].apply(list).to_dict() == {"a": [0, 4, 8, 9], "b": [0, 4, 8, 9]}
