@@ -46,6 +46,35 @@ BPE_TRAIN_CHARS = 200_000_000  # our BPE learns from at most this much text
 DOC_PIECE_CHARS = 1 << 16     # documents are encoded in pieces of about this many characters
 
 
+def cache_wait_seconds() -> float:
+    """How long a process that does not build the token cache waits for it (``$GPTLAB_DATA_WAIT``,
+    seconds; default an hour, since the builder may be tokenising a large corpus)."""
+    try:
+        return max(0.0, float(os.environ.get("GPTLAB_DATA_WAIT", "3600")))
+    except ValueError:
+        return 3600.0
+
+
+def wait_for(path: Path, what: str, timeout: float, log: Callable[[str], None] = print, poll: float = 0.5) -> None:
+    """Wait until ``path`` exists (another process is writing it); after ``timeout`` seconds, one
+    sentence saying what was awaited, where, and what to check."""
+    import time
+
+    start = time.monotonic()
+    said = False
+    while not path.exists():
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            raise LabError(f"Waited {waited:,.0f} s for {what} at {path}, which rank 0 (or this machine's first "
+                           f"process) builds, and it did not appear; check that process's log.txt for an error, "
+                           f"give every machine the same --data-cache on shared storage or let each build its own, "
+                           f"or raise GPTLAB_DATA_WAIT (now {timeout:g} s).")
+        if not said and waited > 5:
+            log(f"waiting for {what} at {path} (up to {timeout:g} s)")
+            said = True
+        time.sleep(poll)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GPTLAB_DATA_CACHE", "~/.cache/gptlab/data")).expanduser()
 
@@ -312,7 +341,7 @@ def _external_tokenizer_json(spec: str, cache: Path) -> str:
 
 
 def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Path, need_mask: bool,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] = print, wait: float | None = None) -> Path:
     """A bare tokenizer.json for this run, cached under ``cache/tokenizers/``.
 
     ``bpe`` trains our byte-level BPE on the source (for the embedded corpus at the shipped
@@ -325,6 +354,8 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
             text = shipped.read_text(encoding="utf-8")
         else:
             folder = cache / "tokenizers" / _sha(f"bpe:{vocab_size}:{source.identity}")[:16]
+            if not (folder / "tokenizer.json").is_file() and wait is not None:
+                wait_for(folder / "tokenizer.json", "the run's BPE tokenizer", wait, log)
             if not (folder / "tokenizer.json").is_file():
                 log(f"training a {vocab_size}-token BPE on {source.label}")
                 train_bpe(_limited_text(source, BPE_TRAIN_CHARS), vocab_size, folder / "tokenizer.json")
@@ -545,16 +576,18 @@ class TrainingData:
 
 def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction: float, need_mask: bool,
                  max_tokens: int | None = None, cache_dir: str | os.PathLike | None = None, build: bool = True,
-                 log: Callable[[str], None] = print) -> TrainingData:
+                 log: Callable[[str], None] = print, wait: float | None = None) -> TrainingData:
     """Resolve, tokenise (once) and open a dataset.
 
-    ``build=False`` (non-zero DDP ranks) waits for nothing and expects the cache to exist: the
-    caller builds on rank 0 first and meets the other ranks at a barrier.
+    ``build=False`` (the ranks that do not build) waits up to ``wait`` seconds (default
+    :func:`cache_wait_seconds`) for the builder's tokenizer and cache to appear, then reads them;
+    past that it stops with a sentence saying what it waited for.
     """
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     source = resolve_source(dataset, max_tokens)
+    timeout = None if build else (cache_wait_seconds() if wait is None else wait)
     try:
-        tok_path = prepare_tokenizer(tokenizer, vocab_size, source, cache, need_mask, log)
+        tok_path = prepare_tokenizer(tokenizer, vocab_size, source, cache, need_mask, log, wait=timeout)
         key = _sha(json.dumps({"format": CACHE_FORMAT, "source": source.identity, "tokenizer": _sha(tok_path.read_bytes()),
                                "val_fraction": val_fraction, "max_tokens": max_tokens}))[:16]
         folder = cache / "tokens" / key
@@ -564,9 +597,9 @@ def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction:
             stale = folder.with_name(f".{folder.name}.stale-{this_host()}-{os.getpid()}")
             os.rename(folder, stale)
             shutil.rmtree(stale, ignore_errors=True)
+        if not build:
+            wait_for(folder / "meta.json", "the token cache", timeout, log)
         if not (folder / "meta.json").is_file():
-            if not build:
-                raise LabError(f"Token cache {folder} is missing; rank 0 should have built it.")
             for name in sweep_stale_builds(folder.parent):
                 log(f"removed {name}, left in the token cache by a build that was killed")
             _build_cache(source, tok_path, folder, val_fraction, max_tokens, log)
