@@ -11,6 +11,14 @@ tokenizer file, so a second run on the same data starts at once. The validation 
 spread over the whole corpus: the token stream is cut into 4096-token blocks and every
 ``1/val_fraction``-th block goes to validation (tiny corpora use their tail instead).
 
+Tokenising uses every core: documents are cut into pieces of about 64K characters, gathered
+into batches of a few MB and encoded with the tokenizers library's batch encoder, whose threads
+share the batch (``$TOKENIZERS_PARALLELISM=false`` turns that off, ``$RAYON_NUM_THREADS`` caps it).
+The ids are the ones encoding piece by piece gives, so caches built either way are the same.
+Nothing holds the corpus whole: local files are read one at a time, Hugging Face datasets are
+streamed when the hub can be reached and otherwise read from their memory-mapped cached Arrow
+files, and tokens go to the shards as they come.
+
 Batches come from :class:`BatchSampler`, whose whole state is two integers (epoch, cursor),
 which is what makes exact resume possible.
 """
@@ -44,6 +52,7 @@ SPLIT_BLOCK = 4096            # tokens per routing block of the train/validation
 SHARD_TOKENS = 1 << 27        # tokens per shard file (256 MB at uint16)
 BPE_TRAIN_CHARS = 200_000_000  # our BPE learns from at most this much text
 DOC_PIECE_CHARS = 1 << 16     # documents are encoded in pieces of about this many characters
+ENCODE_BATCH_CHARS = 1 << 22  # characters handed to the batch encoder at once (its threads share them)
 
 
 def cache_wait_seconds() -> float:
@@ -231,8 +240,8 @@ def _load_hub_rows(label: str, ds: HubDataset):
     if not online:
         datasets.config.HF_HUB_OFFLINE = True
         hub_constants.HF_HUB_OFFLINE = True
-    try:
-        return datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=ds.streaming)
+    try:  # online: streamed row by row; offline: the cached Arrow files, memory-mapped, never read whole
+        return datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=ds.streaming or online)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         if not online:
             raise LabError(hub_offline_message(label, ds.name)) from None
@@ -493,6 +502,30 @@ def sweep_stale_builds(tokens_dir: Path) -> list[str]:
     return removed
 
 
+def encoded_pieces(source: TextSource, tokenizer_path: Path,
+                   batch_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[list[int], bool]]:
+    """``(ids, ends_document)`` for each piece of the source, in order, encoded a batch at a time by
+    the tokenizers library's threads; at most ``batch_chars`` of text (and its ids) are held."""
+    tok = _Tok.from_file(str(tokenizer_path))
+    texts: list[str] = []
+    ends: list[bool] = []
+    size = 0
+
+    def flush():
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [(e.ids, end) for e, end in zip(encodings, ends)]
+
+    for text, end in _pieces(source):
+        texts.append(text)
+        ends.append(end)
+        size += len(text)
+        if size >= batch_chars:
+            yield from flush()
+            texts, ends, size = [], [], 0
+    if texts:
+        yield from flush()
+
+
 def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fraction: float,
                  max_tokens: int | None, log: Callable[[str], None]) -> None:
     tok = BPETokenizer(tokenizer_path)
@@ -503,9 +536,8 @@ def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fra
     try:
         router = _SplitRouter(tmp, dtype, val_fraction)
         seen, docs = 0, 0
-        log(f"tokenising {source.label} with {tok.name}")
-        for text, ends in _pieces(source):
-            ids = tok.encode(text)
+        log(f"tokenising {source.label} with {tok.name} on {os.cpu_count() or 1} core(s)")
+        for ids, ends in encoded_pieces(source, tokenizer_path):
             if ends:
                 docs += 1
                 if tok.eos_id is not None:

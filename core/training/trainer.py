@@ -780,10 +780,11 @@ class Trainer:
         (killed, crashed, or its machine lost): what happened, what is kept, how to go on."""
         saved = runs_mod.checkpoint_steps(self.run_dir) if self.dist.main else []
         kept = f"its last checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint had been saved yet"
+        self.log(f"a collective failed: {first_line(e)}")
         return LabError(f"Another process of this {self.dist.world}-process run stopped (killed, crashed or "
                         f"unreachable) at step {self.step}, so this one cannot go on; {kept}: resume with "
                         f"`python -m core train --resume {self.run_dir}` on the same or another number of "
-                        f"processes ({first_line(e)[:120]}).")
+                        f"processes.")
 
     def _fail(self, e: BaseException) -> None:
         """Record a failure in status.json (reason, and a LabError's fix as data) and events.jsonl."""
