@@ -84,14 +84,16 @@ def check_fits(cfg: TrainConfig, device: str, devices: list[int] | None = None, 
         mode = "ddp" if least is None or ddp <= least or world == 1 else "fsdp"
     need = fsdp if mode == "fsdp" else ddp
     if least is not None and need > least:
-        gpus = gpus_needed(params, least, **kw)
         hint = ""
-        if gpus is not None and gpus > world:
-            hint = f" FSDP over {gpus} such GPUs would hold it (--parallel fsdp with --nnodes / more --devices);"
+        if targets[0].startswith("cuda"):
+            gpus = gpus_needed(params, least, **kw)
+            hint = " --activation-checkpointing also helps" + \
+                (f", and FSDP over {gpus} such GPUs would hold it (--parallel fsdp, more --cuda or --nnodes)"
+                 if gpus is not None and gpus > world else "") + "."
         for target in targets:
             _devices.require_free(need, target, "This run needs",
-                                  f"{hint.strip() + ' or ' if hint else ''}use fewer layers, a smaller d_model, a "
-                                  f"smaller batch size, --activation-checkpointing or a shorter block size.",
+                                  "use fewer layers, a smaller d_model, a smaller batch size or a shorter block size."
+                                  + hint,
                                   detail=f" per {'GPU' if targets[0].startswith('cuda') else 'process'} under "
                                          f"{mode.upper()} ({params / 1e6:,.1f} M parameters with their gradients and "
                                          f"optimizer state, and micro-batches of {cfg.batch_size} x "
@@ -155,3 +157,29 @@ def describe_fit(cfg: TrainConfig, device_bytes: int | None = None) -> str:
         f"{gpus} GPU{'s' if gpus > 1 else ''} at {training_bytes(params, parallel='fsdp', world=gpus, **kw) / 1e9:,.1f} GB each"
     return (f"{params / 1e6:,.1f} M parameters: about {ddp / 1e9:,.1f} GB per GPU under DDP "
             f"({'fits' if ddp <= gpu else 'does not fit'} a {gpu / 1e9:,.0f} GB GPU); under FSDP: {fsdp}.")
+
+
+def visible_gpu_bytes() -> int | None:
+    """The memory of this machine's first GPU, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def fit_lines(table: dict, measured: bool) -> list[str]:
+    """:func:`fits_table` as the lines ``python -m core models`` prints under the presets."""
+    where = f"GPUs of {table['gpu_gb']:g} GB (this machine's)" if measured else \
+        f"GPUs of {table['gpu_gb']:g} GB (none visible here)"
+    lines = [f"Memory to train each preset on {where} (micro-batch {table['batch']} x {table['context']} tokens, "
+             f"{'bf16 autocast' if table['amp'] else 'float32'}, AdamW):",
+             f"  {'name':<14}{'DDP, per GPU':>16}  FSDP with activation checkpointing"]
+    for r in table["rows"]:
+        ddp = f"{r['ddp_gb_per_gpu']:,.1f} GB" + ("" if r["ddp_fits"] else " (no)")
+        if r["fsdp_gpus"] is None:
+            fsdp = "does not fit any number of GPUs"
+        else:
+            fsdp = f"{r['fsdp_gpus']} GPU{'s' if r['fsdp_gpus'] > 1 else ''} x {r['fsdp_gb_per_gpu']:,.1f} GB"
+        lines.append(f"  {r['preset']:<14}{ddp:>16}  {fsdp}")
+    return lines
