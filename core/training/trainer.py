@@ -334,8 +334,10 @@ class Trainer:
             self.parallel, why = "ddp", "auto: one process"
         else:
             self.parallel, why = choose_parallel(asked, self._replica_bytes(gpt_config, "ddp"), free)
-        name = {"ddp": "DDP" if self.dist.enabled else "one process, unsharded", "fsdp": "FSDP2, sharded"}[self.parallel]
-        self.log(f"parallel: {name} over {self.dist.world} process(es) ({why})"
+        over = f" over {self.dist.world} process(es)"
+        name = {"ddp": f"DDP{over}" if self.dist.enabled else "one process, unsharded",
+                "fsdp": f"FSDP2, sharded{over}"}[self.parallel]
+        self.log(f"parallel: {name} ({why})"
                  + (", activation checkpointing" if self.cfg.activation_checkpointing else ""))
 
     def _check_memory(self) -> None:
