@@ -616,6 +616,8 @@ class Trainer:
                 for last in denoise(self.raw, ids, self.mask_id, dcfg, None, seed=self.cfg.seed):
                     pass
                 text = render(tok, last.ids[len(ids):], last.masked[len(ids):])
+            elif self.parallel == "fsdp":
+                text = tok.decode(self._sample_sharded(ids, n))
             else:
                 lm = LoadedModel(spec=self.run_dir.name, model=self.raw, tokenizer=tok, stack=stack_for(self.raw),
                                  device=str(self.device), dtype=torch.float32, source=str(self.run_dir))
@@ -625,6 +627,25 @@ class Trainer:
         finally:
             self.raw.train()
         return (prompt, text) if self.dist.main else None
+
+    @torch.no_grad()
+    def _sample_sharded(self, ids: list[int], n: int) -> list[int]:
+        """Top-k 40 sampling through the sharded model's own forward (its hooks gather each block
+        in turn; the layer-stack walk of :func:`generate` would bypass them), without a KV cache.
+        Every rank draws the same tokens: same logits, same seeded generator."""
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        x = torch.tensor([ids], device=self.device)
+        out: list[int] = []
+        for _ in range(n):
+            with self.autocast():
+                logits = self.raw(x[:, -self.cfg.block_size:])[0, -1].float()   # (V,)
+            top = torch.topk(logits, min(40, logits.numel()))
+            pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)]
+            out.append(int(pick))
+            if self.data.tokenizer.eos_id is not None and out[-1] == self.data.tokenizer.eos_id:
+                break
+            x = torch.cat([x, pick.view(1, 1)], dim=1)
+        return out
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, line: str) -> None:

@@ -91,7 +91,8 @@ def fsdp_run(corpus):
     """Two processes under torchrun, FSDP, batch 4 each (global 8)."""
     folder, text = corpus
     run = folder / "fsdp2"
-    torchrun(flags(common(folder, text, batch_size=4, parallel="fsdp")) + ["--output-dir", str(run)])
+    torchrun(flags(common(folder, text, batch_size=4, parallel="fsdp", preview_every=10, ckpt_name="final"))
+             + ["--output-dir", str(run)])
     return run
 
 
@@ -105,6 +106,13 @@ def test_two_process_fsdp_matches_one_process_with_the_same_global_batch(referen
     assert is_sharded(ck) and not (ck / "model.safetensors").exists()
     assert sorted(p.name for p in (ck / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert "parallel: FSDP2, sharded over 2 process(es) (--parallel fsdp)" in (fsdp_run / "log.txt").read_text()
+    previews = [json.loads(line) for line in (fsdp_run / "previews.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in previews] == [10, 20] and all(p["text"] for p in previews)  # sampled by every rank
+    from safetensors.torch import load_file   # --ckpt-name: the final model gathered into one file
+
+    final, ref = load_file(str(fsdp_run / "final" / "model.safetensors")), \
+        load_file(str(reference / "checkpoints" / "20" / "model.safetensors"))
+    assert final.keys() == ref.keys() and all(torch.allclose(final[k], ref[k], atol=1e-5) for k in ref)
 
 
 def test_a_sharded_checkpoint_loads_as_a_model_with_the_weights_of_the_one_process_run(reference, fsdp_run, tmp_path):
