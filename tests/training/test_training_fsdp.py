@@ -220,3 +220,33 @@ def test_a_killed_rank_fails_the_run_with_a_sentence_and_the_run_resumes(corpus)
     assert read_status(run)["state"] == "finished" and max(after) == last + 3
     for s in range(last + 1, min(max(before), last + 3) + 1):
         assert abs(after[s] - before[s]) < TOL, (s, after[s], before[s])
+
+
+def test_two_nodes_on_one_machine_each_build_their_own_cache_and_train_as_one(corpus, reference):
+    """Two `train --nnodes 2 --node-rank R` commands (one process each, a rendezvous on localhost)
+    whose cache folders differ: the trainer finds the folder is not shared, each node builds its own
+    token cache, and the run retraces the one-process curve."""
+    import socket
+
+    folder, text = corpus
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = folder / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = []
+    for rank in (0, 1):
+        d = common(folder, text, batch_size=4, parallel="fsdp", max_steps=6, data_cache=folder / f"node{rank}-cache")
+        cmd = [sys.executable, "-m", "core", "train", *flags(d), "--output-dir", str(run), "--no-progress",
+               "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    log = (run / "log.txt").read_text()
+    assert "token cache: built on each node" in log
+    assert list((folder / "node1-cache" / "tokens").glob("*/meta.json"))       # node 1 built its own
+    short = folder / "short"
+    one_thread(lambda: list(train(TrainConfig(batch_size=8, **common(folder, text, max_steps=6)), short)))
+    same_curve(read_metrics(short), read_metrics(run), range(1, 7))
+    assert read_status(run)["world_size"] == 2

@@ -220,3 +220,35 @@ def test_the_batch_encoder_gives_the_ids_of_encoding_piece_by_piece(text):
     one_by_one = [(tok.encode(t), e) for t, e in _pieces(src)]
     assert list(encoded_pieces(src, DEFAULT_DIR / "tokenizer.json", batch_chars=5000)) == one_by_one
     assert len(one_by_one) > 2
+
+
+def test_hub_datasets_stream_when_the_hub_is_reachable_and_are_never_listed_whole(text, tmp_path, monkeypatch):
+    """Online, every hub dataset (the presets that used to download whole included) is opened with
+    streaming=True, and the cache build takes its rows one at a time."""
+    import datasets
+
+    import core.training.data as data
+
+    seen = {}
+
+    def rows():
+        for i in range(100_000):
+            seen["read"] = i + 1
+            yield {"text": f"row {i}: " + CORPUS[: 200]}
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        seen["streaming"] = streaming
+        return rows()
+
+    monkeypatch.setattr(data, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    source = data.resolve_source("openwebtext-10k", max_tokens=2000)        # a preset with streaming=False
+    from core.models.loading import DEFAULT_DIR
+
+    folder = tmp_path / "tokens"
+    data._build_cache(source, DEFAULT_DIR / "tokenizer.json", folder, 0.05, 2000, log=lambda _: None)
+    assert seen["streaming"] is True
+    # read a batch of the encoder at most (about ENCODE_BATCH_CHARS of text), never the whole dataset
+    assert seen["read"] <= data.ENCODE_BATCH_CHARS // 200 + 1
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] == 2000
