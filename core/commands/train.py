@@ -197,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Flags that change a resumed run without changing what it is.
 RESUME_OVERRIDES = ("max_steps", "epochs", "val_every", "val_batches", "preview_every", "preview_prompt",
                     "preview_tokens", "save_every", "keep_last", "log_every", "device", "devices", "compile",
-                    "ckpt_name", "batch_size", "grad_acc_steps", "activation_checkpointing")
+                    "ckpt_name", "batch_size", "grad_acc_steps", "activation_checkpointing", "parallel")
 # How the command is launched on this machine (torchrun's options), not settings of the run.
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 

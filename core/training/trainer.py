@@ -12,6 +12,11 @@ is a function of ``(seed, epoch)`` with the position saved as two integers. A ch
 therefore holds the weights, the optimiser (and GradScaler) state and a handful of integers,
 and a resumed run retraces an uninterrupted one step for step.
 
+Several processes. Under torchrun the model is replicated (DDP) or sharded (FSDP2, see
+:mod:`core.training.parallel`); an FSDP run writes sharded checkpoints (:mod:`core.training.checkpoint`)
+that resume on any number of processes, with the per-process batch set so the sequences per step,
+and so the run, stay the same. A process that dies ends the others with one sentence.
+
 Stopping. SIGTERM, SIGINT, a STOP file in the run folder, or the consumer closing the
 generator all end the run at a step boundary with a checkpoint and status ``stopped``. Under
 torchrun the ranks agree on the stop step (an all-reduce of the flag), so no rank is left
