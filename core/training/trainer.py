@@ -366,6 +366,7 @@ class Trainer:
         windows = validation_windows(self.data.val, cfg.block_size, n)                 # (N, T + 1), all ranks
         self.val_windows = windows[self.dist.rank::self.dist.world]
         self.val_rows = math.ceil(len(windows) / self.dist.world)  # the most any rank holds
+        self.val_pad = windows[:1]  # what a rank with fewer windows runs (and does not count) under FSDP
         if cfg.objective == "diffusion" and len(windows):
             rates = validation_rates(len(windows))                                     # (N,)
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -582,7 +583,7 @@ class Trainer:
             for i in range(0, rows, B):
                 if i >= len(self.val_windows):
                     with self.autocast():
-                        self.fwd(self.val_windows[:B].to(self.device))
+                        self.fwd(self.val_pad[:, :-1].to(self.device))
                     continue
                 batch = self.val_windows[i:i + B].to(self.device)
                 with self.autocast():
