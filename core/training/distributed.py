@@ -99,7 +99,7 @@ def ensure_group(d: Dist) -> None:
     """A process group for FSDP in a single process (torchrun's workers have one already)."""
     if dist.is_initialized():
         return
-    if d.device.startswith("cuda"):
+    if d.device.startswith("cuda:"):
         torch.cuda.set_device(d.device)
     dist.init_process_group("nccl" if d.device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
