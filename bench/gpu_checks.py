@@ -115,7 +115,7 @@ def _train_rate(s: Shape, work: Path, name: str, **over) -> dict:
     from core.training.trainer import StepLogged
 
     gpu = s.device == "cuda"
-    settings = dict(compile=gpu, **over)
+    settings = {"compile": gpu, **over}
     cfg = TrainConfig(**s.train_preset, block_size=s.train_context, batch_size=s.train_batch, amp=True,
                       amp_dtype="bfloat16", device=s.device, log_every=s.train_steps, val_every=0,
                       save_every=0, preview_every=0, keep_last=1, max_steps=100_000, warmup_steps=10, **settings)
@@ -265,7 +265,7 @@ def main() -> None:
               "consensus": lambda: check_consensus(s), "fsdp": lambda: check_fsdp_vs_ddp(s, work)}
     chosen = args.only or list(checks)
     results = {k: (_result(k, checks[k]) if k in chosen else {"ok": False, "error": "not run (--only)", "seconds": 0})
-               for k in checks}
+               for k in checks}  # a check left out shows as "not run" in its row
     try:
         body = report(s, args.smoke, results)
         print(body)
