@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S, type=device_arg, metavar="DEVICE",
                    help=f"cpu, cuda, cuda:N or auto (default {D.device})")
     p.add_argument("--cuda", dest="cuda", type=_indices, default=S, metavar="N[,M]",
-                   help="GPU index as in the reference scripts; several (0,1) train with DDP under torchrun")
+                   help="GPU index as in the reference scripts; several (0,1) train under torchrun (see --parallel)")
     p.add_argument("--devices", dest="cuda", type=_indices, default=S, metavar="N,M", help="same as --cuda")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
                    help=f"several processes: ddp (a replica per GPU), fsdp (FSDP2: weights, gradients and optimizer "
@@ -152,8 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     n = parser.add_argument_group("several processes and machines (torchrun)")
     n.add_argument("--nproc-per-node", dest="nproc_per_node", type=int_arg(1), default=S, metavar="N",
-                   help="processes on this machine (default: one per GPU of --cuda, else one per visible GPU, "
-                        "else 1; on the CPU they use gloo)")
+                   help="processes on this machine (default: one per GPU of --cuda; with --nnodes and no --cuda, "
+                        "one per visible GPU; else 1). CPU processes use gloo")
     n.add_argument("--nnodes", type=int_arg(1), default=S, metavar="N", help="machines in the run (default 1)")
     n.add_argument("--node-rank", dest="node_rank", type=int_arg(0), default=S, metavar="R",
                    help="this machine's number, 0 .. N-1 (node 0 writes the run folder)")
