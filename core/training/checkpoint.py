@@ -134,7 +134,7 @@ def load_full_into(model: nn.Module, optimizers: list[torch.optim.Optimizer], we
         for g in saved["param_groups"]:
             merged["param_groups"].append({**g, "params": [order[int(i)] for i in g["params"]]})
     set_state_dict(model, optimizers, model_state_dict=weights, optim_state_dict=merged,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+                   options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 # -- a sharded checkpoint as a model ---------------------------------------------------------------
