@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     nproc, nnodes, node_rank, _ = plan
     if int(os.environ.get("RANK", "0")) == 0:  # before any folder or data: an impossible size costs nothing
         check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None,
-                   nnodes=nnodes)
+                   nnodes=nnodes, nproc=nproc)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
     # one writer per run, for as long as this command trains it (node 0's command, on a multi-node run)

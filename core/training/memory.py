@@ -62,7 +62,8 @@ def training_bytes(n_params: int, *, n_layer: int, d_model: int, vocab_size: int
     return int(math.ceil(states / max(1, world)) + gathered + activations + rest)
 
 
-def check_fits(cfg: TrainConfig, device: str, devices: list[int] | None = None, nnodes: int = 1) -> int:
+def check_fits(cfg: TrainConfig, device: str, devices: list[int] | None = None, nnodes: int = 1,
+               nproc: int | None = None) -> int:
     """Raise LabError, saying what to shrink or how many GPUs would hold it, when the run cannot fit in
     the free memory of its devices; returns the estimate in bytes (per GPU). Under DDP every GPU holds
     a whole replica; under FSDP (``--parallel fsdp``, or ``auto`` when a replica does not fit) the
@@ -70,7 +71,7 @@ def check_fits(cfg: TrainConfig, device: str, devices: list[int] | None = None, 
     sizes = cfg.model_sizes()
     vocab = vocab_for(cfg)
     params = parameter_count(cfg, vocab)
-    world = max(1, len(devices or []) * max(1, nnodes))
+    world = max(1, (len(devices or []) or int(nproc or 1)) * max(1, nnodes))
     kw = dict(n_layer=int(sizes["n_layer"]), d_model=int(sizes["d_model"]), vocab_size=vocab,
               batch_size=int(cfg.batch_size), context=int(cfg.block_size), amp=bool(cfg.amp),
               activation_checkpointing=bool(cfg.activation_checkpointing))
