@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch.nn as nn
 from ..errors import LabError, first_line
 
 SHARDS_DIR = "shards"
+_SHARD_NAME = re.compile(r"__\d+_\d+\.distcp")
 
 
 def is_sharded(folder: str | os.PathLike) -> bool:
@@ -80,6 +82,12 @@ def _reader(shards: Path):
             except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, OSError) as e:
                 raise LabError(f"Refused to read {path}: it is not the metadata of a sharded checkpoint "
                                f"({first_line(e)}); delete the checkpoint folder to use the one before it.") from None
+            for info in (getattr(metadata, "storage_data", None) or {}).values():
+                name = str(getattr(info, "relative_path", ""))
+                if not _SHARD_NAME.fullmatch(name):  # a shard is a file of this folder, never a path out of it
+                    raise LabError(f"Refused to read {path}: it names the shard file {name[:80]!r}, which is not one "
+                                   f"of this folder's __<rank>_<n>.distcp files; delete the checkpoint folder to use "
+                                   f"the one before it.")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -103,10 +103,15 @@ def test_a_tampered_shard_metadata_is_refused_not_run(text, tmp_path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
+    good = (ck / SHARDS_DIR / ".metadata").read_bytes()
     (ck / SHARDS_DIR / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(LabError, match=r"Refused to read .*\.metadata: it is not the metadata of a sharded"):
         load_model(str(ck))
     assert not marker.exists()
+    # a shard named outside the folder is refused before anything is read
+    (ck / SHARDS_DIR / ".metadata").write_bytes(good.replace(b"__0_0.distcp", b"../x/a.distc"))
+    with pytest.raises(LabError, match=r"names the shard file '../x/a.distc'"):
+        load_model(str(ck))
 
 
 # -- memory ---------------------------------------------------------------------------------------
