@@ -193,27 +193,45 @@ def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[
     return cfg, name
 
 
-# -- the form -----------------------------------------------------------------------------------
+# -- several GPUs ---------------------------------------------------------------------------------
 
-PARALLEL_LABELS = {"auto": "auto: DDP when a replica fits, else FSDP", "ddp": "DDP (a replica per GPU)",
-                   "fsdp": "FSDP (sharded)"}
+PARALLEL_LABELS = {"auto": "auto: DDP if a replica fits", "ddp": "DDP (replicas)", "fsdp": "FSDP (sharded)"}
+
+
+def preset_memory_markdown(table: dict, measured: bool) -> str:
+    """:func:`core.training.memory.fits_table` as a Markdown table, with the assumptions above it."""
+    gpu = f"{table['gpu_gb']:g} GB GPUs" + (" (this machine's)" if measured else " (none visible here)")
+    lines = [f"For {gpu}, micro-batch {table['batch']} x {table['context']} tokens, "
+             f"{'bf16 autocast' if table['amp'] else 'float32'}, AdamW:", "",
+             "| preset | parameters | DDP: memory per GPU | FSDP with activation checkpointing |",
+             "|---|---:|---:|---|"]
+    for r in table["rows"]:
+        ddp = f"{r['ddp_gb_per_gpu']:,.1f} GB" + ("" if r["ddp_fits"] else " (does not fit)")
+        fsdp = "no number of GPUs" if r["fsdp_gpus"] is None else \
+            f"{r['fsdp_gpus']} GPU{'s' if r['fsdp_gpus'] > 1 else ''} x {r['fsdp_gb_per_gpu']:,.1f} GB"
+        lines.append(f"| {r['preset']} | {r['parameters'] / 1e6:,.0f} M | {ddp} | {fsdp} |")
+    return "\n".join(lines)
 
 
 def parallel_widgets(v: dict[str, Any], keep: dict) -> None:
     """Several GPUs: DDP or FSDP, activation checkpointing, and what each preset needs under both."""
-    from core.training.memory import fit_lines, fits_table, visible_gpu_bytes
+    from core.training.memory import fits_table, visible_gpu_bytes
 
-    c = st.columns([2, 2, 3])
+    c = st.columns([2, 2, 2])
     v["parallel"] = c[0].selectbox("Parallel", PARALLEL_MODES, index=PARALLEL_MODES.index(DEFAULTS.parallel),
                                    format_func=PARALLEL_LABELS.get, key=key("parallel"), **keep,
                                    help="With several GPUs: DDP keeps a whole replica on each; FSDP shards weights, "
-                                        "gradients and optimizer state over them (sharded checkpoints).")
+                                        "gradients and optimizer state over them (sharded checkpoints). auto picks "
+                                        "DDP when a replica fits a GPU, else FSDP.")
     v["activation_checkpointing"] = c[1].toggle(
         "Activation checkpointing", DEFAULTS.activation_checkpointing, key=key("activation_checkpointing"), **keep,
         help="Recompute each block's activations in the backward pass: much less memory, about a third more compute.")
     gpu = visible_gpu_bytes()
-    with c[2].expander("Memory per preset, DDP and FSDP", icon=":material/memory:"):
-        st.code("\n".join(fit_lines(fits_table(gpu), gpu is not None)), language=None)
+    with st.expander("Memory per preset under DDP and FSDP", icon=":material/memory:"):
+        st.markdown(preset_memory_markdown(fits_table(gpu), gpu is not None))
+
+
+# -- the form -----------------------------------------------------------------------------------
 
 def launch_form() -> dict[str, Any] | None:
     """Draw the form; return its values when Launch was pressed, else None."""
