@@ -536,7 +536,8 @@ def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fra
     try:
         router = _SplitRouter(tmp, dtype, val_fraction)
         seen, docs = 0, 0
-        log(f"tokenising {source.label} with {tok.name} on {os.cpu_count() or 1} core(s)")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        log(f"tokenising {source.label} with {tok.name} on {cores} core(s)")
         for ids, ends in encoded_pieces(source, tokenizer_path):
             if ends:
                 docs += 1
