@@ -117,7 +117,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizers: list[torch.optim.Op
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, storage_reader=_reader(folder / SHARDS_DIR))
+        with warnings.catch_warnings():  # one unsharded process: DCP warns that it assumes just that
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_reader(folder / SHARDS_DIR))
     except LabError:
         raise
     except Exception as e:  # DCP wraps every rank's failure in one CheckpointException
