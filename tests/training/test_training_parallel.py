@@ -257,3 +257,16 @@ def test_hub_datasets_stream_when_the_hub_is_reachable_and_are_never_listed_whol
     assert seen["read"] <= data.ENCODE_BATCH_CHARS // 200 + 1
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["train_tokens"] + meta["val_tokens"] == 2000
+
+
+def test_a_sharded_checkpoint_continues_unsharded_exactly(text, plain, tmp_path):
+    run = tmp_path / "back"
+    gen = train(cfg(text, parallel="fsdp"), run)
+    for ev in gen:
+        if isinstance(ev, CheckpointSaved) and ev.step == 3:
+            gen.close()
+            break
+    assert is_sharded(run / "checkpoints" / "3")
+    list(train(resume_config(run, parallel="ddp"), run, resume=True))
+    close(losses(plain), losses(run))
+    assert (run / "checkpoints" / "6" / "model.safetensors").is_file()
