@@ -17,7 +17,7 @@ import torch
 
 from core.training import TrainConfig, read_metrics, read_status, train
 from core.training.checkpoint import is_sharded
-from core.training.trainer import CheckpointSaved, StepLogged
+from core.training.trainer import CheckpointSaved
 from tests.conftest import CORPUS
 
 ROOT = Path(__file__).resolve().parents[2]
