@@ -74,6 +74,14 @@ def presets() -> list[dict]:
     return rows
 
 
+def _preset_memory() -> dict:
+    """Per preset, the memory per GPU under DDP and the GPUs FSDP needs (core.training.memory)."""
+    from ..training.memory import fits_table, visible_gpu_bytes
+
+    gpu = visible_gpu_bytes()
+    return {**fits_table(gpu), "measured": gpu is not None}
+
+
 def collect(runs: str | Path = "runs") -> dict:
     """Everything ``models`` shows, as plain data."""
     from huggingface_hub import constants  # a third of a second: only `models` itself pays it
@@ -88,6 +96,7 @@ def collect(runs: str | Path = "runs") -> dict:
             "hub": [{"id": m, "cached": hub_cache_status(m)} for m in KNOWN_HUB_MODELS],
             "checkpoints": find_checkpoints(Path(runs)),
             "presets": presets(),
+            "preset_memory": _preset_memory(),
             "preset_vocab": PRESET_VOCAB, "preset_context": PRESET_CONTEXT}
 
 
@@ -122,6 +131,10 @@ def format_models(info: dict, runs: str) -> str:
     for p in info["presets"]:
         lines.append(f"  {p['name']:<14}{p['layers']:>7}{p['heads']:>7}{p['width']:>7}"
                      f"{p['parameters']:>16,}")
+    if info.get("preset_memory"):
+        from ..training.memory import fit_lines
+
+        lines += [""] + fit_lines(info["preset_memory"], info["preset_memory"].get("measured", False))
     return "\n".join(lines)
 
 

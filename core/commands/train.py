@@ -6,7 +6,9 @@ and the Training page; every checkpoint folder is a model spec for --model.
 Both reference scripts' spellings work: gpt-training-suite.md's (--dataset small, --model-version gpt3,
 --n-layer, --d-model, --epochs, --amp --amp-dtype fp16) and diffusion-interpretability.md's
 (--train_steps, --grad_acc_steps, --num_layers, --num_heads, --model_dim, --train_seq_len, --cuda 3).
-More than one GPU (--cuda 0,1 or --devices 0,1) runs data-parallel under torchrun.
+More than one GPU (--cuda 0,1 or --devices 0,1) runs under torchrun: data-parallel (--parallel ddp) or
+sharded (--parallel fsdp, FSDP2 with sharded checkpoints); the default picks DDP when a replica fits a GPU.
+Several machines: the same command on each with --nnodes N --node-rank R --rdzv-endpoint HOST:PORT.
 
 Examples:
   python -m core train --preset tiny --max-steps 2000 --amp --preview-every 250
@@ -15,6 +17,9 @@ Examples:
   python -m core train --objective diffusion --train_seq_len 1024 --train_steps 20_000 --grad_acc_steps 8 \\
       --num_layers 12 --num_heads 6 --model_dim 384 --cuda 0,1 --val_loss_every 1_000 --save_every 2_000
   python -m core train --resume runs/20250101-120000-ar-tiny --max-steps 4000
+  python -m core train --preset gpt2-xl --cuda 0,1,2,3 --parallel fsdp --amp --activation-checkpointing
+  python -m core train --preset gpt2-xl --parallel fsdp --amp --output-dir /shared/runs/xl \
+      --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500        # and --node-rank 1 on the second machine
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ..files import parse_json
 from ..models.config import PRESETS
 from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
-                               OPTIMIZERS, TrainConfig)
+                               OPTIMIZERS, PARALLEL_MODES, TrainConfig)
 from .cli import device_arg, float_arg, int_arg, path_arg
 
 NAME = "train"
@@ -135,8 +140,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=S, type=device_arg, metavar="DEVICE",
                    help=f"cpu, cuda, cuda:N or auto (default {D.device})")
     p.add_argument("--cuda", dest="cuda", type=_indices, default=S, metavar="N[,M]",
-                   help="GPU index as in the reference scripts; several (0,1) train with DDP under torchrun")
+                   help="GPU index as in the reference scripts; several (0,1) train under torchrun (see --parallel)")
     p.add_argument("--devices", dest="cuda", type=_indices, default=S, metavar="N,M", help="same as --cuda")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
+                   help=f"several processes: ddp (a replica per GPU), fsdp (FSDP2: weights, gradients and optimizer "
+                        f"state sharded, sharded checkpoints), or auto: DDP when a replica fits, else FSDP "
+                        f"(default {D.parallel})")
+    p.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_const", const=True,
+                   default=S, help="recompute each block's activations in the backward pass (less memory, ~1/3 "
+                                   "more compute)")
+
+    n = parser.add_argument_group("several processes and machines (torchrun)")
+    n.add_argument("--nproc-per-node", dest="nproc_per_node", type=int_arg(1), default=S, metavar="N",
+                   help="processes on this machine (default: one per GPU of --cuda; with --nnodes and no --cuda, "
+                        "one per visible GPU; else 1). CPU processes use gloo")
+    n.add_argument("--nnodes", type=int_arg(1), default=S, metavar="N", help="machines in the run (default 1)")
+    n.add_argument("--node-rank", dest="node_rank", type=int_arg(0), default=S, metavar="R",
+                   help="this machine's number, 0 .. N-1 (node 0 writes the run folder)")
+    n.add_argument("--rdzv-endpoint", dest="rdzv_endpoint", default=S, metavar="HOST:PORT",
+                   help="node 0's address and a free port, reachable from every machine")
 
     b = parser.add_argument_group("validation, previews, checkpoints")
     b.add_argument("--val-every", "--val_loss_every", dest="val_every", type=_num("val_every", off), default=S,
@@ -175,7 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Flags that change a resumed run without changing what it is.
 RESUME_OVERRIDES = ("max_steps", "epochs", "val_every", "val_batches", "preview_every", "preview_prompt",
                     "preview_tokens", "save_every", "keep_last", "log_every", "device", "devices", "compile",
-                    "ckpt_name", "batch_size", "grad_acc_steps")
+                    "ckpt_name", "batch_size", "grad_acc_steps", "activation_checkpointing", "parallel")
+# How the command is launched on this machine (torchrun's options), not settings of the run.
+LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
 
 def _same_sequences_per_step(run: str, cfg: TrainConfig) -> None:
@@ -213,7 +237,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from ..training.trainer import resume_config  # the engine (torch) loads only when a command runs
 
     given = dict(vars(args))
-    for k in ("command", "run", "output_dir", "run_name", "config", "resume", "no_progress"):
+    for k in ("command", "run", "output_dir", "run_name", "config", "resume", "no_progress", *LAUNCH_FLAGS):
         given.pop(k, None)
     if given.pop("val_checking", False) and given.get("val_every") == 0:
         raise LabError("--val-checking asks for validation but --val-every 0 turns it off; drop one of them.")
@@ -317,35 +341,84 @@ def run_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
         return Path(args.resume)
     if getattr(args, "output_dir", None):
         folder = Path(args.output_dir)
-        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder; the others never judge it
+        if int(os.environ.get("RANK", "0")) == 0 and _node_rank(args) == 0:  # rank 0 writes the folder
             runs.check_output_folder(folder)
         return folder
     if getattr(args, "run_name", None):
         folder = runs.runs_root() / runs.check_run_id(args.run_name)
-        if folder.exists():
+        if folder.exists() and _node_rank(args) == 0:
             raise LabError(f"Run {folder} already exists; pick another --run-name or resume it with --resume {folder}.")
         return folder
     return runs.runs_root() / runs.new_run_id(cfg)
 
 
-def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock) -> None:
-    """Re-run this command as torchrun's workers, one per chosen GPU (this process becomes torchrun,
-    and keeps the run's lock for them)."""
-    import torch  # only a multi-GPU run needs it here
+def _node_rank(args: argparse.Namespace) -> int:
+    return int(getattr(args, "node_rank", 0) or 0)
+
+
+def launch_plan(args: argparse.Namespace, cfg: TrainConfig) -> tuple[int, int, int, str | None]:
+    """``(processes on this machine, machines, this machine's rank, rendezvous endpoint)`` from the
+    flags, checked: one process on one machine means no torchrun."""
+    nnodes = int(getattr(args, "nnodes", 1) or 1)
+    node_rank, endpoint = _node_rank(args), getattr(args, "rdzv_endpoint", None)
+    if nnodes > 1:
+        from ..training.distributed import split_endpoint
+
+        split_endpoint(endpoint)
+        if node_rank >= nnodes:
+            raise LabError(f"--node-rank {node_rank} is not below --nnodes {nnodes}; number the machines 0 .. {nnodes - 1}.")
+        if not any(getattr(args, k, None) for k in ("output_dir", "run_name", "resume")):
+            raise LabError("A run over several machines needs the same run folder on each: give --output-dir on storage "
+                           "every node sees (or --run-name with a shared $GPTLAB_RUNS).")
+    elif node_rank or endpoint:
+        raise LabError("--node-rank and --rdzv-endpoint go with --nnodes 2 or more; drop them for a one-machine run.")
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is None:
+        if cfg.devices:
+            nproc = len(cfg.devices)
+        elif nnodes > 1:
+            import torch  # only a multi-machine run needs it here
+
+            nproc = torch.cuda.device_count() if torch.cuda.is_available() and cfg.device != "cpu" else 1
+        else:
+            nproc = 1
+    elif cfg.devices and nproc != len(cfg.devices):
+        raise LabError(f"--nproc-per-node {nproc} differs from the {len(cfg.devices)} GPUs of --cuda; give one of them.")
+    return int(nproc), nnodes, node_rank, endpoint
+
+
+def _exec_torchrun(cfg: TrainConfig, folder: Path, resume: bool, lock, plan: tuple[int, int, int, str | None]) -> None:
+    """Re-run this command as torchrun's workers, one per chosen GPU (or ``--nproc-per-node`` CPU
+    processes); this process becomes torchrun, and keeps the run's lock for them. Node 0 prepares the
+    run folder; the other nodes pass the same settings through a config file of their own."""
+    import tempfile
+
+    import torch  # only a multi-process run needs it here
 
     from ..training.distributed import torchrun_command
 
-    if not torch.cuda.is_available():
-        raise LabError("Several devices were chosen but no CUDA GPU is visible; use one device (--device cpu).")
-    n = torch.cuda.device_count()
-    bad = [i for i in cfg.devices if i >= n]
-    if bad:
-        raise LabError(f"GPU index {bad[0]} does not exist: this machine has {n} GPU(s) (0..{n - 1}).")
-    if not resume:
+    nproc, nnodes, node_rank, endpoint = plan
+    if cfg.devices:
+        if not torch.cuda.is_available():
+            raise LabError("Several devices were chosen but no CUDA GPU is visible; use one device (--device cpu).")
+        n = torch.cuda.device_count()
+        bad = [i for i in cfg.devices if i >= n]
+        if bad:
+            raise LabError(f"GPU index {bad[0]} does not exist: this machine has {n} GPU(s) (0..{n - 1}).")
+    if resume:
+        args = ["--resume", str(folder)]
+    elif node_rank == 0:
         runs.prepare_run(folder, cfg)
-    args = ["--resume", str(folder)] if resume else ["--config", str(folder / "config.json"), "--output-dir", str(folder)]
-    cmd = torchrun_command(args + ["--no-progress"], len(cfg.devices))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in cfg.devices)}
+        args = ["--config", str(folder / "config.json"), "--output-dir", str(folder)]
+    else:
+        fd, local = tempfile.mkstemp(prefix="gptlab-node-config-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(cfg.to_dict(), fh)
+        args = ["--config", local, "--output-dir", str(folder)]
+    cmd = torchrun_command(args + ["--no-progress"], nproc, nnodes=nnodes, node_rank=node_rank, endpoint=endpoint)
+    env = dict(os.environ)
+    if cfg.devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in cfg.devices)
     if lock is not None:
         lock.keep_across_exec()
     sys.stdout.flush()
@@ -361,18 +434,22 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     worker = "WORLD_SIZE" in os.environ  # a torchrun worker: the command that started torchrun holds the lock
+    plan = launch_plan(args, cfg) if not worker else (1, 1, 0, None)
+    nproc, nnodes, node_rank, _ = plan
     if int(os.environ.get("RANK", "0")) == 0:  # before any folder or data: an impossible size costs nothing
-        check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None)
+        check_fits(cfg, resolve_device(cfg.device), cfg.devices if cfg.devices and len(cfg.devices) > 1 else None,
+                   nnodes=nnodes, nproc=nproc)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
-    lock = None if worker else runs.lock_run(folder)  # one writer per run, for as long as this command trains it
+    # one writer per run, for as long as this command trains it (node 0's command, on a multi-node run)
+    lock = None if worker or node_rank > 0 else runs.lock_run(folder)
     try:
         if lock is not None and not resume and int(os.environ.get("RANK", "0")) == 0:
             # judged again under the lock: a second `train` into the same folder that passed the first check
             # while this one was starting finds this run here (or this one finds its run), never writes over it
             runs.check_output_folder(folder)
-        if cfg.devices and len(cfg.devices) > 1 and not worker:
-            _exec_torchrun(cfg, folder, resume, lock)
+        if (nproc > 1 or nnodes > 1) and not worker:
+            _exec_torchrun(cfg, folder, resume, lock, plan)
         events = train(cfg, folder, resume=resume)
         if bool(getattr(args, "no_progress", False)) or int(os.environ.get("RANK", "0")) != 0:
             for _ in events:  # the run folder gets everything; nothing to show

@@ -204,10 +204,13 @@ def save_checkpoint(folder: str | os.PathLike, model: GPT, tokenizer_json: str |
 def _load_gptlab(path: Path, device: str, dtype: torch.dtype) -> tuple[GPT, dict]:
     meta, cfg = read_checkpoint_meta(path)
     weights = path / "model.safetensors"
-    if not weights.is_file():
+    from ..training.checkpoint import consolidated_weights, is_sharded, shard_bytes  # an FSDP run's checkpoint
+
+    sharded = not weights.is_file() and is_sharded(path)
+    if not weights.is_file() and not sharded:
         raise LabError(f"{path} has a config.json but no model.safetensors; the checkpoint is incomplete.")
     need = cfg.n_params * DTYPE_BYTES[dtype_name(dtype)]
-    host = weights.stat().st_size + (need if torch.device(device).type == "cpu" else 0)
+    host = (shard_bytes(path) if sharded else weights.stat().st_size) + (need if torch.device(device).type == "cpu" else 0)
     require_free(host, "cpu", f"{path} needs", "load it on a machine with more memory or in a 16-bit dtype.",
                  detail=f" to load ({cfg.n_params:,} parameters)")
     if torch.device(device).type != "cpu":
@@ -216,7 +219,7 @@ def _load_gptlab(path: Path, device: str, dtype: torch.dtype) -> tuple[GPT, dict
     with torch.device("meta"):
         model = GPT(cfg)
     try:
-        sd = load_file(str(weights))
+        sd = consolidated_weights(path) if sharded else load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise LabError(f"The weights file {weights} is corrupt or truncated ({shorten(first_line(e), 160)}); "
                        f"restore it or load an earlier checkpoint.") from e

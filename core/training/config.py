@@ -27,6 +27,7 @@ from ..generation.config import SAMPLER_OF_OBJECTIVE
 OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a model can be trained as: each has its sampler
 OPTIMIZERS = ("adamw", "muon")
 AMP_DTYPES = ("bfloat16", "float16")
+PARALLEL_MODES = ("auto", "ddp", "fsdp")  # auto: DDP when a replica fits one device, FSDP otherwise
 MODEL_VERSIONS = ("gpt2", "gpt3")       # the recipes of core.training.optim.RECIPES (a test keeps them equal)
 NAMED_TOKENIZERS = ("bpe", "gpt2")      # besides a tokenizer.json or model folder
 DEFAULT_PRESET = "tiny"                 # the model when neither a preset nor sizes are given
@@ -130,7 +131,9 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     compile: bool = False
     device: str = "auto"
-    devices: list[int] | None = None    # GPU indices; more than one runs under torchrun (DDP)
+    devices: list[int] | None = None    # GPU indices; more than one runs under torchrun
+    parallel: str = "auto"              # ddp | fsdp | auto (core.training.parallel)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     seed: int = 1337
     # bookkeeping
     val_every: int = 200                # 0 = only at the end
@@ -188,7 +191,7 @@ class TrainConfig:
         """Raise LabError for a choice not on its list or a number outside :data:`LIMITS` (a model of
         100,000 layers is refused here, long before anything is built)."""
         for name, allowed in (("objective", OBJECTIVES), ("optimizer", OPTIMIZERS), ("amp_dtype", AMP_DTYPES),
-                              ("model_version", MODEL_VERSIONS)):
+                              ("model_version", MODEL_VERSIONS), ("parallel", PARALLEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise LabError(f"{label(name)} must be one of {', '.join(allowed)} (got '{getattr(self, name)}').")
         for name, limit in LIMITS.items():

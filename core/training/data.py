@@ -11,6 +11,14 @@ tokenizer file, so a second run on the same data starts at once. The validation 
 spread over the whole corpus: the token stream is cut into 4096-token blocks and every
 ``1/val_fraction``-th block goes to validation (tiny corpora use their tail instead).
 
+Tokenising uses every core: documents are cut into pieces of about 64K characters, gathered
+into batches of a few MB and encoded with the tokenizers library's batch encoder, whose threads
+share the batch (``$TOKENIZERS_PARALLELISM=false`` turns that off, ``$RAYON_NUM_THREADS`` caps it).
+The ids are the ones encoding piece by piece gives, so caches built either way are the same.
+Nothing holds the corpus whole: local files are read one at a time, Hugging Face datasets are
+streamed when the hub can be reached and otherwise read from their memory-mapped cached Arrow
+files, and tokens go to the shards as they come.
+
 Batches come from :class:`BatchSampler`, whose whole state is two integers (epoch, cursor),
 which is what makes exact resume possible.
 """
@@ -44,6 +52,36 @@ SPLIT_BLOCK = 4096            # tokens per routing block of the train/validation
 SHARD_TOKENS = 1 << 27        # tokens per shard file (256 MB at uint16)
 BPE_TRAIN_CHARS = 200_000_000  # our BPE learns from at most this much text
 DOC_PIECE_CHARS = 1 << 16     # documents are encoded in pieces of about this many characters
+ENCODE_BATCH_CHARS = 1 << 22  # characters handed to the batch encoder at once (its threads share them)
+
+
+def cache_wait_seconds() -> float:
+    """How long a process that does not build the token cache waits for it (``$GPTLAB_DATA_WAIT``,
+    seconds; default an hour, since the builder may be tokenising a large corpus)."""
+    try:
+        return max(0.0, float(os.environ.get("GPTLAB_DATA_WAIT", "3600")))
+    except ValueError:
+        return 3600.0
+
+
+def wait_for(path: Path, what: str, timeout: float, log: Callable[[str], None] = print, poll: float = 0.5) -> None:
+    """Wait until ``path`` exists (another process is writing it); after ``timeout`` seconds, one
+    sentence saying what was awaited, where, and what to check."""
+    import time
+
+    start = time.monotonic()
+    said = False
+    while not path.exists():
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            raise LabError(f"Waited {waited:,.0f} s for {what} at {path}, which rank 0 (or this machine's first "
+                           f"process) builds, and it did not appear; check that process's log.txt for an error, "
+                           f"give every machine the same --data-cache on shared storage or let each build its own, "
+                           f"or raise GPTLAB_DATA_WAIT (now {timeout:g} s).")
+        if not said and waited > 5:
+            log(f"waiting for {what} at {path} (up to {timeout:g} s)")
+            said = True
+        time.sleep(poll)
 
 
 def default_cache_dir() -> Path:
@@ -202,8 +240,8 @@ def _load_hub_rows(label: str, ds: HubDataset):
     if not online:
         datasets.config.HF_HUB_OFFLINE = True
         hub_constants.HF_HUB_OFFLINE = True
-    try:
-        return datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=ds.streaming)
+    try:  # online: streamed row by row; offline: the cached Arrow files, memory-mapped, never read whole
+        return datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=ds.streaming or online)
     except Exception as e:  # datasets raises many types for "not found" / "offline"
         if not online:
             raise LabError(hub_offline_message(label, ds.name)) from None
@@ -312,7 +350,7 @@ def _external_tokenizer_json(spec: str, cache: Path) -> str:
 
 
 def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Path, need_mask: bool,
-                      log: Callable[[str], None] = print) -> Path:
+                      log: Callable[[str], None] = print, wait: float | None = None) -> Path:
     """A bare tokenizer.json for this run, cached under ``cache/tokenizers/``.
 
     ``bpe`` trains our byte-level BPE on the source (for the embedded corpus at the shipped
@@ -325,6 +363,8 @@ def prepare_tokenizer(spec: str, vocab_size: int, source: TextSource, cache: Pat
             text = shipped.read_text(encoding="utf-8")
         else:
             folder = cache / "tokenizers" / _sha(f"bpe:{vocab_size}:{source.identity}")[:16]
+            if not (folder / "tokenizer.json").is_file() and wait is not None:
+                wait_for(folder / "tokenizer.json", "the run's BPE tokenizer", wait, log)
             if not (folder / "tokenizer.json").is_file():
                 log(f"training a {vocab_size}-token BPE on {source.label}")
                 train_bpe(_limited_text(source, BPE_TRAIN_CHARS), vocab_size, folder / "tokenizer.json")
@@ -462,6 +502,30 @@ def sweep_stale_builds(tokens_dir: Path) -> list[str]:
     return removed
 
 
+def encoded_pieces(source: TextSource, tokenizer_path: Path,
+                   batch_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[list[int], bool]]:
+    """``(ids, ends_document)`` for each piece of the source, in order, encoded a batch at a time by
+    the tokenizers library's threads; at most ``batch_chars`` of text (and its ids) are held."""
+    tok = _Tok.from_file(str(tokenizer_path))
+    texts: list[str] = []
+    ends: list[bool] = []
+    size = 0
+
+    def flush():
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+        return [(e.ids, end) for e, end in zip(encodings, ends)]
+
+    for text, end in _pieces(source):
+        texts.append(text)
+        ends.append(end)
+        size += len(text)
+        if size >= batch_chars:
+            yield from flush()
+            texts, ends, size = [], [], 0
+    if texts:
+        yield from flush()
+
+
 def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fraction: float,
                  max_tokens: int | None, log: Callable[[str], None]) -> None:
     tok = BPETokenizer(tokenizer_path)
@@ -472,9 +536,9 @@ def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fra
     try:
         router = _SplitRouter(tmp, dtype, val_fraction)
         seen, docs = 0, 0
-        log(f"tokenising {source.label} with {tok.name}")
-        for text, ends in _pieces(source):
-            ids = tok.encode(text)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        log(f"tokenising {source.label} with {tok.name} on {cores} core(s)")
+        for ids, ends in encoded_pieces(source, tokenizer_path):
             if ends:
                 docs += 1
                 if tok.eos_id is not None:
@@ -545,16 +609,18 @@ class TrainingData:
 
 def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction: float, need_mask: bool,
                  max_tokens: int | None = None, cache_dir: str | os.PathLike | None = None, build: bool = True,
-                 log: Callable[[str], None] = print) -> TrainingData:
+                 log: Callable[[str], None] = print, wait: float | None = None) -> TrainingData:
     """Resolve, tokenise (once) and open a dataset.
 
-    ``build=False`` (non-zero DDP ranks) waits for nothing and expects the cache to exist: the
-    caller builds on rank 0 first and meets the other ranks at a barrier.
+    ``build=False`` (the ranks that do not build) waits up to ``wait`` seconds (default
+    :func:`cache_wait_seconds`) for the builder's tokenizer and cache to appear, then reads them;
+    past that it stops with a sentence saying what it waited for.
     """
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     source = resolve_source(dataset, max_tokens)
+    timeout = None if build else (cache_wait_seconds() if wait is None else wait)
     try:
-        tok_path = prepare_tokenizer(tokenizer, vocab_size, source, cache, need_mask, log)
+        tok_path = prepare_tokenizer(tokenizer, vocab_size, source, cache, need_mask, log, wait=timeout)
         key = _sha(json.dumps({"format": CACHE_FORMAT, "source": source.identity, "tokenizer": _sha(tok_path.read_bytes()),
                                "val_fraction": val_fraction, "max_tokens": max_tokens}))[:16]
         folder = cache / "tokens" / key
@@ -564,9 +630,9 @@ def prepare_data(dataset: str, tokenizer: str, vocab_size: int, *, val_fraction:
             stale = folder.with_name(f".{folder.name}.stale-{this_host()}-{os.getpid()}")
             os.rename(folder, stale)
             shutil.rmtree(stale, ignore_errors=True)
+        if not build:
+            wait_for(folder / "meta.json", "the token cache", timeout, log)
         if not (folder / "meta.json").is_file():
-            if not build:
-                raise LabError(f"Token cache {folder} is missing; rank 0 should have built it.")
             for name in sweep_stale_builds(folder.parent):
                 log(f"removed {name}, left in the token cache by a build that was killed")
             _build_cache(source, tok_path, folder, val_fraction, max_tokens, log)

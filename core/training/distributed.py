@@ -1,8 +1,13 @@
-"""Data-parallel training under torchrun: process group setup and the few collectives we use.
+"""Training under torchrun: process group setup, the few collectives we use, and the launch command.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the run is one process and every
-helper here is a no-op, so the trainer has one code path. GPUs use NCCL, the CPU uses gloo
-(which is how the tests run two processes on a laptop).
+torchrun (or Slurm's srun running torchrun) sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE;
+without them the run is one process and every helper here is a no-op, so the trainer has one code
+path. GPUs use NCCL, the CPU uses gloo (which is how the tests run two processes on a laptop). An
+FSDP run in a single process still gets a process group of one (FSDP shards over a device mesh).
+
+Several machines: ``python -m core train --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`` on
+each machine becomes torchrun with a static rendezvous at HOST:PORT (node R of N, the endpoint
+being node 0), so every node runs the same command but its rank.
 """
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    local_world: int = 1            # processes on this machine
+    own_group: bool = False         # a one-process group made here (FSDP alone), destroyed on close
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world // max(1, self.local_world))
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +70,7 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if (self.enabled or self.own_group) and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -80,10 +91,40 @@ def init_distributed(device: str) -> Dist:
         dev = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev, local_world=local_world)
 
 
-def torchrun_command(train_args: list[str], nproc: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m core train ARGS``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def ensure_group(d: Dist) -> None:
+    """A process group for FSDP in a single process (torchrun's workers have one already)."""
+    if dist.is_initialized():
+        return
+    if d.device.startswith("cuda:"):
+        torch.cuda.set_device(d.device)
+    dist.init_process_group("nccl" if d.device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    d.own_group = True
+
+
+def torchrun_command(train_args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,
+                     endpoint: str | None = None) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m core train ARGS`` on one
+    machine; across ``nnodes`` machines a static rendezvous at ``endpoint`` (node 0's HOST:PORT)."""
+    if nnodes <= 1:
+        where = ["--standalone"]
+    else:
+        host, port = split_endpoint(endpoint)
+        where = [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
             "-m", "core", "train", *train_args]
+
+
+def split_endpoint(endpoint: str | None) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for an IPv6 address) as ``(host, port)``, or one sentence."""
+    text = (endpoint or "").strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabError(f"--rdzv-endpoint must be HOST:PORT of node 0, reachable from every node, such as "
+                       f"node0.cluster:29500 (got {text or 'nothing'}).")
+    return host, int(port)

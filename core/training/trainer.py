@@ -12,6 +12,11 @@ is a function of ``(seed, epoch)`` with the position saved as two integers. A ch
 therefore holds the weights, the optimiser (and GradScaler) state and a handful of integers,
 and a resumed run retraces an uninterrupted one step for step.
 
+Several processes. Under torchrun the model is replicated (DDP) or sharded (FSDP2, see
+:mod:`core.training.parallel`); an FSDP run writes sharded checkpoints (:mod:`core.training.checkpoint`)
+that resume on any number of processes, with the per-process batch set so the sequences per step,
+and so the run, stay the same. A process that dies ends the others with one sentence.
+
 Stopping. SIGTERM, SIGINT, a STOP file in the run folder, or the consumer closing the
 generator all end the run at a step boundary with a checkpoint and status ``stopped``. Under
 torchrun the ranks agree on the stop step (an all-reduce of the flag), so no rank is left
@@ -38,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..devices import free_bytes
 from ..errors import LabError, first_line, fmt_bytes, is_out_of_memory
 from ..files import atomic_write, parse_json
 from ..generation.autoregressive import SamplingConfig, generate
@@ -48,16 +54,20 @@ from ..models.loading import LoadedModel, save_checkpoint
 from ..models.stack import stack_for
 from . import runs as runs_mod
 from .allocator import keep_freed_memory
+from .checkpoint import SHARDS_DIR, is_sharded, load_full_into, load_sharded, save_sharded, write_model_files
 from .config import DEFAULT_EPOCHS, TrainConfig
-from .data import BatchSampler, TrainingData, prepare_data, validation_windows
-from .distributed import Dist, init_distributed
-from .metrics import estimate_training_bytes, flops_per_token, gpu_memory_gb, mfu, peak_flops
+from .data import BatchSampler, TrainingData, default_cache_dir, prepare_data, validation_windows
+from .distributed import Dist, ensure_group, init_distributed
+from .memory import training_bytes
+from .metrics import flops_per_token, gpu_memory_gb, mfu, peak_flops
+from .parallel import build_sharded_gpt, check_fsdp_options, checkpoint_blocks, choose_parallel, full_value
 from .objective import diffusion_loss, sequence_bound, validation_rates
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
 from .schedules import lr_at
 
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = 1
+SHARED_CACHE_PROBE = ".gptlab-shared-probe-"
 
 
 # -- events -------------------------------------------------------------------------------------
@@ -139,6 +149,15 @@ def resume_config(run_dir: str | os.PathLike, **overrides) -> TrainConfig:
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because a peer process went away."""
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe",
+                                   "peer", "timed out", "socket"))
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -228,12 +247,26 @@ class Trainer:
         self.mask_id = tok.mask_id if cfg.objective == "diffusion" else None
         if cfg.objective == "diffusion" and self.mask_id is None:
             raise LabError("The tokenizer has no <|mask|> token, which the diffusion objective needs.")
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
-        self.raw = GPT(cfg.gpt_config(tok.vocab_size, self.mask_id)).to(self.device)
+        gpt_config = cfg.gpt_config(tok.vocab_size, self.mask_id)
+        self._choose_parallel(gpt_config)
+        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+        if self.parallel == "fsdp":
+            check_fsdp_options(cfg.optimizer)
+            ensure_group(self.dist)
+            self.raw = build_sharded_gpt(gpt_config, seed=cfg.seed, device=self.device, world=self.dist.world,
+                                         param_dtype=amp_dtype if cfg.amp else None,
+                                         activation_checkpointing=cfg.activation_checkpointing)
+        else:
+            torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
+            self.raw = GPT(gpt_config).to(self.device)
+            if cfg.activation_checkpointing:
+                checkpoint_blocks(self.raw)
         self.n_params = self.raw.num_params(non_embedding=True)
         gc = self.raw.config
         self.flops_token = flops_per_token(self.n_params, gc.n_layer, gc.d_model, gc.block_size)
         self.peak = peak_flops(self.device)
+        if self.resume:
+            self._keep_sequences_per_step()
         self.sampler = BatchSampler(self.data.train, cfg.block_size, cfg.batch_size, seed=cfg.seed,
                                     world=self.dist.world, rank=self.dist.rank)
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_acc_steps * self.dist.world
@@ -243,56 +276,97 @@ class Trainer:
         self.hp: Hyper = resolve_hyper(cfg, self.max_steps, self.tokens_per_step)
         self._check_memory()
         self.optimizers = build_optimizers(self.raw, cfg.optimizer, self.hp)
-        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if cfg.amp \
-            else contextlib.nullcontext
+        # under FSDP --amp is the mixed-precision policy the model was sharded with
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) \
+            if cfg.amp and self.parallel != "fsdp" else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp and amp_dtype == torch.float16 else None
         if self.resume:
             self._load_latest()
         self.fwd: nn.Module = torch.compile(self.raw) if cfg.compile else self.raw
-        if self.dist.enabled:
+        if self.dist.enabled and self.parallel == "ddp":
             self.model: nn.Module = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
-            self.model = self.fwd
+            self.model = self.fwd  # FSDP's hooks live on the sharded modules themselves
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
         self._setup_validation()
 
     def _data(self) -> TrainingData:
+        """Rank 0 builds the token cache; on other machines the first process of each machine builds
+        its own copy, unless the cache folder is one every machine sees. Everyone else waits for the
+        cache to appear (with a timeout that says what it waited for) and reads it."""
         cfg = self.cfg
         kw = dict(val_fraction=cfg.val_fraction, need_mask=cfg.objective == "diffusion",
                   max_tokens=cfg.max_data_tokens, cache_dir=cfg.data_cache, log=self.log)
-        if self.dist.main:
-            data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, build=True, **kw)
-            self.dist.barrier()
-        else:
-            self.dist.barrier()
-            data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, build=False, **kw)
+        shared = self.dist.nodes == 1 or self._cache_shared()
+        build = self.dist.main or (self.dist.local_rank == 0 and not shared)
+        if self.dist.nodes > 1 and self.dist.local_rank == 0:
+            self.log(f"token cache: {'shared by the nodes, built by rank 0' if shared else 'built on each node'}")
+        data = prepare_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size, build=build, **kw)
         m = data.meta
         self.log(f"data: {data.source_label}: {m['train_tokens']:,} train / {m['val_tokens']:,} validation tokens "
                  f"({data.tokenizer.name}; cache {data.folder})")
         return data
+
+    def _cache_shared(self) -> bool:
+        """Whether every machine sees the same token cache folder: rank 0 leaves a uniquely named
+        file there and every rank looks for it (a few small collectives, once per run)."""
+        cache = Path(self.cfg.data_cache).expanduser() if self.cfg.data_cache else default_cache_dir()
+        name = self.dist.broadcast(f"{SHARED_CACHE_PROBE}{this_host()}-{os.getpid()}" if self.dist.main else None)
+        probe = cache / name
+        if self.dist.main:
+            cache.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+        self.dist.barrier()
+        shared = not self.dist.any(not probe.exists())
+        self.dist.barrier()
+        if self.dist.main:
+            probe.unlink(missing_ok=True)
+        return shared
+
+    def _replica_bytes(self, gpt_config, parallel: str) -> int:
+        cfg = self.cfg
+        return training_bytes(gpt_config.n_params, n_layer=gpt_config.n_layer, d_model=gpt_config.d_model,
+                              vocab_size=gpt_config.vocab_size, batch_size=cfg.batch_size, context=cfg.block_size,
+                              amp=cfg.amp, parallel=parallel, world=self.dist.world,
+                              activation_checkpointing=cfg.activation_checkpointing)
+
+    def _choose_parallel(self, gpt_config) -> None:
+        """``--parallel``: as asked, or (auto) DDP when a whole replica fits a device, FSDP otherwise
+        (with one process FSDP could not help, so auto stays unsharded); said in the log."""
+        free = free_bytes(self.device)
+        asked = self.cfg.parallel
+        if asked == "auto" and self.dist.world == 1:
+            self.parallel, why = "ddp", "auto: one process"
+        else:
+            self.parallel, why = choose_parallel(asked, self._replica_bytes(gpt_config, "ddp"), free)
+        over = f" over {self.dist.world} process(es)"
+        name = {"ddp": f"DDP{over}" if self.dist.enabled else "one process, unsharded",
+                "fsdp": f"FSDP2, sharded{over}"}[self.parallel]
+        self.log(f"parallel: {name} ({why})"
+                 + (", activation checkpointing" if self.cfg.activation_checkpointing else ""))
 
     def _check_memory(self) -> None:
         """On a GPU, refuse a batch that cannot fit before spending minutes finding out."""
         if self.device.type != "cuda":
             return
         cfg, gc = self.cfg, self.raw.config
-        need = estimate_training_bytes(self.raw.num_params(), batch_size=cfg.batch_size, context=gc.block_size,
-                                       n_layer=gc.n_layer, d_model=gc.d_model, vocab_size=gc.vocab_size,
-                                       amp=cfg.amp)
+        need = self._replica_bytes(gc, self.parallel)
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > free:
             fits = max(1, int(cfg.batch_size * free / need))
+            shard = "" if self.parallel == "fsdp" else ", or --parallel fsdp over several GPUs"
             raise LabError(f"A batch of {cfg.batch_size} x {gc.block_size} tokens needs about {need / 1e9:.1f} GB on "
                            f"{self.device} but {free / 1e9:.1f} GB is free; use --batch-size {fits} with "
                            f"--grad-acc-steps {math.ceil(cfg.batch_size * cfg.grad_acc_steps / fits)}, a shorter "
-                           f"--block-size, or --amp.")
+                           f"--block-size, --amp, --activation-checkpointing{shard}.")
 
     def _setup_validation(self) -> None:
         cfg = self.cfg
         n = cfg.val_batches * cfg.batch_size * self.dist.world
         windows = validation_windows(self.data.val, cfg.block_size, n)                 # (N, T + 1), all ranks
         self.val_windows = windows[self.dist.rank::self.dist.world]
+        self.val_rows = math.ceil(len(windows) / self.dist.world)  # the most any rank holds
+        self.val_pad = windows[:1]  # what a rank with fewer windows runs (and does not count) under FSDP
         if cfg.objective == "diffusion" and len(windows):
             rates = validation_rates(len(windows))                                     # (N,)
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -306,27 +380,44 @@ class Trainer:
         epoch, cursor = self.sampler.position
         return {"format": STATE_FORMAT, "step": self.step, "epoch": epoch, "cursor": cursor, "tokens": self.tokens,
                 "elapsed": self.elapsed, "val_loss": self.last_val, "world_size": self.dist.world,
-                "batch_size": self.cfg.batch_size, "optimizers": [o.state_dict() for o in self.optimizers],
+                "batch_size": self.cfg.batch_size, "grad_acc_steps": self.cfg.grad_acc_steps,
+                "sequences_per_step": self.cfg.batch_size * self.cfg.grad_acc_steps * self.dist.world,
+                "optimizers": [] if self.parallel == "fsdp" else [o.state_dict() for o in self.optimizers],
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def save(self) -> Path | None:
         """Write checkpoints/<step>/ atomically (temp folder, then rename) and keep the last k.
         A full disk (torch reports it as a RuntimeError of its zip writer) ends the run with one
         sentence naming the folder and the free space."""
-        if not self.dist.main:
+        sharded = self.parallel == "fsdp"  # every rank writes its shard; rank 0 the rest, and renames
+        if not sharded and not self.dist.main:
             return None
         root = self.run_dir / "checkpoints"
         final = root / str(self.step)
-        if final == self.last_ckpt and final.is_dir():
-            return final
-        tmp = root / f".tmp-{self.step}-{os.getpid()}"
+        again = final == self.last_ckpt and (final.is_dir() or not self.dist.main)
+        if self.dist.broadcast(again) if sharded else again:
+            return final if self.dist.main else None
+        tmp = root / f".tmp-{self.step}-{self.pid0}"  # the same temporary folder on every rank
+        if sharded and not self.dist.main:
+            self.dist.barrier()  # rank 0 has made the folder
+            save_sharded(tmp, self.raw, self.optimizers)
+            self.last_ckpt = final
+            return None
         shutil.rmtree(tmp, ignore_errors=True)
         meta = {"training": {"run": str(self.run_dir), "step": self.step, "tokens": self.tokens,
                              "val_loss": self.last_val, "config": self.cfg.to_dict()}}
         try:
             try:
-                save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective,
-                                extra=meta)
+                if sharded:
+                    tmp.mkdir(parents=True)
+                    self.dist.barrier()
+                    save_sharded(tmp, self.raw, self.optimizers)
+                    write_model_files(tmp, self.raw.config, str(self.data.tokenizer_path), objective=self.cfg.objective,
+                                      extra={**meta, "sharded": {"world_size": self.dist.world,
+                                                                 "folder": SHARDS_DIR}})
+                else:
+                    save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective,
+                                    extra=meta)
                 state = self._trainer_state()
                 atomic_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
             except (OSError, RuntimeError, SafetensorError) as e:
@@ -376,20 +467,27 @@ class Trainer:
             return
         folder = self.run_dir / "checkpoints" / str(steps[-1])
         state = load_trainer_state(folder, self.device)
-        try:
-            sd = load_file(str(folder / "model.safetensors"), device=str(self.device))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LabError(f"The weights of checkpoint {folder} are corrupt or unreadable ({e}); delete that folder "
-                           f"to resume from the checkpoint before it.") from e
-        if self.raw.config.tie_weights:
-            sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
-        try:
-            self.raw.load_state_dict(sd)
-        except RuntimeError as e:
-            raise LabError(f"Checkpoint {folder} does not match the run's config ({first_line(e)}); "
-                           f"resume with the config it was trained with.") from None
-        for opt, sd_opt in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd_opt)
+        if is_sharded(folder):  # any number of ranks, sharded or not, reads DCP's shards
+            load_sharded(folder, self.raw, self.optimizers)
+        else:
+            try:
+                sd = load_file(str(folder / "model.safetensors"), device=str(self.device))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise LabError(f"The weights of checkpoint {folder} are corrupt or unreadable ({e}); delete that "
+                               f"folder to resume from the checkpoint before it.") from e
+            if self.raw.config.tie_weights:
+                sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
+            try:
+                if self.parallel == "fsdp":  # a DDP or one-process checkpoint continued sharded
+                    load_full_into(self.raw, self.optimizers, sd, state["optimizers"])
+                else:
+                    self.raw.load_state_dict(sd)
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise LabError(f"Checkpoint {folder} does not match the run's config ({first_line(e)}); "
+                               f"resume with the config it was trained with.") from None
+            if self.parallel != "fsdp":
+                for opt, sd_opt in zip(self.optimizers, state["optimizers"]):
+                    opt.load_state_dict(sd_opt)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -398,6 +496,29 @@ class Trainer:
         self.last_ckpt = folder
         self.files.truncate_after(self.step)
         self.log(f"resumed from {folder} (step {self.step})")
+
+    def _keep_sequences_per_step(self) -> None:
+        """A run resumed on another number of processes keeps its sequences per step (and so its
+        data order, schedule and loss curve): the per-process batch is set to fit."""
+        steps = [s for s in runs_mod.checkpoint_steps(self.run_dir)
+                 if (self.run_dir / "checkpoints" / str(s) / STATE_FILE).is_file()]
+        if not steps:
+            return
+        state = load_trainer_state(self.run_dir / "checkpoints" / str(steps[-1]))
+        cfg, world = self.cfg, self.dist.world
+        saved = int(state.get("sequences_per_step") or
+                    int(state.get("batch_size", cfg.batch_size)) * int(state.get("grad_acc_steps", cfg.grad_acc_steps))
+                    * int(state.get("world_size", 1)))
+        if saved == cfg.batch_size * cfg.grad_acc_steps * world:
+            return
+        if saved % (cfg.grad_acc_steps * world):
+            raise LabError(f"The run took {saved} sequences per step; on {world} process(es) with --grad-acc-steps "
+                           f"{cfg.grad_acc_steps} that is not a whole batch per process, so resume with a process "
+                           f"count and --grad-acc-steps whose product divides {saved}.")
+        cfg.batch_size = saved // (cfg.grad_acc_steps * world)
+        self.files.write_config(cfg)
+        self.log(f"resumed on {world} process(es): batch size {cfg.batch_size} per process keeps {saved} sequences "
+                 f"per step")
 
     # -- one step -----------------------------------------------------------------------------
     def _seed(self, seed: int) -> None:
@@ -425,7 +546,7 @@ class Trainer:
             if self.device.type == "cuda":  # pinned + async: the CPU queues the next step while the GPU works
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
-            sync = not self.dist.enabled or micro == cfg.grad_acc_steps - 1
+            sync = not self.dist.enabled or micro == cfg.grad_acc_steps - 1 or self.parallel == "fsdp"
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
                 loss = self._loss(batch, self.model)
             scaled = loss / cfg.grad_acc_steps
@@ -435,7 +556,7 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
         clip = self.hp.grad_clip if self.hp.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.params, clip))  # FSDP: a DTensor
         for opt in self.optimizers:
             if self.scaler is not None:
                 self.scaler.step(opt)
@@ -455,8 +576,15 @@ class Trainer:
         self.raw.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)   # (loss sum, rows)
         B = self.cfg.batch_size
+        # under FSDP every rank runs the same number of forward passes (each gathers weights with
+        # the others); a rank with fewer windows runs its last batch again and does not count it
+        rows = self.val_rows if self.parallel == "fsdp" else len(self.val_windows)
         try:
-            for i in range(0, len(self.val_windows), B):
+            for i in range(0, rows, B):
+                if i >= len(self.val_windows):
+                    with self.autocast():
+                        self.fwd(self.val_pad[:, :-1].to(self.device))
+                    continue
                 batch = self.val_windows[i:i + B].to(self.device)
                 with self.autocast():
                     if self.cfg.objective == "diffusion":
@@ -476,8 +604,9 @@ class Trainer:
         return float(total[0] / total[1])
 
     def preview(self) -> tuple[str, str] | None:
-        """A short sample from the fixed prompt (top-k 40, fixed seed), for watching progress."""
-        if not self.dist.main:
+        """A short sample from the fixed prompt (top-k 40, fixed seed), for watching progress. Under
+        FSDP every rank samples the same text (each forward gathers weights from all of them)."""
+        if not self.dist.main and self.parallel != "fsdp":
             return None
         tok = self.data.tokenizer
         prompt = self.cfg.preview_prompt or self.data.default_prompt
@@ -493,6 +622,8 @@ class Trainer:
                 for last in denoise(self.raw, ids, self.mask_id, dcfg, None, seed=self.cfg.seed):
                     pass
                 text = render(tok, last.ids[len(ids):], last.masked[len(ids):])
+            elif self.parallel == "fsdp":
+                text = tok.decode(self._sample_sharded(ids, n))
             else:
                 lm = LoadedModel(spec=self.run_dir.name, model=self.raw, tokenizer=tok, stack=stack_for(self.raw),
                                  device=str(self.device), dtype=torch.float32, source=str(self.run_dir))
@@ -501,7 +632,26 @@ class Trainer:
                 text = res.completion
         finally:
             self.raw.train()
-        return prompt, text
+        return (prompt, text) if self.dist.main else None
+
+    @torch.no_grad()
+    def _sample_sharded(self, ids: list[int], n: int) -> list[int]:
+        """Top-k 40 sampling through the sharded model's own forward (its hooks gather each block
+        in turn; the layer-stack walk of :func:`generate` would bypass them), without a KV cache.
+        Every rank draws the same tokens: same logits, same seeded generator."""
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        x = torch.tensor([ids], device=self.device)
+        out: list[int] = []
+        for _ in range(n):
+            with self.autocast():
+                logits = self.raw(x[:, -self.cfg.block_size:])[0, -1].float()   # (V,)
+            top = torch.topk(logits, min(40, logits.numel()))
+            pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)]
+            out.append(int(pick))
+            if self.data.tokenizer.eos_id is not None and out[-1] == self.data.tokenizer.eos_id:
+                break
+            x = torch.cat([x, pick.view(1, 1)], dim=1)
+        return out
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -542,6 +692,7 @@ class Trainer:
                 rid = runs_mod.new_run_id(cfg, self.root) if self.dist.main else None
                 self.run_dir = (self.root / self.dist.broadcast(rid)).resolve()
             self.lock = self._take_lock()
+            self.pid0 = self.dist.broadcast(os.getpid())  # names the temporary checkpoint folder on every rank
         except BaseException:
             self.dist.close()
             raise
@@ -574,7 +725,7 @@ class Trainer:
                              device=str(self.device), world_size=self.dist.world)
             yield from self._loop()
             state = "stopped" if self.stop_reason else "finished"
-            if state == "finished" and cfg.ckpt_name and self.dist.main:
+            if state == "finished" and cfg.ckpt_name and (self.dist.main or self.parallel == "fsdp"):
                 self._export(cfg.ckpt_name)
             self.files.status(state, step=self.step, reason=self.stop_reason, val_loss=self.last_val)
             self.files.events.state(state, step=self.step)
@@ -583,6 +734,10 @@ class Trainer:
                            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
                            val_loss=self.last_val)
         except (torch.OutOfMemoryError, RuntimeError) as e:  # a step, validation, a preview or the model itself
+            if not is_out_of_memory(e) and self.dist.enabled and _collective_failure(e):
+                err = self._peer_lost_error(e)
+                self._fail(err)
+                raise err from None
             if not is_out_of_memory(e):
                 self._fail(e)
                 raise
@@ -648,6 +803,17 @@ class Trainer:
         kept = f"; the checkpoints saved so far are kept (last: step {saved[-1]})" if saved else ""
         return LabError(f"{self.device} ran out of memory after {self.step} steps with micro-batches of {B} x {T} "
                         f"tokens; use {choices}{kept}.", fix=fix)
+
+    def _peer_lost_error(self, e: BaseException) -> LabError:
+        """One sentence for a collective that failed because another process of the run is gone
+        (killed, crashed, or its machine lost): what happened, what is kept, how to go on."""
+        saved = runs_mod.checkpoint_steps(self.run_dir) if self.dist.main else []
+        kept = f"its last checkpoint (step {saved[-1]}) is kept" if saved else "no checkpoint had been saved yet"
+        self.log(f"a collective failed: {first_line(e)}")
+        return LabError(f"Another process of this {self.dist.world}-process run stopped (killed, crashed or "
+                        f"unreachable) at step {self.step}, so this one cannot go on; {kept}: resume with "
+                        f"`python -m core train --resume {self.run_dir}` on the same or another number of "
+                        f"processes.")
 
     def _fail(self, e: BaseException) -> None:
         """Record a failure in status.json (reason, and a LabError's fix as data) and events.jsonl."""
@@ -745,8 +911,18 @@ class Trainer:
         stem = Path(name).stem
         folder = self.run_dir / stem
         tmp = self.run_dir / f".tmp-{stem}-{os.getpid()}"
+        model = self.raw
+        if self.parallel == "fsdp":  # gathered whole on rank 0's CPU: a one-file model is what was asked for
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.dist.main:
+                return
+            with torch.device("meta"):
+                model = GPT(self.raw.config)
+            model.load_state_dict(full, assign=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, self.raw, str(self.data.tokenizer_path), objective=self.cfg.objective,
+        save_checkpoint(tmp, model, str(self.data.tokenizer_path), objective=self.cfg.objective,
                         extra={"training": {"run": str(self.run_dir), "step": self.step, "val_loss": self.last_val}})
         if folder.exists():
             shutil.rmtree(folder)

@@ -21,7 +21,7 @@ from core.devices import available_devices
 from core.errors import LabError
 from core.models.config import PRESETS
 from core.training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS,
-                                  NAMED_TOKENIZERS, OBJECTIVES, OPTIMIZERS, TrainConfig)
+                                  NAMED_TOKENIZERS, OBJECTIVES, OPTIMIZERS, PARALLEL_MODES, TrainConfig)
 from core.training.data import check_upload_text, resolve_source, save_upload, upload_name, uploads_dir
 from core.training.optim import RECIPES
 from core.training.runs import check_run_id
@@ -182,6 +182,8 @@ def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[
         batch_size=int(v["batch_size"]), grad_acc_steps=int(v["grad_acc_steps"]),
         max_steps=opt_int("max_steps"), epochs=opt_float("epochs"),
         amp=amp, amp_dtype=amp_dtype, compile=bool(v["compile"]), device=device, devices=devices,
+        parallel=v.get("parallel", DEFAULTS.parallel),
+        activation_checkpointing=bool(v.get("activation_checkpointing", DEFAULTS.activation_checkpointing)),
         seed=int(v["seed"]), val_every=int(v["val_every"]), preview_every=int(v["preview_every"]),
         save_every=int(v["save_every"]), keep_last=int(v["keep_last"]), log_every=int(v["log_every"]))
     cfg.check()
@@ -189,6 +191,44 @@ def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[
     if not upload:  # an upload was checked above and is written only at launch
         resolve_source(cfg.dataset)  # a missing local file fails here, not in a background process
     return cfg, name
+
+
+# -- several GPUs ---------------------------------------------------------------------------------
+
+PARALLEL_LABELS = {"auto": "auto: DDP if a replica fits", "ddp": "DDP (replicas)", "fsdp": "FSDP (sharded)"}
+
+
+def preset_memory_markdown(table: dict, measured: bool) -> str:
+    """:func:`core.training.memory.fits_table` as a Markdown table, with the assumptions above it."""
+    gpu = f"{table['gpu_gb']:g} GB GPUs" + (" (this machine's)" if measured else " (none visible here)")
+    lines = [f"For {gpu}, micro-batch {table['batch']} x {table['context']} tokens, "
+             f"{'bf16 autocast' if table['amp'] else 'float32'}, AdamW:", "",
+             "| preset | parameters | DDP: memory per GPU | FSDP with activation checkpointing |",
+             "|---|---:|---:|---|"]
+    for r in table["rows"]:
+        ddp = f"{r['ddp_gb_per_gpu']:,.1f} GB" + ("" if r["ddp_fits"] else " (does not fit)")
+        fsdp = "no number of GPUs" if r["fsdp_gpus"] is None else \
+            f"{r['fsdp_gpus']} GPU{'s' if r['fsdp_gpus'] > 1 else ''} x {r['fsdp_gb_per_gpu']:,.1f} GB"
+        lines.append(f"| {r['preset']} | {r['parameters'] / 1e6:,.0f} M | {ddp} | {fsdp} |")
+    return "\n".join(lines)
+
+
+def parallel_widgets(v: dict[str, Any], keep: dict) -> None:
+    """Several GPUs: DDP or FSDP, activation checkpointing, and what each preset needs under both."""
+    from core.training.memory import fits_table, visible_gpu_bytes
+
+    c = st.columns([2, 2, 2])
+    v["parallel"] = c[0].selectbox("Parallel", PARALLEL_MODES, index=PARALLEL_MODES.index(DEFAULTS.parallel),
+                                   format_func=PARALLEL_LABELS.get, key=key("parallel"), **keep,
+                                   help="With several GPUs: DDP keeps a whole replica on each; FSDP shards weights, "
+                                        "gradients and optimizer state over them (sharded checkpoints). auto picks "
+                                        "DDP when a replica fits a GPU, else FSDP.")
+    v["activation_checkpointing"] = c[1].toggle(
+        "Activation checkpointing", DEFAULTS.activation_checkpointing, key=key("activation_checkpointing"), **keep,
+        help="Recompute each block's activations in the backward pass: much less memory, about a third more compute.")
+    gpu = visible_gpu_bytes()
+    with st.expander("Memory per preset under DDP and FSDP", icon=":material/memory:"):
+        st.markdown(preset_memory_markdown(fits_table(gpu), gpu is not None))
 
 
 # -- the form -----------------------------------------------------------------------------------
@@ -301,5 +341,6 @@ def launch_form() -> dict[str, Any] | None:
         v["precision"] = c[1].selectbox("Precision", list(PRECISIONS), format_func=PRECISION_LABELS.get,
                                         key=key("precision"), **keep)
         v["compile"] = c[2].toggle("Compile", d.compile, key=key("compile"), **keep, help="torch.compile the model.")
+        parallel_widgets(v, keep)
         submitted = st.form_submit_button("Launch", type="primary", key=SUBMIT_KEY, icon=":material/play_arrow:")
     return v if submitted else None
