@@ -38,10 +38,12 @@ from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, Conse
 from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
+from core.consensus.runs import run_config
 from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
 from core.errors import LabError, failure, fmt_bytes, shorten
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
+from pages.parts import consensus_runs as runs_view
 from pages.parts.common import current_model, ensure_frame, spec_label
 
 RUNS_KEY = "cons_runs"        # archived runs, oldest first
@@ -70,7 +72,7 @@ AXIS_TITLES = {"metric": "1 - mean |cos(h0, hj)|", "mean_cosine": "mean pairwise
 REINIT_LABELS = {"none": "none", "once": "once (--randominit)", "iteration": "after each iteration (--fullrandom)",
                  "block": "after each block (--const-reset)"}  # one label for each of REINIT_MODES
 REINIT_TAGS = {"none": "", "once": " randominit", "iteration": " fullrandom", "block": " const-reset"}
-KEEP = dict(persist_state="session")  # control values survive mode and page switches
+KEEP = dict(persist_state="session", bind="query-params")  # control values survive page switches and reloads
 C, D, S = ConsensusConfig, DecodeConfig, SimulationConfig  # the controls' defaults are the configs' (or PAGE_*)
 OUT_OF_MEMORY = ("The device ran out of memory; use fewer or shorter prompts, drop the cosine matrices, record every "
                  "k-th step, or run on the CPU. What was computed before is kept.")
@@ -86,6 +88,7 @@ class Request:
     start: Callable[[], Iterator]
     record_key: str
     settings: dict
+    config: dict | None = None  # the run folder's config.json (core.consensus.runs.run_config)
 
 
 # -- controls --------------------------------------------------------------------------------------
@@ -129,6 +132,10 @@ def stack_controls() -> dict:
                          help="Drop every block's feed-forward sublayer: attention and norms only.")
     return dict(iterations=int(iterations), reinit=reinit, seed=int(seed), record_every=int(record_every),
                 skip_mlp=bool(skip_mlp))
+
+
+def _prompts_config(source: str, typed: list[str], n: int, length: int) -> dict:
+    return {"source": "random", "n": n, "length": length} if source == "random" else {"source": "typed", "texts": typed}
 
 
 def _prompts_for(lm: LoadedModel, source: str, typed: list[str], n: int, length: int, seed: int):
@@ -185,7 +192,9 @@ def run_controls(lm: LoadedModel | None) -> Request | None:
         return consensus_stream(lm, _prompts_for(lm, source, typed, n, length, s["seed"]), config())
 
     settings = dict(s, matrix=bool(matrix), decode=decode_text, prompts=source)
-    return Request("run", _model_label(lm, source, n, length, s), start, "cons_record_every", settings)
+    label = _model_label(lm, source, n, length, s)
+    return Request("run", label, start, "cons_record_every", settings,
+                   run_config("run", lm.spec, _prompts_config(source, typed, n, length), config(), label=label))
 
 
 def decode_controls(lm: LoadedModel | None) -> Request | None:
@@ -212,7 +221,8 @@ def decode_controls(lm: LoadedModel | None) -> Request | None:
 
     label = _model_label(lm, source, n, length, s) + f" decode K={int(k)} top-p={float(top_p):g}"
     settings = dict(s, new_tokens=int(k), top_p=float(top_p), temperature=float(temperature), prompts=source)
-    return Request("decode", label, start, "cons_record_every", settings)
+    return Request("decode", label, start, "cons_record_every", settings,
+                   run_config("decode", lm.spec, _prompts_config(source, typed, n, length), cfg, decode, label=label))
 
 
 def sim_controls(lm: LoadedModel | None) -> Request:
@@ -268,8 +278,11 @@ def sim_controls(lm: LoadedModel | None) -> Request:
     label = cfg.label()
     if qkv_kind == "layer" and lm is not None:
         label = label.replace(f" d={cfg.dim}", f" d={lm.stack.d_model}") + f" of {spec_label(lm.spec)}"
-    return Request("sim", label + f" seed={int(seed)}", start, "sim_record_every",
-                   dict(tokens=int(tokens), qkv=qkv, dt=float(dt), beta=float(beta), steps=int(steps)))
+    label += f" seed={int(seed)}"
+    return Request("sim", label, start, "sim_record_every",
+                   dict(tokens=int(tokens), qkv=qkv, dt=float(dt), beta=float(beta), steps=int(steps)),
+                   run_config("sim", lm.spec if qkv_kind == "layer" and lm is not None else None, None,
+                              simulation=cfg, label=label))
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -307,6 +320,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
         st.error(str(e))
         offer_record_every(e, request)
         return
+    events = runs_view.keep(request, events)  # the run folder, written as the run goes
     bar = st.progress(0.0, text="starting…")
     live_chart, live_text = st.empty(), st.empty()
     record = None
@@ -317,7 +331,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
                 record = dict(label=request.label, kind=request.kind, status="running", result=ev.result,
                               error=None, tokens=_token_strings(lm, ev.result), settings=request.settings,
                               new_texts=[[] for _ in ev.result.prompts], done=threading.Event(),
-                              lock=threading.Lock())
+                              lock=threading.Lock(), run=ev.info.get("run"))
                 ss[LIVE_KEY] = record
             elif isinstance(ev, Progress):
                 unit = "steps" if request.kind == "sim" else "layer-steps"
@@ -729,9 +743,13 @@ elif mode == MODE_DECODE:
 else:
     request = sim_controls(lm)
 
-b1, b2, _ = st.columns([1, 1, 6])
+b1, b2, b3, _ = st.columns([1, 1, 2, 4])
 go = b1.button("Run", type="primary", key="cons_run", disabled=request is None, width="stretch")
 b2.button("Stop", key="cons_stop", width="stretch", help="Stop the run; what was computed so far is kept.")
+background = runs_view.background_toggle(b3)
 if request is not None and go:
-    execute(request, lm)
+    runs_view.start(request, lm, execute, background)
+if mode != MODE_SIM:
+    runs_view.over_training(request, execute, background)
+runs_view.saved_runs(lm)
 show_results()

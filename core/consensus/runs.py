@@ -569,7 +569,7 @@ def replace_iterations(cfg: ConsensusConfig, iterations: int) -> ConsensusConfig
 # -- background runs, stopping, deleting ----------------------------------------------------------
 
 def launch(config: dict, run: str | None = None, root: str | os.PathLike | None = None,
-           device: str | None = None, dtype: str | None = None) -> RunInfo:
+           device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> RunInfo:
     """Start the run ``config`` describes as a background job (``python -m core consensus --config``)
     in a new run folder and return at once; it keeps going when the page that started it goes."""
     folder = check_new_run(run, root)
@@ -588,6 +588,8 @@ def launch(config: dict, run: str | None = None, root: str | os.PathLike | None 
         argv += ["--device", device or config.get("device") or "cpu"]
         if dtype or config.get("dtype"):
             argv += ["--dtype", dtype or config["dtype"]]
+        if trust_remote_code:
+            argv.append("--trust-remote-code")
         runner.start(folder, argv, kind=RUN_KIND, locks=[lock])
     finally:
         lock.release()  # a no-op once handed to the job's process
