@@ -437,6 +437,7 @@ def clear_runs() -> None:
     ss = st.session_state
     ss[RUNS_KEY] = []
     ss[OVERLAY_KEY] = []
+    ss[runs_view.OPEN_KEY] = []  # closed on the page; still saved on disk
     ss.pop(SHOW_KEY, None)
 
 
@@ -751,5 +752,6 @@ if request is not None and go:
     runs_view.start(request, lm, execute, background)
 if mode != MODE_SIM:
     runs_view.over_training(request, execute, background)
-runs_view.saved_runs(lm)
+saved_runs = runs_view.open_runs(lm)
 show_results()
+runs_view.saved_table(saved_runs)

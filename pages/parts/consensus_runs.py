@@ -310,9 +310,9 @@ def _follow(names: tuple[str, ...]) -> None:
     _running([i for i in infos if i.running])
 
 
-def saved_runs(lm) -> None:
-    """The saved runs: which are open on the page (bound to the URL), background runs going now,
-    a table of them all, delete."""
+def open_runs(lm) -> list[saved.RunInfo]:
+    """Which saved runs are open on the page (a widget bound to the URL), and the background
+    runs going now; returns every saved run (for :func:`saved_table`)."""
     ss = st.session_state
     infos, error = attempt(saved.list_runs)
     if error:
@@ -325,23 +325,27 @@ def saved_runs(lm) -> None:
             seen.add(r["run"])
             _open(r["run"])
     ss[OPEN_KEY] = [n for n in ss.get(OPEN_KEY) or [] if n in names]
-    st.subheader("Saved runs")
     for message in ss.pop("_cons_delete_errors", []) or []:
         st.error(message)
-    label = {i.name: f"{i.name} · {shorten(i.label, 50)} · {i.state}" for i in infos}
     opened = st.multiselect("Open runs", names, key=OPEN_KEY, bind="query-params",  # names: the URL holds them
                             placeholder="Pick saved runs to show and overlay",
-                            help="Every run is kept in a run folder (the CLI's runs too); the ones picked here are "
-                                 "shown and overlaid below, and stay open after a reload.")
+                            help="Every run is kept in a run folder (the CLI's runs too; see the list of saved runs "
+                                 "at the bottom); the ones picked here are shown and overlaid below, and stay open "
+                                 "after a reload.")
     seen.update(opened)
     sync_open(list(opened), lm)
-    running = tuple(i.name for i in infos if i.running and i.name in opened) or \
-        tuple(i.name for i in infos if i.running)
+    running = tuple(i.name for i in infos if i.running)
     if running:
         _follow(running)
+    return infos
+
+
+def saved_table(infos: list[saved.RunInfo]) -> None:
+    """Every saved run in a table, and delete."""
     if not infos:
         st.caption(f"No saved runs yet in {saved.consensus_root()}.")
         return
+    label = {i.name: f"{i.name} · {shorten(i.label, 50)} · {i.state}" for i in infos}
     with st.expander(f"All saved runs ({len(infos)}) in {spec_label(str(saved.consensus_root()))}"):
         st.dataframe(runs_table(infos), hide_index=True)
         c1, c2 = st.columns([4, 1])

@@ -31,6 +31,14 @@ PAGE = "pages/consensus.py"
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft!"]
 
 
+@pytest.fixture(autouse=True)
+def runs_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every run the page keeps goes to a runs folder of the test's own."""
+    root = tmp_path_factory.mktemp("runs")
+    monkeypatch.setenv("GPTLAB_RUNS", str(root))
+    return root
+
+
 def npy(files: dict[str, bytes], name: str) -> np.ndarray:
     return np.load(io.BytesIO(files[name]), allow_pickle=False)
 
@@ -339,7 +347,7 @@ def test_stop_answers_at_once_and_keeps_the_partial_run(mode):
     (record,) = at.session_state["cons_runs"]
     assert record["status"] == "stopped" and "cons_live" not in at.session_state
     assert any(w.startswith("Stopped after") for w in texts(at.warning))
-    assert set(record) == {"label", "kind", "status", "result", "error", "tokens", "settings", "new_texts"}
+    assert set(record) == {"label", "kind", "status", "result", "error", "tokens", "settings", "new_texts", "run"}
 
 
 def test_out_of_memory_mid_run_keeps_the_partial_run(monkeypatch, downloads):
