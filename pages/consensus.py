@@ -193,8 +193,11 @@ def run_controls(lm: LoadedModel | None) -> Request | None:
 
     settings = dict(s, matrix=bool(matrix), decode=decode_text, prompts=source)
     label = _model_label(lm, source, n, length, s)
-    return Request("run", label, start, "cons_record_every", settings,
-                   run_config("run", lm.spec, _prompts_config(source, typed, n, length), config(), label=label))
+    try:
+        kept = run_config("run", lm.spec, _prompts_config(source, typed, n, length), config(), label=label)
+    except LabError:
+        kept = None  # Run shows the error
+    return Request("run", label, start, "cons_record_every", settings, kept)
 
 
 def decode_controls(lm: LoadedModel | None) -> Request | None:

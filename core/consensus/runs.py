@@ -50,7 +50,7 @@ from ..errors import LabError, failure, first_line, shorten
 from ..files import atomic_save_npy, atomic_write_json, check_output_place, link_out_of, parse_json
 from ..jobs import runner
 from ..jobs.events import EventLog
-from ..jobs.folder import StatusFile, StatusUnreadable, mark, marker_kind, now, \
+from ..jobs.folder import MARKER_FILE, StatusFile, StatusUnreadable, mark, marker_kind, now, \
     read_status_file
 from ..jobs.lock import FolderLock, acquire
 from ..jobs.process import process_start, this_host
@@ -458,13 +458,19 @@ def run_info(run: str | os.PathLike, root: str | os.PathLike | None = None) -> R
 
 
 def list_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
-    """Every consensus run under ``<runs root>/consensus``, newest first (by name: names start
-    with the time); a damaged one is listed as ``unreadable`` with the reason."""
+    """Every consensus run under ``<runs root>/consensus``, newest first; a damaged one is listed
+    as ``unreadable`` with the reason."""
     base = consensus_root(root)
     if not base.is_dir():
         return []
+    def made(r: RunInfo) -> tuple:
+        try:
+            return r.created or "", (r.path / MARKER_FILE).stat().st_mtime_ns
+        except OSError:
+            return r.created or "", 0
+
     return sorted((run_info(d) for d in base.iterdir() if not d.name.startswith(".") and is_run(d)),
-                  key=lambda r: (r.created or "", r.name), reverse=True)
+                  key=made, reverse=True)
 
 
 def _load(folder: Path, name: str, *, required: bool = True):

@@ -28,6 +28,7 @@ from pages.parts.common import STATE_BADGE, attempt, load_spec, model_request, s
 
 RUNS_KEY = "cons_runs"          # the page's list of runs on screen (pages/consensus.py)
 OVERLAY_KEY = "cons_overlay"
+SHOW_KEY = "cons_show"          # the run shown in full (pages/consensus.py)
 OPEN_KEY = "cons_open"          # the saved runs open on the page, bound to ?cons_open=
 BACKGROUND_KEY = "cons_background"
 MODELS_KEY = "cons_models"      # one model spec a line: consensus over training
@@ -242,6 +243,7 @@ def sync_open(names: list[str], lm) -> list[str]:
         record = {**record, "label": _unique(record["label"], name, {r["label"] for r in kept})}
         kept.append(record)
         by_name[name] = record
+        ss[SHOW_KEY] = record["label"]  # the run opened last is the one shown
         if record["kind"] != "decode" and record["label"] not in overlay:
             overlay.append(record["label"])
     ss[RUNS_KEY] = kept
