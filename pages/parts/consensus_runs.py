@@ -193,6 +193,8 @@ def record_of(name: str, lm=None) -> dict | None:
     ss = st.session_state
     cache = ss.setdefault(_LOADED_KEY, {})
     folder = saved.run_folder(name)
+    if not (folder / "steps.npy").is_file():
+        return None  # starting, or ended before it computed anything (open_runs says why)
     stamp = _stamp(folder)
     hit = cache.get(name)
     if hit is not None and hit[0] == stamp:
@@ -336,6 +338,9 @@ def open_runs(lm) -> list[saved.RunInfo]:
                                  "after a reload.")
     seen.update(opened)
     sync_open(list(opened), lm)
+    for i in infos:
+        if i.name in opened and i.state in ("failed", "unreadable") and not (i.path / "steps.npy").is_file():
+            st.error(f"Run {i.name} ({shorten(i.label, 60)}) failed before it computed anything: {i.reason}")
     running = tuple(i.name for i in infos if i.running)
     if running:
         _follow(running)

@@ -825,3 +825,17 @@ def test_consensus_over_training_runs_the_same_prompts_on_every_checkpoint(tiny_
     kept = {i.model: i for i in saved.list_runs()}
     assert set(kept) == set(specs) and {i.label for i in kept.values()} == set(labels)
     assert set(charts(at)[-1][1]["run"]) == set(labels)
+
+
+def test_a_background_run_that_fails_says_why_on_the_page(jobs):
+    at = page()
+    config = saved.run_config("run", "no-such-model-anywhere", {"source": "typed", "texts": ["hi"]},
+                              ConsensusConfig(iterations=1), label="doomed")
+    info = saved.launch(config, device="cpu")
+    wait_for_state(info.name, "failed")
+    at.multiselect(key="cons_open").set_value([info.name]).run()
+    no_exception(at)
+    (error,) = texts(at.error)
+    assert error.startswith(f"Run {info.name} (doomed) failed before it computed anything: Model "
+                            f"'no-such-model-anywhere' is not in the local Hugging Face cache")
+    assert not at.session_state["cons_runs"]

@@ -52,6 +52,16 @@ def test_a_reload_brings_back_the_saved_runs_and_the_chosen_model(server, page, 
     assert page.get_by_text(name).count() >= 1
     _checked_screenshot(page, tmp_path, "consensus_runs_after_reload")
 
+    # leaving the page and coming back keeps them too
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Home").click()
+    page.get_by_text("Parameters").first.wait_for(timeout=90_000)
+    _settle(page)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Consensus").click()
+    page.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
+    _settle(page)
+    assert _open_chips(page) == [name]
+    assert page.get_by_role("spinbutton", name="Iterations N").input_value() == "3"
+
     # the same address in a new tab (another day) opens the same run and model
     other = page.context.new_page()
     other.goto(page.url)
