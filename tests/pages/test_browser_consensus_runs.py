@@ -46,17 +46,18 @@ def test_a_reload_brings_back_the_saved_runs_and_the_chosen_model(server, page, 
     assert page.get_by_role("spinbutton", name="Iterations N").input_value() == "3"
     assert page.locator("[data-testid=stVegaLiteChart]").count() >= 2  # the run and the overlay
     assert page.get_by_text("N=3").count() >= 1  # the run's label
+    _checked_screenshot(page, tmp_path, "consensus_runs_after_reload")
     # the run is a folder of the server's runs root, listed in the table of saved runs
     page.get_by_text("All saved runs (1)").click()
     _settle(page)
     assert page.get_by_text(name).count() >= 1
-    _checked_screenshot(page, tmp_path, "consensus_runs_after_reload")
+    _checked_screenshot(page, tmp_path, "consensus_runs_table")
 
     # leaving the page and coming back keeps them too
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Home").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Home").click()
     page.get_by_text("Parameters").first.wait_for(timeout=90_000)
     _settle(page)
-    page.locator('[data-testid="stSidebarNav"]').get_by_text("Consensus").click()
+    page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Consensus").click()
     page.get_by_role("button", name="Metric .npy").wait_for(timeout=90_000)
     _settle(page)
     assert _open_chips(page) == [name]
