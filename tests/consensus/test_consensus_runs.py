@@ -123,6 +123,9 @@ def test_decoding_and_simulation_runs_are_kept_and_reopened(tiny_gpt2_dir, lm, t
     np.testing.assert_allclose(result.metric, sim.metric, atol=1e-6)
     np.testing.assert_allclose(result.mean_cosine, sim.mean_cosine, atol=1e-6)
     assert result.simulation.tokens == 6 and result.total_steps == 30
+    assert cli("--config", str(runs_dir / "consensus" / "sim" / "config.json"), "--run-name", "sim2",
+               capsys=capsys) == 0
+    np.testing.assert_array_equal(runs.load_run("sim2")[1].metric, result.metric)
 
 
 def test_config_runs_a_saved_run_again_with_the_same_numbers(tiny_gpt2_dir, runs_dir, capsys):
