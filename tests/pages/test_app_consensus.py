@@ -839,3 +839,41 @@ def test_a_background_run_that_fails_says_why_on_the_page(jobs):
     assert error.startswith(f"Run {info.name} (doomed) failed before it computed anything: Model "
                             f"'no-such-model-anywhere' is not in the local Hugging Face cache")
     assert not at.session_state["cons_runs"]
+
+
+def test_a_stopped_page_run_is_kept_as_stopped_with_what_it_computed(downloads):
+    at = page()
+    at.text_area(key="cons_prompts").input(PROMPTS[0])
+    at.number_input(key="cons_iterations").set_value(50)
+    with stop_at_first_progress():
+        run(at)
+    at.run()
+    clean(at)
+    (record,) = at.session_state["cons_runs"]
+    (info,) = saved.list_runs()
+    assert record["run"] == info.name and info.state == "stopped" and info.total == 200
+    kept = saved.load_run(info.name)[1]
+    np.testing.assert_array_equal(kept.metric, record["result"].metric)
+    assert kept.steps_done.tolist() == record["result"].steps_done.tolist() == [1]
+
+
+def test_leaving_the_page_and_coming_back_keeps_the_runs_and_the_settings():
+    at = page()
+    run(at, cons_prompts=PROMPTS[0], cons_iterations=2, cons_seed=7)
+    (info,) = saved.list_runs()
+    at.switch_page("pages/home.py").run()
+    at.switch_page(PAGE).run()
+    clean(at)
+    assert at.multiselect(key="cons_open").value == [info.name]
+    assert [r["run"] for r in at.session_state["cons_runs"]] == [info.name]
+    assert at.number_input(key="cons_iterations").value == 2 and at.number_input(key="cons_seed").value == 7
+    # a link never ticks "trust remote code" for anyone
+    from app_harness import APP
+    from streamlit.testing.v1 import AppTest
+
+    linked = AppTest.from_file(str(APP), default_timeout=60)
+    linked.query_params.update({"model": "some/model", "model_trust_remote_code": "true", "device": "cpu"})
+    linked.run()
+    assert linked.session_state["model_spec"] == "some/model"
+    assert linked.session_state["model_trust_remote_code"] is False
+    assert linked.text_input(key="model_other").value == "some/model"
