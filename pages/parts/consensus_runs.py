@@ -15,6 +15,7 @@ pages/consensus.py) plus ``run``, the run folder's name.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -171,8 +172,8 @@ def over_training(request, execute: Callable, background: bool) -> None:
             continue
         config = {**request.config, "model": lm.spec,
                   "label": relabel(request.config.get("label") or request.label, request.config.get("model"), spec)}
-        execute(type(request)(request.kind, config["label"], lambda lm=lm, config=config: saved.stream(config, lm),
-                              request.record_key, request.settings, config), lm)
+        execute(replace(request, label=config["label"], config=config,
+                        start=lambda lm=lm, config=config: saved.stream(config, lm)), lm)
 
 
 # -- saved runs: list, open, delete, follow ----------------------------------------------------------------
