@@ -5,7 +5,9 @@ decoding (consensus_decode_stream) and the paper's continuous-time model (core.c
 the math is in core; this page collects settings, streams the events into live views and keeps
 every finished, stopped or failed run in ``st.session_state[RUNS_KEY]`` as a dict
 ``{"label", "kind": "run" | "decode" | "sim", "status": "finished" | "stopped" | "failed",
-"result", "error", "tokens", "settings"}`` so earlier runs can be overlaid and downloaded.
+"result", "error", "tokens", "settings", "run"}`` so earlier runs can be overlaid and downloaded;
+``run`` names the run folder the run is kept in as it goes (pages/parts/consensus_runs.py: saved
+runs reopened after a reload, background runs, one setting over many models).
 
 Stop: pressing any button (or leaving the page) starts a new script run at once, in a new thread,
 while the old one is told to stop: Streamlit raises a stop inside its next call into Streamlit,
