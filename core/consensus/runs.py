@@ -123,7 +123,11 @@ def check_new_run(run: str | os.PathLike | None, root: str | os.PathLike | None 
     another run (or a folder that is not a consensus run) is refused, never written over; None
     (no name) is fine, a fresh timestamp is taken when the run starts."""
     if run is None:
-        check_output_place(consensus_root(root), flag)
+        try:
+            check_output_place(consensus_root(root), flag)
+        except LabError as e:  # the default place: say how to keep no folder at all
+            raise LabError(f"{e} The runs folder is $GPTLAB_RUNS (default runs/ here); set it elsewhere, or pass "
+                           f"--no-run-folder to keep no run folder.") from None
         return None
     if not str(run).strip():
         raise LabError(f"{flag} needs a name (got an empty one); name the run, or leave {flag} out for a timestamp.")

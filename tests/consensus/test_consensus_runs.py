@@ -230,3 +230,13 @@ def test_list_delete_and_damaged_runs(tiny_gpt2_dir, runs_dir, tmp_path, capsys)
         runs.delete("r2")
     assert (runs_dir / "consensus" / "r2").is_dir()
     assert not any(p.name == "runs" for p in tmp_path.iterdir())
+
+
+def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("GPTLAB_RUNS", str(blocker))
+    assert cli("--model", "no-such-model", "--prompt", B, "--size", "1") == 2  # refused before the model loads
+    err = capsys.readouterr().err
+    assert "--run-name" in err and "pass --no-run-folder to keep no run folder" in err
+    assert cli("--model", str(tiny_gpt2_dir), "--prompt", B, "--size", "1", "--no-run-folder", capsys=capsys) == 0
