@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
@@ -244,6 +245,7 @@ class RunWriter:
         self.done = self.total = 0
         self.finished = False
         self.closed = False
+        self.stop_in_thread = False  # see watch(): a page sets it
         self._t0 = time.monotonic()
         self._flushed = 0.0
         self._flush_cost = 0.0
@@ -301,6 +303,10 @@ class RunWriter:
                 self.close("finished")
             elif isinstance(error, Exception):
                 self.close("failed", error)
+            elif isinstance(error, GeneratorExit) and self.stop_in_thread:
+                # the consumer stopped (a page's Stop): the last writes (a fraction of a second of
+                # fsyncs) go on in a thread, so the page answers at once; the result changes no more
+                threading.Thread(target=self.close, args=("stopped",), name=f"close-{self.name}", daemon=False).start()
             else:  # GeneratorExit (the consumer stopped) or KeyboardInterrupt
                 self.close("stopped")
 

@@ -56,6 +56,7 @@ def keep(request, events):
     except OSError as e:
         st.warning(f"This run is not kept on disk ({e.strerror or e}); check that the runs folder can be written.")
         return events
+    writer.stop_in_thread = True  # a Stop answers at once; the folder's last writes follow in a thread
     return writer.watch(events)
 
 
@@ -228,6 +229,9 @@ def sync_open(names: list[str], lm) -> list[str]:
     by_name = {r["run"]: r for r in kept if r.get("run")}
     overlay = list(ss.get(OVERLAY_KEY) or [])
     for name in names:
+        old = by_name.get(name)
+        if old is not None and old.get("status") != "running":
+            continue  # on screen already, and an ended run changes no more
         try:
             record = record_of(name, lm)
         except LabError as e:
@@ -235,9 +239,6 @@ def sync_open(names: list[str], lm) -> list[str]:
             continue
         if record is None:
             continue
-        old = by_name.get(name)
-        if old is not None and old.get("status") != "running":
-            continue  # on screen already, and an ended run changes no more
         if old is not None:  # a run still going in the background: its newer arrays replace the old
             record = {**record, "label": old["label"]}
             kept[kept.index(old)] = record
@@ -342,7 +343,8 @@ def open_runs(lm) -> list[saved.RunInfo]:
     for i in infos:
         if i.name in opened and i.state in ("failed", "unreadable") and not (i.path / "steps.npy").is_file():
             st.error(f"Run {i.name} ({shorten(i.label, 60)}) failed before it computed anything: {i.reason}")
-    running = tuple(i.name for i in infos if i.running)
+    ended_here = {r["run"] for r in ss.get(RUNS_KEY) or [] if r.get("run") and r.get("status") != "running"}
+    running = tuple(i.name for i in infos if i.running and i.name not in ended_here)  # not a run this page stopped
     if running:
         _follow(running)
     return infos

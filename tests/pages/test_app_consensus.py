@@ -851,6 +851,8 @@ def test_a_stopped_page_run_is_kept_as_stopped_with_what_it_computed(downloads):
     clean(at)
     (record,) = at.session_state["cons_runs"]
     (info,) = saved.list_runs()
+    wait_for_state(info.name, "stopped")  # its last writes go on in a thread, so the page answers at once
+    info = saved.run_info(info.name)
     assert record["run"] == info.name and info.state == "stopped" and info.total == 200
     kept = saved.load_run(info.name)[1]
     np.testing.assert_array_equal(kept.metric, record["result"].metric)
