@@ -14,7 +14,7 @@ from core.devices import available_devices
 from core.models.config import DTYPE_NAMES
 from core.models.loading import KNOWN_HUB_MODELS
 from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
-                                forget_outcome, load_outcome, spec_label, status_line)
+                                forget_outcome, load_outcome, model_from_url, model_to_url, spec_label, status_line)
 
 OTHER = "other…"
 CHOICE_KEY = "model_choice"        # the picker's selectbox
@@ -58,6 +58,7 @@ def model_sidebar() -> None:
     forget_outcome()
     options = ["default", *KNOWN_HUB_MODELS, *checkpoint_specs(), OTHER]
     uncached = {m for m in KNOWN_HUB_MODELS if not hub_cache_status(m)}  # file lookups only: fresh every run
+    model_from_url()  # a reloaded tab keeps its model
     _sync_picker_from_spec(options)
     with st.sidebar:
         st.subheader("Model")
@@ -89,6 +90,7 @@ def model_sidebar() -> None:
         if spec:
             ss[SPEC_KEY] = spec
             ss[_SHOWN_KEY] = spec
+        model_to_url()
         model, error = load_outcome()
         if error:
             st.error(error)

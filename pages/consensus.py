@@ -5,7 +5,9 @@ decoding (consensus_decode_stream) and the paper's continuous-time model (core.c
 the math is in core; this page collects settings, streams the events into live views and keeps
 every finished, stopped or failed run in ``st.session_state[RUNS_KEY]`` as a dict
 ``{"label", "kind": "run" | "decode" | "sim", "status": "finished" | "stopped" | "failed",
-"result", "error", "tokens", "settings"}`` so earlier runs can be overlaid and downloaded.
+"result", "error", "tokens", "settings", "run"}`` so earlier runs can be overlaid and downloaded;
+``run`` names the run folder the run is kept in as it goes (pages/parts/consensus_runs.py: saved
+runs reopened after a reload, background runs, one setting over many models).
 
 Stop: pressing any button (or leaving the page) starts a new script run at once, in a new thread,
 while the old one is told to stop: Streamlit raises a stop inside its next call into Streamlit,
@@ -36,11 +38,13 @@ from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, Conse
 from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
+from core.consensus.runs import run_config
 from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
 from core.consensus.text import readable_tokens
 from core.errors import LabError, failure, fmt_bytes
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
+from pages.parts import consensus_runs as runs_view
 from pages.parts.common import current_model, ensure_frame, spec_label
 from pages.parts.charts import chart_download, draw
 from pages.parts.consensus_charts import (HEATMAP_TOKENS, csv_bytes, decodings_frame, heat_step, heatmap_chart,
@@ -69,7 +73,7 @@ SERIES_LABELS = {
 REINIT_LABELS = {"none": "none", "once": "once (--randominit)", "iteration": "after each iteration (--fullrandom)",
                  "block": "after each block (--const-reset)"}  # one label for each of REINIT_MODES
 REINIT_TAGS = {"none": "", "once": " randominit", "iteration": " fullrandom", "block": " const-reset"}
-KEEP = dict(persist_state="session")  # control values survive mode and page switches
+KEEP = dict(persist_state="session", bind="query-params")  # control values survive page switches and reloads
 C, D, S = ConsensusConfig, DecodeConfig, SimulationConfig  # the controls' defaults are the configs' (or PAGE_*)
 OUT_OF_MEMORY = ("The device ran out of memory; use fewer or shorter prompts, drop the cosine matrices, record every "
                  "k-th step, or run on the CPU. What was computed before is kept.")
@@ -85,6 +89,7 @@ class Request:
     start: Callable[[], Iterator]
     record_key: str
     settings: dict
+    config: dict | None = None  # the run folder's config.json (core.consensus.runs.run_config)
 
 
 # -- controls --------------------------------------------------------------------------------------
@@ -128,6 +133,10 @@ def stack_controls() -> dict:
                          help="Drop every block's feed-forward sublayer: attention and norms only.")
     return dict(iterations=int(iterations), reinit=reinit, seed=int(seed), record_every=int(record_every),
                 skip_mlp=bool(skip_mlp))
+
+
+def _prompts_config(source: str, typed: list[str], n: int, length: int) -> dict:
+    return {"source": "random", "n": n, "length": length} if source == "random" else {"source": "typed", "texts": typed}
 
 
 def _prompts_for(lm: LoadedModel, source: str, typed: list[str], n: int, length: int, seed: int):
@@ -187,7 +196,12 @@ def run_controls(lm: LoadedModel | None) -> Request | None:
         return consensus_stream(lm, _prompts_for(lm, source, typed, n, length, s["seed"]), config())
 
     settings = dict(s, matrix=bool(matrix), decode=decode_text, prompts=source)
-    return Request("run", _model_label(lm, source, n, length, s), start, "cons_record_every", settings)
+    label = _model_label(lm, source, n, length, s)
+    try:
+        kept = run_config("run", lm.spec, _prompts_config(source, typed, n, length), config(), label=label)
+    except LabError:
+        kept = None  # Run shows the error
+    return Request("run", label, start, "cons_record_every", settings, kept)
 
 
 def decode_controls(lm: LoadedModel | None) -> Request | None:
@@ -214,7 +228,8 @@ def decode_controls(lm: LoadedModel | None) -> Request | None:
 
     label = _model_label(lm, source, n, length, s) + f" decode K={int(k)} top-p={float(top_p):g}"
     settings = dict(s, new_tokens=int(k), top_p=float(top_p), temperature=float(temperature), prompts=source)
-    return Request("decode", label, start, "cons_record_every", settings)
+    return Request("decode", label, start, "cons_record_every", settings,
+                   run_config("decode", lm.spec, _prompts_config(source, typed, n, length), cfg, decode, label=label))
 
 
 def sim_controls(lm: LoadedModel | None) -> Request:
@@ -270,8 +285,11 @@ def sim_controls(lm: LoadedModel | None) -> Request:
     label = cfg.label()
     if qkv_kind == "layer" and lm is not None:
         label = label.replace(f" d={cfg.dim}", f" d={lm.stack.d_model}") + f" of {spec_label(lm.spec)}"
-    return Request("sim", label + f" seed={int(seed)}", start, "sim_record_every",
-                   dict(tokens=int(tokens), qkv=qkv, dt=float(dt), beta=float(beta), steps=int(steps)))
+    label += f" seed={int(seed)}"
+    return Request("sim", label, start, "sim_record_every",
+                   dict(tokens=int(tokens), qkv=qkv, dt=float(dt), beta=float(beta), steps=int(steps)),
+                   run_config("sim", lm.spec if qkv_kind == "layer" and lm is not None else None, None,
+                              simulation=cfg, label=label))
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -309,6 +327,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
         st.error(str(e))
         offer_record_every(e, request)
         return
+    events = runs_view.keep(request, events)  # the run folder, written as the run goes
     bar = st.progress(0.0, text="starting…")
     live_chart, live_text = st.empty(), st.empty()
     record = None
@@ -319,7 +338,7 @@ def execute(request: Request, lm: LoadedModel | None) -> None:
                 record = dict(label=request.label, kind=request.kind, status="running", result=ev.result,
                               error=None, tokens=_token_strings(lm, ev.result), settings=request.settings,
                               new_texts=[[] for _ in ev.result.prompts], done=threading.Event(),
-                              lock=threading.Lock())
+                              lock=threading.Lock(), run=ev.info.get("run"))
                 ss[LIVE_KEY] = record
             elif isinstance(ev, Progress):
                 unit = "steps" if request.kind == "sim" else "layer-steps"
@@ -425,6 +444,7 @@ def clear_runs() -> None:
     ss = st.session_state
     ss[RUNS_KEY] = []
     ss[OVERLAY_KEY] = []
+    ss[runs_view.OPEN_KEY] = []  # closed on the page; still saved on disk
     ss.pop(SHOW_KEY, None)
 
 
@@ -596,9 +616,14 @@ elif mode == MODE_DECODE:
 else:
     request = sim_controls(lm)
 
-b1, b2, _ = st.columns([1, 1, 6])
+b1, b2, b3, _ = st.columns([1, 1, 2, 4])
 go = b1.button("Run", type="primary", key="cons_run", disabled=request is None, width="stretch")
 b2.button("Stop", key="cons_stop", width="stretch", help="Stop the run; what was computed so far is kept.")
+background = runs_view.background_toggle(b3)
 if request is not None and go:
-    execute(request, lm)
+    runs_view.start(request, lm, execute, background)
+if mode != MODE_SIM:
+    runs_view.over_training(request, execute, background)
+saved_runs = runs_view.open_runs(lm)
 show_results()
+runs_view.saved_table(saved_runs)

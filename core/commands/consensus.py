@@ -22,6 +22,11 @@ and always the last one instead of all N*L+1 (N*L for --eplot / --matrixerror, w
 With --simulate, the paper's continuous-time attention dynamics run instead of a model (see the
 simulation flags below); the same files and layouts are written.
 
+Every run is also kept as a run folder, <runs root>/consensus/<--run-name, default the start time>/
+(settings, status, the files above and what the Consensus page reopens a run from), written as it
+goes, so a stopped or failed run keeps what it computed; the page lists it. --no-run-folder skips it.
+--config RUN/config.json runs what a saved run describes again (the page's background runs use it).
+
 Examples (the scripts' commands, one for one):
   python -m core consensus --model EleutherAI/gpt-neo-2.7B --size 500 --prompt "..."
   python -m core consensus --nneo --noff
@@ -41,7 +46,7 @@ from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BU
                                 DecodeConfig, SimulationConfig, parse_iterations, parse_qkv)
 from ..consensus.files import output_paths, save_consensus, save_decode
 from ..errors import LabError, shorten
-from .cli import add_model_args, float_arg, int_arg, load_from_args, path_arg, progress, read_stdin
+from .cli import add_model_args, float_arg, int_arg, load_from_args, model_given, path_arg, progress, read_stdin
 
 NAME = "consensus"
 HELP = "Iterate a model's layer stack N times on prompts and record how the token vectors converge."
@@ -95,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--savefile", metavar="PREFIX", type=path_arg, help="write PREFIX.npy and PREFIX_hidden.npy (or PREFIX_diag.npy)")
     o.add_argument("--eplot", metavar="FILE", type=path_arg, help="write the [B, N*L, 2] pairwise cosine / dot file")
     o.add_argument("--matrixerror", metavar="FILE", type=path_arg, help="write the [B, T, T, N*L] cosine matrices")
+    o.add_argument("--run-name", metavar="NAME", type=path_arg,
+                   help="keep the run in <runs root>/consensus/NAME/ (default: the start time, YYYYmmdd-HHMMSS); "
+                        "a path with a slash names the folder itself")
+    o.add_argument("--no-run-folder", action="store_true", help="keep no run folder (only the files asked for)")
+    o.add_argument("--config", metavar="FILE", type=path_arg,
+                   help="run what a run folder's config.json describes (prompts and settings; --model, --device, "
+                        "--dtype, --run-name and the files flags still apply)")
     add_simulation_arguments(parser)
 
 
@@ -108,11 +120,35 @@ def _budget(gb: float) -> int:
     return int(gb * GB)
 
 
+def _run_folder(args: argparse.Namespace):
+    """``--run-name`` checked before any work (None with --no-run-folder)."""
+    from ..consensus.runs import check_new_run
+
+    if getattr(args, "no_run_folder", False):
+        if getattr(args, "run_name", None) is not None:
+            raise LabError("--run-name names the run folder that --no-run-folder turns off; drop one of them.")
+        return None
+    return check_new_run(getattr(args, "run_name", None))
+
+
+def _writer(args: argparse.Namespace, config: dict):
+    from ..consensus.runs import RunWriter
+
+    return None if getattr(args, "no_run_folder", False) else RunWriter.create(config, getattr(args, "run_name", None))
+
+
+def _kept(writer) -> None:
+    if writer is not None:
+        print(f"kept the run in {writer.folder}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "config", None):
+        return run_config_command(args)
     if getattr(args, "simulate", False):
         return run_simulation_command(args)
     # the engine is imported here, not at the top: `--help` must not load torch
-    from ..consensus.engine import Finished, Progress, Started, consensus_decode_stream, consensus_stream, random_prompt_ids
+    from ..consensus.engine import consensus_decode_stream, consensus_stream, random_prompt_ids
 
     if args.nneo:
         if args.model not in ("default", "gpt2-xl"):
@@ -139,16 +175,16 @@ def run(args: argparse.Namespace) -> int:
                           restore_weights=False, engine=args.engine)
     cfg.check()  # before loading a model, so a typo costs nothing
     output_paths(args.savefile, args.eplot, args.matrixerror, decode=args.use_model is not None)
+    _run_folder(args)
     decode = None
     if args.use_model is not None:
         decode = DecodeConfig(new_tokens=args.use_model, top_p=args.top_p, seed=args.seed)
         decode.check()
 
     lm = load_from_args(args)
-    if args.randomprompt is not None:
-        prompts = random_prompt_ids(lm, args.randomprompt[0], args.randomprompt[1], args.seed)
-    elif args.random_prompt is not None:
-        prompts = random_prompt_ids(lm, 1, args.random_prompt, args.seed)
+    random = args.randomprompt or ([1, args.random_prompt] if args.random_prompt is not None else None)
+    if random is not None:
+        prompts = random_prompt_ids(lm, random[0], random[1], args.seed)
     else:
         prompts = args.prompt or _read_stdin()
         if not prompts:
@@ -156,6 +192,61 @@ def run(args: argparse.Namespace) -> int:
                            "one per line.")
 
     events = consensus_decode_stream(lm, prompts, cfg, decode) if decode else consensus_stream(lm, prompts, cfg)
+    return _consensus_to_end(args, lm, cfg, decode, events, _config(args, cfg, decode, random, prompts))
+
+
+def _config(args, cfg: ConsensusConfig, decode, random, prompts) -> dict:
+    """The run folder's config.json for a run given by flags."""
+    from ..consensus.runs import run_config
+
+    source = ({"source": "random", "n": int(random[0]), "length": int(random[1])} if random is not None
+              else {"source": "typed", "texts": list(prompts)})
+    label = f"{args.model} N={cfg.iterations}" + (" noff" if cfg.skip_mlp else "") + \
+        ("" if cfg.reinit == "none" else f" reinit={cfg.reinit} seed={cfg.seed}") + \
+        (f" decode K={decode.new_tokens}" if decode else "")
+    return run_config("decode" if decode else "run", args.model, source, cfg, decode, label=label,
+                      device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
+def run_config_command(args: argparse.Namespace) -> int:
+    """``--config FILE``: the run a run folder's config.json describes (the model from the file
+    unless --model is given)."""
+    from pathlib import Path
+
+    from ..consensus.runs import configs, read_config, stream
+
+    path = Path(args.config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    config = read_config(path.parent) if path.name == "config.json" else None
+    if config is None:
+        raise LabError(f"--config takes a consensus run's config.json (got {shorten(str(args.config), 80)}).")
+    if config["kind"] == "sim":
+        return run_simulation_command(args, configs(config)[2] or SimulationConfig(), config)
+    if not model_given(args) and config.get("model"):
+        args.model = config["model"]
+    config = {**config, "consensus": {**(config.get("consensus") or {}), "restore_weights": False}}  # the CLI owns its model
+    cfg, decode, _ = configs(config)
+    cfg.check()
+    if decode is not None:
+        decode.check()
+    output_paths(args.savefile, args.eplot if decode is None else None, None, decode=decode is not None)
+    _run_folder(args)
+    lm = load_from_args(args)
+    events = stream(config, lm)
+    config = {**config, "model": args.model, "device": getattr(args, "device", None),
+              "dtype": getattr(args, "dtype", None)}
+    return _consensus_to_end(args, lm, cfg, decode, events, config)
+
+
+def _consensus_to_end(args, lm, cfg: ConsensusConfig, decode, events, config: dict) -> int:
+    """Run ``events`` to the end with a progress bar, keep the run folder and the files asked for,
+    print the one-line summaries."""
+    from ..consensus.engine import Finished, Progress, Started
+
+    writer = _writer(args, config)
+    if writer is not None:
+        events = writer.watch(events)
     result = None
 
     def save():
@@ -163,21 +254,26 @@ def run(args: argparse.Namespace) -> int:
             return save_decode(result, args.savefile)
         return save_consensus(result, args.savefile, args.eplot, args.matrixerror)
 
-    started = next(events)
-    assert isinstance(started, Started)
-    result, n_layer = started.result, started.info["n_layer"]
-    print(f"{lm.name}: {len(result.prompts)} prompt(s), N = {cfg.iterations} iterations x {n_layer} blocks = "
-          f"{cfg.iterations * n_layer} layer-steps per prompt{' and new token' if decode else ''}", file=sys.stderr)
     try:
+        started = next(events)
+        assert isinstance(started, Started)
+        result, n_layer = started.result, started.info["n_layer"]
+        print(f"{lm.name}: {len(result.prompts)} prompt(s), N = {cfg.iterations} iterations x {n_layer} blocks = "
+              f"{cfg.iterations * n_layer} layer-steps per prompt{' and new token' if decode else ''}",
+              file=sys.stderr)
         for ev in progress(events, started.info["total"], "consensus",
                            position=lambda e: e.step if isinstance(e, Progress) else None):
             if isinstance(ev, Finished):
                 result = ev.result
     except (KeyboardInterrupt, LabError) as e:
+        events.close()
         if result is not None and any(f is not None for f in (args.savefile, args.eplot, args.matrixerror)):
             paths = save()
             print(f"stopped; kept what was computed in {', '.join(map(str, paths))}", file=sys.stderr)
+        _kept(writer)
         raise e
+    finally:
+        events.close()  # the run folder says how the run ended
 
     if decode:
         for b, text in enumerate(result.texts):
@@ -195,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"prompt {b + 1}, iteration {it}: > {shorten(text or '', 200)}")
     for path in save():
         print(f"wrote {path}", file=sys.stderr)
+    _kept(writer)
     return 0
 
 
@@ -249,20 +346,35 @@ def _simulation_config_from_args(args: argparse.Namespace) -> SimulationConfig:
     return cfg
 
 
-def run_simulation_command(args: argparse.Namespace) -> int:
+def run_simulation_command(args: argparse.Namespace, cfg: SimulationConfig | None = None,
+                           config: dict | None = None) -> int:
     """``python -m core consensus --simulate``: integrate, print one line per initial condition,
     and write the files asked for in the model runs' layouts (:mod:`core.consensus.files`; the
     initial conditions stand for prompts, the ``n`` points for tokens, ``d`` for the width):
     ``--savefile PREFIX``: ``PREFIX.npy`` float32 [B, P] metric and ``PREFIX_hidden.npy``
     [B, n, d]; ``--eplot FILE`` [B, P-1, 2]; ``--matrixerror FILE`` [B, n, n, P-1]. A stopped
-    or failed simulation writes what it computed."""
+    or failed simulation writes what it computed. ``cfg`` and ``config`` come from --config."""
     from ..consensus.results import Finished, Progress
+    from ..consensus.runs import run_config
     from ..consensus.simulation import simulation_stream  # the engine (torch), loaded only to run (see run)
 
-    cfg = _simulation_config_from_args(args)
+    if cfg is None:
+        cfg = _simulation_config_from_args(args)
+    elif getattr(args, "matrixerror", None) is not None and not cfg.matrix:
+        raise LabError("--matrixerror needs the token matrices, which this saved simulation did not record; drop it.")
     output_paths(getattr(args, "savefile", None), getattr(args, "eplot", None), getattr(args, "matrixerror", None))
-    lm = load_from_args(args) if parse_qkv(cfg.qkv)[0] == "layer" else None
+    _run_folder(args)
+    layer = parse_qkv(cfg.qkv)[0] == "layer"
+    if layer and config is not None and not model_given(args) and config.get("model"):
+        args.model = config["model"]
+    lm = load_from_args(args) if layer else None
     events = simulation_stream(cfg, lm, getattr(args, "device", None))
+    label = (config or {}).get("label") or cfg.label() + f" seed={cfg.seed}"
+    config = run_config("sim", args.model if layer else None, None, simulation=cfg, label=label,
+                        device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    writer = _writer(args, config)
+    if writer is not None:
+        events = writer.watch(events)
     started = next(events)
     result = started.result
     print(f"simulating {cfg.batch} x {cfg.tokens} tokens on the sphere in R^{result.hidden.shape[-1]}: "
@@ -279,14 +391,19 @@ def run_simulation_command(args: argparse.Namespace) -> int:
             if isinstance(ev, Finished):
                 result = ev.result
     except (KeyboardInterrupt, LabError) as e:
+        events.close()
         paths = save()
         if paths:
             print(f"stopped; kept what was computed in {', '.join(map(str, paths))}", file=sys.stderr)
+        _kept(writer)
         raise e
+    finally:
+        events.close()
     for b, name in enumerate(result.prompts):
         m, c = result.metric[b], result.mean_cosine[b]
         print(f"{name}: metric {m[0]:.4f} -> {m[-1]:.4g}, mean cosine {c[0]:.4f} -> {c[-1]:.6f} "
               f"after {cfg.steps} steps (t = {cfg.steps * cfg.dt:g})")
     for path in save():
         print(f"wrote {path}", file=sys.stderr)
+    _kept(writer)
     return 0

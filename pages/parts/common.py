@@ -16,7 +16,7 @@ import streamlit as st
 
 from core.devices import dtype_name
 from core.errors import LabError, failure, first_line
-from core.models.config import DEFAULT_DTYPE
+from core.models.config import DEFAULT_DTYPE, DTYPE_NAMES
 from core.models.loading import ROOT, LoadedModel, load_model, model_message
 from core.training.runs import runs_root
 
@@ -126,6 +126,41 @@ def app_message(error: LabError) -> str:
     controls instead of a command-line flag (the error carries its words as ``fix["message"]``)."""
     said = error.fix.get("message")
     return model_message(*said, **APP_REMEDIES) if said else str(error)
+
+
+URL_FIELDS = ((SPEC_KEY, "model"), (DEVICE_KEY, "device"), (DTYPE_KEY, "dtype"))  # session key -> query parameter
+URL_DEFAULTS = {"model": "default", "device": "cpu", "dtype": DEFAULT_DTYPE}  # left out of the URL
+
+
+def model_from_url() -> None:
+    """A session that has not picked a model yet (a reloaded tab, a bookmarked or shared address)
+    takes the one the URL names (``?model=SPEC&device=...&dtype=...``). Trusting remote code is
+    never taken from a URL: a link must not make anyone run a model's code."""
+    ss = st.session_state
+    if SPEC_KEY in ss:
+        return
+    for key, param in URL_FIELDS:
+        value = (st.query_params.get(param) or "").strip()
+        if value and (param != "dtype" or value in DTYPE_NAMES):  # a device the sidebar does not offer it resets
+            ss[key] = value
+
+
+def model_to_url() -> None:
+    """Write the sidebar's model, device and dtype into the URL, so a reload opens the same model."""
+    spec, device, dtype, _ = model_request()
+    for param, value in (("model", spec), ("device", device), ("dtype", dtype)):
+        if value == URL_DEFAULTS[param] or not value:
+            if param in st.query_params:
+                del st.query_params[param]
+        elif st.query_params.get(param) != value:
+            st.query_params[param] = value
+
+
+def load_spec(spec: str) -> LoadedModel:
+    """Load another model with the sidebar's device, dtype and trust setting (cached like the
+    sidebar's; a LabError says what to change)."""
+    _, device, dtype, trust = model_request()
+    return _load_cached(spec, device, dtype, trust)
 
 
 def forget_outcome() -> None:

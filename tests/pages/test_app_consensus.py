@@ -32,6 +32,14 @@ PAGE = "pages/consensus.py"
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "ROMEO: But soft!"]
 
 
+@pytest.fixture(autouse=True)
+def runs_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every run the page keeps goes to a runs folder of the test's own."""
+    root = tmp_path_factory.mktemp("runs")
+    monkeypatch.setenv("GPTLAB_RUNS", str(root))
+    return root
+
+
 def npy(files: dict[str, bytes], name: str) -> np.ndarray:
     return np.load(io.BytesIO(files[name]), allow_pickle=False)
 
@@ -360,7 +368,7 @@ def test_stop_answers_at_once_and_keeps_the_partial_run(mode):
     (record,) = at.session_state["cons_runs"]
     assert record["status"] == "stopped" and "cons_live" not in at.session_state
     assert any(w.startswith("Stopped after") for w in texts(at.warning))
-    assert set(record) == {"label", "kind", "status", "result", "error", "tokens", "settings", "new_texts"}
+    assert set(record) == {"label", "kind", "status", "result", "error", "tokens", "settings", "new_texts", "run"}
 
 
 def test_out_of_memory_mid_run_keeps_the_partial_run(monkeypatch, downloads):
@@ -915,3 +923,221 @@ def test_thin_keeps_every_kth_point_and_each_lines_last():
     assert thin(frame, "prompt", 100) is frame
     kept = thin(frame, "prompt", 5)  # every 4th point of each line, and its last
     assert kept.groupby("prompt")["step"].apply(list).to_dict() == {"a": [0, 4, 8, 9], "b": [0, 4, 8, 9]}
+
+
+# -- saved runs: kept as they go, reopened after a reload, overlaid, deleted; background; many models ---
+
+from core.commands.cli import main as cli_main  # noqa: E402
+from core.consensus import runs as saved  # noqa: E402
+from core.jobs.folder import mark  # noqa: E402
+from core.models.loading import load_model  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
+from core.training.runs import RUN_KIND as TRAINING_RUN  # noqa: E402
+
+
+@pytest.fixture
+def jobs():
+    """Background runs a test starts are killed after it."""
+    from tests.conftest import kill_process_groups
+
+    before = set(saved._CHILDREN)
+    yield
+    kill_process_groups({p.pid: p for f, p in list(saved._CHILDREN.items()) if f not in before})
+
+
+def metric_of(at, label: str) -> np.ndarray:
+    (record,) = [r for r in at.session_state["cons_runs"] if r["label"] == label]
+    return record["result"].metric
+
+
+def test_a_page_run_is_kept_and_a_reload_brings_back_the_run_the_model_and_the_settings(tiny_gptlab_dir):
+    at = page(model=tiny_gptlab_dir)
+    run(at, cons_prompts=PROMPTS[1], cons_iterations=3, cons_noff=True)
+    clean(at)
+    (info,) = saved.list_runs()
+    assert (info.state, info.kind, info.model, info.prompts) == ("finished", "run", str(tiny_gptlab_dir), 1)
+    (record,) = at.session_state["cons_runs"]
+    assert record["run"] == info.name and at.multiselect(key="cons_open").value == [info.name]
+    expected = run_consensus(load_model(str(tiny_gptlab_dir)), PROMPTS[1:], ConsensusConfig(iterations=3, skip_mlp=True))
+    np.testing.assert_allclose(saved.load_run(info.name)[1].metric, expected.metric, atol=1e-6)
+    assert at.query_params["model"] == str(tiny_gptlab_dir)  # the sidebar's model is in the URL
+
+    # a reload: a new session, with only the URL (bound widgets keep their values there)
+    from app_harness import APP
+    from streamlit.testing.v1 import AppTest
+
+    again = AppTest.from_file(str(APP), default_timeout=60)
+    again.query_params.update({"model": str(tiny_gptlab_dir), "dtype": "no-such-dtype", "cons_open": info.name,
+                               "cons_iterations": "3", "cons_noff": "true", "cons_prompts": PROMPTS[1]})
+    again.run()
+    again.switch_page(PAGE).run()
+    clean(again)
+    assert again.session_state["model_spec"] == str(tiny_gptlab_dir)
+    assert again.session_state["model_dtype"] == "float32"  # a dtype the sidebar does not offer is not taken
+    assert again.number_input(key="cons_iterations").value == 3 and again.toggle(key="cons_noff").value
+    assert again.text_area(key="cons_prompts").value == PROMPTS[1]
+    (reopened,) = again.session_state["cons_runs"]
+    assert reopened["run"] == info.name and reopened["label"] == record["label"] and reopened["status"] == "finished"
+    np.testing.assert_allclose(reopened["result"].metric, expected.metric, atol=1e-6)
+    assert again.multiselect(key="cons_overlay").value == [record["label"]]
+    chart = charts(again)[0][1]
+    np.testing.assert_allclose(chart.sort_values("step")["value"].to_numpy(), expected.metric[0], atol=1e-6)
+    assert reopened["tokens"] == [[load_model(str(tiny_gptlab_dir)).tokenizer.token_str(t)
+                                   for t in expected.token_ids[0]]]
+
+
+def test_runs_of_the_cli_open_on_the_page_overlay_and_are_deleted(default_lm, runs_dir, capsys):
+    for name, extra in (("plain", []), ("noff", ["--noff"])):
+        assert cli_main(["consensus", "--prompt", PROMPTS[0], "--size", "2", "--run-name", name, *extra]) == 0
+    capsys.readouterr()
+    at = page()
+    assert at.multiselect(key="cons_open").options == ["noff", "plain"] and not at.session_state["cons_runs"]
+    at.multiselect(key="cons_open").set_value(["plain", "noff"]).run()
+    clean(at)
+    assert [r["label"] for r in at.session_state["cons_runs"]] == ["default N=2", "default N=2 noff"]
+    assert at.multiselect(key="cons_overlay").value == ["default N=2", "default N=2 noff"]
+    over = charts(at)[-1][1]
+    for label, skip in (("default N=2", False), ("default N=2 noff", True)):
+        expected = run_consensus(default_lm, PROMPTS[:1], ConsensusConfig(iterations=2, skip_mlp=skip)).metric[0]
+        np.testing.assert_allclose(over[over["run"] == label].sort_values("step")["value"].to_numpy(), expected,
+                                   atol=1e-6)
+    table = at.dataframe[-1].value
+    assert table["run"].tolist() == ["noff", "plain"] and set(table["state"]) == {"finished"}
+
+    at.multiselect(key="cons_delete_pick").set_value(["plain"]).run()
+    at.button(key="cons_delete_go").click().run()
+    clean(at)
+    assert not (runs_dir / "consensus" / "plain").exists() and (runs_dir / "consensus" / "noff").is_dir()
+    assert [r["label"] for r in at.session_state["cons_runs"]] == ["default N=2 noff"]
+    assert at.multiselect(key="cons_open").value == ["noff"]
+    # closing a run on the page leaves it saved
+    at.multiselect(key="cons_open").set_value([]).run()
+    assert not at.session_state["cons_runs"] and (runs_dir / "consensus" / "noff").is_dir()
+
+
+def test_a_background_run_goes_on_without_the_page_and_opens_when_done(tiny_gptlab_dir, jobs):
+    at = page(model=tiny_gptlab_dir)
+    at.toggle(key="cons_background").set_value(True)
+    run(at, cons_prompts=PROMPTS[1], cons_iterations=4)
+    clean(at)
+    (info,) = saved.list_runs()
+    assert info.model == str(tiny_gptlab_dir) and (info.path / "console.txt").exists()
+    assert at.multiselect(key="cons_open").value == [info.name]
+    assert not at.get("vega_lite_chart") or info.state != "running"  # nothing computed in the page itself
+    wait_for_state(info.name, "finished")
+    at.run()
+    clean(at)
+    (record,) = at.session_state["cons_runs"]
+    assert record["run"] == info.name and record["status"] == "finished"
+    expected = run_consensus(load_model(str(tiny_gptlab_dir)), PROMPTS[1:], ConsensusConfig(iterations=4))
+    np.testing.assert_allclose(record["result"].metric, expected.metric, atol=1e-6)
+
+    # a long one is followed while it runs, and stopped from the page
+    run(at, cons_prompts=PROMPTS[1], cons_iterations=1_000_000, cons_record_every=1000)
+    name = next(i.name for i in saved.list_runs() if i.name != info.name)
+    wait_for(lambda: (saved.run_info(name).done or 0) >= 2000, timeout=120)
+    at.run()
+    clean(at)
+    assert any(p.text.startswith(f"{name} · ") for p in at.get("progress"))
+    at.button(key=f"cons_stop_{name}").click().run()
+    wait_for_state(name, "stopped")
+    at.run()
+    clean(at)
+    stopped = next(r for r in at.session_state["cons_runs"] if r["run"] == name)
+    assert stopped["status"] == "stopped" and 1 < stopped["result"].columns_done < len(stopped["result"].steps) + 1
+    at.selectbox(key="cons_show").set_value(stopped["label"]).run()
+    assert any(w.startswith("Stopped after") for w in texts(at.warning))
+
+
+def wait_for_state(name: str, state: str) -> None:
+    wait_for(lambda: saved.run_info(name).state == state, timeout=120)
+
+
+def fake_training_run(root: Path, model: Path, steps=(10, 20)) -> Path:
+    """A training run folder whose checkpoints are copies of ``model`` (all the page reads)."""
+    import shutil
+
+    folder = root / "trun"
+    folder.mkdir(parents=True)
+    mark(folder, TRAINING_RUN)
+    (folder / "config.json").write_text("{}")
+    (folder / "status.json").write_text(json.dumps({"state": "finished"}))
+    for s in steps:
+        shutil.copytree(model, folder / "checkpoints" / str(s))
+    return folder
+
+
+def test_consensus_over_training_runs_the_same_prompts_on_every_checkpoint(tiny_gptlab_dir, runs_dir):
+    folder = fake_training_run(runs_dir, tiny_gptlab_dir)
+    at = page(model=tiny_gptlab_dir)
+    set_widgets(at, "", cons_prompts=PROMPTS[1], cons_iterations=2)
+    at.selectbox(key="cons_models_run").set_value(str(folder))
+    at.button(key="cons_models_add").click().run()
+    specs = [str(folder / "checkpoints" / "10"), str(folder / "checkpoints" / "20")]
+    assert at.text_area(key="cons_models").value.splitlines() == specs
+    at.text_area(key="cons_models").input("\n".join(specs + ["no-such-model-here"])).run()
+    at.button(key="cons_models_go").click().run()
+    assert len(at.error) == 1 and at.error[0].value.startswith("no-such-model-here:")
+    labels = ["trun step 10 N=2", "trun step 20 N=2"]
+    assert [r["label"] for r in at.session_state["cons_runs"]] == labels
+    assert at.multiselect(key="cons_overlay").value == labels
+    for spec, label in zip(specs, labels):
+        expected = run_consensus(load_model(spec), PROMPTS[1:], ConsensusConfig(iterations=2)).metric
+        np.testing.assert_allclose(metric_of(at, label), expected, atol=1e-6)
+    kept = {i.model: i for i in saved.list_runs()}
+    assert set(kept) == set(specs) and {i.label for i in kept.values()} == set(labels)
+    assert set(charts(at)[-1][1]["run"]) == set(labels)
+
+
+def test_a_background_run_that_fails_says_why_on_the_page(jobs):
+    at = page()
+    config = saved.run_config("run", "no-such-model-anywhere", {"source": "typed", "texts": ["hi"]},
+                              ConsensusConfig(iterations=1), label="doomed")
+    info = saved.launch(config, device="cpu")
+    wait_for_state(info.name, "failed")
+    at.multiselect(key="cons_open").set_value([info.name]).run()
+    no_exception(at)
+    (error,) = texts(at.error)
+    assert error.startswith(f"Run {info.name} (doomed) failed before it computed anything: Model "
+                            f"'no-such-model-anywhere' is not in the local Hugging Face cache")
+    assert not at.session_state["cons_runs"]
+
+
+def test_a_stopped_page_run_is_kept_as_stopped_with_what_it_computed(downloads):
+    at = page()
+    at.text_area(key="cons_prompts").input(PROMPTS[0])
+    at.number_input(key="cons_iterations").set_value(50)
+    with stop_at_first_progress():
+        run(at)
+    at.run()
+    clean(at)
+    (record,) = at.session_state["cons_runs"]
+    (info,) = saved.list_runs()
+    wait_for_state(info.name, "stopped")  # its last writes go on in a thread, so the page answers at once
+    info = saved.run_info(info.name)
+    assert record["run"] == info.name and info.state == "stopped" and info.total == 200
+    kept = saved.load_run(info.name)[1]
+    np.testing.assert_array_equal(kept.metric, record["result"].metric)
+    assert kept.steps_done.tolist() == record["result"].steps_done.tolist() == [1]
+
+
+def test_leaving_the_page_and_coming_back_keeps_the_runs_and_the_settings():
+    at = page()
+    run(at, cons_prompts=PROMPTS[0], cons_iterations=2, cons_seed=7)
+    (info,) = saved.list_runs()
+    at.switch_page("pages/home.py").run()
+    at.switch_page(PAGE).run()
+    clean(at)
+    assert at.multiselect(key="cons_open").value == [info.name]
+    assert [r["run"] for r in at.session_state["cons_runs"]] == [info.name]
+    assert at.number_input(key="cons_iterations").value == 2 and at.number_input(key="cons_seed").value == 7
+    # a link never ticks "trust remote code" for anyone
+    from app_harness import APP
+    from streamlit.testing.v1 import AppTest
+
+    linked = AppTest.from_file(str(APP), default_timeout=60)
+    linked.query_params.update({"model": "some/model", "model_trust_remote_code": "true", "device": "cpu"})
+    linked.run()
+    assert linked.session_state["model_spec"] == "some/model"
+    assert linked.session_state["model_trust_remote_code"] is False
+    assert linked.text_input(key="model_other").value == "some/model"
