@@ -999,7 +999,7 @@ def test_runs_of_the_cli_open_on_the_page_overlay_and_are_deleted(default_lm, ru
     over = charts(at)[-1][1]
     for label, skip in (("default N=2", False), ("default N=2 noff", True)):
         expected = run_consensus(default_lm, PROMPTS[:1], ConsensusConfig(iterations=2, skip_mlp=skip)).metric[0]
-        np.testing.assert_allclose(over[over["run"] == label].sort_values("step")["value"].to_numpy(), expected,
+        np.testing.assert_allclose(over[over["run"] == label].sort_values("step")["mean"].to_numpy(), expected,
                                    atol=1e-6)
     table = at.dataframe[-1].value
     assert table["run"].tolist() == ["noff", "plain"] and set(table["state"]) == {"finished"}
