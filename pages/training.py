@@ -77,17 +77,23 @@ def notify(text: str) -> None:
     st.session_state[NOTICE_KEY] = (text, time.monotonic())
 
 
-def show_notice() -> None:
-    """The latest success message while it is fresh; drawn in the runs view, whose 2-second refresh
-    takes it away again while a run is live (a banner that stayed would soon be read as news)."""
+def fresh_notice() -> str | None:
+    """The latest success message while it is fresh (dropped once it is not)."""
     notice = st.session_state.get(NOTICE_KEY)
-    if not notice:
-        return
-    text, at = notice
-    if time.monotonic() - at < NOTICE_SHOW_S:
+    if notice and time.monotonic() - notice[1] < NOTICE_SHOW_S:
+        return notice[0]
+    st.session_state.pop(NOTICE_KEY, None)
+    return None
+
+
+def show_notice() -> bool:
+    """Draw the fresh success message, if any, and say whether there was one. It is drawn in the runs
+    view, which refreshes every 2 seconds while it is up, so it goes after a few seconds (a banner
+    that stayed would soon be read as news)."""
+    text = fresh_notice()
+    if text:
         st.success(text)
-    else:
-        st.session_state.pop(NOTICE_KEY, None)
+    return text is not None
 
 
 def show_refusal(run_id: str) -> None:
@@ -198,13 +204,13 @@ def run_panel(info: RunInfo) -> None:
 
 def runs_view(root: Path, polling: bool) -> None:
     """Table, chosen runs' charts and panels; a fragment that reruns every REFRESH_S while polling."""
-    show_notice()
+    noticed = show_notice()
     runs, error = attempt(list_runs, root)
     if error:
         st.error(f"Could not read the runs folder {root}: {error}")
         return
-    if polling and not any(r.state == "running" for r in runs):
-        st.rerun()  # the last run ended: redraw the page once, without the timer
+    if polling and not noticed and not any(r.state == "running" for r in runs):
+        st.rerun()  # the last run ended and no message waits to go: redraw the page once, without the timer
     if not runs:
         st.info(f"No runs under `{root}` yet. Launch one above, or from a shell with `python -m core train`.")
         return
@@ -279,5 +285,5 @@ head.subheader("Runs")
 button.button("Refresh", key="tr_refresh", icon=":material/refresh:", help="Look for runs started elsewhere.")
 st.caption(f"Runs folder: `{root}` (set GPTLAB_RUNS to use another); uploaded datasets are kept in "
            f"`{uploads_dir(root)}`.")
-polling = any(r.state == "running" for r in found or [])
+polling = any(r.state == "running" for r in found or []) or fresh_notice() is not None
 st.fragment(runs_view, run_every=REFRESH_S if polling else None)(root, polling)

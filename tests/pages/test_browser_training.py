@@ -1,0 +1,71 @@
+"""The Training dashboard in a real browser (headless Chromium at 1400 x 1100, see browser_kit.py):
+two tiny runs launched from the form, overlaid in one loss chart whose plot keeps its height and its
+width with both runs and both splits in the legend below it, the x axis switched to tokens and to
+training time, smoothing turned up, and the "Launched" banner gone a few seconds after a launch.
+The screenshot (training_dashboard.png) lands in $GPTLAB_SCREENSHOTS or the test's tmp folder."""
+from __future__ import annotations
+
+import time
+
+from tests.pages.browser_kit import (  # noqa: F401  (fixtures are found by name)
+    _enter, _no_exception, _open, _settle, _shots, browser, page, pytestmark, server, server_console)
+
+from pages.parts.training_charts import LOSS_HEIGHT
+
+TINY = {"Layers": "1", "Heads": "2", "d_model": "32", "Block size": "32", "Batch size": "4", "Max steps": "24",
+        "Validate every": "6", "Log every": "2", "Preview every": "12", "Save every": "0"}
+
+
+def launch(page, seed: str) -> None:
+    for name, value in {**TINY, "Seed": seed}.items():
+        _enter(page, "spinbutton", name, value)
+    page.get_by_role("button", name="Launch").click()
+    page.get_by_text("Launched run").first.wait_for(timeout=60_000)
+
+
+def loss_chart(page):
+    return page.locator("[data-testid=stVegaLiteChart]").first
+
+
+def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(server, page, tmp_path):
+    _open(page, server, "training", "spinbutton", "Max steps")
+    launch(page, "1")
+    launched = time.monotonic()
+    # the banner goes by itself after a few seconds (the live view refreshes while it is up)
+    page.get_by_text("Launched run").first.wait_for(state="detached", timeout=30_000)
+    assert time.monotonic() - launched < 20
+    resume = page.get_by_role("button", name="Resume")
+    resume.first.wait_for(timeout=600_000)  # finished: Resume offered in its panel
+    _settle(page)
+    page.get_by_text("New run").first.click()  # the form folded away after the launch
+    page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=30_000)
+    _settle(page)
+    launch(page, "2")
+    page.wait_for_function("() => [...document.querySelectorAll('button')].filter(b => b.innerText.includes('Resume'))"
+                           ".length >= 2", timeout=600_000)  # both finished, both shown (a launch adds its run)
+    _settle(page)
+    page.wait_for_timeout(1500)  # the charts finish drawing
+
+    chart = loss_chart(page).bounding_box()
+    main = page.locator("[data-testid=stMainBlockContainer]").bounding_box()
+    assert chart["width"] >= 0.9 * (main["width"] - 2 * 48)  # the plot spans the page, not squeezed by a legend
+    assert LOSS_HEIGHT + 60 <= chart["height"] <= LOSS_HEIGHT + 220, chart  # fixed plot height, legend rows below
+    body = page.inner_text("body")
+    assert "Smoothing" in body and "X axis" in body and "training time" in body
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "training_dashboard.png"), full_page=True)
+
+    # the x axis and the smoothing redraw the same chart at the same size
+    for label in ("tokens seen", "training time"):
+        page.get_by_text(label, exact=True).first.click()
+        _settle(page)
+        box = loss_chart(page).bounding_box()
+        assert abs(box["height"] - chart["height"]) < 2 and abs(box["width"] - chart["width"]) < 2
+    slider = page.get_by_role("slider", name="Smoothing")
+    slider.focus()
+    for _ in range(60):
+        page.keyboard.press("ArrowRight")
+    _settle(page)
+    assert slider.get_attribute("aria-valuenow") == "0.6"
+    _no_exception(page)
+    page.screenshot(path=str(_shots(tmp_path) / "training_smoothed.png"), full_page=True)
