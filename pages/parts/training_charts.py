@@ -32,6 +32,7 @@ DEFAULT_SMOOTHING = 0.0  # raw curves until asked: the values on screen are the 
 SMOOTHED = ("train_loss", "grad_norm", "tokens_per_s", "mfu")  # per-step series; validation is sparse, lr exact
 LOSS_HEIGHT = 320        # px of the loss plot itself; its legend goes below
 SMALL_HEIGHT = 170
+FIT_WIDTH = alt.AutoSizeParams(type="fit-x", contains="padding")
 LEGEND_LABEL_LIMIT = 320  # px of a run name in a legend before it is cut with an ellipsis
 # field -> (title, axis format, why it can be empty)
 SMALL_CHARTS = {
@@ -135,25 +136,28 @@ def _loss_chart(long: pd.DataFrame, runs: list[str], x_title: str, title: str, l
                 weight: float) -> alt.LayerChart:
     """Training loss as a solid line, validation as a dashed line with a dot at each validation."""
     legend = dict(orient="bottom", direction="horizontal", labelLimit=LEGEND_LABEL_LIMIT, symbolStrokeWidth=3,
-                  symbolSize=400)
+                  symbolSize=500, symbolType="stroke", symbolOpacity=1)
     base = alt.Chart(long).encode(
         x=alt.X("x:Q", title=x_title),
         y=alt.Y("loss:Q", title="loss", scale=alt.Scale(type="log") if log else alt.Scale(zero=False)),
-        color=alt.Color("run:N", title="run", scale=run_colors(runs),
-                        legend=alt.Legend(**legend, symbolType="stroke", columns=2)),
-        strokeDash=alt.StrokeDash("split:N", title="", sort=["train", "validation"],
-                                  scale=alt.Scale(domain=["train", "validation"], range=[[1, 0], [6, 4]]),
-                                  legend=alt.Legend(**legend, symbolType="stroke", symbolStrokeColor="#555")),
+        color=alt.Color("run:N", title="run", scale=run_colors(runs), legend=alt.Legend(**legend, columns=2)),
         tooltip=["run", "split", "step", alt.Tooltip("tokens:Q", format=","), alt.Tooltip("time:Q", format=",.1f"),
                  alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("raw:Q", format=".4f", title="raw")])
+    dash = alt.StrokeDash("split:N", title="", sort=["train", "validation"],
+                          scale=alt.Scale(domain=["train", "validation"], range=[[1, 0], [6, 4]]),
+                          legend=alt.Legend(**legend, symbolStrokeColor="#555"))
     train = base.transform_filter(alt.datum.split == "train")
+    val = base.transform_filter(alt.datum.split == "validation")
     layers = []
     if weight > 0:  # the raw curve, faint, behind the smoothed one
-        layers.append(train.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("raw:Q"), tooltip=alt.value(None)))
-    layers.append(train.mark_line(strokeWidth=2))
-    layers.append(base.transform_filter(alt.datum.split == "validation")
-                  .mark_line(strokeWidth=2, point=alt.OverlayMarkDef(size=40, filled=True)))
-    return alt.layer(*layers, title=title).properties(height=LOSS_HEIGHT)
+        layers.append(train.mark_line(opacity=0.25, strokeWidth=1).encode(y=alt.Y("raw:Q"), strokeDash=dash,
+                                                                          tooltip=alt.value(None)))
+    layers.append(train.mark_line(strokeWidth=2).encode(strokeDash=dash))
+    layers.append(val.mark_line(strokeWidth=2).encode(strokeDash=dash))
+    layers.append(val.mark_circle(size=45, opacity=1))  # a dot at each validation (no dash: lines only in that legend)
+    # fit-x: the width follows the page, the height is the plot's own and the legend adds to it (Streamlit's
+    # default, fit, squeezes plot and legend into the height, so every run more took rows from the plot)
+    return alt.layer(*layers, title=title).properties(height=LOSS_HEIGHT, autosize=FIT_WIDTH)
 
 
 def _metric_chart(df: pd.DataFrame, runs: list[str], field: str, title: str, fmt: str, x_title: str) -> alt.Chart:
@@ -162,7 +166,8 @@ def _metric_chart(df: pd.DataFrame, runs: list[str], field: str, title: str, fmt
         x=alt.X("x:Q", title=x_title),
         y=alt.Y(f"{field}:Q", title=None, axis=alt.Axis(format=fmt), scale=alt.Scale(zero=False)),
         color=alt.Color("run:N", title="run", scale=run_colors(runs), legend=None),
-        tooltip=["run", "step", alt.Tooltip(f"{field}:Q", format=fmt)]).properties(height=SMALL_HEIGHT)
+        tooltip=["run", "step", alt.Tooltip(f"{field}:Q", format=fmt)]).properties(height=SMALL_HEIGHT,
+                                                                                   autosize=FIT_WIDTH)
 
 
 def draw_charts(df: pd.DataFrame, log_loss: bool = False, x: str = DEFAULT_X, weight: float = DEFAULT_SMOOTHING,

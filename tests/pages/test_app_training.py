@@ -615,9 +615,12 @@ def test_runs_are_told_apart_by_colour_and_splits_by_line_style(runs_root: Path)
     assert dash["scale"] == {"domain": ["train", "validation"], "range": [[1, 0], [6, 4]]}  # solid, dashed
     assert dash["legend"]["symbolType"] == "stroke" and enc["color"]["legend"]["symbolType"] == "stroke"
     assert dash["legend"]["orient"] == enc["color"]["legend"]["orient"] == "bottom"  # never beside a plot
-    assert spec["height"] == LOSS_HEIGHT
-    marks = [layer["mark"] for layer in spec["layer"]]
-    assert [m.get("point", {}).get("filled") for m in marks] == [None, True]  # a dot at each validation
+    assert spec["height"] == LOSS_HEIGHT  # the plot's own height: the legend adds to it, never takes from it
+    assert spec["autosize"] == {"type": "fit-x", "contains": "padding"}
+    marks = [(layer["mark"]["type"], layer["encoding"].get("strokeDash", {}).get("field")) for layer in spec["layer"]]
+    assert marks == [("line", "split"), ("line", "split"), ("circle", None)]  # train, validation, its dots
+    assert [layer["transform"][0]["filter"] for layer in spec["layer"]] == \
+        ["(datum.split === 'train')", "(datum.split === 'validation')", "(datum.split === 'validation')"]
     loss = chart_data(at, "Loss by step")
     assert set(loss["split"]) == {"train", "validation"} and set(loss["run"]) == set(ids)
 
@@ -634,10 +637,11 @@ def test_smoothing_is_tensorboards_debiased_average_with_the_raw_curve_kept(runs
     slider = at.slider(key="tr_smoothing")
     assert (slider.value, slider.min, slider.max) == (0.0, 0.0, 0.99)
     raw = chart_data(at, "Loss by step")
-    assert len(loss_spec(at)["layer"]) == 2  # no faint raw curve while nothing is smoothed
+    assert len(loss_spec(at)["layer"]) == 3  # no faint raw curve while nothing is smoothed
     slider.set_value(0.6).run()
     no_exception(at)
-    assert len(loss_spec(at)["layer"]) == 3
+    layers = loss_spec(at)["layer"]
+    assert len(layers) == 4 and layers[0]["mark"]["opacity"] == 0.25 and layers[0]["encoding"]["y"]["field"] == "raw"
     loss = chart_data(at, "Loss by step")
     for i, rid in enumerate(ids[:2]):
         train = loss[(loss["run"] == rid) & (loss["split"] == "train")]

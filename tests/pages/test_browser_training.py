@@ -49,11 +49,23 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     chart = loss_chart(page).bounding_box()
     main = page.locator("[data-testid=stMainBlockContainer]").bounding_box()
     assert chart["width"] >= 0.9 * (main["width"] - 2 * 48)  # the plot spans the page, not squeezed by a legend
-    assert LOSS_HEIGHT + 60 <= chart["height"] <= LOSS_HEIGHT + 220, chart  # fixed plot height, legend rows below
+    assert LOSS_HEIGHT + 60 <= chart["height"] <= LOSS_HEIGHT + 300, chart  # the plot's height, axis and legend below
+    layout = loss_chart(page).evaluate("""el => {
+        const box = e => e.getBoundingClientRect();
+        const svg = el.querySelector('svg');
+        return {axes: [...svg.querySelectorAll('.role-axis')].map(e => box(e).bottom),
+                legends: [...svg.querySelectorAll('.role-legend')].map(e => [box(e).top, e.textContent])};
+    }""")
+    assert len(layout["legends"]) == 2  # runs, and train / validation
+    assert all(top >= max(layout["axes"]) - 1 for top, _ in layout["legends"])  # below the plot, never beside it
+    legend_text = " ".join(text for _, text in layout["legends"])
+    assert "train" in legend_text and "validation" in legend_text and legend_text.count("-ar-tiny") == 2
     body = page.inner_text("body")
     assert "Smoothing" in body and "X axis" in body and "training time" in body
     _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "training_dashboard.png"), full_page=True)
+    loss_chart(page).scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(_shots(tmp_path) / "training_dashboard.png"))
 
     # the x axis and the smoothing redraw the same chart at the same size
     for label in ("tokens seen", "training time"):
@@ -68,4 +80,5 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     _settle(page)
     assert slider.get_attribute("aria-valuenow") == "0.6"
     _no_exception(page)
-    page.screenshot(path=str(_shots(tmp_path) / "training_smoothed.png"), full_page=True)
+    loss_chart(page).scroll_into_view_if_needed()
+    page.screenshot(path=str(_shots(tmp_path) / "training_smoothed.png"))
