@@ -229,6 +229,9 @@ def parse_trackers(text: str) -> list[str]:
     """``"tensorboard,wandb"`` as a list of tracker names, each once, in the order given; an
     unknown name is one sentence listing the known ones."""
     names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise LabError(f"names no tracker; give one or more of {', '.join(TRACKERS)} (comma-separated), or leave "
+                       f"--log-to out.")
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise LabError(f"'{shorten(unknown[0], 40)}' is not a tracker GPT Lab logs to; choose from "

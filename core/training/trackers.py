@@ -189,7 +189,8 @@ class MlflowTracker(Tracker):
             self.client.update_run(run_id, status="RUNNING")
         else:
             self.id = self.client.create_run(experiment, run_name=run_name).info.run_id
-            params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:PARAM_CHARS]) for k, v in sorted(config.items())]
+            params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:PARAM_CHARS])
+                      for k, v in sorted(config.items())]
             self.client.log_batch(self.id, params=params)  # once: MLflow refuses to change a parameter
         self.client.log_dict(self.id, dict(config), "config.json")
 

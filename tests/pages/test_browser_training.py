@@ -23,6 +23,12 @@ def launch(page, seed: str) -> None:
     page.get_by_text("Launched run").first.wait_for(timeout=60_000)
 
 
+# n runs finished: Resume offered in n panels and no Stop anywhere (each button read after the page settled)
+ALL_FINISHED = """n => { const names = [...document.querySelectorAll('button')].map(b => b.innerText.trim());
+                         return names.filter(t => t.endsWith('Resume')).length >= n
+                                && !names.some(t => t.endsWith('Stop')); }"""
+
+
 def loss_chart(page):
     return page.locator("[data-testid=stVegaLiteChart]").first
 
@@ -34,21 +40,19 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     # the banner goes by itself after a few seconds (the live view refreshes while it is up)
     page.get_by_text("Launched run").first.wait_for(state="detached", timeout=30_000)
     assert time.monotonic() - launched < 20
-    resume = page.get_by_role("button", name="Resume")
-    resume.first.wait_for(timeout=600_000)  # finished: Resume offered in its panel
+    page.wait_for_function(ALL_FINISHED, arg=1, timeout=600_000)
     _settle(page)
     page.get_by_text("New run").first.click()  # the form folded away after the launch
     page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=30_000)
     _settle(page)
     launch(page, "2")
-    page.wait_for_function("() => [...document.querySelectorAll('button')].filter(b => b.innerText.includes('Resume'))"
-                           ".length >= 2", timeout=600_000)  # both finished, both shown (a launch adds its run)
+    page.wait_for_function(ALL_FINISHED, arg=2, timeout=600_000)  # both shown: a launch adds its run to the others
     _settle(page)
     page.wait_for_timeout(1500)  # the charts finish drawing
 
     chart = loss_chart(page).bounding_box()
-    main = page.locator("[data-testid=stMainBlockContainer]").bounding_box()
-    assert chart["width"] >= 0.9 * (main["width"] - 2 * 48)  # the plot spans the page, not squeezed by a legend
+    picker = page.locator("[data-testid=stMultiSelect]").filter(has_text="Show runs").bounding_box()
+    assert abs(chart["width"] - picker["width"]) < 4  # the chart spans the page, as wide as the run picker above it
     assert LOSS_HEIGHT + 60 <= chart["height"] <= LOSS_HEIGHT + 300, chart  # the plot's height, axis and legend below
     layout = loss_chart(page).evaluate("""el => {
         const box = e => e.getBoundingClientRect();
@@ -73,12 +77,19 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
         _settle(page)
         box = loss_chart(page).bounding_box()
         assert abs(box["height"] - chart["height"]) < 2 and abs(box["width"] - chart["width"]) < 2
+    # line layers drawn (Vega draws one group per layer and run, named after the layer)
+    line_layers = "el => new Set([...el.querySelectorAll('svg .mark-line')].map(e => e.getAttribute('class'))).size"
+    assert loss_chart(page).evaluate(line_layers) == 2  # train and validation
     slider = page.get_by_role("slider", name="Smoothing")
     slider.focus()
     for _ in range(60):
         page.keyboard.press("ArrowRight")
     _settle(page)
-    assert slider.get_attribute("aria-valuenow") == "0.6"
+    assert page.get_by_test_id("stSliderThumbValue").first.inner_text() == "0.60"
+    page.wait_for_function(f"() => ({line_layers})(document.querySelector('[data-testid=stVegaLiteChart]')) == 3",
+                           timeout=30_000)  # the raw curve joins, faint, behind the smoothed one
+    box = loss_chart(page).bounding_box()
+    assert abs(box["height"] - chart["height"]) < 2
     _no_exception(page)
     loss_chart(page).scroll_into_view_if_needed()
     page.screenshot(path=str(_shots(tmp_path) / "training_smoothed.png"))

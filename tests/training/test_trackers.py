@@ -19,7 +19,6 @@ from core.training import read_metrics, read_previews, read_status, resume_confi
 from core.training import config as config_mod
 from core.training import trackers as trackers_mod
 from core.training.config import TRACKERS, TrainConfig, parse_trackers
-from core.training.runs import runs_root
 from core.training.trackers import TRACKING_DIR, config_text, preview_text, wandb_mode
 
 pytest.importorskip("tensorboard")
@@ -274,6 +273,9 @@ def test_unknown_tracker_names_are_refused_while_parsing(text_file, cache, capsy
     assert main(["train", *cli_flags(text_file, cache), "--log-to", "comet"]) == 2
     err = capsys.readouterr().err
     assert "--log-to" in err and "'comet' is not a tracker GPT Lab logs to" in err and "Traceback" not in err
+    for empty in ("", " , "):
+        assert main(["train", *cli_flags(text_file, cache), "--log-to", empty]) == 2
+        assert "names no tracker; give one or more of tensorboard, wandb, mlflow" in capsys.readouterr().err
     with pytest.raises(LabError, match="log to must name trackers from tensorboard, wandb, mlflow"):
         TrainConfig.from_dict({"log_to": ["comet"]}).check()
     with pytest.raises(LabError, match="log to must be a list of names"):
@@ -337,3 +339,25 @@ def test_tracker_names_are_stated_once():
     assert all(name in action.help for name in TRACKERS)
     assert list(TRACKERS) == ["tensorboard", "wandb", "mlflow"]
     assert config_mod.TrainConfig().log_to == [] and config_mod.TrainConfig().preview_every == 200
+
+
+def test_only_rank_0_logs_to_the_trackers_under_torchrun(text_file, tmp_path):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "ddp"
+    flags = ["--dataset", str(text_file), "--vocab-size", "320", "--data-cache", str(tmp_path / "cache"),
+             "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--block-size", "32", "--device", "cpu",
+             "--log-every", "1", "--val-every", "2", "--val-batches", "1", "--save-every", "0", "--max-steps", "4",
+             "--batch-size", "4", "--output-dir", str(run), "--no-progress", "--log-to", "tensorboard"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "core", "train",
+           *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list((run / TRACKING_DIR / "tensorboard").iterdir())) == 1  # one writer: rank 0's event file
+    acc = tensorboard_events(run)
+    records = read_metrics(run)
+    assert [e.step for e in acc.Scalars("train_loss")] == [r["step"] for r in records] == [1, 2, 3, 4]
+    assert tb_scalars(acc, "train_loss") == {r["step"]: float(np.float32(r["train_loss"])) for r in records}
