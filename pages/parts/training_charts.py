@@ -26,6 +26,8 @@ COLUMNS = ["step", "tokens", "time", "train_loss", "val_loss", "lr", "grad_norm"
 RUN_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
               "#bab0ac"]
 X_AXES = {"step": "step", "tokens": "tokens seen", "time": "training time"}  # metrics.jsonl field -> label
+X_FORMATS = {"step": ",~f", "tokens": "~s", "time": ",~f"}  # 10 (not 10.000000), 41k, 2.5
+LOSS_FORMAT = ".4~f"
 DEFAULT_X = "step"
 SMOOTHING_MAX = 0.99
 DEFAULT_SMOOTHING = 0.0  # raw curves until asked: the values on screen are the ones in metrics.jsonl
@@ -101,6 +103,10 @@ def time_unit(seconds: float) -> tuple[str, float]:
     return "s", 1.0
 
 
+def x_axis(x: str, title: str) -> alt.X:
+    return alt.X("x:Q", title=title, axis=alt.Axis(format=X_FORMATS[x]))
+
+
 def x_values(df: pd.DataFrame, x: str) -> tuple[pd.DataFrame, str]:
     """``(df with an ``x`` column to plot against, the axis title)`` for the axis ``x`` of :data:`X_AXES`."""
     out = df.copy()
@@ -114,7 +120,7 @@ def x_values(df: pd.DataFrame, x: str) -> tuple[pd.DataFrame, str]:
 
 def loss_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Long format for the loss chart: run, step, tokens, time, x, split (train / validation), loss,
-    raw (the unsmoothed value: the same as loss for validation)."""
+    raw (the unsmoothed value: the same as loss for validation), last (each run's newest train point)."""
     keep = [c for c in ("run", "step", "tokens", "time", "x") if c in df.columns]
     train = df[keep + ["train_loss", "train_raw" if "train_raw" in df.columns else "train_loss"]].copy()
     train.columns = keep + ["loss", "raw"]
@@ -124,7 +130,9 @@ def loss_frame(df: pd.DataFrame) -> pd.DataFrame:
     val["raw"] = val["loss"]
     val["split"] = "validation"
     long = pd.concat([train, val], ignore_index=True).dropna(subset=["loss"])
-    return long[keep + ["split", "loss", "raw"]].reset_index(drop=True)
+    newest = long[long["split"] == "train"].groupby("run", sort=False)["step"].transform("max")
+    long["last"] = (long["split"] == "train") & (long["step"] == newest.reindex(long.index))
+    return long[keep + ["split", "loss", "raw", "last"]].reset_index(drop=True)
 
 
 def run_colors(runs: list[str]) -> alt.Scale:
@@ -132,14 +140,15 @@ def run_colors(runs: list[str]) -> alt.Scale:
     return alt.Scale(domain=list(runs), range=[RUN_COLORS[i % len(RUN_COLORS)] for i in range(len(runs))])
 
 
-def _loss_chart(long: pd.DataFrame, runs: list[str], x_title: str, title: str, log: bool,
+def _loss_chart(long: pd.DataFrame, runs: list[str], x: str, x_title: str, title: str, log: bool,
                 weight: float) -> alt.LayerChart:
     """Training loss as a solid line, validation as a dashed line with a dot at each validation."""
     legend = dict(orient="bottom", direction="horizontal", labelLimit=LEGEND_LABEL_LIMIT, symbolStrokeWidth=3,
                   symbolSize=500, symbolType="stroke", symbolOpacity=1)
     base = alt.Chart(long).encode(
-        x=alt.X("x:Q", title=x_title),
-        y=alt.Y("loss:Q", title="loss", scale=alt.Scale(type="log") if log else alt.Scale(zero=False)),
+        x=x_axis(x, x_title),
+        y=alt.Y("loss:Q", title="loss", axis=alt.Axis(format=LOSS_FORMAT),
+                scale=alt.Scale(type="log") if log else alt.Scale(zero=False)),
         color=alt.Color("run:N", title="run", scale=run_colors(runs), legend=alt.Legend(**legend, columns=2)),
         tooltip=["run", "split", "step", alt.Tooltip("tokens:Q", format=","), alt.Tooltip("time:Q", format=",.1f"),
                  alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("raw:Q", format=".4f", title="raw")])
@@ -155,15 +164,18 @@ def _loss_chart(long: pd.DataFrame, runs: list[str], x_title: str, title: str, l
     layers.append(train.mark_line(strokeWidth=2).encode(strokeDash=dash))
     layers.append(val.mark_line(strokeWidth=2).encode(strokeDash=dash))
     layers.append(val.mark_circle(size=45, opacity=1))  # a dot at each validation (no dash: lines only in that legend)
+    # where each run is now: a line needs two points, so a run's first logged step would show nothing without it
+    layers.append(train.transform_filter(alt.datum.last).mark_circle(size=30, opacity=1))
     # fit-x: the width follows the page, the height is the plot's own and the legend adds to it (Streamlit's
     # default, fit, squeezes plot and legend into the height, so every run more took rows from the plot)
     return alt.layer(*layers, title=title).properties(height=LOSS_HEIGHT, autosize=FIT_WIDTH)
 
 
-def _metric_chart(df: pd.DataFrame, runs: list[str], field: str, title: str, fmt: str, x_title: str) -> alt.Chart:
+def _metric_chart(df: pd.DataFrame, runs: list[str], field: str, title: str, fmt: str, x: str,
+                  x_title: str) -> alt.Chart:
     data = df[["run", "step", "x", field]].dropna(subset=[field])
-    return alt.Chart(data, title=title).mark_line().encode(
-        x=alt.X("x:Q", title=x_title),
+    return alt.Chart(data, title=title).mark_line(point=len(data) <= len(runs)).encode(  # one point each: dots
+        x=x_axis(x, x_title),
         y=alt.Y(f"{field}:Q", title=None, axis=alt.Axis(format=fmt), scale=alt.Scale(zero=False)),
         color=alt.Color("run:N", title="run", scale=run_colors(runs), legend=None),
         tooltip=["run", "step", alt.Tooltip(f"{field}:Q", format=fmt)]).properties(height=SMALL_HEIGHT,
@@ -180,11 +192,11 @@ def draw_charts(df: pd.DataFrame, log_loss: bool = False, x: str = DEFAULT_X, we
     runs = list(runs) if runs else list(dict.fromkeys(df["run"]))
     data, x_title = x_values(smoothed(df, weight), x)
     title = f"Loss by {X_AXES[x]}"
-    st.altair_chart(_loss_chart(loss_frame(data), runs, x_title, title, log_loss, weight), key="tr_chart_loss")
+    st.altair_chart(_loss_chart(loss_frame(data), runs, x, x_title, title, log_loss, weight), key="tr_chart_loss")
     cells = iter(st.columns(3) + st.columns(3))
     for field, (chart_title, fmt, empty) in SMALL_CHARTS.items():
         cell = next(cells)
         if data[field].notna().any():
-            cell.altair_chart(_metric_chart(data, runs, field, chart_title, fmt, x_title), key=f"tr_chart_{field}")
+            cell.altair_chart(_metric_chart(data, runs, field, chart_title, fmt, x, x_title), key=f"tr_chart_{field}")
         else:
             cell.caption(f"**{chart_title}**: {empty}.")

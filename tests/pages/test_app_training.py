@@ -618,11 +618,28 @@ def test_runs_are_told_apart_by_colour_and_splits_by_line_style(runs_root: Path)
     assert spec["height"] == LOSS_HEIGHT  # the plot's own height: the legend adds to it, never takes from it
     assert spec["autosize"] == {"type": "fit-x", "contains": "padding"}
     marks = [(layer["mark"]["type"], layer["encoding"].get("strokeDash", {}).get("field")) for layer in spec["layer"]]
-    assert marks == [("line", "split"), ("line", "split"), ("circle", None)]  # train, validation, its dots
-    assert [layer["transform"][0]["filter"] for layer in spec["layer"]] == \
-        ["(datum.split === 'train')", "(datum.split === 'validation')", "(datum.split === 'validation')"]
+    assert marks == [("line", "split"), ("line", "split"), ("circle", None), ("circle", None)]
+    assert [[t["filter"] for t in layer["transform"]] for layer in spec["layer"]] == [
+        ["(datum.split === 'train')"], ["(datum.split === 'validation')"],   # train, validation,
+        ["(datum.split === 'validation')"], ["(datum.split === 'train')", "datum.last"]]  # its dots, where each run is
     loss = chart_data(at, "Loss by step")
     assert set(loss["split"]) == {"train", "validation"} and set(loss["run"]) == set(ids)
+    newest = loss[loss["last"]]
+    assert sorted(newest["run"]) == sorted(ids) and set(newest["step"]) == {6} and set(newest["split"]) == {"train"}
+
+
+def test_a_run_with_one_logged_step_shows_a_dot(runs_root: Path):
+    write_run(runs_root, "young", {"state": "finished", "step": 1, "max_steps": 1}, fake_metrics(1, 5.0))
+    at = open_app(PAGE)
+    no_exception(at)
+    loss = chart_data(at, "Loss by step")
+    assert loss[["step", "split", "loss", "last"]].to_dict("records") == [
+        {"step": 1, "split": "train", "loss": pytest.approx(4.9), "last": True}]
+    axis = loss_spec(at)["layer"][0]["encoding"]
+    assert axis["x"]["axis"]["format"] == ",~f" and axis["y"]["axis"]["format"] == ".4~f"  # 10, not 10.000000
+    grad = next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart")
+                if json.loads(c.proto.spec).get("title") == "Gradient norm")
+    assert grad["mark"]["point"] is True  # a line of one point would be invisible
 
 
 def test_smoothing_is_tensorboards_debiased_average_with_the_raw_curve_kept(runs_root: Path):
@@ -637,11 +654,11 @@ def test_smoothing_is_tensorboards_debiased_average_with_the_raw_curve_kept(runs
     slider = at.slider(key="tr_smoothing")
     assert (slider.value, slider.min, slider.max) == (0.0, 0.0, 0.99)
     raw = chart_data(at, "Loss by step")
-    assert len(loss_spec(at)["layer"]) == 3  # no faint raw curve while nothing is smoothed
+    assert len(loss_spec(at)["layer"]) == 4  # no faint raw curve while nothing is smoothed
     slider.set_value(0.6).run()
     no_exception(at)
     layers = loss_spec(at)["layer"]
-    assert len(layers) == 4 and layers[0]["mark"]["opacity"] == 0.25 and layers[0]["encoding"]["y"]["field"] == "raw"
+    assert len(layers) == 5 and layers[0]["mark"]["opacity"] == 0.25 and layers[0]["encoding"]["y"]["field"] == "raw"
     loss = chart_data(at, "Loss by step")
     for i, rid in enumerate(ids[:2]):
         train = loss[(loss["run"] == rid) & (loss["split"] == "train")]
@@ -679,6 +696,7 @@ def test_x_axis_by_step_tokens_or_training_time(runs_root: Path):
     assert grad["encoding"]["x"]["title"] == "training time (min)"  # every chart follows the axis
     at.radio(key="tr_x_axis").set_value("tokens").run()
     assert loss_spec(at)["layer"][0]["encoding"]["x"]["title"] == "tokens seen"
+    assert loss_spec(at)["layer"][0]["encoding"]["x"]["axis"]["format"] == "~s"  # 41k, 1.2M
     assert chart_data(at, "Loss by tokens seen")["x"].tolist()[:2] == [128, 256]
 
 
