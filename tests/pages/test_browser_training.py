@@ -29,6 +29,13 @@ ALL_FINISHED = """n => { const names = [...document.querySelectorAll('button')].
                                 && !names.some(t => t.endsWith('Stop')); }"""
 
 
+def show_controls_and_chart(page) -> None:
+    """Scroll so that the run picker, the chart controls and the loss chart fill the window."""
+    page.locator("[data-testid=stMultiSelect]").filter(has_text="Show runs").evaluate(
+        "el => el.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)
+
+
 def loss_chart(page):
     return page.locator("[data-testid=stVegaLiteChart]").first
 
@@ -67,8 +74,7 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     body = page.inner_text("body")
     assert "Smoothing" in body and "X axis" in body and "training time" in body
     _no_exception(page)
-    loss_chart(page).scroll_into_view_if_needed()
-    page.wait_for_timeout(500)
+    show_controls_and_chart(page)
     page.screenshot(path=str(_shots(tmp_path) / "training_dashboard.png"))
 
     # the x axis and the smoothing redraw the same chart at the same size
@@ -91,5 +97,5 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     box = loss_chart(page).bounding_box()
     assert abs(box["height"] - chart["height"]) < 2
     _no_exception(page)
-    loss_chart(page).scroll_into_view_if_needed()
+    show_controls_and_chart(page)
     page.screenshot(path=str(_shots(tmp_path) / "training_smoothed.png"))
