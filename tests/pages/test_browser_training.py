@@ -5,11 +5,14 @@ training time, smoothing turned up, and the "Launched" banner gone a few seconds
 The screenshot (training_dashboard.png) lands in $GPTLAB_SCREENSHOTS or the test's tmp folder."""
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 from tests.pages.browser_kit import (  # noqa: F401  (fixtures are found by name)
     _enter, _no_exception, _open, _settle, _shots, browser, page, pytestmark, server, server_console)
 
+from core.training.runs import list_runs
 from pages.parts.training_charts import LOSS_HEIGHT
 
 TINY = {"Layers": "1", "Heads": "2", "d_model": "32", "Block size": "32", "Batch size": "4", "Max steps": "24",
@@ -23,10 +26,24 @@ def launch(page, seed: str) -> None:
     page.get_by_text("Launched run").first.wait_for(timeout=60_000)
 
 
-# n runs finished: Resume offered in n panels and no Stop anywhere (each button read after the page settled)
-ALL_FINISHED = """n => { const names = [...document.querySelectorAll('button')].map(b => b.innerText.trim());
-                         return names.filter(t => t.endsWith('Resume')).length >= n
-                                && !names.some(t => t.endsWith('Stop')); }"""
+# n run panels shown, each offering Resume and none Stop ("Stopped:" captions aside)
+PANELS_FINISHED = """n => { const panels = [...document.querySelectorAll('[class*="st-key-tr_panel_"]')];
+                            return panels.length == n
+                                   && panels.every(p => p.innerText.includes('Resume') && !/\\bStop\\b/.test(p.innerText)); }"""
+
+
+def wait_until_finished(page, n: int, timeout: float = 600) -> None:
+    """Until the runs folder the page names holds ``n`` finished runs (read from their status files, not
+    from the page, which keeps stale copies of its elements while it redraws), then until the page has
+    redrawn them: ``n`` run panels, each offering Resume and none Stop."""
+    root = Path(re.search(r"Runs folder: (\S+)", page.inner_text("body")).group(1))
+    deadline = time.monotonic() + timeout
+    while sum(r.state == "finished" for r in list_runs(root)) < n:
+        assert time.monotonic() < deadline, [(r.id, r.state, r.reason) for r in list_runs(root)]
+        time.sleep(1)
+    page.wait_for_function(PANELS_FINISHED, arg=n, timeout=120_000)
+    _settle(page)
+    assert page.evaluate(PANELS_FINISHED, n)
 
 
 def show_controls_and_chart(page) -> None:
@@ -47,13 +64,13 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     # the banner goes by itself after a few seconds (the live view refreshes while it is up)
     page.get_by_text("Launched run").first.wait_for(state="detached", timeout=30_000)
     assert time.monotonic() - launched < 20
-    page.wait_for_function(ALL_FINISHED, arg=1, timeout=600_000)
+    wait_until_finished(page, 1)
     _settle(page)
     page.get_by_text("New run").first.click()  # the form folded away after the launch
     page.get_by_role("spinbutton", name="Max steps").wait_for(timeout=30_000)
     _settle(page)
     launch(page, "2")
-    page.wait_for_function(ALL_FINISHED, arg=2, timeout=600_000)  # both shown: a launch adds its run to the others
+    wait_until_finished(page, 2)  # both shown: a launch adds its run to the others
     _settle(page)
     page.wait_for_timeout(1500)  # the charts finish drawing
 
@@ -86,6 +103,7 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     # line layers drawn (Vega draws one group per layer and run, named after the layer)
     line_layers = "el => new Set([...el.querySelectorAll('svg .mark-line')].map(e => e.getAttribute('class'))).size"
     assert loss_chart(page).evaluate(line_layers) == 2  # train and validation
+    assert loss_chart(page).evaluate("el => el.querySelectorAll('svg .mark-line').length") == 4  # ... of both runs
     slider = page.get_by_role("slider", name="Smoothing")
     slider.focus()
     for _ in range(60):
