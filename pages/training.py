@@ -23,12 +23,14 @@ from core.training.memory import check_fits
 from core.training.runs import (RunInfo, delete, launch, list_runs, log_tail, read_metrics, read_previews, resume,
                                 runs_root, stop)
 from pages.parts.common import ROOT, SPEC_KEY, STATE_BADGE, attempt, ensure_frame, spec_label
-from pages.parts.training_charts import draw_charts, metrics_frame
+from pages.parts.training_charts import (DEFAULT_SMOOTHING, DEFAULT_X, SMOOTHING_MAX, X_AXES, draw_charts,
+                                         metrics_frame)
 from pages.parts.training_form import UPLOAD_CHOICE, config_from_values, launch_form, save_uploaded
 
 REFRESH_S = 2.0
 SELECT_KEY = "tr_show"      # the runs shown (charts overlaid, one panel each)
-NOTICE_KEY = "tr_notice"    # a success message carried over a rerun
+NOTICE_KEY = "tr_notice"    # (a success message, when it was given), carried over a rerun
+NOTICE_SHOW_S = 6.0         # how long such a message stays (the live view's refresh takes it away)
 REFUSALS_KEY = "tr_refusals"  # run id -> (engine message, when) of a refused stop / resume / delete
 REFUSAL_SHOW_S = 20.0
 FORM_OPEN_KEY = "tr_new_run"  # the "New run" expander's open state
@@ -66,8 +68,32 @@ def act(info: RunInfo, fn: Callable[..., Any], notice: str, **kwargs: Any) -> No
         st.session_state.setdefault(REFUSALS_KEY, {})[info.id] = (error, time.monotonic())
         return
     st.session_state.get(REFUSALS_KEY, {}).pop(info.id, None)
-    st.session_state[NOTICE_KEY] = notice
+    notify(notice)
     st.rerun()
+
+
+def notify(text: str) -> None:
+    """A success message for the next run of the page, shown for :data:`NOTICE_SHOW_S` seconds."""
+    st.session_state[NOTICE_KEY] = (text, time.monotonic())
+
+
+def fresh_notice() -> str | None:
+    """The latest success message while it is fresh (dropped once it is not)."""
+    notice = st.session_state.get(NOTICE_KEY)
+    if notice and time.monotonic() - notice[1] < NOTICE_SHOW_S:
+        return notice[0]
+    st.session_state.pop(NOTICE_KEY, None)
+    return None
+
+
+def show_notice() -> bool:
+    """Draw the fresh success message, if any, and say whether there was one. It is drawn in the runs
+    view, which refreshes every 2 seconds while it is up, so it goes after a few seconds (a banner
+    that stayed would soon be read as news)."""
+    text = fresh_notice()
+    if text:
+        st.success(text)
+    return text is not None
 
 
 def show_refusal(run_id: str) -> None:
@@ -178,12 +204,13 @@ def run_panel(info: RunInfo) -> None:
 
 def runs_view(root: Path, polling: bool) -> None:
     """Table, chosen runs' charts and panels; a fragment that reruns every REFRESH_S while polling."""
+    noticed = show_notice()
     runs, error = attempt(list_runs, root)
     if error:
         st.error(f"Could not read the runs folder {root}: {error}")
         return
-    if polling and not any(r.state == "running" for r in runs):
-        st.rerun()  # the last run ended: redraw the page once, without the timer
+    if polling and not noticed and not any(r.state == "running" for r in runs):
+        st.rerun()  # the last run ended and no message waits to go: redraw the page once, without the timer
     if not runs:
         st.info(f"No runs under `{root}` yet. Launch one above, or from a shell with `python -m core train`.")
         return
@@ -193,16 +220,24 @@ def runs_view(root: Path, polling: bool) -> None:
     ids = [r.id for r in runs]
     ss = st.session_state
     ss[SELECT_KEY] = [i for i in ss.get(SELECT_KEY, ids[:1]) if i in ids]
-    left, right = st.columns([5, 1], vertical_alignment="bottom")
-    chosen = left.multiselect("Show runs", ids, key=SELECT_KEY, persist_state="session",
-                              help="Their curves are overlaid, coloured by run.")
-    log_loss = right.toggle("Log-scale loss", key="tr_log_loss", persist_state="session")
+    chosen = st.multiselect("Show runs", ids, key=SELECT_KEY, persist_state="session",
+                            help="Their curves are overlaid, each run in its own colour (in the order picked).")
     if not chosen:
         st.caption("Pick one or more runs to see their curves, samples, log and checkpoints.")
         return
+    x_col, smooth_col, log_col = st.columns([2, 2, 1], vertical_alignment="bottom")
+    x = x_col.radio("X axis", list(X_AXES), index=list(X_AXES).index(DEFAULT_X), format_func=X_AXES.get,
+                    horizontal=True, key="tr_x_axis", persist_state="session",
+                    help="Plot against optimizer steps, tokens seen, or training time (wall-clock time spent "
+                         "training, without validation and checkpoint pauses).")
+    weight = smooth_col.slider("Smoothing", 0.0, SMOOTHING_MAX, DEFAULT_SMOOTHING, step=0.01, key="tr_smoothing",
+                               persist_state="session",
+                               help="Exponential moving average of the train loss, gradient norm, throughput and "
+                                    "MFU, as in TensorBoard (0 = raw values). The raw loss stays faintly behind.")
+    log_loss = log_col.toggle("Log-scale loss", key="tr_log_loss", persist_state="session")
     by_id = {r.id: r for r in runs}
     records = {rid: attempt(read_metrics, by_id[rid].path)[0] or [] for rid in chosen}
-    draw_charts(metrics_frame(records), log_loss)
+    draw_charts(metrics_frame(records), log_loss, x=x, weight=weight, runs=chosen)
     for rid in chosen:
         run_panel(by_id[rid])
 
@@ -230,7 +265,7 @@ def launch_section(root: Path, has_runs: bool) -> None:
         st.error(error)
         return
     where = f"{len(cfg.devices)} GPUs under torchrun" if cfg.devices else cfg.device
-    ss[NOTICE_KEY] = f"Launched run **{info.id}** on {where}; it keeps running if you leave this page."
+    notify(f"Launched run **{info.id}** on {where}; it keeps running if you leave this page.")
     ss[SELECT_KEY] = [info.id] + [i for i in ss.get(SELECT_KEY, []) if i != info.id]
     ss[_COLLAPSE_KEY] = True
     st.rerun()
@@ -250,8 +285,5 @@ head.subheader("Runs")
 button.button("Refresh", key="tr_refresh", icon=":material/refresh:", help="Look for runs started elsewhere.")
 st.caption(f"Runs folder: `{root}` (set GPTLAB_RUNS to use another); uploaded datasets are kept in "
            f"`{uploads_dir(root)}`.")
-notice = st.session_state.pop(NOTICE_KEY, None)
-if notice:
-    st.success(notice)
-polling = any(r.state == "running" for r in found or [])
+polling = any(r.state == "running" for r in found or []) or fresh_notice() is not None
 st.fragment(runs_view, run_every=REFRESH_S if polling else None)(root, polling)

@@ -129,6 +129,17 @@ def float_arg(low: float | None = None, high: float | None = None, *, low_open: 
     return _range_type(float, "float", low, high, low_open, high_open, note)
 
 
+def trackers_arg(text: str) -> list[str]:
+    """An argparse ``type`` for ``--log-to tensorboard,wandb,mlflow`` (core.training.config.TRACKERS);
+    whether each tracker's package is installed is checked with the rest of the config."""
+    from ..training.config import parse_trackers
+
+    try:
+        return parse_trackers(text)
+    except LabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def path_arg(text: str) -> str:
     """An argparse ``type`` for every flag that names a file, folder or model spec: the text is
     kept as typed, but a name no file system takes (a part longer than it allows) fails while

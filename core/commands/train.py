@@ -34,8 +34,8 @@ from ..files import parse_json
 from ..models.config import PRESETS
 from ..training import runs  # torch-free: run folders, names and the writer's lock
 from ..training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS, OBJECTIVES,
-                               OPTIMIZERS, PARALLEL_MODES, TrainConfig)
-from .cli import device_arg, float_arg, int_arg, path_arg
+                               OPTIMIZERS, PARALLEL_MODES, TRACKERS, TrainConfig)
+from .cli import device_arg, float_arg, int_arg, path_arg, trackers_arg
 
 NAME = "train"
 HELP = "Train a GPT or a text-diffusion model; writes a run folder with metrics and loadable checkpoints."
@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--val-batches", dest="val_batches", type=_num("val_batches"), default=S, metavar="N",
                    help=f"(default {D.val_batches})")
     b.add_argument("--preview-every", dest="preview_every", type=_num("preview_every", off), default=S, metavar="N",
-                   help="sample a short text every N steps (default off)")
+                   help=f"sample a short text every N steps (default {D.preview_every}; 0 = off)")
     b.add_argument("--preview-prompt", dest="preview_prompt", default=S, metavar="TEXT")
     b.add_argument("--preview-tokens", dest="preview_tokens", type=_num("preview_tokens"), default=S, metavar="N",
                    help=f"(default {D.preview_tokens})")
@@ -190,6 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also export the final model as <run>/NAME/ (reference spelling; .pt is dropped)")
     r.add_argument("--config", default=S, metavar="FILE", type=path_arg, help="a run's config.json to start from")
     r.add_argument("--resume", default=S, metavar="RUN_DIR", type=path_arg, help="continue this run from its last checkpoint")
+    r.add_argument("--log-to", dest="log_to", type=trackers_arg, default=S, metavar="NAMES",
+                   help=f"also log metrics, config and samples to {', '.join(TRACKERS)} (any of them, comma-separated; "
+                        "files under RUN/tracking/; W&B offline unless logged in)")
     r.add_argument("--no-progress", dest="no_progress", action="store_true", default=S,
                    help="no progress bar (runs launched in the background)")
 
@@ -197,7 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Flags that change a resumed run without changing what it is.
 RESUME_OVERRIDES = ("max_steps", "epochs", "val_every", "val_batches", "preview_every", "preview_prompt",
                     "preview_tokens", "save_every", "keep_last", "log_every", "device", "devices", "compile",
-                    "ckpt_name", "batch_size", "grad_acc_steps", "activation_checkpointing", "parallel")
+                    "ckpt_name", "batch_size", "grad_acc_steps", "activation_checkpointing", "parallel",
+                    "log_to")
 # How the command is launched on this machine (torchrun's options), not settings of the run.
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
@@ -441,6 +445,7 @@ def run(args: argparse.Namespace) -> int:
                    nnodes=nnodes, nproc=nproc)
     folder = run_folder(args, cfg)
     resume = bool(getattr(args, "resume", None))
+    fresh = not resume and not worker and runs.is_new_folder(folder)  # a run this command makes from nothing
     # one writer per run, for as long as this command trains it (node 0's command, on a multi-node run)
     lock = None if worker or node_rank > 0 else runs.lock_run(folder)
     try:
@@ -457,6 +462,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         _show(events)
         return 0
+    except BaseException:
+        if fresh:  # ended before its first step (e.g. its dataset): leave no empty run behind
+            runs.discard_unstarted(folder)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from . import cli  # cli.load_from_args through the module, so a test's stand-in for it is seen here
-from .cli import add_model_args, device_arg, float_arg, int_arg, model_given, path_arg, progress
+from .cli import add_model_args, device_arg, float_arg, int_arg, model_given, path_arg, progress, trackers_arg
 from .cli import resolve_reference_model  # noqa: F401 (moved to core.cli; still importable here)
 from ..errors import LabError
 from ..files import atomic_write_json, check_output, check_output_dir
@@ -162,6 +162,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int_arg(), default=TRAIN.seed)
     g.add_argument("--no-collect", dest="collect", action="store_false", help="stop after training")
     g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
+    g.add_argument("--log-to", dest="log_to", type=trackers_arg, default=[], metavar="NAMES",
+                   help="also log the training curves and settings to tensorboard, wandb and/or mlflow "
+                        "(comma-separated; files under DIR/tracking/<time>/)")
 
 
 def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
@@ -406,6 +409,9 @@ def _explainer(args: argparse.Namespace, device: str):
 
 def _train(args: argparse.Namespace) -> int:
     from ..interp.transcoder import check_set_output
+    from ..training.config import check_trackers
+
+    check_trackers(args.log_to)  # a tracker's missing package is said before the model loads
 
     flag = "--output-dir" if args.output_dir else "--transcoders"
     named = args.output_dir or args.transcoders
@@ -437,7 +443,7 @@ def _train_into(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: P
     from ..interp.explain import BuiltinExplainer
     from ..interp.store import FeatureStore, store_path
     from ..interp.train import Evaluated, Saved, TrainFinished, TrainProgress, TrainStarted, Validated, \
-        train_transcoders
+        quality_record, tracker_record, train_transcoders
 
     events = train_transcoders(lm, cfg, out_dir=save_dir)
     tset = None
@@ -451,17 +457,31 @@ def _train_into(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: P
             return "nmse " + " ".join(f"{v:.3f}" for v in e.mse.values()) + f"  {e.tokens_per_s:,.0f} tok/s"
         return None
 
-    for ev in progress(events, first.total_steps, "train",
-                       position=lambda e: e.step if isinstance(e, TrainProgress) else None, status=status):
-        if isinstance(ev, Validated):
-            print(f"\nstep {ev.step}: fve " + ", ".join(f"{i}: {v:.3f}" for i, v in ev.fve.items()), file=sys.stderr)
-        elif isinstance(ev, Evaluated):
-            _print_quality(ev.quality)
-        elif isinstance(ev, Saved):
-            print(f"saved {ev.folder} (step {ev.step})", file=sys.stderr)
-        elif isinstance(ev, TrainFinished):
-            tset = ev.transcoders
-            print(f"[trained in {ev.seconds:.1f}s]", file=sys.stderr)
+    trackers = _open_trackers(args, lm, cfg, out)
+    step, state = 0, "failed"
+    try:
+        for ev in progress(events, first.total_steps, "train",
+                           position=lambda e: e.step if isinstance(e, TrainProgress) else None, status=status):
+            record = tracker_record(ev)
+            if record is not None:
+                step = record["step"]
+                trackers.metrics(record)
+            if isinstance(ev, Validated):
+                print(f"\nstep {ev.step}: fve " + ", ".join(f"{i}: {v:.3f}" for i, v in ev.fve.items()),
+                      file=sys.stderr)
+            elif isinstance(ev, Evaluated):
+                trackers.metrics(quality_record(step, ev.quality))
+                _print_quality(ev.quality)
+            elif isinstance(ev, Saved):
+                print(f"saved {ev.folder} (step {ev.step})", file=sys.stderr)
+            elif isinstance(ev, TrainFinished):
+                tset, state = ev.transcoders, "finished"
+                print(f"[trained in {ev.seconds:.1f}s]", file=sys.stderr)
+    except KeyboardInterrupt:
+        state = "stopped"
+        raise
+    finally:
+        trackers.close(state)
     assert tset is not None
     if save_dir is None or not args.collect:
         return 0
@@ -470,6 +490,21 @@ def _train_into(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: P
         with FeatureStore(store_path(out)) as store:
             _run_describe(store, BuiltinExplainer(), None, args)
     return 0
+
+
+def _open_trackers(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: Path):
+    """``--log-to``: the trackers this training logs to, their files under
+    ``<set>/tracking/<start time>/`` (each training of a set is its own tracker run)."""
+    from datetime import datetime
+
+    from ..training.trackers import TRACKING_DIR, Trackers, open_trackers
+
+    if not args.log_to:
+        return Trackers()
+    started = f"{datetime.now():%Y%m%d-%H%M%S}"
+    return open_trackers(args.log_to, out / TRACKING_DIR / started, run_name=f"{out.name}-{started}",
+                         config={"model": lm.spec, **cfg.to_dict()},
+                         log=lambda line: print(line, file=sys.stderr))
 
 
 def _print_quality(quality) -> None:

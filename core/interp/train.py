@@ -345,6 +345,27 @@ def _quick_validation(lm: "LoadedModel", tcs: dict[int, Transcoder], windows: np
     return Validated(step=step, fve=fve, l0=l0)
 
 
+def tracker_record(ev: TrainEvent) -> dict | None:
+    """What an event gives the experiment trackers (``transcoders train --log-to``): a record with
+    the optimiser ``step`` and named numbers, per layer under ``layer_{i}/`` (validation FVE under
+    ``val/``, the final quality under ``final/``); None for events that carry no numbers."""
+    if isinstance(ev, TrainProgress):
+        per_layer = {f"layer_{i}/{name}": v for name, values in (("nmse", ev.mse), ("l0", ev.l0),
+                                                                  ("dead_fraction", ev.dead_fraction))
+                     for i, v in values.items()}
+        return {"step": ev.step, "tokens": ev.tokens, "lr": ev.lr, "tokens_per_s": ev.tokens_per_s, **per_layer}
+    if isinstance(ev, Validated):
+        return {"step": ev.step, **{f"val/layer_{i}/fve": v for i, v in ev.fve.items()},
+                **{f"val/layer_{i}/l0": v for i, v in ev.l0.items()}}
+    return None
+
+
+def quality_record(step: int, quality: dict[int, LayerQuality]) -> dict:
+    """The final per-layer quality (:class:`Evaluated`) as a tracker record at ``step``."""
+    return {"step": step, **{f"final/layer_{i}/{k}": v for i, q in quality.items()
+                             for k, v in q.to_dict().items() if k != "layer"}}
+
+
 def run_to_end(events: Iterator[TrainEvent]) -> TranscoderSet:
     """Drain a training generator and return its set (tests, scripts)."""
     for ev in events:
@@ -354,4 +375,4 @@ def run_to_end(events: Iterator[TrainEvent]) -> TranscoderSet:
 
 
 __all__ = ["TranscoderTrainConfig", "TrainStarted", "TrainProgress", "Validated", "Saved", "Evaluated",
-           "TrainFinished", "TrainEvent", "train_transcoders", "run_to_end"]
+           "TrainFinished", "TrainEvent", "train_transcoders", "run_to_end", "tracker_record", "quality_record"]

@@ -263,7 +263,7 @@ def is_transcoder_folder(path: str | os.PathLike) -> bool:
     return isinstance(meta, dict) and meta.get("format") == SET_FORMAT
 
 
-_SET_FILE = re.compile(r"(config\.json|metrics\.json|layer_\d+\.safetensors|features\.sqlite(-journal|-wal|-shm)?)")
+_SET_FILE = re.compile(r"(config\.json|metrics\.json|layer_\d+\.safetensors|features\.sqlite(-journal|-wal|-shm)?|tracking)")
 
 
 def check_set_output(folder: str | os.PathLike, flag: str = "--output-dir") -> Path:

@@ -32,6 +32,13 @@ MODEL_VERSIONS = ("gpt2", "gpt3")       # the recipes of core.training.optim.REC
 NAMED_TOKENIZERS = ("bpe", "gpt2")      # besides a tokenizer.json or model folder
 DEFAULT_PRESET = "tiny"                 # the model when neither a preset nor sizes are given
 DEFAULT_EPOCHS = 1.0                    # when neither max_steps nor epochs is given
+# Experiment trackers a run can mirror metrics.jsonl to (--log-to; core.training.trackers), each an
+# optional package: tracker -> (the module it needs, what to pip install). Runs and transcoder training alike.
+TRACKERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "tensorboard==2.21.0"),
+    "wandb": ("wandb", "wandb==0.31.0"),
+    "mlflow": ("mlflow", "mlflow-skinny==3.18.0 sqlalchemy==2.1.9 alembic==1.20.1"),
+}
 
 
 @dataclass(frozen=True)
@@ -138,13 +145,14 @@ class TrainConfig:
     # bookkeeping
     val_every: int = 200                # 0 = only at the end
     val_batches: int = 20
-    preview_every: int = 0              # 0 = off
+    preview_every: int = 200            # 0 = off
     preview_prompt: str | None = None   # None: the dataset's own default prompt
     preview_tokens: int = 64
     save_every: int = 500               # 0 = only at the end / on stop
     keep_last: int = 3
     log_every: int = 10
     ckpt_name: str | None = None        # also export the final model as <run>/<name>/
+    log_to: list[str] = field(default_factory=list)  # TRACKERS mirroring metrics.jsonl (rank 0 only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -205,6 +213,7 @@ class TrainConfig:
         """Raise LabError naming the setting to change; cheap, so it runs before any data work."""
         self.check_types()
         self.check_ranges()
+        check_trackers(self.log_to)
         if self.devices is not None and (not self.devices or any(int(i) < 0 for i in self.devices)):
             raise LabError("devices must be a list of GPU indices such as 0,1.")
         if not self.dataset.strip():
@@ -217,6 +226,46 @@ class TrainConfig:
                 raise LabError("--ckpt-name checkpoints would overwrite the run's checkpoints; pick another name.")
             check_run_id(stem)
         self.gpt_config(vocab_size=max(self.vocab_size, 1), mask_token_id=None)  # shape errors early
+
+
+def parse_trackers(text: str) -> list[str]:
+    """``"tensorboard,wandb"`` as a list of tracker names, each once, in the order given; an
+    unknown name is one sentence listing the known ones."""
+    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise LabError(f"names no tracker; give one or more of {', '.join(TRACKERS)} (comma-separated), or leave "
+                       f"--log-to out.")
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise LabError(f"'{shorten(unknown[0], 40)}' is not a tracker GPT Lab logs to; choose from "
+                       f"{', '.join(TRACKERS)} (comma-separated).")
+    return list(dict.fromkeys(names))
+
+
+def missing_tracker_package(name: str) -> str | None:
+    """The sentence to show when tracker ``name``'s package is not installed, or None."""
+    import importlib.util
+
+    module, pip = TRACKERS[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"Logging to {name} needs the {module} package, which is not installed here; install it with "
+            f"`pip install {pip}` (or `pip install 'gptlab[trackers]'`), or leave {name} out of --log-to.")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Raise LabError for a tracker name that is not one of :data:`TRACKERS`, or whose package is
+    missing: said before any data is read, never after hours of training."""
+    for name in names:
+        if name not in TRACKERS:
+            raise LabError(f"log to must name trackers from {', '.join(TRACKERS)} (got '{shorten(str(name), 40)}').")
+        problem = missing_tracker_package(name)
+        if problem:
+            raise LabError(problem)
 
 
 def _range_message(name: str, value: float, limit: Limit) -> str:
@@ -256,6 +305,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return None if ok else "a finite number"
     if origin is str:
         return None if isinstance(value, str) else "text"
+    if origin is list and args and args[0] is str:
+        return None if isinstance(value, list) and all(isinstance(i, str) for i in value) else "a list of names"
     if origin is list:
         ok = isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
         return None if ok else "a list of whole numbers"

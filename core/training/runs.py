@@ -199,6 +199,37 @@ def check_output_folder(folder: str | os.PathLike) -> None:
                        f"a run's folder holds only the run, so pick an empty or new folder.")
 
 
+def is_new_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is missing or empty (hidden entries aside): a run started there is this
+    command's own from the first file, so :func:`discard_unstarted` may remove it again."""
+    p = Path(folder)
+    if p.is_symlink():
+        return False
+    try:
+        return not p.exists() or not any(not e.name.startswith(".") for e in p.iterdir())
+    except OSError:
+        return False
+
+
+def discard_unstarted(folder: str | os.PathLike) -> bool:
+    """Remove the folder of a run that ended before its first step (its dataset missing, offline or
+    too small, a model that cannot be built): it holds nothing but the settings and the failure,
+    which the command has just printed, and left behind it would be listed as a run that never ran.
+    Only a marked run at step 0 with no metrics and no checkpoint is removed; returns whether it was."""
+    p = Path(folder)
+    if p.is_symlink() or not p.is_dir() or not is_marked_run(p) or checkpoint_steps(p):
+        return False
+    try:
+        step = read_status_file(p, _STATUS_FIELDS).get("step") or 0
+    except (OSError, StatusUnreadable):
+        return False
+    metrics = p / "metrics.jsonl"
+    if step != 0 or (metrics.is_file() and metrics.stat().st_size > 0):
+        return False
+    shutil.rmtree(p, ignore_errors=True)
+    return not p.exists()
+
+
 def lock_run(folder: str | os.PathLike) -> FolderLock:
     """This process becomes the run's one writer, or LabError (exit 2) saying who is."""
     return acquire(folder, "Run", "wait for it to end or stop it (`python -m core runs stop RUN`), then try again.")

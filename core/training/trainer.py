@@ -64,6 +64,7 @@ from .parallel import build_sharded_gpt, check_fsdp_options, checkpoint_blocks, 
 from .objective import diffusion_loss, sequence_bound, validation_rates
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
 from .schedules import lr_at
+from .trackers import TRACKING_DIR, Trackers, open_trackers
 
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = 1
@@ -236,6 +237,7 @@ class Trainer:
         self.held_logged: set[int] = set()  # old checkpoints rotation keeps for their transcoder sets, logged once
         self.lock = None
         self._loss_text: str | None = None
+        self.trackers = Trackers()  # --log-to: opened on rank 0 once the run is set up
 
     # -- setup --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -712,6 +714,10 @@ class Trainer:
                 for name in runs_mod.sweep_partial_checkpoints(self.run_dir):
                     self.log(f"removed a partial checkpoint left by an interrupted save: {name}")
             self._setup()
+            if self.dist.main and cfg.log_to:
+                self.trackers = open_trackers(cfg.log_to, self.run_dir / TRACKING_DIR, run_name=self.run_dir.name,
+                                              config=cfg.to_dict(), resume_step=self.step if self.resume else None,
+                                              log=self.log)
             self.files.status(max_steps=self.max_steps, step=self.step)
             self.files.events.progress("train", self.step, self.max_steps, force=True)
             self.log(f"model: {self.raw.num_params():,} parameters ({self.n_params:,} without position embeddings), "
@@ -762,6 +768,7 @@ class Trainer:
             self._fail(e)
             raise
         finally:
+            self.trackers.close(self.files.fields.get("state") or "failed")
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.dist.close()
@@ -879,6 +886,7 @@ class Trainer:
                         val_event = Validated(step=self.step, val_loss=v)
                         self.log(f"step {self.step}: validation loss {v:.4f}")
                 self.files.metric(record)
+                self.trackers.metrics(record)
                 self._loss_text = f"loss {train_loss:.4f}"
                 self.log(f"step {self.step}/{self.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                          f"grad {gn:.3f} | {tps:,.0f} tok/s")
@@ -893,6 +901,7 @@ class Trainer:
                 paused += time.perf_counter() - t0
                 if out is not None:
                     self.files.preview({"step": self.step, "prompt": out[0], "text": out[1]})
+                    self.trackers.preview(self.step, out[0], out[1])
                     self.log(f"step {self.step}: sample: {out[0]}{out[1]}")
                     yield Previewed(step=self.step, prompt=out[0], text=out[1])
             if (cfg.save_every and self.step % cfg.save_every == 0) or last:

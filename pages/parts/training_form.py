@@ -21,7 +21,7 @@ from core.devices import available_devices
 from core.errors import LabError
 from core.models.config import PRESETS
 from core.training.config import (AMP_DTYPES, DEFAULT_EPOCHS, DEFAULT_PRESET, LIMITS, MODEL_VERSIONS,
-                                  NAMED_TOKENIZERS, OBJECTIVES, OPTIMIZERS, PARALLEL_MODES, TrainConfig)
+                                  NAMED_TOKENIZERS, OBJECTIVES, OPTIMIZERS, PARALLEL_MODES, TRACKERS, TrainConfig)
 from core.training.data import check_upload_text, resolve_source, save_upload, upload_name, uploads_dir
 from core.training.optim import RECIPES
 from core.training.runs import check_run_id
@@ -47,6 +47,7 @@ OBJECTIVE_LABELS = {"ar": "Autoregressive (next token)", "diffusion": "Masked di
 # precision choice -> (TrainConfig.amp, TrainConfig.amp_dtype): full precision, or autocast to one of AMP_DTYPES
 PRECISIONS = {"float32": (False, DEFAULTS.amp_dtype), **{dt: (True, dt) for dt in AMP_DTYPES}}
 PRECISION_LABELS = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast + GradScaler"}
+TRACKER_LABELS = {"tensorboard": "TensorBoard", "wandb": "Weights & Biases", "mlflow": "MLflow"}
 
 
 def limits(name: str) -> tuple:
@@ -185,7 +186,8 @@ def config_from_values(v: dict[str, Any], uploads: Path | None = None) -> tuple[
         parallel=v.get("parallel", DEFAULTS.parallel),
         activation_checkpointing=bool(v.get("activation_checkpointing", DEFAULTS.activation_checkpointing)),
         seed=int(v["seed"]), val_every=int(v["val_every"]), preview_every=int(v["preview_every"]),
-        save_every=int(v["save_every"]), keep_last=int(v["keep_last"]), log_every=int(v["log_every"]))
+        save_every=int(v["save_every"]), keep_last=int(v["keep_last"]), log_every=int(v["log_every"]),
+        log_to=list(v.get("log_to") or []))
     cfg.check()
     name = run_name(v.get("run_name"))
     if not upload:  # an upload was checked above and is written only at launch
@@ -320,7 +322,7 @@ def launch_form() -> dict[str, Any] | None:
                                            key=key("val_every"), **keep, help="Steps; 0 = only at the end.")
         v["log_every"] = c[5].number_input("Log every", *limits("log_every"), d.log_every, step=1, key=key("log_every"),
                                            **keep, help="Steps between metric lines (the charts' resolution).")
-        c = st.columns(6)
+        c = st.columns([1, 1, 1, 3])
         v["preview_every"] = c[0].number_input("Preview every", *limits("preview_every"), d.preview_every, step=1,
                                                key=key("preview_every"), **keep,
                                                help="Steps between sample texts; 0 = off.")
@@ -330,6 +332,12 @@ def launch_form() -> dict[str, Any] | None:
         v["keep_last"] = c[2].number_input("Keep last", *limits("keep_last"), d.keep_last,
                                            step=1, key=key("keep_last"), **keep,
                                            help="Checkpoints kept; older ones are deleted.")
+        v["log_to"] = c[3].multiselect(
+            "Log to", list(TRACKERS), default=d.log_to, format_func=lambda n: TRACKER_LABELS.get(n, n),
+            key=key("log_to"), placeholder="metrics.jsonl only", **keep,
+            help="Also send the metrics, the settings and the sample texts to these experiment trackers (files "
+                 "under the run's tracking/ folder; Weights & Biases runs offline unless you have logged in "
+                 "with `wandb login`). The charts here read metrics.jsonl either way.")
 
         st.markdown("**Hardware**")
         c = st.columns([3, 2, 1])

@@ -814,3 +814,34 @@ def test_diffusion_interpretability_pipeline_rows(workdir, capsys):
         "continuation", "per layer description", "total description", "models output score",
         "models mechanistic interpretability score"]
     assert lines[2].strip().startswith("continuation=Once upon a time,")
+
+
+# -- commands with no reference script ------------------------------------------------------------------
+
+OWN_HEADER = ["GPT Lab command", "what it does", "flags", "page"]
+OWN_ROWS = [row for _, header, rows in TABLES if header == OWN_HEADER for row in rows]
+
+
+def test_every_command_and_transcoders_action_is_on_the_page():
+    text = DOC.read_text(encoding="utf-8")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert OWN_ROWS, "the table of commands with no reference script is missing"
+    for name in commands:
+        assert f"`{LAB}{name}" in text, name
+    actions = next(a for a in subparser(["transcoders"])._actions if isinstance(a, argparse._SubParsersAction))
+    for action in actions.choices:
+        assert f"`{LAB}transcoders {action}" in text, action
+
+
+@pytest.mark.parametrize("row", OWN_ROWS, ids=lambda r: spans(r[0])[0][len(LAB):][:40])
+def test_commands_with_no_reference_script_parse_and_their_flags_exist(row):
+    command = spans(row[0])[0]
+    argv = argv_of(command)
+    build_parser().parse_args(argv)  # as written (argparse exits on anything it does not know)
+    path = [w for w in argv[:2] if not w.startswith("-")][:2 if argv[0] == "transcoders" else 1]
+    known = {o for a in subparser(path)._actions for o in a.option_strings}
+    flags = [s.split()[0] for s in spans(row[2]) if s.startswith("--")]
+    assert flags, row[2]
+    for flag in flags + [w for w in argv if w.startswith("--")]:
+        assert flag in known, (command, flag)

@@ -244,8 +244,10 @@ def test_runs_from_the_cli_listed_overlaid_and_failures_shown(runs_root: Path):
     assert train[train["run"] == "cli-finished"]["loss"].tolist() == pytest.approx([5.0 - 0.1 * s for s in range(1, 7)])
     val = loss[(loss["split"] == "validation") & (loss["run"] == "cli-finished")]
     assert val["step"].tolist() == [2, 4, 6]
+    at.radio(key="tr_x_axis").set_value("tokens").run()
     by_tokens = chart_data(at, "Loss by tokens seen")
-    assert by_tokens[by_tokens["run"] == "cli-failed"]["tokens"].tolist()[:3] == [128, 256, 384]
+    assert by_tokens[by_tokens["run"] == "cli-failed"]["x"].tolist()[:3] == [128, 256, 384]
+    at.radio(key="tr_x_axis").set_value("step").run()
     assert chart_data(at, "Gradient norm")["grad_norm"].max() == 7.0
     assert "Tokens / s" in chart_titles(at) and "Learning rate" in chart_titles(at)
     assert "MFU" not in chart_titles(at) and "GPU memory (GB)" not in chart_titles(at)
@@ -578,3 +580,159 @@ def test_training_memory_estimate_counts_parameters_exactly_and_refuses_what_can
         check_fits(cfg, "cuda", [1])
     monkeypatch.setattr(devices, "free_bytes", lambda device: None)
     assert check_fits(cfg, "cpu") == need
+
+
+# -- the dashboard: colours, legend, smoothing, x axis, previews, the launch banner, trackers -----------------
+
+def loss_spec(at) -> dict:
+    return next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart")
+                if str(json.loads(c.proto.spec).get("title", "")).startswith("Loss by"))
+
+
+def three_runs(root: Path) -> list[str]:
+    ids = ["a-run-with-a-rather-long-name-20261203-120000-ar-gpt2-medium", "second", "third"]
+    for i, rid in enumerate(ids):
+        write_run(root, rid, {"state": "finished", "step": 6, "max_steps": 6}, fake_metrics(6, 5.0 + i))
+    return ids
+
+
+def test_runs_are_told_apart_by_colour_and_splits_by_line_style(runs_root: Path):
+    from pages.parts.training_charts import LOSS_HEIGHT, RUN_COLORS
+
+    ids = three_runs(runs_root)
+    at = open_app(PAGE, state={"tr_show": [ids[2], ids[0], ids[1]]})
+    no_exception(at)
+    spec = loss_spec(at)
+    enc = spec["layer"][0]["encoding"]
+    assert enc["color"]["scale"] == {"domain": [ids[2], ids[0], ids[1]], "range": RUN_COLORS[:3]}  # order picked
+    assert len(set(RUN_COLORS)) == len(RUN_COLORS) == 10
+    for small in ("Gradient norm", "Tokens / s"):  # each run keeps its colour in every chart
+        small_spec = next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart")
+                          if json.loads(c.proto.spec).get("title") == small)
+        assert small_spec["encoding"]["color"]["scale"] == enc["color"]["scale"]
+        assert small_spec["encoding"]["color"]["legend"] is None
+    dash = enc["strokeDash"]
+    assert dash["scale"] == {"domain": ["train", "validation"], "range": [[1, 0], [6, 4]]}  # solid, dashed
+    assert dash["legend"]["symbolType"] == "stroke" and enc["color"]["legend"]["symbolType"] == "stroke"
+    assert dash["legend"]["orient"] == enc["color"]["legend"]["orient"] == "bottom"  # never beside a plot
+    assert spec["height"] == LOSS_HEIGHT  # the plot's own height: the legend adds to it, never takes from it
+    assert spec["autosize"] == {"type": "fit-x", "contains": "padding"}
+    marks = [(layer["mark"]["type"], layer["encoding"].get("strokeDash", {}).get("field")) for layer in spec["layer"]]
+    assert marks == [("line", "split"), ("line", "split"), ("circle", None), ("circle", None)]
+    assert [[t["filter"] for t in layer["transform"]] for layer in spec["layer"]] == [
+        ["(datum.split === 'train')"], ["(datum.split === 'validation')"],   # train, validation,
+        ["(datum.split === 'validation')"], ["(datum.split === 'train')", "datum.last"]]  # its dots, where each run is
+    loss = chart_data(at, "Loss by step")
+    assert set(loss["split"]) == {"train", "validation"} and set(loss["run"]) == set(ids)
+    newest = loss[loss["last"]]
+    assert sorted(newest["run"]) == sorted(ids) and set(newest["step"]) == {6} and set(newest["split"]) == {"train"}
+
+
+def test_a_run_with_one_logged_step_shows_a_dot(runs_root: Path):
+    write_run(runs_root, "young", {"state": "finished", "step": 1, "max_steps": 1}, fake_metrics(1, 5.0))
+    at = open_app(PAGE)
+    no_exception(at)
+    loss = chart_data(at, "Loss by step")
+    assert loss[["step", "split", "loss", "last"]].to_dict("records") == [
+        {"step": 1, "split": "train", "loss": pytest.approx(4.9), "last": True}]
+    axis = loss_spec(at)["layer"][0]["encoding"]
+    assert axis["x"]["axis"]["format"] == ",~f" and axis["y"]["axis"]["format"] == ".4~f"  # 10, not 10.000000
+    grad = next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart")
+                if json.loads(c.proto.spec).get("title") == "Gradient norm")
+    assert grad["mark"]["point"] is True  # a line of one point would be invisible
+
+
+def test_smoothing_is_tensorboards_debiased_average_with_the_raw_curve_kept(runs_root: Path):
+    from pages.parts.training_charts import smooth
+
+    assert smooth(pd.Series([1.0, 2.0, 3.0]), 0.5).tolist() == pytest.approx([1.0, 5 / 3, 17 / 7], abs=1e-12)
+    got = smooth(pd.Series([4.0, float("nan"), 2.0]), 0.5).tolist()
+    assert got[0] == 4.0 and got[1] != got[1] and got[2] == pytest.approx((0.25 * 4 + 0.5 * 2) / 0.75)
+    assert smooth(pd.Series([1.0, 5.0]), 0.0).tolist() == [1.0, 5.0]
+    ids = three_runs(runs_root)
+    at = open_app(PAGE, state={"tr_show": ids[:2]})
+    slider = at.slider(key="tr_smoothing")
+    assert (slider.value, slider.min, slider.max) == (0.0, 0.0, 0.99)
+    raw = chart_data(at, "Loss by step")
+    assert len(loss_spec(at)["layer"]) == 4  # no faint raw curve while nothing is smoothed
+    slider.set_value(0.6).run()
+    no_exception(at)
+    layers = loss_spec(at)["layer"]
+    assert len(layers) == 5 and layers[0]["mark"]["opacity"] == 0.25 and layers[0]["encoding"]["y"]["field"] == "raw"
+    loss = chart_data(at, "Loss by step")
+    for i, rid in enumerate(ids[:2]):
+        train = loss[(loss["run"] == rid) & (loss["split"] == "train")]
+        values = [5.0 + i - 0.1 * s for s in range(1, 7)]
+        assert train["raw"].tolist() == pytest.approx(values)
+        expected, last = [], 0.0
+        for n, v in enumerate(values, 1):  # each run smoothed on its own
+            last = 0.6 * last + 0.4 * v
+            expected.append(last / (1 - 0.6 ** n))
+        assert train["loss"].tolist() == pytest.approx(expected, rel=1e-12)
+        val = loss[(loss["run"] == rid) & (loss["split"] == "validation")]
+        assert val["loss"].tolist() == val["raw"].tolist() == \
+            raw[(raw["run"] == rid) & (raw["split"] == "validation")]["loss"].tolist()  # validation never smoothed
+    grad = chart_data(at, "Gradient norm")
+    assert grad[grad["run"] == ids[0]]["grad_norm"].tolist()[0] == pytest.approx(2.0)  # debiased: starts on the value
+    assert chart_data(at, "Learning rate")["lr"].tolist() == [1e-3] * 12  # the schedule is shown as it is
+
+
+def test_x_axis_by_step_tokens_or_training_time(runs_root: Path):
+    long = [{**m, "time": 400.0 * m["step"]} for m in fake_metrics(6, 5.0)]
+    write_run(runs_root, "slow", {"state": "finished", "step": 6, "max_steps": 6}, long)
+    at = open_app(PAGE)
+    assert at.radio(key="tr_x_axis").options == ["step", "tokens seen", "training time"]
+    assert chart_data(at, "Loss by step")["x"].tolist()[:3] == [1, 2, 3]
+    at.radio(key="tr_x_axis").set_value("time").run()
+    no_exception(at)
+    spec = loss_spec(at)
+    assert spec["title"] == "Loss by training time" and spec["layer"][0]["encoding"]["x"]["title"] == \
+        "training time (min)"
+    data = chart_data(at, "Loss by training time")
+    train = data[data["split"] == "train"]
+    assert train["x"].tolist() == pytest.approx([400 * s / 60 for s in range(1, 7)])
+    grad = next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart")
+                if json.loads(c.proto.spec).get("title") == "Gradient norm")
+    assert grad["encoding"]["x"]["title"] == "training time (min)"  # every chart follows the axis
+    at.radio(key="tr_x_axis").set_value("tokens").run()
+    assert loss_spec(at)["layer"][0]["encoding"]["x"]["title"] == "tokens seen"
+    assert loss_spec(at)["layer"][0]["encoding"]["x"]["axis"]["format"] == "~s"  # 41k, 1.2M
+    assert chart_data(at, "Loss by tokens seen")["x"].tolist()[:2] == [128, 256]
+
+
+def test_previews_are_on_by_default(runs_root, launched):
+    at = open_app(PAGE)
+    assert at.number_input(key="tr_preview_every").value == TrainConfig().preview_every == 200
+    launch(at)
+    one_error(at, "captured")
+    ((cfg, _),) = launched
+    assert cfg.preview_every == 200
+
+
+def test_the_launch_banner_goes_after_a_few_seconds(runs_root: Path):
+    import pages.training as page_mod
+
+    write_run(runs_root, "r", {"state": "finished", "step": 6, "max_steps": 6}, fake_metrics(6, 5.0))
+    at = open_app(PAGE, state={"tr_notice": ("Launched run **r** on cpu", time.monotonic())})
+    assert texts(at.success) == ["Launched run **r** on cpu"]
+    at.session_state["tr_notice"] = ("Launched run **r** on cpu", time.monotonic() - page_mod.NOTICE_SHOW_S - 0.1)
+    at.run()
+    assert not at.success and "tr_notice" not in at.session_state
+    assert 2 < page_mod.NOTICE_SHOW_S <= 10
+
+
+def test_log_to_trackers_from_the_form(runs_root, launched, monkeypatch):
+    import importlib.util
+
+    at = open_app(PAGE)
+    box = at.multiselect(key="tr_log_to")
+    assert box.options == ["TensorBoard", "Weights & Biases", "MLflow"] and box.value == []
+    launch(at, log_to=["tensorboard", "mlflow"])
+    one_error(at, "captured")
+    assert launched[-1][0].log_to == ["tensorboard", "mlflow"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    launch(at, log_to=["mlflow"])
+    one_error(at, "Logging to mlflow needs the mlflow package, which is not installed here; install it with "
+                  "`pip install mlflow-skinny")
+    assert len(launched) == 1 and nothing_started(runs_root)
