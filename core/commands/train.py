@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         _show(events)
         return 0
-    except BaseException:
+    except (Exception, KeyboardInterrupt):  # not SystemExit: the torchrun handover ends this process on purpose
         if fresh:  # ended before its first step (e.g. its dataset): leave no empty run behind
             runs.discard_unstarted(folder)
         raise
