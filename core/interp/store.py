@@ -15,7 +15,9 @@ Tables (one file may hold several sets; most hold one, and ``set_id=None`` means
   silent) and ``hard`` (windows holding one of its top tokens where it is nevertheless silent).
   Hundreds of them a feature would be most of the file as rows of their own, so they are packed:
   one row per feature and kind holds arrays of (corpus window, position, scale, activations), and
-  the held-out corpus windows' tokens are stored once in ``windows``. A store written before these
+  the held-out corpus windows' tokens are stored once in ``windows``. (A rowid table: its rows of a
+  few kilobytes stay on their leaf pages, where a WITHOUT ROWID table would spill each to a page of
+  its own.) A store written before these
   tables existed keeps its scoring windows as ``contexts`` rows, and reads the same.
 - ``explanations`` (+ FTS5 index ``explanations_fts``), ``scores``, ``descriptions`` (per-layer and
   total descriptions of the set) and ``completions`` (explained completions), each tagged with
@@ -101,7 +103,7 @@ CREATE TABLE IF NOT EXISTS contexts (
 CREATE TABLE IF NOT EXISTS scoring (
     set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL,
     before INTEGER NOT NULL, after INTEGER NOT NULL, windows BLOB NOT NULL, positions BLOB NOT NULL,
-    scales BLOB NOT NULL, acts BLOB NOT NULL, PRIMARY KEY (set_id, layer, feature, kind)) WITHOUT ROWID;
+    scales BLOB NOT NULL, acts BLOB NOT NULL, UNIQUE (set_id, layer, feature, kind));
 CREATE TABLE IF NOT EXISTS windows (
     set_id INTEGER NOT NULL, window INTEGER NOT NULL, token_ids BLOB NOT NULL,
     PRIMARY KEY (set_id, window)) WITHOUT ROWID;
@@ -572,12 +574,16 @@ class FeatureStore:
             scale, blob = _quantise(a)
             scales.append(scale)
             acts.append(blob if scale > 0 else b"")  # a silent window is all zeros: nothing to keep
+        positions = np.asarray([p for _, p, _ in picks], dtype=np.int64)
+        # the narrowest arrays that hold them; a reader tells the width from the blob's length
+        pos_dtype = np.uint16 if positions.size == 0 or positions.max() < 65536 else np.int32
+        scale_blob = b"" if not any(scales) else np.asarray(scales, dtype=np.float16 if all(
+            np.isfinite(np.float16(x)) for x in scales) else np.float32).tobytes()
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO scoring VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                 sid, layer, feature, kind, int(before), int(after),
-                np.asarray([w for w, _, _ in picks], dtype=np.int32).tobytes(),
-                np.asarray([p for _, p, _ in picks], dtype=np.int32).tobytes(),
-                np.asarray(scales, dtype=np.float32).tobytes(), b"".join(acts)))
+                np.asarray([w for w, _, _ in picks], dtype=np.int32).tobytes(), positions.astype(pos_dtype).tobytes(),
+                scale_blob, b"".join(acts)))
 
     @_plain_errors
     def put_explanations(self, rows: Sequence[tuple[int, int, str]], explainer: str, set_id: int | None = None) -> None:
@@ -754,8 +760,11 @@ class FeatureStore:
         if r is None:
             return None
         wins = np.frombuffer(r["windows"], dtype=np.int32)
-        poss = np.frombuffer(r["positions"], dtype=np.int32)
-        scales = np.frombuffer(r["scales"], dtype=np.float32)
+        n = len(wins)
+        poss = np.frombuffer(r["positions"], dtype=np.uint16 if len(r["positions"]) == 2 * n else np.int32)
+        blob = r["scales"]
+        scales = np.zeros(n, dtype=np.float32) if not blob else \
+            np.frombuffer(blob, dtype=np.float16 if len(blob) == 2 * n else np.float32)
         if not len(wins) == len(poss) == len(scales):
             raise ValueError(f"scoring row of feature {feature} (layer {layer}) has arrays of unequal length")
         tokens = self._window_tokens(sid)
