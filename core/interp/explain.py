@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..serve.client import Endpoint
 
 BUILTIN = "builtin"
+YES_NO_ALTERNATIVES = 20   # top log-probabilities asked for a yes/no answer (the OpenAI API's maximum)
 LM_PREFIX = "lm:"      # an LM explainer's name is LM_PREFIX + its spec
 
 
@@ -542,7 +543,7 @@ class RemoteExplainer(PromptedExplainer):
         """From the answer's top log-probabilities ("yes" and "no" in any case or spacing); a word
         missing from the top list counts as less likely than the least likely listed; from the
         answer's text when the server gives no log-probabilities."""
-        answer = self.endpoint.ask(prompt, 3, top_logprobs=5)
+        answer = self.endpoint.ask(prompt, 3, top_logprobs=YES_NO_ALTERNATIVES)
         if answer.top:
             floor = min(answer.top.values()) - 1.0
 
