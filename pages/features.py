@@ -315,7 +315,7 @@ def browse(store: FeatureStore, tset: TranscoderSet | None = None) -> None:
     if ss.get(LAYER_KEY) not in layers:
         ss[LAYER_KEY] = layers[0]
     explainers = store.explainers()
-    cols = st.columns([2, 2, 1, 2, 2], vertical_alignment="bottom")
+    cols = st.columns([2, 2, 1.5, 2, 2], vertical_alignment="bottom")  # wide enough for "Descending" uncut
     layer = cols[0].selectbox("Layer", layers, key=LAYER_KEY, format_func=lambda i: f"Layer {i}")
     sort = cols[1].selectbox("Sort by", list(SORTS), key=SORT_KEY, persist_state="session")
     descending = cols[2].toggle("Descending", True, key=DESC_KEY, persist_state="session")
