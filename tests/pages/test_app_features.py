@@ -842,3 +842,23 @@ def test_features_job_text_extremes(described, launched_jobs, field, tmp_path):
                     "unicode": "contains a NUL character"}[name] in error
         else:
             assert (name in ("empty", "blank")) == ("Enter the explainer" in error)
+
+
+def test_explain_a_completion_with_a_local_llm_server(described, env):
+    """What the README says: pick "Language model" and enter the server's URL; the page asks that
+    server (here a real `core serve` of the shipped default model) and grades the text with it."""
+    from tests.serve.helpers import serving
+
+    model_dir, set_dir = described
+    with serving(load_model("default")) as server:
+        at = page(model_dir, feat_section="Explain a completion")
+        at.number_input(key="feat_x_max_new").set_value(4)
+        at.number_input(key="feat_x_top").set_value(1)
+        at.radio(key="feat_x_explainer").set_value("lm").run()
+        at.text_input(key="feat_x_lm").input(server.url).run()
+        at.button(key="feat_x_run").click().run(timeout=600)  # every question is a request to the server
+        assert not at.exception and not at.error, texts(at.error)
+    assert any(t.startswith(f"api:default@{server.url} · ar model") for t in texts(at.caption)), texts(at.caption)
+    assert [m.label for m in at.metric if m.label.startswith("Quality")] == ["Quality: LM judge grade"]
+    assert any(t.startswith("n = ") and "token judgements by api:" in t for t in texts(at.caption)) or \
+        any(t.startswith("n/a: no cited feature") for t in texts(at.caption))
