@@ -39,7 +39,7 @@ from ..models.loading import hub_reachable, offline_message
 from .config import DESCRIBE_BATCH, DESCRIBE_N_TOP
 from .prompts import (FALLBACK_MAX_INPUT, clean_token, feature_prompt, interpretation_rating_prompt, layer_prompt,
                       output_rating_prompt, parse_explanation, parse_score, parse_yes_no, total_prompt)
-from .scoring import (Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
+from .scoring import (GOOD_AUC, Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
                       quoted_tokens, score_feature)
 from .store import Context, FeatureStore, Score
 
@@ -233,15 +233,29 @@ class BuiltinExplainer(Explainer):
         return out
 
     def describe_layer(self, layer: int, items: Sequence[LayerItem]) -> str:
+        """The layer's most active features whose explanations hold up on held-out text (detection AUC
+        at least :data:`GOOD_AUC`), most active first, each with its AUC; without scores, the most active."""
         rows = [_item(it) for it in items]
+        scored = any(score is not None for _, _, score in rows)
+        good = [r for r in rows if r[2] is not None and r[2] >= GOOD_AUC] if scored else rows
         parts = []
-        for text, _, score in rows[:4]:
+        for text, _, score in good[:4]:
             gist = _gist(text)
             if gist:
                 parts.append(gist + (f" (detection AUC {score:.2f})" if score is not None else ""))
+        if not scored:
+            if not parts:
+                return f"Layer {layer}: no readable features among the {len(rows)} most important."
+            return f"Layer {layer}'s most active features fire " + "; ".join(parts) + "."
         if not parts:
-            return f"Layer {layer}: no readable features among the {len(rows)} most important."
-        return f"Layer {layer}'s most active features fire " + "; ".join(parts) + "."
+            best = max(rows, key=lambda r: r[2] if r[2] is not None else -1.0, default=None)
+            tail = f"; the best fires {_gist(best[0])} (detection AUC {best[2]:.2f})" if best and best[2] is not None \
+                and _gist(best[0]) else ""
+            return (f"Layer {layer}: none of its {len(rows)} most active features has an explanation that holds up "
+                    f"on held-out text (detection AUC {GOOD_AUC} or more){tail}.")
+        has = "has an explanation that holds" if len(good) == 1 else "have explanations that hold"
+        return (f"Layer {layer}: of its {len(rows)} most active features, {len(good)} {has} up on held-out text "
+                f"(detection AUC {GOOD_AUC} or more), firing " + "; ".join(parts) + ".")
 
     def describe_completion_layer(self, layer: int, cited: Sequence[Cited]) -> str:
         shown = [c for c in cited if c.tokens]
@@ -267,9 +281,9 @@ class BuiltinExplainer(Explainer):
             return "Most of the completion came from " + "; ".join(ranked[:3]) + "."
         parts = []
         for layer, text in layer_descriptions:
-            toks = quoted_tokens(text)
-            parts.append(f"layer {layer} on {_q(toks[:3])}" if toks else f"layer {layer}: -")
-        return "The most active features fire, by layer: " + "; ".join(parts) + "."
+            toks = list(dict.fromkeys(quoted_tokens(text)))[:3]
+            parts.append(f"layer {layer} on {_q(toks)}" if toks else f"layer {layer}: none that holds up")
+        return "By layer, the most active features whose explanations hold up fire: " + "; ".join(parts) + "."
 
     def rate_output(self, prompt: str, completion: str, mean_logprob: float | None = None) -> int | None:
         """None: the built-in explainer grades no text (the page shows the model's perplexity)."""
@@ -625,7 +639,7 @@ DescribeEvent = Union[DescribeStarted, FeatureExplained, LayerDescribed, Describ
 def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, layers: Sequence[int] | None = None,
                    max_features: int | None = None, n_top: int = DESCRIBE_N_TOP, score: bool = True,
                    batch_size: int | None = None,
-                   layer_items: int = 10, set_id: int | None = None) -> Iterator[DescribeEvent]:
+                   layer_items: int = 30, set_id: int | None = None) -> Iterator[DescribeEvent]:
     """Explain (and score) the live features of ``layers`` (all by default), most frequent first,
     at most ``max_features`` per layer; then describe each layer from its ``layer_items`` most
     active explained features (density x mean activation) and the whole set from the layers.

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import numpy as np
 
 from .prompts import clean_token, fit_detection_prompt, fit_fuzz_prompt
-from .store import Context, FeatureStore, Score
+from .store import MIN_FIRING, Context, FeatureStore, Score  # noqa: F401 (MIN_FIRING is the store's sort rule)
 
 if TYPE_CHECKING:
     from .explain import PromptedExplainer
@@ -51,6 +51,7 @@ METHOD_HELP = {
                   "over the held-out windows; 0 is no relation, 1 perfect.",
 }
 Marked = tuple[Sequence[str], Sequence[int]]   # a window's tokens and the positions marked in it
+GOOD_AUC = 0.7      # a detection AUC from which an explanation "holds up" in layer descriptions
 
 
 class Detector(Protocol):
@@ -222,7 +223,8 @@ def simulation_score(explanation: str, contexts: Sequence[Context], simulator: S
     if len(pred) < 2:
         return Score("simulation", None, len(pred), {"reason": "too few tokens"})
     p, t = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
-    details = {"simulator": simulator.name, "n_windows": len(contexts)}
+    details = {"simulator": simulator.name, "n_windows": len(contexts),
+               "n_pos": sum(1 for c in contexts if max(c.acts, default=0.0) > 0)}
     if p.std() == 0 or t.std() == 0:
         return Score("simulation", 0.0 if t.std() > 0 else None, len(pred),
                      details | {"reason": "constant prediction" if p.std() == 0 else "constant truth"})

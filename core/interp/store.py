@@ -54,13 +54,16 @@ from ..models.hooks import act_name
 from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
 
+MIN_FIRING = 10   # firing windows a score needs to rank among a list's best (a perfect AUC on one or two is luck)
+
 STORE_FORMAT = 1
 STORE_NAME = "features.sqlite"
 HIST_EDGES = [0.0] + [round(10 ** e, 6) for e in np.linspace(-2, 3, 41)]  # activation histogram bins
 CONTEXT_KINDS = ("top", "quantile", "heldout", "negative", "hard")
 SCORING_KINDS = ("heldout", "negative", "hard")   # packed in the scoring table (module docstring)
-# what a feature list sorts by -> its label; the first is the default: the best-explained features first
-# (by the chosen score, ties by its sample size), so a newcomer's first card is one whose explanation holds up
+# what a feature list sorts by -> its label; the first is the default: the best-explained features first (by
+# the chosen score among those scored on at least MIN_FIRING firing windows, then the rest; ties by sample
+# size), so a newcomer's first card is one whose explanation holds up on enough text to mean it
 SORT_KEYS = {"score": "explanation score", "density": "frequency", "max_act": "max activation",
              "mean_act": "mean activation", "feature": "feature"}
 BUSY_TIMEOUT_S = 10.0   # how long a reader waits out a writer's commit before giving up
@@ -688,7 +691,10 @@ class FeatureStore:
                f"LEFT JOIN scores s ON s.set_id=f.set_id AND s.layer=f.layer AND s.feature=f.feature "
                f"AND s.explainer=? AND s.method=? "
                f"WHERE f.set_id=? AND f.layer=? {'' if include_dead else 'AND f.n_active > 0'} "
-               f"ORDER BY {key} IS NULL, {key} {direction}, "
+               f"ORDER BY {key} IS NULL, "
+               + (f"COALESCE(json_extract(s.details, '$.n_pos'), 0) >= {int(MIN_FIRING)} {direction}, "
+                  if order_by == "score" else "")
+               + f"{key} {direction}, "
                + (f"s.n {direction}, f.density {direction}, " if order_by == "score" else "")
                + "f.feature ASC")
         params: list = [ex, ex, method, sid, layer]

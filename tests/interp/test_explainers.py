@@ -195,8 +195,12 @@ def test_builtin_explainer_is_deterministic_and_quotes_what_fires():
     assert text == ('Fires on "king" (91% of its strongest activations). '
                     "It makes the model more likely to write 'crown', '\\n'.")
     assert ex.describe_layer(2, [(text, 1.0)]) == 'Layer 2\'s most active features fire on "king".'
-    assert ex.describe_layer(2, [(text, 1.0, 0.875)]) == \
-        'Layer 2\'s most active features fire on "king" (detection AUC 0.88).'
+    assert ex.describe_layer(2, [(text, 1.0, 0.875), ("Fires on \"a\".", 0.5, 0.55)]) == (
+        'Layer 2: of its 2 most active features, 1 has an explanation that holds up on held-out text (detection AUC '
+        '0.7 or more), firing on "king" (detection AUC 0.88).')
+    assert ex.describe_layer(2, [("Fires on \"a\".", 0.5, 0.55)]) == (
+        'Layer 2: none of its 1 most active features has an explanation that holds up on held-out text (detection '
+        'AUC 0.7 or more); the best fires on "a" (detection AUC 0.55).')
     assert ex.rate_output("a", "b", mean_logprob=0.0) is None     # it grades no text
     assert ex.rate_interpretation("a", "b", "c", measured=4) == 4
 
