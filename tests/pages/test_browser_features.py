@@ -12,12 +12,15 @@ from core.models.loading import DEFAULT_DIR
 from tests.pages.browser_kit import (  # noqa: F401  (fixtures are found by name)
     _checked_screenshot, _no_exception, _press, _settle, browser, page, pytestmark, server, server_console)
 
-# Every metric or widget label whose text box is narrower than its text: Streamlit cuts such labels
-# with an ellipsis (text-overflow), so a label cut short is one whose text overflows its element.
+# Every metric or widget label cut short: Streamlit draws a label in a box with text-overflow: ellipsis,
+# whose scrollWidth does not grow with the hidden text, so the text's own width (a Range over its
+# contents) is compared with the box's.
 CUT_LABELS = """() => Array.from(document.querySelectorAll(
         '[data-testid="stMetricLabel"], [data-testid="stWidgetLabel"]')).flatMap(label =>
-    [label, ...label.querySelectorAll('*')].filter(el => el.scrollWidth > el.clientWidth + 1 &&
-        getComputedStyle(el).textOverflow === 'ellipsis').map(() => label.innerText))"""
+    [label, ...label.querySelectorAll('*')].filter(el => getComputedStyle(el).textOverflow === 'ellipsis')
+        .filter(el => { const r = document.createRange(); r.selectNodeContents(el);
+                        return r.getBoundingClientRect().width > el.getBoundingClientRect().width + 0.01; })
+        .map(() => label.innerText))"""
 
 
 def _cut(page) -> list[str]:
@@ -29,6 +32,7 @@ def test_features_page_labels_order_and_scores(server, page, tmp_path):
     page.goto(f"{url}/features")
     page.get_by_text("Top contexts").first.wait_for(timeout=120_000)
     _settle(page)
+    page.get_by_test_id("stMetricLabel").filter(has_text="Mean activation").wait_for(timeout=60_000)
     page.wait_for_timeout(3000)
     labels = page.locator('[data-testid="stMetricLabel"]').all_inner_texts()
     assert {"FVE", "Dead", "Loss recovered", "Live", "Frequency", "Mean activation"} <= set(labels), labels
