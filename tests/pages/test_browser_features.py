@@ -10,7 +10,7 @@ import re
 from core.interp import FeatureStore, store_path
 from core.models.loading import DEFAULT_DIR
 from tests.pages.browser_kit import (  # noqa: F401  (fixtures are found by name)
-    _checked_screenshot, _no_exception, _press, _settle, browser, page, pytestmark, server, server_console)
+    _checked_screenshot, _no_exception, _press, _settle, _shots, browser, page, pytestmark, server, server_console)
 
 # Every metric or widget label cut short: Streamlit draws a label in a box with text-overflow: ellipsis,
 # whose scrollWidth does not grow with the hidden text, so the text's own width (a Range over its
@@ -40,7 +40,7 @@ def test_features_page_labels_order_and_scores(server, page, tmp_path):
     _checked_screenshot(page, tmp_path, "features_scores")
     page.get_by_text("Top contexts").first.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
-    _checked_screenshot(page, tmp_path, "features_card_scores")
+    page.screenshot(path=str(_shots(tmp_path) / "features_card_scores.png"))
 
     with FeatureStore(store_path(DEFAULT_DIR / "transcoders"), readonly=True) as store:
         best = store.features(0, order_by="score")[0]
@@ -66,9 +66,10 @@ def test_features_page_labels_order_and_scores(server, page, tmp_path):
     assert _cut(page) == []
     body = page.inner_text("body")
     assert re.search(r"n = \d+ generated tokens", body) and re.search(r"n = [\d,]+ token judgements", body)
-    page.get_by_text("Quality: perplexity").first.scroll_into_view_if_needed()
+    _no_exception(page)
+    page.get_by_text("Total description").first.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
-    _checked_screenshot(page, tmp_path, "features_explain_scores")
+    page.screenshot(path=str(_shots(tmp_path) / "features_explain_scores.png"))  # the view as scrolled
 
     page.get_by_text("Import and export (SAELens, Neuronpedia)").click()
     page.get_by_role("button", name="Export").wait_for(timeout=30_000)
