@@ -572,6 +572,14 @@ class FeatureStore:
         if kind not in SCORING_KINDS:
             raise LabError(f"A scoring kind is one of {', '.join(SCORING_KINDS)} (got {kind!r}).")
         sid = self._set(set_id)
+        tokens = self._window_tokens(sid)
+        for w, p, a in picks:  # the activations must cover exactly the tokens a reader will cut
+            full = tokens.get(int(w))
+            if full is None or not 0 <= p < len(full) or \
+                    len(a) != min(len(full), p + after + 1) - max(0, p - before):
+                raise LabError(f"Scoring window {w} (position {p}) of feature {feature}, layer {layer}, does not match "
+                               f"the stored windows; store the windows (put_windows) and cut {before} before and "
+                               f"{after} after the position.")
         scales, acts = [], []
         for _, _, a in picks:
             scale, blob = _quantise(a)
