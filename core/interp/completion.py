@@ -63,7 +63,9 @@ class FeatureAttribution:
     positions: list[tuple[int, str, float, float]]   # (position, token, activation, attribution), strongest first
     explanation: str | None = None
     score: float | None = None         # held-out detection AUC of that explanation
+    score_n: int = 0                   # held-out windows it was scored on
     completion_auc: float | None = None  # how well the explanation predicts where it fired on this text
+    completion_n: int = 0              # tokens of this text judged for it
 
 
 @dataclass
@@ -253,12 +255,12 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
             fa = FeatureAttribution(layer=i, feature=f, attribution=float(per_feature[f]),
                                     max_activation=float(col_act.max()), positions=positions)
             if store is not None:
-                fa.explanation, fa.score = _explanation_for(store, explainer, stored_ex, detector, i, f)
+                fa.explanation, fa.score, fa.score_n = _explanation_for(store, explainer, stored_ex, detector, i, f)
             if fa.explanation and fa.attribution > 0 and positions:
-                fa.completion_auc, n = _on_this_text(detector, fa.explanation, tokens[:col_act.numel()],
-                                                     col_act.tolist())
+                fa.completion_auc, fa.completion_n = _on_this_text(detector, fa.explanation,
+                                                                   tokens[:col_act.numel()], col_act.tolist())
                 if fa.completion_auc is not None:
-                    judged.append((fa.completion_auc, fa.attribution, n))
+                    judged.append((fa.completion_auc, fa.attribution, fa.completion_n))
             feats.append(fa)
         cited = [Cited(feature=fa.feature, tokens=[t for _, t, _, _ in fa.positions], attribution=fa.attribution,
                        explanation=fa.explanation, score=fa.score) for fa in feats if fa.attribution > 0]
@@ -316,22 +318,22 @@ def _stored_explainer(store: FeatureStore | None, explainer: Explainer) -> str |
 
 
 def _explanation_for(store: FeatureStore, explainer: Explainer, stored_ex: str | None, detector, layer: int,
-                     feature: int) -> tuple[str | None, float | None]:
-    """The stored explanation and its detection AUC, or one made (and scored) now."""
+                     feature: int) -> tuple[str | None, float | None, int]:
+    """The stored explanation, its detection AUC and that score's sample size, or one made (and scored) now."""
     if stored_ex is not None:
         text = store.explanation(layer, feature, stored_ex)
         if text is not None:
             sc = store.scores(layer, feature).get(stored_ex, {}).get("detection")
-            return text, sc.value if sc is not None else None
+            return text, (sc.value if sc is not None else None), (sc.n if sc is not None else 0)
     try:
         ev = FeatureEvidence.from_store(store, layer, feature)
     except LabError:
-        return None, None  # never fired during collection: nothing to explain it from
+        return None, None, 0  # never fired during collection: nothing to explain it from
     if not ev.top:
-        return None, None
+        return None, None, 0
     text = explainer.explain_feature(ev)
     got = score_feature(store, layer, feature, text, detector)
-    return text, (got[0].value if got else None)
+    return text, (got[0].value if got else None), (got[0].n if got else 0)
 
 
 def run_explain_completion(*args, **kwargs) -> CompletionExplanation:

@@ -113,7 +113,8 @@ class Explainer:
         return None
 
 
-LayerItem = Union[tuple[str, float], tuple[str, float, Union[float, None]]]
+LayerItem = Union[tuple[str, float], tuple[str, float, Union[float, None]],
+                  tuple[str, float, Union[float, None], int]]   # (explanation, weight, detection AUC, its n)
 
 
 @dataclass
@@ -138,6 +139,12 @@ def _tok(text: str) -> str:
 
 def _item(it: LayerItem) -> tuple[str, float, float | None]:
     return (it[0], it[1], it[2] if len(it) > 2 else None)  # type: ignore[misc]
+
+
+def _auc_text(it: LayerItem) -> str:
+    """``detection AUC 0.88, n=125`` (the n when the item carries it)."""
+    n = it[3] if len(it) > 3 else None  # type: ignore[misc]
+    return f"detection AUC {it[2]:.2f}" + (f", n={n}" if n else "")  # type: ignore[misc]
 
 
 # -- built-in ---------------------------------------------------------------------------------
@@ -237,19 +244,19 @@ class BuiltinExplainer(Explainer):
         at least :data:`GOOD_AUC`), most active first, each with its AUC; without scores, the most active."""
         rows = [_item(it) for it in items]
         scored = any(score is not None for _, _, score in rows)
-        good = [r for r in rows if r[2] is not None and r[2] >= GOOD_AUC] if scored else rows
+        good = [(r, it) for r, it in zip(rows, items) if not scored or (r[2] is not None and r[2] >= GOOD_AUC)]
         parts = []
-        for text, _, score in good[:4]:
+        for (text, _, score), it in good[:4]:
             gist = _gist(text)
             if gist:
-                parts.append(gist + (f" (detection AUC {score:.2f})" if score is not None else ""))
+                parts.append(gist + (f" ({_auc_text(it)})" if score is not None else ""))
         if not scored:
             if not parts:
                 return f"Layer {layer}: no readable features among the {len(rows)} most important."
             return f"Layer {layer}'s most active features fire " + "; ".join(parts) + "."
         if not parts:
-            best = max(rows, key=lambda r: r[2] if r[2] is not None else -1.0, default=None)
-            tail = f"; the best fires {_gist(best[0])} (detection AUC {best[2]:.2f})" if best and best[2] is not None \
+            best = max(items, key=lambda it: _item(it)[2] if _item(it)[2] is not None else -1.0, default=None)
+            tail = f"; the best fires {_gist(best[0])} ({_auc_text(best)})" if best and _item(best)[2] is not None \
                 and _gist(best[0]) else ""
             return (f"Layer {layer}: none of its {len(rows)} most active features has an explanation that holds up "
                     f"on held-out text (detection AUC {GOOD_AUC} or more){tail}.")
@@ -281,7 +288,7 @@ class BuiltinExplainer(Explainer):
             return "Most of the completion came from " + "; ".join(ranked[:3]) + "."
         parts = []
         for layer, text in layer_descriptions:
-            toks = list(dict.fromkeys(quoted_tokens(text)))[:3]
+            toks = [] if ": none of its" in text else list(dict.fromkeys(quoted_tokens(text)))[:3]
             parts.append(f"layer {layer} on {_q(toks)}" if toks else f"layer {layer}: none that holds up")
         return "By layer, the most active features whose explanations hold up fire: " + "; ".join(parts) + "."
 
@@ -687,8 +694,11 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
                 yield FeatureExplained(layer=layer, feature=f.feature, text=t, scores=sc, done=done, total=total)
         ranked = sorted(feats, key=lambda f: f.density * f.mean_act, reverse=True)[:layer_items]
         exps = store.explanations(layer, explainer.name, set_id)
-        aucs = store.layer_scores(layer, explainer.name, "detection", set_id) if score else {}
-        items = [(exps[f.feature], f.density * f.mean_act, aucs.get(f.feature)) for f in ranked if f.feature in exps]
+        scored = {f.feature: store.scores(layer, f.feature, set_id).get(explainer.name, {}).get("detection")
+                  for f in ranked} if score else {}
+        items = [(exps[f.feature], f.density * f.mean_act, *((scored[f.feature].value, scored[f.feature].n)
+                                                             if scored.get(f.feature) else (None,)))
+                 for f in ranked if f.feature in exps]
         layer_text[layer] = explainer.describe_layer(layer, items)
         store.put_description("layer", layer, explainer.name, layer_text[layer], set_id)
         mean_scores[layer] = sum(det_values) / len(det_values) if det_values else None

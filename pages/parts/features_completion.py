@@ -78,7 +78,9 @@ def features_frame(layer) -> pd.DataFrame:
         "max activation": [fa.max_activation for fa in layer.features],
         "explanation": [fa.explanation or "" for fa in layer.features],
         "AUC here": [fa.completion_auc for fa in layer.features],
+        "n here": [fa.completion_n or None for fa in layer.features],
         "held-out AUC": [fa.score for fa in layer.features],
+        "held-out n": [fa.score_n or None for fa in layer.features],
         "at tokens": [" ".join(repr(tok) for _, tok, _, _ in fa.positions[:3]) for fa in layer.features],
     })
 

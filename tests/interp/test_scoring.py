@@ -115,7 +115,7 @@ def test_scores_through_a_store(tmp_path):
         events = list(describe_store(store, BuiltinExplainer()))
         assert events[-1].layer_descriptions[0] == (
             'Layer 0: of its 2 most active features, 1 has an explanation that holds up on held-out text (detection '
-            'AUC 0.7 or more), firing on "cat" (detection AUC 1.00).')
+            'AUC 0.7 or more), firing on "cat" (detection AUC 1.00, n=40).')
         card0, card1 = store.feature(0, 0), store.feature(0, 1)
         assert card0.explanations["builtin"] == 'Fires on "cat".'
         assert card0.scores["builtin"]["detection"] == 1.0 and card0.scores["builtin"]["simulation"] > 0.9
