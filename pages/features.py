@@ -158,7 +158,12 @@ def quality_table(store: FeatureStore) -> None:
     st.dataframe(quality_frame(store), hide_index=True, key="feat_quality",
                  column_config={k: st.column_config.NumberColumn(format="%.4f") for k in ("FVE", "loss", "spliced",
                                                                                         "ablated")}
-                 | {k: st.column_config.NumberColumn(format="percent") for k in ("dead", "recovered")})
+                 | {k: st.column_config.NumberColumn(format="percent") for k in ("dead", "recovered")}
+                 | {"dead": st.column_config.NumberColumn(format="percent", help="Never fired on the validation text "
+                                                                                   "the set was evaluated on."),
+                    "live features": st.column_config.NumberColumn(help="Fired at least once on the text the feature "
+                                                                        "store was collected from (other text than "
+                                                                        "the validation's).")})
 
 
 def quality_frame(store: FeatureStore) -> pd.DataFrame:
