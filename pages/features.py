@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LabError, first_line, is_out_of_memory, shorten
-from core.interp.scoring import METHODS
+from core.interp.scoring import METHOD_HELP, METHODS
 from core.interp.store import SORT_KEYS, FeatureStore, store_path
 from core.interp.transcoder import (CONFIG_FILENAME, SET_FORMAT, TranscoderSet, is_transcoder_folder,
                                     load_transcoder_set, transcoder_dir_for)
@@ -30,6 +30,7 @@ from pages.parts.features_completion import completion_panel
 from core.interp.jobs import list_jobs, usable_path
 from pages.parts.common import attempt
 from pages.parts.features_jobs_view import followed_set, jobs_section
+from pages.parts.features_io import io_section, pending_folder
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
 SET_OTHER_KEY = "feat_set_other"  # the folder typed for OTHER
@@ -102,6 +103,9 @@ def pick_set(lm: LoadedModel) -> tuple[str | None, bool]:
     follow = followed_set()
     if follow and follow in sets:  # a job started here has just written it
         ss[SET_KEY] = follow
+    imported = pending_folder()
+    if imported:  # an import on this page has just written it
+        ss[SET_KEY], ss[SET_OTHER_KEY] = (imported, None) if imported in sets else (OTHER, imported)
     cols = st.columns([3, 3], vertical_alignment="bottom")
     choice = cols[0].selectbox("Transcoder set", options, key=SET_KEY,
                                format_func=lambda f: sets.get(f, "Another folder…"),
@@ -154,7 +158,12 @@ def quality_table(store: FeatureStore) -> None:
     st.dataframe(quality_frame(store), hide_index=True, key="feat_quality",
                  column_config={k: st.column_config.NumberColumn(format="%.4f") for k in ("FVE", "loss", "spliced",
                                                                                         "ablated")}
-                 | {k: st.column_config.NumberColumn(format="percent") for k in ("dead", "recovered")})
+                 | {k: st.column_config.NumberColumn(format="percent") for k in ("dead", "recovered")}
+                 | {"dead": st.column_config.NumberColumn(format="percent", help="Never fired on the validation text "
+                                                                                   "the set was evaluated on."),
+                    "live features": st.column_config.NumberColumn(help="Fired at least once on the text the feature "
+                                                                        "store was collected from (other text than "
+                                                                        "the validation's).")})
 
 
 def quality_frame(store: FeatureStore) -> pd.DataFrame:
@@ -226,16 +235,39 @@ def search_section(store: FeatureStore) -> None:
         show_card(int(df.iloc[row]["layer"]), int(df.iloc[row]["feature"]))
 
 
-def layer_overview(store: FeatureStore, info, explainer: str | None) -> None:
+def corpus_notes(store: FeatureStore, tset: TranscoderSet | None, layer: int) -> tuple[str, str]:
+    """``(where "dead" was measured, where "live" was counted)``: the training run's validation text
+    and the feature store's collection are different samples, so each number names its own."""
+    sets = store.sets()
+    collect = (sets[-1]["config"] or {}).get("collect", {}) if sets else {}
+    info = next((l for l in store.layers() if l.layer == layer), None)
+    n_coll = info.n_tokens if info is not None and info.n_tokens else collect.get("n_tokens")
+    coll = f"{n_coll:,} tokens" if n_coll else "the collected tokens"
+    coll += f" of {collect['dataset']}" if collect.get("dataset") else ""
+    q = ((tset.metrics or {}).get("layers") or {}).get(str(layer), {}) if tset is not None else {}
+    n_val = q.get("n_tokens")
+    val = f"{n_val:,} validation tokens" if n_val else "the validation text"
+    dataset = (tset.training or {}).get("dataset") if tset is not None else None
+    val += f" of {dataset}" if dataset else ""
+    if tset is not None and tset.origin.get("format"):
+        val = f"{val} (measured at import)"
+    return val, coll
+
+
+def layer_overview(store: FeatureStore, info, explainer: str | None, tset: TranscoderSet | None = None) -> None:
+    val, coll = corpus_notes(store, tset, info.layer)
     with st.container(border=True, key="feat_layer_overview"):
         cols = st.columns(5)
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         cols[0].metric("FVE", fmt(info.fve, ".3f"), help="Fraction of the MLP output's variance the transcoder explains.")
         cols[1].metric("L0", fmt(info.l0, ".1f"), help="Active features per token.")
-        cols[2].metric("Dead", fmt(info.dead_fraction, ".1%"), help="Features that never fired on validation text.")
+        cols[2].metric("Dead", fmt(info.dead_fraction, ".1%"),
+                       help=f"Features that never fired on {val}, when the set was evaluated.")
         cols[3].metric("Loss recovered", fmt(info.loss_recovered, ".1%"),
                        help="(ablated - spliced) / (ablated - clean): 100% is a perfect stand-in for the MLP.")
-        cols[4].metric("Live features", f"{info.n_alive:,} / {info.n_features:,}")
+        cols[4].metric("Live", f"{info.n_alive:,} / {info.n_features:,}",
+                       help=f"Features that fired at least once on {coll}, when the feature store was collected.")
+        st.caption(f"Dead: on {val}. Live: on {coll}. Different text, so they need not add up.")
         text = store.description("layer", info.layer, explainer)
         if text:
             st.markdown(f"**Layer {info.layer}** — {md_escape(text)}")
@@ -251,15 +283,19 @@ def feature_list(store: FeatureStore, layer: int, order: str, descending: bool, 
                            method=method)
     total = store.count_features(layer)
     df = pd.DataFrame({"feature": [f.feature for f in feats], "frequency": [f.density * 100 for f in feats],
-                       "score": [f.score for f in feats], "explanation": [f.explanation or "" for f in feats],
+                       "score": [f.score for f in feats], "n": [f.score_n for f in feats],
+                       "explanation": [f.explanation or "" for f in feats],
                        "fires on": [" ".join(repr(t) for t in f.top_tokens[:5]) for f in feats]})
     key = f"feat_list_{layer}_{order}_{descending}_{explainer}_{method}"
     event = st.dataframe(df, hide_index=True, key=key, on_select="rerun", selection_mode="single-row", height=520,
                          column_config={
                              "frequency": st.column_config.NumberColumn("frequency %", format="%.3f",
                                                                         help="Share of tokens it fires on."),
-                             "score": st.column_config.NumberColumn(f"{method}", format="%.2f",
-                                                                    help="Held-out score of the explanation."),
+                             "score": st.column_config.NumberColumn(
+                                 f"{method} {'r' if method == 'simulation' else 'AUC'}", format="%.2f",
+                                 help=METHOD_HELP[method]),
+                             "n": st.column_config.NumberColumn(
+                                 "n", format="%d", help="Held-out windows (tokens for simulation) it was scored on."),
                              "explanation": st.column_config.TextColumn(width="large")})
     st.caption(f"{total:,} live features" + (f", the first {LIST_LIMIT:,} shown" if total > LIST_LIMIT else "")
                + "; select a row to open its card.")
@@ -270,7 +306,7 @@ def feature_list(store: FeatureStore, layer: int, order: str, descending: bool, 
     return [f.feature for f in feats]
 
 
-def browse(store: FeatureStore) -> None:
+def browse(store: FeatureStore, tset: TranscoderSet | None = None) -> None:
     ss = st.session_state
     infos = {i.layer: i for i in store.layers()}
     if not infos:
@@ -284,7 +320,7 @@ def browse(store: FeatureStore) -> None:
     if ss.get(LAYER_KEY) not in layers:
         ss[LAYER_KEY] = layers[0]
     explainers = store.explainers()
-    cols = st.columns([2, 2, 1, 2, 2], vertical_alignment="bottom")
+    cols = st.columns([2, 2, 1.5, 2, 2], vertical_alignment="bottom")  # wide enough for "Descending" uncut
     layer = cols[0].selectbox("Layer", layers, key=LAYER_KEY, format_func=lambda i: f"Layer {i}")
     sort = cols[1].selectbox("Sort by", list(SORTS), key=SORT_KEY, persist_state="session")
     descending = cols[2].toggle("Descending", True, key=DESC_KEY, persist_state="session")
@@ -294,11 +330,9 @@ def browse(store: FeatureStore) -> None:
             ss[EXPLAINER_KEY] = explainers[0]
         explainer = cols[3].selectbox("Explanations by", explainers, key=EXPLAINER_KEY)
     method = cols[4].selectbox("Score", list(METHODS), key=METHOD_KEY, persist_state="session",
-                               help="Detection: balanced accuracy telling held-out activating windows from silent "
-                                    "ones given the explanation (0.5 is chance). Simulation: correlation of predicted "
-                                    "and true activations.")
+                               help=" ".join(f"{m.capitalize()}: {h}" for m, h in METHOD_HELP.items()))
     info = infos[layer]
-    layer_overview(store, info, explainer)
+    layer_overview(store, info, explainer, tset)
     left, right = st.columns([5, 6])
     with left:
         shown = feature_list(store, layer, SORTS[sort], descending, explainer, method)
@@ -353,6 +387,7 @@ def page() -> None:
     elif error:
         st.error(error)
     if tset is None:
+        guarded(io_section, lm, None, None)
         guarded(jobs_section, lm, None, expanded=True)
         return
     folder = str(tset.folder.resolve())
@@ -375,7 +410,7 @@ def page() -> None:
         if browse_tab.open:
             with browse_tab:
                 if store is not None:
-                    guarded(browse, store)
+                    guarded(browse, store, tset)
                 elif error is None:
                     st.info(f"This set has no feature store yet ({spec_label(str(store_path(folder)))}): collect "
                             f"one with the form below, or `python -m core transcoders collect --model "
@@ -383,6 +418,7 @@ def page() -> None:
         if explain_tab.open:
             with explain_tab:
                 guarded(completion_panel, lm, tset, store, folder, open_card)
+        guarded(io_section, lm, tset, store)
         guarded(jobs_section, lm, folder, expanded=False)
     finally:
         if store is not None:

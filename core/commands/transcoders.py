@@ -181,6 +181,9 @@ def _collect_flags(p: argparse.ArgumentParser, prefix: bool = False) -> None:
                    help="held-out activating windows for scoring (default: %(default)s)")
     g.add_argument("--n-negative", dest="n_negative", type=int_arg(0), default=COLLECT.n_negative, metavar="N",
                    help="held-out silent windows for scoring (default: %(default)s)")
+    g.add_argument("--n-hard", dest="n_hard", type=int_arg(0), default=COLLECT.n_hard, metavar="N",
+                   help="held-out hard negatives for scoring: windows holding one of the feature's top tokens where "
+                        "it is silent (default: %(default)s)")
     g.add_argument("--window", type=int_arg(0), nargs=2, default=(COLLECT.window_before, COLLECT.window_after),
                    metavar=("BEFORE", "AFTER"), help=f"context tokens kept around an activation (default: "
                                                      f"{COLLECT.window_before} {COLLECT.window_after})")
@@ -358,7 +361,8 @@ def _collect_config(args: argparse.Namespace, layers=None) -> CollectConfig:
         n_tokens = batches * args.collect_batch * args.collect_seq_len
     cfg = CollectConfig(layers=layers, n_tokens=n_tokens, seq_len=args.collect_seq_len, batch_size=args.collect_batch,
                         top_k=args.top_k, n_quantile=args.n_quantile, n_heldout=args.n_heldout,
-                        n_negative=args.n_negative, window_before=args.window[0], window_after=args.window[1],
+                        n_negative=args.n_negative, n_hard=args.n_hard, window_before=args.window[0],
+                        window_after=args.window[1],
                         dataset=args.dataset, seed=args.seed)
     cfg.check()
     return cfg
@@ -389,7 +393,7 @@ def _run_describe(store, explainer, layers, args: argparse.Namespace) -> None:
     for ev in progress(events, first.total, f"describe ({explainer.name})",
                        position=lambda e: e.done if isinstance(e, FeatureExplained) else None):
         if isinstance(ev, LayerDescribed):
-            score = f" (mean detection accuracy {ev.mean_score:.2f})" if ev.mean_score is not None else ""
+            score = f" (mean detection AUC {ev.mean_score:.2f})" if ev.mean_score is not None else ""
             print(f"layer {ev.layer}: {ev.text}{score}")
         elif isinstance(ev, DescribeFinished):
             print(f"total: {ev.total_description}")
@@ -607,20 +611,17 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _print_explanation(r) -> None:
-    from ..interp.completion import score_text as score  # engine module (torch): loaded on use
-
     print(f"prompt: {r.prompt!r}")
     print(f"completion: {r.completion!r}")
     for layer in r.layers:
         print(f"layer {layer.layer} ({layer.share:.0%} of attribution): {layer.description}")
         for fa in layer.features:
             where = ", ".join(f"{tok!r}" for _, tok, _, _ in fa.positions[:3])
-            sc = f"; detection {fa.score:.2f}" if fa.score is not None else ""
+            sc = f"; held-out detection AUC {fa.score:.2f}" if fa.score is not None else ""
             text = fa.explanation or "(no explanation)"
             print(f"    #{fa.feature:<6} {fa.attribution:+.3f}  at {where or '-'}: {text}{sc}")
     print(f"total description: {r.total_description}")
-    print(f"output score: {score(r.output_score)}    interpretability score: {score(r.interpretability_score)}"
-          f"    measured (held-out detection): {score(r.measured_interpretability)}")
+    print(f"quality: {r.quality.text()}    interpretability: {r.interpretability.text()}")
     print()
 
 

@@ -10,8 +10,15 @@ Two passes over ``n_tokens`` of the model's corpus, cut into windows of ``seq_le
    reservoir) from which ``n_quantile`` samples spread over the activation range are picked.
    From the held-out part we keep random activating windows (``heldout``) and random windows
    where the feature never fires (``negative``): the material of honest explanation scores.
-2. *Contexts*: the kept windows are run again and cut to ``window_before`` tokens before and
-   ``window_after`` after the activation, with the feature's activation on every token.
+2. *Contexts*: the kept windows and every held-out window are run again. Kept windows are cut to
+   ``window_before`` tokens before and ``window_after`` after the activation, with the feature's
+   activation on every token. In the held-out windows we look for *hard negatives* (``hard``):
+   places holding one of the feature's ``n_hard_tokens`` top tokens (known only after the scan)
+   where the feature is silent on the whole cut-out window: an explanation that only lists tokens
+   calls these "fires", a good one does not.
+
+Scoring windows are written packed (:meth:`FeatureStore.put_scoring`), pointing into the held-out
+corpus windows stored once (:meth:`FeatureStore.put_windows`).
 
 The decoder direction of each feature is read through the unembedding to list the output tokens
 it promotes and suppresses (see :func:`logit_effects` for the final-norm caveat).
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Iterator, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as TF
 
 from ..errors import LabError
 from .activations import CorpusTokens, corpus_tokens, iter_batches, mlp_io, model_inputs
@@ -152,6 +160,57 @@ class _LayerScan:
         self.reservoir = _TopK(max(4 * cfg.n_quantile, cfg.n_quantile + cfg.top_k) if cfg.n_quantile else 0, F, device)
         self.heldout = _TopK(cfg.n_heldout, F, device)
         self.negative = _TopK(cfg.n_negative, F, device)
+        self.hard = _TopK(cfg.n_hard, F, device)
+        self.hard_map: tuple[torch.Tensor, torch.Tensor] | None = None   # (tokens, features) sorted by token
+
+    def is_held(self, window: np.ndarray) -> np.ndarray:
+        h = self.cfg.holdout_every
+        return (window % h == h - 1) if self.cfg.n_heldout or self.cfg.n_negative or self.cfg.n_hard else \
+            np.zeros(len(window), dtype=bool)
+
+    def plan_hard(self) -> None:
+        """After the scan: which (token, feature) pairs make a hard negative (each feature's top tokens)."""
+        if not self.cfg.n_hard or not self.cfg.n_hard_tokens:
+            return
+        pairs = [(t, f) for f, toks in self.tokens.top(self.cfg.n_hard_tokens).items() for t, _ in toks]
+        if not pairs:
+            return
+        arr = torch.tensor(sorted(pairs), dtype=torch.long, device=self.device)
+        self.hard_map = (arr[:, 0].contiguous(), arr[:, 1].contiguous())
+
+    def add_hard(self, ids: torch.Tensor, acts: torch.Tensor, windows: torch.Tensor) -> None:
+        """Hard negatives in held-out windows ``ids`` ``(b, T)`` with dense activations ``acts``
+        ``(b, T, F)``: per feature, a random position holding one of its top tokens whose cut-out
+        context has the feature silent throughout."""
+        if self.hard_map is None or ids.shape[0] == 0:
+            return
+        b, T = ids.shape
+        F = acts.shape[-1]
+        dev = acts.device
+        before, after = min(self.cfg.window_before, T - 1), min(self.cfg.window_after, T - 1)
+        fire = (acts > 0).float().transpose(1, 2)                                        # (b, F, T)
+        loud = TF.max_pool1d(TF.pad(fire, (before, after)), before + after + 1, stride=1) > 0  # (b, F, T)
+        toks, feats = self.hard_map
+        flat = ids.reshape(-1).to(dev)                                                   # (n,)
+        lo, hi = torch.searchsorted(toks, flat), torch.searchsorted(toks, flat, right=True)
+        counts = hi - lo
+        if int(counts.sum()) == 0:
+            return
+        rows = torch.repeat_interleave(torch.arange(flat.numel(), device=dev), counts)     # (m,)
+        first = torch.repeat_interleave(lo - (counts.cumsum(0) - counts), counts)
+        f = feats[first + torch.arange(rows.numel(), device=dev)]                        # (m,)
+        w, t = rows // T, rows % T
+        quiet = ~loud[w, f, t]
+        w, t, f = w[quiet], t[quiet], f[quiet]
+        if w.numel() == 0:
+            return
+        key = torch.rand(w.numel(), generator=self.gen).to(dev)
+        slot = w * F + f
+        best = torch.full((b * F,), float("-inf"), device=dev).scatter_reduce_(0, slot, key, "amax")
+        at_best = key == best[slot]
+        pos = torch.zeros(b * F, dtype=torch.long, device=dev).scatter_(0, slot[at_best], t[at_best])
+        win = windows.to(dev)[:, None].expand(b, F)
+        self.hard.add(best.view(b, F), win, pos.view(b, F), torch.zeros(b, F, device=dev))
 
     def add(self, rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor,
             first_window: int) -> None:
@@ -177,9 +236,7 @@ class _LayerScan:
         best, pos = best.view(b, F), pos.view(b, F)                                  # (b, F)
 
         win = (torch.arange(b, device=dev) + first_window)[:, None].expand(b, F)
-        h = self.cfg.holdout_every
-        held_row = (torch.arange(b, device=dev) + first_window) % h == h - 1 if self.cfg.n_heldout or \
-            self.cfg.n_negative else torch.zeros(b, dtype=torch.bool, device=dev)
+        held_row = torch.from_numpy(self.is_held(np.arange(first_window, first_window + b))).to(dev)
         held = held_row[:, None].expand(b, F)
         ninf = torch.tensor(float("-inf"), device=dev)
         firing = best > 0
@@ -328,10 +385,12 @@ def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layer
             done += 1
             yield CollectProgress(phase="scan", done=done, total=total)
 
-    # Which window/position/feature triples to cut contexts from, per layer.
+    # Which window/position/feature triples to cut contexts from, per layer (silent negatives need no
+    # cutting: their activations are zero by construction, and their tokens are the stored window's).
     plans: dict[int, dict[str, list]] = {}
     for i in layers:
         sc = scans[i]
+        sc.plan_hard()
         plan = {k: [] for k in ("feature", "kind", "rank", "window", "pos", "quantile")}
         for f in range(tset[i].n_features):
             if int(sc.count[f]) == 0:
@@ -342,24 +401,31 @@ def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layer
             picks += [("quantile", r, w, p, q) for r, (w, p, _, q) in
                       enumerate(_quantile_picks(sc.reservoir.entries(f), shown, cfg.n_quantile))]
             picks += [("heldout", r, w, p, None) for r, (w, p, _) in enumerate(sc.heldout.entries(f))]
-            picks += [("negative", r, w, p, None) for r, (w, p, _) in enumerate(sc.negative.entries(f))]
             for kind, r, w, p, q in picks:
                 for key, v in zip(plan, (f, kind, r, w, p, q)):
                     plan[key].append(v)
         plans[i] = {k: np.asarray(v, dtype=object if k in ("kind", "quantile") else np.int64) for k, v in plan.items()}
 
-    needed = np.unique(np.concatenate([plans[i]["window"] for i in layers] + [np.zeros(0, dtype=np.int64)]))
+    all_windows = np.arange(len(windows))
+    held_windows = all_windows[scans[layers[0]].is_held(all_windows)] if cfg.n_hard else np.zeros(0, dtype=np.int64)
+    needed = np.unique(np.concatenate([plans[i]["window"] for i in layers] + [held_windows, np.zeros(0, dtype=np.int64)]))
     cut: dict[int, list] = {i: [None] * len(plans[i]["feature"]) for i in layers}
     for b, (_, ids) in enumerate(iter_batches(windows[needed], cfg.batch_size)):
         batch_windows = needed[b * cfg.batch_size:b * cfg.batch_size + ids.shape[0]]
+        held = scans[layers[0]].is_held(batch_windows) if cfg.n_hard else np.zeros(len(batch_windows), dtype=bool)
         with torch.no_grad():
             io = mlp_io(lm, ids, layers)
         for i in layers:
             plan = plans[i]
             sel = np.nonzero(np.isin(plan["window"], batch_windows))[0]
-            if sel.size == 0:
+            if sel.size == 0 and not held.any():
                 continue
             acts = tset[i].encode(io[i][0].float())                                    # (b, T, F)
+            if held.any():
+                rows_h = torch.from_numpy(np.nonzero(held)[0])
+                scans[i].add_hard(ids[rows_h], acts[rows_h.to(acts.device)], torch.from_numpy(batch_windows[held]))
+            if sel.size == 0:
+                continue
             row = np.searchsorted(batch_windows, plan["window"][sel])
             feats = torch.from_numpy(plan["feature"][sel]).to(acts.device)
             per = acts[torch.from_numpy(row).to(acts.device), :, feats].float().cpu().numpy()  # (m, T)
@@ -375,20 +441,35 @@ def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layer
     vocab_ids: set[int] = set()
     rows: dict[int, list[FeatureStats]] = {}
     contexts: dict[int, dict[int, list[Context]]] = {}
+    scoring: dict[int, dict[int, dict[str, list[tuple[int, int, list[float]]]]]] = {}
+    kept_windows: set[int] = set()
     for i in layers:
         sc, plan = scans[i], plans[i]
         n_tok = len(windows) * seq_len
         effects = logit_effects(lm, tset[i], cfg.n_logit_tokens)
         tok_top = sc.tokens.top(cfg.n_top_tokens)
         ctx_by_f: dict[int, list[Context]] = {}
+        score_by_f: dict[int, dict[str, list[tuple[int, int, list[float]]]]] = {}
         for s in range(len(plan["feature"])):
             token_ids, acts, p = cut[i][s]
-            f = int(plan["feature"][s])
+            f, kind, w = int(plan["feature"][s]), str(plan["kind"][s]), int(plan["window"][s])
+            if kind == "heldout":
+                score_by_f.setdefault(f, {}).setdefault(kind, []).append((w, int(plan["pos"][s]), acts))
+                kept_windows.add(w)
+                continue
             vocab_ids.update(token_ids)
             ctx_by_f.setdefault(f, []).append(Context(
-                kind=str(plan["kind"][s]), rank=int(plan["rank"][s]), tokens=[], token_ids=token_ids, acts=acts,
-                position=p, activation=float(acts[p]), window=int(plan["window"][s]), quantile=plan["quantile"][s]))
-        contexts[i] = ctx_by_f
+                kind=kind, rank=int(plan["rank"][s]), tokens=[], token_ids=token_ids, acts=acts,
+                position=p, activation=float(acts[p]), window=w, quantile=plan["quantile"][s]))
+        for f in range(tset[i].n_features):
+            if int(sc.count[f]) == 0:
+                continue
+            for kind, picked in (("negative", sc.negative.entries(f)), ("hard", sc.hard.entries(f))):
+                for w, p, _ in picked:
+                    lo, hi = max(0, p - cfg.window_before), min(seq_len, p + cfg.window_after + 1)
+                    score_by_f.setdefault(f, {}).setdefault(kind, []).append((w, p, [0.0] * (hi - lo)))
+                    kept_windows.add(w)
+        contexts[i], scoring[i] = ctx_by_f, score_by_f
         count, total_act, mx, hist = (sc.count.cpu().numpy(), sc.total.cpu().numpy(), sc.max.cpu().numpy(),
                                       sc.hist.cpu().numpy())
         layer_rows = []
@@ -404,6 +485,9 @@ def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layer
                 top_tokens=[(t, n) for t, n in tops], promoted=[(t, v) for t, v in up],
                 suppressed=[(t, v) for t, v in down]))
         rows[i] = layer_rows
+    window_ids = {w: windows[w].tolist() for w in sorted(kept_windows)}
+    for ids_w in window_ids.values():
+        vocab_ids.update(ids_w)
 
     yield CollectProgress(phase="write", done=done, total=total)
     tok = lm.tokenizer
@@ -414,12 +498,16 @@ def _collect(lm: "LoadedModel", tset: "TranscoderSet", cfg: CollectConfig, layer
                       {"transcoder": tset.config.to_dict(), "collect": cfg.to_dict(), "seq_len": seq_len,
                        "corpus": corpus.source, "model_info": stack.describe()})
         store.put_vocab(texts)
+        store.put_windows(window_ids)
         for i in layers:
             q = (tset.metrics.get("layers") or {}).get(str(i))
             store.put_layer(i, tset[i].n_features, q, n_tokens=len(windows) * seq_len)
             store.put_features([_with_text(r, texts) for r in rows[i]])
             for f, ctxs in contexts[i].items():
                 store.put_contexts(i, f, ctxs)
+            for f, kinds in scoring[i].items():
+                for kind, picks in kinds.items():
+                    store.put_scoring(i, f, kind, cfg.window_before, cfg.window_after, picks)
     yield CollectFinished(path=out, alive={i: int((scans[i].count > 0).sum()) for i in layers},
                           seconds=time.perf_counter() - t0)
 

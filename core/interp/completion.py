@@ -13,6 +13,23 @@ token-level attributions (what they did, summed token by token, not an average a
 Autoregressive models predict generated token ``j`` at position ``P + j - 1``. Diffusion models
 are attributed on their first denoising state, the prompt followed by masks, predicting every
 generated token at its own position: what the model brought to the blank canvas.
+
+What is written (the reference pipeline's layout: per-layer descriptions, a total description,
+two scores):
+
+- Each layer's description cites its top features *on this text*, ranked by attribution: the
+  tokens of the prompt + completion each fired on (only tokens that occur there) and the
+  feature's stored explanation. The total description ranks the layers by their share of the
+  attribution.
+- *Quality* of the completion: with the built-in explainer, the model's perplexity on the tokens
+  it generated, ``exp(-mean log-prob)`` (lower is more confident; a number about the model, not a
+  judgement of the text); with a language-model explainer, its 1-10 grade of the text (an LM judge).
+- *Interpretability* on this completion: how well the cited explanations predict where their
+  features fired here. For each cited feature, the explainer's detector (the rule detector for
+  the built-in explainer, the LM's yes/no probability otherwise) is asked for every token of the
+  text whether the explanation describes that token; the AUC of its answers against whether the
+  feature actually fired there is the feature's score, and the completion's score is their mean
+  weighted by attribution (0.5 is chance, 1 perfect), with ``n`` the token judgements made.
 """
 from __future__ import annotations
 
@@ -28,8 +45,8 @@ from ..generation.config import DiffusionConfig, SamplingConfig
 from ..generation.sampler import sampler_for
 from ..models.hooks import act_name
 from .config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES
-from .explain import BuiltinExplainer, Explainer, FeatureEvidence
-from .scoring import interpretability_from_scores, score_feature
+from .explain import BuiltinExplainer, Cited, Explainer, FeatureEvidence
+from .scoring import auc, score_feature
 from .store import FeatureStore
 
 if TYPE_CHECKING:
@@ -45,7 +62,10 @@ class FeatureAttribution:
     max_activation: float
     positions: list[tuple[int, str, float, float]]   # (position, token, activation, attribution), strongest first
     explanation: str | None = None
-    score: float | None = None         # detection balanced accuracy of that explanation (held-out)
+    score: float | None = None         # held-out detection AUC of that explanation
+    score_n: int = 0                   # held-out windows it was scored on
+    completion_auc: float | None = None  # how well the explanation predicts where it fired on this text
+    completion_n: int = 0              # tokens of this text judged for it
 
 
 @dataclass
@@ -59,6 +79,29 @@ class LayerExplanation:
 
 
 @dataclass
+class CompletionScore:
+    """One of the two scores of an explained completion (module docstring), with its sample size."""
+
+    name: str                          # "perplexity" | "LM judge grade" | "interpretability AUC"
+    value: float | None
+    n: int                             # tokens (perplexity, interpretability judgements) or texts graded
+    definition: str
+
+    @property
+    def shown(self) -> str:
+        if self.value is None:
+            return "n/a"
+        if self.name == "LM judge grade":
+            return f"{self.value:.0f}/10"
+        return f"{self.value:.2f}" if self.name != "perplexity" else f"{self.value:.3g}"
+
+    def text(self) -> str:
+        unit = {"perplexity": "generated tokens", "LM judge grade": "completion",
+                "interpretability AUC": "token judgements"}.get(self.name, "")
+        return f"{self.name} {self.shown} (n={self.n:,} {unit})"
+
+
+@dataclass
 class CompletionExplanation:
     prompt: str
     completion: str
@@ -66,9 +109,8 @@ class CompletionExplanation:
     n_prompt: int
     layers: list[LayerExplanation]
     total_description: str
-    output_score: int | None           # 1-10 (see the explainer's rate_output)
-    interpretability_score: int | None  # 1-10 (see the explainer's rate_interpretation)
-    measured_interpretability: int | None  # 1-10 from held-out detection accuracy of the features used
+    quality: CompletionScore           # perplexity, or an LM judge's grade (module docstring)
+    interpretability: CompletionScore  # cited explanations vs where their features fired here
     mean_logprob: float | None         # of the generated tokens, under the model
     explainer: str
     objective: str
@@ -77,6 +119,15 @@ class CompletionExplanation:
     @property
     def layer_descriptions(self) -> list[str]:
         return [l.description for l in self.layers]
+
+    @property
+    def output_score(self) -> str:
+        """The quality score as the reference's ``models output score=`` line shows it."""
+        return self.quality.text()
+
+    @property
+    def interpretability_score(self) -> str:
+        return self.interpretability.text()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -187,11 +238,10 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
     tokens = [lm.tokenizer.token_str(t) for t in prompt_ids + new_ids]
     totals = {i: float(attr[i].sum(0).abs().sum()) for i in layers}
     grand = sum(totals.values()) or 1.0
-    detector = explainer.detector() if store is not None else None
+    detector = explainer.detector()
     explained_layers: list[LayerExplanation] = []
-    all_scores: list[float | None] = []
-    all_weights: list[float] = []
     stored_ex = _stored_explainer(store, explainer)
+    judged: list[tuple[float, float, int]] = []          # (AUC on this text, weight, judgements)
     for i in layers:
         per_feature = attr[i].sum(0)                                        # (F,)
         k = min(top_features, per_feature.numel())
@@ -205,26 +255,59 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
             fa = FeatureAttribution(layer=i, feature=f, attribution=float(per_feature[f]),
                                     max_activation=float(col_act.max()), positions=positions)
             if store is not None:
-                fa.explanation, fa.score = _explanation_for(store, explainer, stored_ex, detector, i, f)
+                fa.explanation, fa.score, fa.score_n = _explanation_for(store, explainer, stored_ex, detector, i, f)
+            if fa.explanation and fa.attribution > 0 and positions:
+                fa.completion_auc, fa.completion_n = _on_this_text(detector, fa.explanation,
+                                                                   tokens[:col_act.numel()], col_act.tolist())
+                if fa.completion_auc is not None:
+                    judged.append((fa.completion_auc, fa.attribution, fa.completion_n))
             feats.append(fa)
-            all_scores.append(fa.score)
-            all_weights.append(fa.attribution)
-        items = [(fa.explanation or act_name("transcoder", i, fa.feature), fa.attribution) for fa in feats
-                 if fa.attribution > 0]
-        description = explainer.describe_layer(i, items)
+        cited = [Cited(feature=fa.feature, tokens=[t for _, t, _, _ in fa.positions], attribution=fa.attribution,
+                       explanation=fa.explanation, score=fa.score) for fa in feats if fa.attribution > 0]
+        description = explainer.describe_completion_layer(i, cited)
         le = LayerExplanation(layer=i, description=description, features=feats, share=totals[i] / grand,
                               per_token=attr[i].sum(1).tolist())
         explained_layers.append(le)
         yield LayerExplained(le)
-    total = explainer.describe_total([(l.layer, l.description) for l in explained_layers], prompt, completion)
-    measured = interpretability_from_scores(all_scores, all_weights) if store is not None else None
+    by_share = sorted(explained_layers, key=lambda l: l.share, reverse=True)
+    total = explainer.describe_total([(l.layer, l.description) for l in by_share], prompt, completion)
+    mean_lp_ok = mean_lp if math.isfinite(mean_lp) else None
     result = CompletionExplanation(
         prompt=prompt, completion=completion, tokens=tokens, n_prompt=len(prompt_ids), layers=explained_layers,
-        total_description=total, output_score=explainer.rate_output(prompt, completion, mean_lp),
-        interpretability_score=explainer.rate_interpretation(prompt, completion, total, measured),
-        measured_interpretability=measured, mean_logprob=mean_lp if math.isfinite(mean_lp) else None,
+        total_description=total, quality=_quality(explainer, prompt, completion, mean_lp_ok, len(new_ids)),
+        interpretability=_interpretability(judged, explainer.name), mean_logprob=mean_lp_ok,
         explainer=explainer.name, objective=lm.objective, seconds=time.perf_counter() - t0)
     yield CompletionExplained(result)
+
+
+def _on_this_text(detector, explanation: str, tokens: list[str], acts: list[float]) -> tuple[float | None, int]:
+    """``(AUC, judgements)``: the detector's probability, token by token, that the explanation describes
+    that token of the text, against whether the feature fired there (module docstring)."""
+    n = min(len(tokens), len(acts))
+    if n == 0:
+        return None, 0
+    prob = detector.fuzz(explanation, [(tokens[:n], [p]) for p in range(n)])
+    return auc(prob, [a > 0 for a in acts[:n]]), n
+
+
+def _quality(explainer: Explainer, prompt: str, completion: str, mean_lp: float | None, n_new: int) -> CompletionScore:
+    if explainer.judges_text():
+        return CompletionScore("LM judge grade", explainer.rate_output(prompt, completion, mean_lp), 1,
+                               f"{explainer.name}'s 1-10 grade of how fluent and sensible the text is.")
+    return CompletionScore("perplexity", math.exp(-mean_lp) if mean_lp is not None else None, n_new,
+                           "The model's perplexity on the tokens it generated, exp(-mean log-prob): 1 is certain, "
+                           "higher is less sure. A number about the model, not a judgement of the text.")
+
+
+def _interpretability(judged: list[tuple[float, float, int]], detector_name: str) -> CompletionScore:
+    definition = ("How well the cited explanations predict where their features fired on this text: per feature, "
+                  "the AUC of the explainer's token-by-token verdicts against where it fired; their mean weighted by "
+                  "attribution. 0.5 is chance, 1 perfect.")
+    weight = sum(w for _, w, _ in judged)
+    if not judged or weight <= 0:
+        return CompletionScore("interpretability AUC", None, 0, definition)
+    return CompletionScore("interpretability AUC", sum(a * w for a, w, _ in judged) / weight,
+                           sum(n for _, _, n in judged), definition)
 
 
 def _stored_explainer(store: FeatureStore | None, explainer: Explainer) -> str | None:
@@ -235,22 +318,22 @@ def _stored_explainer(store: FeatureStore | None, explainer: Explainer) -> str |
 
 
 def _explanation_for(store: FeatureStore, explainer: Explainer, stored_ex: str | None, detector, layer: int,
-                     feature: int) -> tuple[str | None, float | None]:
-    """The stored explanation and detection score, or one made (and scored) now."""
+                     feature: int) -> tuple[str | None, float | None, int]:
+    """The stored explanation, its detection AUC and that score's sample size, or one made (and scored) now."""
     if stored_ex is not None:
         text = store.explanation(layer, feature, stored_ex)
         if text is not None:
             sc = store.scores(layer, feature).get(stored_ex, {}).get("detection")
-            return text, sc.value if sc is not None else None
+            return text, (sc.value if sc is not None else None), (sc.n if sc is not None else 0)
     try:
         ev = FeatureEvidence.from_store(store, layer, feature)
     except LabError:
-        return None, None  # never fired during collection: nothing to explain it from
+        return None, None, 0  # never fired during collection: nothing to explain it from
     if not ev.top:
-        return None, None
+        return None, None, 0
     text = explainer.explain_feature(ev)
     got = score_feature(store, layer, feature, text, detector)
-    return text, (got[0].value if got else None)
+    return text, (got[0].value if got else None), (got[0].n if got else 0)
 
 
 def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
@@ -261,11 +344,6 @@ def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
     raise AssertionError("explain_completion ended without a result")
 
 
-def score_text(score: int | None) -> str:
-    """A 1-10 score as the CLI and the page show it."""
-    return "n/a" if score is None else f"{score}/10"
-
-
 __all__ = ["FeatureAttribution", "LayerExplanation", "CompletionExplanation", "CompletionStarted", "Generated",
            "LayerExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
-           "run_explain_completion", "score_text"]
+           "run_explain_completion", "CompletionScore"]

@@ -158,8 +158,10 @@ class CollectConfig(_Dict):
     batch_size: int = 32              # windows per forward pass
     top_k: int = 20                   # strongest windows kept per feature (shown to explainers)
     n_quantile: int = 10              # samples across the activation range
-    n_heldout: int = 10               # held-out activating windows (scoring only)
-    n_negative: int = 10              # held-out windows where the feature is silent (scoring only)
+    n_heldout: int = 50               # held-out activating windows (scoring only)
+    n_negative: int = 50              # held-out windows where the feature is silent (scoring only)
+    n_hard: int = 25                  # held-out windows holding one of its top tokens, yet silent (scoring only)
+    n_hard_tokens: int = 5            # how many of its top tokens make a window a hard negative
     holdout_every: int = 5            # every N-th window is held out
     window_before: int = 12           # context tokens kept before the activation
     window_after: int = 4             # and after it
@@ -172,13 +174,13 @@ class CollectConfig(_Dict):
         for name in ("n_tokens", "seq_len", "batch_size", "top_k", "holdout_every"):
             if int(getattr(self, name)) < 1:
                 raise LabError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        for name in ("n_quantile", "n_heldout", "n_negative", "window_before", "window_after", "n_logit_tokens",
-                     "n_top_tokens"):
+        for name in ("n_quantile", "n_heldout", "n_negative", "n_hard", "n_hard_tokens", "window_before",
+                     "window_after", "n_logit_tokens", "n_top_tokens"):
             if int(getattr(self, name)) < 0:
                 raise LabError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(self, name)}).")
-        if self.holdout_every < 2 and (self.n_heldout or self.n_negative):
+        if self.holdout_every < 2 and (self.n_heldout or self.n_negative or self.n_hard):
             raise LabError("--holdout-every must be at least 2 so some windows are held out for scoring.")
-        for name in ("top_k", "n_quantile", "n_heldout", "n_negative"):
+        for name in ("top_k", "n_quantile", "n_heldout", "n_negative", "n_hard"):
             if int(getattr(self, name)) > MAX_KEPT:
                 raise LabError(f"--{name.replace('_', '-')} must be at most {MAX_KEPT:,} contexts per feature "
                                f"(got {getattr(self, name):,}).")

@@ -4,12 +4,13 @@ layers into a total description, and rate a completion and an interpretation fro
 Three explainers, one interface (:class:`Explainer`):
 
 - :class:`BuiltinExplainer` (``builtin``, the offline default) needs no model. It writes
-  templated descriptions from the evidence: the tokens a feature fires on (in double quotes,
-  weighted by activation), the token that usually precedes them, and the tokens it promotes
-  (in single quotes). Double quotes are reserved for tokens it fires on, which is what the
-  rule-based detector reads when scoring. Its output score is the model's own confidence in the
-  completion and its interpretability score is derived from measured detection accuracy; it
-  says so rather than pretending to judge.
+  sentences from the evidence: the tokens a feature fires on (in double quotes, weighted by
+  activation, with the share of its strongest activations they cover), the contexts it fires in
+  (the token that usually precedes, the place in the line, speaker names and the first line of a
+  speech), and the tokens it promotes (in single quotes). Double quotes are reserved for tokens
+  it fires on: that is what the rule-based detector and simulator read when scoring, so its
+  scores measure exactly the rule it wrote down, and say "rule". It grades no text: a completion's
+  quality is the model's perplexity on it.
 - :class:`LMExplainer` (``lm:<spec>``): a transformers seq2seq (flan-t5 family) or causal LM,
   by hub id or local folder, fed the prompts of :mod:`core.interp.prompts` within its input
   length, greedy-decoded, answers parsed. Python code shipped with the explainer's repository
@@ -24,6 +25,7 @@ Three explainers, one interface (:class:`Explainer`):
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from ..models.loading import hub_reachable, offline_message
 from .config import DESCRIBE_BATCH, DESCRIBE_N_TOP
 from .prompts import (FALLBACK_MAX_INPUT, clean_token, feature_prompt, interpretation_rating_prompt, layer_prompt,
                       output_rating_prompt, parse_explanation, parse_score, parse_yes_no, total_prompt)
-from .scoring import (Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
+from .scoring import (GOOD_AUC, Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
                       quoted_tokens, score_feature)
 from .store import Context, FeatureStore, Score
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from ..serve.client import Endpoint
 
 BUILTIN = "builtin"
+YES_NO_ALTERNATIVES = 20   # top log-probabilities asked for a yes/no answer (the OpenAI API's maximum)
 LM_PREFIX = "lm:"      # an LM explainer's name is LM_PREFIX + its spec
 
 
@@ -79,9 +82,18 @@ class Explainer:
     def explain_feature(self, evidence: FeatureEvidence) -> str:
         return self.explain_features([evidence])[0]
 
-    def describe_layer(self, layer: int, items: Sequence[tuple[str, float]]) -> str:
-        """``items``: ``(feature explanation, weight)``, most important first."""
+    def describe_layer(self, layer: int, items: Sequence[LayerItem]) -> str:
+        """``items``: ``(feature explanation, weight, its detection AUC or None)``, most important first."""
         raise NotImplementedError
+
+    def describe_completion_layer(self, layer: int, cited: Sequence["Cited"]) -> str:
+        """What a layer's features did on one completion: ``cited`` features, ranked by attribution,
+        each with the tokens of the completion it fired on."""
+        return self.describe_layer(layer, [(c.line(), c.attribution, c.score) for c in cited])
+
+    def judges_text(self) -> bool:
+        """Whether :meth:`rate_output` grades a completion (a language model) rather than nothing."""
+        return False
 
     def describe_total(self, layer_descriptions: Sequence[tuple[int, str]], prompt: str | None = None,
                        completion: str | None = None) -> str:
@@ -101,6 +113,40 @@ class Explainer:
         return None
 
 
+LayerItem = Union[tuple[str, float], tuple[str, float, Union[float, None]],
+                  tuple[str, float, Union[float, None], int]]   # (explanation, weight, detection AUC, its n)
+
+
+@dataclass
+class Cited:
+    """A feature an explained completion cites: the tokens of the text it fired on (by attribution)."""
+
+    feature: int
+    tokens: list[str]               # as they occur in the prompt + completion, strongest first
+    attribution: float
+    explanation: str | None
+    score: float | None = None      # held-out detection AUC of the explanation
+
+    def line(self) -> str:
+        where = ", ".join(_tok(t) for t in dict.fromkeys(self.tokens)) or "-"
+        return f"feature {self.feature} fired on {where} ({self.attribution:+.3g}): {self.explanation or 'unexplained'}"
+
+
+def _tok(text: str) -> str:
+    """A token of a completion as a description cites it: «text», whitespace made visible."""
+    return f"«{clean_token(text)}»"
+
+
+def _item(it: LayerItem) -> tuple[str, float, float | None]:
+    return (it[0], it[1], it[2] if len(it) > 2 else None)  # type: ignore[misc]
+
+
+def _auc_text(it: LayerItem) -> str:
+    """``detection AUC 0.88, n=125`` (the n when the item carries it)."""
+    n = it[3] if len(it) > 3 else None  # type: ignore[misc]
+    return f"detection AUC {it[2]:.2f}" + (f", n={n}" if n else "")  # type: ignore[misc]
+
+
 # -- built-in ---------------------------------------------------------------------------------
 
 def _q(tokens: Sequence[str], quote: str = '"') -> str:
@@ -112,27 +158,22 @@ def _shown(text: str) -> str:
 
 
 class BuiltinExplainer(Explainer):
-    """Templated descriptions from the evidence; deterministic, no model (see the module docstring)."""
+    """Sentences from the evidence; deterministic, no model (see the module docstring)."""
 
     name = BUILTIN
 
-    def __init__(self, max_tokens: int = 4, mass_share: float = 0.8):
-        self.max_tokens, self.mass_share = max_tokens, mass_share
+    def __init__(self, max_tokens: int = 4, mass_share: float = 0.8, context_share: float = 0.5):
+        self.max_tokens, self.mass_share, self.context_share = max_tokens, mass_share, context_share
 
     def explain_features(self, evidence: Sequence[FeatureEvidence]) -> list[str]:
         return [self._one(ev) for ev in evidence]
 
     def _one(self, ev: FeatureEvidence) -> str:
         mass: Counter[str] = Counter()
-        before: Counter[str] = Counter()
         for c in ev.top:
             tok = _shown(c.tokens[c.position])
             if tok:
                 mass[tok] += max(c.activation, 0.0)
-            if c.position > 0:
-                prev = _shown(c.tokens[c.position - 1])
-                if prev:
-                    before[prev] += 1
         if not mass:
             for t, n in ev.top_tokens:
                 if _shown(t):
@@ -145,47 +186,115 @@ class BuiltinExplainer(Explainer):
                 break
             fires.append(tok)
             acc += m
-        parts = []
         if fires:
-            parts.append(f"fires on {_q(fires)}")
+            head = f"Fires on {_q(fires)}"
+            if ev.top and total > 0 and acc < total:
+                head += f" ({acc / total:.0%} of its strongest activations)"
         else:
-            parts.append("fires on whitespace or formatting tokens")
-        if before and ev.top:
-            prev, n = before.most_common(1)[0]
-            if n >= max(2, len(ev.top) // 2):
-                parts.append(f"usually after '{prev}'")
-        promoted = [_shown(t) for t, _ in ev.promoted[:3] if _shown(t)]
+            head = "Fires on whitespace or formatting tokens"
+        where = self._contexts(ev.top)
+        text = head + (", " + ", ".join(where) if where else "") + "."
+        promoted = [_shown(t) for t, _ in ev.promoted if _shown(t) and "\ufffd" not in t][:3]
         if promoted:
-            parts.append(f"promotes {_q(promoted, quote=chr(39))}")
-        text = "; ".join(parts)
-        return text[0].upper() + text[1:]
+            text += f" It makes the model more likely to write {_q(promoted, quote=chr(39))}."
+        return text
 
-    def describe_layer(self, layer: int, items: Sequence[tuple[str, float]]) -> str:
-        weight: Counter[str] = Counter()
-        for text, w in items:
-            for tok in quoted_tokens(text):
-                weight[tok] += abs(w)
-        if not weight:
-            return f"Layer {layer}: no readable features among the {len(items)} most important."
-        toks = [t for t, _ in weight.most_common(6)]
-        return f"Layer {layer} features fire on {_q(toks)}."
+    def _contexts(self, top: Sequence[Context]) -> list[str]:
+        """The context clauses that hold for at least ``context_share`` of the top windows."""
+        if not top:
+            return []
+        n = len(top)
+        need = max(2, math.ceil(self.context_share * n)) if n > 1 else 1
+        before: Counter[str] = Counter()
+        counts: Counter[str] = Counter()
+        for c in top:
+            line, prev_line, line_known = _lines(c)
+            if c.position > 0 and _shown(c.tokens[c.position - 1]):
+                before[_shown(c.tokens[c.position - 1])] += 1
+            if line_known and not "".join(line).strip():
+                counts["line start"] += 1
+            after = c.tokens[c.position + 1] if c.position + 1 < len(c.tokens) else None
+            if after is not None and after.lstrip(" \t").startswith("\n"):
+                counts["line end"] += 1
+            if line_known and "".join(line).lstrip().startswith("["):
+                counts["stage"] += 1
+            if _is_speaker(line + [c.tokens[c.position]] + _rest_of_line(c)):
+                counts["speaker"] += 1
+            elif prev_line is not None and _is_speaker(prev_line):
+                counts["speech start"] += 1
+        out = []
+        if before:
+            prev, k = before.most_common(1)[0]
+            if k >= need:
+                out.append(f"mostly right after '{prev}'")
+        if counts["line start"] >= need:
+            out.append("at the start of a line")
+        elif counts["line end"] >= need:
+            out.append("at the end of a line")
+        if counts["speaker"] >= need:
+            out.append("in speakers' names (the upper-case lines that open a speech)")
+        elif counts["speech start"] >= need:
+            out.append("in the first line of a speech, right after the speaker's name")
+        elif counts["stage"] >= need:
+            out.append("in stage directions (lines in square brackets)")
+        return out
+
+    def describe_layer(self, layer: int, items: Sequence[LayerItem]) -> str:
+        """The layer's most active features whose explanations hold up on held-out text (detection AUC
+        at least :data:`GOOD_AUC`), most active first, each with its AUC; without scores, the most active."""
+        rows = [_item(it) for it in items]
+        scored = any(score is not None for _, _, score in rows)
+        good = [(r, it) for r, it in zip(rows, items) if not scored or (r[2] is not None and r[2] >= GOOD_AUC)]
+        parts = []
+        for (text, _, score), it in good[:4]:
+            gist = _gist(text)
+            if gist:
+                parts.append(gist + (f" ({_auc_text(it)})" if score is not None else ""))
+        if not scored:
+            if not parts:
+                return f"Layer {layer}: no readable features among the {len(rows)} most important."
+            return f"Layer {layer}'s most active features fire " + "; ".join(parts) + "."
+        if not parts:
+            best = max(items, key=lambda it: _item(it)[2] if _item(it)[2] is not None else -1.0, default=None)
+            tail = f"; the best fires {_gist(best[0])} ({_auc_text(best)})" if best and _item(best)[2] is not None \
+                and _gist(best[0]) else ""
+            return (f"Layer {layer}: none of its {len(rows)} most active features has an explanation that holds up "
+                    f"on held-out text (detection AUC {GOOD_AUC} or more){tail}.")
+        has = "has an explanation that holds" if len(good) == 1 else "have explanations that hold"
+        return (f"Layer {layer}: of its {len(rows)} most active features, {len(good)} {has} up on held-out text "
+                f"(detection AUC {GOOD_AUC} or more), firing " + "; ".join(parts) + ".")
+
+    def describe_completion_layer(self, layer: int, cited: Sequence[Cited]) -> str:
+        shown = [c for c in cited if c.tokens]
+        if not shown:
+            return f"Layer {layer}: none of its top features fired on this text."
+        parts = []
+        for c in shown[:3]:
+            gist = _gist(c.explanation) if c.explanation else None
+            what = f"; it fires {gist}" if gist else ""
+            seen = list(dict.fromkeys(c.tokens))[:3]  # each token once, strongest first
+            parts.append(f"feature {c.feature} on {', '.join(_tok(t) for t in seen)} "
+                         f"({c.attribution:+.2g}{what})")
+        return f"Layer {layer}: " + "; then ".join(parts) + "."
 
     def describe_total(self, layer_descriptions: Sequence[tuple[int, str]], prompt: str | None = None,
                        completion: str | None = None) -> str:
+        if completion is not None:
+            parts = [d.split(": ", 1)[1] if ": " in d else d for _, d in layer_descriptions]
+            ranked = [f"layer {l}: {p.split('; then ')[0].rstrip('.')}" for (l, _), p in zip(layer_descriptions, parts)
+                      if not p.startswith("none of")]
+            if not ranked:
+                return "No transcoder feature fired on this text."
+            return "Most of the completion came from " + "; ".join(ranked[:3]) + "."
         parts = []
         for layer, text in layer_descriptions:
-            toks = quoted_tokens(text)
-            parts.append(f"layer {layer}: {_q(toks[:3])}" if toks else f"layer {layer}: -")
-        lead = "The completion was driven by features that fire on" if completion is not None else \
-            "Features by layer fire on"
-        return f"{lead} " + "; ".join(parts) + "."
+            toks = [] if ": none of its" in text else list(dict.fromkeys(quoted_tokens(text)))[:3]
+            parts.append(f"layer {layer} on {_q(toks)}" if toks else f"layer {layer}: none that holds up")
+        return "By layer, the most active features whose explanations hold up fire: " + "; ".join(parts) + "."
 
     def rate_output(self, prompt: str, completion: str, mean_logprob: float | None = None) -> int | None:
-        """The model's own confidence, ``1 + 9 * exp(mean log-prob)`` of the completion's tokens:
-        a number about the model, not a judgement of the text."""
-        if mean_logprob is None or not math.isfinite(mean_logprob):
-            return None
-        return int(round(1 + 9 * min(1.0, math.exp(mean_logprob))))
+        """None: the built-in explainer grades no text (the page shows the model's perplexity)."""
+        return None
 
     def rate_interpretation(self, prompt: str, completion: str, description: str,
                             measured: int | None = None) -> int | None:
@@ -197,6 +306,49 @@ class BuiltinExplainer(Explainer):
 
     def simulator(self) -> Simulator | None:
         return RuleSimulator()
+
+
+def _gist(text: str | None) -> str | None:
+    """An explanation's first sentence as a clause: 'on "x" at the start of a line'."""
+    if not text:
+        return None
+    first = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0].rstrip(".")
+    first = re.sub(r"\s*\(\d+% of its strongest activations\)", "", first)
+    first = re.sub(r"^(fires|it fires|the neuron fires|detects)\s+", "", first, flags=re.IGNORECASE)
+    return first or None
+
+
+def _lines(c: Context) -> tuple[list[str], list[str] | None, bool]:
+    """``(tokens of the activation's line before it, the previous line's tokens or None, whether the
+    line's start is inside the window)``."""
+    toks = c.tokens[:c.position]
+    breaks = [i for i, t in enumerate(toks) if "\n" in t]
+    if not breaks:
+        return toks, None, False
+    last = breaks[-1]
+    line = [toks[last].rsplit("\n", 1)[1]] + toks[last + 1:]
+    if len(breaks) >= 2:
+        prev = [toks[breaks[-2]].rsplit("\n", 1)[1]] + toks[breaks[-2] + 1:last] + [toks[last].split("\n", 1)[0]]
+        if "".join(prev).strip():
+            return line, prev, True
+    return line, None, True
+
+
+def _rest_of_line(c: Context) -> list[str]:
+    out = []
+    for t in c.tokens[c.position + 1:]:
+        if "\n" in t:
+            out.append(t.split("\n", 1)[0])
+            break
+        out.append(t)
+    return out
+
+
+def _is_speaker(tokens: Sequence[str]) -> bool:
+    """A line that is a speaker's name: upper-case letters (and spaces), perhaps ending in '.' or ':'."""
+    text = "".join(tokens).strip().rstrip(".:")
+    return len(text) >= 2 and any(ch.isalpha() for ch in text) and text.upper() == text and \
+        all(ch.isalpha() or ch in " '-" for ch in text)
 
 
 # -- language-model explainer -------------------------------------------------------------------
@@ -226,17 +378,22 @@ class PromptedExplainer(Explainer):
         """Greedy answers, one per prompt, in order."""
         raise NotImplementedError
 
+    def yes_probability(self, prompts: Sequence[str]) -> list[float]:
+        """Per prompt: P("yes") / (P("yes") + P("no")) for the answer's first token (0 or 1 when only
+        the answer's text can be read)."""
+        raise NotImplementedError
+
     def yes_no(self, prompts: Sequence[str]) -> list[bool]:
         """Per prompt: is "yes" likelier than "no" as the answer?"""
-        raise NotImplementedError
+        return [p > 0.5 for p in self.yes_probability(prompts)]
 
     def explain_features(self, evidence: Sequence[FeatureEvidence]) -> list[str]:
         prompts = [feature_prompt(ev.top, self.count, self.max_input, [clean_token(t) for t, _ in ev.promoted])[0]
                    for ev in evidence]
         return [parse_explanation(a) or "(no answer)" for a in self.generate(prompts)]
 
-    def describe_layer(self, layer: int, items: Sequence[tuple[str, float]]) -> str:
-        answer = self.generate([layer_prompt(layer, [t for t, _ in items], self.count, self.max_input)])[0]
+    def describe_layer(self, layer: int, items: Sequence[LayerItem]) -> str:
+        answer = self.generate([layer_prompt(layer, [_item(t)[0] for t in items], self.count, self.max_input)])[0]
         return parse_explanation(answer) or "(no answer)"
 
     def describe_total(self, layer_descriptions: Sequence[tuple[int, str]], prompt: str | None = None,
@@ -246,6 +403,9 @@ class PromptedExplainer(Explainer):
 
     def rate_output(self, prompt: str, completion: str, mean_logprob: float | None = None) -> int | None:
         return parse_score(self.generate([output_rating_prompt(prompt, completion)], 6)[0])
+
+    def judges_text(self) -> bool:
+        return True
 
     def rate_interpretation(self, prompt: str, completion: str, description: str,
                             measured: int | None = None) -> int | None:
@@ -349,12 +509,12 @@ class LMExplainer(PromptedExplainer):
                 return int(ids[0])
         return None
 
-    def yes_no(self, prompts: Sequence[str]) -> list[bool]:
-        """Whether the first answer token is likelier "yes" than "no", batched."""
+    def yes_probability(self, prompts: Sequence[str]) -> list[float]:
+        """P("yes") against "no" as the first answer token, from the logits, batched."""
         yes, no = self._answer_ids("yes"), self._answer_ids("no")
         if yes is None or no is None or yes == no:  # the tokenizer cannot tell them apart: read the text
-            return [parse_yes_no(a) is True for a in self.generate(prompts, 3)]
-        out: list[bool] = []
+            return [float(parse_yes_no(a) is True) for a in self.generate(prompts, 3)]
+        out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             enc = self.tokenizer(list(prompts[s:s + self.batch_size]), return_tensors="pt", padding=True,
                                  truncation=True, max_length=self.max_input).to(self.device)
@@ -365,7 +525,8 @@ class LMExplainer(PromptedExplainer):
                     logits = self.model(**enc, decoder_input_ids=dec).logits[:, -1]
                 else:
                     logits = self.model(**enc).logits[:, -1]
-            out.extend((logits[:, yes] > logits[:, no]).tolist())
+            pair = torch.stack([logits[:, yes], logits[:, no]], -1).float()
+            out.extend(pair.softmax(-1)[:, 0].tolist())
         return out
 
 
@@ -396,8 +557,25 @@ class RemoteExplainer(PromptedExplainer):
         n_new = max_new_tokens or self.max_new_tokens
         return self.endpoint.map(lambda p: self.endpoint.ask(p, n_new).text, list(prompts))
 
-    def yes_no(self, prompts: Sequence[str]) -> list[bool]:
-        return self.endpoint.map(self.endpoint.yes_no, list(prompts))
+    def yes_probability(self, prompts: Sequence[str]) -> list[float]:
+        return self.endpoint.map(self._yes_probability, list(prompts))
+
+    def _yes_probability(self, prompt: str) -> float:
+        """From the answer's top log-probabilities ("yes" and "no" in any case or spacing); a word
+        missing from the top list counts as less likely than the least likely listed; from the
+        answer's text when the server gives no log-probabilities."""
+        answer = self.endpoint.ask(prompt, 3, top_logprobs=YES_NO_ALTERNATIVES)
+        if answer.top:
+            floor = min(answer.top.values()) - 1.0
+
+            def best(word: str) -> float | None:
+                got = [lp for tok, lp in answer.top.items() if tok.strip().lower() == word]
+                return max(got) if got else None
+            yes, no = best("yes"), best("no")
+            if yes is not None or no is not None:
+                y, n = (floor if yes is None else yes), (floor if no is None else no)
+                return 1.0 / (1.0 + math.exp(n - y))
+        return float(parse_yes_no(answer.text) is True)
 
 
 def is_endpoint_url(spec: str | None) -> bool:
@@ -450,7 +628,7 @@ class FeatureExplained:
 class LayerDescribed:
     layer: int
     text: str
-    mean_score: float | None            # mean detection balanced accuracy of the layer's explained features
+    mean_score: float | None            # mean detection AUC of the layer's explained features
 
 
 @dataclass
@@ -468,7 +646,7 @@ DescribeEvent = Union[DescribeStarted, FeatureExplained, LayerDescribed, Describ
 def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, layers: Sequence[int] | None = None,
                    max_features: int | None = None, n_top: int = DESCRIBE_N_TOP, score: bool = True,
                    batch_size: int | None = None,
-                   layer_items: int = 10, set_id: int | None = None) -> Iterator[DescribeEvent]:
+                   layer_items: int = 30, set_id: int | None = None) -> Iterator[DescribeEvent]:
     """Explain (and score) the live features of ``layers`` (all by default), most frequent first,
     at most ``max_features`` per layer; then describe each layer from its ``layer_items`` most
     active explained features (density x mean activation) and the whole set from the layers.
@@ -516,7 +694,11 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
                 yield FeatureExplained(layer=layer, feature=f.feature, text=t, scores=sc, done=done, total=total)
         ranked = sorted(feats, key=lambda f: f.density * f.mean_act, reverse=True)[:layer_items]
         exps = store.explanations(layer, explainer.name, set_id)
-        items = [(exps[f.feature], f.density * f.mean_act) for f in ranked if f.feature in exps]
+        scored = {f.feature: store.scores(layer, f.feature, set_id).get(explainer.name, {}).get("detection")
+                  for f in ranked} if score else {}
+        items = [(exps[f.feature], f.density * f.mean_act, *((scored[f.feature].value, scored[f.feature].n)
+                                                             if scored.get(f.feature) else (None,)))
+                 for f in ranked if f.feature in exps]
         layer_text[layer] = explainer.describe_layer(layer, items)
         store.put_description("layer", layer, explainer.name, layer_text[layer], set_id)
         mean_scores[layer] = sum(det_values) / len(det_values) if det_values else None
@@ -528,6 +710,6 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
 
 
 __all__ = ["Explainer", "BuiltinExplainer", "PromptedExplainer", "LMExplainer", "RemoteExplainer", "is_endpoint_url",
-           "FeatureEvidence", "load_explainer", "describe_store",
+           "FeatureEvidence", "Cited", "load_explainer", "describe_store",
            "DescribeStarted", "FeatureExplained", "LayerDescribed", "DescribeFinished", "DescribeEvent", "BUILTIN",
            "interpretability_from_scores"]

@@ -2,8 +2,8 @@
 
 The reference pipeline asked flan-t5 for five things; each has a prompt builder here and a
 parser for the answer: a feature's explanation, a layer's description, a total description,
-an output score (1-10) and an interpretability score (1-10), plus the yes/no detection
-question scoring uses. Prompts are fitted to the explainer's input length by dropping whole
+an output score (1-10) and an interpretability score (1-10), plus the yes/no questions scoring
+asks (detection: does it fire in this text; fuzzing: are the marked tokens the ones it fires on). Prompts are fitted to the explainer's input length by dropping whole
 examples first and trimming the remaining ones from the left, so the marked token always stays.
 """
 from __future__ import annotations
@@ -148,6 +148,31 @@ def fit_detection_prompt(explanation: str, tokens: Sequence[str], count: Callabl
     whole tokens from its start until it fits, so the explanation and the question always stay."""
     for start in range(max(len(tokens), 1)):
         prompt = detection_prompt(explanation, plain_context(tokens[start:]))
+        if count(prompt) <= max_tokens:
+            return prompt
+    return prompt
+
+
+def fuzz_prompt(explanation: str, text: str) -> str:
+    return (f"A neuron is described as: {explanation}\nText: {text}\n"
+            f"Are the tokens marked with {MARK_OPEN} {MARK_CLOSE} the ones this neuron fires on? Answer yes or no.\n"
+            f"Answer:")
+
+
+def mark_tokens(tokens: Sequence[str], marks: Sequence[int], start: int = 0) -> str:
+    """The window as text from ``start`` with every token at ``marks`` marked ``<<token>>``."""
+    marked = set(marks)
+    return "".join(f"{MARK_OPEN}{clean_token(t)}{MARK_CLOSE}" if i in marked else clean_token(t)
+                   for i, t in enumerate(tokens) if i >= start)
+
+
+def fit_fuzz_prompt(explanation: str, tokens: Sequence[str], marks: Sequence[int], count: Callable[[str], int],
+                    max_tokens: int) -> str:
+    """:func:`fuzz_prompt` within ``max_tokens``: the window loses tokens from its start, never past its
+    first mark, so the explanation, the question and a marked token always stay."""
+    last = min(marks) if marks else max(len(tokens) - 1, 0)
+    for start in range(last + 1):
+        prompt = fuzz_prompt(explanation, mark_tokens(tokens, marks, start))
         if count(prompt) <= max_tokens:
             return prompt
     return prompt

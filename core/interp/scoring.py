@@ -1,41 +1,68 @@
 """Honest explanation scores, the same for every explainer, on held-out text.
 
-- *Detection* (as in EleutherAI's delphi): given only the explanation, a detector says for each
-  held-out window whether the feature fires in it. Positives are activating windows from the
-  held-out part of the corpus (never shown to the explainer), negatives are held-out windows
-  where the feature never fires. Score: balanced accuracy (mean of the true-positive and
-  true-negative rates), so 0.5 is chance whatever the class balance.
+Every score is computed on windows from the held-out part of the corpus (never shown to the
+explainer) and stored with its sample size ``n``:
+
+- *Detection* (as in EleutherAI's delphi): given only the explanation, a detector gives each
+  window a probability that the feature fires somewhere in it. Positives: held-out activating
+  windows; negatives: held-out windows where the feature is silent, random ones and *hard* ones
+  (holding one of the feature's top tokens, yet silent). Score: the AUC of those probabilities
+  (the chance that a random positive gets a higher probability than a random negative; 0.5 is
+  chance, 1 is perfect). The balanced accuracy of the thresholded verdict (probability > 0.5) and
+  the true-negative rate on the hard negatives alone are kept as details. A yes/no detector (the
+  rule detector) gives only 0 and 1, and then AUC and balanced accuracy are equal by construction.
+- *Fuzzing* (delphi): the held-out activating windows are shown with tokens marked, once with the
+  tokens where the feature fires marked and once with as many tokens where it is silent marked
+  instead; the detector gives the probability that the marked tokens are what the explanation
+  describes. Score: AUC of correctly vs wrongly marked windows. Detection asks *whether*, fuzzing
+  *where*.
 - *Simulation* (OpenAI 2023, "Language models can explain neurons in language models"): a
   simulator predicts the activation of every token from the explanation; score: Pearson
   correlation between predicted and true activations over all tokens of the held-out windows.
 
 Detectors and simulators: :class:`RuleDetector` / :class:`RuleSimulator` need no model: they read
 the tokens quoted in the explanation (``"the"``) and predict firing exactly on those tokens (what
-the built-in explainer writes); :class:`LMDetector` asks the explainer's language model the
-yes/no question of :func:`core.interp.prompts.detection_prompt`, locally or through a server.
+the built-in explainer writes; its scores say "rule"); :class:`LMDetector` asks the explainer's
+language model the yes/no questions of :mod:`core.interp.prompts` and reads the probability of
+"yes" from its log-probabilities, locally or through a server.
 """
 from __future__ import annotations
 
 import math
+import random
 import re
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from .prompts import clean_token, fit_detection_prompt
-from .store import Context, FeatureStore, Score
+from .prompts import clean_token, fit_detection_prompt, fit_fuzz_prompt
+from .store import MIN_FIRING, Context, FeatureStore, Score  # noqa: F401 (MIN_FIRING is the store's sort rule)
 
 if TYPE_CHECKING:
     from .explain import PromptedExplainer
 
-METHODS = ("detection", "simulation")
+METHODS = ("detection", "fuzzing", "simulation")
+METHOD_HELP = {
+    "detection": "AUC telling held-out windows where the feature fires from silent ones (random and hard "
+                 "negatives) given only the explanation; 0.5 is chance, 1 perfect.",
+    "fuzzing": "AUC telling held-out windows with the firing tokens marked from the same windows with silent tokens "
+               "marked; 0.5 is chance, 1 perfect.",
+    "simulation": "Correlation of the activation predicted from the explanation with the true one, token by token "
+                  "over the held-out windows; 0 is no relation, 1 perfect.",
+}
+Marked = tuple[Sequence[str], Sequence[int]]   # a window's tokens and the positions marked in it
+GOOD_AUC = 0.7      # a detection AUC from which an explanation "holds up" in layer descriptions
 
 
 class Detector(Protocol):
     name: str
 
-    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[bool]:
-        """For each window (a list of token texts): does the feature fire in it?"""
+    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[float]:
+        """For each window (a list of token texts): the probability that the feature fires in it."""
+
+    def fuzz(self, explanation: str, windows: Sequence[Marked]) -> list[float]:
+        """For each window with some tokens marked: the probability that the marked tokens are ones the
+        explanation describes."""
 
 
 class Simulator(Protocol):
@@ -59,13 +86,18 @@ def norm_token(text: str) -> str:
 
 
 class RuleDetector:
-    """Fires on a window that contains one of the explanation's quoted tokens."""
+    """Says yes (1) to a window that contains one of the explanation's quoted tokens, no (0) otherwise;
+    in fuzzing, yes when a marked token is one of them."""
 
     name = "rule"
 
-    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[bool]:
+    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[float]:
         quoted = set(quoted_tokens(explanation))
-        return [any(norm_token(t) in quoted for t in toks) for toks in texts]
+        return [float(any(norm_token(t) in quoted for t in toks)) for toks in texts]
+
+    def fuzz(self, explanation: str, windows: Sequence[Marked]) -> list[float]:
+        quoted = set(quoted_tokens(explanation))
+        return [float(any(norm_token(toks[p]) in quoted for p in marks)) for toks, marks in windows]
 
 
 class RuleSimulator:
@@ -80,17 +112,21 @@ class RuleSimulator:
 
 class LMDetector:
     """The explainer's language model (local or behind a server) as detector: "would the neuron fire
-    in this text? yes/no", read off the relative likelihood of "yes" and "no" as the answer's first
-    token. A window too long for the explainer's input loses tokens from its start, never the
-    explanation or the question."""
+    in this text?" (and, fuzzing, "are the marked tokens what it fires on?"), answered by the
+    probability of "yes" against "no" as the answer's first token. A window too long for the
+    explainer's input loses tokens from its start, never the explanation or the question."""
 
     def __init__(self, explainer: "PromptedExplainer"):
         self.explainer = explainer
         self.name = explainer.name
 
-    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[bool]:
+    def detect(self, explanation: str, texts: Sequence[Sequence[str]]) -> list[float]:
         ex = self.explainer
-        return ex.yes_no([fit_detection_prompt(explanation, t, ex.count, ex.max_input) for t in texts])
+        return ex.yes_probability([fit_detection_prompt(explanation, t, ex.count, ex.max_input) for t in texts])
+
+    def fuzz(self, explanation: str, windows: Sequence[Marked]) -> list[float]:
+        ex = self.explainer
+        return ex.yes_probability([fit_fuzz_prompt(explanation, t, m, ex.count, ex.max_input) for t, m in windows])
 
 
 def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | None:
@@ -102,20 +138,78 @@ def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | No
     return (tpr + tnr) / 2
 
 
+def auc(scores: Sequence[float], truth: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative,
+    ties counting half (the Mann-Whitney U statistic over n_pos x n_neg); None with one class."""
+    s, t = np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=bool)
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[t].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _binary_details(prob: Sequence[float], truth: Sequence[bool]) -> dict:
+    p, t = np.asarray(prob, dtype=np.float64) > 0.5, np.asarray(truth, dtype=bool)
+    return {"balanced_accuracy": balanced_accuracy(p, t),
+            "tpr": float((p & t).sum() / t.sum()) if t.any() else None,
+            "tnr": float((~p & ~t).sum() / (~t).sum()) if (~t).any() else None,
+            "yes_no": bool(np.isin(np.asarray(prob, dtype=np.float64), (0.0, 1.0)).all())}
+
+
 def detection_score(explanation: str, positives: Sequence[Context], negatives: Sequence[Context],
                     detector: Detector) -> Score:
-    """Balanced accuracy of ``detector`` telling ``positives`` from ``negatives`` given the explanation."""
+    """AUC of ``detector``'s probabilities telling ``positives`` from ``negatives`` (which may include
+    hard negatives, kind ``hard``) given the explanation; balanced accuracy and the hard negatives'
+    true-negative rate in the details."""
     texts = [c.tokens for c in positives] + [c.tokens for c in negatives]
     truth = [True] * len(positives) + [False] * len(negatives)
     if not texts:
         return Score("detection", None, 0, {"reason": "no held-out windows"})
-    pred = detector.detect(explanation, texts)
-    value = balanced_accuracy(pred, truth)
-    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
-    details = {"detector": detector.name, "n_pos": int(t.sum()), "n_neg": int((~t).sum()),
-               "tpr": float((p & t).sum() / t.sum()) if t.any() else None,
-               "tnr": float((~p & ~t).sum() / (~t).sum()) if (~t).any() else None}
-    return Score("detection", value, len(texts), details)
+    prob = [float(x) for x in detector.detect(explanation, texts)]
+    hard = [p for p, c in zip(prob[len(positives):], negatives) if c.kind == "hard"]
+    details = {"detector": detector.name, "n_pos": len(positives), "n_neg": len(negatives), "n_hard": len(hard),
+               **_binary_details(prob, truth),
+               "hard_tnr": float(np.mean(np.asarray(hard) <= 0.5)) if hard else None}
+    return Score("detection", auc(prob, truth), len(texts), details)
+
+
+def fuzz_windows(positives: Sequence[Context], seed: int = 0) -> tuple[list[Marked], list[Marked]]:
+    """``(correctly marked, wrongly marked)``: each activating window once with its firing tokens
+    marked, and once with as many of its silent tokens (picked at random) marked instead; a window
+    that fires on every token has no wrong marking and is left out of both."""
+    rng = random.Random(seed)
+    right: list[Marked] = []
+    wrong: list[Marked] = []
+    for c in positives:
+        on = [i for i, a in enumerate(c.acts) if a > 0]
+        off = [i for i, a in enumerate(c.acts) if not a > 0]
+        if not on or not off:
+            continue
+        right.append((c.tokens, on))
+        wrong.append((c.tokens, sorted(rng.sample(off, min(len(on), len(off))))))
+    return right, wrong
+
+
+def fuzzing_score(explanation: str, positives: Sequence[Context], detector: Detector, seed: int = 0) -> Score:
+    """AUC of ``detector`` telling correctly from wrongly marked activating windows (module docstring)."""
+    right, wrong = fuzz_windows(positives, seed)
+    if not right:
+        return Score("fuzzing", None, 0, {"reason": "no held-out activating windows with silent tokens"})
+    prob = [float(x) for x in detector.fuzz(explanation, right + wrong)]
+    truth = [True] * len(right) + [False] * len(wrong)
+    details = {"detector": detector.name, "n_pos": len(right), "n_neg": len(wrong), **_binary_details(prob, truth)}
+    return Score("fuzzing", auc(prob, truth), len(prob), details)
 
 
 def simulation_score(explanation: str, contexts: Sequence[Context], simulator: Simulator) -> Score:
@@ -129,29 +223,54 @@ def simulation_score(explanation: str, contexts: Sequence[Context], simulator: S
     if len(pred) < 2:
         return Score("simulation", None, len(pred), {"reason": "too few tokens"})
     p, t = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    details = {"simulator": simulator.name, "n_windows": len(contexts),
+               "n_pos": sum(1 for c in contexts if max(c.acts, default=0.0) > 0)}
     if p.std() == 0 or t.std() == 0:
         return Score("simulation", 0.0 if t.std() > 0 else None, len(pred),
-                     {"simulator": simulator.name, "reason": "constant prediction" if p.std() == 0 else "constant truth"})
+                     details | {"reason": "constant prediction" if p.std() == 0 else "constant truth"})
     r = float(np.corrcoef(p, t)[0, 1])
-    return Score("simulation", r if math.isfinite(r) else None, len(pred), {"simulator": simulator.name})
+    return Score("simulation", r if math.isfinite(r) else None, len(pred), details)
 
 
 def score_feature(store: FeatureStore, layer: int, feature: int, explanation: str, detector: Detector | None,
                   simulator: Simulator | None = None, set_id: int | None = None) -> list[Score]:
-    """Both scores (as available) for one feature on its stored held-out windows."""
+    """Every score available for one feature on its stored held-out windows: detection and fuzzing
+    with a detector, simulation with a simulator."""
     pos = store.contexts(layer, feature, "heldout", set_id=set_id)
-    neg = store.contexts(layer, feature, "negative", set_id=set_id)
+    neg = store.contexts(layer, feature, "negative", set_id=set_id) + store.contexts(layer, feature, "hard",
+                                                                                     set_id=set_id)
     out = []
     if detector is not None:
         out.append(detection_score(explanation, pos, neg, detector))
+        out.append(fuzzing_score(explanation, pos, detector, seed=layer * 1_000_003 + feature))
     if simulator is not None:
         out.append(simulation_score(explanation, pos + neg, simulator))
     return out
 
 
+def score_label(score: Score | None) -> str:
+    """One score as the CLI and the page write it, with its sample size: ``detection AUC 0.91
+    (n=125: 50 firing, 75 silent incl. 25 hard)``; the balanced accuracy only where it can differ."""
+    if score is None:
+        return "not scored"
+    d = score.details or {}
+    if score.method == "simulation":
+        head = f"simulation r {'n/a' if score.value is None else f'{score.value:.2f}'}"
+        return f"{head} (n={score.n:,} tokens)"
+    head = f"{score.method} AUC {'n/a' if score.value is None else f'{score.value:.2f}'}"
+    if not d.get("yes_no", True) and d.get("balanced_accuracy") is not None:
+        head += f", balanced accuracy {d['balanced_accuracy']:.2f}"
+    if score.method == "detection" and "n_pos" in d:
+        hard = f" incl. {d['n_hard']} hard" if d.get("n_hard") else ""
+        return f"{head} (n={score.n}: {d['n_pos']} firing, {d['n_neg']} silent{hard})"
+    if "n_pos" in d:
+        return f"{head} (n={score.n}: {d['n_pos']} right, {d['n_neg']} wrong markings)"
+    return f"{head} (n={score.n})"
+
+
 def interpretability_from_scores(values: Sequence[float | None], weights: Sequence[float] | None = None) -> int | None:
-    """A 1-10 interpretability score grounded in measured detection accuracy: the weighted mean
-    balanced accuracy, with chance (0.5) -> 1 and perfect (1.0) -> 10. None without scores."""
+    """A 1-10 grade from AUCs (or balanced accuracies): their weighted mean, with chance (0.5) -> 1
+    and perfect (1.0) -> 10 (the reference pipeline's 1-10 scale). None without scores."""
     pairs = [(v, 1.0 if weights is None else abs(w)) for v, w in zip(values, weights or [1.0] * len(values))
              if v is not None and math.isfinite(v)]
     if not pairs or sum(w for _, w in pairs) <= 0:

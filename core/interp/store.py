@@ -9,9 +9,16 @@ Tables (one file may hold several sets; most hold one, and ``set_id=None`` means
   histogram of its activations on log-spaced bins (:data:`HIST_EDGES`), its most frequent
   activating tokens, and the output tokens it promotes and suppresses.
 - ``contexts``: token windows around activations: ``top`` (the strongest, shown to explainers),
-  ``quantile`` (samples across its activation range), ``heldout`` (activating windows from text
-  explainers never see) and ``negative`` (held-out windows where it never fires), each with the
-  activation of every token in the window.
+  ``quantile`` (samples across its activation range), each with the activation of every token.
+- ``scoring`` and ``windows``: the material of explanation scores, from held-out text explainers
+  never see: ``heldout`` (activating windows), ``negative`` (random windows where the feature is
+  silent) and ``hard`` (windows holding one of its top tokens where it is nevertheless silent).
+  Hundreds of them a feature would be most of the file as rows of their own, so they are packed:
+  one row per feature and kind holds arrays of (corpus window, position, scale, activations), and
+  the held-out corpus windows' tokens are stored once in ``windows``. (A rowid table: its rows of a
+  few kilobytes stay on their leaf pages, where a WITHOUT ROWID table would spill each to a page of
+  its own.) A store written before these
+  tables existed keeps its scoring windows as ``contexts`` rows, and reads the same.
 - ``explanations`` (+ FTS5 index ``explanations_fts``), ``scores``, ``descriptions`` (per-layer and
   total descriptions of the set) and ``completions`` (explained completions), each tagged with
   the explainer that wrote it (``builtin``, ``lm:<model>``).
@@ -47,12 +54,18 @@ from ..models.hooks import act_name
 from ..jobs.lock import FolderLock, acquire
 from .config import transcoder_hooks
 
+MIN_FIRING = 10   # firing windows a score needs to rank among a list's best (a perfect AUC on one or two is luck)
+
 STORE_FORMAT = 1
 STORE_NAME = "features.sqlite"
 HIST_EDGES = [0.0] + [round(10 ** e, 6) for e in np.linspace(-2, 3, 41)]  # activation histogram bins
-CONTEXT_KINDS = ("top", "quantile", "heldout", "negative")
-SORT_KEYS = {"density": "frequency", "score": "explanation score", "max_act": "max activation",
-             "mean_act": "mean activation", "feature": "feature"}  # what a feature list sorts by -> its label
+CONTEXT_KINDS = ("top", "quantile", "heldout", "negative", "hard")
+SCORING_KINDS = ("heldout", "negative", "hard")   # packed in the scoring table (module docstring)
+# what a feature list sorts by -> its label; the first is the default: the best-explained features first (by
+# the chosen score among those scored on at least MIN_FIRING firing windows, then the rest; ties by sample
+# size), so a newcomer's first card is one whose explanation holds up on enough text to mean it
+SORT_KEYS = {"score": "explanation score", "density": "frequency", "max_act": "max activation",
+             "mean_act": "mean activation", "feature": "feature"}
 BUSY_TIMEOUT_S = 10.0   # how long a reader waits out a writer's commit before giving up
 COLLECT_HINT = "collect a new one with `python -m core transcoders collect`"
 
@@ -90,6 +103,13 @@ CREATE TABLE IF NOT EXISTS contexts (
     rank INTEGER NOT NULL, quantile REAL, window INTEGER NOT NULL, position INTEGER NOT NULL,
     activation REAL NOT NULL, scale REAL NOT NULL, token_ids BLOB NOT NULL, acts BLOB NOT NULL,
     PRIMARY KEY (set_id, layer, feature, kind, rank)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS scoring (
+    set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL,
+    before INTEGER NOT NULL, after INTEGER NOT NULL, windows BLOB NOT NULL, positions BLOB NOT NULL,
+    scales BLOB NOT NULL, acts BLOB NOT NULL, UNIQUE (set_id, layer, feature, kind));
+CREATE TABLE IF NOT EXISTS windows (
+    set_id INTEGER NOT NULL, window INTEGER NOT NULL, token_ids BLOB NOT NULL,
+    PRIMARY KEY (set_id, window)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS explanations (
     id INTEGER PRIMARY KEY, set_id INTEGER NOT NULL, layer INTEGER NOT NULL, feature INTEGER NOT NULL,
     explainer TEXT NOT NULL, text TEXT NOT NULL, created REAL NOT NULL, UNIQUE (set_id, layer, feature, explainer));
@@ -140,7 +160,7 @@ class LayerInfo:
 class Context:
     """A window of tokens around one activation; ``acts[i]`` is the feature's activation on ``tokens[i]``."""
 
-    kind: str                      # top | quantile | heldout | negative
+    kind: str                      # top | quantile | heldout | negative | hard
     rank: int
     tokens: list[str]
     token_ids: list[int]
@@ -182,7 +202,8 @@ class FeatureSummary:
     mean_act: float
     top_tokens: list[str]
     explanation: str | None = None
-    score: float | None = None                 # detection balanced accuracy (or simulation correlation)
+    score: float | None = None                 # the chosen score's value (detection AUC by default)
+    score_n: int | None = None                 # and its sample size
 
 
 @dataclass
@@ -194,6 +215,7 @@ class FeatureCard:
     quantiles: list[Context]
     explanations: dict[str, str]               # explainer -> text
     scores: dict[str, dict[str, float | None]]  # explainer -> {method: value}
+    score_rows: dict[str, dict[str, "Score"]] = field(default_factory=dict)  # explainer -> {method: Score (with n)}
 
     @property
     def address(self) -> str:
@@ -211,9 +233,9 @@ class SearchHit:
 
 @dataclass
 class Score:
-    method: str                                # "detection" | "simulation"
-    value: float | None                        # balanced accuracy in [0, 1] | Pearson r in [-1, 1]
-    n: int                                     # contexts (detection) or tokens (simulation) scored
+    method: str                                # "detection" | "fuzzing" | "simulation" (core.interp.scoring)
+    value: float | None                        # AUC in [0, 1] | Pearson r in [-1, 1]
+    n: int                                     # windows (detection, fuzzing) or tokens (simulation) scored
     details: dict = field(default_factory=dict)
 
 
@@ -262,6 +284,7 @@ def store_error(path: str | os.PathLike, e: BaseException) -> LabError:
                     f"{COLLECT_HINT}.")
 
 
+_LATER_TABLES = ("scoring", "windows")   # added after format 1's first stores: may be missing (not different)
 _DAMAGE = (sqlite3.Error, ValueError, TypeError, IndexError, OverflowError)  # what a bad file makes reading raise
 F = TypeVar("F", bound=Callable)
 
@@ -358,6 +381,7 @@ class FeatureStore:
         self.path = Path(path)
         self.label = Path(_label or path)   # the file messages name (a store being built: its final place)
         self._vocab_cache: dict[int, dict[int, str]] = {}
+        self._windows_cache: tuple[int, dict[int, np.ndarray]] | None = None
         self.conn: sqlite3.Connection | None = None
         self._lock: FolderLock | None = None
         if not _create:
@@ -377,6 +401,7 @@ class FeatureStore:
             else:
                 self._check_file()
             self.fts = FTS5 and self._has_fts()
+            self.packed = self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='scoring'").fetchone() is not None
             row = self.conn.execute("SELECT value FROM meta WHERE key='ids_dtype'").fetchone()
             self.ids_dtype = np.dtype(row[0] if row else "int32")
         except BaseException as e:
@@ -401,7 +426,8 @@ class FeatureStore:
             raise LabError(f"{self.label} is a feature store of a newer format ({row[0]}); update GPT Lab or "
                            f"{COLLECT_HINT}.")
         have = {t: [r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")] for t in _expected_tables()}
-        wrong = [t for t, cols in _expected_tables().items() if have[t] != cols]
+        wrong = [t for t, cols in _expected_tables().items() if have[t] != cols
+                 and not (t in _LATER_TABLES and not have[t])]  # a store older than a later table lacks it
         if wrong:
             raise LabError(f"{self.label} is not a feature store this version can read (table"
                            f"{'s' if len(wrong) > 1 else ''} {', '.join(wrong)} missing or different); "
@@ -528,6 +554,49 @@ class FeatureStore:
                   *_quantise(c.acts), np.asarray(c.token_ids, dtype=self.ids_dtype).tobytes()) for c in contexts])
 
     @_plain_errors
+    def put_windows(self, windows: dict[int, Sequence[int]], set_id: int | None = None) -> None:
+        """The token ids of held-out corpus windows the packed scoring contexts point into."""
+        sid = self._set(set_id)
+        with self.conn:
+            self.conn.executemany("INSERT OR REPLACE INTO windows VALUES (?, ?, ?)",
+                                  [(sid, int(w), np.asarray(ids, dtype=self.ids_dtype).tobytes())
+                                   for w, ids in windows.items()])
+        self._windows_cache = None
+
+    @_plain_errors
+    def put_scoring(self, layer: int, feature: int, kind: str, before: int, after: int,
+                    picks: Sequence[tuple[int, int, Sequence[float]]], set_id: int | None = None) -> None:
+        """One feature's scoring windows of one ``kind`` (:data:`SCORING_KINDS`), packed: ``picks``
+        are ``(corpus window, position in it, activations of the cut-out tokens)``; the tokens are
+        the window's (:meth:`put_windows`) from ``position - before`` to ``position + after``."""
+        if kind not in SCORING_KINDS:
+            raise LabError(f"A scoring kind is one of {', '.join(SCORING_KINDS)} (got {kind!r}).")
+        sid = self._set(set_id)
+        tokens = self._window_tokens(sid)
+        for w, p, a in picks:  # the activations must cover exactly the tokens a reader will cut
+            full = tokens.get(int(w))
+            if full is None or not 0 <= p < len(full) or \
+                    len(a) != min(len(full), p + after + 1) - max(0, p - before):
+                raise LabError(f"Scoring window {w} (position {p}) of feature {feature}, layer {layer}, does not match "
+                               f"the stored windows; store the windows (put_windows) and cut {before} before and "
+                               f"{after} after the position.")
+        scales, acts = [], []
+        for _, _, a in picks:
+            scale, blob = _quantise(a)
+            scales.append(scale)
+            acts.append(blob if scale > 0 else b"")  # a silent window is all zeros: nothing to keep
+        positions = np.asarray([p for _, p, _ in picks], dtype=np.int64)
+        # the narrowest arrays that hold them; a reader tells the width from the blob's length
+        pos_dtype = np.uint16 if positions.size == 0 or positions.max() < 65536 else np.int32
+        scale_blob = b"" if not any(scales) else np.asarray(scales, dtype=np.float16 if all(
+            np.isfinite(np.float16(x)) for x in scales) else np.float32).tobytes()
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO scoring VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                sid, layer, feature, kind, int(before), int(after),
+                np.asarray([w for w, _, _ in picks], dtype=np.int32).tobytes(), positions.astype(pos_dtype).tobytes(),
+                scale_blob, b"".join(acts)))
+
+    @_plain_errors
     def put_explanations(self, rows: Sequence[tuple[int, int, str]], explainer: str, set_id: int | None = None) -> None:
         """``rows``: ``(layer, feature, text)``; replaces that explainer's earlier text."""
         sid = self._set(set_id)
@@ -624,20 +693,25 @@ class FeatureStore:
         key = "s.value" if order_by == "score" else f"f.{order_by}"
         direction = "DESC" if descending else "ASC"
         sql = (f"SELECT f.layer, f.feature, f.density, f.max_act, f.mean_act, f.top_tokens, e.text AS explanation, "
-               f"s.value AS score FROM features f "
+               f"s.value AS score, s.n AS score_n FROM features f "
                f"LEFT JOIN explanations e ON e.set_id=f.set_id AND e.layer=f.layer AND e.feature=f.feature "
                f"AND e.explainer=? "
                f"LEFT JOIN scores s ON s.set_id=f.set_id AND s.layer=f.layer AND s.feature=f.feature "
                f"AND s.explainer=? AND s.method=? "
                f"WHERE f.set_id=? AND f.layer=? {'' if include_dead else 'AND f.n_active > 0'} "
-               f"ORDER BY {key} IS NULL, {key} {direction}, f.feature ASC")
+               f"ORDER BY {key} IS NULL, "
+               + (f"COALESCE(json_extract(s.details, '$.n_pos'), 0) >= {int(MIN_FIRING)} {direction}, "
+                  if order_by == "score" else "")
+               + f"{key} {direction}, "
+               + (f"s.n {direction}, f.density {direction}, " if order_by == "score" else "")
+               + "f.feature ASC")
         params: list = [ex, ex, method, sid, layer]
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params += [int(limit), int(offset)]
         return [FeatureSummary(layer=r["layer"], feature=r["feature"], density=r["density"], max_act=r["max_act"],
                                mean_act=r["mean_act"], top_tokens=[t for t, _ in parse_json(r["top_tokens"])],
-                               explanation=r["explanation"], score=r["score"])
+                               explanation=r["explanation"], score=r["score"], score_n=r["score_n"])
                 for r in self.conn.execute(sql, params)]
 
     @_plain_errors
@@ -669,6 +743,10 @@ class FeatureStore:
             raise LabError(f"A context kind is one of {', '.join(CONTEXT_KINDS)} (got {kind!r}).")
         sid = self._set(set_id)
         vocab = self.vocab(sid)
+        if kind in SCORING_KINDS and self.packed:
+            packed = self._packed(sid, layer, feature, kind, vocab)
+            if packed is not None:
+                return packed if limit is None else packed[:int(limit)]
         sql = "SELECT * FROM contexts WHERE set_id=? AND layer=? AND feature=? AND kind=? ORDER BY rank"
         params: list = [sid, layer, feature, kind]
         if limit is not None:
@@ -681,6 +759,47 @@ class FeatureStore:
             out.append(Context(kind=kind, rank=r["rank"], tokens=[vocab.get(i, f"<{i}>") for i in ids], token_ids=ids,
                                acts=acts, position=r["position"], activation=r["activation"], window=r["window"],
                                quantile=r["quantile"]))
+        return out
+
+    def _window_tokens(self, sid: int) -> dict[int, np.ndarray]:
+        if self._windows_cache is None or self._windows_cache[0] != sid:
+            self._windows_cache = (sid, {r[0]: np.frombuffer(r[1], dtype=self.ids_dtype) for r in self.conn.execute(
+                "SELECT window, token_ids FROM windows WHERE set_id=?", (sid,))})
+        return self._windows_cache[1]
+
+    def _packed(self, sid: int, layer: int, feature: int, kind: str, vocab: dict[int, str]) -> list[Context] | None:
+        """A feature's packed scoring windows of ``kind`` (None when it has no packed row)."""
+        r = self.conn.execute("SELECT * FROM scoring WHERE set_id=? AND layer=? AND feature=? AND kind=?",
+                              (sid, layer, feature, kind)).fetchone()
+        if r is None:
+            return None
+        wins = np.frombuffer(r["windows"], dtype=np.int32)
+        n = len(wins)
+        poss = np.frombuffer(r["positions"], dtype=np.uint16 if len(r["positions"]) == 2 * n else np.int32)
+        blob = r["scales"]
+        scales = np.zeros(n, dtype=np.float32) if not blob else \
+            np.frombuffer(blob, dtype=np.float16 if len(blob) == 2 * n else np.float32)
+        if not len(wins) == len(poss) == len(scales):
+            raise ValueError(f"scoring row of feature {feature} (layer {layer}) has arrays of unequal length")
+        tokens = self._window_tokens(sid)
+        acts_blob, at, out = r["acts"], 0, []
+        for rank, (w, p, scale) in enumerate(zip(wins.tolist(), poss.tolist(), scales.tolist())):
+            full = tokens.get(w)
+            if full is None:  # a damaged store: the caller's _plain_errors names the file
+                raise IndexError(f"window {w} of feature {feature} (layer {layer}) is not in the store")
+            lo, hi = max(0, p - r["before"]), min(len(full), p + r["after"] + 1)
+            if not lo <= p < hi:
+                raise IndexError(f"position {p} is outside window {w}")
+            ids = full[lo:hi].tolist()
+            if scale > 0:
+                acts = _dequantise(scale, acts_blob[at:at + len(ids)])
+                at += len(ids)
+            else:
+                acts = [0.0] * len(ids)
+            if len(acts) != len(ids):
+                raise ValueError(f"scoring row of feature {feature} (layer {layer}) is cut short")
+            out.append(Context(kind=kind, rank=rank, tokens=[vocab.get(i, f"<{i}>") for i in ids], token_ids=ids,
+                               acts=acts, position=p - lo, activation=acts[p - lo], window=w))
         return out
 
     @_plain_errors
@@ -723,10 +842,11 @@ class FeatureStore:
         exps = {r[0]: r[1] for r in self.conn.execute(
             "SELECT explainer, text FROM explanations WHERE set_id=? AND layer=? AND feature=? ORDER BY created DESC",
             (sid, layer, feature))}
-        scores = {ex: {m: s.value for m, s in d.items()} for ex, d in self.scores(layer, feature, sid).items()}
+        rows = self.scores(layer, feature, sid)
+        scores = {ex: {m: s.value for m, s in d.items()} for ex, d in rows.items()}
         return FeatureCard(stats=self.stats(layer, feature, sid), top=self.contexts(layer, feature, "top", n_top, sid),
                            quantiles=self.contexts(layer, feature, "quantile", None, sid), explanations=exps,
-                           scores=scores)
+                           scores=scores, score_rows=rows)
 
     @_plain_errors
     def description(self, scope: str, layer: int = -1, explainer: str | None = None,
@@ -804,5 +924,5 @@ def open_store(folder_or_file: str | os.PathLike, readonly: bool = True) -> Feat
 
 
 __all__ = ["FeatureStore", "FeatureStats", "FeatureSummary", "FeatureCard", "Context", "LayerInfo", "SearchHit",
-           "Score", "FTS5", "HIST_EDGES", "CONTEXT_KINDS", "SORT_KEYS", "STORE_NAME", "store_error", "store_path",
+           "Score", "FTS5", "HIST_EDGES", "CONTEXT_KINDS", "SCORING_KINDS", "SORT_KEYS", "STORE_NAME", "store_error", "store_path",
            "open_store"]

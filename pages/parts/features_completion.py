@@ -16,7 +16,7 @@ import streamlit as st
 from core.errors import LabError, first_line, is_out_of_memory, shorten
 from core.generation.sampler import sampler_for
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
-                                    LayerExplained, completion_settings, explain_completion, score_text)
+                                    LayerExplained, completion_settings, explain_completion)
 from core.interp.config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX
 from core.interp.explain import BUILTIN, Explainer, load_explainer
 from core.interp.store import FeatureStore
@@ -77,7 +77,10 @@ def features_frame(layer) -> pd.DataFrame:
         "attribution": [fa.attribution for fa in layer.features],
         "max activation": [fa.max_activation for fa in layer.features],
         "explanation": [fa.explanation or "" for fa in layer.features],
-        "detection": [fa.score for fa in layer.features],
+        "AUC here": [fa.completion_auc for fa in layer.features],
+        "n here": [fa.completion_n or None for fa in layer.features],
+        "held-out AUC": [fa.score for fa in layer.features],
+        "held-out n": [fa.score_n or None for fa in layer.features],
         "at tokens": [" ".join(repr(tok) for _, tok, _, _ in fa.positions[:3]) for fa in layer.features],
     })
 
@@ -87,22 +90,21 @@ def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None
     """The explained completion; selecting a feature's row calls ``open_card(layer, feature)`` (which
     reruns the page on its Features tab)."""
     st.html(completion_html(res))
-    cols = st.columns(4)
-    cols[0].metric("Output score", score_text(res.output_score),
-                   help="Built-in explainer: the model's own confidence in the completion, 1 + 9 x exp(mean log-prob). "
-                        "A language-model explainer rates the text itself.")
-    cols[1].metric("Interpretability score", score_text(res.interpretability_score),
-                   help="Built-in explainer: the measured score. A language-model explainer rates its own description.")
-    cols[2].metric("Measured interpretability", score_text(res.measured_interpretability),
-                   help="Held-out detection accuracy of the explanations of the features used, weighted by their "
-                        "attribution: chance (0.5) is 1, perfect is 10. n/a without a feature store.")
-    cols[3].metric("Mean log-prob", "n/a" if res.mean_logprob is None else f"{res.mean_logprob:.3f}")
+    cols = st.columns(2)
+    q, i = res.quality, res.interpretability
+    cols[0].metric(f"Quality: {q.name}", q.shown, help=q.definition)
+    cols[0].caption(f"n = {q.n:,} {'generated tokens' if q.name == 'perplexity' else 'graded completion'}")
+    cols[1].metric("Interpretability (AUC)", i.shown, help=i.definition)
+    cols[1].caption(f"n = {i.n:,} token judgements by {res.explainer}'s "
+                    f"{'rule detector' if res.explainer == BUILTIN else 'yes/no answers'}"
+                    if i.n else "n/a: no cited feature has an explanation (collect and describe the set)")
     with st.container(border=True, key=xkey("total")):
         st.markdown("**Total description**")
         st.markdown(md_escape(res.total_description))
         st.caption(f"{res.explainer} · {res.objective} model · {res.seconds:.1f}s")
     if can_open:
-        st.caption("Each layer lists the features that drove it most; select a feature's row to open its card.")
+        st.caption("Each layer cites the features that drove the completion most (by attribution) and the tokens "
+                   "they fired on; select a feature's row to open its card.")
     for layer in res.layers:
         with st.container(border=True, key=xkey(f"layer_{layer.layer}")):
             st.markdown(f"**Layer {layer.layer}** · {layer.share:.0%} of the attribution")
@@ -114,7 +116,12 @@ def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None
                                  selection_mode="single-row",
                                  column_config={"attribution": st.column_config.NumberColumn(format="%+.4f"),
                                                 "max activation": st.column_config.NumberColumn(format="%.3g"),
-                                                "detection": st.column_config.NumberColumn(format="%.2f")})
+                                                "AUC here": st.column_config.NumberColumn(
+                                                    format="%.2f", help="How well the explanation predicts where the "
+                                                    "feature fired on this text."),
+                                                "held-out AUC": st.column_config.NumberColumn(
+                                                    format="%.2f", help="Detection AUC of the explanation on "
+                                                    "held-out corpus windows.")})
             if can_open:
                 rows = list(event.selection.rows)
                 seen = st.session_state.setdefault(_OPENED_KEY, {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.devices import available_devices
+from core.interp.config import CollectConfig
 from core.interp.jobs import (Job, console_lines, job_argv, jobs_root, launch, list_jobs, new_set_folder, progress,
                               read_job, sets_root, shipped, stop, write_check)
 from core.interp.transcoder import transcoder_dir_for
@@ -25,6 +26,9 @@ REPLACE_KEY = "feat_j_replace"     # the tick that lets a job write over a set o
 _REPLACE_FOR = "_feat_j_replace_for"  # (action, folder) the tick was given for: another target asks again
 ACTION_LABELS = {"train": "Train transcoders", "collect": "Collect features", "describe": "Describe features"}
 EXPLAINER_CHOICES = {"builtin": "Built-in (offline)", "lm": "Language model"}
+COLLECT = CollectConfig()          # the collection defaults, stated once in core.interp.config
+
+
 def jkey(name: str) -> str:
     return f"feat_j_{name}"
 
@@ -55,10 +59,11 @@ def _collect_fields() -> dict:
         top_k=cols[2].number_input("Top contexts", 1, 200, 20, step=1, key=jkey("top_k"),
                                    help="Strongest contexts kept per feature (shown to explainers)."),
         n_quantile=cols[3].number_input("Quantile samples", 0, 100, 10, step=1, key=jkey("n_quantile")),
-        n_heldout=cols[4].number_input("Held-out", 0, 100, 10, step=1, key=jkey("n_heldout"),
+        n_heldout=cols[4].number_input("Held-out", 0, 1000, COLLECT.n_heldout, step=1, key=jkey("n_heldout"),
                                        help="Held-out activating windows, for the scores."),
-        n_negative=cols[5].number_input("Negatives", 0, 100, 10, step=1, key=jkey("n_negative"),
-                                        help="Held-out windows where the feature is silent, for the scores."))
+        n_negative=cols[5].number_input("Negatives", 0, 1000, COLLECT.n_negative, step=1, key=jkey("n_negative"),
+                                        help=f"Held-out windows where the feature is silent, for the scores (plus "
+                                             f"{COLLECT.n_hard} hard negatives: windows holding its top tokens)."))
 
 
 def _describe_fields(with_explainer: bool) -> dict:

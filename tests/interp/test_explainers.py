@@ -72,7 +72,21 @@ def test_tiny_t5_end_to_end(tiny_t5, tmp_path):
     for s in (ex.rate_output("ROMEO:", " the king"), ex.rate_interpretation("ROMEO:", " the king", "x")):
         assert s is None or 1 <= s <= 10
     answers = ex.detector().detect("Fires on \"king\"", [[" the", " king"], [" a", " queen"]])
-    assert len(answers) == 2 and all(isinstance(a, bool) for a in answers)
+    assert len(answers) == 2 and all(0.0 <= a <= 1.0 for a in answers)
+    # the probability is softmax over the "yes" and "no" logits of the first answer token, exactly
+    import torch
+
+    prompt = "Would it fire? Answer:"
+    enc = ex.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        dec = torch.full((1, 1), ex.model.config.decoder_start_token_id)
+        logits = ex.model(**enc, decoder_input_ids=dec).logits[0, -1]
+    yes, no = ex._answer_ids("yes"), ex._answer_ids("no")
+    expected = float(torch.softmax(torch.stack([logits[yes], logits[no]]), 0)[0])
+    assert ex.yes_probability([prompt])[0] == pytest.approx(expected, abs=1e-6)
+    assert ex.yes_no([prompt]) == [expected > 0.5]
+    fuzz = ex.detector().fuzz("Fires on \"king\"", [([" the", " king"], [1]), ([" the", " king"], [0])])
+    assert len(fuzz) == 2 and all(0.0 <= a <= 1.0 for a in fuzz)
 
     path = tmp_path / "features.sqlite"
     with FeatureStore.build(path) as store:
@@ -87,6 +101,7 @@ def test_tiny_t5_end_to_end(tiny_t5, tmp_path):
         assert store.description("layer", 0, ex.name) and store.description("total", -1, ex.name)
         det = store.scores(0, 1)[ex.name]["detection"]
         assert det.n == 2 and det.details["detector"] == ex.name    # one held-out, one negative window
+        assert not det.details["yes_no"] and 0 <= det.value <= 1    # graded: AUC of the probabilities
 
 
 def test_causal_lm_explainer(tiny_gpt2_dir):
@@ -177,7 +192,35 @@ def test_builtin_explainer_is_deterministic_and_quotes_what_fires():
     ex = BuiltinExplainer()
     text = ex.explain_feature(ev)
     assert text == ex.explain_feature(ev)
-    assert text.startswith('Fires on "king"') and "'crown'" in text
-    assert ex.describe_layer(2, [(text, 1.0)]) == 'Layer 2 features fire on "king".'
-    assert ex.rate_output("a", "b", mean_logprob=0.0) == 10 and ex.rate_output("a", "b", None) is None
+    assert text == ('Fires on "king" (91% of its strongest activations). '
+                    "It makes the model more likely to write 'crown', '\\n'.")
+    assert ex.describe_layer(2, [(text, 1.0)]) == 'Layer 2\'s most active features fire on "king".'
+    assert ex.describe_layer(2, [(text, 1.0, 0.875), ("Fires on \"a\".", 0.5, 0.55)]) == (
+        'Layer 2: of its 2 most active features, 1 has an explanation that holds up on held-out text (detection AUC '
+        '0.7 or more), firing on "king" (detection AUC 0.88).')
+    assert ex.describe_layer(2, [("Fires on \"a\".", 0.5, 0.55)]) == (
+        'Layer 2: none of its 1 most active features has an explanation that holds up on held-out text (detection '
+        'AUC 0.7 or more); the best fires on "a" (detection AUC 0.55).')
+    assert ex.rate_output("a", "b", mean_logprob=0.0) is None     # it grades no text
     assert ex.rate_interpretation("a", "b", "c", measured=4) == 4
+
+
+def test_builtin_explainer_writes_where_a_feature_fires():
+    """Sentences name the contexts that hold for most top windows: the token before, the start of a
+    line, a speaker's name, the first line of a speech."""
+    ex = BuiltinExplainer()
+    after_my = [_ctx([" of", " my", " lord"], 2, 2.0), _ctx([" to", " my", " lord"], 2, 1.0),
+                _ctx([" my", " lord"], 1, 1.0)]
+    assert ex.explain_feature(FeatureEvidence(0, 0, after_my)) == 'Fires on "lord", mostly right after \'my\'.'
+    line_start = [_ctx([" said", ".", "\n", "And"], 3, 2.0), _ctx(["!", "\n", "And"], 2, 1.0),
+                  _ctx([",", "\n", "And"], 2, 1.0)]
+    assert "at the start of a line" in ex.explain_feature(FeatureEvidence(0, 0, line_start))
+    speaker = [_ctx([".", "\n\n", "ROM", "EO", ":"], 2, 2.0), _ctx([".", "\n\n", "JUL", "IET", ":"], 2, 1.0)]
+    assert "in speakers' names" in ex.explain_feature(FeatureEvidence(0, 0, speaker))
+    speech = [_ctx([".", "\n\n", "ROMEO", ":", "\n", "What", " is"], 6, 2.0),
+              _ctx([".", "\n\n", "JULIET", ":", "\n", "Where", " is"], 6, 1.0)]
+    assert "in the first line of a speech" in ex.explain_feature(FeatureEvidence(0, 0, speech))
+    # the rule detector reads only the double-quoted tokens: contexts and promotions are single-quoted
+    from core.interp.scoring import quoted_tokens
+
+    assert quoted_tokens(ex.explain_feature(FeatureEvidence(0, 0, after_my, promoted=[(" sir", 1.0)]))) == ["lord"]

@@ -335,3 +335,67 @@ def test_a_store_in_a_folder_with_uri_characters_opens_read_only(tmp_path):
         _fill(store)
     with open_store(path) as store:
         assert [l.layer for l in store.layers()] == [0, 1]
+
+
+# -- packed scoring windows ----------------------------------------------------------------------------
+
+def _packed_store(path: Path) -> Path:
+    with FeatureStore.build(path) as store:
+        _fill(store)
+        store.put_windows({40: [1, 2, 3, 4, 2, 1], 41: [2, 2, 999, 1, 3, 4]})
+        store.put_scoring(0, 1, "heldout", 2, 1, [(40, 1, [0.0, 1.5, 0.0]), (41, 4, [0.0, 0.0, 3.0, 0.5])])
+        with pytest.raises(LabError, match="does not match the stored windows"):
+            store.put_scoring(0, 1, "heldout", 2, 1, [(40, 1, [0.0, 1.5, 0.0, 0.0])])   # one activation too many
+        with pytest.raises(LabError, match="does not match the stored windows"):
+            store.put_scoring(0, 1, "heldout", 2, 1, [(42, 1, [0.0, 1.5, 0.0])])        # no such window
+        store.put_scoring(0, 1, "negative", 2, 1, [(41, 0, [0.0, 0.0])])
+        store.put_scoring(0, 1, "hard", 2, 1, [(40, 5, [0.0, 0.0, 0.0])])
+    return path
+
+
+def test_packed_scoring_windows_read_back_as_contexts(tmp_path):
+    """Windows stored once, each feature's scoring contexts as arrays pointing into them: cut
+    ``before`` tokens before and ``after`` after the position, clipped at the window's edges."""
+    with FeatureStore(_packed_store(tmp_path / "f.sqlite"), readonly=True) as store:
+        held = store.contexts(0, 1, "heldout")
+        assert [c.token_ids for c in held] == [[1, 2, 3], [999, 1, 3, 4]]    # position 4 of 6: 2 before, 1 after
+        assert [c.position for c in held] == [1, 2] and [c.window for c in held] == [40, 41]
+        assert held[0].tokens == [" the", " king", " is"] and held[0].activation == pytest.approx(1.5)
+        assert held[1].acts == pytest.approx([0.0, 0.0, 3.0, 0.5], abs=3.0 / 255)
+        assert held[1].activation == pytest.approx(3.0, rel=1e-3)
+        (neg,) = store.contexts(0, 1, "negative")
+        assert neg.token_ids == [2, 2] and neg.acts == [0.0, 0.0] and neg.kind == "negative"
+        (hard,) = store.contexts(0, 1, "hard")
+        assert hard.token_ids == [4, 2, 1] and hard.position == 2 and max(hard.acts) == 0.0
+        assert store.contexts(0, 1, "heldout", limit=1) == held[:1]
+        # a feature without a packed row reads the contexts table (as stores written before packing do)
+        assert store.contexts(0, 0, "heldout") == []
+
+
+def test_a_store_from_before_packing_still_reads(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with FeatureStore.build(path) as store:
+        _fill(store)
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE scoring")
+    con.execute("DROP TABLE windows")
+    con.commit()
+    con.close()
+    with FeatureStore(path, readonly=True) as store:
+        assert not store.packed
+        (neg,) = store.contexts(0, 1, "negative")
+        assert neg.token_ids == [1, 3] and store.contexts(0, 1, "hard") == []
+
+
+@pytest.mark.parametrize("damage", ["UPDATE scoring SET windows = x'2a000000' WHERE kind = 'heldout'",
+                                    "UPDATE scoring SET acts = x'01' WHERE kind = 'heldout'",
+                                    "DELETE FROM windows WHERE window = 41"])
+def test_a_damaged_packed_row_is_one_sentence(tmp_path, damage):
+    path = _packed_store(tmp_path / "f.sqlite")
+    con = sqlite3.connect(path)
+    con.execute(damage)
+    con.commit()
+    con.close()
+    with FeatureStore(path, readonly=True) as store:
+        with pytest.raises(LabError, match=r"is damaged or not a feature store"):
+            store.contexts(0, 1, "heldout")

@@ -1,5 +1,6 @@
 """Explanation scores on synthetic features whose rule is known: the right explanation scores
-high, a wrong one near chance, through the scoring functions and through a whole store."""
+high, a wrong one near chance, through the scoring functions and through a whole store; AUC checked
+against scikit-learn-free brute force (every positive/negative pair), fuzzing and hard negatives."""
 from __future__ import annotations
 
 import random
@@ -9,7 +10,8 @@ import pytest
 from core.interp import (BuiltinExplainer, Context, FeatureEvidence, FeatureStats, FeatureStore, RuleDetector,
                          RuleSimulator, balanced_accuracy, describe_store, detection_score,
                          interpretability_from_scores, quoted_tokens, simulation_score)
-from core.interp.store import HIST_EDGES
+from core.interp.scoring import auc, fuzz_windows, fuzzing_score, score_feature, score_label
+from core.interp.store import HIST_EDGES, Score
 
 VOCAB = [" the", " a", " king", " queen", " of", " and", " to", " my", " lord", " is", ",", ".", "\n", " dog"]
 
@@ -41,6 +43,7 @@ def test_right_explanation_scores_high_wrong_near_chance():
     assert quoted_tokens(explanation) == ["cat"]
     right = detection_score(explanation, held, neg, RuleDetector())
     assert right.value == 1.0 and right.n == 60 and right.details["tpr"] == 1.0
+    assert right.details["balanced_accuracy"] == 1.0 and right.details["yes_no"]
     # a wrong explanation naming a token that is everywhere (in both classes) is near chance
     wrong = detection_score('Fires on "the", "a"', held, neg, RuleDetector())
     assert abs(wrong.value - 0.5) < 0.15
@@ -51,6 +54,23 @@ def test_right_explanation_scores_high_wrong_near_chance():
     sim_wrong = simulation_score('Fires on "the"', held + neg, RuleSimulator())
     assert sim_right.value > 0.9 and abs(sim_wrong.value) < 0.2
     assert simulation_score('Fires on "zebra"', held + neg, RuleSimulator()).value == 0.0  # constant guess
+
+
+def test_auc_is_the_pairwise_win_rate():
+    rng = random.Random(3)
+    for _ in range(20):
+        scores = [rng.choice([0.0, 0.2, 0.5, 0.5, 0.9, 1.0]) for _ in range(30)]
+        truth = [rng.random() < 0.4 for _ in range(30)]
+        pos = [s for s, t in zip(scores, truth) if t]
+        neg = [s for s, t in zip(scores, truth) if not t]
+        if not pos or not neg:
+            continue
+        brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+        assert auc(scores, truth) == pytest.approx(brute, abs=1e-12)
+    assert auc([0.1, 0.2], [True, True]) is None
+    # a yes/no detector: AUC equals balanced accuracy by construction (the page then shows only one)
+    pred, truth = [1.0, 0.0, 1.0, 1.0, 0.0], [True, True, False, True, False]
+    assert auc(pred, truth) == pytest.approx(balanced_accuracy([p > 0.5 for p in pred], truth))
 
 
 def test_balanced_accuracy_ignores_class_balance():
@@ -93,9 +113,100 @@ def test_scores_through_a_store(tmp_path):
             store.put_contexts(0, f, make("top", 10, fire) + make("heldout", 20, fire) + make("negative", 20, None))
     with FeatureStore(path) as store:
         events = list(describe_store(store, BuiltinExplainer()))
-        assert events[-1].layer_descriptions[0].startswith("Layer 0 features fire on")
+        assert events[-1].layer_descriptions[0] == (
+            'Layer 0: of its 2 most active features, 1 has an explanation that holds up on held-out text (detection '
+            'AUC 0.7 or more), firing on "cat" (detection AUC 1.00, n=40).')
         card0, card1 = store.feature(0, 0), store.feature(0, 1)
-        assert card0.explanations["builtin"] == 'Fires on "cat"'
+        assert card0.explanations["builtin"] == 'Fires on "cat".'
         assert card0.scores["builtin"]["detection"] == 1.0 and card0.scores["builtin"]["simulation"] > 0.9
+        assert card0.scores["builtin"]["fuzzing"] == 1.0 and card0.score_rows["builtin"]["detection"].n == 40
         assert card1.scores["builtin"]["detection"] < 0.8   # no single-token rule: far from perfect
         assert [f.feature for f in store.features(0, order_by="score")] == [0, 1]
+
+
+class _Graded:
+    """A detector with graded probabilities: 0.9 for a quoted token, 0.6 for a token that merely
+    starts like one, 0.1 otherwise; so AUC and balanced accuracy differ."""
+
+    name = "graded"
+
+    def _p(self, explanation, toks):
+        quoted = set(quoted_tokens(explanation))
+        best = 0.1
+        for t in toks:
+            t = t.strip().lower()
+            if t in quoted:
+                best = max(best, 0.9)
+            elif any(t[:1] == q[:1] for q in quoted):
+                best = max(best, 0.6)
+        return best
+
+    def detect(self, explanation, texts):
+        return [self._p(explanation, t) for t in texts]
+
+    def fuzz(self, explanation, windows):
+        return [self._p(explanation, [toks[p] for p in marks]) for toks, marks in windows]
+
+
+def test_synthetic_features_exact_token_scores_auc_one_random_near_chance():
+    """The acceptance rule: a feature firing exactly on one token scores AUC ~ 1 in detection and
+    fuzzing (and r ~ 1 in simulation) with its explanation; a feature firing on random tokens scores
+    AUC ~ 0.5 with the explanation the built-in explainer writes from its top windows."""
+    exact_pos, exact_neg = _feature(10, n=120)
+    ex = BuiltinExplainer()
+    text = ex.explain_feature(FeatureEvidence(0, 0, exact_pos[:20]))
+    held = exact_pos[20:70]
+    det = detection_score(text, held, exact_neg[:50], RuleDetector())
+    fuzz = fuzzing_score(text, held, RuleDetector())
+    sim = simulation_score(text, held + exact_neg[:50], RuleSimulator())
+    assert det.value == 1.0 and det.n == 100 and fuzz.value == 1.0 and fuzz.n == 100 and sim.value > 0.95
+
+    rng = random.Random(11)
+    rand_pos = [_window(rng, rng.choice(VOCAB)) for _ in range(400)]
+    rand_neg = [_window(rng, None) for _ in range(200)]
+    text = ex.explain_feature(FeatureEvidence(0, 1, rand_pos[:20]))
+    det = detection_score(text, rand_pos[20:220], rand_neg, RuleDetector())
+    fuzz = fuzzing_score(text, rand_pos[20:220], RuleDetector())
+    assert abs(det.value - 0.5) < 0.1 and abs(fuzz.value - 0.5) < 0.1
+
+
+def test_fuzzing_marks_the_firing_tokens_or_as_many_silent_ones():
+    pos, _ = _feature(4, n=10)
+    right, wrong = fuzz_windows(pos, seed=1)
+    assert len(right) == len(wrong) == 10
+    for c, (toks, on), (toks2, off) in zip(pos, right, wrong):
+        assert toks is c.tokens is toks2
+        assert on == [c.position] and len(off) == 1 and c.acts[off[0]] == 0
+    assert fuzz_windows(pos, seed=1) == (right, wrong)   # seeded: the same marks every time
+
+
+def test_hard_negatives_catch_an_explanation_that_only_lists_tokens():
+    """A feature that fires on " king" only after " my": its explanation "king" says yes to every
+    window holding " king", so the hard negatives (" king" without " my") pull detection below 1 and
+    their own true-negative rate is 0; a graded detector's AUC and balanced accuracy differ and both are kept."""
+    rng = random.Random(5)
+
+    def win(fire: bool, hard: bool) -> Context:
+        c = _window(rng, None)
+        c.tokens = [t if t not in (" king", " my") else " the" for t in c.tokens]
+        p = 6
+        if fire or hard:
+            c.tokens[p - 1] = " my" if fire else " a"
+            c.tokens[p] = " king"
+        c.acts = [0.0] * len(c.tokens)
+        if fire:
+            c.acts[p] = 1.5
+        c.position, c.activation, c.kind = p, c.acts[p], "heldout" if fire else ("hard" if hard else "negative")
+        return c
+
+    pos = [win(True, False) for _ in range(50)]
+    neg = [win(False, False) for _ in range(50)] + [win(False, True) for _ in range(25)]
+    sc = detection_score('Fires on "king"', pos, neg, RuleDetector())
+    assert sc.n == 125 and sc.details["n_hard"] == 25 and sc.details["hard_tnr"] == 0.0
+    assert sc.value == pytest.approx((1.0 + 50 / 75) / 2)          # yes/no: AUC = balanced accuracy
+    assert score_label(sc) == "detection AUC 0.83 (n=125: 50 firing, 75 silent incl. 25 hard)"
+    graded = detection_score('Fires on "king"', pos, neg, _Graded())
+    assert not graded.details["yes_no"] and graded.details["balanced_accuracy"] != graded.value
+    assert "balanced accuracy" in score_label(graded)
+    sim = Score("simulation", 0.5, 1500, {})
+    assert score_label(sim) == "simulation r 0.50 (n=1,500 tokens)"

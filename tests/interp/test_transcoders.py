@@ -266,7 +266,8 @@ def test_cli_train_collect_describe_explain(tiny_gptlab_dir, tmp_path, monkeypat
                "ROMEO:", "--max-new-tokens", "3", "--format", "reference", "--explainer", "builtin"])
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0 and lines[0] == "input: ROMEO:" and lines[3].strip().startswith("per layer description=['Layer 0")
-    assert lines[5].strip().startswith("models output score=")
+    assert lines[5].strip().startswith("models output score=perplexity ")
+    assert lines[6].strip().startswith("models mechanistic interpretability score=interpretability AUC ")
 
     # errors are one clear line, exit code 2
     rc = main(["transcoders", "explain", "--model", str(tiny_gptlab_dir), "--transcoders", str(tmp_path / "nope"),
@@ -320,7 +321,8 @@ def test_diffusion_models_work_end_to_end(tiny_diffusion_dir):
     res = events[-1].result
     assert isinstance(events[-1], CompletionExplained) and res.objective == "diffusion"
     assert len(res.tokens) == res.n_prompt + 6 and len(res.layers[0].per_token) == res.n_prompt + 6
-    assert res.interpretability_score is None and res.total_description     # no store: nothing measured
+    assert res.interpretability.value is None and res.total_description     # no store: nothing measured
+    assert res.interpretability.n == 0 and res.quality.name == "perplexity" and res.quality.n == 6
 
 
 def test_cli_defaults_are_the_configs_and_help_needs_no_torch():
@@ -342,10 +344,11 @@ def test_cli_defaults_are_the_configs_and_help_needs_no_torch():
     collect = vars(parser.parse_args(["transcoders", "collect"]))
     c = CollectConfig()
     assert (collect["n_tokens"], collect["collect_seq_len"], collect["top_k"], collect["n_quantile"],
-            collect["n_heldout"], collect["n_negative"], tuple(collect["window"]), collect["collect_batch"],
-            collect["dataset"], collect["seed"]) == (c.n_tokens, c.seq_len, c.top_k, c.n_quantile, c.n_heldout,
-                                                     c.n_negative, (c.window_before, c.window_after), c.batch_size,
-                                                     c.dataset, c.seed)
+            collect["n_heldout"], collect["n_negative"], collect["n_hard"], tuple(collect["window"]),
+            collect["collect_batch"], collect["dataset"], collect["seed"]) == (
+        c.n_tokens, c.seq_len, c.top_k, c.n_quantile, c.n_heldout, c.n_negative, c.n_hard,
+        (c.window_before, c.window_after), c.batch_size, c.dataset, c.seed)
+    assert c.n_heldout >= 50 and c.n_negative >= 50 and c.n_hard > 0   # the score's sample sizes by default
     assert vars(parser.parse_args(["transcoders", "describe"]))["n_top"] == DESCRIBE_N_TOP
     explain = vars(parser.parse_args(["transcoders", "explain"]))
     assert (explain["max_new_tokens"], explain["top_features"]) == (EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES)

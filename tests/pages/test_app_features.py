@@ -75,6 +75,12 @@ def test_list_sorts_and_card_shows_the_stored_feature(described, env):
         by_freq = [f.feature for f in store.features(0, order_by="density")]
         by_score = store.features(0, order_by="score")
         by_freq_l1 = [f.feature for f in store.features(1, order_by="density")]
+    # the first list a newcomer sees is sorted by the explanation's score, not by frequency
+    assert at.selectbox(key="feat_sort").value == "explanation score"
+    listed = frame(at, "feat_list_0_score")
+    assert listed["feature"].tolist() == [f.feature for f in by_score]
+    assert listed["n"].tolist()[:1] == [by_score[0].score_n] and by_score[0].score_n > 0
+    at.selectbox(key="feat_sort").set_value("frequency").run()
     listed = frame(at, "feat_list_0_density")
     assert listed["feature"].tolist() == by_freq
     assert listed["frequency"].is_monotonic_decreasing
@@ -104,8 +110,13 @@ def test_list_sorts_and_card_shows_the_stored_feature(described, env):
         card = store.feature(0, feature)
     assert [s.value for s in at.subheader if s.value.startswith("Feature")] == [f"Feature {feature} · layer 0"]
     assert md_escape(card.explanations["builtin"]) in texts(at.markdown)
-    detection = card.scores["builtin"]["detection"]
-    assert any(f"detection {detection:.2f}" in t for t in texts(at.caption))
+    from core.interp.scoring import score_label
+
+    rows = card.score_rows["builtin"]
+    caption = next(t for t in texts(at.caption) if t.startswith("builtin · "))
+    assert caption == " · ".join(["builtin · scored on held-out text by the rule detector and simulator (its quoted "
+                                  "tokens)"] + [score_label(rows[m]) for m in ("detection", "fuzzing", "simulation")])
+    assert f"(n={rows['detection'].n}: " in caption and "balanced accuracy" not in caption  # = AUC for yes/no
     contexts = next(b for b in html_bodies(at) if b.startswith('<div class="contexts">') and "q0." not in b)
     top = card.top[0]
     assert contexts.count('<b class="firing"') == len(card.top)
@@ -182,8 +193,11 @@ def test_explain_a_completion_with_the_builtin_and_an_lm_explainer(described, en
     assert table["feature"].tolist() == [fa.feature for fa in expected.layers[0].features]
     assert table["attribution"].tolist() == pytest.approx([fa.attribution for fa in expected.layers[0].features],
                                                           rel=1e-4, abs=1e-7)
-    assert [m.value for m in at.metric if m.label == "Measured interpretability"] == \
-        [f"{expected.measured_interpretability}/10" if expected.measured_interpretability else "n/a"]
+    # two scores, named for what they are, each with its sample size
+    scores = [(m.label, m.value) for m in at.metric if m.label.startswith(("Quality", "Interpretability"))]
+    assert scores == [("Quality: perplexity", expected.quality.shown),
+                      ("Interpretability (AUC)", expected.interpretability.shown)]
+    assert f"n = {expected.quality.n:,} generated tokens" in texts(at.caption)
 
     # a language model as explainer (a tiny random GPT-2 folder): its own words, the same as the engine's
     at.radio(key="feat_x_explainer").set_value("lm").run()
@@ -197,6 +211,7 @@ def test_explain_a_completion_with_the_builtin_and_an_lm_explainer(described, en
     assert md_escape(by_lm.total_description) in shown
     assert all(md_escape(layer.description) in shown for layer in by_lm.layers)
     assert any(t.startswith(f"lm:{tiny_gpt2_dir} · ar model") for t in texts(at.caption))
+    assert [m.label for m in at.metric if m.label.startswith("Quality")] == ["Quality: LM judge grade"]
     at.radio(key="feat_x_explainer").set_value("builtin")
     at.button(key="feat_x_run").click().run()
     assert md_escape(expected.total_description) in texts(at.markdown)
@@ -236,7 +251,67 @@ def test_an_imported_saelens_set_says_where_it_came_from(described, env, tmp_pat
     captions = texts(at.caption)
     assert any("imported from SAELens" in t and "saelens" in t for t in captions), captions
     assert any("ln2's weight and bias" in t for t in captions) and any("center" in t for t in captions)
-    assert frame(at, "feat_list_0_density")["feature"].tolist()
+    assert frame(at, "feat_list_0_score")["feature"].tolist()
+    # its dead share was measured at import, on other text than the collection's live count
+    assert any(t.startswith("Dead: on ") and "(measured at import)" in t for t in captions), captions
+
+
+def test_dead_and_live_name_the_text_each_was_counted_on(described, env):
+    model_dir, set_dir = described
+    at = page(model_dir)
+    tset = load_transcoder_set(set_dir)
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        info = store.layers()[0]
+    n_val = tset.metrics["layers"]["0"]["n_tokens"]
+    metrics = {m.label: m for m in at.metric}
+    assert f"{n_val:,} validation tokens" in metrics["Dead"].proto.help
+    assert f"{info.n_tokens:,} tokens of " in metrics["Live"].proto.help
+    assert metrics["Live"].value == f"{info.n_alive:,} / {info.n_features:,}"
+    assert f"Dead: on {n_val:,} validation tokens" in " ".join(texts(at.caption))
+
+
+def test_export_and_import_from_the_page(described, env, tmp_path: Path):
+    """The page's import/export does what `transcoders export|import` do: SAELens folders that read
+    back as the same set, Neuronpedia JSON that reads back as the store's features, never into
+    assets/ and never over a folder that holds something; an import opens the new set."""
+    import torch
+
+    from core.interp.neuronpedia import read_neuronpedia
+
+    model_dir, set_dir = described
+    at = page(model_dir)
+    at.text_input(key="feat_io_to").input(str(tmp_path / "sl")).run()
+    at.button(key="feat_io_export").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any("Wrote 2 SAELens folder(s)" in t for t in texts(at.success))
+    mine = load_transcoder_set(set_dir)
+    at.radio(key="feat_io_format").set_value("neuronpedia").run()
+    at.text_input(key="feat_io_to").input(str(tmp_path / "np")).run()
+    at.button(key="feat_io_export").click().run()
+    assert not at.error, texts(at.error)
+    dash = read_neuronpedia(tmp_path / "np")
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        live = {f.feature for f in store.features(0)}
+    assert set(dash[0]) == live
+    # a folder that holds something, or one in assets/, is one sentence and nothing is written
+    at.text_input(key="feat_io_to").input(str(tmp_path / "np")).run()
+    at.button(key="feat_io_export").click().run()
+    assert len(at.error) == 1 and "--to" not in at.error[0].value and "new or empty" in at.error[0].value
+    shipped = DEFAULT_DIR / "exported-here"
+    at.text_input(key="feat_io_to").input(str(shipped)).run()
+    at.button(key="feat_io_export").click().run()
+    assert len(at.error) == 1 and "assets/" in at.error[0].value and not shipped.exists()
+
+    # import the SAELens export back: the same weights, opened in the picker
+    at.text_input(key="feat_io_source").input(str(tmp_path / "sl"))
+    at.text_input(key="feat_io_import_to").input(str(tmp_path / "back")).run()
+    at.button(key="feat_io_import").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert at.text_input(key="feat_set_other").value == str(tmp_path / "back")
+    assert any("Imported 2 transcoder(s)" in t for t in texts(at.success))
+    back = load_transcoder_set(tmp_path / "back")
+    for layer in mine.layers:
+        torch.testing.assert_close(back[layer].W_dec.float(), mine[layer].W_dec.float(), rtol=1e-5, atol=1e-6)
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -699,7 +774,7 @@ def test_features_job_forms_at_min_and_max(described, launched_jobs):
     clean(at)
     jmax = dict(expansion=256, activation="topk", k=4096, lr=1.0, steps=10_000_000, batch_tokens=1_000_000,
                 seq_len=8192, seed=2**31 - 1, then_collect=True, then_describe=True, collect_tokens=100_000_000,
-                collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=100, n_negative=100,
+                collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=1000, n_negative=1000,
                 max_features=1_000_000, n_top=100, score=True)
     _job(at, "train", **jmax)
     one_error(at, "captured")
@@ -708,8 +783,8 @@ def test_features_job_forms_at_min_and_max(described, launched_jobs):
                 top_k=1, n_quantile=0, n_heldout=0, n_negative=0)
     _job(at, "train", **jmin)
     one_error(at, "captured")
-    _job(at, "collect", collect_tokens=100_000_000, collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=100,
-         n_negative=100)
+    _job(at, "collect", collect_tokens=100_000_000, collect_seq_len=4096, top_k=200, n_quantile=100, n_heldout=1000,
+         n_negative=1000)
     one_error(at, "captured")
     _job(at, "describe", max_features=1, n_top=1, score=False)
     one_error(at, "captured")
@@ -730,6 +805,7 @@ def test_features_job_forms_at_min_and_max(described, launched_jobs):
          "--batch-tokens": "16", "--seq-len": "8", "--n-quantile": "0"}
     assert "--no-describe" in low and "--steps" not in low
     assert flags(collect)["--collect-tokens"] == "100000000" and "--no-score" in describe
+    assert flags(collect)["--n-heldout"] == flags(collect)["--n-negative"] == "1000"
 
 
 @pytest.mark.parametrize("field", ["output", "dataset_path", "explainer_spec"])
@@ -766,3 +842,23 @@ def test_features_job_text_extremes(described, launched_jobs, field, tmp_path):
                     "unicode": "contains a NUL character"}[name] in error
         else:
             assert (name in ("empty", "blank")) == ("Enter the explainer" in error)
+
+
+def test_explain_a_completion_with_a_local_llm_server(described, env):
+    """What the README says: pick "Language model" and enter the server's URL; the page asks that
+    server (here a real `core serve` of the shipped default model) and grades the text with it."""
+    from tests.serve.helpers import serving
+
+    model_dir, set_dir = described
+    with serving(load_model("default")) as server:
+        at = page(model_dir, feat_section="Explain a completion")
+        at.number_input(key="feat_x_max_new").set_value(4)
+        at.number_input(key="feat_x_top").set_value(1)
+        at.radio(key="feat_x_explainer").set_value("lm").run()
+        at.text_input(key="feat_x_lm").input(server.url).run()
+        at.button(key="feat_x_run").click().run(timeout=600)  # every question is a request to the server
+        assert not at.exception and not at.error, texts(at.error)
+    assert any(t.startswith(f"api:default@{server.url} · ar model") for t in texts(at.caption)), texts(at.caption)
+    assert [m.label for m in at.metric if m.label.startswith("Quality")] == ["Quality: LM judge grade"]
+    assert any(t.startswith("n = ") and "token judgements by api:" in t for t in texts(at.caption)) or \
+        any(t.startswith("n/a: no cited feature") for t in texts(at.caption))
