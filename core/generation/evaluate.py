@@ -42,7 +42,7 @@ def check_scorer(scorer: "LoadedModel") -> None:
     """Only an autoregressive model gives a likelihood token by token."""
     if sampler_name(scorer.objective) != "autoregressive":
         raise LabError(f"{scorer.name} is a {sampler_name(scorer.objective)} model; generative perplexity needs an "
-                       f"autoregressive scorer, such as the default model.", fix="pass an autoregressive model spec")
+                       f"autoregressive scorer; name one, such as the default model.")
 
 
 def completion_logprobs(scorer: "LoadedModel", prompt: str, completion: str) -> list[float]:
