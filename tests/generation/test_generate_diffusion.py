@@ -425,3 +425,39 @@ def test_cli_gen_ppl_scores_the_samples_under_the_named_model(capsys, tmp_path, 
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 4,
                            "--gen-ppl", tiny_diffusion_dir)
     assert rc == 2 and "needs an autoregressive scorer" in err.splitlines()[-1]
+
+
+# -- the page's new diffusion controls ---------------------------------------------------------------
+
+def test_page_block_top_p_min_p_precision_and_cache_controls_reach_the_sampler(tiny_diffusion_dir, tiny_diffusion_lm):
+    import pages.parts.generate_diffusion as view
+
+    at = open_diffusion_page(tiny_diffusion_dir)
+    for key in ("top_p", "min_p", "block_length"):
+        assert at.number_input(key=f"gen_diff_{key}").help
+    # at temperature 0 nothing is drawn: the sampling filters and the precision are greyed out
+    assert at.number_input(key="gen_diff_top_p").disabled and at.number_input(key="gen_diff_min_p").disabled
+    assert at.selectbox(key="gen_diff_gumbel_dtype").disabled
+    assert at.selectbox(key="gen_diff_gumbel_dtype").value == DiffusionConfig.gumbel_dtype == "float64"
+    assert at.toggle(key="gen_diff_cache").value is DiffusionConfig.cache is True
+    assert at.number_input(key="gen_diff_block_length").value == DiffusionConfig.block_length == 0
+    set_diffusion(at, temperature=0.9)
+    at.run()
+    assert not at.number_input(key="gen_diff_top_p").disabled and not at.selectbox(key="gen_diff_gumbel_dtype").disabled
+    set_diffusion(at, gen_length=12, steps=6, seed=8, top_p=0.8, min_p=0.05, block_length=4, gumbel_dtype="float32",
+                  cache=False)
+    click_generate(at)
+    assert not at.exception and not at.error
+    cfg = DiffusionConfig(gen_length=12, steps=6, seed=8, temperature=0.9, top_p=0.8, min_p=0.05, block_length=4,
+                          gumbel_dtype="float32", cache=False)
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, cfg)
+    assert texts(at.code) == [expected.text]
+    caption = next(c for c in texts(at.caption) if "unmasking" in c)
+    assert caption == (f"Model {tiny_diffusion_lm.name} · confidence unmasking in blocks of 4 · temperature 0.9, "
+                       f"top-p 0.8, min-p 0.05, float32 draws · seed 8")
+    assert view.settings_text(expected.settings) in caption
+    # too few steps for the blocks: one error, nothing run
+    set_diffusion(at, steps=2)
+    click_generate(at)
+    assert [e.value for e in at.error] and "need at least one denoising step each" in at.error[0].value
+    assert texts(at.code) == [expected.text]
