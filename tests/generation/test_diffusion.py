@@ -378,3 +378,36 @@ def test_cached_steps_give_the_same_samples_without_the_idle_forward_passes(bidi
     changed = sum(1 for _, revealed in runs[True][0] if revealed)
     assert changed == L and runs[True][1] == changed    # one forward pass per step that changed a token
     assert runs[False][1] == steps                       # uncached: one every step
+
+
+def test_train_antithetic_flag_reaches_the_loss(tmp_path, monkeypatch):
+    import argparse
+
+    import core.training.trainer as trainer_mod
+    from core.commands import train as train_cmd
+    from core.training import TrainConfig, train
+    from tests.conftest import CORPUS
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    assert TrainConfig().antithetic_t is True  # on by default: unbiased, with less variance
+    assert train_cmd.config_from_args(parser.parse_args(["--objective", "diffusion"])).antithetic_t is True
+    off = train_cmd.config_from_args(parser.parse_args(["--objective", "diffusion", "--no-antithetic-t"]))
+    assert off.antithetic_t is False
+    seen = []
+    real = trainer_mod.diffusion_loss
+
+    def recording(*a, **k):
+        seen.append(k.get("antithetic"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", recording)
+    text = tmp_path / "tiny.txt"
+    text.write_text(CORPUS * 3)
+    for flag in (True, False):
+        seen.clear()
+        cfg = TrainConfig(objective="diffusion", dataset=str(text), vocab_size=320, data_cache=str(tmp_path / "cache"),
+                          n_layer=1, n_head=2, d_model=16, block_size=16, batch_size=4, device="cpu", max_steps=2,
+                          log_every=1, val_every=0, val_batches=1, save_every=0, antithetic_t=flag)
+        list(train(cfg, tmp_path / f"run-{flag}"))
+        assert seen == [flag, flag]
