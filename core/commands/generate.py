@@ -9,10 +9,14 @@ Examples:
 
 Diffusion models (checkpoints whose config.json says "objective": "diffusion") are decoded by the
 masked-diffusion sampler instead: the completion starts as --gen-length masks and --diffusion-steps
-steps reveal them (--unmask confidence|random); --temperature (default 0 there: the most likely
-token), --top-k and --seed keep their meaning. --stream prints every denoising state on its own line
-(masks as ░, newlines as ↵) and --json keeps every state.
+steps reveal them (--unmask confidence|random), in blocks of --block-length tokens left to right
+when given; --temperature (default 0 there: the most likely token), --top-k, --top-p, --min-p and
+--seed keep their meaning, and draws are float64 (--gumbel-dtype). --stream prints every denoising
+state on its own line (masks as ░, newlines as ↵) and --json keeps every state. --gen-ppl [SPEC]
+reports the completion's generative perplexity under an autoregressive model (the shipped default
+unless named), over --gen-ppl-samples samples.
   python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --gen-length 64 --diffusion-steps 32 --stream
+  python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --temperature 1 --block-length 16 --gen-ppl
 
 diffusion-interpretability's generate.py flags work as written: --train_folder RUN --checkpoint_name
 state_step020000.pt loads RUN/checkpoints/20000, --cuda N is --device cuda:N, and --num_layers,
@@ -24,9 +28,9 @@ gpt2-reproduction's default: with no --model (and no --weights/--ckpt), data/gpt
 working folder is loaded when it exists, as its scripts did; a note says so, and --weights auto or
 any --model loads something else.
 
-One rule for flags the model's sampler has no use for (--top-p, --min-p, --repetition-penalty,
---num-beams, --stop, --logprobs... on a diffusion model; the diffusion flags on an autoregressive
-one): they are named in a one-line note on stderr and ignored, never an error.
+One rule for flags the model's sampler has no use for (--repetition-penalty, --num-beams, --stop,
+--logprobs... on a diffusion model; the diffusion flags on an autoregressive one): they are named in
+a one-line note on stderr and ignored, never an error.
 """
 from __future__ import annotations
 
@@ -103,8 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gen-length", "--gen_length", dest="gen_length", type=int, metavar="N",
                    help="tokens to generate after the prompt (default: --max-new-tokens)")
     m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int_arg(1), metavar="N",
-                   help=f"denoising steps; each reveals about gen-length/N tokens (default {D.steps}; "
-                        f"at most the generation length)")
+                   help=f"denoising steps; each reveals about gen-length/N tokens (default {D.steps}); "
+                        f"beyond the generation length some steps reveal nothing")
     m.add_argument("--unmask", choices=STRATEGIES,
                    help=f"which masked positions each step reveals: the most confident predictions, or random "
                         f"ones (default {D.strategy})")
@@ -119,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the text is the same, only slower")
     m.add_argument("--gen-ppl", dest="gen_ppl", nargs="?", const=DEFAULT_SCORER, metavar="SPEC",
                    help=f"report the generative perplexity of the completion(s) under the autoregressive model "
-                        f"SPEC (default {DEFAULT_SCORER}: the shipped model)")
+                        f"SPEC (without SPEC: {DEFAULT_SCORER!r}, the shipped model)")
     m.add_argument("--gen-ppl-samples", dest="gen_ppl_samples", type=int_arg(1), metavar="N",
                    help="with --gen-ppl: draw N samples (seeds S, S+1, ...) and score them all (default 1)")
 
