@@ -153,9 +153,9 @@ def denoise(model: nn.Module, prompt_ids: list[int], mask_id: int, cfg: Diffusio
     """The reverse process on ids: one :class:`DenoiseStep` per step (closing the generator stops it).
 
     With ``cfg.block_length`` the generation is decoded block by block (:func:`block_plan`): no
-    position beyond the current block is revealed before that block is done. Tokens are drawn for
-    every position at every step (so the draws do not depend on the blocks); only those revealed
-    are kept. A step that reveals nothing (more steps than tokens) leaves the input as it was, and the
+    position beyond the current block is revealed before that block is done. Tokens are drawn only
+    for the positions that may be revealed (still masked, in the current block), in float64 by
+    default (:func:`gumbel_max`); at temperature 0 each is its most likely token. A step that reveals nothing (more steps than tokens) leaves the input as it was, and the
     model has no time input, so its output would be the last one's: with ``cfg.cache`` (MDLM's cached
     sampler) such steps run no forward pass; without it every step runs one, as a plain sampler does.
     The samples are the same either way.
@@ -181,19 +181,19 @@ def denoise(model: nn.Module, prompt_ids: list[int], mask_id: int, cfg: Diffusio
                     logits = model(x)[0].float()                              # (P + L, V)
                     logits[:, mask_id] = float("-inf")
                 if k > 0:
+                    rows = (masked & in_block).nonzero()[:, 0]                # only these can be revealed
                     if cfg.temperature > 0:
-                        kept = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
-                        cand = gumbel_max(kept, gen, cfg.gumbel_dtype)         # (P + L,)
+                        kept = filter_logits(logits[rows], cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+                        cand = gumbel_max(kept, gen, cfg.gumbel_dtype)         # (len(rows),)
                         conf = kept.softmax(-1).gather(1, cand[:, None])[:, 0]
                     else:
-                        conf, cand = logits.softmax(-1).max(-1)
-                    eligible = masked & in_block
+                        conf, cand = logits[rows].softmax(-1).max(-1)
                     if cfg.strategy == "confidence":
-                        chosen = torch.topk(conf.masked_fill(~eligible, float("-inf")), k).indices
+                        pick = torch.topk(conf, k).indices
                     else:
-                        pool = eligible.nonzero()[:, 0]
-                        chosen = pool[torch.randperm(pool.numel(), generator=gen, device=device)[:k]]
-                    x[0, chosen] = cand[chosen]
+                        pick = torch.randperm(rows.numel(), generator=gen, device=device)[:k]
+                    chosen = rows[pick]
+                    x[0, chosen] = cand[pick]
                     masked[chosen] = False
                 s += 1
                 ids, m = x[0].tolist(), masked.tolist()
