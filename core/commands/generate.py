@@ -42,7 +42,8 @@ from typing import Callable, TextIO
 from .cli import add_model_args, float_arg, int_arg, load_from_args, path_arg, read_stdin, use_reference_weights
 from ..errors import LabError, shorten
 from ..files import atomic_write_json, check_output
-from ..generation.config import DEFAULT_SCORER, GUMBEL_DTYPES, STRATEGIES, DiffusionConfig, SamplingConfig, draw_seed
+from ..generation.config import (DEFAULT_SCORER, GUMBEL_DTYPES, MAX_SCORED_SAMPLES, STRATEGIES, DiffusionConfig,
+                                 SamplingConfig, draw_seed)
 
 NAME = "generate"
 HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities; "
@@ -121,10 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--no-cache", dest="no_cache", action="store_const", const=True,
                    help="run the model at every step, even one that reveals nothing (more steps than tokens); "
                         "the text is the same, only slower")
-    m.add_argument("--gen-ppl", dest="gen_ppl", nargs="?", const=DEFAULT_SCORER, metavar="SPEC",
+    m.add_argument("--gen-ppl", dest="gen_ppl", nargs="?", const=DEFAULT_SCORER, metavar="SPEC", type=path_arg,
                    help=f"report the generative perplexity of the completion(s) under the autoregressive model "
                         f"SPEC (without SPEC: {DEFAULT_SCORER!r}, the shipped model)")
-    m.add_argument("--gen-ppl-samples", dest="gen_ppl_samples", type=int_arg(1), metavar="N",
+    m.add_argument("--gen-ppl-samples", dest="gen_ppl_samples", type=int_arg(1, MAX_SCORED_SAMPLES), metavar="N",
                    help="with --gen-ppl: draw N samples (seeds S, S+1, ...) and score them all (default 1)")
 
 

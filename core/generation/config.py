@@ -99,6 +99,7 @@ STRATEGIES = ("confidence", "random")
 # time-agnostic masked models and exploit inaccurate categorical sampling"). float64 is the default.
 GUMBEL_DTYPES = ("float64", "float32")
 DEFAULT_SCORER = "default"  # generative perplexity is measured under the shipped autoregressive model
+MAX_SCORED_SAMPLES = 10_000  # samples one generative-perplexity run may draw
 
 
 @dataclass

@@ -155,8 +155,9 @@ def denoise(model: nn.Module, prompt_ids: list[int], mask_id: int, cfg: Diffusio
     With ``cfg.block_length`` the generation is decoded block by block (:func:`block_plan`): no
     position beyond the current block is revealed before that block is done. Tokens are drawn only
     for the positions that may be revealed (still masked, in the current block), in float64 by
-    default (:func:`gumbel_max`); at temperature 0 each is its most likely token. A step that reveals nothing (more steps than tokens) leaves the input as it was, and the
-    model has no time input, so its output would be the last one's: with ``cfg.cache`` (MDLM's cached
+    default (:func:`gumbel_max`); at temperature 0 each is its most likely token. A step that
+    reveals nothing (more steps than tokens) leaves the input as it was, and the model has no time
+    input, so its output would be the last one's: with ``cfg.cache`` (MDLM's cached
     sampler) such steps run no forward pass; without it every step runs one, as a plain sampler does.
     The samples are the same either way.
     """

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import LabError
 from .autoregressive import token_logprobs
-from .config import DEFAULT_SCORER, DiffusionConfig, draw_seed, sampler_name  # noqa: F401  (DEFAULT_SCORER: API)
+from .config import DEFAULT_SCORER, MAX_SCORED_SAMPLES, DiffusionConfig, draw_seed, sampler_name  # noqa: F401
+# (DEFAULT_SCORER: this module's API, the scorer used when none is named)
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -56,7 +57,8 @@ def completion_logprobs(scorer: "LoadedModel", prompt: str, completion: str) -> 
     return lps[max(shared, 1) - 1:]
 
 
-def generative_perplexity(scorer: "LoadedModel", completions: list[str], prompts: list[str] | str = "") -> GenerativePerplexity:
+def generative_perplexity(scorer: "LoadedModel", completions: list[str],
+                          prompts: list[str] | str = "") -> GenerativePerplexity:
     """exp(mean NLL per token) of ``completions`` under the autoregressive ``scorer``, each given its
     prompt (one string for all, or one per completion)."""
     check_scorer(scorer)
@@ -89,7 +91,7 @@ def sample_diffusion(lm: "LoadedModel", prompt: str, cfg: DiffusionConfig, n_sam
     """``n_samples`` diffusion results from ``prompt``, seeds ``cfg.seed, cfg.seed + 1, ...``."""
     from .diffusion import generate  # the sampler loads only when sampling
 
-    if n_samples < 1:
-        raise LabError(f"The number of samples must be at least 1 (got {n_samples}).")
+    if not 1 <= n_samples <= MAX_SCORED_SAMPLES:
+        raise LabError(f"The number of samples must be between 1 and {MAX_SCORED_SAMPLES} (got {n_samples}).")
     for seed in sample_seeds(cfg.seed, n_samples):
         yield generate(lm, prompt, replace(cfg, seed=seed))

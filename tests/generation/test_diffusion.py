@@ -219,7 +219,8 @@ def test_antithetic_loss_is_unbiased_with_less_variance(bidir):
     n = 300
     with torch.no_grad():
         anti = torch.tensor([float(diffusion_loss(bidir, x0, MASK, generator=gen)) for _ in range(n)])
-        plain = torch.tensor([float(diffusion_loss(bidir, x0, MASK, generator=gen, antithetic=False)) for _ in range(n)])
+        plain = torch.tensor([float(diffusion_loss(bidir, x0, MASK, generator=gen, antithetic=False))
+                              for _ in range(n)])
     se = math.sqrt(float(anti.var()) / n + float(plain.var()) / n)
     assert abs(float(anti.mean() - plain.mean())) < 4 * se   # the same expected loss
     assert float(anti.var()) < 0.5 * float(plain.var())      # and at least halved variance
@@ -261,8 +262,8 @@ def test_one_block_as_long_as_the_generation_is_plain_decoding(bidir, strategy, 
     plain = DiffusionConfig(gen_length=10, steps=4, strategy=strategy, temperature=temperature, top_k=4)
     want = [(s.ids, s.revealed) for s in denoise(bidir, [1, 2], MASK, plain, seed=9)]
     for block in (10, 11, 64):
-        got = [(s.ids, s.revealed) for s in denoise(bidir, [1, 2], MASK, DiffusionConfig(**{**plain.__dict__,
-                                                                                          "block_length": block}), seed=9)]
+        cfg = DiffusionConfig(**{**plain.__dict__, "block_length": block})
+        got = [(s.ids, s.revealed) for s in denoise(bidir, [1, 2], MASK, cfg, seed=9)]
         assert got == want
 
 

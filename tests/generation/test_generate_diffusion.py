@@ -150,7 +150,8 @@ def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, tin
                            "--max-new-tokens", 5, "--diffusion-steps", 3, "--unmask", "random", "--block-length", 2,
                            "--no-cache", "--gen-ppl")
     assert rc == 0 and out == expected.text + "\n"
-    assert "note: --diffusion-steps, --unmask, --block-length, --no-cache, --gen-ppl apply to diffusion models only" in err
+    assert ("note: --diffusion-steps, --unmask, --block-length, --no-cache, --gen-ppl apply to diffusion models "
+            "only") in err
     # ... and an AR-only mistake is still an error there, after the model is known
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_gptlab_dir, "--prompt", "ROMEO", "--temperature", 0)
     assert rc == 2 and out == "" and "temperature must be above 0" in err.splitlines()[-1]
@@ -354,7 +355,8 @@ def test_cli_more_steps_than_tokens_reports_every_step(capsys, tiny_diffusion_di
                            "--diffusion-steps", 10, "--seed", 1, "--stream")
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
     assert rc == 0 and len(lines) == 10 and "[4 tokens in 10 denoising steps" in err
-    assert sum(1 for a, b in zip(lines, lines[1:]) if a.split("] ", 1)[1] == b.split("] ", 1)[1]) == 6  # six steps change nothing
+    states = [ln.split("] ", 1)[1] for ln in lines]
+    assert sum(1 for a, b in zip(states, states[1:]) if a == b) == 6  # six steps change nothing
 
 
 # -- generative perplexity --------------------------------------------------------------------------
