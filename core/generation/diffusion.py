@@ -2,6 +2,12 @@
 backwards. Start from the prompt followed by masks, and at each of ``steps`` steps reveal a
 scheduled number of positions (the most confident predictions, or a random choice), never touching
 the prompt, until no mask is left.
+
+Options, all in :class:`DiffusionConfig`: semi-autoregressive blocks (LLaDA's block length, see
+:func:`block_plan`); temperature with top-k, top-p and min-p; Gumbel-max draws in float64 (float32
+draws distort the tail of the distribution, see :func:`gumbel_from_uniform`); and steps that reveal
+nothing (more steps than tokens) run no forward pass. :mod:`.evaluate` scores samples by their
+generative perplexity under an autoregressive model.
 """
 from __future__ import annotations
 
