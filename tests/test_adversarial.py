@@ -708,7 +708,7 @@ NUMERIC = {  # command -> (argv, flags taking a number)
     "generate": (lambda lab: ["generate", *_model(lab), "--prompt", "hi", "--max-new-tokens", "2"],
                  ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty",
                   "--num-beams", "--length-penalty", "--seed", "--alternatives", "--gen-length", "--diffusion-steps",
-                  "--cuda", "--num_layers"]),
+                  "--cuda", "--num_layers", "--block-length", "--gen-ppl-samples"]),
     "consensus": (lambda lab: ["consensus", *_model(lab), "--prompt", "hi", "--size", "1"],
                   ["--size", "--seed", "--record-every", "--memory-budget", "--use-model", "--top-p",
                    "--random-prompt"]),

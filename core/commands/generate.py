@@ -9,10 +9,14 @@ Examples:
 
 Diffusion models (checkpoints whose config.json says "objective": "diffusion") are decoded by the
 masked-diffusion sampler instead: the completion starts as --gen-length masks and --diffusion-steps
-steps reveal them (--unmask confidence|random); --temperature (default 0 there: the most likely
-token), --top-k and --seed keep their meaning. --stream prints every denoising state on its own line
-(masks as ░, newlines as ↵) and --json keeps every state.
+steps reveal them (--unmask confidence|random), in blocks of --block-length tokens left to right
+when given; --temperature (default 0 there: the most likely token), --top-k, --top-p, --min-p and
+--seed keep their meaning, and draws are float64 (--gumbel-dtype). --stream prints every denoising
+state on its own line (masks as ░, newlines as ↵) and --json keeps every state. --gen-ppl [SPEC]
+reports the completion's generative perplexity under an autoregressive model (the shipped default
+unless named), over --gen-ppl-samples samples.
   python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --gen-length 64 --diffusion-steps 32 --stream
+  python -m core generate --ckpt runs/diffusion --prompt "ROMEO:" --temperature 1 --block-length 16 --gen-ppl
 
 diffusion-interpretability's generate.py flags work as written: --train_folder RUN --checkpoint_name
 state_step020000.pt loads RUN/checkpoints/20000, --cuda N is --device cuda:N, and --num_layers,
@@ -24,9 +28,9 @@ gpt2-reproduction's default: with no --model (and no --weights/--ckpt), data/gpt
 working folder is loaded when it exists, as its scripts did; a note says so, and --weights auto or
 any --model loads something else.
 
-One rule for flags the model's sampler has no use for (--top-p, --min-p, --repetition-penalty,
---num-beams, --stop, --logprobs... on a diffusion model; the diffusion flags on an autoregressive
-one): they are named in a one-line note on stderr and ignored, never an error.
+One rule for flags the model's sampler has no use for (--repetition-penalty, --num-beams, --stop,
+--logprobs... on a diffusion model; the diffusion flags on an autoregressive one): they are named in
+a one-line note on stderr and ignored, never an error.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ from typing import Callable, TextIO
 from .cli import add_model_args, float_arg, int_arg, load_from_args, path_arg, read_stdin, use_reference_weights
 from ..errors import LabError, shorten
 from ..files import atomic_write_json, check_output
-from ..generation.config import STRATEGIES, DiffusionConfig, SamplingConfig, draw_seed
+from ..generation.config import (DEFAULT_SCORER, GUMBEL_DTYPES, MAX_SCORED_SAMPLES, STRATEGIES, DiffusionConfig,
+                                 SamplingConfig, draw_seed)
 
 NAME = "generate"
 HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities; "
@@ -47,7 +52,8 @@ HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stre
 STRATEGY_TOP_K = 50    # --strategy topk without --top-k (the reference generate.py's default)
 STRATEGY_TOP_P = 0.9   # --strategy topp without --top-p
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
-DIFFUSION_FLAGS = ("gen_length", "diffusion_steps", "unmask")
+DIFFUSION_FLAGS = ("gen_length", "diffusion_steps", "unmask", "block_length", "gumbel_dtype", "no_cache", "gen_ppl",
+                   "gen_ppl_samples")
 MASK_GLYPH = "\u2591"  # one light shade block per masked token in --stream lines
 S, D = SamplingConfig, DiffusionConfig  # every flag's default is read from these, never restated
 
@@ -96,17 +102,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     m = parser.add_argument_group(
         "diffusion models (objective: diffusion)",
-        f"  --temperature (default {D.temperature:g} here: the most likely token), --top-k and --seed\n"
-        "  apply too; --greedy means temperature 0. Flags the diffusion sampler has no\n"
+        f"  --temperature (default {D.temperature:g} here: the most likely token), --top-k, --top-p,\n"
+        "  --min-p and --seed apply too; --greedy means temperature 0. Flags the diffusion sampler has no\n"
         "  use for are named in a one-line note and ignored.")
     m.add_argument("--gen-length", "--gen_length", dest="gen_length", type=int, metavar="N",
                    help="tokens to generate after the prompt (default: --max-new-tokens)")
     m.add_argument("--diffusion-steps", "--diffusion_steps", dest="diffusion_steps", type=int_arg(1), metavar="N",
-                   help=f"denoising steps; each reveals about gen-length/N tokens (default {D.steps}; "
-                        f"at most the generation length)")
+                   help=f"denoising steps; each reveals about gen-length/N tokens (default {D.steps}); "
+                        f"beyond the generation length some steps reveal nothing")
     m.add_argument("--unmask", choices=STRATEGIES,
                    help=f"which masked positions each step reveals: the most confident predictions, or random "
                         f"ones (default {D.strategy})")
+    m.add_argument("--block-length", "--block_length", dest="block_length", type=int_arg(0), metavar="N",
+                   help=f"semi-autoregressive decoding (LLaDA): blocks of N tokens, left to right, each finished "
+                        f"before the next; the steps are shared between blocks (default {D.block_length}: one block)")
+    m.add_argument("--gumbel-dtype", dest="gumbel_dtype", choices=GUMBEL_DTYPES,
+                   help=f"precision of the sampling draws with --temperature above 0; float32 under-samples "
+                        f"unlikely tokens (default {D.gumbel_dtype})")
+    m.add_argument("--no-cache", dest="no_cache", action="store_const", const=True,
+                   help="run the model at every step, even one that reveals nothing (more steps than tokens); "
+                        "the text is the same, only slower")
+    m.add_argument("--gen-ppl", dest="gen_ppl", nargs="?", const=DEFAULT_SCORER, metavar="SPEC", type=path_arg,
+                   help=f"report the generative perplexity of the completion(s) under the autoregressive model "
+                        f"SPEC (without SPEC: {DEFAULT_SCORER!r}, the shipped model)")
+    m.add_argument("--gen-ppl-samples", dest="gen_ppl_samples", type=int_arg(1, MAX_SCORED_SAMPLES), metavar="N",
+                   help="with --gen-ppl: draw N samples (seeds S, S+1, ...) and score them all (default 1)")
 
 
 def _given(**values) -> dict:
@@ -198,12 +218,14 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
         raise LabError(f"The generation length must be at least 1 (got {args.gen_length}); raise --gen-length.")
     return DiffusionConfig(**_given(
         gen_length=args.max_new_tokens if args.gen_length is None else args.gen_length, steps=args.diffusion_steps,
-        strategy=args.unmask, temperature=0.0 if greedy else args.temperature, top_k=args.top_k, seed=args.seed))
+        strategy=args.unmask, temperature=0.0 if greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, block_length=args.block_length, gumbel_dtype=args.gumbel_dtype,
+        cache=None if args.no_cache is None else not args.no_cache, seed=args.seed))
 
 
 def diffusion_ignored_flags(args: argparse.Namespace, cfg: DiffusionConfig) -> list[str]:
     """Flags given on the command line that the diffusion sampler has no use for."""
-    given = [f for f in ("top_p", "min_p", "repetition_penalty") if getattr(args, f) is not None]
+    given = [f for f in ("repetition_penalty",) if getattr(args, f) is not None]
     given += ["num_beams"] if args.num_beams != S.num_beams else []
     given += ["length_penalty"] if args.length_penalty != S.length_penalty else []
     given += ["stop"] if args.stop else []
@@ -214,8 +236,13 @@ def diffusion_ignored_flags(args: argparse.Namespace, cfg: DiffusionConfig) -> l
         flags.append(f"--strategy {args.strategy}")
     if (args.greedy or args.strategy == "greedy") and args.temperature:
         flags.append("--temperature (--greedy means 0)")
-    if cfg.temperature == 0 and cfg.top_k:
-        flags.append("--top-k (it applies only with --temperature above 0)")
+    for flag, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+        if cfg.temperature == 0 and getattr(cfg, flag) != off:
+            flags.append(f"--{flag.replace('_', '-')} (it applies only with --temperature above 0)")
+    if cfg.temperature == 0 and args.gumbel_dtype is not None:
+        flags.append("--gumbel-dtype (it applies only with --temperature above 0)")
+    if args.gen_ppl_samples is not None and args.gen_ppl is None:
+        flags.append("--gen-ppl-samples (it applies only with --gen-ppl)")
     return flags
 
 
@@ -246,9 +273,9 @@ def _generate(args: argparse.Namespace, lm, sampler, prompt: str, cfg, show: Cal
     return run.result
 
 
-def _write_json(args: argparse.Namespace, lm, sampler, result, what: str = "") -> None:
+def _write_json(args: argparse.Namespace, lm, sampler, result, what: str = "", extra: dict | None = None) -> None:
     if args.json:
-        atomic_write_json(args.json, sampler.to_json(lm, result))
+        atomic_write_json(args.json, {**sampler.to_json(lm, result), **(extra or {})})
         print(f"wrote {args.json}{what}", file=sys.stderr)
 
 
@@ -277,8 +304,26 @@ def run_diffusion(args: argparse.Namespace, lm, sampler, prompt: str) -> int:
     print(f"[{len(result.completion_ids)} tokens in {result.steps} denoising steps, {result.seconds:.2f}s; "
           f"{s['strategy']} unmasking, temperature {s['temperature']:g}; seed {s['seed']}; model {result.model}]",
           file=sys.stderr)
-    _write_json(args, lm, sampler, result, f" (all {len(result.states)} states)")
+    extra = score_samples(args, lm, prompt, cfg, result) if args.gen_ppl is not None else None
+    _write_json(args, lm, sampler, result, f" (all {len(result.states)} states)", extra)
     return 0
+
+
+def score_samples(args: argparse.Namespace, lm, prompt: str, cfg: DiffusionConfig, result) -> dict:
+    """``--gen-ppl``: the generative perplexity of ``result`` and of ``--gen-ppl-samples`` - 1 more
+    samples (the next seeds) under the autoregressive model ``args.gen_ppl``, on stderr; the
+    returned keys join ``--json``."""
+    from ..generation.evaluate import generative_perplexity, sample_diffusion
+    from ..models.loading import load_model
+
+    scorer = load_model(args.gen_ppl, device=str(lm.stack.device))
+    n = args.gen_ppl_samples or 1
+    more = list(sample_diffusion(lm, prompt, replace(cfg, seed=result.settings["seed"] + 1), n - 1)) if n > 1 else []
+    completions = [result.completion] + [r.completion for r in more]
+    gp = generative_perplexity(scorer, completions, prompt)
+    print(f"[generative perplexity {gp.perplexity:.2f} under {gp.scorer}: mean NLL {gp.mean_nll:.4f} nats over "
+          f"{gp.n_tokens} tokens of {gp.n_samples} sample{'s' if gp.n_samples != 1 else ''}]", file=sys.stderr)
+    return {"generative_perplexity": gp.to_json(), "samples": completions}
 
 
 def run_autoregressive(args: argparse.Namespace, lm, sampler, prompt: str, cfg: SamplingConfig) -> int:

@@ -95,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--objective", choices=OBJECTIVES, default=S,
                    help=f"ar: next-token prediction; diffusion: masked diffusion (bidirectional) "
                         f"(default {D.objective})")
+    m.add_argument("--antithetic-t", dest="antithetic_t", default=S,
+                   action=argparse.BooleanOptionalAction,
+                   help=f"diffusion: draw the masking rates t stratified across the batch, one per 1/B of (0, 1] "
+                        f"(MDLM's low-discrepancy sampler: the same unbiased loss, less noise) (default "
+                        f"{'on' if D.antithetic_t else 'off'})")
     m.add_argument("--preset", default=S, metavar="NAME",
                    help=f"{', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     m.add_argument("--n-layer", "--num_layers", dest="n_layer", type=_num("n_layer"), default=S, metavar="N")

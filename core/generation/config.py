@@ -93,16 +93,34 @@ class SamplingConfig:
 
 
 STRATEGIES = ("confidence", "random")
+# Gumbel-max sampling precision. float32 uniforms are multiples of 2**-24, which caps the Gumbel
+# noise near 16.6 and starves the tail of the distribution: masked-diffusion samples drawn in float32
+# are less diverse than the model (Zheng et al. 2024, "Masked diffusion models are secretly
+# time-agnostic masked models and exploit inaccurate categorical sampling"). float64 is the default.
+GUMBEL_DTYPES = ("float64", "float32")
+DEFAULT_SCORER = "default"  # generative perplexity is measured under the shipped autoregressive model
+MAX_SCORED_SAMPLES = 10_000  # samples one generative-perplexity run may draw
 
 
 @dataclass
 class DiffusionConfig:
     gen_length: int = 64           # tokens to generate after the prompt
-    steps: int = 32                # denoising steps (at most gen_length)
+    steps: int = 32                # denoising steps; above gen_length some steps reveal nothing (and cost nothing)
     strategy: str = "confidence"   # reveal the most confident predictions, or random positions
     temperature: float = 0.0       # 0 = the most likely token at each revealed position
     top_k: int = 0                 # 0 = off (with temperature > 0)
+    top_p: float = 1.0             # 1 = off (with temperature > 0)
+    min_p: float = 0.0             # 0 = off (with temperature > 0)
+    block_length: int = 0          # semi-autoregressive blocks (LLaDA); 0 = one block, the whole generation
+    gumbel_dtype: str = "float64"  # precision of the Gumbel-max draws (GUMBEL_DTYPES)
+    cache: bool = True             # reuse the model's output when no token changed since the last step
     seed: int | None = None
+
+    def n_blocks(self) -> int:
+        """How many blocks the generation is decoded in, left to right."""
+        if self.block_length <= 0 or self.block_length >= self.gen_length:
+            return 1
+        return -(-self.gen_length // self.block_length)
 
     def check(self, context_left: int | None = None) -> None:
         if self.gen_length < 1:
@@ -114,7 +132,20 @@ class DiffusionConfig:
             raise LabError(f"steps must be at least 1 (got {self.steps}).")
         if self.strategy not in STRATEGIES:
             raise LabError(f"strategy must be one of {', '.join(STRATEGIES)} (got '{self.strategy}').")
-        if self.temperature < 0:
-            raise LabError(f"temperature must be 0 (most likely token) or above (got {self.temperature}).")
+        if not 0 <= self.temperature < math.inf:
+            raise LabError(f"temperature must be 0 (most likely token) or above, and finite (got {self.temperature}).")
         if self.top_k < 0:
             raise LabError(f"top-k must be 0 (off) or a positive count (got {self.top_k}).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LabError(f"top-p must be in (0, 1] (got {self.top_p}); 1 turns it off.")
+        if not 0.0 <= self.min_p < 1.0:
+            raise LabError(f"min-p must be in [0, 1) (got {self.min_p}); 0 turns it off.")
+        if self.block_length < 0:
+            raise LabError(f"block length must be 0 (one block) or a positive count (got {self.block_length}).")
+        if self.steps < self.n_blocks():
+            raise LabError(f"{self.n_blocks()} blocks of {self.block_length} tokens need at least one denoising step "
+                           f"each (got {self.steps} steps); raise the steps to {self.n_blocks()} or lengthen the "
+                           f"blocks.")
+        if self.gumbel_dtype not in GUMBEL_DTYPES:
+            raise LabError(f"Gumbel precision must be one of {', '.join(GUMBEL_DTYPES)} (got '{self.gumbel_dtype}').")
+        check_seed(self.seed)

@@ -48,10 +48,10 @@ class Sampler:
                  n_alternatives: int | None = None):
         """The settings this sampler takes for the knobs every generator shares, checked; a knob
         left ``None`` keeps its config's default. Greedy means temperature 0 for diffusion;
-        ``steps`` (denoising) and ``top_p``/``n_alternatives`` (sampling) apply where they mean something."""
+        ``top_p`` applies to both, ``steps`` (denoising) and ``n_alternatives`` (sampling) where they mean something."""
         given: dict[str, Any]
         if self.denoises:
-            given = dict(gen_length=max_new_tokens, steps=steps, seed=seed,
+            given = dict(gen_length=max_new_tokens, steps=steps, seed=seed, top_p=top_p,
                          temperature=0.0 if greedy else temperature)
         else:
             given = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,

@@ -113,6 +113,7 @@ class TrainConfig:
     data_cache: str | None = None       # None: $GPTLAB_DATA_CACHE or ~/.cache/gptlab/data
     # model
     objective: str = "ar"
+    antithetic_t: bool = True           # diffusion: rates t stratified across the batch (unbiased, less variance)
     preset: str | None = None           # core.models.gpt.PRESETS; None with no sizes given = DEFAULT_PRESET
     n_layer: int | None = None
     n_head: int | None = None

@@ -1,7 +1,8 @@
 """The masked (absorbing-state) diffusion objective, MDLM-style (Sahoo et al. 2024).
 
 Forward process: every token of a sequence is replaced by ``<|mask|>`` independently with
-probability ``t``, one ``t ~ U(0, 1]`` per sequence. The bidirectional model predicts the
+probability ``t``, one ``t ~ U(0, 1]`` per sequence (stratified across the batch by default:
+:func:`sample_rates`). The bidirectional model predicts the
 original tokens at the masked positions. With the linear schedule (alpha_t = 1 - t) the
 continuous-time ELBO (MDLM, eq. 10) is
 
@@ -22,11 +23,33 @@ T_MIN = 1e-3  # t is drawn from (T_MIN, 1]: t = 0 would mask nothing and weigh i
 
 # -- training objective -------------------------------------------------------------------------
 
-def sample_mask(x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence rates ``t`` ``(B,)`` in (T_MIN, 1] and the boolean mask ``(B, T)`` they draw."""
+def sample_rates(batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                 antithetic: bool = True) -> torch.Tensor:
+    """Per-sequence rates ``t`` ``(batch,)`` in (T_MIN, 1].
+
+    Plain: ``batch`` independent uniforms. Antithetic (MDLM's low-discrepancy sampler): the unit
+    interval is cut into ``batch`` equal strata and one uniform is drawn inside each, ``u_i =
+    (i + U_i) / batch``, then shuffled across the batch. Each ``u_i`` is still uniform over [0, 1)
+    when its stratum is picked at random, so the loss stays an unbiased estimate of the same bound,
+    but the batch covers every part of [0, 1) and the variance from ``t`` falls (for a smooth
+    integrand, from O(1/B) to O(1/B**3)). The batch mean of ``u`` is exactly 1/2 in expectation
+    and never strays more than 1/(2B) from it.
+    """
+    if antithetic:
+        jitter = torch.rand(batch, device=device, generator=generator)
+        order = torch.randperm(batch, device=device, generator=generator)
+        u = (order.to(jitter.dtype) + jitter) / batch
+    else:
+        u = torch.rand(batch, device=device, generator=generator)
+    return 1.0 - u * (1.0 - T_MIN)
+
+
+def sample_mask(x0: torch.Tensor, generator: torch.Generator | None = None,
+                antithetic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence rates ``t`` ``(B,)`` in (T_MIN, 1] (:func:`sample_rates`) and the boolean mask
+    ``(B, T)`` they draw."""
     B, T = x0.shape
-    u = torch.rand(B, device=x0.device, generator=generator)
-    t = 1.0 - u * (1.0 - T_MIN)
+    t = sample_rates(B, x0.device, generator, antithetic)
     mask = torch.rand(B, T, device=x0.device, generator=generator) < t[:, None]
     return t, mask
 
@@ -47,13 +70,15 @@ def sequence_bound(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, t
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, mask_id: int, *, t: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   antithetic: bool = True) -> torch.Tensor:
     """The training loss on clean tokens ``x0`` ``(B, T)``: the mean of :func:`sequence_bound`.
 
-    ``t`` and ``mask`` may be given (tests, validation); otherwise they are drawn.
+    ``t`` and ``mask`` may be given (tests, validation); otherwise they are drawn, ``t`` stratified
+    across the batch unless ``antithetic`` is False (:func:`sample_rates`).
     """
     if t is None or mask is None:
-        t, mask = sample_mask(x0, generator)
+        t, mask = sample_mask(x0, generator, antithetic)
     xt = x0.masked_fill(mask, mask_id)
     logits = model(xt)                                            # (B, T, V)
     return sequence_bound(logits, x0, mask, t, mask_id).mean()

@@ -532,7 +532,7 @@ class Trainer:
 
     def _loss(self, batch: torch.Tensor, model: nn.Module) -> torch.Tensor:
         if self.cfg.objective == "diffusion":
-            return diffusion_loss(model, batch[:, :-1], self.mask_id)
+            return diffusion_loss(model, batch[:, :-1], self.mask_id, antithetic=self.cfg.antithetic_t)
         _, loss = model(batch[:, :-1], batch[:, 1:])
         return loss
 

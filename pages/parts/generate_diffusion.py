@@ -18,7 +18,7 @@ import streamlit as st
 
 from core.errors import LabError
 from core.generation.autoregressive import encode_prompt
-from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, STRATEGIES, DiffusionConfig, draw_seed
+from core.generation.config import DRAWN_SEEDS, GUMBEL_DTYPES, MAX_TEMPERATURE, STRATEGIES, DiffusionConfig, draw_seed
 from core.generation.diffusion import DenoiseStep, DiffusionResult, DiffusionStarted, state_masked
 from core.generation.sampler import Sampler, sampler_for
 from core.models.loading import LoadedModel
@@ -32,6 +32,7 @@ MASK_BG = "#c9ccd1"       # a masked position: a grey block
 NEW_BG = "#ffd54f"        # revealed at the step shown
 OLD_BG = "#e3f2e1"        # revealed at an earlier step
 STRATEGY_HELP = {"confidence": "most confident first", "random": "random order"}
+GUMBEL_HELP = {"float64": "exact", "float32": "biased: fewer rare tokens"}
 
 
 def dkey(name: str) -> str:
@@ -53,7 +54,8 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
     steps = cell(1).number_input(
         "Denoising steps", 1, 4096, D.steps, step=1, key=dkey("steps"), **keep,
         help="How many steps reveal the masks (a linear schedule: about length / steps tokens per step). More "
-             "steps, fewer tokens decided at once; above the generation length it reveals one token per step.")
+             "steps, fewer tokens decided at once; above the generation length some steps reveal nothing (with "
+             "'Reuse unchanged steps' they cost no model call).")
     strategy = cell(2).selectbox(
         "Unmask", STRATEGIES, STRATEGIES.index(D.strategy), key=dkey("unmask"), format_func=lambda s: f"{s} ({STRATEGY_HELP[s]})", **keep,
         help="Which masked positions each step reveals: those where the model is most confident of its "
@@ -69,8 +71,33 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
         "Seed", 0, DRAWN_SEEDS - 1, None, step=1, key=dkey("seed"), placeholder="random", **keep,
         help="Same seed, same settings, same model: same text (it matters with temperature above 0 or random "
              "unmasking). Leave empty for a random seed; it is reported with the result.")
+    top_p = cell(6).number_input(
+        "Top-p", 0.01, 1.0, D.top_p, step=0.05, key=dkey("top_p"), disabled=temperature == 0, **keep,
+        help="With temperature above 0: sample from the smallest set of most likely tokens holding this much "
+             "probability; 1 turns it off.")
+    min_p = cell(7).number_input(
+        "Min-p", 0.0, 0.99, D.min_p, step=0.05, key=dkey("min_p"), disabled=temperature == 0, **keep,
+        help="With temperature above 0: drop tokens less likely than this share of the most likely one's "
+             "probability; 0 turns it off.")
+    block_length = cell(8).number_input(
+        "Block length", 0, 4096, D.block_length, step=1, key=dkey("block_length"), **keep,
+        help="Semi-autoregressive decoding (LLaDA): the generation is cut into blocks of this many tokens, decoded "
+             "left to right, each finished before the next starts; the steps are shared between blocks. 0 is one "
+             "block: the whole generation at once.")
+    gumbel_dtype = cell(9).selectbox(
+        "Sampling precision", GUMBEL_DTYPES, GUMBEL_DTYPES.index(D.gumbel_dtype), key=dkey("gumbel_dtype"),
+        format_func=lambda d: f"{d} ({GUMBEL_HELP[d]})", disabled=temperature == 0, **keep,
+        help="With temperature above 0, the precision of the random draws. float32 draws cannot reach tokens much "
+             "less likely than the best one and draw the rare ones too seldom, which makes masked-diffusion samples "
+             "blander than the model; float64 samples the model's distribution.")
+    cache = cell(10).toggle(
+        "Reuse unchanged steps", D.cache, key=dkey("cache"), **keep,
+        help="A step that reveals nothing (more steps than tokens) leaves the text as it was, so the model's "
+             "output would be the same: skip the model call. The text is identical either way.")
     return DiffusionConfig(gen_length=int(gen_length), steps=int(steps), strategy=str(strategy),
-                           temperature=float(temperature), top_k=int(top_k), seed=None if seed is None else int(seed))
+                           temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+                           block_length=int(block_length), gumbel_dtype=str(gumbel_dtype), cache=bool(cache),
+                           seed=None if seed is None else int(seed))
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -149,6 +176,21 @@ def state_html(lm: LoadedModel, result: DiffusionResult, state: int) -> str:
             f'{prompt}{"".join(spans)}</div>')
 
 
+def settings_text(s: dict) -> str:
+    """The decoding settings of a result in a few words (only the filters that are on)."""
+    if s.get("temperature", 0) == 0:
+        sampling = "most likely token"
+    else:
+        parts = [f"temperature {s['temperature']:g}"]
+        parts += [f"top-k {s['top_k']}"] if s.get("top_k") else []
+        parts += [f"top-p {s['top_p']:g}"] if s.get("top_p", 1.0) < 1.0 else []
+        parts += [f"min-p {s['min_p']:g}"] if s.get("min_p", 0.0) > 0.0 else []
+        parts += [f"{s['gumbel_dtype']} draws"] if s.get("gumbel_dtype", D.gumbel_dtype) != D.gumbel_dtype else []
+        sampling = ", ".join(parts)
+    blocks = f" in blocks of {s['block_length']}" if 0 < s.get("block_length", 0) < s.get("gen_length", 0) else ""
+    return f"{s.get('strategy')} unmasking{blocks} · {sampling}"
+
+
 def legend_html() -> str:
     def swatch(bg: str, text: str) -> str:
         return (f'<span style="background:{bg};color:#111;padding:0 .5em;margin-right:4px;border-radius:3px">'
@@ -176,9 +218,7 @@ def show_result(lm: LoadedModel, sampler: Sampler, record: dict | None) -> None:
     cols[2].metric("Masks left", masks_left)
     cols[3].metric("Seconds", f"{result.seconds:.2f}")
     s = result.settings
-    sampling = "most likely token" if s.get("temperature", 0) == 0 else (
-        f"temperature {s['temperature']:g}" + (f", top-k {s['top_k']}" if s.get("top_k") else ""))
-    st.caption(f"Model {result.model} · {s.get('strategy')} unmasking · {sampling} · seed {s.get('seed')}")
+    st.caption(f"Model {result.model} · {settings_text(s)} · seed {s.get('seed')}")
 
     if done_steps >= 1:
         state = st.slider(

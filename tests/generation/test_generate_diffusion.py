@@ -131,11 +131,13 @@ def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, tin
     base = ["generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 6, "--diffusion-steps", 3,
             "--seed", 0]
     _, plain, _ = run_cli(capsys, *base)
-    rc, out, err = run_cli(capsys, *base, "--top-p", 0.5, "--num-beams", 2, "--stop", "x", "--top-k", 5)
+    rc, out, err = run_cli(capsys, *base, "--top-p", 0.5, "--num-beams", 2, "--stop", "x", "--top-k", 5,
+                           "--gen-ppl-samples", 2)
     assert rc == 0 and out == plain
     notes = [ln for ln in err.splitlines() if ln.startswith("note:")]
-    assert notes == [f"note: {tiny_diffusion_lm.name} is a diffusion model; its sampler ignores --top-p, --num-beams, "
-                     f"--stop, --top-k (it applies only with --temperature above 0)."]
+    assert notes == [f"note: {tiny_diffusion_lm.name} is a diffusion model; its sampler ignores --num-beams, --stop, "
+                     f"--top-k (it applies only with --temperature above 0), --top-p (it applies only with "
+                     f"--temperature above 0), --gen-ppl-samples (it applies only with --gen-ppl)."]
     # temperature 0 is the diffusion default, and --greedy says the same
     rc, out, err = run_cli(capsys, *base, "--temperature", 0, "--greedy")
     assert rc == 0 and out == plain and "note:" not in err
@@ -145,9 +147,11 @@ def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, tin
     expected = ar_generate(load_model(str(tiny_gptlab_dir)), "ROMEO: But", SamplingConfig(max_new_tokens=5,
                                                                                              greedy=True))
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_gptlab_dir, "--prompt", "ROMEO: But", "--greedy",
-                           "--max-new-tokens", 5, "--diffusion-steps", 3, "--unmask", "random")
+                           "--max-new-tokens", 5, "--diffusion-steps", 3, "--unmask", "random", "--block-length", 2,
+                           "--no-cache", "--gen-ppl")
     assert rc == 0 and out == expected.text + "\n"
-    assert "note: --diffusion-steps, --unmask apply to diffusion models only" in err
+    assert ("note: --diffusion-steps, --unmask, --block-length, --no-cache, --gen-ppl apply to diffusion models "
+            "only") in err
     # ... and an AR-only mistake is still an error there, after the model is known
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_gptlab_dir, "--prompt", "ROMEO", "--temperature", 0)
     assert rc == 2 and out == "" and "temperature must be above 0" in err.splitlines()[-1]
@@ -160,6 +164,12 @@ def test_flags_the_other_sampler_has_no_use_for_are_noted_not_errors(capsys, tin
     (["--temperature", "-1"], "temperature must be 0"),
     (["--top-k", "-2"], "top-k must be 0"),
     (["--unmask", "left"], "invalid choice"),
+    (["--block-length", "-1"], "--block-length"),
+    (["--gen-length", "12", "--block-length", "2", "--diffusion-steps", "4"], "6 blocks of 2 tokens need at least"),
+    (["--gumbel-dtype", "float16"], "invalid choice"),
+    (["--temperature", "1", "--top-p", "0"], "--top-p"),
+    (["--temperature", "1", "--min-p", "1"], "--min-p"),
+    (["--gen-ppl", "--gen-ppl-samples", "0"], "--gen-ppl-samples"),
     (["--prompt", ""], "prompt is empty"),
 ])
 def test_bad_diffusion_inputs_exit_2_with_one_line(capsys, tiny_diffusion_dir, argv, message):
@@ -321,3 +331,135 @@ def test_page_failure_is_one_line_and_autoregressive_mode_comes_back(monkeypatch
     assert not at.exception and not at.error
     assert at.toggle(key="gen_A_greedy") is not None and at.button(key="gen_go") is not None
     assert not [w for w in at.number_input if w.key.startswith("gen_diff_")]
+
+
+@pytest.mark.parametrize("flags, settings", [
+    (["--block-length", 4], dict(block_length=4)),
+    (["--temperature", 1.0, "--top-p", 0.6, "--unmask", "random"], dict(temperature=1.0, top_p=0.6, strategy="random")),
+    (["--temperature", 1.0, "--min-p", 0.2], dict(temperature=1.0, min_p=0.2)),
+    (["--temperature", 1.0, "--gumbel-dtype", "float32"], dict(temperature=1.0, gumbel_dtype="float32")),
+    (["--no-cache", "--diffusion-steps", 20], dict(cache=False, steps=20)),
+])
+def test_cli_new_diffusion_options_reach_the_sampler(capsys, tiny_diffusion_dir, tiny_diffusion_lm, flags, settings):
+    cfg = DiffusionConfig(**{**dict(gen_length=12, steps=6, seed=3), **settings})
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, cfg)
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 12,
+                           "--diffusion-steps", 6, "--seed", 3, *flags)
+    assert rc == 0 and out == expected.text + "\n" and "note:" not in err
+    for key, value in settings.items():
+        assert expected.settings[key] == value
+
+
+def test_cli_more_steps_than_tokens_reports_every_step(capsys, tiny_diffusion_dir, tiny_diffusion_lm):
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 4,
+                           "--diffusion-steps", 10, "--seed", 1, "--stream")
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert rc == 0 and len(lines) == 10 and "[4 tokens in 10 denoising steps" in err
+    states = [ln.split("] ", 1)[1] for ln in lines]
+    assert sum(1 for a, b in zip(states, states[1:]) if a == b) == 6  # six steps change nothing
+
+
+# -- generative perplexity --------------------------------------------------------------------------
+
+def _by_hand(scorer, prompt: str, completion: str) -> tuple[float, int]:
+    """Sum of NLL (nats) of the completion's tokens under ``scorer``, and their count, from its logits."""
+    import torch
+
+    ids = scorer.tokenizer.encode(prompt + completion)
+    P = len(scorer.tokenizer.encode(prompt))
+    assert ids[:P] == scorer.tokenizer.encode(prompt)
+    with torch.no_grad():
+        logits = scorer.model(torch.tensor([ids]))[0].double()
+    logp = logits.log_softmax(-1)
+    nll = -sum(float(logp[i - 1, ids[i]]) for i in range(P, len(ids)))
+    return nll, len(ids) - P
+
+
+def test_generative_perplexity_is_exp_mean_nll_by_hand(tiny_gptlab_dir):
+    import math
+
+    from core.generation.evaluate import generative_perplexity
+
+    scorer = load_model(str(tiny_gptlab_dir))
+    prompt, completions = "ROMEO: ", ["But soft, what light", "Thou art more lovely and more temperate"]
+    parts = [_by_hand(scorer, prompt, c) for c in completions]
+    got = generative_perplexity(scorer, completions, prompt)
+    nll, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert got.n_tokens == n and got.n_samples == 2 and got.scorer == scorer.name
+    assert got.mean_nll == pytest.approx(nll / n, rel=1e-5)
+    assert got.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert got.per_sample == pytest.approx([math.exp(a / b) for a, b in parts], rel=1e-5)
+    # with no prompt, every token after the first is scored
+    alone = generative_perplexity(scorer, completions[:1])
+    ids = scorer.tokenizer.encode(completions[0])
+    first, _ = _by_hand(scorer, scorer.tokenizer.decode(ids[:1]), scorer.tokenizer.decode(ids[1:]))
+    assert alone.n_tokens == len(ids) - 1 and alone.mean_nll == pytest.approx(first / (len(ids) - 1), rel=1e-5)
+
+
+def test_generative_perplexity_needs_an_autoregressive_scorer(tiny_diffusion_lm):
+    from core.errors import LabError
+    from core.generation.evaluate import generative_perplexity
+
+    with pytest.raises(LabError, match="needs an autoregressive scorer"):
+        generative_perplexity(tiny_diffusion_lm, ["hello"])
+
+
+def test_cli_gen_ppl_scores_the_samples_under_the_named_model(capsys, tmp_path, tiny_diffusion_dir, tiny_diffusion_lm,
+                                                                tiny_gptlab_dir):
+    from core.generation.evaluate import generative_perplexity
+
+    scorer = load_model(str(tiny_gptlab_dir))
+    cfg = DiffusionConfig(gen_length=10, steps=5, temperature=1.0, seed=11)
+    samples = [diff.generate(tiny_diffusion_lm, PROMPT, DiffusionConfig(**{**cfg.__dict__, "seed": s}))
+               for s in (11, 12, 13)]
+    want = generative_perplexity(scorer, [r.completion for r in samples], PROMPT)
+    target = tmp_path / "out.json"
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 10,
+                           "--diffusion-steps", 5, "--temperature", 1.0, "--seed", 11, "--gen-ppl", tiny_gptlab_dir,
+                           "--gen-ppl-samples", 3, "--json", target)
+    assert rc == 0 and out == samples[0].text + "\n"
+    assert (f"[generative perplexity {want.perplexity:.2f} under {scorer.name}: mean NLL {want.mean_nll:.4f} nats "
+            f"over {want.n_tokens} tokens of 3 samples]") in err
+    saved = json.loads(target.read_text())
+    assert saved["samples"] == [r.completion for r in samples]
+    assert saved["generative_perplexity"]["perplexity"] == pytest.approx(want.perplexity)
+    # a diffusion model cannot score
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_diffusion_dir, "--prompt", PROMPT, "--gen-length", 4,
+                           "--gen-ppl", tiny_diffusion_dir)
+    assert rc == 2 and "needs an autoregressive scorer" in err.splitlines()[-1]
+
+
+# -- the page's new diffusion controls ---------------------------------------------------------------
+
+def test_page_block_top_p_min_p_precision_and_cache_controls_reach_the_sampler(tiny_diffusion_dir, tiny_diffusion_lm):
+    import pages.parts.generate_diffusion as view
+
+    at = open_diffusion_page(tiny_diffusion_dir)
+    for key in ("top_p", "min_p", "block_length"):
+        assert at.number_input(key=f"gen_diff_{key}").help
+    # at temperature 0 nothing is drawn: the sampling filters and the precision are greyed out
+    assert at.number_input(key="gen_diff_top_p").disabled and at.number_input(key="gen_diff_min_p").disabled
+    assert at.selectbox(key="gen_diff_gumbel_dtype").disabled
+    assert at.selectbox(key="gen_diff_gumbel_dtype").value == DiffusionConfig.gumbel_dtype == "float64"
+    assert at.toggle(key="gen_diff_cache").value is DiffusionConfig.cache is True
+    assert at.number_input(key="gen_diff_block_length").value == DiffusionConfig.block_length == 0
+    set_diffusion(at, temperature=0.9)
+    at.run()
+    assert not at.number_input(key="gen_diff_top_p").disabled and not at.selectbox(key="gen_diff_gumbel_dtype").disabled
+    set_diffusion(at, gen_length=12, steps=6, seed=8, top_p=0.8, min_p=0.05, block_length=4, gumbel_dtype="float32",
+                  cache=False)
+    click_generate(at)
+    assert not at.exception and not at.error
+    cfg = DiffusionConfig(gen_length=12, steps=6, seed=8, temperature=0.9, top_p=0.8, min_p=0.05, block_length=4,
+                          gumbel_dtype="float32", cache=False)
+    expected = diff.generate(tiny_diffusion_lm, PROMPT, cfg)
+    assert texts(at.code) == [expected.text]
+    caption = next(c for c in texts(at.caption) if "unmasking" in c)
+    assert caption == (f"Model {tiny_diffusion_lm.name} · confidence unmasking in blocks of 4 · temperature 0.9, "
+                       f"top-p 0.8, min-p 0.05, float32 draws · seed 8")
+    assert view.settings_text(expected.settings) in caption
+    # too few steps for the blocks: one error, nothing run
+    set_diffusion(at, steps=2)
+    click_generate(at)
+    assert [e.value for e in at.error] and "need at least one denoising step each" in at.error[0].value
+    assert texts(at.code) == [expected.text]

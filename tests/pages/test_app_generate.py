@@ -467,7 +467,8 @@ def test_diffusion_controls_at_min_and_max(tiny_diffusion_dir: Path):
     pick_model(at, tiny_diffusion_dir)
     found = {w.key: limits(w) for w in at.number_input if w.key.startswith("gen_diff_")}
     assert found == {"gen_diff_gen_length": (1, 4096), "gen_diff_steps": (1, 4096), "gen_diff_temperature": (0.0, 10.0),
-                     "gen_diff_top_k": (0, 1_000_000), "gen_diff_seed": (0, 2**31 - 1)}
+                     "gen_diff_top_k": (0, 1_000_000), "gen_diff_seed": (0, 2**31 - 1), "gen_diff_top_p": (0.01, 1.0),
+                     "gen_diff_min_p": (0.0, 0.99), "gen_diff_block_length": (0, 4096)}
     cases = [
         dict(gen_length=1, steps=1, temperature=0.0, seed=0),                       # every minimum
         dict(gen_length=room, steps=4096, temperature=10.0, seed=2**31 - 1),        # every maximum that fits
