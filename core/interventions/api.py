@@ -43,6 +43,9 @@ def hook_names(lm: "LoadedModel") -> list[str]:
 
 def check_names(lm: "LoadedModel", names: Iterable[str]) -> None:
     """Raise :class:`LabError` for a name no walk of ``lm`` passes, suggesting the nearest ones."""
+    names = list(names)
+    if not names:
+        return
     known = hook_names(lm)
     allowed = set(known)
     for name in names:
