@@ -22,6 +22,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **names(".ablation", "build_hooks", "mean_ablation", "prompt_means", "steering", "transcoder_splice",
             "zero_ablation"),
     **names(".patching", "PatchingResult", "patch", "patching_hooks", "patching_sweep"),
+    **names(".inspect", "attention_patterns", "feature_activations"),
     **names(".spec", "Ablation", "Interventions", "Steer", "SteerVector", "from_flags", "parse_specs"),
     **names(".run", "Comparison", "IntervenedSampler", "compare_generation", "generate_with", "intervened_sampler",
             "prepare", "with_interventions"),

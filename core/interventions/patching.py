@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from .api import HookPoint, as_ids, hooks, run_with_cache
+from .config import PATCH_POINTS
 from ..errors import LabError
 from ..models.hooks import act_name
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
 
-PATCH_POINTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")   # what the sweep can patch (the page's choice)
 
 
 def patching_hooks(name: str, source: torch.Tensor, positions: Sequence[int] | None = None) -> dict:

@@ -19,17 +19,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .config import ABLATION_KINDS, ABLATION_MODES  # noqa: F401 (the spellings below)
 from ..errors import LabError
 
-ABLATION_KINDS = ("head", "attn", "mlp", "layer", "feature")   # what --ablate can name
-ABLATION_MODES = ("zero", "mean")
 ABLATE_HELP = ("ablate a component (repeatable): head:L.H, attn:L, mlp:L, layer:L, feature:L.F "
                "(needs a transcoder set); add :mean to replace with its mean over the prompt instead of zero")
 STEER_HELP = "add SCALE times transcoder feature F's decoder direction to layer L's MLP output (repeatable)"
 STEER_VECTOR_HELP = "add the vector saved in FILE.npy (float, shape (d_model,)) at activation point HOOK (repeatable)"
-STEER_RANGE = (-50.0, 50.0)   # the page's steering slider
 
-_ABLATE = re.compile(r"^(head|attn|mlp|layer|feature):(\d+)(?:\.(\d+))?(?::(zero|mean))?$")
+_ABLATE = re.compile(rf"^({'|'.join(ABLATION_KINDS)}):(\d+)(?:\.(\d+))?(?::({'|'.join(ABLATION_MODES)}))?$")
 _STEER = re.compile(r"^(\d+)\.(\d+)=([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 
