@@ -35,12 +35,14 @@ def grid_frame(patterns: np.ndarray, tokens: list[str], max_tokens: int = ATTENT
 
 
 def grid_chart(frame: pd.DataFrame) -> alt.Chart:
+    n_heads = int(frame["head"].max()) + 1 if len(frame) else 1
+    cell = int(min(140, max(40, 720 // n_heads)))                 # the grid fills about 720 px across
     pick = alt.selection_point(name="head", fields=["layer", "head"], on="click")
     base = alt.Chart(frame).mark_rect().encode(
         x=alt.X("key:O", axis=None), y=alt.Y("query:O", axis=None),
         color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), legend=None),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.75)),
-        tooltip=["layer", "head"]).properties(width=70, height=70).add_params(pick)
+        tooltip=["layer", "head"]).properties(width=cell, height=cell).add_params(pick)
     return base.facet(row=alt.Row("layer:O", title="layer"), column=alt.Column("head:O", title="head"),
                       spacing=4)
 

@@ -93,7 +93,7 @@ def interventions_panel(lm: LoadedModel | None) -> None:
         strength = c[3].slider("Steering strength", *STEER_RANGE, step=0.5, key="iv_strength", **KEEP,
                                help="SCALE in --steer L.F=SCALE; 0 leaves the model as it is.")
         c = st.columns([1, 1, 1, 3], vertical_alignment="bottom")
-        n_new = c[0].number_input("New tokens", 1, 512, COMPARE_NEW_TOKENS, key="iv_new_tokens", **KEEP)
+        n_new = c[0].number_input("Tokens to compare", 1, 512, COMPARE_NEW_TOKENS, key="iv_new_tokens", **KEEP)
         greedy = c[1].toggle("Greedy", True, key="iv_greedy", **KEEP,
                              help="Off: both runs sample with the same seed, so they differ by the interventions only.")
         seed = c[2].number_input("Seed", 0, DRAWN_SEEDS - 1, 0, key="iv_seed", **KEEP, disabled=greedy)
