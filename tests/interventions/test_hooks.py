@@ -345,3 +345,31 @@ def test_generation_without_interventions_is_untouched(models):
     lm = models("tiny_gpt2_dir")
     cfg = SamplingConfig(greedy=True, max_new_tokens=6)
     assert generate_with(lm, TEXT[:20], cfg, Interventions()).completion == generate(lm, TEXT[:20], cfg).completion
+
+
+def test_cache_matches_transformer_lens_on_the_same_gpt2(models):
+    """TransformerLens's HookedTransformer loaded with the same GPT-2 weights (no folding or centring)
+    caches the same tensors under the same names."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    lm = models("tiny_gpt2_dir")
+    hf, st = lm.model, lm.stack
+    cfg = HookedTransformerConfig(n_layers=st.n_layer, d_model=st.d_model, n_ctx=st.context_length,
+                                  d_head=st.d_model // st.n_head, n_heads=st.n_head, d_mlp=4 * st.d_model,
+                                  d_vocab=st.vocab_size, act_fn="gelu_new", normalization_type="LN",
+                                  positional_embedding_type="standard", default_prepend_bos=False)
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                   center_unembed=False, fold_value_biases=False)
+    tl.eval()
+    ids = _ids(lm)
+    ours_logits, ours = run_with_cache(lm, ids)
+    with torch.no_grad():
+        tl_logits, theirs = tl.run_with_cache(ids)
+    assert (ours_logits - tl_logits).abs().max() < 1e-4
+    shared = [n for n in ours if n in theirs]
+    assert set(ours) - set(shared) <= {act_name("mlp_in", i) for i in range(st.n_layer)}  # TL's is opt-in
+    for name in shared:
+        assert ours[name].shape == theirs[name].shape, name
+        assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
