@@ -33,28 +33,31 @@ def test_generate_panel_shows_with_and_without_and_the_logprob_change(default_lm
     at = open_app("pages/generate.py")
     assert not at.exception
     at.text_area(key="gen_prompt").input(PROMPT)
-    set_widgets(at, "iv_", heads=["0.1", "2.3"], mlp=[1], new_tokens=6)
+    set_widgets(at, "iv_", heads=["0.1", "2.3"], mlp=[1], attn=[2], layer=[3], new_tokens=6)
     at.button(key="iv_go").click()
     at.run()
     assert not at.exception and not at.error, texts(at.error)
-    iv = from_flags(["head:0.1", "head:2.3", "mlp:1"])
+    iv = from_flags(["head:0.1", "head:2.3", "attn:2", "mlp:1", "layer:3"])
     ref = compare_generation(default_lm, PROMPT, SamplingConfig(max_new_tokens=6, greedy=True), iv)
     assert code(at)[-2:] == shown(ref.original.text, ref.intervened.text)
     table = at.dataframe[-1].value
     assert list(table["token"]) == ref.tokens
     np.testing.assert_allclose(table["change"], ref.delta, atol=1e-5)
-    assert "head:0.1, head:2.3, mlp:1" in " ".join(texts(at.markdown))
+    assert "head:0.1, head:2.3, attn:2, mlp:1, layer:3" in " ".join(texts(at.markdown))
 
 
 def test_generate_panel_feature_ablation_and_steering_use_the_models_transcoders(default_lm):
     at = open_app("pages/generate.py")
     at.text_area(key="gen_prompt").input(PROMPT)
-    set_widgets(at, "iv_", features="1.3", steer="2.5", strength=12.0, new_tokens=4, mode="mean")
+    set_widgets(at, "iv_", features="1.3", steer="2.5", strength=12.0, new_tokens=4, mode="mean", greedy=False)
+    at.run()                                                     # the seed is enabled once greedy is off
+    at.number_input(key="iv_seed").set_value(7)
     at.button(key="iv_go").click()
     at.run()
     assert not at.exception and not at.error, texts(at.error)
-    ref = compare_generation(default_lm, PROMPT, SamplingConfig(max_new_tokens=4, greedy=True),
+    ref = compare_generation(default_lm, PROMPT, SamplingConfig(max_new_tokens=4, greedy=False, seed=7),
                              from_flags(["feature:1.3:mean"], ["2.5=12"]))
+    assert code(at)[-2] == shown(ref.original.text)[0]          # both sampled with seed 7
     assert code(at)[-1] == shown(ref.intervened.text)[0]
     assert "feature:1.3:mean, 2.5=12" in " ".join(texts(at.markdown))
 
@@ -121,6 +124,26 @@ def test_patching_page_heatmap_is_the_sweep(default_lm):
     np.testing.assert_allclose(grid, ref.logit_diff, atol=1e-4)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Logit difference, clean"] == f"{ref.clean_diff:.3f}"
+
+
+def test_patching_page_with_chosen_tokens_and_point(default_lm):
+    at = open_app("pages/patching.py")
+    at.selectbox(key="patch_point").set_value("resid_post")
+    at.text_input(key="patch_answer").input(" Romeo")
+    at.text_input(key="patch_wrong").input(" Juliet")
+    at.button(key="patch_go").click()
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    ids = [default_lm.tokenizer.encode(t)[0] for t in (" Romeo", " Juliet")]
+    ref = patching_sweep(default_lm, PATCH_CLEAN, PATCH_CORRUPTED, point="resid_post", answer=ids[0], wrong=ids[1])
+    (_, data), = vega_data(at)
+    np.testing.assert_allclose(data["logit difference"].to_numpy().reshape(ref.logit_diff.shape), ref.logit_diff,
+                               atol=1e-4)
+    assert data["restored"].to_numpy().reshape(ref.restored.shape)[-1, -1] == pytest.approx(1.0, abs=1e-4)
+    at.text_input(key="patch_answer").input(" Romeo and")
+    at.button(key="patch_go").click()
+    at.run()
+    assert len(at.error) == 1 and "give one token" in at.error[0].value
 
 
 def test_patching_page_refuses_prompts_of_different_lengths(default_lm):
