@@ -68,7 +68,9 @@ def interventions_panel(lm: LoadedModel | None) -> None:
     ss = st.session_state
     preset = _apply_preset(lm)
     layers = list(range(lm.stack.n_layer))
-    with st.expander("Interventions: ablate and steer", expanded=preset or RESULT_KEY in ss):
+    # open once something was asked of the panel, and stay open: a changed `expanded` would fold it mid-use
+    ss["_iv_open"] = bool(preset or ss.get("iv_go") or RESULT_KEY in ss or ss.get("_iv_open"))
+    with st.expander("Interventions: ablate and steer", expanded=ss["_iv_open"]):
         st.caption("Zero (or mean-) ablate components and add feature directions while generating; Run compares the "
                    "completion with and without them. Same as `--ablate` / `--steer` on `python -m core generate`.")
         c = st.columns(4)
@@ -127,7 +129,8 @@ def _run(lm, prompt, heads, attn, mlps, whole, features, mode, steer, strength, 
 
 
 def delta_frame(comparison) -> pd.DataFrame:
-    return pd.DataFrame({"position": list(range(len(comparison.tokens))), "token": comparison.tokens,
+    shown = [t.replace("\n", "↵").replace("\t", "⇥") for t in comparison.tokens]   # line breaks visible in a cell
+    return pd.DataFrame({"position": list(range(len(comparison.tokens))), "token": shown,
                          "logprob without": comparison.logprob_before, "logprob with": comparison.logprob_after,
                          "change": comparison.delta})
 

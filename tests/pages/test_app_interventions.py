@@ -41,7 +41,7 @@ def test_generate_panel_shows_with_and_without_and_the_logprob_change(default_lm
     ref = compare_generation(default_lm, PROMPT, SamplingConfig(max_new_tokens=6, greedy=True), iv)
     assert code(at)[-2:] == shown(ref.original.text, ref.intervened.text)
     table = at.dataframe[-1].value
-    assert list(table["token"]) == ref.tokens
+    assert list(table["token"]) == [t.replace("\n", "↵").replace("\t", "⇥") for t in ref.tokens]
     np.testing.assert_allclose(table["change"], ref.delta, atol=1e-5)
     assert "head:0.1, head:2.3, attn:2, mlp:1, layer:3" in " ".join(texts(at.markdown))
 
