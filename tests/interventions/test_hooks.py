@@ -373,3 +373,29 @@ def test_cache_matches_transformer_lens_on_the_same_gpt2(models):
     for name in shared:
         assert ours[name].shape == theirs[name].shape, name
         assert (ours[name] - theirs[name]).abs().max() < 1e-4, name
+
+
+def test_concurrent_generations_with_different_interventions_each_get_their_own(models):
+    """Three 'sessions' on one shared model at once: each generation equals the same one run alone."""
+    lm = models("tiny_gpt2_dir")
+    cfg = SamplingConfig(greedy=True, max_new_tokens=12)
+    jobs = {"clean": Interventions(), "head": from_flags(["head:0.3"]), "mlp": from_flags(["mlp:1:mean", "layer:2"])}
+    def run(iv):
+        r = generate_with(lm, TEXT[:20], cfg, iv)
+        return r.completion, tuple(round(t.logprob, 5) for t in r.tokens)
+    alone = {k: run(iv) for k, iv in jobs.items()}
+    assert len(set(alone.values())) == 3                                # they do differ
+    barrier = threading.Barrier(len(jobs))
+    together: dict[str, list] = {k: [] for k in jobs}
+
+    def session(name):
+        barrier.wait()
+        for _ in range(3):
+            together[name].append(run(jobs[name]))
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == {k: [v] * 3 for k, v in alone.items()}
