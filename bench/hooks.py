@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +48,18 @@ def stack_before(rev: str):
     return mod.stack_for
 
 
+def cpu_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Like bench.common.interleaved, but per second of this process's CPU time: on a shared machine
+    other processes' load stretches wall time, not the CPU time a walk takes (one thread, see --threads)."""
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            units = fn()
+            rates[name].append(units / (time.process_time() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -54,8 +68,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time is then comparable)")
+    ap.add_argument("--wall", action="store_true", help="time by the wall clock (GPU runs) instead of CPU time")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -92,14 +109,15 @@ def main() -> None:
         return run
 
     same = generate(now, prompt, cfg).completion == generate(before, prompt, cfg).completion
-    gen_rates = interleaved({"before": gen_run(before), "now": gen_run(now), "hooked": gen_run(now, head)}, args.repeats)
-    cons_rates = interleaved({"before": cons_run(before), "now": cons_run(now), "hooked": cons_run(now, head)},
-                             args.repeats)
+    timed = interleaved if args.wall or args.device != "cpu" else cpu_interleaved
+    gen_rates = timed({"before": gen_run(before), "now": gen_run(now), "hooked": gen_run(now, head)}, args.repeats)
+    cons_rates = timed({"before": cons_run(before), "now": cons_run(now), "hooked": cons_run(now, head)}, args.repeats)
+    clock = "wall-clock" if timed is interleaved else f"CPU-time ({args.threads} thread(s))"
     g, c = gen_rates["now"] / gen_rates["before"], cons_rates["now"] / cons_rates["before"]
     body = (f"GPT-2 small config (random weights), {args.device} {args.dtype}; generation: batch 1, 16-token prompt, "
             f"{args.new_tokens} new tokens, greedy; consensus: 4 prompts x 32 tokens, N = {args.iterations}, engine "
             f"block, matrices on. Baseline: core/models/stack.py at {args.before} (no hook points), same weights, "
-            f"same process; median of {args.repeats} interleaved runs.\n\n"
+            f"same process; median of {args.repeats} interleaved runs, {clock} rates.\n\n"
             "| walk | before (no hook points) | now, no hooks | now / before | now, one head ablated |\n"
             "|---|---:|---:|---:|---:|\n"
             f"| generation, tokens/s | {gen_rates['before']:.1f} | {gen_rates['now']:.1f} | {g:.3f}x | "

@@ -10,6 +10,13 @@ family's own modules, called directly.
 ``blocks.{i}.hook_resid_mid``, ``blocks.{i}.hook_mlp_in`` (the stream before ln2),
 ``blocks.{i}.ln2.hook_normalized`` (after it: the MLP's input), ``blocks.{i}.hook_mlp_out``,
 ``blocks.{i}.hook_resid_post``, ``ln_final.hook_normalized``), the same tensors in every family.
+
+Every point (those, plus ``hook_embed``, ``hook_pos_embed``, ``blocks.{i}.ln1.hook_normalized``, the
+per-head ``attn.hook_q/k/v/z`` in TransformerLens's ``(B, T, heads, d_head)``, ``attn.hook_pattern``
+``(B, heads, T, T)`` and ``mlp.hook_post``) also runs the hooks of the calling context
+(:mod:`core.models.hookpoints`; the API is :mod:`core.interventions`). Hooks are never stored on the
+adapter or the model, so sessions sharing a model never see each other's; points that cost work to
+expose are computed only when a hook names them (the pattern needs the explicit softmax, not SDPA).
 """
 from __future__ import annotations
 
