@@ -45,6 +45,7 @@ from core.errors import LabError, failure, fmt_bytes
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
 from pages.parts import consensus_runs as runs_view
+from pages.parts.interventions_consensus import consensus_interventions
 from pages.parts.common import current_model, ensure_frame, spec_label
 from pages.parts.charts import chart_download, draw
 from pages.parts.consensus_charts import (HEATMAP_TOKENS, csv_bytes, decodings_frame, heat_step, heatmap_chart,
@@ -149,6 +150,8 @@ def _model_label(lm: LoadedModel, source: str, n: int, length: int, s: dict) -> 
         label += f" random {n}x{length}"
     if source == "random" or s["reinit"] != "none":
         label += f" seed={s['seed']}"
+    if s.get("interventions"):
+        label += " " + " ".join(s["interventions"])
     return label
 
 
@@ -173,6 +176,7 @@ def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, le
 def run_controls(lm: LoadedModel | None) -> Request | None:
     source, typed, n, length = prompt_controls(lm)
     s = stack_controls()
+    s["interventions"] = consensus_interventions(lm)
     c1, c2 = st.columns([1, 2])
     matrix = c1.toggle("Token cosine matrices", key="cons_matrix", **KEEP,
                        help="Record the T x T cosine matrix at every recorded layer-step (heatmap, --matrixerror).")
@@ -185,7 +189,8 @@ def run_controls(lm: LoadedModel | None) -> Request | None:
     def config() -> ConsensusConfig:
         return ConsensusConfig(iterations=s["iterations"], skip_mlp=s["skip_mlp"], reinit=s["reinit"], seed=s["seed"],
                                record_every=s["record_every"], matrix=bool(matrix),
-                               decode_iterations=parse_iterations(decode_text), max_events=MAX_EVENTS)
+                               decode_iterations=parse_iterations(decode_text), max_events=MAX_EVENTS,
+                               interventions=s["interventions"])
 
     try:
         _estimate_caption(lm, source, typed, n, length, config())
@@ -207,6 +212,7 @@ def run_controls(lm: LoadedModel | None) -> Request | None:
 def decode_controls(lm: LoadedModel | None) -> Request | None:
     source, typed, n, length = prompt_controls(lm)
     s = stack_controls()
+    s["interventions"] = consensus_interventions(lm)
     c = st.columns(3)
     k = c[0].number_input("New tokens K", 1, 100_000, PAGE_NEW_TOKENS, key="cons_new_tokens", **KEEP,
                           help="Each new token is sampled after a full consensus run over the whole sequence.")
@@ -216,7 +222,7 @@ def decode_controls(lm: LoadedModel | None) -> Request | None:
     if lm is None:
         return None
     cfg = ConsensusConfig(iterations=s["iterations"], skip_mlp=s["skip_mlp"], reinit=s["reinit"], seed=s["seed"],
-                          record_every=s["record_every"], max_events=MAX_EVENTS)
+                          record_every=s["record_every"], max_events=MAX_EVENTS, interventions=s["interventions"])
     decode = DecodeConfig(new_tokens=int(k), top_p=float(top_p), temperature=float(temperature), seed=s["seed"])
     try:
         _estimate_caption(lm, source, typed, n, length, cfg, int(k))

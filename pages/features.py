@@ -31,6 +31,7 @@ from core.interp.jobs import list_jobs, usable_path
 from pages.parts.common import attempt
 from pages.parts.features_jobs_view import followed_set, jobs_section
 from pages.parts.features_io import io_section, pending_folder
+from pages.parts.interventions_features import feature_actions
 
 SET_KEY = "feat_set"              # the set picker (a folder, or OTHER)
 SET_OTHER_KEY = "feat_set_other"  # the folder typed for OTHER
@@ -348,6 +349,7 @@ def browse(store: FeatureStore, tset: TranscoderSet | None = None) -> None:
             st.error(error)
         else:
             draw_card(card)
+            feature_actions(ss.get(_FOR_SET), layer, int(feature))
 
 
 # -- the page -------------------------------------------------------------------------------------

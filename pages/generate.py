@@ -31,6 +31,7 @@ from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
 from pages.parts.common import current_model, ensure_frame, stream_run
 from pages.parts.generate_diffusion import diffusion_view
+from pages.parts.interventions_generate import interventions_panel
 
 RESULTS_KEY = "gen_results"
 RUN_KEY = "gen_run"
@@ -321,6 +322,7 @@ def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
     for slot, column in zip(slots, out_columns):
         with column:
             show_result(slot, results.get(slot), compare)
+    interventions_panel(lm)
 
 
 # -- page ------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BU
 from ..consensus.files import output_paths, save_consensus, save_decode
 from ..errors import LabError, shorten
 from .cli import add_model_args, float_arg, int_arg, load_from_args, model_given, path_arg, progress, read_stdin
+from ..interventions.flags import add_intervention_args, interventions_from_args
 
 NAME = "consensus"
 HELP = "Iterate a model's layer stack N times on prompts and record how the token vectors converge."
@@ -67,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--size", type=int_arg(1), metavar="N",
                    help=f"iterations N: each is every block once, then the final norm (default: {C.iterations}; "
                         f"with --simulate, integration steps, default {S.steps})")
-    r.add_argument("--noff", action="store_true", help="skip the MLP (feed-forward) sublayers")
+    r.add_argument("--noff", action="store_true", help="skip the MLP (feed-forward) sublayers of every layer "
+                                                         "(--ablate mlp:L skips one)")
     reinit = r.add_mutually_exclusive_group()
     reinit.add_argument("--randominit", "--random-init", dest="random_init", action="store_true",
                         help="re-initialise all weights once, with seed SEED, before the embeddings")
@@ -107,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--config", metavar="FILE", type=path_arg,
                    help="run what a run folder's config.json describes (prompts and settings; --model, --device, "
                         "--dtype, --run-name and the files flags still apply)")
+    add_intervention_args(parser)
     add_simulation_arguments(parser)
 
 
@@ -172,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ConsensusConfig(iterations=size, skip_mlp=args.noff, reinit=reinit, seed=args.seed,
                           record_every=args.record_every, matrix=args.matrixerror is not None,
                           decode_iterations=decode_at, memory_budget=_budget(args.memory_budget),
-                          restore_weights=False, engine=args.engine)
+                          restore_weights=False, engine=args.engine,
+                          interventions=tuple(interventions_from_args(args).specs()), transcoders=args.transcoders)
     cfg.check()  # before loading a model, so a typo costs nothing
     output_paths(args.savefile, args.eplot, args.matrixerror, decode=args.use_model is not None)
     _run_folder(args)
@@ -259,8 +263,8 @@ def _consensus_to_end(args, lm, cfg: ConsensusConfig, decode, events, config: di
         assert isinstance(started, Started)
         result, n_layer = started.result, started.info["n_layer"]
         print(f"{lm.name}: {len(result.prompts)} prompt(s), N = {cfg.iterations} iterations x {n_layer} blocks = "
-              f"{cfg.iterations * n_layer} layer-steps per prompt{' and new token' if decode else ''}",
-              file=sys.stderr)
+              f"{cfg.iterations * n_layer} layer-steps per prompt{' and new token' if decode else ''}"
+              f"{'; interventions: ' + ', '.join(cfg.interventions) if cfg.interventions else ''}", file=sys.stderr)
         for ev in progress(events, started.info["total"], "consensus",
                            position=lambda e: e.step if isinstance(e, Progress) else None):
             if isinstance(ev, Finished):

@@ -44,6 +44,7 @@ from ..errors import LabError, shorten
 from ..files import atomic_write_json, check_output
 from ..generation.config import (DEFAULT_SCORER, GUMBEL_DTYPES, MAX_SCORED_SAMPLES, STRATEGIES, DiffusionConfig,
                                  SamplingConfig, draw_seed)
+from ..interventions.flags import add_intervention_args, interventions_from_args
 
 NAME = "generate"
 HELP = ("Continue a prompt with any model: greedy, sampling or beam search; stream tokens, show probabilities; "
@@ -100,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    metavar="L", help="beam scores are sum(logprob) / length**L (default: %(default)s)")
     d.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: a fresh one, printed)")
 
+    add_intervention_args(parser)
     m = parser.add_argument_group(
         "diffusion models (objective: diffusion)",
         f"  --temperature (default {D.temperature:g} here: the most likely token), --top-k, --top-p,\n"
@@ -390,10 +392,15 @@ def run(args: argparse.Namespace) -> int:
     except LabError as e:
         cfg, bad_flags = None, e
     check_output(args.json, "--json")
+    interventions = interventions_from_args(args)
     prompt = read_prompt(args.prompt)
     use_reference_weights(args)
     lm = load_from_args(args)
     sampler = sampler_for(lm)
+    if interventions:
+        from ..interventions.run import intervened_sampler
+        sampler = intervened_sampler(sampler, lm, prompt, interventions, args.transcoders)
+        print(f"interventions: {', '.join(interventions.specs())}", file=sys.stderr)
     if lm.untrained:
         print(f"note: {lm.name} has random weights, so its text is noise.", file=sys.stderr)
     if sampler.denoises:

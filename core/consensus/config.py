@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..errors import LabError, shorten
 from ..generation.config import check_seed
+from ..interventions.spec import parse_specs
 
 REINIT_MODES = ("none", "once", "iteration", "block")
 # "block": one block at a time, statistics after each (finest stopping, least memory);
@@ -48,6 +49,8 @@ class ConsensusConfig:
     max_events: int = 100  # about this many Progress events per run, however long it is
     restore_weights: bool = True  # re-init runs leave the given model untouched (they walk a private copy)
     engine: str = "auto"  # one of ENGINES: how the walk is scheduled (same numbers, different speed)
+    interventions: tuple[str, ...] = ()  # --ablate / --steer specs (core.interventions.spec), applied every iteration
+    transcoders: str | None = None  # the transcoder set feature interventions use (default: the model's own)
 
     def check(self) -> None:
         """Raise :class:`LabError` for settings no run can honour."""
@@ -66,6 +69,7 @@ class ConsensusConfig:
             raise LabError(f"max events must be at least 1 (got {self.max_events}).")
         check_budget(self.memory_budget)
         check_seed(self.seed)
+        parse_specs(self.interventions)
         bad = [i for i in self.decode_iterations if not 0 <= int(i) < self.iterations]
         if bad:
             raise LabError(f"Decode iteration(s) {', '.join(map(str, bad))} are outside 0..{self.iterations - 1}; "

@@ -566,7 +566,8 @@ def _engine(lm: "LoadedModel", cfg: ConsensusConfig, b: int, T: int) -> str:
     per_col = 4 * b * (len(STAT_NAMES) + (T * T if cfg.matrix else 0))
     fits = (_IterationRunner.scratch_bytes(lm, b, T, cfg.matrix) <= FUSED_BUDGET
             and per_col * (st.n_layer + 2) <= DEVICE_CHUNK_BUDGET)
-    if one_gpu and fits and cfg.reinit != "block" and int(cfg.iterations) >= MIN_GRAPH_ITERATIONS:
+    if one_gpu and fits and cfg.reinit != "block" and int(cfg.iterations) >= MIN_GRAPH_ITERATIONS \
+            and not cfg.interventions:  # hooks are Python: kept out of CUDA graphs
         return "graph"
     return "block"
 
@@ -707,7 +708,14 @@ def consensus_stream(lm: "LoadedModel", prompts: Sequence[PromptLike],
     """
     cfg = cfg or ConsensusConfig()
     plan = _plan(lm, prompts, cfg)
-    return _consensus_events(lm, plan, cfg)
+    return _intervened(lm, plan, cfg, _consensus_events(lm, plan, cfg))
+
+
+def _intervened(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig, events: Iterator) -> Iterator:
+    """``events`` walked under ``cfg.interventions`` (means of ``:mean`` ablations over the run's prompts)."""
+    from ..interventions.run import with_interventions
+    from ..interventions.spec import parse_specs
+    return with_interventions(lm, events, parse_specs(cfg.interventions), plan.token_ids, cfg.transcoders)
 
 
 def _new_result(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> ConsensusResult:
@@ -811,7 +819,7 @@ def consensus_decode_stream(lm: "LoadedModel", prompts: Sequence[PromptLike], cf
         raise LabError("Logit-lens decodings after chosen iterations belong to consensus runs, not to consensus "
                        "decoding; drop the decode iterations or run consensus without generating tokens.")
     plan = _plan(lm, prompts, cfg, new_tokens=int(decode.new_tokens))
-    return _decode_events(lm, plan, cfg, decode)
+    return _intervened(lm, plan, cfg, _decode_events(lm, plan, cfg, decode))
 
 
 def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,

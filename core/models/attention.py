@@ -5,6 +5,8 @@ sliding-window attention, with or without a cache, are written exactly once.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +93,24 @@ def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     B, nh, T, hs = x.shape
     return x.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C)
+
+
+def attend_with_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, on_pattern, *, causal: bool,
+                        q_offset: int = 0, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """:func:`attend` written out: scores, mask, softmax, then ``pattern @ v``, with the pattern
+    ``(B, nh, Tq, Tk)`` handed to ``on_pattern`` (which may return an edited one) in between.
+
+    Used only when something reads or rewrites the attention pattern (TransformerLens's
+    ``attn.hook_pattern``); the fused kernel stays the default. Keys and values with fewer heads
+    than the queries (grouped-query attention) are repeated to match.
+    """
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale                     # (B, nh, Tq, Tk)
+    mask = attention_mask(q.shape[-2], k.shape[-2], q_offset, causal, window, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = on_pattern(scores.softmax(-1))
+    return pattern @ v                                             # (B, nh, Tq, hs)

@@ -10,6 +10,13 @@ family's own modules, called directly.
 ``blocks.{i}.hook_resid_mid``, ``blocks.{i}.hook_mlp_in`` (the stream before ln2),
 ``blocks.{i}.ln2.hook_normalized`` (after it: the MLP's input), ``blocks.{i}.hook_mlp_out``,
 ``blocks.{i}.hook_resid_post``, ``ln_final.hook_normalized``), the same tensors in every family.
+
+Every point (those, plus ``hook_embed``, ``hook_pos_embed``, ``blocks.{i}.ln1.hook_normalized``, the
+per-head ``attn.hook_q/k/v/z`` in TransformerLens's ``(B, T, heads, d_head)``, ``attn.hook_pattern``
+``(B, heads, T, T)`` and ``mlp.hook_post``) also runs the hooks of the calling context
+(:mod:`core.models.hookpoints`; the API is :mod:`core.interventions`). Hooks are never stored on the
+adapter or the model, so sessions sharing a model never see each other's; points that cost work to
+expose are computed only when a hook names them (the pattern needs the explicit softmax, not SDPA).
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, attend, merge_heads, split_heads
+from .attention import KVCache, attend, attend_with_pattern, merge_heads, split_heads
 from .gpt import GPT
-from .hooks import act_name
+from .hookpoints import active_hooks, point_name
 from ..errors import LabError
 
 MLPFn = Callable[[torch.Tensor], torch.Tensor]
@@ -89,7 +96,11 @@ class LayerStack:
                            f"{self.context_length}; shorten the prompt or ask for fewer new tokens.")
         ids = ids.to(self.wte.weight.device)
         pos = torch.arange(start_pos, start_pos + T, device=ids.device)
-        return self.drop(self.wte(ids) + self.wpe(pos).to(self.wte.weight.device))
+        tok = self._at(None, "embed", None, self.wte(ids))
+        p = self.wpe(pos).to(self.wte.weight.device)                  # (T, C), broadcast over the batch
+        if self._wants("pos_embed", None):                             # hooks see TransformerLens's (B, T, C)
+            p = self._at(None, "pos_embed", None, p.expand(ids.shape[0], -1, -1))
+        return self.drop(tok + p)
 
     def block(self, i: int, h: torch.Tensor, *, skip_mlp: bool = False, cache: KVCache | None = None,
               mlp: MLPFn | None = None, record: dict | None = None) -> torch.Tensor:
@@ -99,21 +110,72 @@ class LayerStack:
         if h.device != dev:
             h = h.to(dev)
         h = self._at(record, "resid_pre", i, h)
-        attn_out = self._at(record, "attn_out", i, self._attention(i, self.ln_1(i)(h), cache))
+        x = self._at(record, "ln1_normalized", i, self.ln_1(i)(h))
+        attn_out = self._at(record, "attn_out", i, self._attention(i, x, cache))
         h = self._at(record, "resid_mid", i, h + attn_out)
         if not skip_mlp:
-            self._at(record, "mlp_in", i, h)      # TransformerLens: the stream before ln2
-            x = self._at(record, "ln2_normalized", i, self.ln_2(i)(h))
-            out = self._at(record, "mlp_out", i, (mlp or self.mlp(i))(x))
+            m = self._at(record, "mlp_in", i, h)      # TransformerLens: the stream before ln2 (the MLP's
+            x = self._at(record, "ln2_normalized", i, self.ln_2(i)(m))   # copy: rewriting it leaves h alone)
+            out = self._at(record, "mlp_out", i, self._mlp_call(i, x, mlp))
             h = h + out
         return self._at(record, "resid_post", i, h)
 
     def _at(self, record: dict | None, point: str, i: int | None, t: torch.Tensor) -> torch.Tensor:
-        """The one place an activation passes a named point (``act_name(point, i)``): recorded when
-        asked. Every family's walk, shared or overridden, calls it at each point it has."""
+        """The one place an activation passes a named point (``act_name(point, i)``): recorded into
+        ``record`` when given, and read or rewritten by the hooks of the current context
+        (:mod:`core.models.hookpoints`), which may return a replacement. Every family's walk, shared
+        or overridden, calls it at each point it has; with no record and no hooks it costs one
+        context-variable lookup."""
+        active = active_hooks()
+        if active is None and record is None:
+            return t
+        name = point_name(point, i)
+        if active is not None and active.wants(name):
+            t = active.run(name, i, t)
         if record is not None:
-            record[act_name(point, i)] = t
+            record[name] = t
         return t
+
+    def _wants(self, point: str, i: int | None) -> bool:
+        """Whether a hook of the current context asked for ``point`` of block ``i``: points that cost
+        work to expose (per-head tensors, the attention pattern, the MLP's hidden layer) check first."""
+        active = active_hooks()
+        return active is not None and active.wants(point_name(point, i))
+
+    def _at_heads(self, point: str, i: int, t: torch.Tensor) -> torch.Tensor:
+        """A per-head point: ours are ``(B, heads, T, d_head)``, TransformerLens's ``(B, T, heads, d_head)``;
+        hooks see (and return) its layout."""
+        if not self._wants(point, i):
+            return t
+        return self._at(None, point, i, t.transpose(1, 2)).transpose(1, 2)
+
+    def _mlp_call(self, i: int, x: torch.Tensor, mlp: MLPFn | None) -> torch.Tensor:
+        """Block ``i``'s MLP (or its replacement ``mlp``) on ``x``; split in two around
+        ``blocks.{i}.mlp.hook_post`` (the hidden activation) only when a hook asks for it."""
+        if mlp is None and self._wants("mlp_post", i):
+            parts = self._mlp_parts(i)
+            if parts is not None:
+                hidden, out = parts
+                return out(self._at(None, "mlp_post", i, hidden(x)))
+        return (mlp or self.mlp(i))(x)
+
+    def _mlp_parts(self, i: int) -> tuple[MLPFn, MLPFn] | None:
+        """Block ``i``'s MLP as ``(input -> hidden activation, hidden -> output)``, read off the module
+        names the families use: GPT-2 / GPT-Neo / our GPT (``c_fc``, act, ``c_proj``), gated MLPs
+        (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``), GPT-NeoX (``dense_h_to_4h``, ``act``,
+        ``dense_4h_to_h``). None for an MLP of another shape (``mlp.hook_post`` is then not offered)."""
+        m = self.blocks[i].mlp
+        drop = getattr(m, "dropout", None) or (lambda y: y)
+        if hasattr(m, "c_fc") and hasattr(m, "c_proj"):
+            act = m.act
+            if getattr(getattr(self.model, "config", None), "activation_function", None) in _TANH_GELU:
+                act = lambda y: F.gelu(y, approximate="tanh")  # noqa: E731  (what _HFStack.mlp runs)
+            return (lambda x: act(m.c_fc(x))), (lambda y: drop(m.c_proj(y)))
+        if all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return (lambda x: m.act_fn(m.gate_proj(x)) * m.up_proj(x)), m.down_proj
+        if hasattr(m, "dense_h_to_4h") and hasattr(m, "dense_4h_to_h"):
+            return (lambda x: m.act(m.dense_h_to_4h(x))), m.dense_4h_to_h
+        return None
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h.to(self.ln_f.weight.device))
@@ -188,13 +250,19 @@ class LayerStack:
     def _attention(self, i: int, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         offset = cache.length if cache is not None else 0
         q, k, v = self._qkv(i, x, offset)  # (B, heads, T, d_head)
+        q, k, v = (self._at_heads(p, i, t) for p, t in (("q", q), ("k", k), ("v", v)))
         if cache is not None:
             k, v = cache.update(i, k, v)
         dtype = v.dtype
         if self.attn_in_float32:
             q, k, v = q.float(), k.float(), v.float()
-        z = attend(q, k, v, causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i))
-        return self._attn_out(i, merge_heads(z.to(dtype)))
+        how = dict(causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i))
+        if self._wants("pattern", i):   # the explicit softmax, only when someone reads or edits it
+            z = attend_with_pattern(q, k, v, lambda p: self._at(None, "pattern", i, p), **how)
+        else:
+            z = attend(q, k, v, **how)
+        z = self._at_heads("z", i, z.to(dtype))  # (B, heads, T, d_head): head h's slice before the projection
+        return self._attn_out(i, merge_heads(z))
 
     def _qkv(self, i: int, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values ``(B, heads, T, d_head)`` of block ``i`` for input ``x`` whose

@@ -52,6 +52,10 @@ WORKBENCHES = [
               "Train GPT or text-diffusion models on local GPUs or CPU, monitor curves, stop, resume."),
     Workbench("pages/features.py", "Features", ":material/psychology:",
               "Browse transcoder features per layer and explain how a model produced a completion."),
+    Workbench("pages/attention.py", "Attention", ":material/grid_view:",
+              "See every head's attention pattern on a prompt; enlarge a head, ablate it."),
+    Workbench("pages/patching.py", "Patching", ":material/compare_arrows:",
+              "Activation patching: which (layer, position) of a clean run restores its answer in a corrupted one."),
 ]
 
 

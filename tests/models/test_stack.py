@@ -111,7 +111,8 @@ def test_recorded_names_are_the_builders_and_mean_the_same_tensor_in_every_famil
     lm = load_model(str(request.getfixturevalue(fixture)))
     rec = {}
     lm.stack.logits(_ids(lm)[:, :12], record=rec)
-    points = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "ln2_normalized", "mlp_out", "resid_post")
+    points = ("resid_pre", "ln1_normalized", "attn_out", "resid_mid", "mlp_in", "ln2_normalized", "mlp_out",
+              "resid_post")
     assert set(rec) == {act_name(p, i) for p in points for i in range(lm.stack.n_layer)} | \
         {act_name("ln_final_normalized")}
     for i in range(lm.stack.n_layer):
