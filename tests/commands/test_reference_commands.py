@@ -770,7 +770,8 @@ def test_diffusion_interpretability_pipeline_rows(workdir, capsys):
 
     gen_cmd = lab_for(f"python generate.py {ref} --cuda 1 --num_layers 12 --num_heads 6 --model_dim 384 "
                       f"--max_seq_len 4_096")
-    out, _ = run(adapt(gen_cmd, {**tiny, **ckpt, "--max_seq_len": ["32"], "--max-new-tokens": ["4"]}), capsys)
+    out, _ = run(adapt(gen_cmd, {**tiny, **ckpt, "--max_seq_len": ["32"], "--max-new-tokens": ["4"],
+                                 "--diffusion-steps": ["4"]}), capsys)  # steps past the tokens would reveal nothing
     lines = out.splitlines()
     assert [ln.split("]")[0] for ln in lines[:4]] == ["[1/4", "[2/4", "[3/4", "[4/4"]   # every denoising step
     assert all(ln.startswith("Once upon a time,", ln.index("] ") + 2) for ln in lines[:4])
