@@ -50,6 +50,16 @@ class LayerStack:
     context_length: int
     causal: bool = True
     init_std: float = 0.02
+    norm_weight_init: float = 1.0   # what re-initialisation puts in norm weights (Gemma's x * (1 + w): 0)
+
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: fewer than ``n_head`` where queries share them (grouped-query attention)."""
+        return getattr(self, "_n_kv_head", None) or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self, "_head_dim", None) or self.d_model // self.n_head
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -179,7 +189,7 @@ class LayerStack:
             elif name.endswith("bias"):
                 new = torch.zeros(p.shape)
             else:
-                new = torch.ones(p.shape)
+                new = torch.full(p.shape, self.norm_weight_init)
             p.copy_(new.to(p.dtype))
 
     # -- attention: the family gives q, k, v and the output projection; the rest is shared ------
@@ -193,7 +203,8 @@ class LayerStack:
         dtype = v.dtype
         if self.attn_in_float32:
             q, k, v = q.float(), k.float(), v.float()
-        z = attend(q, k, v, causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i))
+        z = attend(q, k, v, causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i),
+                   softcap=self._softcap(i))
         return self._attn_out(i, merge_heads(z.to(dtype)))
 
     def _qkv(self, i: int, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,6 +221,9 @@ class LayerStack:
 
     def _scale(self, i: int) -> float | None:
         return None  # 1/sqrt(d_head)
+
+    def _softcap(self, i: int) -> float | None:
+        return None  # Gemma-2: scores pass through cap * tanh(scores / cap)
 
     def describe(self) -> dict:
         return dict(family=self.family, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
@@ -322,8 +336,10 @@ class GPTNeoStack(_HFStack):
         return attn.resid_dropout(attn.out_proj(y))
 
 
-def stack_for(model: nn.Module) -> LayerStack:
-    """The adapter for a loaded model, chosen by its class."""
+def stack_for(model: nn.Module, source: str | None = None) -> LayerStack:
+    """The adapter for a loaded model, chosen by its class (our GPT) or its config's model_type."""
+    from .families import FAMILIES, unsupported_message  # the families build on this module
+
     if isinstance(model, GPT):
         return GPTLabStack(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -331,4 +347,6 @@ def stack_for(model: nn.Module) -> LayerStack:
         return GPT2Stack(model)
     if model_type == "gpt_neo":
         return GPTNeoStack(model)
-    raise LabError(f"Model type '{model_type}' has no layer-stack adapter yet; supported: our GPT, gpt2, gpt_neo.")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type](model)
+    raise LabError(unsupported_message(model_type, source or type(model).__name__))
