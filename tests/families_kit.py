@@ -63,10 +63,11 @@ def build(family: str, tok):
     if family == "gptj":
         return tf.GPTJForCausalLM(tf.GPTJConfig(**_common(tok), n_embd=32, n_layer=3, n_head=4, n_positions=64,
                                                 rotary_dim=4, n_inner=64))
-    if family == "opt":
+    if family in ("opt", "opt_projected"):
         return tf.OPTForCausalLM(tf.OPTConfig(**_common(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=3,
                                               num_attention_heads=4, max_position_embeddings=64,
-                                              word_embed_proj_dim=16, init_std=SPREAD))
+                                              word_embed_proj_dim=16 if family == "opt_projected" else 32,
+                                              init_std=SPREAD))
     raise KeyError(family)
 
 

@@ -90,6 +90,7 @@ class RotaryStack(LayerStack):
     rotary module. A subclass names its modules (``wte``, ``ln_f``, ``lm_head``, the layer list)
     and gives ``_heads`` (q, k, v per head before rotation), ``_attn_out`` and ``_mlp_parts``."""
 
+    rotary = True                 # queries and keys are rotated by position (OPT: learned positions instead)
     interleaved_rotary = False
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, rotary: nn.Module | None):
@@ -169,6 +170,12 @@ class RotaryStack(LayerStack):
     def _window(self, i):
         return self.windows[i]
 
+    def attention_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block ``i``'s ``(W_Q, W_K, W_V, W_O)`` in the ``y = W x`` convention: ``W_Q`` ``(n_head*d_head, d)``,
+        ``W_K``/``W_V`` ``(n_kv_head*d_head, d)`` (kv heads, not repeated), ``W_O`` ``(d, n_head*d_head)``;
+        biases, norms, rotary positions and score scaling are not part of them."""
+        raise NotImplementedError
+
     # -- MLP ---------------------------------------------------------------------------------
     def _mlp_parts(self, i: int) -> tuple[MLPFn, MLPFn]:
         raise NotImplementedError
@@ -229,6 +236,10 @@ class LlamaStack(RotaryStack):
 
     def _attn_out(self, i, y):
         return self._layers[i].self_attn.o_proj(y)
+
+    def attention_weights(self, i):
+        a = self._layers[i].self_attn
+        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight
 
     def _mlp_parts(self, i):
         m = self._layers[i].mlp
@@ -298,6 +309,11 @@ class Phi3Stack(LlamaStack):
         layer = self._layers[i]
         return layer.resid_attn_dropout(layer.self_attn.o_proj(y))
 
+    def attention_weights(self, i):
+        a = self._layers[i].self_attn
+        nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return (*a.qkv_proj.weight.split([nq, nkv, nkv], dim=0), a.o_proj.weight)
+
     def _mlp_parts(self, i):
         layer = self._layers[i]
         hidden, out = fused_gated_mlp(layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.mlp.activation_fn)
@@ -337,6 +353,11 @@ class GPTNeoXStack(ParallelBlock, RotaryStack):
     def _attn_out(self, i, y):
         layer = self._layers[i]
         return layer.post_attention_dropout(layer.attention.dense(y))
+
+    def attention_weights(self, i):
+        a = self._layers[i].attention
+        w = a.query_key_value.weight.view(self.n_head, 3 * self.head_dim, self.d_model)  # per head: q | k | v rows
+        return (*(t.reshape(-1, self.d_model) for t in w.chunk(3, dim=1)), a.dense.weight)
 
     def _mlp_parts(self, i):
         layer = self._layers[i]
@@ -381,6 +402,10 @@ class GPTJStack(ParallelBlock, RotaryStack):
         a = self._layers[i].attn
         return a.resid_dropout(a.out_proj(y))
 
+    def attention_weights(self, i):
+        a = self._layers[i].attn
+        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.out_proj.weight
+
     def _mlp_parts(self, i):
         m = self._layers[i].mlp
         hidden, out = plain_mlp(m.fc_in, m.fc_out, fast_act(self.config.activation_function, m.act))
@@ -392,6 +417,8 @@ class GPTJStack(ParallelBlock, RotaryStack):
 class OPTStack(RotaryStack):
     """OPT: learned positions (offset by 2), LayerNorm, ReLU MLP, and for OPT-350m a projection
     from a narrower embedding in and out. Not rotary: ``_rope`` is never asked for."""
+
+    rotary = False
 
     def __init__(self, model):
         dec = model.model.decoder
@@ -414,9 +441,14 @@ class OPTStack(RotaryStack):
         return F.dropout(tok + pos_emb[None], p=self._dropout, training=self.model.training)
 
     def final_norm(self, h):
-        if self.ln_f is not None:
-            h = self.ln_f(h.to(self.ln_f.weight.device))
-        return self._proj_out(h) if self._proj_out is not None else h
+        return self.ln_f(h.to(self.ln_f.weight.device)) if self.ln_f is not None else h
+
+    def unembed(self, h):
+        # a narrower embedding's projection back belongs to the unembedding: the final norm's output
+        # keeps the stream's width, so consensus can feed it to the next iteration
+        if self._proj_out is not None:
+            h = self._proj_out(h.to(self._proj_out.weight.device))
+        return super().unembed(h)
 
     def ln_1(self, i):
         return self._layers[i].self_attn_layer_norm
@@ -434,6 +466,10 @@ class OPTStack(RotaryStack):
 
     def _attn_out(self, i, y):
         return F.dropout(self._layers[i].self_attn.out_proj(y), p=self._dropout, training=self.model.training)
+
+    def attention_weights(self, i):
+        a = self._layers[i].self_attn
+        return a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.out_proj.weight
 
     def _mlp_parts(self, i):
         layer = self._layers[i]
