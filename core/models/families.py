@@ -265,6 +265,9 @@ class GemmaStack(LlamaStack):
 
     norm_weight_init = 0.0
 
+    def final_gain(self):
+        return 1.0 + self.ln_f.weight
+
 
 class Gemma2Stack(GemmaStack):
     """Gemma-2: a norm before *and after* attention and MLP (the post-norms are part of what each

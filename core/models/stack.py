@@ -128,6 +128,15 @@ class LayerStack:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h.to(self.ln_f.weight.device))
 
+    def final_gain(self) -> torch.Tensor | None:
+        """The per-channel factor the final norm multiplies by (None: none); Gemma's is ``1 + w``."""
+        return getattr(self.ln_f, "weight", None)
+
+    @property
+    def final_norm_centres(self) -> bool:
+        """Whether the final norm subtracts the mean (LayerNorm) or only rescales (RMSNorm)."""
+        return isinstance(self.ln_f, nn.LayerNorm)
+
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         w = self.lm_head.weight
         h = h.to(w.device)
