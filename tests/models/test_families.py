@@ -327,3 +327,86 @@ def test_builders_cover_every_registered_family():
 
     assert set(REGISTERED) <= {f.replace("_sequential", "") for f in FAMILIES}
     assert build  # the kit's builder is what the fixtures use
+
+
+# -- shared parts ----------------------------------------------------------------------------------
+
+def test_kv_cache_grows_as_the_text_does_and_keeps_what_it_held():
+    from core.models.attention import KVCache
+
+    cache = KVCache(n_layer=1, max_length=1000)
+    ks, vs = [], []
+    for T in (3, 250, 1, 300, 1, 400):
+        k, v = torch.randn(2, 2, T, 4), torch.randn(2, 2, T, 4)
+        ks.append(k)
+        vs.append(v)
+        got_k, got_v = cache.update(0, k, v)
+        cache.advance(T)
+        assert torch.equal(got_k, torch.cat(ks, 2)) and torch.equal(got_v, torch.cat(vs, 2))
+        assert cache.k[0].shape[2] <= 1000   # never more room than the context
+    assert cache.k[0].shape[2] == 1000 and cache.length == 955
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.k[0][0, :, :955], torch.cat(ks, 2)[1])
+    with pytest.raises(ValueError, match="1000 positions"):
+        cache.update(0, torch.randn(2, 2, 46, 4), torch.randn(2, 2, 46, 4))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_attend_shares_kv_heads_across_query_heads(softcap):
+    from core.models.attention import attend, repeat_kv
+
+    q, k, v = torch.randn(1, 6, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    for causal, window in ((True, None), (True, 3), (False, None)):
+        got = attend(q, k, v, causal=causal, window=window, softcap=softcap)
+        kk, vv = repeat_kv(k, 6), repeat_kv(v, 6)   # kv head j serves query heads 3j, 3j+1, 3j+2
+        scores = q @ kk.transpose(-1, -2) / 8 ** 0.5
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        i, j = torch.arange(7)[:, None], torch.arange(7)[None]
+        allowed = (j <= i) & ((i - j < window) if window else True) if causal else torch.ones(7, 7, dtype=torch.bool)
+        ref = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_validate_says_it_compares_the_gpt2_family_only(family_lms):
+    from core.models.validate import validate_gpt2
+
+    with pytest.raises(LabError, match="a llama model; only the GPT-2 family"):
+        validate_gpt2(family_lms("llama").source)
+
+
+def test_promoted_tokens_use_gemmas_one_plus_w_gain(family_lms):
+    """A feature's promoted tokens go through the final norm's gain as it multiplies: 1 + w for Gemma
+    (whose weights start at zero), and an RMSNorm does not centre."""
+    from core.interp.collect import logit_effects
+
+    lm = family_lms("gemma")
+    assert not lm.stack.final_norm_centres
+    W_dec = torch.randn(3, lm.stack.d_model)
+
+    class TC:
+        pass
+    tc = TC()
+    tc.W_dec = W_dec
+    effects = logit_effects(lm, tc, n=4)
+    direct = (W_dec * (1 + lm.stack.ln_f.weight.detach())) @ lm.stack.lm_head.weight.detach().t()
+    for f, (up, down) in enumerate(effects):
+        assert [t for t, _ in up] == direct[f].topk(4).indices.tolist()
+        assert [v for _, v in up] == pytest.approx(direct[f].topk(4).values.tolist(), rel=1e-5)
+
+
+def test_every_family_is_listed_with_known_ids_by_the_models_command(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
+    from core.commands.models import collect
+    from core.models.families import FAMILIES as REGISTERED, SUPPORTED_NAMES
+    from core.models.known import FAMILY_MODELS, family_of
+
+    families = {"gpt2", "gpt_neo", *REGISTERED}
+    assert set(FAMILY_MODELS) == families
+    assert {n.split(" ")[0] for n in SUPPORTED_NAMES} == families
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))   # an empty cache: nothing is cached
+    hub = collect()["hub"]
+    assert {h["family"] for h in hub} == families
+    assert all(family_of(h["id"]) == h["family"] and h["cached"] is False for h in hub)
+    assert {h["id"] for h in hub if h["gated"]} >= {"meta-llama/Llama-3.2-1B", "google/gemma-2-2b"}
