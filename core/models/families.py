@@ -7,7 +7,7 @@ modules, not rewriting attention:
   (so every RoPE variant transformers knows -- llama3, longrope, dynamic, partial -- is the
   model's own), applied to all or the first ``r`` dimensions of each head, in the half-split
   layout (GPT-NeoX, Llama and descendants) or the interleaved one (GPT-J);
-- **grouped-query attention**: :meth:`RotaryStack._qkv` returns keys and values with the
+- **grouped-query attention**: :meth:`DecoderStack._qkv` returns keys and values with the
   model's own (fewer) kv heads; :func:`core.models.attention.attend` shares them across the query
   heads and the KV cache stores them unrepeated;
 - **MLPs** as ``(input -> hidden activation, hidden -> output)`` (:meth:`LayerStack._mlp_parts`):
@@ -83,12 +83,13 @@ def fast_act(name: str | None, module: MLPFn) -> MLPFn:
 
 # -- the shared family base -----------------------------------------------------------------------
 
-class RotaryStack(LayerStack):
-    """A Hugging Face decoder with rotary positions: sizes read from the config's standard names
-    (``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
-    ``head_dim``, ``max_position_embeddings``), per-layer sliding windows, and the model's own
-    rotary module. A subclass names its modules (``wte``, ``ln_f``, ``lm_head``, the layer list)
-    and gives ``_heads`` (q, k, v per head before rotation), ``_attn_out`` and ``_mlp_parts``."""
+class DecoderStack(LayerStack):
+    """A Hugging Face decoder: sizes read from the config's standard names (``num_hidden_layers``,
+    ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``max_position_embeddings``), per-layer sliding windows, and rotary positions from the model's
+    own rotary module (OPT, with learned positions, gives its own ``embed`` and ``_qkv``). A
+    subclass names its modules (``wte``, ``ln_f``, ``lm_head``, the layer list) and gives ``_heads``
+    (q, k, v per head before rotation), ``_attn_out``, ``_mlp_parts`` and ``attention_weights``."""
 
     rotary = True                 # queries and keys are rotated by position (OPT: learned positions instead)
     interleaved_rotary = False
@@ -109,7 +110,7 @@ class RotaryStack(LayerStack):
         self.context_length = int(cfg.max_position_embeddings)
         self.init_std = float(getattr(cfg, "initializer_range", 0.02))
         self.windows = self._windows(cfg)
-        self._rope_key: tuple | None = None
+        self._rope_memo: tuple | None = None
 
     @staticmethod
     def _windows(cfg) -> list[int | None]:
@@ -141,13 +142,13 @@ class RotaryStack(LayerStack):
         """cos and sin ``(T, r)`` for positions ``offset..offset+T`` of ``x`` ``(B, T, C)``, from the
         model's own rotary module; kept while the positions, device and dtype stay the same (every
         layer of one step shares them)."""
-        T = x.shape[1]
-        key = (offset, T, x.device, x.dtype)
-        if self._rope_key != key:
-            pos = torch.arange(offset, offset + T, device=x.device)[None]
-            cos, sin = self._cos_sin(x, pos)
-            self._rope_key, self._rope_val = key, (cos[0], sin[0])
-        return self._rope_val
+        key = (offset, x.shape[1], x.device, x.dtype)
+        memo = self._rope_memo   # one tuple, read and replaced whole: sessions sharing a model may interleave
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        cos, sin = self._cos_sin(x, torch.arange(offset, offset + x.shape[1], device=x.device)[None])
+        self._rope_memo = (key, (cos[0], sin[0]))
+        return cos[0], sin[0]
 
     def _cos_sin(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rotary(x, pos)
@@ -214,7 +215,7 @@ class ParallelBlock:
 
 # -- Llama and its descendants --------------------------------------------------------------------
 
-class LlamaStack(RotaryStack):
+class LlamaStack(DecoderStack):
     """Llama, Mistral (one sliding window on every layer), Qwen2 (q/k/v biases, windows per layer
     type): RMSNorm, separate q/k/v/o projections, grouped-query attention, SwiGLU MLP."""
 
@@ -325,7 +326,7 @@ class Phi3Stack(LlamaStack):
 
 # -- GPT-NeoX / Pythia and GPT-J ------------------------------------------------------------------
 
-class GPTNeoXStack(ParallelBlock, RotaryStack):
+class GPTNeoXStack(ParallelBlock, DecoderStack):
     """GPT-NeoX (Pythia): LayerNorm, q/k/v fused per head, rotary on a fraction of each head, and
     by default a parallel block (``use_parallel_residual``) with a norm for each branch."""
 
@@ -369,7 +370,7 @@ class GPTNeoXStack(ParallelBlock, RotaryStack):
         return hidden, (lambda y: layer.post_mlp_dropout(out(y)))
 
 
-class GPTJStack(ParallelBlock, RotaryStack):
+class GPTJStack(ParallelBlock, DecoderStack):
     """GPT-J: one LayerNorm feeds a parallel attention and MLP; rotary on the first ``rotary_dim``
     dimensions of each head in the interleaved layout; attention scores in float32; an
     unembedding with a bias."""
@@ -417,7 +418,7 @@ class GPTJStack(ParallelBlock, RotaryStack):
 
 # -- OPT ------------------------------------------------------------------------------------------
 
-class OPTStack(RotaryStack):
+class OPTStack(DecoderStack):
     """OPT: learned positions (offset by 2), LayerNorm, ReLU MLP, and for OPT-350m a projection
     from a narrower embedding in and out. Not rotary: ``_rope`` is never asked for."""
 
