@@ -63,16 +63,16 @@ def build(family: str, tok):
     if family == "gptj":
         return tf.GPTJForCausalLM(tf.GPTJConfig(**_common(tok), n_embd=32, n_layer=3, n_head=4, n_positions=64,
                                                 rotary_dim=4, n_inner=64))
-    if family in ("opt", "opt_projected"):
+    if family in ("opt", "opt_350m"):   # opt-350m's shape: a narrower embedding, norms after each sublayer
         return tf.OPTForCausalLM(tf.OPTConfig(**_common(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=3,
                                               num_attention_heads=4, max_position_embeddings=64,
-                                              word_embed_proj_dim=16 if family == "opt_projected" else 32,
-                                              init_std=SPREAD))
+                                              word_embed_proj_dim=16 if family == "opt_350m" else 32,
+                                              do_layer_norm_before=family == "opt", init_std=SPREAD))
     raise KeyError(family)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox", "gpt_neox_sequential",
-            "gptj", "opt")
+            "gptj", "opt", "opt_350m")
 
 
 def family_dir(tmp_path_factory, family: str) -> Path:

@@ -419,8 +419,13 @@ class GPTJStack(ParallelBlock, DecoderStack):
 # -- OPT ------------------------------------------------------------------------------------------
 
 class OPTStack(DecoderStack):
-    """OPT: learned positions (offset by 2), LayerNorm, ReLU MLP, and for OPT-350m a projection
-    from a narrower embedding in and out. Not rotary: ``_rope`` is never asked for."""
+    """OPT: learned positions (offset by 2), LayerNorm, ReLU MLP. OPT-350m differs twice: its
+    embedding is narrower (projected in and out) and it normalises *after* each sublayer
+    (``do_layer_norm_before=False``): ``h = ln1(h + attn(h))``, then ``h = ln2(h + mlp(h))``. Its
+    walk (:meth:`block`) names ``hook_resid_mid`` the stream after ln1 (what the MLP reads, so also
+    ``hook_mlp_in`` and ``ln2.hook_normalized``: there is no norm before the MLP) and
+    ``hook_resid_post`` the block's output after ln2; skipping the MLP gives ``ln2(resid_mid)``.
+    Not rotary: ``_rope`` is never asked for."""
 
     rotary = False
 
@@ -428,9 +433,7 @@ class OPTStack(DecoderStack):
         dec = model.model.decoder
         super().__init__(model, dec.layers, None)
         cfg = model.config
-        if not cfg.do_layer_norm_before:
-            raise LabError("OPT models that normalise after each sublayer (opt-350m) are not walked by GPT Lab; "
-                           "every other OPT size is (e.g. facebook/opt-125m, facebook/opt-1.3b).")
+        self.post_norm = not cfg.do_layer_norm_before
         self.init_std = float(getattr(cfg, "init_std", 0.02))
         self.wte, self.wpe, self.lm_head = dec.embed_tokens, dec.embed_positions, model.lm_head
         self.ln_f, self._proj_in, self._proj_out = dec.final_layer_norm, dec.project_in, dec.project_out
@@ -455,10 +458,27 @@ class OPTStack(DecoderStack):
         return super().unembed(h)
 
     def ln_1(self, i):
-        return self._layers[i].self_attn_layer_norm
+        return nn.Identity() if self.post_norm else self._layers[i].self_attn_layer_norm
 
     def ln_2(self, i):
-        return self._layers[i].final_layer_norm
+        return nn.Identity() if self.post_norm else self._layers[i].final_layer_norm
+
+    def block(self, i, h, *, skip_mlp=False, cache=None, mlp=None, record=None):
+        if not self.post_norm:
+            return super().block(i, h, skip_mlp=skip_mlp, cache=cache, mlp=mlp, record=record)
+        layer = self._layers[i]
+        dev = self.block_devices()[i]
+        if h.device != dev:
+            h = h.to(dev)
+        h = self._at(record, "resid_pre", i, h)
+        attn_out = self._at(record, "attn_out", i, self._attention(i, h, cache))
+        h = self._at(record, "resid_mid", i, layer.self_attn_layer_norm(h + attn_out))
+        if skip_mlp:
+            return self._at(record, "resid_post", i, layer.final_layer_norm(h))
+        m = self._at(record, "mlp_in", i, h)
+        x = self._at(record, "ln2_normalized", i, m)
+        out = self._at(record, "mlp_out", i, self._mlp_run(i, x, mlp))
+        return self._at(record, "resid_post", i, layer.final_layer_norm(h + out))
 
     def _qkv(self, i, x, offset):
         a = self._layers[i].self_attn

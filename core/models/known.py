@@ -18,7 +18,7 @@ FAMILY_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
                                        "EleutherAI/pythia-1b", "EleutherAI/pythia-1.4b", "EleutherAI/pythia-2.8b",
                                        "EleutherAI/pythia-6.9b", "EleutherAI/pythia-12b")),
     "gptj": ("GPT-J", ("EleutherAI/gpt-j-6b",)),
-    "opt": ("OPT", ("facebook/opt-125m", "facebook/opt-1.3b", "facebook/opt-2.7b", "facebook/opt-6.7b")),
+    "opt": ("OPT", ("facebook/opt-125m", "facebook/opt-350m", "facebook/opt-1.3b", "facebook/opt-2.7b", "facebook/opt-6.7b")),
     "llama": ("Llama", ("TinyLlama/TinyLlama_v1.1", "meta-llama/Llama-3.2-1B",
                         "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-2-7b-hf")),
     "mistral": ("Mistral", ("mistralai/Mistral-7B-v0.1",)),
