@@ -397,3 +397,27 @@ def test_every_family_is_listed_with_known_ids_by_the_models_command(monkeypatch
     assert {h["family"] for h in hub} == families
     assert all(family_of(h["id"]) == h["family"] and h["cached"] is False for h in hub)
     assert {h["id"] for h in hub if h["gated"]} >= {"meta-llama/Llama-3.2-1B", "google/gemma-2-2b"}
+
+
+LLAMA_SIZES = [{"num_hidden_layers": 100_000}, {"hidden_size": 10**6}, {"hidden_size": 33}, {"num_attention_heads": 0},
+               {"vocab_size": -1}, {"vocab_size": 10**12}, {"max_position_embeddings": 0}, {"num_hidden_layers": "12"},
+               {"num_hidden_layers": None}, {"num_hidden_layers": 1.5}, {"num_hidden_layers": True},
+               {"intermediate_size": -5}, {"intermediate_size": 10**9}, {"head_dim": 0}, {"num_key_value_heads": 3},
+               {"num_key_value_heads": 0}, {"hidden_act": "evil"}, {"rms_norm_eps": "nan"}]
+
+
+@pytest.mark.parametrize("change", LLAMA_SIZES, ids=[str(c) for c in LLAMA_SIZES])
+def test_a_family_config_of_absurd_sizes_is_one_sentence_before_anything_is_built(change, family_lms, tmp_path):
+    import shutil
+    import time
+
+    folder = tmp_path / "m"
+    shutil.copytree(family_lms("llama").source, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(change)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(LabError) as e:
+        load_model(str(folder))
+    assert time.perf_counter() - t0 < 15
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
