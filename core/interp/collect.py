@@ -256,7 +256,7 @@ def logit_effects(lm: "LoadedModel", tc: "Transcoder", n: int, chunk: int = 512)
     rank tokens for a feature but are not logit changes in any particular context.
     """
     stack = lm.stack
-    W_U = stack.lm_head.weight.detach().float()                                    # (V, d)
+    W_U = stack.unembed_weight().detach().float()                                  # (V, d)
     gain = stack.final_gain()
     gain = gain.detach().float().to(W_U.device) if gain is not None else torch.ones(W_U.shape[1], device=W_U.device)
     banned = lm.tokenizer.mask_id if lm.tokenizer.mask_id is not None and lm.tokenizer.mask_id < W_U.shape[0] else None

@@ -450,6 +450,10 @@ class OPTStack(DecoderStack):
     def final_norm(self, h):
         return self.ln_f(h.to(self.ln_f.weight.device)) if self.ln_f is not None else h
 
+    def unembed_weight(self):
+        w = self.lm_head.weight
+        return w if self._proj_out is None else w @ self._proj_out.weight.to(w.device)
+
     def unembed(self, h):
         # a narrower embedding's projection back belongs to the unembedding: the final norm's output
         # keeps the stream's width, so consensus can feed it to the next iteration

@@ -128,6 +128,10 @@ class LayerStack:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h.to(self.ln_f.weight.device))
 
+    def unembed_weight(self) -> torch.Tensor:
+        """The unembedding as one ``(V, d_model)`` matrix (OPT-350m: its projection out folded in)."""
+        return self.lm_head.weight
+
     def final_gain(self) -> torch.Tensor | None:
         """The per-channel factor the final norm multiplies by (None: none); Gemma's is ``1 + w``."""
         return getattr(self.ln_f, "weight", None)

@@ -421,3 +421,30 @@ def test_a_family_config_of_absurd_sizes_is_one_sentence_before_anything_is_buil
         load_model(str(folder))
     assert time.perf_counter() - t0 < 15
     assert "\n" not in str(e.value) and len(str(e.value)) < 500
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma2", "phi3", "gpt_neox", "gptj", "opt", "opt_350m"])
+def test_transcoders_train_collect_describe_and_explain_in_every_family(family, family_lms, tmp_path):
+    """Transcoders read ln2.hook_normalized and stand in for the MLP (hook_mlp_out) in every family,
+    parallel and post-norm blocks included: a set trained on the family explains a completion whose
+    tokens are the model's own greedy ones."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from app_harness import described_feature_model
+    from core.generation.autoregressive import SamplingConfig, generate
+    from core.interp import BuiltinExplainer, FeatureStore, load_transcoder_set, run_explain_completion, store_path
+
+    text = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. ") * 6
+    model_dir, set_dir = described_feature_model(tmp_path, Path(family_lms(family).source), [text] * 2, steps=8,
+                                                 n_tokens=512)
+    lm = load_model(str(model_dir))
+    tset = load_transcoder_set(set_dir)
+    assert sorted(tset.transcoders) == list(range(lm.stack.n_layer))
+    settings = SamplingConfig(max_new_tokens=4, greedy=True, n_alternatives=0)
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        assert store.features(0, order_by="density")
+        ex = run_explain_completion(lm, tset, "ROMEO:", store=store, explainer=BuiltinExplainer(), settings=settings)
+    assert ex.completion == generate(lm, "ROMEO:", settings).completion
+    assert ex.layers and all(np.isfinite(layer.share) for layer in ex.layers)
