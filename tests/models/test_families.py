@@ -448,3 +448,26 @@ def test_transcoders_train_collect_describe_and_explain_in_every_family(family, 
         ex = run_explain_completion(lm, tset, "ROMEO:", store=store, explainer=BuiltinExplainer(), settings=settings)
     assert ex.completion == generate(lm, "ROMEO:", settings).completion
     assert ex.layers and all(np.isfinite(layer.share) for layer in ex.layers)
+
+
+def test_a_gpu_load_goes_straight_to_the_gpu_after_checking_its_memory(family_lms, monkeypatch):
+    """--device cuda:N: the memory check asks the GPU (parameters x bytes of the dtype) and transformers
+    places every weight there as it reads it (device_map), so a 7B model in bfloat16 never passes
+    through host memory. No GPU is needed to check what is asked of transformers."""
+    import transformers
+
+    from core.models import loading
+
+    src = family_lms("qwen2")
+    checked, asked = [], {}
+    monkeypatch.setattr(loading, "require_free", lambda need, device, *a, **k: checked.append((need, str(device))))
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(source, **kwargs):
+        asked.update(kwargs)
+        return real(source, **{k: v for k, v in kwargs.items() if k != "device_map"})
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = loading._load_hf(src.source, "cuda:0", torch.bfloat16, local=True)
+    n = sum(p.numel() for p in {id(p): p for p in src.model.parameters()}.values())
+    assert checked == [(2 * n, "cuda:0")]
+    assert asked["device_map"] == {"": "cuda:0"} and asked["dtype"] == torch.bfloat16
