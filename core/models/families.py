@@ -527,8 +527,10 @@ NOT_DECODER_STACKS = {
 def unsupported_message(model_type: str | None, source: str) -> str:
     """One sentence for a model GPT Lab has no adapter for, naming the families it walks."""
     kind = next((k for k, types in NOT_DECODER_STACKS.items() if model_type in types), None)
-    what = f"an {kind} model" if kind and kind[0] in "aeiou" else f"a {kind} model" if kind else \
-        f"a '{model_type}' model"
+    if kind:
+        what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} model ({model_type})"
+    else:
+        what = f"a '{model_type}' model" if model_type else "a model without a Hugging Face model_type"
     return (f"Model '{source}' is {what}, which GPT Lab cannot walk layer by layer; it supports decoder-only "
             f"stacks: GPT Lab's own GPT, {', '.join(SUPPORTED_NAMES)}.")
 
