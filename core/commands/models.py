@@ -1,5 +1,6 @@
 """Lists the model specs --model accepts here: the shipped `default` (with its card), the known
-hub ids marked cached or not (read from the local Hugging Face cache, never the network), GPT
+hub ids of every supported family (core/models/known.py) marked cached or not (read from the local
+Hugging Face cache, never the network), GPT
 Lab checkpoints under runs/*/checkpoints/*, and the architecture presets for training.
 Any other hub id, local Hugging Face folder or checkpoint folder works as a spec too.
 """
@@ -86,14 +87,16 @@ def collect(runs: str | Path = "runs") -> dict:
     """Everything ``models`` shows, as plain data."""
     from huggingface_hub import constants  # a third of a second: only `models` itself pays it
 
-    from ..models.loading import DEFAULT_DIR, KNOWN_HUB_MODELS  # torch: loaded only to run, not for --help
+    from ..models.known import FAMILY_MODELS, is_gated
+    from ..models.loading import DEFAULT_DIR  # torch: loaded only to run, not for --help
 
     default = checkpoint_summary(DEFAULT_DIR) if (DEFAULT_DIR / "config.json").exists() else None
     if default is not None:
         default["spec"] = "default"
     return {"default": default,
             "hub_cache": str(constants.HF_HUB_CACHE),
-            "hub": [{"id": m, "cached": hub_cache_status(m)} for m in KNOWN_HUB_MODELS],
+            "hub": [{"id": m, "family": family, "cached": hub_cache_status(m), "gated": is_gated(m)}
+                    for family, (_, ids) in FAMILY_MODELS.items() for m in ids],
             "checkpoints": find_checkpoints(Path(runs)),
             "presets": presets(),
             "preset_memory": _preset_memory(),
@@ -115,11 +118,20 @@ def format_models(info: dict, runs: str) -> str:
         state = "untrained (random weights: its text is noise)" if d["untrained"] else "trained"
         lines += [f"  card: {d['card_title'] or 'none'}", f"  state: {state}",
                   f"  {d['objective']} objective, {_shape(d)}"]
-    lines += ["", f"Hugging Face hub (cache {info['hub_cache']}; offline here, so only cached ones load)"]
+    from ..models.known import FAMILY_MODELS
+
+    lines += ["", f"Hugging Face hub, by family (cache {info['hub_cache']}; only cached ones load without "
+                  f"internet; MODEL@REVISION loads a revision, e.g. EleutherAI/pythia-160m@step3000)"]
     width = max(len(h["id"]) for h in info["hub"])
+    family = None
     for h in info["hub"]:
-        lines.append(f"  {h['id']:<{width}}  " + ("cached" if h["cached"] else
-                                                 f"not cached (`hf download {h['id']}` where there is internet)"))
+        if h.get("family") != family:
+            family = h.get("family")
+            lines.append(f"  {FAMILY_MODELS[family][0] if family in FAMILY_MODELS else family} ({family})")
+        gated = "; gated: accept its licence on the hub, then `hf auth login`" if h.get("gated") else ""
+        lines.append(f"    {h['id']:<{width}}  " + ("cached" if h["cached"] else
+                                                   f"not cached (`hf download {h['id']}` where there is internet"
+                                                   f"{gated})"))
     lines += ["", f"GPT Lab checkpoints under {runs}/"]
     if not info["checkpoints"]:
         lines.append("  none yet (train one with the Training page or `python -m core train`)")

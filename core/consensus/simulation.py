@@ -38,8 +38,10 @@ Conventions, stated once:
   * ``"layer:K:H"``: head ``H`` of block ``K`` alone: ``Q = W_Q^H``, ``K = W_K^H``
     (``head_dim x d``), ``V = W_O^H W_V^H`` (``d x d``, rank ``head_dim``).
 
-  Biases, layer norms and the family's own score scaling (``1/sqrt(head_dim)`` in GPT-2, none in
-  GPT-Neo) are left out: ``beta`` is the one temperature. The weights are copied (float32) when
+  With grouped-query attention (Llama, Mistral, Qwen, Gemma, Phi-3 may share one key/value head
+  among several query heads) head ``H``'s ``W_K^H``, ``W_V^H`` are those of the kv head it shares.
+  Biases, layer norms, rotary positions and the family's own score scaling (``1/sqrt(head_dim)`` in
+  GPT-2, none in GPT-Neo) are left out: ``beta`` is the one temperature. The weights are copied (float32) when
   the run is planned, so later re-initialisation of the model does not touch a simulation.
 """
 from __future__ import annotations
@@ -88,7 +90,11 @@ def layer_projections(lm: "LoadedModel", layer: int) -> tuple[torch.Tensor, torc
 
     Families store these differently: our GPT's ``c_attn`` is an ``nn.Linear`` ``(3d, d)``;
     Hugging Face GPT-2's ``c_attn`` is a ``Conv1D`` whose weight is ``(d, 3d)`` (``y = x W``, so
-    transposed); GPT-Neo has separate ``q_proj/k_proj/v_proj/out_proj`` linears.
+    transposed); GPT-Neo has separate ``q_proj/k_proj/v_proj/out_proj`` linears; every other family
+    says itself (``LayerStack.attention_weights``). Where heads number ``H * head_dim != d`` (Gemma's
+    head size 256), ``W_Q/W_K/W_V`` are ``(H * head_dim, d)`` and ``W_O`` is ``(d, H * head_dim)``.
+    With grouped-query attention the key/value rows of each kv head are repeated for every query
+    head that shares it, so head ``h`` of ``W_K``/``W_V`` is the one head ``h`` attends with.
     """
     stack = lm.stack
     if not 0 <= int(layer) < stack.n_layer:
@@ -112,8 +118,11 @@ def layer_projections(lm: "LoadedModel", layer: int) -> tuple[torch.Tensor, torc
         wq, wk, wv = f32(attn.q_proj.weight), f32(attn.k_proj.weight), f32(attn.v_proj.weight)
         wo = f32(attn.out_proj.weight)
     else:
-        raise LabError(f"Taking Q/K/V from a '{stack.family}' model is not supported yet; use a GPT Lab, "
-                       f"GPT-2 or GPT-Neo model, or identity/random Q/K/V.")
+        wq, wk, wv, wo = (f32(w) for w in stack.attention_weights(int(layer)))
+        groups = stack.n_head // stack.n_kv_head   # grouped-query attention: one kv head per `groups` query heads
+        if groups > 1:
+            wk, wv = (w.view(stack.n_kv_head, 1, stack.head_dim, d).expand(-1, groups, -1, -1).reshape(-1, d)
+                      for w in (wk, wv))
     return wq.contiguous(), wk.contiguous(), wv.contiguous(), wo.contiguous()
 
 
@@ -132,18 +141,20 @@ def make_qkv(spec: str, dim: int, seed: int = 42, lm: "LoadedModel | None" = Non
         raise LabError(f"Q/K/V '{spec}' come from a loaded model's layer; load a model first or use identity/random.")
     wq, wk, wv, wo = layer_projections(lm, layer)
     H, d = lm.stack.n_head, lm.stack.d_model
-    hs = d // H
+    hs = lm.stack.head_dim
+    rotary = ", rotary positions" if getattr(lm.stack, "rotary", False) else ""
+    left_out = f"biases, norms{rotary} and score scaling left out"
     if head is None:
         scale = 1.0 / math.sqrt(H)  # <s Wq x, s Wk y> = (1/H) sum_h <Wq^h x, Wk^h y>
         return QKV(wq * scale, wk * scale, wo @ wv, spec,
                    f"block {layer} of {lm.name}, all {H} heads: <Qx, Ky> = mean over heads of <W_Q^h x, W_K^h y>, "
-                   f"V = W_O W_V ({d} x {d}); biases, norms and score scaling left out")
+                   f"V = W_O W_V ({d} x {d}); {left_out}")
     if not 0 <= head < H:
         raise LabError(f"Head {head} does not exist; block {layer} has heads 0..{H - 1}.")
     rows = slice(head * hs, (head + 1) * hs)
     return QKV(wq[rows].contiguous(), wk[rows].contiguous(), wo[:, rows] @ wv[rows], spec,
                f"block {layer} head {head} of {lm.name}: Q = W_Q^{head}, K = W_K^{head} ({hs} x {d}), "
-               f"V = W_O^{head} W_V^{head} ({d} x {d}, rank <= {hs}); biases, norms and score scaling left out")
+               f"V = W_O^{head} W_V^{head} ({d} x {d}, rank <= {hs}); {left_out}")
 
 
 # -- the dynamics ---------------------------------------------------------------------------------

@@ -206,7 +206,8 @@ def beam_bytes(lm: LoadedModel, num_beams: int) -> int:
     beam count is refused with a sentence instead of being killed by the operating system."""
     stack = lm.stack
     elem = torch.finfo(stack.dtype).bits // 8
-    per_beam = 2 * 2 * stack.n_layer * stack.context_length * stack.d_model * elem  # cache + its reordered copy
+    kv_width = stack.n_kv_head * stack.head_dim  # the cache holds the kv heads (fewer with grouped-query attention)
+    per_beam = 2 * 2 * stack.n_layer * stack.context_length * kv_width * elem  # cache + its reordered copy
     return num_beams * (per_beam + 6 * stack.vocab_size * 4 + 2 * stack.context_length * 8)
 
 

@@ -305,22 +305,25 @@ def _quantile_picks(samples: list[tuple[int, int, float]], exclude: set[int], n:
 @torch.no_grad()
 def logit_effects(lm: "LoadedModel", tc: "Transcoder", n: int, chunk: int = 512) -> list[tuple[list[tuple[int, float]], list[tuple[int, float]]]]:
     """Per feature, the ``n`` output tokens whose logits its decoder row raises most and lowers
-    most: ``W_dec[f]`` through the final norm's per-channel gain (centred) and the unembedding.
+    most: ``W_dec[f]`` through the final norm's per-channel gain (centred first where that norm is a
+    LayerNorm; an RMSNorm only rescales) and the unembedding.
 
     Caveat: this is the direct path only, and the final norm's division by the residual
     stream's scale is left out (it depends on everything else in the stream), so the values
     rank tokens for a feature but are not logit changes in any particular context.
     """
     stack = lm.stack
-    W_U = stack.lm_head.weight.detach().float()                                    # (V, d)
-    gain = getattr(stack.ln_f, "weight", None)
+    W_U = stack.unembed_weight().detach().float()                                  # (V, d)
+    gain = stack.final_gain()
     gain = gain.detach().float().to(W_U.device) if gain is not None else torch.ones(W_U.shape[1], device=W_U.device)
     banned = lm.tokenizer.mask_id if lm.tokenizer.mask_id is not None and lm.tokenizer.mask_id < W_U.shape[0] else None
     out = []
     W_dec = tc.W_dec.detach().float().to(W_U.device)
     for s in range(0, W_dec.shape[0], chunk):
         d = W_dec[s:s + chunk]
-        d = (d - d.mean(-1, keepdim=True)) * gain                                   # (c, d)
+        if stack.final_norm_centres:
+            d = d - d.mean(-1, keepdim=True)
+        d = d * gain                                                                # (c, d)
         logits = d @ W_U.t()                                                        # (c, V)
         if banned is not None:
             logits[:, banned] = 0.0

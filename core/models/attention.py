@@ -31,11 +31,17 @@ class KVCache:
         end = self.length + T
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
-        if self.k[layer] is None or self.k[layer].shape[0] != B:
-            # empty, not zeros: positions past ``length`` are never read, and zeroing a
-            # context-sized buffer per layer costs as much as a few decoded tokens
-            self.k[layer] = k.new_empty(B, nh, self.max_length, hs)
-            self.v[layer] = v.new_empty(B, nh, self.max_length, hs)
+        held_k, held_v = self.k[layer], self.v[layer]
+        if held_k is None or held_k.shape[0] != B or held_k.shape[2] < end:
+            # empty, not zeros: positions past ``length`` are never read, and zeroing a buffer per
+            # layer costs as much as a few decoded tokens. Room grows by doubling up to the context
+            # (a 128k-context model would otherwise reserve its whole context per layer up front).
+            room = min(self.max_length, max(end, 2 * (held_k.shape[2] if held_k is not None else 0), 256))
+            self.k[layer] = k.new_empty(B, nh, room, hs)
+            self.v[layer] = v.new_empty(B, nh, room, hs)
+            if held_k is not None and held_k.shape[0] == B and self.length:
+                self.k[layer][:, :, :self.length] = held_k[:, :, :self.length]
+                self.v[layer][:, :, :self.length] = held_v[:, :, :self.length]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -68,21 +74,50 @@ def attention_mask(q_len: int, k_len: int, q_offset: int, causal: bool, window: 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, q_offset: int = 0,
-           window: int | None = None, scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention on ``(B, nh, T, hs)`` tensors.
+           window: int | None = None, scale: float | None = None, dropout: float = 0.0,
+           softcap: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention: queries ``(B, nh, T, hs)``, keys and values ``(B, n_kv, S, hs)``.
 
     ``q_offset`` is the absolute position of the first query (the cache length before this
-    call); ``window`` limits how far back a query may look (GPT-Neo local layers);
-    ``scale`` overrides 1/sqrt(hs) (GPT-Neo uses 1.0).
+    call); ``window`` limits how far back a query may look (GPT-Neo local layers, Mistral,
+    Gemma-2's sliding layers); ``scale`` overrides 1/sqrt(hs) (GPT-Neo uses 1.0). With fewer
+    key/value heads than query heads (grouped-query attention) each kv head serves
+    ``nh / n_kv`` consecutive query heads. ``softcap`` passes the scores through
+    ``softcap * tanh(scores / softcap)`` before masking (Gemma-2), which SDPA cannot do.
     """
     q_len, k_len = q.shape[-2], k.shape[-2]
+    gqa = k.shape[1] != q.shape[1]
     needs_window = window is not None and q_offset + q_len > window
+    if softcap is not None:
+        mask = attention_mask(q_len, k_len, q_offset, causal, window if needs_window else None, q.device)
+        return _softcapped(q, k, v, mask, scale, softcap, dropout)
     if not causal or (q_len == 1 and not needs_window):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, enable_gqa=gqa)
     if q_len == k_len and not needs_window:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=gqa)
     mask = attention_mask(q_len, k_len, q_offset, causal, window if needs_window else None, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
+def repeat_kv(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Keys or values ``(B, n_kv, S, hs)`` repeated to ``n_head`` heads (each kv head serves
+    ``n_head / n_kv`` consecutive query heads), for code that needs one per query head."""
+    groups = n_head // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _softcapped(q, k, v, mask, scale, softcap, dropout):
+    """Attention written out, for scores that are soft-capped: softmax in float32 as Gemma-2 does."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.float().softmax(-1).to(q.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
+    return weights @ v
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -96,21 +131,23 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend_with_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, on_pattern, *, causal: bool,
-                        q_offset: int = 0, window: int | None = None, scale: float | None = None) -> torch.Tensor:
-    """:func:`attend` written out: scores, mask, softmax, then ``pattern @ v``, with the pattern
-    ``(B, nh, Tq, Tk)`` handed to ``on_pattern`` (which may return an edited one) in between.
+                        q_offset: int = 0, window: int | None = None, scale: float | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
+    """:func:`attend` written out: scores, (soft-cap,) mask, softmax, then ``pattern @ v``, with the
+    pattern ``(B, nh, Tq, Tk)`` handed to ``on_pattern`` (which may return an edited one) in between.
 
     Used only when something reads or rewrites the attention pattern (TransformerLens's
     ``attn.hook_pattern``); the fused kernel stays the default. Keys and values with fewer heads
-    than the queries (grouped-query attention) are repeated to match.
+    than the queries (grouped-query attention) are repeated to match; soft-capped scores (Gemma-2)
+    are capped before the mask and softmaxed in float32, as :func:`attend` does.
     """
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale                     # (B, nh, Tq, Tk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = attention_mask(q.shape[-2], k.shape[-2], q_offset, causal, window, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = on_pattern(scores.softmax(-1))
-    return pattern @ v                                             # (B, nh, Tq, hs)
+    weights = scores.float().softmax(-1).to(q.dtype) if softcap is not None else scores.softmax(-1)
+    return on_pattern(weights) @ v                                 # (B, nh, Tq, hs)

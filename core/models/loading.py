@@ -35,6 +35,7 @@ from .config import DTYPE_BYTES
 from .gpt import GPT, GPTConfig
 from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
+from .known import known_hub_models, split_revision
 from .tokenizer import Tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the folder that holds core/)
@@ -53,9 +54,9 @@ DEFAULT_DIR = ASSETS / "default"
 CHECKPOINT_FORMAT = "gptlab"
 OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
 
-# Hub ids the picker offers; any other hub id works too when it is cached or reachable.
-KNOWN_HUB_MODELS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-neo-125M",
-                    "EleutherAI/gpt-neo-1.3B", "EleutherAI/gpt-neo-2.7B"]
+# Hub ids the picker and `models` offer, by family (core/models/known.py, torch-free); any other
+# hub id of a supported family works too when it is cached or reachable.
+KNOWN_HUB_MODELS = list(known_hub_models())
 
 
 @dataclass
@@ -264,14 +265,16 @@ def model_message(kind: str, source: str, detail: str = "", *, use_default: str 
     CLI's flags. The errors raised with these carry ``fix["message"] = [kind, source, detail]``, so
     another interface says the same thing its own way without rewriting the sentence."""
     if kind == "offline":
+        repo, revision = source.rsplit("@", 1) if "@" in source else (source, None)
+        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         return (f"Model '{source}' is not in the local Hugging Face cache and the hub cannot be reached; "
-                f"download it where there is internet (`hf download {source}`) and copy the cache or folder here, "
+                f"download it where there is internet (`{fetch}`) and copy the cache or folder here, "
                 f"or {use_default}, which works offline.")
     if kind == "not_on_hub":
         return f"Model '{source}' was not found on the hub ({detail}); check the id, or {use_default}."
     if kind == "config":
-        return (f"Model '{source}' has a config transformers cannot read ({detail}); pass a GPT-2 or GPT-Neo model, "
-                f"or {use_default}.")
+        return (f"Model '{source}' has a config transformers cannot read ({detail}); pass a model of a supported "
+                f"family (`python -m core models` lists them), or {use_default}.")
     if kind == "remote_code":
         return (f"Model '{source}' ships its own Python code, which GPT Lab runs only when asked; {trust} if you "
                 f"trust its authors.")
@@ -347,51 +350,114 @@ def check_hf_sizes(cfg: dict, source: str) -> int:
     return gpt.n_params - gpt.n_layer * 8 * gpt.d_model * gpt.d_model + gpt.n_layer * mlp
 
 
-def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False):
+def check_family_sizes(config, source: str) -> int:
+    """Refuse, before anything is built, a config of one of the rotary/OPT families whose sizes
+    are not sensible (the limits of our own checkpoints, read from transformers' standard config
+    names); returns its exact parameter count, counted on a model built on the meta device
+    (no memory), tied weights once."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import LIMITS
+
+    def whole(name: str, value, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise LabError(f"Model '{source}' has an impossible config.json: {name} must be a whole number between 1 "
+                           f"and {high:,} (got {shorten(repr(value), 40)}); fix the file or fetch the model again.")
+        return value
+
+    d = whole("hidden_size", getattr(config, "hidden_size", None), LIMITS["d_model"])
+    heads = whole("num_attention_heads", getattr(config, "num_attention_heads", None), LIMITS["n_head"])
+    whole("num_hidden_layers", getattr(config, "num_hidden_layers", None), LIMITS["n_layer"])
+    whole("vocab_size", getattr(config, "vocab_size", None), LIMITS["vocab_size"])
+    whole("max_position_embeddings", getattr(config, "max_position_embeddings", None), LIMITS["block_size"])
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if whole("num_key_value_heads", kv, heads) and heads % kv:
+        raise LabError(f"Model '{source}' has an impossible config.json: num_attention_heads {heads} is not a multiple "
+                       f"of num_key_value_heads {kv}; fix the file or fetch the model again.")
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    whole("head_dim", head_dim, LIMITS["d_model"])
+    for name in ("intermediate_size", "ffn_dim", "n_inner"):
+        if getattr(config, name, None) is not None:
+            whole(name, getattr(config, name), 64 * d)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # a value only the model's build refuses
+            raise _unreadable_config(source, e) from None
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _supported(model_type: str | None) -> bool:
+    from .families import FAMILIES
+
+    return model_type in ("gpt2", "gpt_neo") or model_type in FAMILIES
+
+
+def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_remote_code: bool = False,
+             revision: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM  # a second of import: only Hugging Face models pay it
     from transformers.utils import logging as hf_logging
 
+    from .families import unsupported_message
+
     hf_logging.disable_progress_bar()  # our CLI and app show their own progress; keep stderr to one line
     kwargs = dict(local_files_only=True) if local else {}
+    if revision:
+        kwargs["revision"] = revision
+    named = f"{source}@{revision}" if revision else source
     # Always passed, never left to transformers: left out, it asks on a terminal whether to run the code.
     trust = bool(trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust,
+                                            **({"revision": revision} if revision else {}))
     except ValueError as e:
-        raise _remote_code_refused(source, e) from None
+        raise _remote_code_refused(named, e) from None
     except OSError:
         if local:
             raise LabError(f"{source} is not a readable Hugging Face model folder (config.json missing or bad).")
         if not hub_reachable():
-            raise model_error("offline", source, cls=ModelNotAvailableError) from None
+            raise model_error("offline", named, cls=ModelNotAvailableError) from None
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **kwargs)
         except ValueError as e:
-            raise _remote_code_refused(source, e) from None
+            raise _remote_code_refused(named, e) from None
         except OSError as e:
-            raise model_error("not_on_hub", source, shorten(first_line(e), 160), ModelNotAvailableError) from None
+            raise model_error("not_on_hub", named, shorten(first_line(e), 160), ModelNotAvailableError) from None
         except Exception as e:  # a config.json whose values transformers' own checks refuse
-            raise _unreadable_config(source, e) from None
+            raise _unreadable_config(named, e) from None
     except Exception as e:  # the same, from a local folder or the cache
-        raise _unreadable_config(source, e) from None
+        raise _unreadable_config(named, e) from None
     else:
-        kwargs = dict(local_files_only=True)
-    if config.model_type not in ("gpt2", "gpt_neo"):
-        raise LabError(f"Model '{source}' is a {config.model_type} model; GPT Lab walks gpt2 and gpt_neo "
-                       f"models and its own GPT checkpoints.")
-    n_params = check_hf_sizes(config.to_dict(), source)
+        kwargs["local_files_only"] = True
+    if not _supported(config.model_type):
+        raise LabError(unsupported_message(config.model_type, named))
+    if config.model_type in ("gpt2", "gpt_neo"):
+        n_params = check_hf_sizes(config.to_dict(), named)
+    else:
+        n_params = check_family_sizes(config, named)
     need = n_params * (torch.finfo(dtype).bits // 8)
-    require_free(need, "cpu", f"'{source}' needs", "load it on a machine with more memory or in a 16-bit dtype.",
-                 detail=f" to load ({n_params:,} parameters)")
     load_kwargs = dict(dtype=dtype, **kwargs)
     if device == "auto":
         load_kwargs["device_map"] = "auto"
+    elif torch.device(device).type == "cuda":
+        # straight onto the GPU, one layer at a time: a 7B model in bfloat16 never needs 14 GB of host memory
+        require_free(need, device, f"'{named}' needs", "use a 16-bit dtype (--dtype bfloat16), --device auto to "
+                     "spread it over several GPUs, or a smaller model.", detail=f" ({n_params:,} parameters)")
+        load_kwargs["device_map"] = {"": device}
+    if "device_map" not in load_kwargs:
+        require_free(need, "cpu", f"'{named}' needs", "load it on a machine with more memory or in a 16-bit dtype.",
+                     detail=f" to load ({n_params:,} parameters)")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust, **load_kwargs)
     except OSError as e:
         if "local_files_only" in kwargs and not local:
-            raise model_error("offline", source, cls=ModelNotAvailableError) from None
-        raise LabError(f"Could not load the weights of '{source}' ({shorten(first_line(e), 160)}); check the folder "
+            raise model_error("offline", named, cls=ModelNotAvailableError) from None
+        raise LabError(f"Could not load the weights of '{named}' ({shorten(first_line(e), 160)}); check the folder "
                        f"or fetch the model again.") from e
     except pickle.UnpicklingError as e:  # a .bin holding objects: torch's weights_only refused it
         raise LabError(f"Refused to load the weights of '{source}': its pickle file holds objects other than "
@@ -403,16 +469,17 @@ def _load_hf(source: str, device: str, dtype: torch.dtype, local: bool, trust_re
         raise LabError(f"Could not build '{source}' from its config.json and weights ({type(e).__name__}: "
                        f"{shorten(first_line(e), 160)}); the folder is inconsistent, so fetch the model again.") \
             from None
-    check_finite(model.named_parameters(), f"'{source}'")
-    if device != "auto":
+    check_finite(model.named_parameters(), f"'{named}'")
+    if "device_map" not in load_kwargs:
         model = model.to(device)
     return model.eval(), kwargs.get("local_files_only", False)
 
 
-def _inference_stack(model: torch.nn.Module, device: str) -> LayerStack:
+def _inference_stack(model: torch.nn.Module, device: str, source: str | None = None) -> LayerStack:
+    stack = stack_for(model, source)  # first: a model it cannot walk is refused before its weights move
     if device == "cpu":
         use_decode_layout(model)
-    return stack_for(model)
+    return stack
 
 
 def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -453,17 +520,20 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
         check_hf_config(path)
         model, _ = _load_hf(str(path), dev, torch_dtype, local=True, trust_remote_code=trust_remote_code)
         tok = load_tokenizer(tokenizer or path, trust_remote_code=trust_remote_code)
-        stack = _inference_stack(model, dev)
+        stack = _inference_stack(model, dev, str(path))
         check_tokenizer(tok, stack.vocab_size, str(path))
         return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack, device=dev, dtype=torch_dtype,
                            source=str(path))
 
     if spec.startswith((".", "/", "~")) or spec.endswith((".json", ".pt", ".safetensors")):
         raise model_error("missing_path", spec)
-    model, cached = _load_hf(spec, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code)
+    repo, revision = split_revision(spec)
+    model, cached = _load_hf(repo, dev, torch_dtype, local=False, trust_remote_code=trust_remote_code,
+                             revision=revision)
     tok = (load_tokenizer(tokenizer, trust_remote_code=trust_remote_code) if tokenizer
-           else load_tokenizer(spec, local_files_only=cached, trust_remote_code=trust_remote_code))
-    stack = _inference_stack(model, dev)
+           else load_tokenizer(repo, local_files_only=cached, trust_remote_code=trust_remote_code,
+                               **({"revision": revision} if revision else {})))
+    stack = _inference_stack(model, dev, spec)
     check_tokenizer(tok, stack.vocab_size, f"'{spec}'")
     return LoadedModel(spec=spec, model=model, tokenizer=tok, stack=stack, device=dev, dtype=torch_dtype,
                        source=f"hub:{spec}")

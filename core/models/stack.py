@@ -57,6 +57,16 @@ class LayerStack:
     context_length: int
     causal: bool = True
     init_std: float = 0.02
+    norm_weight_init: float = 1.0   # what re-initialisation puts in norm weights (Gemma's x * (1 + w): 0)
+
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: fewer than ``n_head`` where queries share them (grouped-query attention)."""
+        return getattr(self, "_n_kv_head", None) or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self, "_head_dim", None) or self.d_model // self.n_head
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -180,6 +190,19 @@ class LayerStack:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h.to(self.ln_f.weight.device))
 
+    def unembed_weight(self) -> torch.Tensor:
+        """The unembedding as one ``(V, d_model)`` matrix (OPT-350m: its projection out folded in)."""
+        return self.lm_head.weight
+
+    def final_gain(self) -> torch.Tensor | None:
+        """The per-channel factor the final norm multiplies by (None: none); Gemma's is ``1 + w``."""
+        return getattr(self.ln_f, "weight", None)
+
+    @property
+    def final_norm_centres(self) -> bool:
+        """Whether the final norm subtracts the mean (LayerNorm) or only rescales (RMSNorm)."""
+        return isinstance(self.ln_f, nn.LayerNorm)
+
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         w = self.lm_head.weight
         h = h.to(w.device)
@@ -241,22 +264,26 @@ class LayerStack:
             elif name.endswith("bias"):
                 new = torch.zeros(p.shape)
             else:
-                new = torch.ones(p.shape)
+                new = torch.full(p.shape, self.norm_weight_init)
             p.copy_(new.to(p.dtype))
 
     # -- attention: the family gives q, k, v and the output projection; the rest is shared ------
     attn_in_float32: bool = False   # GPT-Neo computes attention scores in float32
+    qk_points_in_qkv: bool = False  # rotary families pass hook_q / hook_k in _qkv, before the rotation (as TransformerLens)
 
     def _attention(self, i: int, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         offset = cache.length if cache is not None else 0
         q, k, v = self._qkv(i, x, offset)  # (B, heads, T, d_head)
-        q, k, v = (self._at_heads(p, i, t) for p, t in (("q", q), ("k", k), ("v", v)))
+        if not self.qk_points_in_qkv:
+            q, k = self._at_heads("q", i, q), self._at_heads("k", i, k)
+        v = self._at_heads("v", i, v)
         if cache is not None:
             k, v = cache.update(i, k, v)
         dtype = v.dtype
         if self.attn_in_float32:
             q, k, v = q.float(), k.float(), v.float()
-        how = dict(causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i))
+        how = dict(causal=self.causal, q_offset=offset, window=self._window(i), scale=self._scale(i),
+                   softcap=self._softcap(i))
         if self._wants("pattern", i):   # the explicit softmax, only when someone reads or edits it
             z = attend_with_pattern(q, k, v, lambda p: self._at(None, "pattern", i, p), **how)
         else:
@@ -278,6 +305,9 @@ class LayerStack:
 
     def _scale(self, i: int) -> float | None:
         return None  # 1/sqrt(d_head)
+
+    def _softcap(self, i: int) -> float | None:
+        return None  # Gemma-2: scores pass through cap * tanh(scores / cap)
 
     def describe(self) -> dict:
         return dict(family=self.family, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
@@ -390,8 +420,10 @@ class GPTNeoStack(_HFStack):
         return attn.resid_dropout(attn.out_proj(y))
 
 
-def stack_for(model: nn.Module) -> LayerStack:
-    """The adapter for a loaded model, chosen by its class."""
+def stack_for(model: nn.Module, source: str | None = None) -> LayerStack:
+    """The adapter for a loaded model, chosen by its class (our GPT) or its config's model_type."""
+    from .families import FAMILIES, unsupported_message  # the families build on this module
+
     if isinstance(model, GPT):
         return GPTLabStack(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -399,4 +431,6 @@ def stack_for(model: nn.Module) -> LayerStack:
         return GPT2Stack(model)
     if model_type == "gpt_neo":
         return GPTNeoStack(model)
-    raise LabError(f"Model type '{model_type}' has no layer-stack adapter yet; supported: our GPT, gpt2, gpt_neo.")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type](model)
+    raise LabError(unsupported_message(model_type, source or type(model).__name__))

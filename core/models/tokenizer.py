@@ -78,12 +78,14 @@ class BPETokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (a model folder's own, or a hub id)."""
 
-    def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False):
+    def __init__(self, source: str, local_files_only: bool = False, trust_remote_code: bool = False,
+                 revision: str | None = None):
         from transformers import AutoTokenizer  # a second of import: only Hugging Face tokenizers pay it
 
         try:
             self._tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only,
-                                                      trust_remote_code=trust_remote_code)
+                                                      trust_remote_code=trust_remote_code,
+                                                      **({"revision": revision} if revision else {}))
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise LabError(f"Tokenizer '{source}' ships its own Python code, which GPT Lab runs only when asked; "
@@ -168,7 +170,7 @@ def _byte_level_bytes(token: str | None) -> bytes | None:
 
 
 def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
-                   trust_remote_code: bool = False) -> Tokenizer:
+                   trust_remote_code: bool = False, revision: str | None = None) -> Tokenizer:
     """Open a tokenizer from a ``tokenizer.json`` file, a model folder, ``tiktoken:NAME`` or a hub id.
     ``trust_remote_code`` lets transformers run a repository's own tokenizer code (off unless asked)."""
     s = str(source)
@@ -191,7 +193,7 @@ def load_tokenizer(source: str | os.PathLike, local_files_only: bool = False,
         raise LabError(f"No tokenizer found in {p}: expected tokenizer.json or tokenizer_config.json there.")
     if s.endswith(".json") or s.startswith((".", "/", "~")):
         raise LabError(f"Tokenizer {'file' if s.endswith('.json') else 'path'} {s} does not exist; check the path.")
-    return HFTokenizer(s, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    return HFTokenizer(s, local_files_only=local_files_only, trust_remote_code=trust_remote_code, revision=revision)
 
 
 def iter_text_chunks(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:
