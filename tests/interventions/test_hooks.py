@@ -17,6 +17,14 @@ from core.models.loading import load_model
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks? It is the east"
 FAMILIES = ["tiny_gpt2_dir", "tiny_neo_dir", "tiny_gptlab_dir"]
+ORACLE_FAMILIES = [*FAMILIES, "tiny_llama_dir"]  # plus a rotary family with grouped-query attention
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from tests.families_kit import family_dir
+
+    return family_dir(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +91,8 @@ def test_unknown_point_is_refused_with_the_nearest_name(models):
 
 def _attn_proj(lm, layer):
     blk = lm.stack.blocks[layer]
+    if lm.stack.family == "llama":
+        return blk.self_attn.o_proj
     return blk.attn.attention.out_proj if lm.stack.family == "gpt_neo" else blk.attn.c_proj
 
 
@@ -94,7 +104,7 @@ def _torch_hooks(lm, spec):
     blk = lm.stack.blocks[layer]
     handles = []
     if kind == "head":
-        dh = lm.stack.d_model // lm.stack.n_head
+        dh = lm.stack.head_dim
         h = int(head)
 
         def pre(mod, args):
@@ -125,7 +135,7 @@ def _reference_greedy(lm, ids, n):
     return seq[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("fixture", FAMILIES)
+@pytest.mark.parametrize("fixture", ORACLE_FAMILIES)
 @pytest.mark.parametrize("spec", ["head:1.1", "attn:0", "mlp:1", "layer:0"])
 def test_zero_ablation_equals_the_model_with_that_component_zeroed(fixture, spec, models):
     lm = models(fixture)
@@ -168,7 +178,7 @@ def test_mean_ablation_of_a_head_writes_its_mean_over_the_prompt(models):
 
 # -- patching and steering -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", FAMILIES)
+@pytest.mark.parametrize("fixture", ORACLE_FAMILIES)
 def test_patching_every_position_of_a_layer_restores_the_clean_logits(fixture, models):
     lm = models(fixture)
     clean = _ids(lm, 10)
