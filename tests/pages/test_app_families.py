@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from app_harness import clean, code, described_feature_model, no_exception, open_app, set_widgets, shown, texts
 
 from core.consensus.engine import ConsensusConfig, DecodeConfig, consensus_decode, run_consensus
 from core.consensus.simulation import SimulationConfig, run_simulation
 from core.generation.autoregressive import SamplingConfig, generate
 from core.models.loading import load_model
+from pages.parts.consensus_charts import visible
 from tests.families_kit import family_dir
 
 PROMPT = "ROMEO: But soft, what light"
@@ -100,7 +102,7 @@ def test_consensus_on_a_llama_every_reinit_mode_and_noff(llama_dir, llama, reini
     np.testing.assert_allclose(got, expected.metric, atol=1e-6)
     assert got.shape == (1, 2 * llama.stack.n_layer + 1)
     table = at.dataframe[0].value   # the logit lens after each iteration
-    assert table["after iteration 1"].tolist() == expected.decodings[1]
+    assert table["after iteration 1"].tolist() == [visible(t) for t in expected.lens_tokens[1][0]]  # per position
     assert [w.value for w in at.dataframe] and not at.error
 
 
@@ -147,7 +149,7 @@ def test_features_train_collect_describe_and_explain_on_a_llama(llama_dir, env, 
     clean(at)
     assert at.selectbox(key="feat_layer").options == [f"Layer {i}" for i in range(3)]
     with FeatureStore(store_path(set_dir), readonly=True) as store:
-        first = store.features(0, order_by="density")[0].feature
+        first = store.features(0, order_by="score")[0].feature  # the page opens on the best-explained
         card = store.feature(0, first)
     assert at.number_input(key="feat_feature").value == first
     promoted = [d.value for d in at.dataframe if list(d.value.columns) == ["token", "effect"]]
