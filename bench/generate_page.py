@@ -1,0 +1,182 @@
+"""Tokens/s of the Generate page in a real browser against `python -m core generate`, same run.
+
+The page is what a user waits for: from the click on Generate to the moment the last token of the
+completion is in the browser's page. The command line's figure is the one it prints (its engine's
+tokens/s, model already loaded). Both generate the same text (same model, prompt, seed and
+settings; checked), interleaved so a noisy machine affects both alike. Goal: page >= 0.9x.
+
+    python bench/generate_page.py                 # the shipped default model, 200 new tokens
+    python bench/generate_page.py --repeats 7 --no-write
+
+Needs Debian's chromium and Playwright (as the real-browser tests do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import write_section  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+GOAL = 0.9
+CLI_LINE = re.compile(r"\[(\d+) tokens in ([\d.]+)s, ([\d.]+) tokens/s")
+
+# Installed in the page before each click: notes the click's time and the first moment the page's
+# text holds the whole completion (a MutationObserver runs before the next paint).
+WATCH_JS = """(want) => {
+  const norm = (s) => s.replace(/\\s+/g, ' ').trim();
+  const target = norm(want);
+  window.__genDone = null;
+  const check = () => {
+    if (window.__genDone !== null) return;
+    for (const el of document.querySelectorAll('[data-testid="stCode"]')) {
+      if (norm(el.innerText).includes(target)) { window.__genDone = performance.now(); obs.disconnect(); return; }
+    }
+  };
+  const obs = new MutationObserver(check);
+  obs.observe(document.body, {childList: true, subtree: true, characterData: true});
+  const button = [...document.querySelectorAll('button')].find((b) => b.innerText.trim() === 'Generate');
+  window.__genStart = performance.now();
+  button.click();
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(runs: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = _free_port()
+    log = runs / "console.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTLAB_RUNS": str(runs)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                return proc, url, log
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("streamlit did not start: " + log.read_text(errors="replace")[-2000:])
+
+
+def cli_run(model: str, prompt: str, n: int, seed: int) -> tuple[float, int, str]:
+    """(tokens/s as the command prints it, tokens, completion text)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "out.json"
+        out = subprocess.run([sys.executable, "-m", "core", "generate", "--model", model, "--prompt", prompt,
+                              "--max-new-tokens", str(n), "--seed", str(seed), "--json", str(saved)],
+                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                             timeout=600)
+        m = CLI_LINE.search(out.stderr)
+        if out.returncode != 0 or m is None:
+            raise SystemExit(f"the command failed: {out.stderr[-2000:]}")
+        completion = json.loads(saved.read_text())["completion"]
+    return float(m.group(3)), int(m.group(1)), completion
+
+
+def settle(page) -> None:
+    page.wait_for_function(
+        "() => { const w = document.querySelector('[data-testid=\"stStatusWidget\"]');"
+        " return !w || !(w.innerText.includes('Running') || w.innerText.includes('Stop')); }", timeout=120_000)
+    page.wait_for_timeout(300)
+
+
+def enter(page, role: str, name: str, value: str) -> None:
+    box = page.get_by_role(role, name=name)
+    for _ in range(4):
+        box.fill(value)
+        page.keyboard.press("Tab")
+        settle(page)
+        if box.input_value() == value:
+            return
+    raise SystemExit(f"{name} did not keep {value!r}")
+
+
+def page_run(page, completion: str) -> float:
+    """Seconds from the click on Generate to the whole completion on the page."""
+    page.evaluate(WATCH_JS, completion)
+    page.wait_for_function("() => window.__genDone !== null", timeout=120_000, polling=50)
+    took = page.evaluate("() => (window.__genDone - window.__genStart) / 1000")
+    settle(page)  # the rest of the result (token view, charts) is drawn before the next round
+    return float(took)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompt", default="ROMEO:")
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    n = args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url, log = start_app(Path(tmp))
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+                page = browser.new_context(viewport={"width": 1400, "height": 1100}).new_page()
+                page.goto(f"{url}/generate")
+                page.get_by_role("textbox", name="Prompt").wait_for(timeout=120_000)
+                settle(page)
+                if args.model != "default":
+                    raise SystemExit("the page benchmark uses the sidebar's default model")
+                enter(page, "textbox", "Prompt", args.prompt)
+                enter(page, "spinbutton", "Max new tokens", str(n))
+                cli, web, counts = [], [], []
+                for i in range(args.repeats + 1):  # the first round warms up (its click loads the model)
+                    # a new seed each round: a new text, never the one the page still shows
+                    seed = args.seed + i
+                    enter(page, "spinbutton", "Seed", str(seed))
+                    page.wait_for_timeout(1000)  # the browser and server idle before the command starts
+                    rate, tokens, completion = cli_run(args.model, args.prompt, n, seed)
+                    took = page_run(page, completion)
+                    if i:
+                        cli.append(rate)
+                        web.append(tokens / took)
+                        counts.append(tokens)
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    c, w = statistics.median(cli), statistics.median(web)
+    ratio = w / c
+    body = (f"The shipped `{args.model}` model, prompt {args.prompt!r}, {n} new tokens ({min(counts)}-{max(counts)} "
+            f"before an end-of-text), seeds {args.seed + 1}-{args.seed + args.repeats} (sampling, top-5 alternatives recorded); median of {args.repeats} interleaved runs. The page is "
+            f"timed in headless Chromium at 1400 px from the click on Generate to the whole completion on the "
+            f"page; the command line's figure is the tokens/s it prints (its engine, model loaded). Each round "
+            f"runs the command, then the page, with the same seed: the page must show the command's text.\n\n"
+            f"| generator | tokens/s (median) | runs |\n|---|---:|---|\n"
+            f"| `python -m core generate` | {c:.0f} | {', '.join(f'{r:.0f}' for r in cli)} |\n"
+            f"| Generate page (browser) | {w:.0f} | {', '.join(f'{r:.0f}' for r in web)} |\n\n"
+            f"Ratio page / command line: **{ratio:.2f}x** (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}).\n")
+    print(body)
+    if not args.no_write:
+        write_section("Generate page vs command line (cpu)", body)
+
+
+if __name__ == "__main__":
+    main()
