@@ -176,8 +176,9 @@ def show_result(slot: str, lm: LoadedModel | None, record: dict | None, compare:
         return
     st.code(result.text, language=None, wrap_lines=True)
     ppl = result.prompt_perplexity
-    # side by side, four figures in half the width would cut their values short: two rows of two there
-    cols = st.columns(2) * 2 if compare else st.columns([1, 0.8, 0.8, 1.4])  # "max new tokens" is the longest value
+    # "max new tokens" is the longest value: side by side, half the page's width cuts it short in a
+    # quarter (or a half) of a column, so there it gets a row of its own
+    cols = [*st.columns(3), st.container()] if compare else st.columns([1, 0.8, 0.8, 1.4])
     cols[0].metric("Prompt perplexity", "n/a" if ppl is None else f"{ppl:.2f}",
                    help="exp(mean negative log-likelihood) of the prompt's tokens under the model; lower means "
                         "the model finds the prompt more predictable. Needs a prompt of 2+ tokens.")

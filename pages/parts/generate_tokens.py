@@ -221,17 +221,18 @@ def alternatives_chart(frame: pd.DataFrame, labels: list[str]) -> alt.Chart:
     """Bars of probability, one row per label in the frame's order (the chosen token on top); every
     label drawn in full."""
     data = frame.assign(label=labels)
+    top = max(1e-9, float(data["probability"].max()))
+    y = alt.Y("label:N", sort=labels, title=None, axis=alt.Axis(labelLimit=0, labelOverlap=False, labelFontSize=12))
+    x = alt.X("probability:Q", scale=alt.Scale(zero=True, domain=[0, top * 1.18]), title="probability")
+    bars = alt.Chart().mark_bar().encode(
+        x=x, y=y,
+        color=alt.Color("chosen:N", scale=alt.Scale(domain=[True, False], range=["#e4572e", "#4c78a8"]), legend=None),
+        tooltip=["rank", "token", "id", alt.Tooltip("probability:Q", format=".4g"), alt.Tooltip("log p:Q", format=".2f")])
+    values = alt.Chart().mark_text(align="left", dx=3, fontSize=11).encode(
+        x=x, y=y, text=alt.Text("probability:Q", format=".2g"))  # a tiny bar still says its probability
     # a step per row, not a height: Streamlit squeezed a fixed-height band axis to nothing
-    return (alt.Chart(data, title="Alternatives (the chosen token in red, on top)").mark_bar()
-            .encode(x=alt.X("probability:Q", scale=alt.Scale(zero=True, domain=[0, max(1e-9, data["probability"].max())]),
-                            title="probability"),
-                    y=alt.Y("label:N", sort=labels, title=None,
-                            axis=alt.Axis(labelLimit=0, labelOverlap=False, labelFontSize=12)),
-                    color=alt.Color("chosen:N", scale=alt.Scale(domain=[True, False], range=["#e4572e", "#4c78a8"]),
-                                    legend=None),
-                    tooltip=["rank", "token", "id", alt.Tooltip("probability:Q", format=".4g"),
-                             alt.Tooltip("log p:Q", format=".2f")])
-            .properties(height=alt.Step(24)))
+    return alt.layer(bars, values, data=data, title="Alternatives (the chosen token in red, on top)").properties(
+        height=alt.Step(24))
 
 
 def token_inspector(slot: str, tokens: list[Scored], run: int, selected: int) -> None:
