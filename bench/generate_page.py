@@ -121,6 +121,29 @@ def page_run(page, completion: str) -> float:
     return float(took)
 
 
+def compare_walks(model: str, prompt: str, n: int, seed: int, repeats: int) -> tuple[float, float]:
+    """Seconds for compare mode's two settings decoded together (one batched walk, as the page does)
+    and one after the other, in this process; medians of interleaved runs."""
+    from core.generation.autoregressive import SamplingConfig, generate
+    from core.generation.batched import stream_many
+    from core.models.loading import load_model
+
+    lm = load_model(model)
+    cfgs = [SamplingConfig(max_new_tokens=n, seed=seed), SamplingConfig(max_new_tokens=n, seed=seed + 1,
+                                                                         temperature=0.8, top_k=40)]
+    together, apart = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for _ in stream_many(lm, prompt, cfgs):
+            pass
+        together.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for cfg in cfgs:
+            generate(lm, prompt, cfg)
+        apart.append(time.perf_counter() - t0)
+    return statistics.median(together[1:]), statistics.median(apart[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -162,6 +185,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(20)
+    load = os.getloadavg()[0]
+    both, one_by_one = compare_walks(args.model, args.prompt, n, args.seed, args.repeats)
     c, w = statistics.median(cli), statistics.median(web)
     ratio = w / c
     body = (f"The shipped `{args.model}` model, prompt {args.prompt!r}, {n} new tokens ({min(counts)}-{max(counts)} "
@@ -172,7 +197,11 @@ def main() -> None:
             f"| generator | tokens/s (median) | runs |\n|---|---:|---|\n"
             f"| `python -m core generate` | {c:.0f} | {', '.join(f'{r:.0f}' for r in cli)} |\n"
             f"| Generate page (browser) | {w:.0f} | {', '.join(f'{r:.0f}' for r in web)} |\n\n"
-            f"Ratio page / command line: **{ratio:.2f}x** (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}).\n")
+            f"Ratio page / command line: **{ratio:.2f}x** (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'}). "
+            f"Load average during the runs: {load:.1f} on this machine's {os.cpu_count()} cores.\n\n"
+            f"Compare mode, two settings of {n} tokens on the same prompt (engine, this process): decoded together "
+            f"in one batched walk (core/generation/batched.py, as the page runs them) {both:.2f} s, one after the "
+            f"other {one_by_one:.2f} s: **{one_by_one / both:.2f}x** faster together.\n")
     print(body)
     if not args.no_write:
         write_section("Generate page vs command line (cpu)", body)
