@@ -204,7 +204,8 @@ def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
     """Settings (one column, or A and B side by side), Generate / Stop, and the results."""
     results = st.session_state.setdefault(RESULTS_KEY, {})
     compare = st.toggle("Compare two settings side by side", key=COMPARE_KEY, persist_state="session",
-                        help="Two columns of settings, A and B; Generate runs both on the same prompt.")
+                        help="Two columns of settings, A and B; Generate runs both on the same prompt, decoded together in "
+                             "one batched walk (about the time of one) unless one uses beam search.")
     slots = SLOTS if compare else SLOTS[:1]
     configs: dict[str, SamplingConfig] = {}
     for slot, column in zip(slots, st.columns(len(slots), border=compare)):

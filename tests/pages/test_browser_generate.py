@@ -74,4 +74,6 @@ def test_compare_mode_at_1400px_cuts_no_figure_or_button(server, page, tmp_path)
     assert page.evaluate(CUT_JS, '[data-testid="stMetricValue"]') == []
     assert page.evaluate(CUT_JS, '[data-testid="stMetricLabel"]') == []
     assert page.evaluate(CUT_JS, '[data-testid="stMain"] button') == []
+    page.get_by_text("Output A").scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
     _checked_screenshot(page, tmp_path, "generate_compare")
