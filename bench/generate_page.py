@@ -7,6 +7,15 @@ settings; checked), interleaved so a noisy machine affects both alike. Goal: pag
 
     python bench/generate_page.py                 # the shipped default model, 200 new tokens
     python bench/generate_page.py --repeats 7 --no-write
+    python bench/generate_page.py --threads 0     # torch's own thread count in both (see below)
+
+Both the app's server and the command run with ``--threads`` torch threads (1 by default). Why: the
+browser runs on the same machine as the server here, and a page run makes it draw while the engine
+decodes. With two OpenMP threads on a 2-core machine that anything else keeps busy, each parallel op
+waits for a thread the scheduler has given away: measured on this shared machine, decoding the
+default model ran ~10x slower with 2 threads than with 1 whenever other work was running. The
+command, alone in its process, dodges that; the page, with its browser beside it, cannot. Equal
+threads in both compare the page with its engine, not with the machine's scheduler.
 
 Needs Debian's chromium and Playwright (as the real-browser tests do).
 """
@@ -60,10 +69,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(runs: Path) -> tuple[subprocess.Popen, str, Path]:
+def thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def start_app(runs: Path, threads: int) -> tuple[subprocess.Popen, str, Path]:
     port = _free_port()
     log = runs / "console.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTLAB_RUNS": str(runs)}
+    env = {**thread_env(threads), "GPTLAB_RUNS": str(runs)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -79,13 +92,13 @@ def start_app(runs: Path) -> tuple[subprocess.Popen, str, Path]:
     raise SystemExit("streamlit did not start: " + log.read_text(errors="replace")[-2000:])
 
 
-def cli_run(model: str, prompt: str, n: int, seed: int) -> tuple[float, int, str]:
+def cli_run(model: str, prompt: str, n: int, seed: int, threads: int) -> tuple[float, int, str]:
     """(tokens/s as the command prints it, tokens, completion text)."""
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "out.json"
         out = subprocess.run([sys.executable, "-m", "core", "generate", "--model", model, "--prompt", prompt,
                               "--max-new-tokens", str(n), "--seed", str(seed), "--json", str(saved)],
-                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                             cwd=ROOT, env=thread_env(threads), capture_output=True, text=True,
                              timeout=600)
         m = CLI_LINE.search(out.stderr)
         if out.returncode != 0 or m is None:
@@ -151,13 +164,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the server and the command alike (0: torch's default); see above")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, log = start_app(Path(tmp))
+        proc, url, log = start_app(Path(tmp), args.threads)
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
@@ -175,7 +190,7 @@ def main() -> None:
                     seed = args.seed + i
                     enter(page, "spinbutton", "Seed", str(seed))
                     page.wait_for_timeout(1000)  # the browser and server idle before the command starts
-                    rate, tokens, completion = cli_run(args.model, args.prompt, n, seed)
+                    rate, tokens, completion = cli_run(args.model, args.prompt, n, seed, args.threads)
                     took = page_run(page, completion)
                     if i:
                         cli.append(rate)
@@ -186,13 +201,19 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
     load = os.getloadavg()[0]
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     both, one_by_one = compare_walks(args.model, args.prompt, n, args.seed, args.repeats)
     c, w = statistics.median(cli), statistics.median(web)
+    threads = args.threads or f"torch's default ({torch.get_num_threads()})"
     ratio = w / c
     body = (f"The shipped `{args.model}` model, prompt {args.prompt!r}, {n} new tokens ({min(counts)}-{max(counts)} "
             f"before an end-of-text), seeds {args.seed + 1}-{args.seed + args.repeats} (sampling, top-5 alternatives recorded); median of {args.repeats} interleaved runs. The page is "
             f"timed in headless Chromium at 1400 px from the click on Generate to the whole completion on the "
-            f"page; the command line's figure is the tokens/s it prints (its engine, model loaded). Each round "
+            f"page; the command line's figure is the tokens/s it prints (its engine, model loaded). Both run with "
+            f"{threads} torch thread(s) (why: bench/generate_page.py). Each round "
             f"runs the command, then the page, with the same seed: the page must show the command's text.\n\n"
             f"| generator | tokens/s (median) | runs |\n|---|---:|---|\n"
             f"| `python -m core generate` | {c:.0f} | {', '.join(f'{r:.0f}' for r in cli)} |\n"
