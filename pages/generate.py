@@ -4,8 +4,11 @@ only draws.
 
 Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare mode), each a dict
 ``{"status": "running" | "done" | "stopped" | "failed", "result": GenerationResult, "error": str | None,
-"run": int}``. While streaming, "result" is refreshed after every token, so a run interrupted by
-Stop (Streamlit aborts the script and reruns it) keeps what it had produced.
+"run": int, "prompt_tokens": the prompt scored, once shown}``. While streaming, "result" is refreshed before
+every redraw of the live text (pages/parts/generate_stream.py: redraws are timed, so the page keeps
+the engine's pace), so a run interrupted by Stop (Streamlit aborts the script at its next call into
+Streamlit, which is such a redraw) keeps what it had produced. The token view and its inspector are
+pages/parts/generate_tokens.py.
 
 The loaded model's sampler (:func:`core.generation.sampler.sampler_for`) picks the view: a
 diffusion model gets its own controls and a step-by-step denoising view, from
@@ -14,24 +17,22 @@ pages/parts/generate_diffusion.py. Every control's default and range is read fro
 """
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import replace
 from itertools import cycle
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
 from core.errors import LabError
-from core.generation.autoregressive import (GenerationResult, TokenEvent, TokenInfo, encode_prompt, partial_result,
-                                           perplexity)
-from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig, draw_seed
+from core.generation.autoregressive import GenerationResult, encode_prompt, perplexity
+from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig
 from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
-from pages.parts.common import current_model, ensure_frame, stream_run
+from pages.parts.common import current_model, ensure_frame
 from pages.parts.generate_diffusion import diffusion_view
 from pages.parts.interventions_generate import interventions_panel
+from pages.parts.generate_stream import new_record, run_all, seeded
+from pages.parts.generate_tokens import token_view
 
 RESULTS_KEY = "gen_results"
 RUN_KEY = "gen_run"
@@ -40,7 +41,6 @@ COMPARE_KEY = "gen_compare"
 SLOTS = ("A", "B")
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 S = SamplingConfig  # every control's default is the config's
-OUT_OF_MEMORY = "the device ran out of memory; use fewer new tokens, beams, or a smaller model."
 
 
 def wkey(slot: str, name: str) -> str:
@@ -143,22 +143,8 @@ def validate(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig]) -
             raise LabError(f"Settings {slot}: {e}" if len(configs) > 1 else str(e)) from None
 
 
-def run_stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) -> None:
-    """Stream one generation into a live view, refreshing ``record`` after every token."""
-    live = st.empty()
-    run = AUTOREGRESSIVE.start(lm, prompt, cfg)
-
-    def show(event) -> None:
-        if isinstance(event, TokenEvent):
-            record["result"] = run.result
-            with live.container():
-                st.code(prompt + event.completion, language=None, wrap_lines=True)
-                st.caption(f"{run.done} / {cfg.max_new_tokens} tokens…")
-
-    stream_run(record, run, live, OUT_OF_MEMORY, show)
-
-
 def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig], out_columns) -> None:
+    """Check, then run every settings column (compare mode decodes both in one walk where it can)."""
     ss = st.session_state
     try:
         validate(lm, prompt, configs)
@@ -168,95 +154,16 @@ def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig
     results: dict = ss[RESULTS_KEY]
     results.clear()
     ss[RUN_KEY] = ss.get(RUN_KEY, 0) + 1
-    for (slot, cfg), column in zip(configs.items(), out_columns):
-        if cfg.seed is None and not (cfg.greedy or cfg.num_beams > 1):
-            cfg = replace(cfg, seed=draw_seed())  # drawn here so a stopped run still reports it
-        record = {"status": "running", "result": partial_result(lm, prompt, cfg, [], "", 0.0), "error": None,
-                  "run": ss[RUN_KEY]}
-        results[slot] = record
-        with column:
-            run_stream(lm, prompt, cfg, record)
+    configs = {slot: seeded(cfg) for slot, cfg in configs.items()}  # drawn here so a stopped run still reports it
+    for slot, cfg in configs.items():
+        results[slot] = new_record(lm, prompt, cfg, ss[RUN_KEY])
+    run_all(lm, prompt, configs, results, dict(zip(configs, out_columns)))
 
 
 # -- showing ---------------------------------------------------------------------------------------
 
-def prob_colour(p: float) -> str:
-    """Red (unlikely) through yellow to green (certain), light enough for dark text."""
-    return f"hsl({120 * min(max(p, 0.0), 1.0):.0f}, 80%, 78%)"
-
-
-def visible(text: str) -> str:
-    """A token's text with its whitespace made visible, for tables and chart labels."""
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
-
-
-def token_view_html(result: GenerationResult) -> str:
-    """The prompt in grey, then each generated token on a background coloured by its probability
-    under the model; hovering a token shows its index, probability and id."""
-    spans = []
-    for t in result.tokens:
-        body = html.escape(t.text).replace("\n", "↵\n")
-        tip = html.escape(f"#{t.index}  p = {t.prob:.4f}  id {t.token_id}", quote=True)
-        spans.append(f'<span title="{tip}" style="background:{prob_colour(t.prob)};color:#111;'
-                     f'border-radius:3px;margin-right:1px">{body}</span>')
-    prompt = f'<span style="opacity:.6">{html.escape(result.prompt)}</span>'
-    return ('<div style="white-space:pre-wrap;font-family:monospace;line-height:1.8;padding:.5rem 0">'
-            f'{prompt}{"".join(spans)}</div>')
-
-
-def legend_html() -> str:
-    swatches = "".join(f'<span style="background:{prob_colour(p)};color:#111;padding:0 .5em;margin-right:2px;'
-                       f'border-radius:3px">{p:g}</span>' for p in (0.0, 0.25, 0.5, 0.75, 1.0))
-    return (f'<div style="font-size:.85em">Probability of each token under the model (raw softmax, before '
-            f'sampling filters): {swatches}</div>')
-
-
-def alternatives_frame(token: TokenInfo) -> pd.DataFrame:
-    """The most likely tokens at one step, and the chosen one even when it was not among them."""
-    rows = [{"rank": str(i + 1), "token": visible(text), "id": tid, "probability": prob,
-             "chosen": tid == token.token_id} for i, (tid, text, prob) in enumerate(token.alternatives)]
-    if not any(r["chosen"] for r in rows):
-        rows.append({"rank": f"> {len(rows)}", "token": visible(token.text), "id": token.token_id,
-                     "probability": token.prob, "chosen": True})
-    return pd.DataFrame(rows, columns=["rank", "token", "id", "probability", "chosen"])
-
-
-def alternatives_chart(frame: pd.DataFrame, texts: list[str]) -> alt.Chart:
-    # quoted labels show leading spaces in any font; the id keeps look-alike tokens apart
-    data = frame.assign(label=[f"{json.dumps(t, ensure_ascii=False)} [{i}]" for t, i in zip(texts, frame["id"])])
-    return (alt.Chart(data).mark_bar()
-            .encode(x=alt.X("probability:Q", scale=alt.Scale(zero=True), title="probability"),
-                    y=alt.Y("label:N", sort="-x", title=None, axis=alt.Axis(labelLimit=240)),
-                    color=alt.Color("chosen:N", scale=alt.Scale(domain=[True, False], range=["#e4572e", "#4c78a8"]),
-                                    legend=alt.Legend(title="chosen")),
-                    tooltip=["token", "id", alt.Tooltip("probability:Q", format=".4f")])
-            .properties(height=30 * len(data) + 20))
-
-
-def token_inspector(slot: str, result: GenerationResult, run: int) -> None:
-    tokens = result.tokens
-    if not tokens:
-        return
-    pick = st.selectbox(
-        "Token to inspect", range(len(tokens)), key=wkey(slot, f"pick_{run}"),
-        format_func=lambda i: f"#{i}  {visible(tokens[i].text)}  (p = {tokens[i].prob:.3f})",
-        help="Pick a generated token to see the tokens the model found most likely at that step.")
-    token = tokens[pick]
-    if not token.alternatives:
-        st.caption("No alternatives were recorded (Alternatives was 0).")
-        return
-    frame = alternatives_frame(token)
-    raw_texts = [text for _, text, _ in token.alternatives]
-    raw_texts += [token.text] * (len(frame) - len(raw_texts))
-    left, right = st.columns([1, 1])
-    left.dataframe(frame, hide_index=True, column_config={
-        "probability": st.column_config.NumberColumn(format="%.4f"),
-        "rank": st.column_config.TextColumn(help="Rank among the alternatives; \"> n\" when the chosen token "
-                                                 "was not among the n most likely.")})
-    right.altair_chart(alternatives_chart(frame, raw_texts), width="stretch")
-
-
-def show_result(slot: str, record: dict | None, compare: bool) -> None:
+def show_result(slot: str, lm: LoadedModel | None, record: dict | None, compare: bool) -> None:
+    """One settings column's result: text, figures, the token view and its inspector, downloads."""
     if record is None:
         return
     result: GenerationResult = record["result"]
@@ -270,7 +177,9 @@ def show_result(slot: str, record: dict | None, compare: bool) -> None:
         return
     st.code(result.text, language=None, wrap_lines=True)
     ppl = result.prompt_perplexity
-    cols = st.columns([1, 0.8, 0.8, 1.4])  # the stop reason ("max new tokens") is the longest value
+    # "max new tokens" is the longest value: side by side, half the page's width cuts it short in a
+    # quarter (or a half) of a column, so there it gets a row of its own
+    cols = [*st.columns(3), st.container()] if compare else st.columns([1, 0.8, 0.8, 1.4])
     cols[0].metric("Prompt perplexity", "n/a" if ppl is None else f"{ppl:.2f}",
                    help="exp(mean negative log-likelihood) of the prompt's tokens under the model; lower means "
                         "the model finds the prompt more predictable. Needs a prompt of 2+ tokens.")
@@ -283,13 +192,11 @@ def show_result(slot: str, record: dict | None, compare: bool) -> None:
            "greedy" if settings.get("greedy") and settings.get("num_beams", 1) == 1 else
            f"beam search, {settings.get('num_beams')} beams")
     st.caption(f"Model {result.model} · {how}")
-    st.html(token_view_html(result))
-    st.html(legend_html())
-    token_inspector(slot, result, record["run"])
-    d1, d2, _ = st.columns([1, 1, 4])
-    d1.download_button("Download text", result.text, file_name=f"generation-{slot}.txt", mime="text/plain",
+    token_view(slot, lm, result, record)
+    downloads = st.container(horizontal=True)
+    downloads.download_button("Download text", result.text, file_name=f"generation-{slot}.txt", mime="text/plain",
                        key=wkey(slot, "download_txt"), on_click="ignore")
-    d2.download_button("Download JSON", json.dumps(result.to_json(), indent=2, ensure_ascii=False),
+    downloads.download_button("Download JSON", json.dumps(result.to_json(), indent=2, ensure_ascii=False),
                        file_name=f"generation-{slot}.json", mime="application/json",
                        key=wkey(slot, "download_json"), on_click="ignore")
 
@@ -298,7 +205,8 @@ def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
     """Settings (one column, or A and B side by side), Generate / Stop, and the results."""
     results = st.session_state.setdefault(RESULTS_KEY, {})
     compare = st.toggle("Compare two settings side by side", key=COMPARE_KEY, persist_state="session",
-                        help="Two columns of settings, A and B; Generate runs both on the same prompt.")
+                        help="Two columns of settings, A and B; Generate runs both on the same prompt, decoded together in "
+                             "one batched walk (about the time of one) unless one uses beam search.")
     slots = SLOTS if compare else SLOTS[:1]
     configs: dict[str, SamplingConfig] = {}
     for slot, column in zip(slots, st.columns(len(slots), border=compare)):
@@ -321,7 +229,7 @@ def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
         generate_all(lm, prompt, configs, out_columns)
     for slot, column in zip(slots, out_columns):
         with column:
-            show_result(slot, results.get(slot), compare)
+            show_result(slot, lm, results.get(slot), compare)
     interventions_panel(lm)
 
 

@@ -127,6 +127,19 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
+def choose_token(next_logits: torch.Tensor, previous: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator,
+                 banned: list[int]) -> int:
+    """The next token from logits ``(1, V)`` under ``cfg`` (greedy, or drawn with ``gen``), given
+    the ids so far ``previous`` ``(1, n)``; one place, so a batch of settings
+    (:mod:`.batched`) picks exactly as a single run does."""
+    if cfg.greedy:
+        processed = process_logits(_ban(next_logits, banned), previous, repetition_penalty=cfg.repetition_penalty)
+        return int(processed.argmax(-1))
+    processed = process_logits(_ban(next_logits, banned), previous, temperature=cfg.temperature, top_k=cfg.top_k,
+                               top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty)
+    return int(torch.multinomial(processed.softmax(-1), 1, generator=gen))
+
+
 def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]:
     """Generate from ``prompt``, yielding Started, one TokenEvent per new token, then Finished.
 
@@ -163,16 +176,7 @@ def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]
         try:
             for step in range(cfg.max_new_tokens):
                 logp = next_logits.log_softmax(-1)[0]
-                if cfg.greedy:
-                    processed = process_logits(_ban(next_logits, banned), previous,
-                                               repetition_penalty=cfg.repetition_penalty)
-                    tok = int(processed.argmax(-1))
-                else:
-                    processed = process_logits(_ban(next_logits, banned), previous, temperature=cfg.temperature,
-                                               top_k=cfg.top_k,
-                                               top_p=cfg.top_p, min_p=cfg.min_p,
-                                               repetition_penalty=cfg.repetition_penalty)
-                    tok = int(torch.multinomial(processed.softmax(-1), 1, generator=gen))
+                tok = choose_token(next_logits, previous, cfg, gen, banned)
                 if lm.tokenizer.eos_id is not None and tok == lm.tokenizer.eos_id:
                     reason = "eos"
                     break

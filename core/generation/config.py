@@ -101,6 +101,13 @@ GUMBEL_DTYPES = ("float64", "float32")
 DEFAULT_SCORER = "default"  # generative perplexity is measured under the shipped autoregressive model
 MAX_SCORED_SAMPLES = 10_000  # samples one generative-perplexity run may draw
 
+# The Generate page starts a diffusion model on the reverse process it was trained for: random
+# positions revealed, each token drawn at temperature 1 (ancestral sampling). The engine's and the
+# command line's default (temperature 0, most confident first) is deterministic, but on a young model
+# the most confident prediction everywhere is a newline, so it writes a page of blank lines (seen on
+# a 300-step Shakespeare run: 48 newlines of 48 tokens at temperature 0 and 0.7; text from this).
+PAGE_DIFFUSION_DEFAULTS = {"temperature": 1.0, "strategy": "random"}
+
 
 @dataclass
 class DiffusionConfig:

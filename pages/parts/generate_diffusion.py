@@ -18,7 +18,8 @@ import streamlit as st
 
 from core.errors import LabError
 from core.generation.autoregressive import encode_prompt
-from core.generation.config import DRAWN_SEEDS, GUMBEL_DTYPES, MAX_TEMPERATURE, STRATEGIES, DiffusionConfig, draw_seed
+from core.generation.config import (DRAWN_SEEDS, GUMBEL_DTYPES, MAX_TEMPERATURE, PAGE_DIFFUSION_DEFAULTS, STRATEGIES,
+                                    DiffusionConfig, draw_seed)
 from core.generation.diffusion import DenoiseStep, DiffusionResult, DiffusionStarted, state_masked
 from core.generation.sampler import Sampler, sampler_for
 from core.models.loading import LoadedModel
@@ -27,7 +28,7 @@ from pages.parts.common import stream_run
 RESULT_KEY = "gen_diff_result"
 RUN_KEY = "gen_diff_run"
 OUT_OF_MEMORY = "the device ran out of memory; generate fewer tokens or use a smaller model."
-D = DiffusionConfig  # every control's default is the config's
+D = DiffusionConfig(**PAGE_DIFFUSION_DEFAULTS)  # every control's default is the config's, sampling as trained
 MASK_BG = "#c9ccd1"       # a masked position: a grey block
 NEW_BG = "#ffd54f"        # revealed at the step shown
 OLD_BG = "#e3f2e1"        # revealed at an earlier step
@@ -63,7 +64,8 @@ def diffusion_controls(n_columns: int = 3) -> DiffusionConfig:
     temperature = cell(3).number_input(
         "Temperature", 0.0, MAX_TEMPERATURE, D.temperature, step=0.05, key=dkey("temperature"), **keep,
         help="0 puts the most likely token at each revealed position; above 0 samples it from the model's "
-             "distribution divided by this temperature.")
+             "distribution divided by this temperature. It starts at 1 with random unmasking, the process the model "
+             "was trained to reverse: at 0 a young model tends to write the same token (often a newline) everywhere.")
     top_k = cell(4).number_input(
         "Top-k", 0, 1_000_000, D.top_k, step=1, key=dkey("top_k"), disabled=temperature == 0, **keep,
         help="With temperature above 0: sample among the k most likely tokens only; 0 turns it off.")
@@ -149,7 +151,10 @@ def generate(lm: LoadedModel, sampler: Sampler, prompt: str, cfg: DiffusionConfi
 # -- showing --------------------------------------------------------------------------------------
 
 def visible(text: str) -> str:
-    return html.escape(text).replace("\n", "↵\n") if text else "∅"
+    """A token for the state view: a newline is a mark, not a line break. Revealed out of order,
+    newlines broke the view into rows of a token or two (a young model reveals many), so the view
+    keeps one flowing line of tokens; the text above it keeps the real layout."""
+    return html.escape(text).replace("\n", "↵").replace("\t", "⇥") if text else "∅"
 
 
 def state_html(lm: LoadedModel, result: DiffusionResult, state: int) -> str:

@@ -237,6 +237,10 @@ def test_page_switches_to_diffusion_controls_denoises_and_replays(monkeypatch, t
             "gen_diff_seed"} <= keys
     assert not {"gen_A_greedy", "gen_A_max_new_tokens", "gen_compare"} & keys  # no autoregressive controls
     assert all(w.help for w in at.number_input if w.key.startswith("gen_diff_"))
+    # the page starts on ancestral sampling (PAGE_DIFFUSION_DEFAULTS); this test follows the deterministic path
+    assert (at.number_input(key="gen_diff_temperature").value, at.selectbox(key="gen_diff_unmask").value) == (1.0, "random")
+    set_diffusion(at, temperature=0.0, unmask="confidence")
+    at.run()
     assert at.number_input(key="gen_diff_top_k").disabled  # temperature 0: top-k has no effect
 
     live_states: list[int] = []

@@ -11,17 +11,20 @@ stays. A diffusion model's controls get the same treatment (tiny models keep max
 """
 from __future__ import annotations
 
-import html
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from app_harness import (LONG, ODD, TEXTS, clean, code, limits, no_exception, one_error, open_app, pick_model,
-                         set_widgets, shown, texts)
+from app_harness import (LONG, ODD, TEXTS, chart_data, clean, code, limits, no_exception, one_error, open_app,
+                         pick_model, set_widgets, shown, texts)
 
-from core.generation.autoregressive import SamplingConfig, TokenEvent, generate, partial_result, perplexity, stream
+from core.generation.autoregressive import (SamplingConfig, TokenEvent, generate, partial_result, perplexity,
+                                           score_continuation, stream, token_logprobs)
 from core.models.loading import load_model
+from pages.parts import generate_stream
+from pages.parts.generate_tokens import logprob_colour, rank_colour, rank_of
 
 PAGE = "pages/generate.py"
 PROMPT = "ROMEO: But soft, what light"
@@ -33,6 +36,15 @@ def metrics(at) -> dict[str, str]:
 
 def html_bodies(at) -> list[str]:
     return [e.proto.body for e in at.get("html")]
+
+
+CHART_TITLE = "Alternatives (the chosen token in red, on top)"
+
+
+def strip_data(at, slot: str = "A") -> dict:
+    """What the clickable token strip of ``slot`` was given to draw (its component's data)."""
+    (strip,) = [e for e in at.get("bidi_component") if f"gen_{slot}_strip_" in e.proto.id]
+    return json.loads(strip.proto.json)
 
 
 def set_controls(at, slot: str = "A", **values) -> None:
@@ -64,27 +76,45 @@ def test_greedy_generation_output_token_view_alternatives_and_perplexity(default
     assert m["New tokens"] == "5" and m["Stopped by"] == "max new tokens"
     assert any("greedy" in c for c in texts(at.caption))
 
-    # token view: the prompt, then one coloured span per generated token, with its probability
-    view = next(b for b in html_bodies(at) if "white-space:pre-wrap" in b)
-    assert html.escape(PROMPT) in view
-    assert view.count("<span title=") == 5
-    for t in expected.tokens:
-        assert f'title="#{t.index}  p = {t.prob:.4f}  id {t.token_id}"' in view
-        assert f">{html.escape(t.text).replace(chr(10), '↵' + chr(10))}</span>" in view  # newlines drawn as ↵
-    assert any("Probability of each token" in b for b in html_bodies(at))
+    # token view: the prompt's tokens (the first unscored) then the generated ones, coloured by log p
+    data = strip_data(at)
+    ids = default_lm.tokenizer.encode(PROMPT)
+    P = len(ids)
+    assert [e["i"] for e in data["tokens"]] == [None] + list(range(1, P + 5))
+    assert [e["prompt"] for e in data["tokens"]] == [True] * P + [False] * 5
+    prompt_scored, _ = score_continuation(default_lm, ids[:1], ids[1:], 5)
+    _, prompt_lps = token_logprobs(default_lm, PROMPT)  # the full-text scorer agrees
+    assert [t.logprob for t in prompt_scored] == pytest.approx(prompt_lps, abs=1e-4)
+    for entry, t in zip(data["tokens"][1:], prompt_scored + expected.tokens):
+        assert entry["bg"] == logprob_colour(t.logprob)
+        assert f"p = {t.prob:.4g}" in entry["tip"] and f"id {t.token_id}" in entry["tip"]
+    assert data["tokens"][P]["t"] == expected.tokens[0].text.replace("\n", "↵\n")  # newlines drawn as ↵
+    assert data["selected"] == P  # the first generated token is inspected until another is clicked
+    assert any("on a log scale" in b for b in html_bodies(at))
 
-    # inspect token 3: its alternatives are the engine's, the chosen token flagged
-    picker = at.selectbox(key="gen_A_pick_1")
-    assert len(picker.options) == 5
-    picker.set_value(3).run()
-    table = at.dataframe[0].value
+    # a click on token 3 (what the strip's click handler stores): its alternatives, the chosen token first
+    at.session_state["gen_A_inspect_1"] = P + 3
+    at.run()
+    assert strip_data(at)["selected"] == P + 3
     token = expected.tokens[3]
-    assert table["id"].tolist()[:len(token.alternatives)] == [a[0] for a in token.alternatives]
-    assert table["probability"].tolist()[:len(token.alternatives)] == pytest.approx([a[2] for a in token.alternatives],
-                                                                                     abs=1e-9)
-    chosen = table[table["chosen"]]
-    assert chosen["id"].tolist() == [token.token_id]
-    assert chosen["probability"].iloc[0] == pytest.approx(token.prob, abs=1e-9)
+    table = at.dataframe[0].value
+    assert table["chosen"].tolist() == [True] + [False] * (len(table) - 1)
+    assert table["id"].iloc[0] == token.token_id and table["probability"].iloc[0] == pytest.approx(token.prob, abs=1e-9)
+    others = [a for a in token.alternatives if a[0] != token.token_id]
+    assert table["id"].tolist()[1:] == [a[0] for a in others]
+    assert table["probability"].tolist()[1:] == pytest.approx([a[2] for a in others], abs=1e-9)
+    rank = rank_of(token)
+    assert table["rank"].iloc[0] == (str(rank) if rank else "> 5")
+    chart = chart_data(at, CHART_TITLE)
+    assert chart["id"].tolist() == table["id"].tolist()  # every row drawn, the chosen token's first
+    assert chart["label"].iloc[0] == f"{json.dumps(token.text, ensure_ascii=False)} [{token.token_id}]"
+
+    # a prompt token can be inspected too: its alternatives are what the model expected there
+    at.session_state["gen_A_inspect_1"] = 2
+    at.run()
+    table = at.dataframe[0].value
+    assert table["id"].iloc[0] == ids[2] and table["log p"].iloc[0] == pytest.approx(prompt_scored[1].logprob, abs=1e-9)
+    assert any("prompt token (position 2)" in m for m in texts(at.markdown))
 
     assert [b.label for b in at.download_button] == ["Download text", "Download JSON"]
 
@@ -107,20 +137,39 @@ def test_results_and_controls_survive_reruns_and_page_switches(default_lm):
     assert at.text_area(key="gen_prompt").value == PROMPT
 
 
-def test_compare_mode_generates_both_settings(default_lm):
+def test_compare_mode_generates_both_settings_in_one_batched_walk(default_lm, monkeypatch):
+    walks = []
+    batched = generate_stream.stream_many
+
+    def counted(lm, prompt, cfgs):
+        walks.append(len(cfgs))
+        return batched(lm, prompt, cfgs)
+
+    monkeypatch.setattr(generate_stream, "stream_many", counted)
     at = open_app(PAGE)
     at.toggle(key="gen_compare").set_value(True).run()
     set_controls(at, "A", greedy=True, max_new_tokens=4)
     set_controls(at, "B", max_new_tokens=6, seed=7, temperature=0.8, top_k=50)
     click_generate(at)
     assert not at.exception and not at.error
+    assert walks == [2]  # both settings decoded together
     a = generate(default_lm, PROMPT, SamplingConfig(greedy=True, max_new_tokens=4))
     b = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=6, seed=7, temperature=0.8, top_k=50))
     assert code(at) == shown(PROMPT + a.completion, PROMPT + b.completion)
     assert [s.value for s in at.main.subheader] == ["Output A", "Output B"]
-    assert sum(b.count("<span title=") for b in html_bodies(at)) == 4 + 6
-    assert [s.key for s in at.selectbox if s.key.startswith("gen_")] == ["gen_A_pick_1", "gen_B_pick_1"]
+    for slot, want in (("A", a), ("B", b)):
+        generated = [e for e in strip_data(at, slot)["tokens"] if not e["prompt"]]
+        assert [e["bg"] for e in generated] == [logprob_colour(t.logprob) for t in want.tokens]
     assert any("seed 7" in c for c in texts(at.caption))
+    # four figures per side in two rows of two, so none is cut short in half the page's width
+    assert len(at.metric) == 8
+    # beam search in one column cannot share the walk: the two run one after the other, same texts
+    set_controls(at, "A", num_beams=2)
+    at.run()
+    click_generate(at)
+    assert walks == [2] and not at.exception and not at.error
+    a = generate(default_lm, PROMPT, SamplingConfig(num_beams=2, max_new_tokens=4))
+    assert code(at) == shown(PROMPT + a.completion, PROMPT + b.completion)
 
 
 def test_beam_search_disables_sampling_controls_and_matches_engine(default_lm):
@@ -232,9 +281,10 @@ def stop_pressed_at_caption(ending: str, nth: int):
         DeltaGenerator._enqueue = enqueue
 
 
-def test_real_stop_mid_stream_keeps_the_tokens_and_answers_at_once(default_lm):
+def test_real_stop_mid_stream_keeps_the_tokens_and_answers_at_once(default_lm, monkeypatch):
     """After a real Stop the next run shows the stopped generation at once, as a new record (the
     cut-off thread may still write its own one once), perplexity filled in."""
+    monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)  # a redraw per token: the stop lands after token 5
     at = open_app(PAGE)
     set_controls(at, max_new_tokens=200, seed=3)
     with stop_pressed_at_caption(" tokens…", 5):
@@ -253,6 +303,45 @@ def test_real_stop_mid_stream_keeps_the_tokens_and_answers_at_once(default_lm):
     cut["result"] = None  # the cut-off thread writing its own record late changes nothing shown
     at.run()
     assert code(at) == shown(want.text) and not at.exception
+
+
+def live_redraws(at_run) -> list[str]:
+    """Run ``at_run()`` and return the live view's progress captions ("n / N tokens…"), one per redraw."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    enqueue, seen = DeltaGenerator._enqueue, []
+
+    def spy(self, delta_type, element_proto, *args, **kwargs):
+        if delta_type == "markdown" and element_proto.body.endswith(" tokens…"):
+            seen.append(element_proto.body)
+        return enqueue(self, delta_type, element_proto, *args, **kwargs)
+
+    DeltaGenerator._enqueue = spy
+    try:
+        at_run()
+    finally:
+        DeltaGenerator._enqueue = enqueue
+    return seen
+
+
+def test_live_view_is_redrawn_by_time_not_by_token(default_lm, monkeypatch):
+    """Per token, each redraw cost the page more than the token itself; redraws are now at most one
+    per REDRAW_S, and the result is the engine's all the same."""
+    at = open_app(PAGE)
+    set_controls(at, max_new_tokens=60, seed=11)
+    monkeypatch.setattr(generate_stream, "REDRAW_S", 3600.0)
+    drawn = live_redraws(lambda: click_generate(at))
+    assert drawn == ["1 / 60 tokens…"]  # the first token, then nothing until the result
+    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=60, seed=11))
+    assert code(at) == shown(want.text)
+    monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)
+    drawn = live_redraws(lambda: click_generate(at))
+    assert drawn == [f"{i} / 60 tokens…" for i in range(1, len(want.tokens) + 1)]
+    assert code(at) == shown(want.text)
+
+
+def test_shipped_redraw_interval_is_between_50_and_100_ms():
+    assert 0.05 <= generate_stream.REDRAW_S <= 0.1
 
 
 @pytest.fixture(scope="module")
@@ -443,11 +532,13 @@ def test_generate_all_maxima_at_once_on_a_tiny_model_and_in_compare_mode(tiny_gp
     a = generate(lm, prompt, SamplingConfig(**high))
     b = generate(lm, prompt, SamplingConfig(**low))
     assert code(at) == shown(prompt + a.completion, prompt + b.completion)
-    # the inspector's picker goes from the first to the last generated token
-    pick = at.selectbox(key="gen_A_pick_1")
-    for index in (pick.options[0], pick.options[-1]):
-        at.selectbox(key="gen_A_pick_1").set_value(int(index) if str(index).isdigit() else index).run()
-        no_exception(at)
+    # the inspector opens on the first and on the last token of each side
+    for slot, result in (("A", a), ("B", b)):
+        positions = [e["i"] for e in strip_data(at, slot)["tokens"] if e["i"] is not None]
+        for position in (positions[0], positions[-1]):
+            at.session_state[f"gen_{slot}_inspect_1"] = position
+            at.run()
+            no_exception(at)
     # one more than the room: refused, the two results stay
     set_controls_in_order(at, "A", max_new_tokens=room + 1)
     click_generate(at, prompt)
@@ -512,3 +603,49 @@ def test_diffusion_controls_at_min_and_max(tiny_diffusion_dir: Path):
         else:
             clean(at)
             assert code(at)[0].startswith(text)
+
+
+# -- the token view's colours, and a diffusion model's view ------------------------------------------
+
+def test_colour_by_rank_and_by_log_probability(default_lm):
+    at = open_app(PAGE)
+    set_controls(at, max_new_tokens=12, seed=4, n_alternatives=3)
+    click_generate(at)
+    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=12, seed=4, n_alternatives=3))
+    generated = lambda: [e for e in strip_data(at)["tokens"] if not e["prompt"]]  # noqa: E731
+    assert [e["bg"] for e in generated()] == [logprob_colour(t.logprob) for t in want.tokens]
+    at.segmented_control(key="gen_A_colour_by").set_value("rank").run()
+    no_exception(at)
+    ranks = [rank_of(t) for t in want.tokens]
+    assert [e["bg"] for e in generated()] == [rank_colour(r) for r in ranks]
+    assert any(r is None for r in ranks) or any(r and r > 1 for r in ranks)  # sampled: not all first choices
+    legend = next(b for b in html_bodies(at) if "Rank of each token" in b)
+    assert "&gt; 3" in legend or "> 3" in legend  # tokens beyond the 3 recorded alternatives have their own colour
+
+
+def test_log_probability_colours_spread_where_linear_probability_was_all_red():
+    # p = 0.5, 0.05, 0.005, 0.0005: a linear scale gave hues 60, 6, 1, 0 (three reds); log p keeps them apart
+    import math
+    import re
+
+    hues = [int(re.match(r"hsl\((\d+)", logprob_colour(math.log(p))).group(1)) for p in (0.5, 0.05, 0.005, 0.0005)]
+    assert hues == sorted(hues, reverse=True) and min(b - a for a, b in zip(hues[1:], hues)) >= 20
+    assert logprob_colour(0.0) == "hsl(120, 75%, 76%)" and logprob_colour(math.log(1e-6)) == "hsl(0, 75%, 76%)"
+
+
+def test_diffusion_view_starts_on_ancestral_sampling_and_draws_newlines_as_marks(tiny_diffusion_dir: Path):
+    from core.generation.config import PAGE_DIFFUSION_DEFAULTS
+    from pages.parts.generate_diffusion import visible
+
+    at = open_app(PAGE)
+    pick_model(at, tiny_diffusion_dir)
+    assert at.number_input(key="gen_diff_temperature").value == PAGE_DIFFUSION_DEFAULTS["temperature"] == 1.0
+    assert at.selectbox(key="gen_diff_unmask").value == PAGE_DIFFUSION_DEFAULTS["strategy"] == "random"
+    assert not at.number_input(key="gen_diff_top_k").disabled  # sampling: top-k applies
+    assert visible("\n\n") == "↵↵" and visible("a\tb") == "a⇥b"
+    set_widgets(at, "gen_diff_", gen_length=16, steps=4, seed=2)
+    click_generate(at, "ROMEO:", button="gen_diff_go")
+    clean(at)
+    view = next(b for b in html_bodies(at) if "white-space:pre-wrap" in b)
+    assert "\n" not in view.split("</span>", 1)[1]  # after the prompt: no line breaks, whatever was revealed
+    assert any("random unmasking · temperature 1" in c for c in texts(at.caption))

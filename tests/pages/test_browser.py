@@ -285,7 +285,8 @@ def test_generate_stop_answers_within_a_second(server, page):
     page.get_by_text("/ 250 tokens…").first.wait_for(timeout=90_000)
     page.wait_for_timeout(800)
     _stop_and_time(page, "Stop", "Stopped after", "generate Stop")
-    assert "Token to inspect" in page.inner_text("body")  # the stopped generation's card, tokens and all
+    # the stopped generation's card, tokens and all (its token view is drawn after the warning: wait for it)
+    page.get_by_text("Token to inspect:", exact=True).first.wait_for(timeout=10_000)
     from core.models.loading import load_model
 
     prompt = "JULIET: O Romeo, Romeo, wherefore art thou Romeo?"
