@@ -442,6 +442,8 @@ def test_page_block_top_p_min_p_precision_and_cache_controls_reach_the_sampler(t
     for key in ("top_p", "min_p", "block_length"):
         assert at.number_input(key=f"gen_diff_{key}").help
     # at temperature 0 nothing is drawn: the sampling filters and the precision are greyed out
+    set_diffusion(at, temperature=0.0, unmask="confidence")
+    at.run()
     assert at.number_input(key="gen_diff_top_p").disabled and at.number_input(key="gen_diff_min_p").disabled
     assert at.selectbox(key="gen_diff_gumbel_dtype").disabled
     assert at.selectbox(key="gen_diff_gumbel_dtype").value == DiffusionConfig.gumbel_dtype == "float64"

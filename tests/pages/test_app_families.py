@@ -5,6 +5,7 @@ computed for that family."""
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,12 @@ def test_generate_on_a_llama_greedy_sampled_and_beams_with_logprobs(llama_dir, l
     b = generate(llama, PROMPT, SamplingConfig(max_new_tokens=6, seed=7, temperature=0.8, top_k=40, top_p=0.9,
                                                min_p=0.05, repetition_penalty=1.3))
     assert code(at) == shown(PROMPT + a.completion, PROMPT + b.completion)
-    view = next(body.proto.body for body in at.get("html") if "white-space:pre-wrap" in body.proto.body)
-    for t in a.tokens:   # each token's probability, as the engine computed it
-        assert f'title="#{t.index}  p = {t.prob:.4f}  id {t.token_id}"' in view
-    at.selectbox(key="gen_A_pick_1").set_value(2).run()
+    (strip,) = [e for e in at.get("bidi_component") if "gen_A_strip_" in e.proto.id]
+    generated = [e for e in json.loads(strip.proto.json)["tokens"] if not e["prompt"]]
+    for entry, t in zip(generated, a.tokens, strict=True):   # each token's probability, as the engine computed it
+        assert f"p = {t.prob:.4g}" in entry["tip"] and f"id {t.token_id}" in entry["tip"]
+    at.session_state["gen_A_inspect_1"] = generated[2]["i"]   # what a click on the third new token stores
+    at.run()
     table = at.dataframe[0].value
     assert table["id"].tolist()[:3] == [alt[0] for alt in a.tokens[2].alternatives]
 
