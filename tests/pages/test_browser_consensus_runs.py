@@ -13,6 +13,7 @@ def _pick_model(page, spec: str) -> None:
     """The sidebar's picker: "other…", then the spec typed in."""
     sidebar = page.locator('[data-testid="stSidebar"]')
     sidebar.locator('[data-testid="stSelectbox"]').first.click()
+    page.keyboard.type("other")  # the list is long (every family's known ids) and drawn as it scrolls: filter it
     page.get_by_role("option", name="other…").click()
     _settle(page)
     _enter(page, "textbox", "Model spec or path", spec)
