@@ -45,3 +45,12 @@ def test_attention_view_enlarges_a_clicked_head_and_ablates_it(server, page, tmp
     page.get_by_text("head(s) 3.3 zero-ablated").wait_for(timeout=60_000)
     _settle(page)
     _checked_screenshot(page, tmp_path, "interventions-attention")
+
+
+def test_patching_view_draws_the_restored_logit_difference(server, page, tmp_path):
+    _open(page, server, "patching", "textbox", "Clean prompt")
+    _press(page, page.get_by_role("button", name="Patch"), page.locator("[data-testid=stVegaLiteChart]").first)
+    chart = page.locator("[data-testid=stVegaLiteChart]").first
+    chart.locator("canvas, svg").first.wait_for(timeout=60_000)   # vega draws after the script run ends
+    assert chart.bounding_box()["height"] > 150
+    _checked_screenshot(page, tmp_path, "interventions-patching")
