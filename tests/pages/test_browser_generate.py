@@ -6,6 +6,7 @@ README's docs/screenshots when set) or the test's tmp folder: generate_inspect.p
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.pages.browser_kit import (  # noqa: F401  (fixtures are found by name)
     _checked_screenshot, _enter, _open, _press, _settle, browser, page, pytestmark, server, server_console)
@@ -35,7 +36,8 @@ def test_click_on_a_generated_token_opens_its_alternatives(server, page, tmp_pat
     _enter(page, "spinbutton", "Seed", str(SEED))
     _press(page, page.get_by_role("button", name="Generate"), page.get_by_text("Token to inspect:", exact=True).first)
     strip = page.locator(".gl-strip")
-    assert strip.locator(".gl-tok[data-i]").count() == P - 1 + len(want.tokens)  # every token but the first scored
+    # the token strip is a custom component: its frontend draws it after the script has finished
+    expect(strip.locator(".gl-tok[data-i]")).to_have_count(P - 1 + len(want.tokens), timeout=30_000)  # every token but the first scored
     assert strip.locator(".gl-sel").get_attribute("data-i") == str(P)  # the first new token, until a click
 
     index = 7
