@@ -89,11 +89,10 @@ def main() -> None:
              "",
              f"Load average while measuring (1, 5, 15 min): before {', '.join(f'{x:.1f}' for x in load_before)}; "
              f"after {', '.join(f'{x:.1f}' for x in load_after)}. CPU time of this process "
-             f"{cpu1.user - cpu0.user + cpu1.system - cpu0.system:,.1f} s. With the load far above the core count, how "
-             f"much CPU the batch encoder's second thread gets depends on the other processes, so such a ratio does "
-             f"not tell what an idle 2-core machine gives (there it is bounded by 2x minus the share of the build "
-             f"that is not encoding: reading the corpus, routing and writing shards); it does show the two paths "
-             f"write the same shards."]
+             f"{cpu1.user - cpu0.user + cpu1.system - cpu0.system:,.1f} s."
+             + (" The load was above the core count, so the batch encoder's extra threads competed with other "
+                "processes: this ratio understates what an idle machine gives." if max(load_before + load_after) > cores
+                else "")]
     print("\n".join(body))
     write_section("Data preparation", "\n".join(body))
 
