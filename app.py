@@ -13,6 +13,7 @@ from core.commands.models import hub_cache_status
 from core.devices import available_devices
 from core.models.config import DTYPE_NAMES
 from core.models.loading import KNOWN_HUB_MODELS
+from core.models.shipped import shipped_names
 from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
                                 forget_outcome, load_outcome, model_from_url, model_to_url, spec_label, status_line)
 
@@ -56,7 +57,7 @@ def picker_label(option: str, uncached: set[str]) -> str:
 def model_sidebar() -> None:
     ss = st.session_state
     forget_outcome()
-    options = ["default", *KNOWN_HUB_MODELS, *checkpoint_specs(), OTHER]
+    options = [*shipped_names(), *KNOWN_HUB_MODELS, *checkpoint_specs(), OTHER]
     uncached = {m for m in KNOWN_HUB_MODELS if not hub_cache_status(m)}  # file lookups only: fresh every run
     model_from_url()  # a reloaded tab keeps its model
     _sync_picker_from_spec(options)
@@ -64,7 +65,7 @@ def model_sidebar() -> None:
         st.subheader("Model")
         choice = st.selectbox("Model", options, key=CHOICE_KEY, format_func=lambda o: picker_label(o, uncached),
                               label_visibility="collapsed",
-                              help="`default` is the shipped model; hub ids load from the local Hugging Face cache "
+                              help="`default` is the shipped GPT (and `diffusion` the shipped masked-diffusion LM, where installed); hub ids load from the local Hugging Face cache "
                                    "(\"not cached\" ones need `hf download` where there is internet); runs/… are "
                                    "checkpoints of your training runs.")
         spec = choice

@@ -481,9 +481,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
     """The model flags every model-using command shares, including the reference scripts' spellings."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=default_model, metavar="SPEC", action=GivenAction, type=path_arg,
-                   help="default (the shipped model), a hub id (gpt2, EleutherAI/gpt-neo-125M), a local Hugging "
-                        "Face folder, or a GPT Lab checkpoint folder; with a bare state dict (--weights/--ckpt) "
-                        "it names the architecture (default: %(default)s)")
+                   help="default (the shipped GPT; diffusion: the shipped masked-diffusion LM, where installed), a hub id (gpt2, "
+                        "EleutherAI/gpt-neo-125M), a local Hugging Face folder, or a GPT Lab checkpoint folder; "
+                        "with a bare state dict (--weights/--ckpt) it names the architecture (default: %(default)s)")
     add_device_arg(g)
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help="(default: %(default)s)")
     g.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", metavar="PATH", type=path_arg,

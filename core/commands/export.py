@@ -25,6 +25,7 @@ from .cli import latest_checkpoint
 from ..errors import fmt_count
 from ..files import check_output_dir
 from ..models.config import DEFAULT_DTYPE, DTYPE_NAMES, EXPORT_FORMATS
+from ..models.shipped import is_shipped
 
 NAME = "export"
 HELP = "Write a GPT Lab checkpoint as a Hugging Face GPT-2 folder (transformers, lm-eval, vLLM, ...)."
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.to, "--to")  # before any work: a bad --to costs nothing
     spec = (args.model or "default").strip()
-    if spec != "default" and Path(spec).expanduser().is_dir():
+    if not is_shipped(spec) and Path(spec).expanduser().is_dir():
         spec = str(latest_checkpoint(Path(spec).expanduser()))
         if Path(spec).resolve() != Path(args.model).expanduser().resolve():
             print(f"note: exporting {spec}, the latest checkpoint of {args.model}", file=sys.stderr)

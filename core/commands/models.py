@@ -88,12 +88,15 @@ def collect(runs: str | Path = "runs") -> dict:
     from huggingface_hub import constants  # a third of a second: only `models` itself pays it
 
     from ..models.known import FAMILY_MODELS, is_gated
-    from ..models.loading import DEFAULT_DIR  # torch: loaded only to run, not for --help
+    from ..models.shipped import shipped_dir, shipped_names
 
-    default = checkpoint_summary(DEFAULT_DIR) if (DEFAULT_DIR / "config.json").exists() else None
-    if default is not None:
-        default["spec"] = "default"
-    return {"default": default,
+    shipped = {}
+    for name in shipped_names():
+        folder = shipped_dir(name)
+        shipped[name] = checkpoint_summary(folder) if (folder / "config.json").exists() else None
+        if shipped[name] is not None:
+            shipped[name]["spec"] = name
+    return {"default": shipped["default"], "shipped": shipped,
             "hub_cache": str(constants.HF_HUB_CACHE),
             "hub": [{"id": m, "family": family, "cached": hub_cache_status(m), "gated": is_gated(m)}
                     for family, (_, ids) in FAMILY_MODELS.items() for m in ids],
@@ -110,11 +113,11 @@ def _shape(c: dict) -> str:
 
 def format_models(info: dict, runs: str) -> str:
     lines = ["Model specs for --model (any other hub id, Hugging Face folder or checkpoint folder works too)", ""]
-    d = info["default"]
-    lines.append("default")
-    if d is None:
-        lines.append("  missing from assets/default: reinstall GPT Lab")
-    else:
+    for name, d in info["shipped"].items():
+        lines.append(f"{name}  (shipped)")
+        if d is None:
+            lines.append(f"  missing from assets/{name}: reinstall GPT Lab")
+            continue
         state = "untrained (random weights: its text is noise)" if d["untrained"] else "trained"
         lines += [f"  card: {d['card_title'] or 'none'}", f"  state: {state}",
                   f"  {d['objective']} objective, {_shape(d)}"]

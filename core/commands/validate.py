@@ -22,6 +22,7 @@ from .cli import (REFERENCE_WEIGHTS, GivenAction, add_device_arg, add_trust_remo
                   remote_code_allowed, use_reference_weights)
 from ..errors import LabError
 from ..files import atomic_write_json, check_output
+from ..models.shipped import is_shipped, shipped_dir
 from ..models.config import VALIDATE_GEN_PROMPT, VALIDATE_NEW_TOKENS, VALIDATE_PROMPT
 
 NAME = "validate"
@@ -51,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_paths(args: argparse.Namespace) -> None:
     """Paths that do not exist, or an output that cannot be written, fail here, before the first
     progress line, so the error is the only line."""
-    from ..models.loading import DEFAULT_DIR  # the engine, loaded only to run: `--help` stays torch-free
-
     check_output(args.json, "--json")
     for flag, text in (("--prompt", args.prompt), ("--gen-prompt", args.gen_prompt)):
         if not str(text).strip():
@@ -60,8 +59,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     spec = (args.model or "").strip()
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise LabError(f"--model {spec} does not exist; check the path, or pass a GPT-2 hub id such as gpt2.")
-    if spec == "default" and args.weights is None:
-        raise LabError(f"--model default is a GPT Lab model ({DEFAULT_DIR}); validate compares transformers' "
+    if is_shipped(spec) and args.weights is None:
+        raise LabError(f"--model {spec} is a GPT Lab model ({shipped_dir(spec)}); validate compares transformers' "
                        f"GPT-2 with ours, so pass gpt2 ... gpt2-xl or a GPT-2 folder.")
     weights = args.weights
     if weights is not None and weights.strip().lower() != "auto" and not Path(weights).expanduser().is_file():

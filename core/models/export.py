@@ -28,7 +28,8 @@ import torch
 from .config import DEFAULT_DTYPE, DTYPE_NAMES, EXPORT_FORMATS, LOGITS_TOLERANCE
 from .convert import hf_gpt2_from_gpt
 from .gpt import GPT
-from .loading import DEFAULT_DIR, LoadedModel, is_gptlab_folder, load_model, read_checkpoint_meta
+from .shipped import is_shipped, shipped_dir
+from .loading import LoadedModel, is_gptlab_folder, load_model, read_checkpoint_meta
 from .tokenizer import EOS, BPETokenizer, HFTokenizer
 from ..devices import resolve_dtype
 from ..errors import LabError, fmt_count, shorten
@@ -57,8 +58,8 @@ def export_source(spec: str) -> Path:
     folder; a run folder is resolved to its latest checkpoint by the CLI first), or a
     :class:`LabError` saying why it cannot be exported and what to do instead."""
     spec = (spec or "default").strip()
-    if spec == "default":
-        folder = DEFAULT_DIR
+    if is_shipped(spec):
+        folder = shipped_dir(spec)
     else:
         folder = Path(spec).expanduser()
         try:
@@ -173,7 +174,7 @@ def _card(lm: LoadedModel, source: Path, dtype: str) -> str:
     """The exported folder's README.md: Hugging Face card metadata, where it came from, how to load
     it, then the checkpoint's own card when it has one."""
     c = lm.card()
-    spec = "default" if source == DEFAULT_DIR else str(source)
+    spec = source.name if source == shipped_dir(source.name) else str(source)
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gpt2", "- gpt-lab",
              "---", "", f"# {source.name} (GPT Lab, exported)", "",
              f"A GPT Lab checkpoint exported with `python -m core export --model {spec} --format hf --dtype {dtype}`: "

@@ -1,4 +1,4 @@
-"""Loading a model by spec: ``default``, a hub id, a local Hugging Face folder, or our checkpoint.
+"""Loading a model by spec: a shipped model (``default``, ``diffusion``), a hub id, a local Hugging Face folder, or our checkpoint.
 
 A spec string names a model everywhere (CLI ``--model``, the Python API, the app's picker).
 Nothing here unpickles: our checkpoints are safetensors + JSON, ``.pt`` state dicts go through
@@ -36,21 +36,10 @@ from .gpt import GPT, GPTConfig
 from .decode_layout import use_decode_layout
 from .stack import LayerStack, stack_for
 from .known import known_hub_models, split_revision
+from .shipped import ASSETS, ROOT, find_assets, is_shipped, shipped_dir  # noqa: F401  (re-exported)
 from .tokenizer import Tokenizer, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the folder that holds core/)
-
-
-def find_assets() -> Path:
-    """The shipped assets (the default model, its tokenizer and transcoders): ``core/assets/`` inside
-    an installed wheel, where the build (setup.py) puts the repository's ``assets/`` as package data, else
-    ``assets/`` beside ``core/`` (a checkout, or an editable install, which runs from it)."""
-    packaged = Path(__file__).resolve().parents[1] / "assets"
-    return packaged if packaged.is_dir() else ROOT / "assets"
-
-
-ASSETS = find_assets()
-DEFAULT_DIR = ASSETS / "default"
+DEFAULT_DIR = shipped_dir("default")
 CHECKPOINT_FORMAT = "gptlab"
 OBJECTIVES = tuple(SAMPLER_OF_OBJECTIVE)  # what a checkpoint's "objective" may say: those a sampler takes
 
@@ -492,16 +481,16 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
     torch_dtype = resolve_dtype(dtype)
     dev = "auto" if str(device).lower() == "auto" and torch.cuda.is_available() else resolve_device(device)
     single = resolve_device(dev) if dev == "auto" else dev
-    path = DEFAULT_DIR if spec == "default" else Path(spec).expanduser()
+    path = shipped_dir(spec) if is_shipped(spec) else Path(spec).expanduser()
     try:
-        local = spec == "default" or path.exists()
+        local = is_shipped(spec) or path.exists()
     except OSError as e:  # e.g. a name longer than the file system allows
         raise LabError(f"Model spec '{shorten(spec, 80)}' is neither a usable path nor a model name "
                        f"({e.strerror or e}); enter a model folder, a hub id such as gpt2, or default.") from None
 
     if local:
         if not path.exists():
-            raise LabError(f"The default model is missing from {DEFAULT_DIR}; reinstall GPT Lab.")
+            raise LabError(f"The shipped model '{spec}' is missing from {path}; reinstall GPT Lab.")
         if path.is_file():
             raise model_error("file", str(path))
         check_folder_links(path)

@@ -88,3 +88,11 @@ def validation_rates(n_rows: int) -> torch.Tensor:
     """A fixed midpoint grid of rates, one per validation sequence: averaging the bound over it
     estimates the integral over t in (0, 1] with no sampling noise from t."""
     return (torch.arange(n_rows, dtype=torch.float32) + 0.5) / n_rows
+
+
+def validation_masks(n_rows: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rates ``(N,)`` and masks ``(N, T)`` of a run's validation set, fixed by its seed, so every
+    validation (and any later re-evaluation of a checkpoint) scores the same masked positions."""
+    rates = validation_rates(n_rows)
+    g = torch.Generator().manual_seed(seed + 1)
+    return rates, torch.rand(n_rows, seq_len, generator=g) < rates[:, None]

@@ -61,7 +61,7 @@ from .distributed import Dist, ensure_group, init_distributed
 from .memory import training_bytes
 from .metrics import flops_per_token, gpu_memory_gb, mfu, peak_flops
 from .parallel import build_sharded_gpt, check_fsdp_options, checkpoint_blocks, choose_parallel, full_value
-from .objective import diffusion_loss, sequence_bound, validation_rates
+from .objective import diffusion_loss, sequence_bound, validation_masks
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
 from .schedules import lr_at
 from .trackers import TRACKING_DIR, Trackers, open_trackers
@@ -370,9 +370,7 @@ class Trainer:
         self.val_rows = math.ceil(len(windows) / self.dist.world)  # the most any rank holds
         self.val_pad = windows[:1]  # what a rank with fewer windows runs (and does not count) under FSDP
         if cfg.objective == "diffusion" and len(windows):
-            rates = validation_rates(len(windows))                                     # (N,)
-            g = torch.Generator().manual_seed(cfg.seed + 1)
-            masks = torch.rand(len(windows), cfg.block_size, generator=g) < rates[:, None]
+            rates, masks = validation_masks(len(windows), cfg.block_size, cfg.seed)       # (N,), (N, T)
             self.val_rates = rates[self.dist.rank::self.dist.world]
             self.val_masks = masks[self.dist.rank::self.dist.world]
 
