@@ -131,18 +131,10 @@ def _gen_ppl_lines(folder: Path) -> list[str]:
     ]
 
 
-def ship(run_dir: Path, step: int, commands: list[str], name: str = "default") -> Path:
-    """Replace assets/``name`` with checkpoint ``step`` of ``run_dir`` plus its card and metrics.
-    The transcoders of a model being replaced are not kept: they describe other weights."""
-    out_dir = shipped_dir(name)
+def _fill(staging: Path, run_dir: Path, step: int, meta: dict, commands: list[str], name: str) -> None:
+    """Write the shipped folder's files into ``staging``: weights, tokenizer, metrics and card."""
     ckpt = run_dir / "checkpoints" / str(step)
-    meta = read_checkpoint_meta(ckpt)[0]
     want = SHIPPED_OBJECTIVES[name]
-    if meta.get("objective") != want:
-        raise SystemExit(f"{ckpt} is a {meta.get('objective')} checkpoint; the shipped '{name}' is {want}")
-    staging = out_dir.with_name(out_dir.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     for part in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy2(ckpt / part, staging / part)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -216,6 +208,25 @@ def ship(run_dir: Path, step: int, commands: list[str], name: str = "default") -
     for prompt, completion in samples:
         lines += ["```", prompt + completion, "```", ""]
     atomic_write_text(staging / "README.md", "\n".join(lines))
+
+
+def ship(run_dir: Path, step: int, commands: list[str], name: str = "default") -> Path:
+    """Replace assets/``name`` with checkpoint ``step`` of ``run_dir`` plus its card and metrics.
+    The transcoders of a model being replaced are not kept: they describe other weights."""
+    out_dir = shipped_dir(name)
+    ckpt = run_dir / "checkpoints" / str(step)
+    meta = read_checkpoint_meta(ckpt)[0]
+    want = SHIPPED_OBJECTIVES[name]
+    if meta.get("objective") != want:
+        raise SystemExit(f"{ckpt} is a {meta.get('objective')} checkpoint; the shipped '{name}' is {want}")
+    staging = out_dir.with_name(out_dir.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _fill(staging, run_dir, step, meta, commands, name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-made is left in assets/
+        raise
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
