@@ -73,3 +73,14 @@ def test_the_card_shows_the_lm_simulation_score_with_its_n(lm_scored, env):
     # the built-in explainer's own scores stay beside it, each with its n
     builtin = next(t for t in texts(at.caption) if t.startswith("builtin · "))
     assert "simulation r" in builtin and "detection AUC" in builtin and builtin.count("(n=") == 3
+
+
+def test_the_describe_jobs_score_toggle_states_the_calls_a_language_model_makes(lm_scored, env):
+    model_dir = lm_scored[0]
+    at = open_app(PAGE, state={"model_spec": str(model_dir)})
+    at.radio(key="feat_j_action").set_value("describe").run()
+    assert not at.exception
+    (toggle,) = [t for t in at.toggle if t.key == "feat_j_score"]
+    n = SIM_WINDOWS["lm"]
+    assert toggle.value is True and f"rates every token of {n} firing and {n} silent windows" in toggle.help
+    assert "one call per window" in toggle.help
