@@ -364,6 +364,8 @@ def score_label(score: Score | None) -> str:
             sample += f" in {d['n_windows']} windows: {d['n_pos']} firing, {d['n_windows'] - d['n_pos']} silent{hard}"
         if d.get("unanswered"):
             sample += f"; {d['unanswered']:,} tokens unanswered, counted 0"
+        if d.get("cut"):
+            sample += f"; {d['cut']:,} tokens too long to ask, counted 0"
         return f"{head} ({sample})"
     head = f"{score.method} AUC {'n/a' if score.value is None else f'{score.value:.2f}'}"
     if not d.get("yes_no", True) and d.get("balanced_accuracy") is not None:

@@ -220,7 +220,7 @@ def test_the_prompt_numbers_the_tokens_and_shows_whitespace():
     assert fit_simulation_prompt("x", toks, lambda t: len(t), lambda n: 10) is None
 
 
-def test_a_window_too_long_to_ask_loses_its_start_or_counts_as_unanswered():
+def test_a_window_too_long_to_ask_loses_its_start_or_is_counted_as_cut():
     windows = _windows(3, n=2)
     truth = truth_lookup(windows)
     ex = Scripted(lambda first, toks: "".join(f"{i}: 1\n" for i in range(first, first + len(toks))))
@@ -229,8 +229,13 @@ def test_a_window_too_long_to_ask_loses_its_start_or_counts_as_unanswered():
     sims = ex.simulator().simulate_windows("x", [c.tokens for c in windows])
     assert all(0 < s.cut < 9 and s.values == [0.0] * s.cut + [1.0] * (9 - s.cut) for s in sims)
     ex.max_input = 1
+    asked = len(ex.prompts)
     sims = ex.simulator().simulate_windows("x", [c.tokens for c in windows])
     assert all(s.cut == 9 and s.answered == 0 and s.format == "none" for s in sims)
+    score = simulation_score("x", windows, ex.simulator())
+    assert score.details["cut"] == 36 and score.details["unanswered"] == 0 and len(ex.prompts) == asked  # none asked
+    assert score.value is None or score.value == 0.0
+    assert "36 tokens too long to ask, counted 0" in score_label(score)
     assert truth
 
 
