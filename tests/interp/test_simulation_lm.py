@@ -271,8 +271,9 @@ def test_score_label_names_the_sample_and_the_reason():
 
 def small_store(path):
     """The feature-store test's store with three firing and two more silent held-out windows (6
-    tokens each) on feature 1 of layer 0, beside its silent one of 2 tokens: simulation on
-    ``n_sim=2`` reads 2 firing windows and 2 silent ones, 2 x 6 + 2 + 6 tokens."""
+    tokens each) on feature 1 of layer 0, beside its silent one of 2 tokens (simulation on
+    ``n_sim=2`` reads 2 firing windows and 2 silent ones, 2 x 6 + 2 + 6 tokens), and three firing
+    and two silent ones on feature 0."""
     from tests.interp.test_feature_store import _fill
 
     rng = random.Random(5)
@@ -288,6 +289,7 @@ def small_store(path):
     with FeatureStore.build(path) as store:
         _fill(store)
         store.put_contexts(0, 1, [window("heldout", r) for r in range(3)] + [window("negative", r) for r in (1, 2)])
+        store.put_contexts(0, 0, [window("heldout", r) for r in range(3)] + [window("negative", r) for r in (0, 1)])
     return path
 
 
@@ -379,6 +381,7 @@ def test_the_cli_fills_the_simulation_score_through_the_server(server, tmp_path,
         for f in (0, 1):
             rows = store.scores(0, f)[name]
             assert set(rows) == {"detection", "simulation"}                  # fuzzing was not asked for
+        assert store.scores(0, 0)[name]["simulation"].n == 2 * 6 + 2 * 6       # feature 0: four whole windows
         sim = store.scores(0, 1)[name]["simulation"]
     assert sim.details["simulator"] == name and sim.details["n_windows"] == 4 and sim.n == SIM_N
     assert sim.details["cut"] == 0                                           # every window was asked, whole
