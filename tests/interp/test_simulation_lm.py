@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from core.errors import LabError
 from core.interp import Context, FeatureStore, describe_store
 from core.interp.config import SCORE_METHODS, SIM_SCALE, SIM_WINDOWS
 from core.interp.explain import LMExplainer, PromptedExplainer, load_explainer
@@ -404,3 +405,18 @@ def test_help_states_the_flags_and_the_cost(capsys):
 def test_simulated_is_plain_data():
     s = Simulated([0.0, 1.0], 2)
     assert s.format == "rule" and s.cut == 0 and s.from_logprobs == 0
+
+
+def test_the_builtin_explainer_reads_every_window_unless_n_sim_says_otherwise(tmp_path):
+    from core.interp import BuiltinExplainer
+
+    path = small_store(tmp_path / "features.sqlite")
+    with FeatureStore(path) as store:
+        list(describe_store(store, BuiltinExplainer(), layers=[0], n_top=2))
+        every = store.scores(0, 1)["builtin"]["simulation"]
+        assert every.details["n_windows"] == 3 + 3 and every.n == 3 * 6 + 2 + 2 * 6       # SIM_WINDOWS["builtin"]: all
+        list(describe_store(store, BuiltinExplainer(), layers=[0], n_top=2, n_sim=2))
+        two = store.scores(0, 1)["builtin"]["simulation"]
+        assert two.details["n_windows"] == 4 and two.n == SIM_N                          # the LM's sample at n=2
+        with pytest.raises(LabError, match="--n-sim must be at least 1"):
+            list(describe_store(store, BuiltinExplainer(), layers=[0], n_sim=0))
