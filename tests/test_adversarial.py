@@ -738,7 +738,7 @@ NUMERIC = {  # command -> (argv, flags taking a number)
                             ["--collect-tokens", "--collect-seq-len", "--top-k", "--n-quantile", "--n-heldout",
                              "--n-negative", "--collect-batch", "--seed", "--train_steps", "--layers", "--window"]),
     "transcoders describe": (lambda lab: ["transcoders", "describe", *_model(lab), "--transcoders", lab.set],
-                             ["--batch-size", "--max-features", "--n-top", "--layers"]),
+                             ["--batch-size", "--max-features", "--n-top", "--n-sim", "--layers"]),
     "transcoders explain": (lambda lab: ["transcoders", "explain", *_model(lab), "--transcoders", lab.set, "--prompt",
                                          "hi", "--max-new-tokens", "1"],
                             ["--max-new-tokens", "--temperature", "--top-p", "--seed", "--steps", "--top-features"]),

@@ -61,6 +61,7 @@ from ..interp.config import (TRAIN_ACTIVATIONS, DESCRIBE_BATCH, DESCRIBE_N_TOP, 
                              EXPLAIN_TOP_FEATURES_MAX, EXPORT_FORMATS, FOLD_LN, NEURONPEDIA_SET, SAVE_DTYPES,
                              CollectConfig, TranscoderTrainConfig,
 )
+from ..interp.config import MAX_KEPT, SCORE_METHODS, SIM_ANSWER_TOKENS, SIM_SCALE, SIM_WINDOWS, check_score_methods
 from ..serve.config import EXPLAINER_KEY_ENVS
 
 # Every flag's default comes from the engine's torch-free configs, so --help and the engine agree.
@@ -217,6 +218,26 @@ def _describe_flags(p: argparse.ArgumentParser, in_train: bool = False) -> None:
     g.add_argument("--n-top", dest="n_top", type=int_arg(1), default=DESCRIBE_N_TOP, metavar="N",
                    help="top contexts shown to the explainer (default: %(default)s)")
     g.add_argument("--no-score", dest="score", action="store_false", help="skip the held-out scores")
+    _score_flags(g)
+
+
+def _scores_arg(text: str) -> tuple[str, ...]:
+    try:
+        return check_score_methods(text)
+    except LabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _score_flags(g: argparse._ArgumentGroup) -> None:
+    """--scores and --n-sim: which held-out scores, and how many windows simulation reads."""
+    g.add_argument("--scores", type=_scores_arg, default=SCORE_METHODS, metavar=",".join(SCORE_METHODS),
+                   help="the held-out scores to compute, comma-separated (default: all)")
+    per, extra = SIM_ANSWER_TOKENS
+    g.add_argument("--n-sim", dest="n_sim", type=int_arg(1, MAX_KEPT), metavar="N",
+                   help=f"simulation windows per side: the first N firing and N silent held-out windows (default: "
+                        f"{SIM_WINDOWS['lm']} for a language model, every one for builtin). A language model answers "
+                        f"one call per window, each token's activation 0-{SIM_SCALE}, in at most {per} tokens per "
+                        f"window token + {extra}: 2N calls per feature")
 
 
 def _explainer_flags(g: argparse._ArgumentGroup) -> None:
@@ -387,7 +408,8 @@ def _run_describe(store, explainer, layers, args: argparse.Namespace) -> None:
     from ..interp.explain import DescribeFinished, DescribeStarted, FeatureExplained, LayerDescribed, describe_store
 
     events = describe_store(store, explainer, layers=layers, max_features=args.max_features, n_top=args.n_top,
-                            score=args.score, batch_size=getattr(args, "explain_batch", None))
+                            score=args.score, batch_size=getattr(args, "explain_batch", None),
+                            methods=getattr(args, "scores", None), n_sim=getattr(args, "n_sim", None))
     first = next(events)
     assert isinstance(first, DescribeStarted)
     for ev in progress(events, first.total, f"describe ({explainer.name})",

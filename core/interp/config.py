@@ -9,7 +9,7 @@ numbers, so the three can never drift apart. The dataclasses round-trip through
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from ..errors import LabError
 from ..generation.config import check_seed
@@ -43,7 +43,32 @@ MAX_STEPS = 100_000_000                          # transcoder training steps (th
 MAX_KEPT = 100_000                               # contexts kept per feature and kind (top, quantile, held-out)
 MAX_WINDOW = 1 << 20                             # context tokens around an activation (the longest context a model has)
 
+# Explanation scores (core.interp.scoring): `transcoders describe --scores` picks among these.
+SCORE_METHODS = ("detection", "fuzzing", "simulation")
+# Simulation windows per side (firing, and silent: random and hard negatives mixed in the store's
+# ratio), taken in the store's random order: None is every held-out window. A language-model
+# simulator makes one call per window, so it gets a small sample by default; the rule simulator
+# costs nothing and reads them all (its sample starts with the LM's, so the two compare).
+SIM_WINDOWS = {"builtin": None, "lm": 10}
+SIM_SCALE = 10                                   # an LM simulator predicts each token's activation as 0..SIM_SCALE
+SIM_ANSWER_TOKENS = (5, 24)                      # an LM simulator's answer: at most 5 tokens per window token + 24
+
 C = TypeVar("C")
+
+
+def check_score_methods(methods: "Sequence[str] | str | None") -> tuple[str, ...]:
+    """Scores to compute, in :data:`SCORE_METHODS` order: None is all of them; a string is a
+    comma-separated list (``--scores detection,simulation``). LabError names an unknown one."""
+    if methods is None:
+        return SCORE_METHODS
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in SCORE_METHODS]
+    if unknown:
+        raise LabError(f"--scores takes {', '.join(SCORE_METHODS)} (comma-separated); '{unknown[0]}' is none of them.")
+    if not methods:
+        raise LabError(f"--scores names no score; pass some of {', '.join(SCORE_METHODS)}, or --no-score for none.")
+    return tuple(m for m in SCORE_METHODS if m in methods)
 
 
 def transcoder_hooks(layer: int) -> tuple[str, str]:
@@ -192,5 +217,6 @@ class CollectConfig(_Dict):
 
 
 __all__ = ["ACTIVATIONS", "TRAIN_ACTIVATIONS", "EXPORT_FORMATS", "FOLD_LN", "NEURONPEDIA_SET", "SAVE_DTYPES", "HOOK_POINT", "HOOK_POINT_OUT", "DESCRIBE_N_TOP", "DESCRIBE_BATCH",
-           "EXPLAIN_MAX_NEW_TOKENS", "EXPLAIN_TOP_FEATURES", "EXPLAIN_TOP_FEATURES_MAX", "TranscoderConfig",
+           "EXPLAIN_MAX_NEW_TOKENS", "EXPLAIN_TOP_FEATURES", "EXPLAIN_TOP_FEATURES_MAX", "SCORE_METHODS", "SIM_WINDOWS",
+           "SIM_SCALE", "SIM_ANSWER_TOKENS", "check_score_methods", "TranscoderConfig",
            "TranscoderTrainConfig", "CollectConfig", "transcoder_hooks"]

@@ -36,11 +36,11 @@ import torch
 
 from ..errors import LabError, ModelNotAvailableError, first_line, shorten
 from ..models.loading import hub_reachable, offline_message
-from .config import DESCRIBE_BATCH, DESCRIBE_N_TOP
+from .config import DESCRIBE_BATCH, DESCRIBE_N_TOP, SIM_SCALE, SIM_WINDOWS
 from .prompts import (FALLBACK_MAX_INPUT, clean_token, feature_prompt, interpretation_rating_prompt, layer_prompt,
                       output_rating_prompt, parse_explanation, parse_score, parse_yes_no, total_prompt)
-from .scoring import (GOOD_AUC, Detector, LMDetector, RuleDetector, RuleSimulator, Simulator, interpretability_from_scores,
-                      quoted_tokens, score_feature)
+from .scoring import (GOOD_AUC, Detector, LMDetector, LMSimulator, RuleDetector, RuleSimulator, Simulator,
+                      check_methods, interpretability_from_scores, quoted_tokens, score_feature)
 from .store import Context, FeatureStore, Score
 
 if TYPE_CHECKING:
@@ -387,6 +387,16 @@ class PromptedExplainer(Explainer):
         """Per prompt: is "yes" likelier than "no" as the answer?"""
         return [p > 0.5 for p in self.yes_probability(prompts)]
 
+    def prompt_budget(self, answer_tokens: int) -> int:
+        """Prompt tokens left when the answer may take ``answer_tokens`` (a causal model's or a
+        server's answer shares the context with its prompt; a seq2seq model overrides this)."""
+        return self.max_input + self.max_new_tokens - answer_tokens
+
+    def answers_with_logprobs(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[str, list | None]]:
+        """Greedy answers, each with its tokens as ``(text, logprob, alternatives)`` steps
+        (:data:`core.interp.prompts.Step`) where the model gives them, else None."""
+        raise NotImplementedError
+
     def explain_features(self, evidence: Sequence[FeatureEvidence]) -> list[str]:
         prompts = [feature_prompt(ev.top, self.count, self.max_input, [clean_token(t) for t, _ in ev.promoted])[0]
                    for ev in evidence]
@@ -413,6 +423,9 @@ class PromptedExplainer(Explainer):
 
     def detector(self) -> Detector:
         return LMDetector(self)
+
+    def simulator(self) -> Simulator | None:
+        return LMSimulator(self)
 
 
 class LMExplainer(PromptedExplainer):
@@ -475,6 +488,7 @@ class LMExplainer(PromptedExplainer):
             if isinstance(v, int) and v > 0:
                 limits.append(v)
         limit = min(limits) if limits else FALLBACK_MAX_INPUT
+        self.context_limit = limit
         if not self.seq2seq:  # a causal LM's answer shares its window with the prompt
             limit -= self.max_new_tokens
         if limit < 16:
@@ -500,6 +514,69 @@ class LMExplainer(PromptedExplainer):
             if not self.seq2seq:
                 gen = gen[:, enc["input_ids"].shape[1]:]
             out.extend(self.tokenizer.batch_decode(gen, skip_special_tokens=True))
+        return out
+
+    def prompt_budget(self, answer_tokens: int) -> int:
+        if self.seq2seq:  # the answer is the decoder's: the encoder's whole input is the prompt's
+            return self.max_input
+        return getattr(self, "context_limit", self.max_input + self.max_new_tokens) - answer_tokens
+
+    def _digit_ids(self) -> dict[int, str]:
+        """The single tokens that are a number 0..SIM_SCALE (with or without a leading space): id -> text."""
+        if not hasattr(self, "_digits"):
+            found: dict[int, str] = {}
+            for v in range(SIM_SCALE + 1):
+                for text in (str(v), " " + str(v)):
+                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                    if len(ids) == 1:
+                        found[int(ids[0])] = self.tokenizer.decode(ids)
+            self._digits = found
+        return self._digits
+
+    def answers_with_logprobs(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[str, list | None]]:
+        """Greedy answers, batched, each with every answer token's log-probability and, as its
+        alternatives, the log-probabilities of the number tokens 0..SIM_SCALE (what a simulation's
+        expected values need), read from the logits; the tokens' texts are the answer's decoded
+        prefixes, so they spell the answer exactly (steps are None where a tokenizer's decoding
+        does not grow by prefixes)."""
+        digits = self._digit_ids()
+        cand = torch.tensor(sorted(digits), dtype=torch.long, device=self.device)
+        cand_text = [digits[int(i)] for i in cand.tolist()]
+        stop = {i for i in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
+        out: list[tuple[str, list | None]] = []
+        for s in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[s:s + self.batch_size])
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=max(1, self.prompt_budget(max_new_tokens))).to(self.device)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          pad_token_id=self.tokenizer.pad_token_id, output_logits=True,
+                                          return_dict_in_generate=True)
+            seqs = gen.sequences[:, 1:] if self.seq2seq else gen.sequences[:, enc["input_ids"].shape[1]:]
+            chosen_lp, cand_lp = [], []
+            for k, step_logits in enumerate(gen.logits):                         # one (b, V) per answer token
+                lp = step_logits.float().log_softmax(-1)
+                chosen_lp.append(lp.gather(1, seqs[:, k:k + 1]).squeeze(1).cpu())
+                cand_lp.append(lp[:, cand].cpu() if len(cand) else torch.zeros(lp.shape[0], 0))
+            chosen = torch.stack(chosen_lp, 1) if chosen_lp else torch.zeros(len(batch), 0)   # (b, steps)
+            alts = torch.stack(cand_lp, 1) if cand_lp else torch.zeros(len(batch), 0, 0)      # (b, steps, C)
+            for b in range(len(batch)):
+                ids = seqs[b].tolist()[:chosen.shape[1]]
+                end = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+                text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+                steps: list | None = []
+                prev = ""
+                for k in range(end):
+                    cur = self.tokenizer.decode(ids[:k + 1], skip_special_tokens=True)
+                    if not cur.startswith(prev):
+                        steps = None
+                        break
+                    steps.append((cur[len(prev):], float(chosen[b, k]),
+                                  list(zip(cand_text, alts[b, k].tolist()))))
+                    prev = cur
+                if steps is not None and prev != text:
+                    steps = None
+                out.append((text, steps))
         return out
 
     def _answer_ids(self, word: str) -> int | None:
@@ -556,6 +633,14 @@ class RemoteExplainer(PromptedExplainer):
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         n_new = max_new_tokens or self.max_new_tokens
         return self.endpoint.map(lambda p: self.endpoint.ask(p, n_new).text, list(prompts))
+
+    def answers_with_logprobs(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[str, list | None]]:
+        """Greedy answers with every token's top :data:`YES_NO_ALTERNATIVES` log-probabilities, where
+        the server gives them (steps None otherwise: the simulation then reads the written numbers)."""
+        def one(prompt: str) -> tuple[str, list | None]:
+            answer = self.endpoint.ask(prompt, max_new_tokens, top_logprobs=YES_NO_ALTERNATIVES)
+            return answer.text, answer.steps
+        return self.endpoint.map(one, list(prompts))
 
     def yes_probability(self, prompts: Sequence[str]) -> list[float]:
         return self.endpoint.map(self._yes_probability, list(prompts))
@@ -645,16 +730,26 @@ DescribeEvent = Union[DescribeStarted, FeatureExplained, LayerDescribed, Describ
 
 def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, layers: Sequence[int] | None = None,
                    max_features: int | None = None, n_top: int = DESCRIBE_N_TOP, score: bool = True,
-                   batch_size: int | None = None,
+                   batch_size: int | None = None, methods: Sequence[str] | None = None, n_sim: int | None = None,
                    layer_items: int = 30, set_id: int | None = None) -> Iterator[DescribeEvent]:
     """Explain (and score) the live features of ``layers`` (all by default), most frequent first,
     at most ``max_features`` per layer; then describe each layer from its ``layer_items`` most
     active explained features (density x mean activation) and the whole set from the layers.
     Each batch is committed once its explanations and scores are all in hand, so a stopped run keeps
     the batches it finished and a failed explainer call (a server gone, a refused key) writes
-    nothing of its batch: the store never holds an explanation without its score."""
+    nothing of its batch: the store never holds an explanation without its score.
+
+    ``methods`` (default all of :data:`core.interp.config.SCORE_METHODS`) picks the scores;
+    simulation is scored on ``n_sim`` firing and ``n_sim`` silent held-out windows (default
+    :data:`~core.interp.config.SIM_WINDOWS`: every one for the built-in rule simulator, 10 + 10 for
+    a language model, which costs one call per window)."""
     explainer = explainer or BuiltinExplainer()
-    batch_size = batch_size or DESCRIBE_BATCH["builtin" if isinstance(explainer, BuiltinExplainer) else "lm"]
+    kind = "builtin" if isinstance(explainer, BuiltinExplainer) else "lm"
+    batch_size = batch_size or DESCRIBE_BATCH[kind]
+    methods = check_methods(methods)
+    n_sim = SIM_WINDOWS[kind] if n_sim is None else n_sim
+    if n_sim is not None and n_sim < 1:
+        raise LabError(f"--n-sim must be at least 1 window (got {n_sim}).")
     info = store.layers(set_id)
     all_layers = [l.layer for l in info]
     layers = all_layers if layers is None else [l for l in layers if l in all_layers]
@@ -663,7 +758,7 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
     todo = {l: store.features(l, order_by="density", limit=max_features, set_id=set_id) for l in layers}
     total = sum(len(v) for v in todo.values())
     detector = explainer.detector() if score else None
-    simulator = explainer.simulator() if score else None
+    simulator = explainer.simulator() if score and "simulation" in methods else None
     t0 = time.perf_counter()
     yield DescribeStarted(explainer=explainer.name, layers=list(layers), total=total)
     done = 0
@@ -679,7 +774,8 @@ def describe_store(store: FeatureStore, explainer: Explainer | None = None, *, l
             score_rows: list[tuple[int, int, Score]] = []
             per_feature: list[dict[str, float | None]] = []
             for f, t in zip(chunk, texts):
-                got = score_feature(store, layer, f.feature, t, detector, simulator, set_id) if score else []
+                got = score_feature(store, layer, f.feature, t, detector, simulator, set_id, methods=methods,
+                                    n_sim=n_sim) if score else []
                 score_rows += [(layer, f.feature, sc) for sc in got]
                 per_feature.append({sc.method: sc.value for sc in got})
                 det = next((sc.value for sc in got if sc.method == "detection"), None)

@@ -3,14 +3,20 @@
 The reference pipeline asked flan-t5 for five things; each has a prompt builder here and a
 parser for the answer: a feature's explanation, a layer's description, a total description,
 an output score (1-10) and an interpretability score (1-10), plus the yes/no questions scoring
-asks (detection: does it fire in this text; fuzzing: are the marked tokens the ones it fires on). Prompts are fitted to the explainer's input length by dropping whole
-examples first and trimming the remaining ones from the left, so the marked token always stays.
+asks (detection: does it fire in this text; fuzzing: are the marked tokens the ones it fires on)
+and the simulation question (each token's activation from 0 to 10, one answer per window). Prompts
+are fitted to the explainer's input length by dropping whole examples first and trimming the
+remaining ones from the left, so the marked token always stays.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .config import SIM_SCALE
 from .store import Context
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
@@ -178,6 +184,30 @@ def fit_fuzz_prompt(explanation: str, tokens: Sequence[str], marks: Sequence[int
     return prompt
 
 
+def simulation_prompt(explanation: str, tokens: Sequence[str], start: int = 0) -> str:
+    """Ask for every token's activation from 0 to :data:`SIM_SCALE` in one answer. Tokens are
+    numbered from ``start + 1`` (their place in the whole window, so an answer's numbers point at
+    the same tokens however much of the window's start was cut) and written as JSON strings, so a
+    leading space, a line break or a tab shows."""
+    first, last = start + 1, len(tokens)
+    listed = "".join(f"{i}. {json.dumps(t, ensure_ascii=False)}\n" for i, t in enumerate(tokens[start:], first))
+    return (f"A neuron is described as: {explanation}\nTokens of a text, numbered, as JSON strings:\n{listed}"
+            f"Rate how strongly the neuron fires on each token, 0 (not at all) to {SIM_SCALE} (its strongest); most "
+            f"are 0. One line per token, \"number: rating\", for tokens {first} to {last}.\nAnswer:\n")
+
+
+def fit_simulation_prompt(explanation: str, tokens: Sequence[str], count: Callable[[str], int],
+                          budget: Callable[[int], int]) -> tuple[str, int] | None:
+    """:func:`simulation_prompt` for the window ``tokens`` within ``budget(n)`` tokens, ``n`` being the
+    tokens asked about (the answer's room shrinks with them): the window loses tokens from its start
+    until it fits. Returns ``(prompt, start)``, or None when not even its last token fits."""
+    for start in range(len(tokens)):
+        prompt = simulation_prompt(explanation, tokens, start)
+        if count(prompt) <= budget(len(tokens) - start):
+            return prompt, start
+    return None
+
+
 # -- answer parsing ---------------------------------------------------------------------------
 
 _PREFIX = re.compile(r"^\s*(answer|explanation|description|summary|the neuron (detects|fires on)|it detects)\s*[:\-]?\s*",
@@ -236,3 +266,103 @@ def parse_yes_no(text: str | None) -> bool | None:
     if not m:
         return None
     return m.group(1) in ("yes", "true")
+
+
+_NUM = r"-?\d+(?:\.\d+)?"
+_JSON_LIST = re.compile(r"\[([^\[\]]*)\]")
+_JSON_BODY = re.compile(rf"^\s*(?:{_NUM}\s*,\s*)*(?:{_NUM})?\s*,?\s*$")
+# "12: 3", "12 = 3", "12. \" king\": 3", "12) 3" is not one (a bare list is ambiguous): an index, perhaps the
+# token echoed as a JSON string, then ':' '=' or '->', then the value; anywhere, so one-line answers parse too
+_PAIR = re.compile(rf'(?<![\w.\-])(\d+)\s*[.)]?\s*(?:"(?:[^"\\\n]|\\.)*"\s*)?(?::|=|->)\s*({_NUM})(?!\d)')
+
+
+@dataclass
+class ParsedSimulation:
+    """What one simulation answer says: a value (0..SIM_SCALE) per asked token, or None where the
+    answer gave none, with the characters each value was read from (for log-probabilities)."""
+
+    values: list[float | None]
+    spans: list[tuple[int, int] | None] = field(default_factory=list)
+    format: str = "none"            # "lines" | "json" | "none" (nothing readable)
+
+    @property
+    def answered(self) -> int:
+        return sum(v is not None for v in self.values)
+
+
+def _clamp(x: float) -> float:
+    return float(min(SIM_SCALE, max(0.0, x)))
+
+
+def parse_simulation(text: str | None, n: int, first: int = 1) -> ParsedSimulation:
+    """Per-token activations from an answer about ``n`` tokens numbered ``first..first+n-1``:
+    ``index: value`` pairs (lines or not; a value for an index outside the range is ignored, the
+    first one for an index wins) or a JSON list of numbers (in order from ``first``), whichever
+    covers more tokens. Values are clamped to 0..SIM_SCALE; never raises."""
+    text = "" if text is None else str(text)
+    lines = ParsedSimulation([None] * n, [None] * n, "lines")
+    for m in _PAIR.finditer(text):
+        i = int(m.group(1)) - first
+        if 0 <= i < n and lines.values[i] is None:
+            lines.values[i], lines.spans[i] = _clamp(float(m.group(2))), m.span(2)
+    listed = ParsedSimulation([None] * n, [None] * n, "json")
+    for m in _JSON_LIST.finditer(text):
+        if not _JSON_BODY.match(m.group(1)) or not re.search(r"\d", m.group(1)):
+            continue
+        for i, num in enumerate(re.finditer(_NUM, m.group(1))):
+            if i < n:
+                listed.values[i] = _clamp(float(num.group()))
+                listed.spans[i] = (m.start(1) + num.start(), m.start(1) + num.end())
+        break
+    best = lines if lines.answered >= listed.answered else listed
+    return best if best.answered else ParsedSimulation([None] * n, [None] * n, "none")
+
+
+# an answer token: its text, log-probability and alternatives ({text: logprob}, or (text, logprob) pairs
+# where two tokens may share a text)
+Step = tuple[str, float, "dict[str, float] | Sequence[tuple[str, float]]"]
+
+
+def _digit_value(token: str) -> int | None:
+    t = token.strip()
+    return int(t) if t.isdigit() and t.isascii() and int(t) <= SIM_SCALE and (t == "0" or not t.startswith("0")) else None
+
+
+def expected_values(text: str, parsed: ParsedSimulation, steps: Sequence[Step] | None) -> tuple[list[float | None], int]:
+    """``parsed``'s values, each replaced by its expected value over 0..SIM_SCALE where the answer
+    token that wrote it is that number alone (a leading space or trailing newline aside) and its
+    alternatives give the probabilities: sum v * p(v) / sum p(v) over the alternatives that are
+    such numbers. A value written over several tokens ("1" then "0" for 10 in a digit-by-digit
+    tokenizer) keeps its parsed number. Returns the values and how many came from probabilities;
+    nothing changes when ``steps`` are missing or do not spell ``text``."""
+    values = list(parsed.values)
+    if not steps or "".join(s[0] for s in steps) != text:
+        return values, 0
+    starts, pos = [], 0
+    for tok, _, _ in steps:
+        starts.append(pos)
+        pos += len(tok)
+    used = 0
+    k = 0
+    order = sorted((span[0], i) for i, span in enumerate(parsed.spans) if span is not None and values[i] is not None)
+    for a, i in order:
+        while k + 1 < len(steps) and starts[k + 1] <= a:
+            k += 1
+        tok, lp, alts = steps[k]
+        b = parsed.spans[i][1]  # type: ignore[index]
+        lo, hi = starts[k], starts[k] + len(tok)
+        if not (lo <= a and b <= hi) or tok.strip() != text[a:b]:
+            continue
+        pairs = list(alts.items()) if isinstance(alts, dict) else list(alts)
+        if lp is not None and all(text != tok for text, _ in pairs):
+            pairs.append((tok, lp))
+        mass: dict[int, float] = {}
+        for alt, alp in pairs:
+            v = _digit_value(alt)
+            if v is not None and alp is not None and alp > -1e30:
+                mass[v] = mass.get(v, 0.0) + math.exp(alp)
+        total = sum(mass.values())
+        if total > 0:
+            values[i] = sum(v * p for v, p in mass.items()) / total
+            used += 1
+    return values, used

@@ -18,37 +18,48 @@ explainer) and stored with its sample size ``n``:
   *where*.
 - *Simulation* (OpenAI 2023, "Language models can explain neurons in language models"): a
   simulator predicts the activation of every token from the explanation; score: Pearson
-  correlation between predicted and true activations over all tokens of the held-out windows.
+  correlation between predicted and true activations over all tokens of the scored windows,
+  firing and silent alike (:func:`simulation_sample` picks them: the first ``n`` firing and the
+  first ``n`` silent held-out windows in the store's random order, the silent ones mixing random
+  and hard negatives in the store's ratio; ``n`` None takes them all). Undefined when the truth is
+  constant; 0, with the reason, when the prediction is.
 
 Detectors and simulators: :class:`RuleDetector` / :class:`RuleSimulator` need no model: they read
 the tokens quoted in the explanation (``"the"``) and predict firing exactly on those tokens (what
 the built-in explainer writes; its scores say "rule"); :class:`LMDetector` asks the explainer's
 language model the yes/no questions of :mod:`core.interp.prompts` and reads the probability of
-"yes" from its log-probabilities, locally or through a server.
+"yes" from its log-probabilities, locally or through a server. :class:`LMSimulator` asks it, once
+per window, for every token's activation from 0 to 10 (the window's tokens numbered, whitespace
+visible), reads the answer's ``index: value`` lines or JSON list, and where the model's
+log-probabilities of the digits are at hand takes each token's expected value over 0..10 instead
+of the written number; tokens an answer leaves out count as 0 and are counted in the details.
 """
 from __future__ import annotations
 
 import math
 import random
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
-from .prompts import clean_token, fit_detection_prompt, fit_fuzz_prompt
+from .config import SCORE_METHODS, SIM_ANSWER_TOKENS, SIM_SCALE, check_score_methods
+from .prompts import (clean_token, expected_values, fit_detection_prompt, fit_fuzz_prompt, fit_simulation_prompt,
+                      parse_simulation)
 from .store import MIN_FIRING, Context, FeatureStore, Score  # noqa: F401 (MIN_FIRING is the store's sort rule)
 
 if TYPE_CHECKING:
     from .explain import PromptedExplainer
 
-METHODS = ("detection", "fuzzing", "simulation")
+METHODS = SCORE_METHODS  # stated once, in the torch-free config
 METHOD_HELP = {
     "detection": "AUC telling held-out windows where the feature fires from silent ones (random and hard "
                  "negatives) given only the explanation; 0.5 is chance, 1 perfect.",
     "fuzzing": "AUC telling held-out windows with the firing tokens marked from the same windows with silent tokens "
                "marked; 0.5 is chance, 1 perfect.",
     "simulation": "Correlation of the activation predicted from the explanation with the true one, token by token "
-                  "over the held-out windows; 0 is no relation, 1 perfect.",
+                  "over held-out firing and silent windows; 0 is no relation, 1 perfect.",
 }
 Marked = tuple[Sequence[str], Sequence[int]]   # a window's tokens and the positions marked in it
 GOOD_AUC = 0.7      # a detection AUC from which an explanation "holds up" in layer descriptions
@@ -65,11 +76,22 @@ class Detector(Protocol):
         explanation describes."""
 
 
+@dataclass
+class Simulated:
+    """A simulator's prediction for one window: a value per token, and how it was come by."""
+
+    values: list[float]
+    answered: int                   # tokens the simulator gave a value for (the rest count as 0)
+    from_logprobs: int = 0          # of those, read as an expected value over the digits' probabilities
+    cut: int = 0                    # tokens left out of the question (the window's start, too long to ask)
+    format: str = "rule"            # the answer's form: "rule" (no model), "lines", "json", "none" (unreadable)
+
+
 class Simulator(Protocol):
     name: str
 
-    def simulate(self, explanation: str, tokens: Sequence[str]) -> list[float]:
-        """Predicted activation of every token of one window."""
+    def simulate_windows(self, explanation: str, windows: Sequence[Sequence[str]]) -> list[Simulated]:
+        """Predicted activation of every token of each window (a list of token texts)."""
 
 
 _QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
@@ -109,6 +131,9 @@ class RuleSimulator:
         quoted = set(quoted_tokens(explanation))
         return [1.0 if norm_token(t) in quoted else 0.0 for t in tokens]
 
+    def simulate_windows(self, explanation: str, windows: Sequence[Sequence[str]]) -> list[Simulated]:
+        return [Simulated(self.simulate(explanation, toks), len(toks)) for toks in windows]
+
 
 class LMDetector:
     """The explainer's language model (local or behind a server) as detector: "would the neuron fire
@@ -127,6 +152,60 @@ class LMDetector:
     def fuzz(self, explanation: str, windows: Sequence[Marked]) -> list[float]:
         ex = self.explainer
         return ex.yes_probability([fit_fuzz_prompt(explanation, t, m, ex.count, ex.max_input) for t, m in windows])
+
+
+def simulation_answer_tokens(n_tokens: int) -> int:
+    """The most tokens an LM simulator may write about a window of ``n_tokens`` (``index: value`` lines)."""
+    per_token, extra = SIM_ANSWER_TOKENS
+    return per_token * n_tokens + extra
+
+
+class LMSimulator:
+    """The explainer's language model as simulator: one question per window (the explanation, the
+    window's tokens numbered, "each token's activation from 0 to 10?"), greedily answered; see the
+    module docstring. A window too long for the model's input loses tokens from its start (they
+    count as predicted 0 and as ``cut``); the explanation and the question always stay."""
+
+    def __init__(self, explainer: "PromptedExplainer"):
+        self.explainer = explainer
+        self.name = explainer.name
+
+    def simulate_windows(self, explanation: str, windows: Sequence[Sequence[str]]) -> list[Simulated]:
+        ex = self.explainer
+        out: list[Simulated | None] = [None] * len(windows)
+        groups: dict[int, list[tuple[int, str, int]]] = {}      # answer room -> (window, prompt, first token asked)
+        for w, toks in enumerate(windows):
+            fitted = fit_simulation_prompt(explanation, toks, ex.count,
+                                           lambda n: ex.prompt_budget(simulation_answer_tokens(n)))
+            if fitted is None:
+                out[w] = Simulated([0.0] * len(toks), 0, cut=len(toks), format="none")
+                continue
+            prompt, start = fitted
+            groups.setdefault(simulation_answer_tokens(len(toks) - start), []).append((w, prompt, start))
+        for room, asks in groups.items():
+            answers = ex.answers_with_logprobs([p for _, p, _ in asks], room)
+            for (w, _, start), (text, steps) in zip(asks, answers):
+                n = len(windows[w]) - start
+                parsed = parse_simulation(text, n, first=start + 1)
+                values, used = expected_values(text, parsed, steps)
+                out[w] = Simulated([0.0] * start + [0.0 if v is None else float(v) for v in values], parsed.answered,
+                                   from_logprobs=used, cut=start, format=parsed.format)
+        return out  # type: ignore[return-value]
+
+
+def simulation_sample(positives: Sequence[Context], negatives: Sequence[Context], n: int | None) -> list[Context]:
+    """The windows a simulation is scored on: the first ``n`` firing ones and the first ``n`` silent
+    ones, in the store's (random) order; the silent ones interleave random (``negative``) and hard
+    negatives so that any ``n`` holds both in the store's ratio. ``n`` None: every window. A smaller
+    ``n``'s sample is the start of a larger one's, so scores on different ``n`` share windows."""
+    rand = [c for c in negatives if c.kind != "hard"]
+    hard = [c for c in negatives if c.kind == "hard"]
+    keyed = [((i + 0.5) / len(rand), 0, c) for i, c in enumerate(rand)] + \
+            [((i + 0.5) / len(hard), 1, c) for i, c in enumerate(hard)]
+    silent = [c for _, _, c in sorted(keyed, key=lambda k: (k[0], k[1]))]
+    if n is None:
+        return list(positives) + silent
+    return list(positives)[:n] + silent[:n]
 
 
 def balanced_accuracy(pred: Sequence[bool], truth: Sequence[bool]) -> float | None:
@@ -213,38 +292,59 @@ def fuzzing_score(explanation: str, positives: Sequence[Context], detector: Dete
 
 
 def simulation_score(explanation: str, contexts: Sequence[Context], simulator: Simulator) -> Score:
-    """Pearson correlation of simulated and true activations over every token of ``contexts``."""
+    """Pearson correlation of simulated and true activations over every token of ``contexts``; an
+    LM simulator's answers are accounted for in the details (tokens left unanswered and counted as
+    0, unreadable answers, values read from log-probabilities, tokens cut from too long windows)."""
+    sims = simulator.simulate_windows(explanation, [c.tokens for c in contexts]) if contexts else []
     pred: list[float] = []
     true: list[float] = []
-    for c in contexts:
-        sim = simulator.simulate(explanation, c.tokens)
-        pred.extend(sim)
+    for c, sim in zip(contexts, sims):
+        values = list(sim.values)[:len(c.acts)]
+        pred.extend(values + [0.0] * (len(c.acts) - len(values)))   # a short prediction: the rest count as 0
         true.extend(c.acts)
-    if len(pred) < 2:
-        return Score("simulation", None, len(pred), {"reason": "too few tokens"})
-    p, t = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
     details = {"simulator": simulator.name, "n_windows": len(contexts),
-               "n_pos": sum(1 for c in contexts if max(c.acts, default=0.0) > 0)}
-    if p.std() == 0 or t.std() == 0:
-        return Score("simulation", 0.0 if t.std() > 0 else None, len(pred),
-                     details | {"reason": "constant prediction" if p.std() == 0 else "constant truth"})
+               "n_pos": sum(1 for c in contexts if max(c.acts, default=0.0) > 0),
+               "n_hard": sum(1 for c in contexts if c.kind == "hard")}
+    if any(sim.format != "rule" for sim in sims):
+        asked = [len(c.acts) - sim.cut for c, sim in zip(contexts, sims)]
+        details |= {"scale": SIM_SCALE,
+                    "unanswered": sum(max(0, a - sim.answered) for a, sim in zip(asked, sims)),
+                    "short_answers": sum(1 for a, sim in zip(asked, sims) if 0 < sim.answered < a),
+                    "unreadable": sum(1 for sim in sims if sim.format == "none"),
+                    "json_answers": sum(1 for sim in sims if sim.format == "json"),
+                    "from_logprobs": sum(sim.from_logprobs for sim in sims),
+                    "cut": sum(sim.cut for sim in sims)}
+    if len(pred) < 2:
+        return Score("simulation", None, len(pred), details | {"reason": "too few tokens"})
+    p, t = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    if np.ptp(t) == 0:  # no variation to predict: the correlation is undefined
+        return Score("simulation", None, len(pred), details | {"reason": "constant truth"})
+    if np.ptp(p) == 0:  # a flat prediction explains nothing of it
+        return Score("simulation", 0.0, len(pred), details | {"reason": "constant prediction"})
     r = float(np.corrcoef(p, t)[0, 1])
     return Score("simulation", r if math.isfinite(r) else None, len(pred), details)
 
 
+check_methods = check_score_methods  # None: all; an unknown name is a LabError naming --scores
+
+
 def score_feature(store: FeatureStore, layer: int, feature: int, explanation: str, detector: Detector | None,
-                  simulator: Simulator | None = None, set_id: int | None = None) -> list[Score]:
-    """Every score available for one feature on its stored held-out windows: detection and fuzzing
-    with a detector, simulation with a simulator."""
+                  simulator: Simulator | None = None, set_id: int | None = None, *,
+                  methods: Sequence[str] | None = None, n_sim: int | None = None) -> list[Score]:
+    """The scores of ``methods`` (default all) for one feature on its stored held-out windows:
+    detection and fuzzing with a detector, simulation with a simulator on
+    :func:`simulation_sample` ``(n_sim)``."""
+    methods = check_methods(methods)
     pos = store.contexts(layer, feature, "heldout", set_id=set_id)
     neg = store.contexts(layer, feature, "negative", set_id=set_id) + store.contexts(layer, feature, "hard",
                                                                                      set_id=set_id)
     out = []
-    if detector is not None:
+    if detector is not None and "detection" in methods:
         out.append(detection_score(explanation, pos, neg, detector))
+    if detector is not None and "fuzzing" in methods:
         out.append(fuzzing_score(explanation, pos, detector, seed=layer * 1_000_003 + feature))
-    if simulator is not None:
-        out.append(simulation_score(explanation, pos + neg, simulator))
+    if simulator is not None and "simulation" in methods:
+        out.append(simulation_score(explanation, simulation_sample(pos, neg, n_sim), simulator))
     return out
 
 
@@ -256,7 +356,17 @@ def score_label(score: Score | None) -> str:
     d = score.details or {}
     if score.method == "simulation":
         head = f"simulation r {'n/a' if score.value is None else f'{score.value:.2f}'}"
-        return f"{head} (n={score.n:,} tokens)"
+        if d.get("reason"):
+            head += f", {d['reason']}"
+        sample = f"n={score.n:,} tokens"
+        if "n_windows" in d and "n_pos" in d:
+            hard = f" incl. {d['n_hard']} hard" if d.get("n_hard") else ""
+            sample += f" in {d['n_windows']} windows: {d['n_pos']} firing, {d['n_windows'] - d['n_pos']} silent{hard}"
+        if d.get("unanswered"):
+            sample += f"; {d['unanswered']:,} tokens unanswered, counted 0"
+        if d.get("cut"):
+            sample += f"; {d['cut']:,} tokens too long to ask, counted 0"
+        return f"{head} ({sample})"
     head = f"{score.method} AUC {'n/a' if score.value is None else f'{score.value:.2f}'}"
     if not d.get("yes_no", True) and d.get("balanced_accuracy") is not None:
         head += f", balanced accuracy {d['balanced_accuracy']:.2f}"

@@ -42,6 +42,7 @@ R = TypeVar("R")
 class Answer:
     text: str
     top: dict[str, float] | None = None   # the first answer token's alternatives {token: logprob}, when given
+    steps: list[tuple[str, float, dict[str, float]]] | None = None  # every answer token: (text, logprob, alternatives)
 
 
 _RAISE = object()
@@ -180,13 +181,19 @@ class Endpoint:
                 choice = r.choices[0]
                 content = getattr(choice.logprobs, "content", None) if top else None
                 alts = {t.token: t.logprob for t in content[0].top_logprobs} if content else None
-                return Answer(choice.message.content or "", alts)
+                steps = [(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs or []}) for t in content] \
+                    if content else None
+                return Answer(choice.message.content or "", alts, steps)
             extra = dict(logprobs=top) if top else {}
             r = self._call(self._client.completions.create, model=self.model, prompt=prompt, temperature=0,
                            max_tokens=max_tokens, **extra)
             choice = r.choices[0]
             tops = getattr(choice.logprobs, "top_logprobs", None) if top else None
-            return Answer(choice.text or "", dict(tops[0]) if tops and tops[0] else None)
+            toks, lps = (getattr(choice.logprobs, "tokens", None), getattr(choice.logprobs, "token_logprobs", None)) \
+                if top else (None, None)
+            steps = [(t, lp, dict(alts or {})) for t, lp, alts in zip(toks, lps, tops)] \
+                if toks and lps and tops and len(toks) == len(lps) == len(tops) else None
+            return Answer(choice.text or "", dict(tops[0]) if tops and tops[0] else None, steps)
         except LabError as e:
             if top and "logprob" in str(e).lower():  # a server without log-probabilities: read the text instead
                 self._logprobs = False

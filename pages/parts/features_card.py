@@ -15,6 +15,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from core.interp.config import SIM_SCALE
 from core.interp.explain import BUILTIN
 from core.interp.scoring import METHODS, score_label
 from core.interp.store import HIST_EDGES, Context, FeatureCard, FeatureStats, Score
@@ -124,7 +125,9 @@ def scorer_note(explainer: str, rows: dict[str, Score]) -> str:
         return f"{explainer} · not scored"
     if explainer == BUILTIN:
         return f"{explainer} · scored on held-out text by the rule detector and simulator (its quoted tokens)"
-    return f"{explainer} · scored on held-out text by {explainer} answering yes/no"
+    asked = (["answering yes/no"] if {"detection", "fuzzing"} & set(rows) else []) + \
+        ([f"rating each token 0-{SIM_SCALE}"] if "simulation" in rows else [])
+    return f"{explainer} · scored on held-out text by {explainer} " + " and ".join(asked or ["answering yes/no"])
 
 
 def draw_card(card: FeatureCard) -> None:

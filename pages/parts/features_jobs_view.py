@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.devices import available_devices
-from core.interp.config import CollectConfig
+from core.interp.config import SIM_WINDOWS, CollectConfig
 from core.interp.jobs import (Job, console_lines, job_argv, jobs_root, launch, list_jobs, new_set_folder, progress,
                               read_job, sets_root, shipped, stop, write_check)
 from core.interp.transcoder import transcoder_dir_for
@@ -83,7 +83,11 @@ def _describe_fields(with_explainer: bool) -> dict:
                                                   help="Explain at most this many per layer, most frequent first.")
     values["n_top"] = cols[1].number_input("Contexts shown", 1, 100, 10, step=1, key=jkey("n_top"),
                                            help="Top contexts the explainer reads per feature.")
-    values["score"] = cols[2].toggle("Score on held-out text", True, key=jkey("score"))
+    values["score"] = cols[2].toggle(
+        "Score on held-out text", True, key=jkey("score"),
+        help=f"Detection, fuzzing and simulation. A language model answers one yes/no question per held-out window "
+             f"(detection, fuzzing) and rates every token of {SIM_WINDOWS['lm']} firing and {SIM_WINDOWS['lm']} "
+             f"silent windows per feature, one call per window (simulation).")
     return values
 
 
