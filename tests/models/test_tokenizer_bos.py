@@ -6,6 +6,7 @@ from BOS, transcoder windows start with it, a chat template's BOS is not doubled
 default's ids do not change."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,58 @@ def test_a_chat_template_that_writes_bos_does_not_get_a_second(llama_dir, tmp_pa
     assert chat.choices[0].message.content == raw_run.completion
     assert done.usage.prompt_tokens == len(tok(PROMPT).input_ids)
     assert done.choices[0].text == generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, greedy=True)).completion
+
+
+def test_mean_ablation_means_leave_the_bos_out(llama):
+    from core.interventions import prompt_means, run_with_cache
+
+    ids = llama.tokenizer.encode(PROMPT)
+    name = "blocks.1.hook_mlp_out"
+    _, cache = run_with_cache(llama, [ids], [name])
+    means = prompt_means(llama, [ids], [name])
+    assert torch.allclose(means[name], cache[name][0, 1:].float().mean(0), atol=1e-6)
+    raw = llama.tokenizer.encode(PROMPT, add_special_tokens=False)   # ids without a BOS: every position counts
+    _, cache = run_with_cache(llama, [raw], [name])
+    assert torch.allclose(prompt_means(llama, [raw], [name])[name], cache[name][0].float().mean(0), atol=1e-6)
+
+
+def test_patching_sweeps_the_bos_position_too(llama):
+    from core.interventions import patching_sweep
+    from pages.patching import token_id
+
+    clean = "Juliet is the sun"
+    corrupted = llama.tokenizer.encode(clean)            # the same ids with the last word swapped
+    corrupted[-1] = llama.tokenizer.encode(" east", add_special_tokens=False)[0]
+    answer, wrong = token_id(llama, " and"), token_id(llama, " is")   # one token each: the BOS is not added
+    assert [answer] == llama.tokenizer.encode(" and", add_special_tokens=False)
+    result = patching_sweep(llama, clean, corrupted, point="resid_pre", answer=answer, wrong=wrong)
+    n = len(corrupted)
+    assert n == len(llama.tokenizer.encode(clean, add_special_tokens=False)) + 1
+    assert result.logit_diff.shape == (llama.stack.n_layer, n) and result.tokens[0] == "<s>"
+    # the BOS is the same in both prompts: patching it restores nothing, at every layer
+    assert np.allclose(result.logit_diff[:, 0], result.corrupted_diff, atol=1e-4)
+    assert np.allclose(result.restored[:, 0], 0.0, atol=1e-4)
+
+
+def test_consensus_reads_the_bos_and_counts_it_as_token_zero(llama, hf_llama):
+    """A typed prompt is walked as the model reads it, BOS first; the statistics take every position,
+    so the metric's reference token h[0] is the BOS (the token a causal model's others follow).
+    Token ids (random prompts, or ids a researcher passes) are walked as given."""
+    from core.consensus.engine import ConsensusConfig, DecodeConfig, consensus_decode, run_consensus
+    from core.consensus.metrics import token_stats
+
+    tok, model = hf_llama
+    cfg = ConsensusConfig(iterations=1)
+    res = run_consensus(llama, [PROMPT], cfg)
+    ids = tok(PROMPT).input_ids
+    assert res.token_ids[0] == ids and res.prompts == [PROMPT]
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    stats, _ = token_stats(hidden[1].float())                   # after block 0: column 1
+    assert abs(res.metric[0, 1] - float(stats[0, 0])) < 1e-4
+    assert abs(res.mean_cosine[0, 1] - float(stats[0, 1])) < 1e-4
+    raw = llama.tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert run_consensus(llama, [raw], cfg).token_ids[0] == raw   # the opt-out: ids are used as they are
+    dec = consensus_decode(llama, [PROMPT], cfg, DecodeConfig(new_tokens=3))
+    assert "<s>" not in dec.completions[0] and "<s>" not in dec.texts[0]
+    assert dec.texts[0] == llama.tokenizer.decode(raw + dec.new_ids[0])
