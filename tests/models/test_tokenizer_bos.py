@@ -228,3 +228,16 @@ def test_consensus_reads_the_bos_and_counts_it_as_token_zero(llama, hf_llama):
     dec = consensus_decode(llama, [PROMPT], cfg, DecodeConfig(new_tokens=3))
     assert "<s>" not in dec.completions[0] and "<s>" not in dec.texts[0]
     assert dec.texts[0] == llama.tokenizer.decode(raw + dec.new_ids[0])
+
+
+def test_transcoders_of_a_bos_model_say_so_in_saelens_layout(llama, tmp_path):
+    from core.interp import TranscoderTrainConfig, corpus_from_texts, run_to_end, train_transcoders
+    from core.interp.saelens import saelens_config
+    from tests.conftest import CORPUS
+
+    fast = dict(expansion=2, k=4, steps=4, batch_tokens=64, seq_len=16, model_batch=4, buffer_batches=2,
+                val_windows=2, warmup_steps=1, layers=[1])
+    corpus = corpus_from_texts(llama, [CORPUS, CORPUS.upper()])
+    tset = run_to_end(train_transcoders(llama, TranscoderTrainConfig(**fast), corpus=corpus, out_dir=tmp_path / "t"))
+    assert tset.training["prepend_bos"] is True and tset.training["seq_len"] == 16
+    assert saelens_config(tset, 1).metadata["prepend_bos"] is True
