@@ -181,7 +181,13 @@ def _held(tokens: list[TokenInfo], text: str) -> list[TokenInfo]:
 
 
 def _echo_tokens(lm: "LoadedModel", ids: list[int], top: int) -> list[tuple[str, TokenInfo | None]]:
-    """The prompt's tokens with their log-probabilities given what precedes them (the first has none)."""
+    """The prompt's tokens with their log-probabilities given what precedes them (the first has none).
+    A BOS the tokenizer put before the text is not echoed (it is not part of the text, and the
+    offsets count the text's characters); the text's first token is then scored given it."""
+    n_bos = len(lm.tokenizer.prefix_ids)
+    if n_bos and len(ids) > n_bos and tuple(ids[:n_bos]) == lm.tokenizer.prefix_ids:
+        infos, _ = score_continuation(lm, ids[:n_bos], ids[n_bos:], top)
+        return [(t.text, t) for t in infos]
     first = (lm.tokenizer.token_str(ids[0]), None)
     if len(ids) < 2:
         return [first]

@@ -108,6 +108,21 @@ def test_perplexity_scores_the_first_token_from_bos(llama, hf_llama):
         logp = model(hf_ids).logits[0, :-1].float().log_softmax(-1)
     expected = logp.gather(1, hf_ids[0, 1:, None])[:, 0]
     assert torch.allclose(torch.tensor(lps), expected, atol=1e-4)
+    ppl = generate(llama, PROMPT, SamplingConfig(max_new_tokens=1, greedy=True)).prompt_perplexity
+    assert ppl == pytest.approx(float(torch.exp(-expected.mean())), rel=1e-4)
+
+
+def test_generative_perplexity_scores_every_completion_token_of_a_bos_model(llama):
+    from core.generation.evaluate import generative_perplexity
+
+    completion = " what light through yonder"
+    alone = generative_perplexity(llama, [completion])                  # no prompt: the first word is scored from BOS
+    assert alone.n_tokens == len(llama.tokenizer.encode(completion, add_special_tokens=False))
+    after = generative_perplexity(llama, [completion], "ROMEO: But soft,")
+    ids, lps = token_logprobs(llama, "ROMEO: But soft," + completion)
+    n_head = len(llama.tokenizer.encode("ROMEO: But soft,"))
+    assert after.n_tokens == len(ids) - n_head
+    assert after.mean_nll == pytest.approx(-sum(lps[n_head - 1:]) / after.n_tokens, rel=1e-6)
 
 
 def test_raw_ids_stay_available(llama):
@@ -172,6 +187,13 @@ def test_a_chat_template_that_writes_bos_does_not_get_a_second(llama_dir, tmp_pa
                if isinstance(e, Finished)][0].result
     assert chat.choices[0].message.content == raw_run.completion
     assert done.usage.prompt_tokens == len(tok(PROMPT).input_ids)
+    with serving(lm) as s:
+        echoed = client(s.url).completions.create(model=lm.spec, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    lp = echoed.choices[0].logprobs            # the BOS is not echoed; the first word is scored given it
+    raw = tok(PROMPT, add_special_tokens=False).input_ids
+    assert len(lp.tokens) == len(raw) and lp.tokens[0] != "<s>" and lp.token_logprobs[0] is not None
+    _, lps = token_logprobs(lm, PROMPT)
+    assert lp.token_logprobs == pytest.approx(lps, abs=1e-4)
     assert done.choices[0].text == generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, greedy=True)).completion
 
 
