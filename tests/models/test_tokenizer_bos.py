@@ -263,3 +263,23 @@ def test_transcoders_of_a_bos_model_say_so_in_saelens_layout(llama, tmp_path):
     tset = run_to_end(train_transcoders(llama, TranscoderTrainConfig(**fast), corpus=corpus, out_dir=tmp_path / "t"))
     assert tset.training["prepend_bos"] is True and tset.training["seq_len"] == 16
     assert saelens_config(tset, 1).metadata["prepend_bos"] is True
+
+
+def test_our_model_on_a_hub_tokenizer_file_reads_raw_ids_and_exports_so(tmp_path):
+    """Our trainer trains on raw windows, so a checkpoint whose tokenizer.json came from a hub tokenizer
+    with a BOS post-processor (Llama 3's) still reads raw ids, and its export tells transformers the same."""
+    from transformers import AutoTokenizer
+
+    from core.models.export import export_model
+    from core.models.gpt import GPT, GPTConfig
+    from core.models.loading import save_checkpoint
+
+    hub = family_tokenizer("llama3", tmp_path / "hub")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", GPT(GPTConfig(vocab_size=len(hub), block_size=32, n_layer=1, n_head=2,
+                                                     d_model=16)), str(tmp_path / "hub" / "tokenizer.json"))
+    lm = load_model(str(tmp_path / "ckpt"))
+    raw = hub(PROMPT, add_special_tokens=False).input_ids
+    assert lm.tokenizer.prefix_ids == () and encode_prompt(lm, PROMPT) == raw
+    export_model(str(tmp_path / "ckpt"), tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(PROMPT).input_ids == raw
