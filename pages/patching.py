@@ -45,7 +45,7 @@ def token_id(lm: LoadedModel, text: str) -> int | None:
 
     if not text:
         return None
-    ids = lm.tokenizer.encode(text)
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)  # the token itself, without the model's BOS
     if len(ids) != 1:
         raise LabError(f"'{text}' is {len(ids)} tokens for this tokenizer; give one token (mind the leading space).")
     return ids[0]

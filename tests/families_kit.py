@@ -85,3 +85,86 @@ def family_dir(tmp_path_factory, family: str) -> Path:
     model = build(family, tok).eval()
     model.save_pretrained(folder)
     return folder
+
+
+# -- each family's own tokenizer ------------------------------------------------------------------
+# The families' tokenizer classes, built from a small vocabulary trained here and set as their hub
+# repositories set them: which special tokens frame a text (a BOS or not) is the point, so the
+# vocabulary is tiny and the settings are the hub's (Llama 2 / Mistral add <s>, Llama 3 adds
+# <|begin_of_text|> through its post-processor, Gemma adds <bos>, OPT adds </s>, Qwen2, GPT-NeoX
+# and GPT-2 add nothing).
+
+TOKENIZER_FAMILIES = ("llama", "llama3", "mistral", "gemma", "qwen2", "gpt_neox", "opt", "gpt2")
+_SENTENCEPIECE_SPECIALS = {"llama": ["<unk>", "<s>", "</s>"], "mistral": ["<unk>", "<s>", "</s>"],
+                           "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]}
+_BYTE_LEVEL_SPECIALS = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>"], "qwen2": ["<|endoftext|>"],
+                        "gpt_neox": ["<|endoftext|>", "<|padding|>"], "opt": ["<s>", "<pad>", "</s>", "<unk>"],
+                        "gpt2": ["<|endoftext|>"]}
+
+
+def _trained_vocab(specials: list[str], sentencepiece: bool, vocab_size: int = 400) -> tuple[dict, list]:
+    """``(vocab, merges)`` of a BPE trained on the test corpus: byte-level (GPT-2's alphabet) or
+    SentencePiece-style (``▁`` for spaces, with the 256 ``<0xNN>`` byte-fallback pieces)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.conftest import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    if sentencepiece:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        specials = specials + [f"<0x{b:02X}>" for b in range(256)]
+        alphabet: list[str] = []
+        vocab_size += 256
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator([CORPUS], trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                  initial_alphabet=alphabet, show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    return model["vocab"], [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
+def family_tokenizer(family: str, folder: Path):
+    """``family``'s own tokenizer class (a key of :data:`TOKENIZER_FAMILIES`), saved in ``folder`` and
+    read back with ``AutoTokenizer`` as a user's download would be."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+
+    if family in _SENTENCEPIECE_SPECIALS:
+        vocab, merges = _trained_vocab(_SENTENCEPIECE_SPECIALS[family], sentencepiece=True)
+        cls = tf.GemmaTokenizer if family == "gemma" else tf.LlamaTokenizer
+        tok = cls(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    else:
+        vocab, merges = _trained_vocab(_BYTE_LEVEL_SPECIALS[family], sentencepiece=False)
+        if family == "llama3":
+            backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.decoder = decoders.ByteLevel()
+            backend.post_processor = processors.TemplateProcessing(
+                single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+                special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+            tok = tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                             eos_token="<|end_of_text|>")
+        elif family == "qwen2":
+            tok = tf.Qwen2Tokenizer(vocab=vocab, merges=merges)
+        elif family == "gpt_neox":
+            tok = tf.GPTNeoXTokenizer(vocab=vocab, merges=merges)
+        elif family == "opt":
+            tok = tf.GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", unk_token="</s>",
+                                   pad_token="<pad>", add_bos_token=True)
+        else:
+            tok = tf.GPT2Tokenizer(vocab=vocab, merges=merges)
+    tok.save_pretrained(folder)
+    return tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def family_dir_with_own_tokenizer(tmp_path_factory, family: str, model_family: str | None = None) -> Path:
+    """A tiny ``model_family`` model (a key of :func:`build`; default ``family``) saved beside ``family``'s own
+    tokenizer."""
+    folder = tmp_path_factory.mktemp(f"tiny-{family}-own-tokenizer")
+    tok = family_tokenizer(family, folder)
+    torch.manual_seed(0)
+    build(model_family or family, tok).eval().save_pretrained(folder)
+    return folder

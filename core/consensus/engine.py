@@ -859,7 +859,7 @@ def _decode_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig,
                 for r, t in zip(g.rows, ids):
                     result.new_ids[r].append(int(t))
                     result.completions[r] = lm.tokenizer.decode(result.new_ids[r])
-                    result.texts[r] = lm.tokenizer.decode(plan.token_ids[r] + result.new_ids[r])
+                    result.texts[r] = lm.tokenizer.decode(lm.tokenizer.strip_prefix(plan.token_ids[r]) + result.new_ids[r])
                 yield TokenSampled(k, list(g.rows), ids, readable_tokens(lm.tokenizer, ids))
 
     yield from _framed(lm, plan, cfg, clock, result, t0, groups)

@@ -73,11 +73,15 @@ class Finished:
 Event = Union[Started, TokenEvent, Finished]
 
 
-def encode_prompt(lm: LoadedModel, prompt: str) -> list[int]:
+def encode_prompt(lm: LoadedModel, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    """The prompt's ids as the model reads them: with the BOS its tokenizer starts every text with
+    (Llama, Mistral, Gemma, OPT; see :mod:`core.models.tokenizer`), unless ``add_special_tokens`` is
+    False (a chat template's text, which writes its BOS itself)."""
     if not prompt or not prompt.strip():
         raise LabError("The prompt is empty; type some text to continue.")
-    ids = lm.tokenizer.encode(prompt)
-    if not ids:
+    ids = lm.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    framing = len(lm.tokenizer.prefix_ids) + len(lm.tokenizer.suffix_ids) if add_special_tokens else 0
+    if len(ids) <= framing:
         raise LabError("The prompt encodes to no tokens; type some text to continue.")
     if len(ids) >= lm.stack.context_length:
         raise LabError(f"The prompt is {len(ids)} tokens but the model's context is {lm.stack.context_length}; "
@@ -140,12 +144,14 @@ def choose_token(next_logits: torch.Tensor, previous: torch.Tensor, cfg: Samplin
     return int(torch.multinomial(processed.softmax(-1), 1, generator=gen))
 
 
-def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig) -> Iterator[Event]:
+def stream(lm: LoadedModel, prompt: str, cfg: SamplingConfig, *, add_special_tokens: bool = True) -> Iterator[Event]:
     """Generate from ``prompt``, yielding Started, one TokenEvent per new token, then Finished.
 
-    Closing the generator stops generation; the consumer keeps what it has seen.
+    The prompt is encoded by :func:`encode_prompt` (``add_special_tokens`` as there); the completion
+    is decoded from the new tokens alone, so it never shows the prompt's BOS. Closing the generator
+    stops generation; the consumer keeps what it has seen.
     """
-    ids_list = encode_prompt(lm, prompt)
+    ids_list = encode_prompt(lm, prompt, add_special_tokens)
     cfg.check(lm.stack.context_length - len(ids_list))
     if sampler_name(lm.objective) != "autoregressive":
         raise LabError(f"{lm.name} is a {sampler_name(lm.objective)} model; sample it with "
@@ -326,6 +332,9 @@ def partial_result(lm: LoadedModel, prompt: str, cfg: SamplingConfig, tokens: li
 
 def token_logprobs(lm: LoadedModel, text: str) -> tuple[list[int], list[float]]:
     """Ids of ``text`` and the log-probability of each token after the first, given its prefix.
+
+    The ids start with the tokenizer's BOS where it adds one, so the text's first token is scored
+    given BOS (as transformers' perplexity recipe scores it); without a BOS it cannot be scored.
 
     Texts longer than the context are scored with a sliding window (stride = half the context),
     each token scored once with as much left context as the window allows.

@@ -3,7 +3,10 @@ pairs of every layer in one forward pass, and the model's loss with MLPs swapped
 
 The corpus is tokenised once by :func:`core.training.data.prepare_data` with the model's own
 tokenizer (the same memmap shards the trainer uses, so a model and its transcoders see the same
-text), and read back as fixed windows of ``seq_len`` tokens. Windows are split by index into an
+text), and read back as fixed windows of ``seq_len`` tokens. A model whose tokenizer starts every
+text with a BOS (Llama, Gemma, OPT) reads each window as BOS and ``seq_len - 1`` corpus tokens,
+as SAELens's ``prepend_bos`` batches do, so its transcoders learn from the states it has in use
+(the BOS position included); other models read ``seq_len`` corpus tokens. Windows are split by index into an
 *explain* part and a *held-out* part (every ``holdout_every``-th window), so explanation scores
 are always measured on text the explainer never saw.
 """
@@ -36,16 +39,25 @@ class CorpusTokens:
     val: np.ndarray
     source: str                  # label of the text source
     folder: Path | None = None   # the token cache it came from
+    prefix: tuple[int, ...] = () # ids every window starts with: the model's BOS (the module docstring says why)
 
     def windows(self, split: str, seq_len: int, n: int | None = None, *, offset: int = 0) -> np.ndarray:
-        """Consecutive non-overlapping windows ``(n, seq_len)`` from ``split``, starting at ``offset``."""
+        """Non-overlapping windows ``(n, seq_len)`` from ``split``, starting at ``offset``: each is
+        :attr:`prefix` then the next ``seq_len - len(prefix)`` corpus tokens."""
         arr = self.train if split == "train" else self.val
-        total = (arr.size - offset) // seq_len
+        body = seq_len - len(self.prefix)
+        if body < 1:
+            raise LabError(f"A window of {seq_len} tokens leaves no room for text after the model's "
+                           f"{len(self.prefix)} start token(s); use a longer --seq-len.")
+        total = (arr.size - offset) // body
         if total < 1:
             raise LabError(f"The corpus' {split} split has {arr.size} tokens, fewer than one window of {seq_len}; "
                            f"use a shorter --seq-len or more text.")
         n = total if n is None else min(n, total)
-        return np.asarray(arr[offset:offset + n * seq_len], dtype=np.int64).reshape(n, seq_len)   # (n, T)
+        text = np.asarray(arr[offset:offset + n * body], dtype=np.int64).reshape(n, body)           # (n, body)
+        if not self.prefix:
+            return text
+        return np.concatenate([np.tile(np.asarray(self.prefix, dtype=np.int64), (n, 1)), text], axis=1)  # (n, T)
 
 
 def _tokenizer_spec(lm: "LoadedModel") -> str:
@@ -69,7 +81,7 @@ def corpus_tokens(lm: "LoadedModel", dataset: str = "shakespeare", *, max_tokens
     data = prepare_data(dataset, spec, lm.stack.vocab_size, val_fraction=0.05, need_mask=False,
                         max_tokens=max_tokens, cache_dir=cache_dir, log=log)
     probe = "ROMEO: But soft, what light through yonder window breaks?"
-    if data.tokenizer.encode(probe) != lm.tokenizer.encode(probe):
+    if data.tokenizer.encode(probe, add_special_tokens=False) != lm.tokenizer.encode(probe, add_special_tokens=False):
         raise LabError(f"The corpus tokenizer ({spec}) does not match {lm.name}'s own tokenizer; pass the model's "
                        f"tokenizer with --tokenizer.")
     join = lambda split: (np.concatenate([np.asarray(a) for a in split.arrays]) if len(split.arrays) > 1  # noqa: E731
@@ -78,19 +90,22 @@ def corpus_tokens(lm: "LoadedModel", dataset: str = "shakespeare", *, max_tokens
     if int(train.max(initial=0)) >= lm.stack.vocab_size:
         raise LabError(f"The corpus holds token ids beyond {lm.name}'s vocabulary of {lm.stack.vocab_size}; "
                        f"the tokenizer does not belong to this model.")
-    return CorpusTokens(train=train, val=val, source=data.source_label, folder=data.folder)
+    return CorpusTokens(train=train, val=val, source=data.source_label, folder=data.folder,
+                        prefix=tuple(lm.tokenizer.prefix_ids))
 
 
 def corpus_from_texts(lm: "LoadedModel", texts: list[str], val_fraction: float = 0.1) -> CorpusTokens:
-    """A small in-memory corpus (tests, a user's own snippet) tokenised with the model's tokenizer."""
+    """A small in-memory corpus (tests, a user's own snippet) tokenised with the model's tokenizer
+    (raw ids, documents separated by EOS, as :func:`corpus_tokens`'s shards; windows add the BOS)."""
     ids: list[int] = []
     for t in texts:
-        ids.extend(lm.tokenizer.encode(t))
+        ids.extend(lm.tokenizer.encode(t, add_special_tokens=False))
         if lm.tokenizer.eos_id is not None:
             ids.append(lm.tokenizer.eos_id)
     arr = np.asarray(ids, dtype=np.int64)
     n_val = int(round(arr.size * val_fraction))
-    return CorpusTokens(train=arr[:arr.size - n_val], val=arr[arr.size - n_val:], source="texts")
+    return CorpusTokens(train=arr[:arr.size - n_val], val=arr[arr.size - n_val:], source="texts",
+                        prefix=tuple(lm.tokenizer.prefix_ids))
 
 
 def model_inputs(lm: "LoadedModel", ids: torch.Tensor, generator: torch.Generator | None = None,

@@ -158,7 +158,7 @@ def saelens_config(tset: TranscoderSet, layer: int, dtype: str = "float32") -> S
         "model_name": tset.model, "hook_name": hook_in, "hook_name_out": hook_out,
         "hook_head_index": None, "hook_head_index_out": None, "model_class_name": "HookedTransformer",
         "model_from_pretrained_kwargs": {**NO_PROCESSING, "center_writing_weights": bool(c.target_centered)},
-        "prepend_bos": False, "context_size": training.get("seq_len") or tset.model_info.get("context_length"),
+        "prepend_bos": bool(training.get("prepend_bos", False)), "context_size": training.get("seq_len") or tset.model_info.get("context_length"),
         "dataset_path": training.get("dataset"),
         "gptlab": {"format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, "layer": layer,
                    "transcoder": c.to_dict(), "model_info": tset.model_info, "training": training,

@@ -245,6 +245,7 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
 
     tset = TranscoderSet(transcoders=tcs, config=tcfg, model=lm.spec, model_info=stack.describe(),
                          training={**cfg.to_dict(), "seq_len": seq_len, "corpus": corpus.source,
+                                   "prepend_bos": bool(corpus.prefix),   # windows began with the model's BOS
                                    "scales": {str(i): [s_in[i], s_out[i]] for i in layers}})
     total = cfg.total_steps
     yield TrainStarted(layers=layers, n_features=tcfg.n_features, total_steps=total,

@@ -9,7 +9,10 @@ Each helper returns ``{name: fn}`` ready for :func:`core.interventions.hooks`:
 
 Means are taken over the prompt's positions (every prompt's, when there are several) in a clean
 walk, with no intervention active: "what this component usually writes here", TransformerLens's
-mean ablation over a reference set, with the prompt as the set.
+mean ablation over a reference set, with the prompt as the set. The BOS a tokenizer puts before the
+text (Llama, Gemma, OPT) is left out of the mean: every later token attends to it as a sink, and its
+states are far from the text's (in large models by orders of magnitude), so a short prompt's mean
+would be mostly the BOS's. The ablation itself still applies at every position, BOS included.
 """
 from __future__ import annotations
 
@@ -73,12 +76,15 @@ def prompt_means(lm: "LoadedModel", prompts: Iterable[Sequence[int]], names: Seq
     prompts of different lengths need no padding)."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    prefix = list(lm.tokenizer.prefix_ids)
     for ids in prompts:
-        _, cache = run_with_cache(lm, [list(ids)], names)
+        ids = list(ids)
+        skip = len(prefix) if len(ids) > len(prefix) and ids[:len(prefix)] == prefix else 0  # the BOS: see above
+        _, cache = run_with_cache(lm, [ids], names)
         for n in names:
-            x = cache[n].float().flatten(0, 1)                               # (T, ...)
+            x = cache[n].float()[:, skip:].flatten(0, 1)                     # (T - skip, ...)
             sums[n] = sums.get(n, 0) + x.sum(0)
-        count += len(ids)
+        count += len(ids) - skip
     if not count:
         raise LabError("Mean-ablation needs a prompt to take the mean over; give one.")
     return {n: s / count for n, s in sums.items()}

@@ -156,10 +156,15 @@ def _hf_tokenizer(lm: LoadedModel):
     if not isinstance(tok, BPETokenizer):
         raise LabError(f"The tokenizer of {lm.name} ({tok.name}) has no tokenizer.json to export; save the model "
                        f"with its tokenizer.json.")
+    from tokenizers import Tokenizer as _Tok
     from transformers import PreTrainedTokenizerFast  # a second of import: only an export pays it
 
     special = EOS if tok.eos_id is not None else None
-    return PreTrainedTokenizerFast(tokenizer_file=tok.path, eos_token=special, bos_token=special, unk_token=special,
+    backend = _Tok.from_file(tok.path)
+    # our models read raw ids (the trainer never adds special tokens), so transformers must not either: a
+    # tokenizer.json taken from a hub tokenizer (Llama's) carries a post-processor that would add its BOS
+    backend.post_processor = None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=special, bos_token=special, unk_token=special,
                                    clean_up_tokenization_spaces=False,
                                    model_max_length=lm.model.config.block_size)
 

@@ -3,6 +3,15 @@
 Three sources, one shape: a model folder's own Hugging Face tokenizer, our trained byte-level
 BPE (a bare ``tokenizer.json`` made by ``tokenizers``), and tiktoken's GPT-2 encoding.
 Everything downstream (generation, consensus, the token view) only sees :class:`Tokenizer`.
+
+Special tokens: ``encode(text)`` gives the ids the model expects to read, which for a Hugging Face
+tokenizer is what transformers gives with its defaults (``tok(text).input_ids``): the BOS of Llama,
+Mistral and Gemma, OPT's ``</s>``, nothing for GPT-2, GPT-NeoX or Qwen. Which tokens those are is
+read from the tokenizer itself (its post-processor and ``add_bos_token`` settings), never from a
+table of families. ``encode(text, add_special_tokens=False)`` gives the text's own ids, for a
+researcher who wants them raw and for text that already holds its special tokens (a chat
+template's output). Our trained BPE and tiktoken add nothing either way: our models are trained
+on raw token windows, so nothing is what they expect.
 """
 from __future__ import annotations
 
@@ -28,9 +37,20 @@ class Tokenizer:
     vocab_size: int = 0
     eos_id: int | None = None
     mask_id: int | None = None
+    prefix_ids: tuple[int, ...] = ()   # what encode() puts before every text's own ids (a BOS)
+    suffix_ids: tuple[int, ...] = ()   # what it puts after them (an EOS, for the few tokenizers set so)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text`` as the ids the model reads: with the special tokens the tokenizer frames every
+        text with (:attr:`prefix_ids`, :attr:`suffix_ids`), or its own ids alone when
+        ``add_special_tokens`` is False."""
         raise NotImplementedError
+
+    def strip_prefix(self, ids: list[int]) -> list[int]:
+        """``ids`` without the leading :attr:`prefix_ids` when they start with them (to show a
+        prompt's text without its BOS)."""
+        n = len(self.prefix_ids)
+        return list(ids[n:]) if n and tuple(ids[:n]) == self.prefix_ids else list(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -64,7 +84,9 @@ class BPETokenizer(Tokenizer):
         self.eos_id = self._tok.token_to_id(EOS)
         self.mask_id = self._tok.token_to_id(MASK)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # never the file's post-processor: our trainer trains on raw windows (core.training.data), so raw is
+        # what a model made with this tokenizer reads
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -103,9 +125,10 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
         self.mask_id = self._tok.mask_token_id if getattr(self._tok, "mask_token", None) else None
+        self.prefix_ids, self.suffix_ids = _special_frame(self._tok)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
@@ -136,8 +159,8 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = self._enc.n_vocab
         self.eos_id = self._enc.eot_token
 
-    def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, allowed_special="all")
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")  # GPT-2's encoding frames nothing
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -147,6 +170,25 @@ class TiktokenTokenizer(Tokenizer):
             return self._enc.decode_single_token_bytes(int(token_id))
         except KeyError:  # an id the encoding does not have
             return None
+
+
+_FRAME_PROBE = "Hello world, 12 times."
+
+
+def _special_frame(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(prefix, suffix)``: the ids a transformers tokenizer adds around a text by default, found by
+    encoding a probe with and without special tokens (so the tokenizer's own post-processor and
+    ``add_bos_token`` settings decide). ``((), ())`` when the added ids do not frame the text's ids
+    (encode still returns what transformers gives; only the prefix is then unknown)."""
+    try:
+        raw = list(tok.encode(_FRAME_PROBE, add_special_tokens=False))
+        full = list(tok.encode(_FRAME_PROBE, add_special_tokens=True))
+    except TypeError:  # a remote-code tokenizer may refuse the keyword; it then adds what it adds
+        return (), ()
+    for i in range(len(full) - len(raw) + 1):
+        if full[i:i + len(raw)] == raw:
+            return tuple(full[:i]), tuple(full[i + len(raw):])
+    return (), ()
 
 
 def _byte_level_alphabet() -> dict[str, int]:

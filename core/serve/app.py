@@ -113,6 +113,10 @@ class Server:
         self.check_model(req.model)
         prompt, stops = chat_prompt(self.lm, messages)
         req.prompts, req.extra_stop = [prompt], stops
+        # a chat template writes the model's BOS into its text, so it is not added again (transformers'
+        # apply_chat_template(tokenize=True) encodes the same way); the plain transcript (it comes with its
+        # stop string) is encoded like any prompt
+        req.add_special_tokens = bool(stops)
         return await self.respond(req, prepare(self.lm, req))
 
     async def respond(self, req: GenerationRequest, preps: list[Prepared]):

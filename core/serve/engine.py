@@ -79,6 +79,7 @@ class Prepared:
     prompt: str
     ids: list[int]
     max_new_tokens: int               # 0: echo only (score the prompt, generate nothing)
+    add_special_tokens: bool = True   # how ``ids`` were encoded (see GenerationRequest)
 
 
 def prepare(lm: "LoadedModel", req: GenerationRequest) -> list[Prepared]:
@@ -87,14 +88,14 @@ def prepare(lm: "LoadedModel", req: GenerationRequest) -> list[Prepared]:
         _diffusion_limits(req)
     out = []
     for prompt in req.prompts:
-        ids = encode_prompt(lm, prompt)
+        ids = encode_prompt(lm, prompt, req.add_special_tokens)
         room = lm.stack.context_length - len(ids)
         wanted = room if req.max_tokens is None else req.max_tokens
         if wanted > room or (wanted < 1 and req.max_tokens is None):
             raise LabError(f"The prompt is {len(ids)} tokens and leaves room for {max(room, 0)} new tokens in the "
                            f"model's context of {lm.stack.context_length}; ask for at most {max(room, 0)} "
                            f"(max_tokens) or shorten the prompt.")
-        out.append(Prepared(prompt=prompt, ids=ids, max_new_tokens=wanted))
+        out.append(Prepared(prompt=prompt, ids=ids, max_new_tokens=wanted, add_special_tokens=req.add_special_tokens))
     return out
 
 
@@ -149,7 +150,7 @@ def run_choice(lm: "LoadedModel", prep: Prepared, cfg: SamplingConfig, index: in
     cfg = replace(cfg, n_alternatives=logprobs or 0)
     tokens: list[TokenInfo] = []
     completion, reason = "", "max_new_tokens"
-    events = stream(lm, prep.prompt, cfg)
+    events = stream(lm, prep.prompt, cfg, add_special_tokens=prep.add_special_tokens)
     try:
         for ev in events:
             if isinstance(ev, TokenEvent):
@@ -180,7 +181,13 @@ def _held(tokens: list[TokenInfo], text: str) -> list[TokenInfo]:
 
 
 def _echo_tokens(lm: "LoadedModel", ids: list[int], top: int) -> list[tuple[str, TokenInfo | None]]:
-    """The prompt's tokens with their log-probabilities given what precedes them (the first has none)."""
+    """The prompt's tokens with their log-probabilities given what precedes them (the first has none).
+    A BOS the tokenizer put before the text is not echoed (it is not part of the text, and the
+    offsets count the text's characters); the text's first token is then scored given it."""
+    n_bos = len(lm.tokenizer.prefix_ids)
+    if n_bos and len(ids) > n_bos and tuple(ids[:n_bos]) == lm.tokenizer.prefix_ids:
+        infos, _ = score_continuation(lm, ids[:n_bos], ids[n_bos:], top)
+        return [(t.text, t) for t in infos]
     first = (lm.tokenizer.token_str(ids[0]), None)
     if len(ids) < 2:
         return [first]

@@ -40,6 +40,7 @@ class GenerationRequest:
     include_usage: bool = False       # stream_options.include_usage: a last chunk with token counts
     chat: bool = False
     extra_stop: list[str] = field(default_factory=list)  # added by the chat transcript, not by the client
+    add_special_tokens: bool = True   # False for a chat template's text, which writes the model's BOS itself
 
     def choice_config(self, index: int, max_new_tokens: int) -> SamplingConfig:
         """The settings of choice ``index``: its own seed, so n samples differ and each can be repeated."""

@@ -74,6 +74,7 @@ class Scored:
     token_id: int
     info: TokenInfo | None
     in_prompt: bool
+    special: bool = False          # a start token (BOS) the tokenizer put before the prompt's text
 
 
 def visible(text: str) -> str:
@@ -130,8 +131,9 @@ def view_tokens(lm: LoadedModel | None, result: GenerationResult, record: dict) 
     scored = prompt_scores(lm, result, record)
     if scored is not None and lm is not None:
         first = encode_prompt(lm, result.prompt)[0]
-        out.append(Scored(0, lm.tokenizer.token_str(first), first, None, True))
-        out += [Scored(i + 1, t.text, t.token_id, t, True) for i, t in enumerate(scored)]
+        n_bos = len(lm.tokenizer.prefix_ids)
+        out.append(Scored(0, lm.tokenizer.token_str(first), first, None, True, special=n_bos > 0))
+        out += [Scored(i + 1, t.text, t.token_id, t, True, special=i + 1 < n_bos) for i, t in enumerate(scored)]
     P = len(out)
     out += [Scored(P + t.index, t.text, t.token_id, t, False) for t in result.tokens]
     return out
@@ -139,6 +141,9 @@ def view_tokens(lm: LoadedModel | None, result: GenerationResult, record: dict) 
 
 def tip(s: Scored) -> str:
     where = "prompt" if s.in_prompt else f"generated #{s.info.index}" if s.info else ""
+    if s.special and s.info is None:
+        return (f"{visible(s.text)}  id {s.token_id}  (the tokenizer's start token, put before every prompt as the "
+                f"model expects: nothing before it to predict it)")
     if s.info is None:
         return f"{visible(s.text)}  id {s.token_id}  (first prompt token: nothing before it to predict it)"
     rank = rank_of(s.info)
