@@ -51,9 +51,23 @@ OUT_OF_MEMORY = "the device ran out of memory; use a smaller model or batch, --d
 T = TypeVar("T")
 
 
+# A value that starts with "-" is taken for a flag unless it looks like a negative number. Before
+# Python 3.14 argparse's rule knew only ``-1`` and ``-.5``, so ``--beta -1e30`` or ``--length-penalty
+# -1_000`` failed with "expected one argument". This is the rule Python 3.14 adopted (anything
+# starting with "-" and a digit, or "-." and a digit), stated once for every parser here; argparse
+# applies it only while no option itself looks like a negative number, and none of ours does (every
+# flag starts with "--" or a letter). The number itself is then checked by the flag's type.
+NEGATIVE_NUMBER = re.compile(r"-\.?\d")
+
+
 class LabArgumentParser(argparse.ArgumentParser):
     """argparse with usage errors on one line that names the flag and what to change; the usage
-    block is one ``--help`` away, so it is not repeated under every typo."""
+    block is one ``--help`` away, so it is not repeated under every typo. Negative numbers in any
+    spelling (``-1e30``, ``-1_000``) are values, never flags (:data:`NEGATIVE_NUMBER`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # what argparse consults; see NEGATIVE_NUMBER
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {one_line(self._explain(message))} (see `{self.prog} --help`)\n")
