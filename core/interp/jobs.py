@@ -188,7 +188,8 @@ def _dataset(value: str | None) -> str:
 def _collect_args(v: dict) -> list[str]:
     return ["--collect-tokens", str(int(v["collect_tokens"])), "--collect-seq-len", str(int(v["collect_seq_len"])),
             "--top-k", str(int(v["top_k"])), "--n-quantile", str(int(v["n_quantile"])),
-            "--n-heldout", str(int(v["n_heldout"])), "--n-negative", str(int(v["n_negative"]))]
+            "--n-heldout", str(int(v["n_heldout"])), "--n-negative", str(int(v["n_negative"]))] + \
+        (["--n-hard", str(int(v["n_hard"]))] if v.get("n_hard") is not None else [])  # else the command's default
 
 
 def _describe_args(v: dict) -> list[str]:
