@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+import decimal
 import difflib
 import importlib
 import math
@@ -130,10 +131,26 @@ def _range_type(parse: Callable[[str], T], kind: str, low, high, low_open: bool,
     return check
 
 
+def whole_number(text: str) -> int:
+    """``20_000``, ``1e9`` or ``2.5e3``: a whole number in any spelling that says one exactly
+    (``1.5`` and ``1e-3`` are not; a ValueError, as ``int`` raises)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = decimal.Decimal(text)  # exact: 1e30 stays 10**30, never a float's neighbour
+    except decimal.InvalidOperation:
+        raise ValueError(text) from None
+    if not value.is_finite() or value.adjusted() > 4300 or value != value.to_integral_value():
+        raise ValueError(text)  # beyond 4300 digits: as int() refuses them (and far beyond any flag's range)
+    return int(value)
+
+
 def int_arg(low: int | None = None, high: int | None = None, note: str = "") -> Callable[[str], int]:
-    """An argparse ``type`` for a whole number in ``[low, high]`` (``20_000`` spellings work).
-    ``note`` ends the message, e.g. ``"; 0 turns it off"``."""
-    return _range_type(int, "int", low, high, False, False, note)
+    """An argparse ``type`` for a whole number in ``[low, high]`` (``20_000`` and ``1e9`` spellings
+    work, :func:`whole_number`). ``note`` ends the message, e.g. ``"; 0 turns it off"``."""
+    return _range_type(whole_number, "int", low, high, False, False, note)
 
 
 def float_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -395,6 +412,18 @@ def progress(events: Iterable[T], total: int | None, desc: str = "", *,
         close = getattr(it, "close", None)
         if close is not None:
             close()
+
+
+def bar_note(text: str) -> None:
+    """Print ``text`` as a line of its own on stderr while a :func:`progress` bar runs (tqdm redraws
+    the bar below it; the plain bar is ended by a newline first, and redrawn on its next move)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        sys.stderr.write("\n" + text + "\n")
+        sys.stderr.flush()
+        return
+    tqdm.write(text, file=sys.stderr)
 
 
 class _Bar:
