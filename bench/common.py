@@ -1,6 +1,7 @@
 """Shared bits of the benchmarks: timing with warm-up and interleaving, and RESULTS.md sections."""
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import statistics
@@ -36,6 +37,26 @@ def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, 
                 torch.cuda.synchronize()
             rates[name].append(units / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def generation_args(description: str) -> argparse.ArgumentParser:
+    """The flags every generation benchmark takes (device, dtype, how much to generate, how often,
+    --no-write); a benchmark adds its own to the parser returned."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    return ap
+
+
+def report(title: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless ``write`` is off (``--no-write``), keep it in RESULTS.md."""
+    print(body)
+    if write:
+        write_section(title, body)
 
 
 def write_section(title: str, body: str) -> None:

@@ -7,14 +7,13 @@ GPT-2 small config, random weights, batch 1, greedy, 128 new tokens. Goal on CPU
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import IdTokenizer, interleaved, write_section  # noqa: E402
+from bench.common import IdTokenizer, generation_args, interleaved, report  # noqa: E402
 from core.models.convert import gpt_from_hf_gpt2  # noqa: E402
 from core.models.decode_layout import use_decode_layout  # noqa: E402
 from core.devices import resolve_dtype  # noqa: E402
@@ -24,14 +23,7 @@ from core.models.stack import stack_for  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = ap.parse_args()
+    args = generation_args(__doc__.splitlines()[0]).parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -75,9 +67,7 @@ def main() -> None:
                  "GPT Lab stores each matrix in the order the CPU streams fastest (core/decode_layout.py: "
                  "(in, out) for the wide projections and the unembedding, ~18 GB/s here, against ~11 GB/s for "
                  "nn.Linear's (out, in)); transformers keeps the layout the weights were saved in.\n")
-    print(body)
-    if not args.no_write:
-        write_section(f"Generation ({args.device}, {args.dtype})", body)
+    report(f"Generation ({args.device}, {args.dtype})", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and the decode layout of the weights. Goal on CPU: >= 1.0x.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import IdTokenizer, interleaved, write_section  # noqa: E402
+from bench.common import IdTokenizer, generation_args, interleaved, report  # noqa: E402
 from core.devices import resolve_dtype  # noqa: E402
 from core.generation.autoregressive import SamplingConfig, generate  # noqa: E402
 from core.models.decode_layout import use_decode_layout  # noqa: E402
@@ -35,15 +34,9 @@ NOTE = ("Both generators call the same transformers modules on the same weights,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = generation_args(__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for both generators (default: torch's; 1 is steadier on a shared machine)")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,9 +88,7 @@ def main() -> None:
             f"Greedy tokens identical: {same}.\n")
     if args.device == "cpu":
         body += "\n" + NOTE + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(f"Generation, Llama family ({args.device}, {args.dtype})", body)
+    report(f"Generation, Llama family ({args.device}, {args.dtype})", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import IdTokenizer, interleaved, write_section  # noqa: E402
+from bench.common import IdTokenizer, interleaved, report  # noqa: E402
 from core.consensus.engine import ConsensusConfig, run_consensus  # noqa: E402
 from core.devices import resolve_dtype  # noqa: E402
 from core.generation.autoregressive import SamplingConfig, generate  # noqa: E402
@@ -129,9 +129,7 @@ def main() -> None:
             "With nothing hooked each named point costs one context-variable lookup; per-head tensors, the "
             "attention pattern (explicit softmax instead of the fused kernel) and the MLP's hidden layer are "
             "only exposed when a hook names them.")
-    print(body)
-    if not args.no_write:
-        write_section(f"Hook points ({args.device}, {args.dtype})", body)
+    report(f"Hook points ({args.device}, {args.dtype})", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -359,3 +359,19 @@ def read_text_inside(folder: str | os.PathLike, name: str, what: str = "model") 
     if not path.is_file():
         return None
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+def new_numbered_folder(root: Path, base: str, what: str, remedy: str) -> Path:
+    """``root/base`` created here, or ``base-2``, ``base-3``, ... when taken, so two writers that
+    start in the same second never share a folder (``mkdir`` is the claim: it fails when another got
+    there first). ``root`` is made as needed. After 10,000 taken names, a LabError: "Could not find a
+    free ``what`` name under ``root``; ``remedy``"."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise LabError(f"Could not find a free {what} name under {root}; {remedy}.")

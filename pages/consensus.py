@@ -34,14 +34,15 @@ from core.consensus.config import (INTEGRATORS, MAX_TOKENS, PAGE_INITS, PAGE_ITE
                                    parse_iterations)
 from core.consensus.engine import (ConsensusConfig, ConsensusDecodeResult, ConsensusResult, DecodeConfig, Decoded,
                                    Finished, Progress, Started, TokenSampled, consensus_decode_stream, consensus_stream,
-                                   memory_plan, random_prompt_ids)
+                                   random_prompt_ids)
+from core.consensus.estimate import estimate_run
 from core.consensus.files import (diag_array, eplot_array, hidden_array, matrix_array, metric_array, npy_bytes,
                                   texts_array)
 from core.consensus.metrics import STAT_NAMES
 from core.consensus.runs import run_config
 from core.consensus.simulation import SimulationConfig, SimulationResult, simulation_stream
 from core.consensus.text import readable_tokens
-from core.errors import LabError, failure, fmt_bytes
+from core.errors import LabError, failure
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE
 from core.models.loading import LoadedModel
 from pages.parts import consensus_runs as runs_view
@@ -158,19 +159,9 @@ def _model_label(lm: LoadedModel, source: str, n: int, length: int, s: dict) -> 
 def _estimate_caption(lm: LoadedModel, source: str, typed: list[str], n: int, length: int,
                       cfg: ConsensusConfig, new_tokens: int = 0) -> None:
     ids = [[0] * length] * n if source == "random" else [lm.tokenizer.encode(p) for p in typed]
-    lengths = [len(t) for t in ids]
-    if not lengths or not all(lengths):
+    if not ids or not all(ids):
         return
-    plan = memory_plan(lm, ids, cfg, new_tokens, [] if source == "random" else typed)
-    steps = cfg.iterations * lm.stack.n_layer
-    span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}–{max(lengths)}"
-    batches = f" in batches of {plan.batch}" if plan.batch < len(lengths) else ""
-    grow = f" + {new_tokens:,} new" if new_tokens else ""
-    work = (f"{steps:,} layer-steps per new token ({steps * new_tokens:,} per prompt)" if new_tokens
-            else f"{steps:,} layer-steps per prompt")
-    prompts = f"{len(lengths)} prompt{'s' if len(lengths) != 1 else ''}"
-    st.caption(f"{prompts} of {span}{grow} tokens{batches} · {work} · needs about {fmt_bytes(plan.total)} "
-               f"(budget {fmt_bytes(cfg.memory_budget)}) · context {lm.stack.context_length}")
+    st.caption(estimate_run(lm, ids, cfg, new_tokens, [] if source == "random" else typed).caption())
 
 
 def run_controls(lm: LoadedModel | None) -> Request | None:

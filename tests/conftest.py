@@ -21,6 +21,21 @@ CORPUS = ("Once upon a time there was a little model that learned to speak. "
           "The quick brown fox jumps over the lazy dog. 0123456789 !?.,;:") * 20
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_runs_root(tmp_path_factory) -> Path:
+    """Every run, job and upload the suite makes goes under a temporary runs root, never into the
+    checkout's gitignored ``runs/``: ``$GPTLAB_RUNS`` is set for the whole session (so session- and
+    module-scoped fixtures and every subprocess see it too). A test that needs its own root sets it
+    with ``monkeypatch.setenv`` (or ``delenv`` with a ``chdir``), which is undone after that test."""
+    root = tmp_path_factory.mktemp("session-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTLAB_RUNS", str(root))
+        yield root
+
+
 def _hf_tokenizer(folder: Path, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -102,3 +102,18 @@ def test_atomic_folder_never_replaces_a_folder_filled_meanwhile(tmp_path):
             (out / "theirs").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["theirs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_new_numbered_folders_never_share_a_name(tmp_path):
+    from core.errors import LabError
+    from core.files import new_numbered_folder
+
+    root = tmp_path / "made" / "here"
+    made = [new_numbered_folder(root, "20260101-120000", "run", "pick one with --run-name") for _ in range(3)]
+    assert [p.name for p in made] == ["20260101-120000", "20260101-120000-2", "20260101-120000-3"]
+    assert all(p.is_dir() and p.parent == root for p in made)
+    (root / "x").mkdir()
+    for n in range(2, 10_000):
+        (root / f"x-{n}").mkdir()
+    with pytest.raises(LabError, match=r"^Could not find a free job name under .*; delete old jobs there\.$"):
+        new_numbered_folder(root, "x", "job", "delete old jobs there")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+import decimal
 import difflib
 import importlib
 import math
@@ -51,9 +52,23 @@ OUT_OF_MEMORY = "the device ran out of memory; use a smaller model or batch, --d
 T = TypeVar("T")
 
 
+# A value that starts with "-" is taken for a flag unless it looks like a negative number. Before
+# Python 3.14 argparse's rule knew only ``-1`` and ``-.5``, so ``--beta -1e30`` or ``--length-penalty
+# -1_000`` failed with "expected one argument". This is the rule Python 3.14 adopted (anything
+# starting with "-" and a digit, or "-." and a digit), stated once for every parser here; argparse
+# applies it only while no option itself looks like a negative number, and none of ours does (every
+# flag starts with "--" or a letter). The number itself is then checked by the flag's type.
+NEGATIVE_NUMBER = re.compile(r"-\.?\d")
+
+
 class LabArgumentParser(argparse.ArgumentParser):
     """argparse with usage errors on one line that names the flag and what to change; the usage
-    block is one ``--help`` away, so it is not repeated under every typo."""
+    block is one ``--help`` away, so it is not repeated under every typo. Negative numbers in any
+    spelling (``-1e30``, ``-1_000``) are values, never flags (:data:`NEGATIVE_NUMBER`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # what argparse consults; see NEGATIVE_NUMBER
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {one_line(self._explain(message))} (see `{self.prog} --help`)\n")
@@ -116,10 +131,26 @@ def _range_type(parse: Callable[[str], T], kind: str, low, high, low_open: bool,
     return check
 
 
+def whole_number(text: str) -> int:
+    """``20_000``, ``1e9`` or ``2.5e3``: a whole number in any spelling that says one exactly
+    (``1.5`` and ``1e-3`` are not; a ValueError, as ``int`` raises)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = decimal.Decimal(text)  # exact: 1e30 stays 10**30, never a float's neighbour
+    except decimal.InvalidOperation:
+        raise ValueError(text) from None
+    if not value.is_finite() or value.adjusted() > 4300 or value != value.to_integral_value():
+        raise ValueError(text)  # beyond 4300 digits: as int() refuses them (and far beyond any flag's range)
+    return int(value)
+
+
 def int_arg(low: int | None = None, high: int | None = None, note: str = "") -> Callable[[str], int]:
-    """An argparse ``type`` for a whole number in ``[low, high]`` (``20_000`` spellings work).
-    ``note`` ends the message, e.g. ``"; 0 turns it off"``."""
-    return _range_type(int, "int", low, high, False, False, note)
+    """An argparse ``type`` for a whole number in ``[low, high]`` (``20_000`` and ``1e9`` spellings
+    work, :func:`whole_number`). ``note`` ends the message, e.g. ``"; 0 turns it off"``."""
+    return _range_type(whole_number, "int", low, high, False, False, note)
 
 
 def float_arg(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -381,6 +412,18 @@ def progress(events: Iterable[T], total: int | None, desc: str = "", *,
         close = getattr(it, "close", None)
         if close is not None:
             close()
+
+
+def bar_note(text: str) -> None:
+    """Print ``text`` as a line of its own on stderr while a :func:`progress` bar runs (tqdm redraws
+    the bar below it; the plain bar is ended by a newline first, and redrawn on its next move)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        sys.stderr.write("\n" + text + "\n")
+        sys.stderr.flush()
+        return
+    tqdm.write(text, file=sys.stderr)
 
 
 class _Bar:

@@ -39,14 +39,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 
-from ..consensus.config import (ENGINES, GB, INTEGRATORS, MAX_DIM, MAX_MEMORY_BUDGET, MAX_TOKENS, ConsensusConfig,
-                                DecodeConfig, SimulationConfig, parse_iterations, parse_qkv)
+from ..consensus.config import (ENGINES, GB, INTEGRATORS, LONG_RUN_S, MAX_DIM, MAX_MEMORY_BUDGET, MAX_TOKENS,
+                                PACE_SAMPLE_S, ConsensusConfig, DecodeConfig, SimulationConfig, parse_iterations,
+                                parse_qkv)
 from ..consensus.files import output_paths, save_consensus, save_decode
 from ..errors import LabError, shorten
-from .cli import add_model_args, float_arg, int_arg, load_from_args, model_given, path_arg, progress, read_stdin
+from .cli import (add_model_args, bar_note, float_arg, int_arg, load_from_args, model_given, path_arg, progress,
+                  read_stdin)
 from ..interventions.flags import add_intervention_args, interventions_from_args
 
 NAME = "consensus"
@@ -247,6 +250,7 @@ def _consensus_to_end(args, lm, cfg: ConsensusConfig, decode, events, config: di
     """Run ``events`` to the end with a progress bar, keep the run folder and the files asked for,
     print the one-line summaries."""
     from ..consensus.engine import Finished, Progress, Started
+    from ..consensus.estimate import estimate_run
 
     writer = _writer(args, config)
     if writer is not None:
@@ -265,7 +269,10 @@ def _consensus_to_end(args, lm, cfg: ConsensusConfig, decode, events, config: di
         print(f"{lm.name}: {len(result.prompts)} prompt(s), N = {cfg.iterations} iterations x {n_layer} blocks = "
               f"{cfg.iterations * n_layer} layer-steps per prompt{' and new token' if decode else ''}"
               f"{'; interventions: ' + ', '.join(cfg.interventions) if cfg.interventions else ''}", file=sys.stderr)
-        for ev in progress(events, started.info["total"], "consensus",
+        estimate = estimate_run(lm, result.token_ids, cfg, decode.new_tokens if decode else 0, result.prompts)
+        print(f"  {estimate.caption()}", file=sys.stderr)
+        paced = _say_long_runs(events, started.info["total"], Progress, "layer-steps")
+        for ev in progress(paced, started.info["total"], "consensus",
                            position=lambda e: e.step if isinstance(e, Progress) else None):
             if isinstance(ev, Finished):
                 result = ev.result
@@ -297,6 +304,24 @@ def _consensus_to_end(args, lm, cfg: ConsensusConfig, decode, events, config: di
         print(f"wrote {path}", file=sys.stderr)
     _kept(writer)
     return 0
+
+
+def _say_long_runs(events, total: int, progress_type: type, unit: str):
+    """Pass ``events`` through; once the run has gone :data:`PACE_SAMPLE_S` seconds, say how long
+    the rest takes at that pace when the whole run takes over :data:`LONG_RUN_S` (once, above the bar).
+    ``--size 1e9`` is a valid experiment, but its user should hear in seconds that it lasts days."""
+    from ..consensus.estimate import long_run_notice
+
+    start, said = time.monotonic(), False
+    for ev in events:
+        if not said and isinstance(ev, progress_type) and 0 < ev.step < total:
+            elapsed = time.monotonic() - start
+            if elapsed >= PACE_SAMPLE_S:
+                said = True
+                notice = long_run_notice(ev.step, total, elapsed, LONG_RUN_S, unit)
+                if notice is not None:
+                    bar_note(notice)
+        yield ev
 
 
 # -- command line: `python -m core consensus --simulate` ------------------------------------------
@@ -390,7 +415,7 @@ def run_simulation_command(args: argparse.Namespace, cfg: SimulationConfig | Non
                               getattr(args, "matrixerror", None))
 
     try:
-        for ev in progress(events, cfg.steps, "simulate",
+        for ev in progress(_say_long_runs(events, cfg.steps, Progress, "steps"), cfg.steps, "simulate",
                            position=lambda e: e.step if isinstance(e, Progress) else None):
             if isinstance(ev, Finished):
                 result = ev.result

@@ -5,7 +5,8 @@ the features in words (with held-out scores), and explain a completion layer by 
             blocks.{i}.hook_mlp_out); writes DIR/config.json, DIR/layer_{i}.safetensors and
             DIR/metrics.json (per layer: fve, l0, dead_fraction, replacement losses), then by
             default runs collect and a built-in describe so DIR/features.sqlite is ready too
-            (--no-collect / --no-describe to stop earlier)
+            (--no-collect / --no-describe to stop earlier); a features.sqlite already in DIR
+            describes the weights being replaced and is removed before the first save
   collect   top-k contexts, quantile samples, held-out windows, histograms and promoted /
             suppressed tokens per feature into DIR/features.sqlite (a fresh store)
   describe  explanations per feature, scores on held-out windows, per-layer and total descriptions,
@@ -161,7 +162,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-dtype", dest="save_dtype", choices=SAVE_DTYPES, default=TRAIN.save_dtype,
                    help="weights on disk; float16 halves the size (default: %(default)s)")
     g.add_argument("--seed", type=int_arg(), default=TRAIN.seed)
-    g.add_argument("--no-collect", dest="collect", action="store_false", help="stop after training")
+    g.add_argument("--no-collect", dest="collect", action="store_false",
+                   help="stop after training (the folder is then left without a feature store: the one of the "
+                        "weights replaced is removed)")
     g.add_argument("--no-describe", dest="describe", action="store_false", help="stop after collecting")
     g.add_argument("--log-to", dest="log_to", type=trackers_arg, default=[], metavar="NAMES",
                    help="also log the training curves and settings to tensorboard, wandb and/or mlflow "
@@ -258,7 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("train", help="train one transcoder per MLP layer (then collect and describe)",
                        description="Train transcoders; writes DIR/config.json, layer_{i}.safetensors, metrics.json, "
-                                   "and (unless --no-collect) features.sqlite.", formatter_class=fmt)
+                                   "and (unless --no-collect) features.sqlite; a features.sqlite of the weights it replaces is "
+                                   "removed.", formatter_class=fmt)
     _common(p)
     _train_flags(p)
     _collect_flags(p)
@@ -499,6 +503,11 @@ def _train_into(args: argparse.Namespace, lm, cfg: TranscoderTrainConfig, out: P
                 trackers.metrics(quality_record(step, ev.quality))
                 _print_quality(ev.quality)
             elif isinstance(ev, Saved):
+                if ev.dropped_store is not None:
+                    rebuilt = "collected anew after training" if args.collect else \
+                        "`transcoders collect` builds the new weights' store"
+                    print(f"removed {ev.dropped_store}: it described the previous weights; {rebuilt}",
+                          file=sys.stderr)
                 print(f"saved {ev.folder} (step {ev.step})", file=sys.stderr)
             elif isinstance(ev, TrainFinished):
                 tset, state = ev.transcoders, "finished"

@@ -24,6 +24,11 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes a run may allocate, all told (see
 MAX_MEMORY_BUDGET = 1 << 50  # 1 PiB: a budget above any machine is a typo, not a wish
 GB = 1024 ** 3  # the unit budgets are typed in (--memory-budget)
 DEVICE_CHUNK_BUDGET = 256 * 1024 ** 2  # bytes of device buffer between two copies to the host (at most)
+# A run's time is measured, not guessed (core.consensus.estimate): after PACE_SAMPLE_S seconds the CLI
+# knows its pace, and a run that will take longer than LONG_RUN_S in all is announced with how to stop
+# or shrink it (never refused: long runs are what the paper's experiments are).
+PACE_SAMPLE_S = 2.0
+LONG_RUN_S = 10 * 60
 
 # The Consensus page starts smaller than the scripts, so a first run answers in seconds (the scripts'
 # values are a click away): its starting values are stated here, beside the defaults they shadow.

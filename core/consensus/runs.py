@@ -48,7 +48,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import LabError, failure, first_line, shorten
-from ..files import atomic_save_npy, atomic_write_json, check_output_place, link_out_of, parse_json
+from ..files import (atomic_save_npy, atomic_write_json, check_output_place, link_out_of, new_numbered_folder,
+                     parse_json)
 from ..jobs import runner
 from ..jobs.events import EventLog
 from ..jobs.folder import MARKER_FILE, StatusFile, StatusUnreadable, mark, marker_kind, now, \
@@ -101,16 +102,7 @@ def is_run(folder: Path) -> bool:
 
 def _new_folder(root: Path) -> Path:
     """A fresh ``YYYYmmdd-HHMMSS`` folder under ``root`` (``-2``, ``-3``, ... when taken), created here."""
-    base = f"{datetime.now():%Y%m%d-%H%M%S}"
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        folder = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
-    raise LabError(f"Could not find a free run name under {root}; pick one with --run-name.")
+    return new_numbered_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}", "run", "pick one with --run-name")
 
 
 def _prepared(folder: Path) -> bool:

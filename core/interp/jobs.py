@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import LabError
-from ..files import atomic_write_json, parse_json
+from ..files import atomic_write_json, new_numbered_folder, parse_json
 from ..jobs import runner
 from ..jobs.events import Progress, last_progress
 from ..jobs.folder import CONSOLE_FILE, STOP_FILE, StatusFile, StatusUnreadable, mark, marker_kind, now, \
@@ -188,7 +188,8 @@ def _dataset(value: str | None) -> str:
 def _collect_args(v: dict) -> list[str]:
     return ["--collect-tokens", str(int(v["collect_tokens"])), "--collect-seq-len", str(int(v["collect_seq_len"])),
             "--top-k", str(int(v["top_k"])), "--n-quantile", str(int(v["n_quantile"])),
-            "--n-heldout", str(int(v["n_heldout"])), "--n-negative", str(int(v["n_negative"]))]
+            "--n-heldout", str(int(v["n_heldout"])), "--n-negative", str(int(v["n_negative"]))] + \
+        (["--n-hard", str(int(v["n_hard"]))] if v.get("n_hard") is not None else [])  # else the command's default
 
 
 def _describe_args(v: dict) -> list[str]:
@@ -267,16 +268,8 @@ def job_argv(action: str, values: dict, model: str, set_folder: str | os.PathLik
 
 def new_job_folder(action: str, root: Path) -> Path:
     """A fresh ``<time>-<action>`` folder under ``root``, created here so two jobs never share one."""
-    base = f"{datetime.now():%Y%m%d-%H%M%S}-{action}"
-    root.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        folder = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder.resolve()
-    raise LabError(f"Could not find a free job name under {root}; delete old jobs there.")
+    return new_numbered_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}-{action}", "job",
+                               "delete old jobs there").resolve()
 
 
 def lock_set(out: Path, action: str) -> FolderLock | None:

@@ -14,6 +14,11 @@ stops iterating). With ``out_dir`` the set is saved every ``save_every`` steps, 
 when stopped, so work done is never lost. A loss that stops being a finite number (a learning
 rate far too high) ends the run with a LabError and writes nothing more, so the last good set in
 ``out_dir`` is kept rather than overwritten with NaNs.
+
+A feature store in ``out_dir`` (``features.sqlite``) describes the weights it was collected from.
+Just before the first save replaces them, it is removed (:func:`drop_stale_store`; the first
+:class:`Saved` event names it), so old features never describe new weights; ``transcoders
+collect`` (which ``transcoders train`` runs unless told ``--no-collect``) builds the new one.
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ class Validated:
 class Saved:
     step: int
     folder: Path
+    dropped_store: Path | None = None  # the previous weights' feature store, removed before this save
 
 
 @dataclass
@@ -190,6 +196,28 @@ def _check_fits(stack, n_layers: int, n_features: int, seq_len: int, cfg: Transc
                          "--seq-len.")
 
 
+STORE_SIDECARS = ("-journal", "-wal", "-shm")  # SQLite's own files beside a store, gone with it
+
+
+def drop_stale_store(folder: str | Path) -> Path | None:
+    """Remove the feature store of the set in ``folder`` (and SQLite's files beside it), returned
+    when there was one: called before new weights replace the ones it was collected from. Each
+    removal is one unlink, so a reader sees the old store whole or no store, never a part."""
+    from .store import store_path
+
+    path = store_path(folder)
+    found = path.exists()
+    for p in [path] + [path.with_name(path.name + s) for s in STORE_SIDECARS]:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise LabError(f"The feature store {p} describes the weights this training replaces and cannot be "
+                           f"removed ({e.strerror or e}); remove it, or train into another --output-dir.") from None
+    return path if found else None
+
+
 def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = None, *,
                       corpus: CorpusTokens | None = None, out_dir: str | Path | None = None) -> Iterator[TrainEvent]:
     """Train one transcoder per MLP layer of ``lm``; see the module docstring for the events."""
@@ -252,11 +280,14 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
                        batch_tokens=cfg.batch_tokens, corpus=corpus.source)
     t0 = time.perf_counter()
     step = 0
+    stale: dict[str, Path | None] = {}  # "dropped": the old store, once the first save has removed it
 
     def save(final: bool, quality: dict[int, LayerQuality] | None = None) -> Path | None:
         if out_dir is None:
             return None
         tset.transcoders = export()
+        if "dropped" not in stale:  # before the weights change, so no moment pairs new weights with it
+            stale["dropped"] = drop_stale_store(out_dir)
         tset.metrics = metrics_json(quality or {}, steps=step, tokens=step * cfg.batch_tokens, final=final,
                                     seconds=round(time.perf_counter() - t0, 2))
         return tset.save(out_dir, cfg.save_dtype)
@@ -300,16 +331,18 @@ def train_transcoders(lm: "LoadedModel", cfg: TranscoderTrainConfig | None = Non
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 yield _quick_validation(lm, export(), val_windows, step, cfg)
             if cfg.save_every and out_dir is not None and step % cfg.save_every == 0 and step < total:
+                first = "dropped" not in stale
                 folder = save(False)
-                yield Saved(step=step, folder=folder)
+                yield Saved(step=step, folder=folder, dropped_store=stale["dropped"] if first else None)
         tset.transcoders = export()
         quality = evaluate_transcoders(lm, tset.transcoders, val_windows, batch_size=cfg.model_batch, seed=cfg.seed)
         tset.metrics = metrics_json(quality, steps=step, tokens=step * cfg.batch_tokens, final=True,
                                     seconds=round(time.perf_counter() - t0, 2))
         yield Evaluated(quality=quality)
         if out_dir is not None:
+            first = "dropped" not in stale
             folder = save(True, quality)
-            yield Saved(step=step, folder=folder)
+            yield Saved(step=step, folder=folder, dropped_store=stale["dropped"] if first else None)
         finished = True
         yield TrainFinished(transcoders=tset, seconds=time.perf_counter() - t0)
     finally:

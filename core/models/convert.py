@@ -51,14 +51,18 @@ def load_gpt2_state_dict(model: GPT, sd: dict[str, torch.Tensor]) -> GPT:
         for k, target in ours.items():
             if k == "lm_head.weight" and k not in sd:
                 continue  # tied to wte
-            src = sd[k]
-            if k.endswith(CONV1D):
-                src = src.t()
-            if src.shape != target.shape:
-                raise LabError(f"Weight {k} has shape {tuple(src.shape)} but the model expects "
-                               f"{tuple(target.shape)}; the checkpoint is for a different model size.")
-            target.copy_(src)
+            _copy_weight(k, sd[k], target, "the model", "; the checkpoint is for a different model size.")
     return model
+
+
+def _copy_weight(k: str, src: torch.Tensor, target: torch.Tensor, expects: str, why: str) -> None:
+    """Copy GPT-2's ``k`` between the two layouts (either way): Conv1D matrices transposed, the
+    shape checked first; a mismatch says ``{expects}`` wanted another shape, then ``why``."""
+    if k.endswith(CONV1D):
+        src = src.t()
+    if src.shape != target.shape:
+        raise LabError(f"Weight {k} has shape {tuple(src.shape)} but {expects} expects {tuple(target.shape)}{why}")
+    target.copy_(src)
 
 
 def gpt_from_hf_gpt2(hf_model) -> GPT:
@@ -102,12 +106,7 @@ def hf_gpt2_from_gpt(model: GPT, eos_token_id: int | None = None):
             src = torch.zeros_like(target)
         if src is None:
             raise LabError(f"Our GPT has no tensor for GPT-2's {k}; the two layouts no longer agree (a bug).")
-        if k.endswith(CONV1D):
-            src = src.t()
-        if src.shape != target.shape:
-            raise LabError(f"Weight {k} has shape {tuple(src.shape)} but GPT-2 expects {tuple(target.shape)} "
-                           f"(a bug in the conversion).")
-        target.copy_(src)
+        _copy_weight(k, src, target, "GPT-2", " (a bug in the conversion).")
     if model.config.tie_weights:
         hf.tie_weights()
     return hf

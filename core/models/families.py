@@ -205,12 +205,7 @@ class ParallelBlock:
     """Mixin for blocks that add attention and MLP of the same input (see the module docstring)."""
 
     def block(self, i, h, *, skip_mlp=False, cache=None, mlp=None, record=None):
-        dev = self.block_devices()[i]
-        if h.device != dev:
-            h = h.to(dev)
-        h = self._at(record, "resid_pre", i, h)
-        x = self._at(record, "ln1_normalized", i, self.ln_1(i)(h))
-        attn_out = self._at(record, "attn_out", i, self._attention(i, x, cache))
+        h, attn_out = self._attention_half(i, h, cache, record)
         if skip_mlp:
             return self._at(record, "resid_post", i, h + attn_out)
         m = self._at(record, "mlp_in", i, h)   # the MLP reads the block's input
@@ -477,10 +472,7 @@ class OPTStack(DecoderStack):
         if not self.post_norm:
             return super().block(i, h, skip_mlp=skip_mlp, cache=cache, mlp=mlp, record=record)
         layer = self._layers[i]
-        dev = self.block_devices()[i]
-        if h.device != dev:
-            h = h.to(dev)
-        h = self._at(record, "resid_pre", i, h)
+        h = self._block_input(i, h, record)
         attn_out = self._at(record, "attn_out", i, self._attention(i, h, cache))
         h = self._at(record, "resid_mid", i, layer.self_attn_layer_norm(h + attn_out))
         if skip_mlp:

@@ -112,16 +112,27 @@ class LayerStack:
             p = self._at(None, "pos_embed", None, p.expand(ids.shape[0], -1, -1))
         return self.drop(tok + p)
 
+    def _attention_half(self, i: int, h: torch.Tensor, cache: KVCache | None,
+                        record: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every family's block begins with: ``h`` moved to block ``i``'s device (named
+        resid_pre) and the attention of its first norm (attn_out); sequential and parallel blocks
+        differ only in what they do with the two."""
+        h = self._block_input(i, h, record)
+        x = self._at(record, "ln1_normalized", i, self.ln_1(i)(h))
+        return h, self._at(record, "attn_out", i, self._attention(i, x, cache))
+
+    def _block_input(self, i: int, h: torch.Tensor, record: dict | None) -> torch.Tensor:
+        """``h`` on block ``i``'s device (a model spread over GPUs hands it on), named resid_pre."""
+        dev = self.block_devices()[i]
+        if h.device != dev:
+            h = h.to(dev)
+        return self._at(record, "resid_pre", i, h)
+
     def block(self, i: int, h: torch.Tensor, *, skip_mlp: bool = False, cache: KVCache | None = None,
               mlp: MLPFn | None = None, record: dict | None = None) -> torch.Tensor:
         """One transformer block. ``skip_mlp`` drops the feed-forward sublayer; ``mlp`` replaces it
         (a transcoder); ``record`` collects the block's named activations."""
-        dev = self.block_devices()[i]
-        if h.device != dev:
-            h = h.to(dev)
-        h = self._at(record, "resid_pre", i, h)
-        x = self._at(record, "ln1_normalized", i, self.ln_1(i)(h))
-        attn_out = self._at(record, "attn_out", i, self._attention(i, x, cache))
+        h, attn_out = self._attention_half(i, h, cache, record)
         h = self._at(record, "resid_mid", i, h + attn_out)
         if not skip_mlp:
             m = self._at(record, "mlp_in", i, h)      # TransformerLens: the stream before ln2 (the MLP's

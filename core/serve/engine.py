@@ -100,17 +100,19 @@ def prepare(lm: "LoadedModel", req: GenerationRequest) -> list[Prepared]:
 
 
 def _diffusion_limits(req: GenerationRequest) -> None:
-    """What a masked-diffusion model cannot give: per-token log-probabilities, and the autoregressive filters."""
+    """What a masked-diffusion model cannot give: per-token log-probabilities, and the autoregressive
+    controls its sampler has no counterpart for (its top_k, top_p and min_p filter each revealed
+    position's distribution, see :func:`_diffusion_choice`)."""
     s = req.sampling
     if req.logprobs is not None:
         raise LabError("This is a diffusion model: it reveals tokens in any order, so it has no per-token "
                        "log-probabilities to return; leave 'logprobs' out.")
-    unused = [name for name, value, neutral in (("top_p", s.top_p, 1.0), ("min_p", s.min_p, 0.0),
-                                                ("repetition_penalty", s.repetition_penalty, 1.0),
+    unused = [name for name, value, neutral in (("repetition_penalty", s.repetition_penalty, 1.0),
                                                 ("num_beams", s.num_beams, 1)) if value != neutral]
     if unused:
         raise LabError(f"This is a diffusion model; its sampler has no {', '.join(unused)}: leave "
-                       f"{'it' if len(unused) == 1 else 'them'} out (temperature, top_k, seed and stop apply).")
+                       f"{'it' if len(unused) == 1 else 'them'} out (temperature, top_k, top_p, min_p, seed and "
+                       f"stop apply).")
 
 
 @dataclass
@@ -199,7 +201,7 @@ def _diffusion_choice(lm: "LoadedModel", prep: Prepared, cfg: SamplingConfig, in
     from ..generation.diffusion import generate as diffusion_generate
 
     dcfg = DiffusionConfig(gen_length=prep.max_new_tokens, temperature=0.0 if cfg.greedy else cfg.temperature,
-                           top_k=cfg.top_k, seed=cfg.seed)
+                           top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, seed=cfg.seed)
     dcfg.steps = min(dcfg.steps, dcfg.gen_length)
     result = diffusion_generate(lm, prep.prompt, dcfg)
     text, hit = cut_at_stop(result.completion, cfg.stop)

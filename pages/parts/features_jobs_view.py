@@ -51,7 +51,7 @@ def _corpus_field() -> str:
 
 def _collect_fields() -> dict:
     cols = st.columns(6)
-    return dict(
+    values = dict(
         collect_tokens=cols[0].number_input("Collect tokens", 256, 100_000_000, 262_144, step=1024,
                                             key=jkey("collect_tokens"), help="Corpus tokens scanned for contexts."),
         collect_seq_len=cols[1].number_input("Window", 8, 4096, 64, step=8, key=jkey("collect_seq_len"),
@@ -62,8 +62,13 @@ def _collect_fields() -> dict:
         n_heldout=cols[4].number_input("Held-out", 0, 1000, COLLECT.n_heldout, step=1, key=jkey("n_heldout"),
                                        help="Held-out activating windows, for the scores."),
         n_negative=cols[5].number_input("Negatives", 0, 1000, COLLECT.n_negative, step=1, key=jkey("n_negative"),
-                                        help=f"Held-out windows where the feature is silent, for the scores (plus "
-                                             f"{COLLECT.n_hard} hard negatives: windows holding its top tokens)."))
+                                        help="Held-out random windows where the feature is silent, for the scores."))
+    values["n_hard"] = st.columns(6)[0].number_input(
+        "Hard negatives", 0, 1000, COLLECT.n_hard, step=1, key=jkey("n_hard"),
+        help=f"Held-out windows holding one of the feature's {COLLECT.n_hard_tokens} top tokens where it is silent "
+             f"(scoring only, --n-hard): they tell an explanation that names the right tokens from one that only "
+             f"lists them.")
+    return values
 
 
 def _describe_fields(with_explainer: bool) -> dict:

@@ -2,6 +2,7 @@
 output and flag aliases, one-line errors with exit 2, bare state-dict loading, models, progress."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -260,6 +261,41 @@ def test_reference_aliases_map_onto_the_sampling_config():
     assert sampling_config(_parse("--top-k", 0)).top_k == 0
     beams = sampling_config(_parse("--num-beams", 4, "--length-penalty", 0.5))
     assert (beams.num_beams, beams.length_penalty) == (4, 0.5)
+
+
+def _every_parser(parser):
+    """The parser and every sub(sub)command's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _every_parser(sub)
+
+
+@pytest.mark.parametrize("text, value", [("-1e30", -1e30), ("-2.5e-6", -2.5e-6), ("-1_000", -1000.0),
+                                         ("-.5", -0.5), ("-3", -3.0), ("-1E+2", -100.0)])
+def test_negative_numbers_are_values_without_the_equals_form(text, value):
+    parser = build_parser()
+    assert parser.parse_args(["consensus", "--simulate", "--beta", text]).beta == value
+    assert parser.parse_args(["generate", "--length-penalty", text]).length_penalty == value
+
+
+def test_a_malformed_negative_value_is_named_as_the_flags_value(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["consensus", "--simulate", "--beta", "-1x"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --beta: invalid float value: '-1x'; pass a number")
+
+
+def test_no_flag_looks_like_a_negative_number():
+    """argparse takes "-1e30" for a value only while no option of that parser looks like a number."""
+    from core.commands.cli import NEGATIVE_NUMBER
+
+    parsers = list(_every_parser(build_parser()))
+    assert len(parsers) > 10
+    for parser in parsers:
+        assert parser._negative_number_matcher is NEGATIVE_NUMBER
+        assert not parser._has_negative_number_optionals, parser.prog
 
 
 def test_reference_model_flag_spellings():

@@ -97,7 +97,8 @@ def test_huge_sizes_plan_without_allocating_per_step(gpt2):
     (["--memory-budget", "1e300"], "--memory-budget must be in (0"),
     (["--memory-budget", "nan"], "--memory-budget must be a finite number"),
     (["--memory-budget", "0"], "--memory-budget must be in (0"),
-    (["--size", "1e9"], "--size: invalid int value"),
+    (["--size", "1.5e0"], "--size: invalid int value"),
+    (["--size", "1e9"], "(--record-every "),  # a billion, as typed: refused only for its recording's memory
     (["--size", "1000000000", "--record-every", "1", "--memory-budget", "2"], "(--record-every "),
 ])
 def test_absurd_budgets_and_sizes_are_one_sentence(capsys, tiny_gpt2_dir, argv, words):

@@ -181,6 +181,61 @@ def test_stopping_keeps_what_was_learnt(lm, corpus, tmp_path):
     assert load_transcoder_set(tmp_path).layers == [0, 1]
 
 
+def _with_store(trained, folder: Path) -> Path:
+    """A copy of the trained set in ``folder`` with a feature store (and a SQLite journal) beside it."""
+    import shutil
+
+    shutil.copytree(trained[1], folder)
+    (folder / "features.sqlite").write_bytes(b"the previous weights' features")
+    (folder / "features.sqlite-journal").write_bytes(b"")
+    return folder
+
+
+def test_retraining_removes_the_store_of_the_replaced_weights(lm, corpus, trained, tmp_path):
+    """The store goes just before the first save writes new weights, said by that Saved event only."""
+    folder = _with_store(trained, tmp_path / "set")
+    events = train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "steps": 6, "save_every": 2}), corpus=corpus,
+                               out_dir=folder)
+    saved = []
+    for ev in events:
+        if getattr(ev, "step", 0) == 1:  # nothing saved yet: the old weights and their store stand together
+            assert (folder / "features.sqlite").read_bytes() == b"the previous weights' features"
+        if type(ev).__name__ == "Saved":
+            saved.append(ev)
+    assert [(s.step, s.dropped_store) for s in saved] == [(2, folder / "features.sqlite"), (4, None), (6, None)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in trained[1].iterdir())
+
+
+def test_a_training_that_saves_nothing_leaves_the_store(lm, corpus, trained, tmp_path):
+    folder = _with_store(trained, tmp_path / "set")
+    run_to_end(train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "steps": 3}), corpus=corpus))  # no out_dir
+    events = train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "steps": 50}), corpus=corpus, out_dir=folder)
+    next(events)
+    events.close()  # stopped before its first step: nothing learnt, nothing saved
+    assert (folder / "features.sqlite").read_bytes() == b"the previous weights' features"
+
+
+def test_cli_retraining_with_no_collect_leaves_no_stale_store(lm, trained, tiny_gptlab_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    from core.commands.cli import main
+
+    monkeypatch.setenv("GPTLAB_DATA_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(TEXTS * 3))
+    folder = _with_store(trained, tmp_path / "set")
+    rc = main(["transcoders", "train", "--model", str(tiny_gptlab_dir), "--output-dir", str(folder), "--dataset",
+               str(text), "--expansion", "4", "--k", "8", "--train_steps", "4", "--batch-tokens", "128",
+               "--train_seq_len", "32", "--no-collect", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert (f"removed {folder / 'features.sqlite'}: it described the previous weights; `transcoders collect` builds "
+            f"the new weights' store") in err
+    assert not (folder / "features.sqlite").exists() and not (folder / "features.sqlite-journal").exists()
+    rc = main(["transcoders", "describe", "--model", str(tiny_gptlab_dir), "--transcoders", str(folder)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "collect" in err  # the new weights have no features until they are collected
+
+
 def test_bad_settings_say_what_to_change(lm, corpus):
     with pytest.raises(LabError, match="--layers"):
         next(train_transcoders(lm, TranscoderTrainConfig(**{**FAST, "layers": [7]}), corpus=corpus))

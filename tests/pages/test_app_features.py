@@ -808,6 +808,32 @@ def test_features_job_forms_at_min_and_max(described, launched_jobs):
     assert flags(collect)["--n-heldout"] == flags(collect)["--n-negative"] == "1000"
 
 
+def test_features_job_form_sets_the_hard_negatives(described, launched_jobs):
+    """The collect and train forms' "Hard negatives" field starts at the collection default
+    (core.interp.config) and reaches the job's command line as --n-hard, at its bounds too."""
+    from core.interp.config import CollectConfig
+
+    model_dir, _ = described
+    at = page(model_dir)
+    clean(at)
+    at.radio(key="feat_j_action").set_value("collect").run()
+    field = at.number_input(key="feat_j_n_hard")
+    assert (field.label, field.value, field.min, field.max) == ("Hard negatives", CollectConfig().n_hard, 0, 1000)
+    _job(at, "collect")
+    one_error(at, "captured")
+    _job(at, "collect", n_hard=0)
+    one_error(at, "captured")
+    _job(at, "train", then_collect=True, n_hard=1000)
+    one_error(at, "captured")
+    _job(at, "train", then_collect=False)
+    one_error(at, "captured")
+    (a, default, _), (b, zero, _), (c, high, _), (d, no_collect, _) = launched_jobs
+    assert (a, b, c, d) == ("collect", "collect", "train", "train")
+    for argv, value in ((default, str(CollectConfig().n_hard)), (zero, "0"), (high, "1000")):
+        assert argv[argv.index("--n-hard") + 1] == value
+    assert "--n-hard" not in no_collect
+
+
 @pytest.mark.parametrize("field", ["output", "dataset_path", "explainer_spec"])
 def test_features_job_text_extremes(described, launched_jobs, field, tmp_path):
     model_dir, _ = described

@@ -300,6 +300,31 @@ def test_a_diffusion_model_is_served_without_logprobs(tiny_diffusion_dir):
         assert r.choices[0].text == expected.completion and r.usage.completion_tokens == 8
         assert "".join(ch.choices[0].text for ch in c.completions.create(
             model=lm.spec, prompt=PROMPT, max_tokens=8, temperature=0, seed=0, stream=True)) == expected.completion
-        for body, words in (({"logprobs": 2}, "no per-token log-probabilities"), ({"top_p": 0.5}, "has no top_p")):
+        for body, words in (({"logprobs": 2}, "no per-token log-probabilities"),
+                            ({"repetition_penalty": 1.3}, "has no repetition_penalty")):
             status, answer, _ = post(s.url, "/completions", {"prompt": PROMPT, **body})
             assert status == 400 and words in answer["error"]["message"]
+
+
+def test_a_diffusion_model_samples_with_the_top_p_and_min_p_it_is_sent(tiny_diffusion_dir):
+    """top_p and min_p reach the diffusion sampler: the served text equals the sampler's own with the
+    same filters and seed, and the filters change the text (so they were not dropped on the way)."""
+    from core.generation.diffusion import DiffusionConfig, generate as diffusion_generate
+
+    lm = load_model(str(tiny_diffusion_dir))
+
+    def sampled(**filters) -> str:
+        return diffusion_generate(lm, PROMPT, DiffusionConfig(gen_length=8, steps=8, temperature=1.0, seed=5,
+                                                              **filters)).completion
+
+    nucleus, floor, plain = sampled(top_p=0.05), sampled(min_p=0.9), sampled()
+    assert nucleus != plain and floor != plain
+    with serving(lm) as s:
+        c = client(s.url)
+        ask = dict(model=lm.spec, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5)
+        assert c.completions.create(**ask, top_p=0.05).choices[0].text == nucleus
+        assert c.completions.create(**ask, extra_body={"min_p": 0.9}).choices[0].text == floor
+        assert c.completions.create(**ask).choices[0].text == plain
+        status, answer, _ = post(s.url, "/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0,
+                                                         "seed": 5, "top_p": 0.05, "min_p": 0.9})
+        assert status == 200 and answer["choices"][0]["text"] == sampled(top_p=0.05, min_p=0.9)
