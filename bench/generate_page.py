@@ -243,14 +243,12 @@ def main() -> None:
             f"Compare mode, two settings of {n} tokens on the same prompt (engine, this process): decoded together "
             f"in one batched walk (core/generation/batched.py, as the page runs them) {both:.2f} s, one after the "
             f"other {one_by_one:.2f} s: **{one_by_one / both:.2f}x** faster together.\n")
-    from pages.parts.generate_stream import REDRAW_S
-
     body += ("\nHow the page runs its engine (pages/parts/generate_stream.py): the Generate button's "
              "callback starts the engine on a thread of its own before the script draws the page, so the prompt's "
              "pass and the first tokens overlap the drawing of the sidebar and controls; the thread runs the "
              "command's loop with nothing added per token; the script redraws only the live text, at most every "
-             f"{REDRAW_S * 1000:.0f} ms, and draws the token view, figures and downloads once, from the result. "
-             "Before (engine in the script, after the page was drawn) this benchmark measured 0.48x at load 2.4; with a redraw per token, "
+             "80 ms, and draws the token view, figures and downloads once, from the result. Before (engine in the "
+             "script, after the page was drawn) this benchmark measured 0.48x at load 2.4; with a redraw per token, "
              "0.13x.\n")
     print(body)
     if not args.no_write:

@@ -30,7 +30,7 @@ from core.generation.config import SamplingConfig, draw_seed
 from core.generation.sampler import AUTOREGRESSIVE
 from core.models.loading import LoadedModel
 
-REDRAW_S = 0.1  # the live view is redrawn at most this often (seconds): the bound, fewest redraws
+REDRAW_S = 0.08  # the live view is redrawn at most this often (seconds)
 STOP_WAIT_S = 30.0  # the longest a stop waits for the thread's current token (a huge model on a CPU)
 OUT_OF_MEMORY = "the device ran out of memory; use fewer new tokens, beams, or a smaller model."
 
@@ -191,7 +191,6 @@ def follow(gen: Generation, columns: dict) -> None:
             redraw()
             while not gen.wait(REDRAW_S):
                 redraw()
-        redraw()  # the whole completion at once, before the heavier result view is built under it
     finally:
         gen.stop()
     for text, count in lives.values():
