@@ -4,11 +4,11 @@ only draws.
 
 Results live in ``st.session_state[RESULTS_KEY]`` (slot "A", and "B" in compare mode), each a dict
 ``{"status": "running" | "done" | "stopped" | "failed", "result": GenerationResult, "error": str | None,
-"run": int, "prompt_tokens": the prompt scored, once shown}``. The Generate button's callback starts the
-run on a thread of its own before the script draws anything (pages/parts/generate_stream.py: the
-engine keeps the command line's pace, and the live text is redrawn by time); the thread writes the
-records when it ends, or, stopped by Stop or any other rerun, what it had produced, which the next
-run keeps as stopped. The token view and its inspector are pages/parts/generate_tokens.py.
+"run": int, "prompt_tokens": the prompt scored, once shown}``. While streaming, "result" is refreshed before
+every redraw of the live text (pages/parts/generate_stream.py: redraws are timed, so the page keeps
+the engine's pace), so a run interrupted by Stop (Streamlit aborts the script at its next call into
+Streamlit, which is such a redraw) keeps what it had produced. The token view and its inspector are
+pages/parts/generate_tokens.py.
 
 The loaded model's sampler (:func:`core.generation.sampler.sampler_for`) picks the view: a
 diffusion model gets its own controls and a step-by-step denoising view, from
@@ -28,17 +28,14 @@ from core.generation.autoregressive import GenerationResult, encode_prompt, perp
 from core.generation.config import DRAWN_SEEDS, MAX_TEMPERATURE, SamplingConfig
 from core.generation.sampler import AUTOREGRESSIVE, sampler_for
 from core.models.loading import LoadedModel
-from pages.parts.common import current_model, ensure_frame, load_outcome
+from pages.parts.common import current_model, ensure_frame
 from pages.parts.generate_diffusion import diffusion_view
 from pages.parts.interventions_generate import interventions_panel
-from pages.parts.generate_stream import follow, new_record, seeded, start
+from pages.parts.generate_stream import new_record, run_all, seeded
 from pages.parts.generate_tokens import token_view
 
 RESULTS_KEY = "gen_results"
 RUN_KEY = "gen_run"
-GENERATION_KEY = "_gen_running"  # the Generation on its thread (pages/parts/generate_stream.py), while it runs
-FOLLOW_KEY = "_gen_follow"       # set by the Generate button's callback: this script run shows the new generation
-ERROR_KEY = "_gen_error"         # a check's message from the callback, shown by the script
 PROMPT_KEY = "gen_prompt"
 COMPARE_KEY = "gen_compare"
 SLOTS = ("A", "B")
@@ -105,29 +102,11 @@ def sampling_controls(slot: str, n_columns: int) -> SamplingConfig:
         "Stop strings", "", key=k("stop"), height=68, placeholder="one per line, e.g. \\n\\n", **keep,
         help="Generation ends when the completion contains one of these (cut before it). One per line; "
              "write \\n for a newline.")
-    return make_config(max_new_tokens=max_new, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p, repetition_penalty=rep, stop=stops, seed=seed, num_beams=beams,
-                       length_penalty=length_penalty, n_alternatives=n_alt)
-
-
-CONTROLS = ("max_new_tokens", "greedy", "num_beams", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-            "seed", "length_penalty", "n_alternatives", "stop")  # the widget keys' names, wkey(slot, name)
-
-
-def make_config(*, stop: str, seed, **values) -> SamplingConfig:
-    """The settings of one column from its controls' values (``stop``: the text area's text)."""
-    kinds = {"greedy": bool, "num_beams": int, "max_new_tokens": int, "top_k": int, "n_alternatives": int}
-    return SamplingConfig(**{k: kinds.get(k, float)(v) for k, v in values.items()}, stop=parse_stops(stop),
-                          seed=None if seed is None else int(seed))
-
-
-def config_in_state(slot: str) -> SamplingConfig:
-    """Column ``slot``'s settings as its controls hold them in session state: what a callback sees,
-    before the script draws the controls again."""
-    ss = st.session_state
-    default = {"stop": "", "seed": None}
-    return make_config(**{name: ss.get(wkey(slot, name), default.get(name, getattr(S, name, None)))
-                          for name in CONTROLS})
+    return SamplingConfig(max_new_tokens=int(max_new), greedy=bool(greedy), temperature=float(temperature),
+                          top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+                          repetition_penalty=float(rep), stop=parse_stops(stops),
+                          seed=None if seed is None else int(seed), num_beams=int(beams),
+                          length_penalty=float(length_penalty), n_alternatives=int(n_alt))
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -135,8 +114,8 @@ def config_in_state(slot: str) -> SamplingConfig:
 def settle_interrupted(results: dict, lm: LoadedModel | None) -> list[str]:
     """Runs still marked "running" were cut off by a rerun (Stop, or any widget touched): keep
     their tokens, marked stopped, with the prompt's perplexity the stream had no time to report.
-    Each is kept as a new record: a thread that did not stop within STOP_WAIT_S may still write
-    its own record once."""
+    Each is kept as a new record: the cut-off run's thread may still write its own record once,
+    between its next token and its next call into Streamlit (where the stop reaches it)."""
     settled = []
     for slot, record in list(results.items()):
         if record["status"] != "running":
@@ -164,39 +143,21 @@ def validate(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig]) -
             raise LabError(f"Settings {slot}: {e}" if len(configs) > 1 else str(e)) from None
 
 
-def on_generate() -> None:
-    """The Generate button's callback: check, then start the run on its thread
-    (pages/parts/generate_stream.py) before the script draws the page; the script follows it.
-    A mistake in the settings is kept for the script to show, and the earlier results stay."""
+def generate_all(lm: LoadedModel, prompt: str, configs: dict[str, SamplingConfig], out_columns) -> None:
+    """Check, then run every settings column (compare mode decodes both in one walk where it can)."""
     ss = st.session_state
-    stop_running()
-    lm, _ = load_outcome()
-    if lm is None:
-        return
-    prompt = ss.get(PROMPT_KEY, DEFAULT_PROMPT)
-    slots = SLOTS if ss.get(COMPARE_KEY) else SLOTS[:1]
-    configs = {slot: config_in_state(slot) for slot in slots}
     try:
         validate(lm, prompt, configs)
     except LabError as e:
-        ss[ERROR_KEY] = str(e)
+        st.error(str(e))
         return
-    results: dict = ss.setdefault(RESULTS_KEY, {})
+    results: dict = ss[RESULTS_KEY]
     results.clear()
     ss[RUN_KEY] = ss.get(RUN_KEY, 0) + 1
     configs = {slot: seeded(cfg) for slot, cfg in configs.items()}  # drawn here so a stopped run still reports it
     for slot, cfg in configs.items():
         results[slot] = new_record(lm, prompt, cfg, ss[RUN_KEY])
-    ss[GENERATION_KEY] = start(lm, prompt, configs, results)
-    ss[FOLLOW_KEY] = True
-
-
-def stop_running() -> None:
-    """Stop a generation still running on its thread (its script run was cut off); its records
-    then hold what it produced."""
-    gen = st.session_state.pop(GENERATION_KEY, None)
-    if gen is not None:
-        gen.stop()
+    run_all(lm, prompt, configs, results, dict(zip(configs, out_columns)))
 
 
 # -- showing ---------------------------------------------------------------------------------------
@@ -255,24 +216,17 @@ def autoregressive_view(lm: LoadedModel | None, prompt: str) -> None:
             configs[slot] = sampling_controls(slot, 2 if compare else 4)
 
     b1, b2, _ = st.columns([1, 1, 6])
-    b1.button("Generate", type="primary", key="gen_go", disabled=lm is None, width="stretch", on_click=on_generate)
+    go = b1.button("Generate", type="primary", key="gen_go", disabled=lm is None, width="stretch")
     stop = b2.button("Stop", key="gen_stop", width="stretch",
                      help="Stop generating; the tokens produced so far are kept.")
 
-    ss = st.session_state
-    gen = ss.get(GENERATION_KEY) if ss.pop(FOLLOW_KEY, False) else None  # started by this run's click
-    if gen is None:
-        stop_running()
-        stopped = settle_interrupted(results, lm)
-        if stopped and not stop:
-            st.info("The last generation was interrupted by a change on the page; its tokens so far are kept.")
-    if ERROR_KEY in ss:
-        st.error(ss.pop(ERROR_KEY))
+    stopped = settle_interrupted(results, lm)
+    if stopped and not stop:
+        st.info("The last generation was interrupted by a change on the page; its tokens so far are kept.")
 
     out_columns = st.columns(len(slots))
-    if gen is not None:
-        follow(gen, dict(zip(gen.slots, out_columns)))
-        ss.pop(GENERATION_KEY, None)
+    if go and lm is not None:
+        generate_all(lm, prompt, configs, out_columns)
     for slot, column in zip(slots, out_columns):
         with column:
             show_result(slot, lm, results.get(slot), compare)

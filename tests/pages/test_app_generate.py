@@ -282,31 +282,25 @@ def stop_pressed_at_caption(ending: str, nth: int):
 
 
 def test_real_stop_mid_stream_keeps_the_tokens_and_answers_at_once(default_lm, monkeypatch):
-    """After a real Stop the next run shows the stopped generation at once, as a new record,
-    perplexity filled in. The engine runs on its own thread: the stop (pressed at the live view's
-    5th redraw) lands a few tokens later, and every token produced until then is kept, exactly the
-    engine's."""
-    monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)  # redraw whenever a token came: the stop lands early
+    """After a real Stop the next run shows the stopped generation at once, as a new record (the
+    cut-off thread may still write its own one once), perplexity filled in."""
+    monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)  # a redraw per token: the stop lands after token 5
     at = open_app(PAGE)
-    set_controls(at, max_new_tokens=240, seed=3)
+    set_controls(at, max_new_tokens=200, seed=3)
     with stop_pressed_at_caption(" tokens…", 5):
         click_generate(at)
     cut = at.session_state["gen_results"]["A"]
-    k = len(cut["result"].tokens)
-    assert cut["status"] == "running" and 5 <= k < 240
-    assert "_gen_running" in at.session_state  # the cut-off run's thread, stopped, its record written
+    assert cut["status"] == "running" and len(cut["result"].tokens) == 5
     t0 = time.monotonic()
     at.button(key="gen_stop").click().run()
     assert time.monotonic() - t0 < 5
     assert not at.exception and not at.error
-    assert "_gen_running" not in at.session_state
     kept = at.session_state["gen_results"]["A"]
     assert kept is not cut and kept["status"] == "stopped" and kept["result"].prompt_perplexity is not None
-    assert any(f"Stopped after {k} token(s)" in w for w in texts(at.warning))
-    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=k, seed=3))
-    assert [t.token_id for t in kept["result"].tokens] == [t.token_id for t in want.tokens]
+    assert any("Stopped after 5 token(s)" in w for w in texts(at.warning))
+    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=5, seed=3))
     assert code(at) == shown(want.text)
-    cut["result"] = None  # a record written late changes nothing shown
+    cut["result"] = None  # the cut-off thread writing its own record late changes nothing shown
     at.run()
     assert code(at) == shown(want.text) and not at.exception
 
@@ -332,47 +326,18 @@ def live_redraws(at_run) -> list[str]:
 
 def test_live_view_is_redrawn_by_time_not_by_token(default_lm, monkeypatch):
     """Per token, each redraw cost the page more than the token itself; redraws are now at most one
-    per REDRAW_S (the first token's at once), counts only grow, and the result is the engine's all
-    the same."""
+    per REDRAW_S, and the result is the engine's all the same."""
     at = open_app(PAGE)
     set_controls(at, max_new_tokens=60, seed=11)
     monkeypatch.setattr(generate_stream, "REDRAW_S", 3600.0)
     drawn = live_redraws(lambda: click_generate(at))
-    assert len(drawn) <= 1 and all(d.endswith(" / 60 tokens…") for d in drawn)  # the first token seen, then the result
+    assert drawn == ["1 / 60 tokens…"]  # the first token, then nothing until the result
     want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=60, seed=11))
     assert code(at) == shown(want.text)
     monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)
     drawn = live_redraws(lambda: click_generate(at))
-    counts = [int(d.split(" / ")[0]) for d in drawn]
-    assert counts == sorted(set(counts)) and all(1 <= c <= len(want.tokens) for c in counts)
-    assert all(d.endswith(" / 60 tokens…") for d in drawn)
+    assert drawn == [f"{i} / 60 tokens…" for i in range(1, len(want.tokens) + 1)]
     assert code(at) == shown(want.text)
-
-
-def test_generation_runs_on_its_own_thread_started_before_the_page_is_drawn(default_lm, monkeypatch):
-    """The Generate button's callback starts the engine before the script draws anything above the
-    output: the first token is on its way while the page is drawn, and the engine's loop is not
-    the script's (what the command line runs, nothing per token added)."""
-    import threading
-
-    from core.generation.sampler import Sampler
-
-    threads, real = [], Sampler.start
-
-    def spy(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Sampler, "start", spy)
-    at = open_app(PAGE)
-    set_controls(at, max_new_tokens=8, seed=2)
-    click_generate(at)
-    assert not at.exception and not at.error
-    assert threads == ["gptlab-generate"]
-    want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=8, seed=2))
-    assert code(at) == shown(want.text)
-    assert at.session_state["gen_results"]["A"]["status"] == "done"
-    assert "_gen_running" not in at.session_state
 
 
 def test_shipped_redraw_interval_is_between_50_and_100_ms():
