@@ -73,7 +73,7 @@ class IdTokenizer(Tokenizer):
 
     name, vocab_size, eos_id = "ids", 50257, None
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return [int(t) for t in text.split()]
 
     def decode(self, ids):
