@@ -370,7 +370,9 @@ def check_family_sizes(config, source: str) -> int:
             whole(name, getattr(config, name), 64 * d)
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            # only supported families get here, so transformers' own class is built; said explicitly, a
+            # config naming code of its own (auto_map) never makes transformers ask on a terminal or run it
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except Exception as e:  # a value only the model's build refuses
             raise _unreadable_config(source, e) from None
     seen, n = set(), 0

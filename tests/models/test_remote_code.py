@@ -43,3 +43,28 @@ def test_the_scan_sees_what_it_looks_for(tmp_path):
                     "AutoModel.from_pretrained('x', trust_remote_code=False)\n"
                     "pipeline('text-generation')\n")
     assert offenders(path, tmp_path) == ["probe.py:2 AutoModel.from_pretrained(...)", "probe.py:4 pipeline(...)"]
+
+
+def test_counting_a_families_parameters_never_asks_about_a_configs_own_code(monkeypatch):
+    """A supported family's config that also names code of its own (auto_map) is counted on
+    transformers' own class, and transformers is told so: it never has to guess (left to guess, it
+    may ask on a terminal), and the folder's code is never run."""
+    import transformers.models.auto.auto_factory as auto_factory
+    from transformers import LlamaConfig
+
+    from core.models.loading import check_family_sizes
+
+    asked = []
+    resolve = auto_factory.resolve_trust_remote_code
+
+    def spy(trust_remote_code, *args, **kwargs):
+        asked.append(trust_remote_code)
+        return resolve(trust_remote_code, *args, **kwargs)
+
+    monkeypatch.setattr(auto_factory, "resolve_trust_remote_code", spy)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg.auto_map = {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    plain = LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k != "auto_map"})
+    assert check_family_sizes(cfg, "own") == check_family_sizes(plain, "own") > 0
+    assert asked == [False]
