@@ -28,7 +28,7 @@ from ..files import atomic_write_text
 from ..generation.autoregressive import SamplingConfig, generate
 from ..generation.config import DiffusionConfig
 from .loading import DEFAULT_DIR, load_model, read_checkpoint_meta
-from .shipped import SHIPPED_MODELS, SHIPPED_OBJECTIVES, shipped_dir
+from .shipped import SHIPPED_MODELS, shipped_dir
 from .tokenizer import train_bpe
 
 VOCAB_SIZE = 8192
@@ -132,9 +132,9 @@ def _gen_ppl_lines(folder: Path) -> list[str]:
 
 
 def _fill(staging: Path, run_dir: Path, step: int, meta: dict, commands: list[str], name: str) -> None:
-    """Write the shipped folder's files into ``staging``: weights, tokenizer, metrics and card."""
+    """Write the shipped folder's files into ``staging``: weights, tokenizer, metrics and card, from
+    checkpoint ``step`` of ``run_dir`` (whose checkpoint metadata is ``meta``)."""
     ckpt = run_dir / "checkpoints" / str(step)
-    want = SHIPPED_OBJECTIVES[name]
     for part in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy2(ckpt / part, staging / part)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -146,7 +146,7 @@ def _fill(staging: Path, run_dir: Path, step: int, meta: dict, commands: list[st
     loss32 = held_out_loss(staging)
     loss16 = _store_16bit(staging, loss32)
     samples = _samples(staging)
-    diffusion = want == "diffusion"
+    diffusion = meta["objective"] == "diffusion"
     what = "masked-diffusion LM" if diffusion else "GPT"
     kind = ("bidirectional masked-diffusion LM (MDLM's objective: each sequence masked at a random rate t, "
             "the masked tokens predicted), sampled by unmasking step by step" if diffusion else "GPT")
@@ -216,7 +216,7 @@ def ship(run_dir: Path, step: int, commands: list[str], name: str = "default") -
     out_dir = shipped_dir(name)
     ckpt = run_dir / "checkpoints" / str(step)
     meta = read_checkpoint_meta(ckpt)[0]
-    want = SHIPPED_OBJECTIVES[name]
+    want = SHIPPED_MODELS[name]
     if meta.get("objective") != want:
         raise SystemExit(f"{ckpt} is a {meta.get('objective')} checkpoint; the shipped '{name}' is {want}")
     staging = out_dir.with_name(out_dir.name + ".new")

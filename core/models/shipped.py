@@ -10,13 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (installed: the folder that holds core/)
 
-# name -> what it is; the first is the default spec. A name is offered (picker, `models`) once its
-# folder is in assets/ (python -m core.models.default ship RUN --name NAME puts it there)
-SHIPPED_MODELS = {
-    "default": "a small GPT (autoregressive) trained on Shakespeare",
-    "diffusion": "a small masked-diffusion LM trained on Shakespeare",
-}
-SHIPPED_OBJECTIVES = {"default": "ar", "diffusion": "diffusion"}  # what each must be trained for
+# name -> the objective it is trained for; the first is the default spec. A name is offered (picker,
+# `models`) once its folder is in assets/ (python -m core.models.default ship RUN --name NAME puts it there)
+SHIPPED_MODELS = {"default": "ar", "diffusion": "diffusion"}
 
 
 def find_assets() -> Path:
