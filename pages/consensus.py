@@ -404,7 +404,13 @@ def archive(live: dict) -> bool:
     ended by itself, the next one after a Stop (both may, when Stop comes as the run finishes)."""
     ss = st.session_state
     with live.setdefault("lock", threading.Lock()):
-        record = None if live.get("archived") else snapshot(live)
+        first = not live.get("archived")
+        record = snapshot(live) if first else None
+        if first and record is None and live.get("run") and live.get("done") is not None and not live["done"].is_set():
+            # Its engine is still being closed by the script run it was cut off in (Streamlit starts
+            # the next one before the last has unwound), so nothing it computed has reached the
+            # result yet; the run folder will hold it: the run is opened from there when it ends.
+            runs_view.open_saved(live["run"])
         if record is not None:
             runs = ss.setdefault(RUNS_KEY, [])  # a stopped script run raises here, before anything changed
             labels = {r["label"] for r in runs}

@@ -61,7 +61,7 @@ import torch
 
 from .config import DEVICE_CHUNK_BUDGET, FUSED_BUDGET, MIN_GRAPH_ITERATIONS, ConsensusConfig, DecodeConfig, PromptLike
 from .metrics import token_stats
-from .results import (STAT_NAMES, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
+from .results import (STAT_NAMES, recordings, ConsensusDecodeResult, ConsensusEvent, ConsensusResult, Decoded, Finished,
                       MetricChunk, Progress, Started, TokenSampled)
 from .text import readable_text, readable_tokens
 from ..errors import LabError, first_line, fmt_bytes, shorten
@@ -727,11 +727,11 @@ def _new_result(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> Consens
 
     return ConsensusResult(
         model=lm.name, prompts=plan.prompts, token_ids=plan.token_ids, config=cfg, n_layer=plan.n_layer,
-        steps=plan.steps, hidden=nan(B, T, lm.stack.d_model), matrix=nan(B, T, T, P) if cfg.matrix else None,
+        steps=plan.steps, hidden=nan(B, T, lm.stack.d_model), matrix=recordings(B, T, T, P) if cfg.matrix else None,
         decodings={int(i): [None] * B for i in sorted(set(cfg.decode_iterations))},
         lens_tokens={int(i): [None] * B for i in sorted(set(cfg.decode_iterations))},
         steps_done=np.full(B, -1, dtype=np.int64), device=str(lm.stack.device),
-        **{name: nan(B, P) for name in STAT_NAMES})
+        **{name: recordings(B, P) for name in STAT_NAMES})
 
 
 def _info(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig, total: int) -> dict:
@@ -751,6 +751,8 @@ def _consensus_events(lm: "LoadedModel", plan: _Plan, cfg: ConsensusConfig) -> I
 
     def sink(rows, cols, stats, mat, hidden, step):
         r = np.asarray(rows)
+        if len(cols):
+            result.reserve(int(cols[-1]) + 1)  # a chunk's columns ascend
         # a chunk's columns are consecutive: slices keep numpy on its fast copy path
         c = slice(int(cols[0]), int(cols[-1]) + 1) if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else cols
         at = (r, c) if isinstance(c, slice) else np.ix_(r, cols)

@@ -11,12 +11,28 @@ from .config import ConsensusConfig, DecodeConfig
 STAT_NAMES = ("metric", "mean_cosine", "mean_dot", "effective_rank", "centroid_distance")
 
 
+FIRST_COLUMNS = 4096  # columns the recordings of a run start with (ConsensusResult.reserve grows them)
+
+
+def recordings(*shape: int) -> np.ndarray:
+    """float32 NaN array of ``shape`` whose last axis (columns) starts at :data:`FIRST_COLUMNS`."""
+    return np.full(shape[:-1] + (min(shape[-1], FIRST_COLUMNS),), np.nan, dtype=np.float32)
+
+
+def _grown(a: np.ndarray, columns: int) -> np.ndarray:
+    out = np.full(a.shape[:-1] + (columns,), np.nan, dtype=a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
 @dataclass
 class ConsensusResult:
     """Everything one run recorded, as numpy arrays in the user's prompt order.
 
-    Arrays are allocated at full size when the run starts and filled as it goes; entries not
-    computed yet (a stopped run, prompts whose length group had not started) are NaN.
+    The recordings (the statistics and the matrices) grow as the run reaches their columns
+    (:meth:`reserve`) and hold all ``P`` once it is complete; entries not computed yet (a stopped
+    run, prompts whose length group had not started) are NaN. Readers cut them at
+    :attr:`columns_done`.
     ``B`` prompts, ``P = len(steps)`` columns, ``T = max prompt length`` (shorter prompts are
     NaN-padded at the end of their token axes), ``D`` the model width.
     """
@@ -60,6 +76,22 @@ class ConsensusResult:
         if self.steps_done is None or self.steps_done.max() < 0:
             return 0
         return int(np.searchsorted(self.steps, self.steps_done.max(), side="right"))
+
+    def reserve(self, columns: int) -> None:
+        """Make the recordings hold at least ``columns`` columns (at most ``P``), new ones NaN.
+
+        Why grown and not allocated whole at the start: a run of millions of layer-steps would
+        first fill gigabytes with NaN (seconds before its first step, on a slow machine), and a run
+        stopped early would have held memory for steps it never reached. Doubling keeps the
+        copying to about one more pass over what the run records."""
+        have = self.metric.shape[1]
+        if columns <= have:
+            return
+        size = min(len(self.steps), max(int(columns), 2 * have))
+        for name in STAT_NAMES:
+            setattr(self, name, _grown(getattr(self, name), size))
+        if self.matrix is not None:
+            self.matrix = _grown(self.matrix, size)
 
     def series(self, name: str) -> np.ndarray:
         """One of :data:`core.consensus.metrics.STAT_NAMES` by name, ``[B, P]``."""

@@ -59,6 +59,7 @@ from .config import (INTEGRATORS, MAX_DIM, MAX_EVENT_GAP_S, MAX_TOKENS, QKV_KIND
 from .engine import (ConsensusConfig, ConsensusResult, Finished, MetricChunk, Progress, Started, _Columns,
                      estimate_bytes, recorded_steps)
 from .metrics import STAT_NAMES, token_stats
+from .results import recordings
 from .. import devices
 from ..errors import LabError, fmt_bytes
 
@@ -331,9 +332,9 @@ def _new_result(cfg: SimulationConfig, qkv: QKV, steps: np.ndarray, dev: torch.d
     return SimulationResult(
         model=f"{cfg.label()}" + (f" ({model})" if model else ""), prompts=[f"init {b}" for b in range(B)],
         token_ids=[[] for _ in range(B)], config=_consensus_config(cfg), n_layer=1, steps=steps,
-        hidden=nan(B, n, d), matrix=nan(B, n, n, P) if cfg.matrix else None, decodings={},
+        hidden=nan(B, n, d), matrix=recordings(B, n, n, P) if cfg.matrix else None, decodings={},
         steps_done=np.full(B, -1, dtype=np.int64), device=str(dev), simulation=cfg,
-        qkv_description=qkv.description, **{name: nan(B, P) for name in STAT_NAMES})
+        qkv_description=qkv.description, **{name: recordings(B, P) for name in STAT_NAMES})
 
 
 @torch.no_grad()
@@ -394,6 +395,8 @@ def _simulation_events(cfg: SimulationConfig, qkv: QKV, dev: torch.device, need:
         return MetricChunk(rows=list(rows), steps=steps[cols], **{n: stats[:, :, k] for k, n in enumerate(STAT_NAMES)})
 
     def _keep(cols: np.ndarray, stats: np.ndarray, mat: np.ndarray | None) -> None:
+        if len(cols):
+            result.reserve(int(cols.max()) + 1)
         for k, name in enumerate(STAT_NAMES):
             getattr(result, name)[:, cols] = stats[:, :, k]
         if mat is not None:

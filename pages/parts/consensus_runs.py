@@ -99,6 +99,12 @@ def start(request, lm, execute: Callable, background: bool) -> None:
         execute(request, lm)
 
 
+def open_saved(name: str) -> None:
+    """Open saved run ``name`` on the page (it is shown once its folder holds something)."""
+    st.session_state.setdefault(_SEEN_KEY, set()).add(name)
+    _open(name)
+
+
 def _open(name: str) -> None:
     ss = st.session_state
     names = list(ss.get(OPEN_KEY) or [])
@@ -220,12 +226,48 @@ def _unique(label: str, name: str, taken: set[str]) -> str:
     return label if label not in taken else f"{label} ({name})"
 
 
-def sync_open(names: list[str], lm) -> list[str]:
-    """Make the page's runs the open saved runs (plus runs that were never saved); returns the
-    names that could not be read, with the reason shown."""
+def numbered_labels(infos: list[saved.RunInfo]) -> dict[str, str]:
+    """Each saved run's name on the page (run folder -> label): its settings' label, the later runs
+    of the same label numbered ``#2``, ``#3``, ... in the order the runs were made (the first keeps
+    the bare label). Why from the folders: a number given as runs reach the page depended on which
+    script run archived which run first (Stop, Run again, a return to the page), and so differed
+    between machines; this one is the same for a run folder on every page and every visit."""
+    counts: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for info in reversed(infos):  # list_runs lists the newest first
+        n = counts[info.label] = counts.get(info.label, 0) + 1
+        label = info.label if n == 1 else f"{info.label} #{n}"
+        out[info.name] = _unique(label, info.name, set(out.values()))
+    return out
+
+
+def _relabel(kept: list[dict], labels: dict[str, str]) -> None:
+    """Give the page's saved runs their :func:`numbered_labels` (runs never saved keep theirs,
+    made unique against the saved ones), and the shown run and the overlay follow."""
     ss = st.session_state
+    saved_labels = {labels[r["run"]] for r in kept if r.get("run") in labels}
+    renamed: dict[str, str] = {}
+    for i, r in enumerate(kept):
+        new = labels.get(r.get("run")) or (_unique(r["label"], "unsaved", saved_labels) if r.get("run") is None
+                                           else r["label"])
+        if new != r["label"]:
+            renamed[r["label"]] = new
+            kept[i] = {**r, "label": new}
+    if renamed:
+        if ss.get(SHOW_KEY) in renamed:
+            ss[SHOW_KEY] = renamed[ss[SHOW_KEY]]
+        ss[OVERLAY_KEY] = [renamed.get(x, x) for x in ss.get(OVERLAY_KEY) or []]
+
+
+def sync_open(names: list[str], lm, labels: dict[str, str] | None = None) -> list[str]:
+    """Make the page's runs the open saved runs (plus runs that were never saved), named by
+    ``labels`` (:func:`numbered_labels`); returns the names that could not be read, with the
+    reason shown."""
+    ss = st.session_state
+    labels = labels or {}
     runs = ss.setdefault(RUNS_KEY, [])
     kept = [r for r in runs if not r.get("run") or r["run"] in names]
+    _relabel(kept, labels)
     by_name = {r["run"]: r for r in kept if r.get("run")}
     overlay = list(ss.get(OVERLAY_KEY) or [])
     for name in names:
@@ -244,7 +286,7 @@ def sync_open(names: list[str], lm) -> list[str]:
             kept[kept.index(old)] = record
             by_name[name] = record
             continue
-        record = {**record, "label": _unique(record["label"], name, {r["label"] for r in kept})}
+        record = {**record, "label": labels.get(name) or _unique(record["label"], name, {r["label"] for r in kept})}
         kept.append(record)
         by_name[name] = record
         ss[SHOW_KEY] = record["label"]  # the run opened last is the one shown
@@ -339,7 +381,7 @@ def open_runs(lm) -> list[saved.RunInfo]:
                                  "at the bottom); the ones picked here are shown and overlaid below, and stay open "
                                  "after a reload.")
     seen.update(opened)
-    sync_open(list(opened), lm)
+    sync_open(list(opened), lm, numbered_labels(infos))
     for i in infos:
         if i.name in opened and i.state in ("failed", "unreadable") and not (i.path / "steps.npy").is_file():
             st.error(f"Run {i.name} ({shorten(i.label, 60)}) failed before it computed anything: {i.reason}")

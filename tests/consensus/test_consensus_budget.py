@@ -162,3 +162,54 @@ def test_simulation_memory_counts_its_working_tensors():
     cfg = SimulationConfig(tokens=64, dim=64, batch=8, steps=2, memory_budget=100_000)
     with pytest.raises(LabError, match="memory budget"):
         simulation_stream(cfg)
+
+
+# -- recordings grow as the run reaches them --------------------------------------------------------------
+
+def test_a_long_run_starts_without_its_recordings_and_a_stopped_one_holds_only_what_it_reached(gpt2):
+    """A million iterations recorded at every layer-step would be 2 x 4M columns x 5 statistics
+    (160 MB of NaN) before the first step; they grow as the run goes instead."""
+    cfg = ConsensusConfig(iterations=10**6)
+    events = consensus_stream(gpt2, ["hi there", "and another prompt"], cfg)
+    started = next(events)
+    P = len(started.result.steps)
+    assert P == 10**6 * gpt2.stack.n_layer + 1
+    assert started.result.metric.shape[1] < 10_000  # nothing the size of the run yet
+    assert isinstance(next(events), Progress)
+    events.close()
+    result = started.result
+    p = result.columns_done
+    assert 0 < p <= result.metric.shape[1] < P
+    cut = result.trimmed()
+    assert cut.metric.shape == (2, p) and len(cut.steps) == p and np.isfinite(cut.metric[:, :p]).any()
+
+
+@pytest.mark.parametrize("matrix", [False, True])
+def test_grown_recordings_equal_whole_ones(gpt2, monkeypatch, matrix):
+    """Recordings grown from 3 columns (many doublings) hold exactly what recordings allocated
+    whole hold, and a complete run ends with all P columns."""
+    import core.consensus.results as results
+
+    prompts = ["hi there", "and another, longer prompt"]
+    cfg = ConsensusConfig(iterations=7, matrix=matrix)
+    sim_cfg = SimulationConfig(steps=50, matrix=matrix)
+    whole, sim_whole = run_consensus(gpt2, prompts, cfg), run_simulation(sim_cfg)
+    monkeypatch.setattr(results, "FIRST_COLUMNS", 3)
+    grown, sim_grown = run_consensus(gpt2, prompts, cfg), run_simulation(sim_cfg)
+    assert whole.metric.shape == (2, len(whole.steps)) and sim_whole.metric.shape[1] == 51
+    for a, b in ((grown, whole), (sim_grown, sim_whole)):
+        assert a.metric.shape == b.metric.shape
+        for name in results.STAT_NAMES:
+            np.testing.assert_array_equal(a.series(name), b.series(name))
+        if matrix:
+            assert a.matrix.shape == b.matrix.shape
+            np.testing.assert_array_equal(a.matrix, b.matrix)
+
+
+def test_a_simulation_of_ten_million_steps_starts_at_once_and_stops_small():
+    events = simulation_stream(SimulationConfig(steps=10**7))
+    started = next(events)
+    assert started.result.metric.shape[1] < 10_000
+    assert isinstance(next(events), Progress)
+    events.close()
+    assert started.result.columns_done <= started.result.metric.shape[1] < 10**7

@@ -1141,3 +1141,31 @@ def test_leaving_the_page_and_coming_back_keeps_the_runs_and_the_settings():
     assert linked.session_state["model_spec"] == "some/model"
     assert linked.session_state["model_trust_remote_code"] is False
     assert linked.text_input(key="model_other").value == "some/model"
+
+
+def test_runs_of_the_same_settings_are_numbered_by_their_folders_in_every_session():
+    """The later runs of one label are #2, #3, ... in the order their folders were made, whichever
+    session (or order of opening) shows them: a run keeps its number on every visit."""
+    at = page()
+    for _ in range(3):
+        run(at, cons_prompts=PROMPTS[1], cons_iterations=1)
+    clean(at)
+    made = list(reversed(saved.list_runs()))  # oldest first
+    want = {info.name: label for info, label in zip(made, ["default N=1", "default N=1 #2", "default N=1 #3"])}
+    assert {r["run"]: r["label"] for r in at.session_state["cons_runs"]} == want
+    assert at.selectbox(key="cons_show").value == "default N=1 #3"
+
+    from app_harness import APP
+    from streamlit.testing.v1 import AppTest
+
+    other = AppTest.from_file(str(APP), default_timeout=60)
+    other.query_params["cons_open"] = [info.name for info in reversed(made)]  # opened newest first
+    other.run()
+    other.switch_page(PAGE).run()
+    clean(other)
+    assert {r["run"]: r["label"] for r in other.session_state["cons_runs"]} == want
+    assert sorted(other.selectbox(key="cons_show").options) == sorted(want.values())
+    # closing the first run renumbers nothing
+    other.multiselect(key="cons_open").set_value([made[2].name, made[1].name]).run()
+    assert {r["run"]: r["label"] for r in other.session_state["cons_runs"]} == {
+        made[1].name: "default N=1 #2", made[2].name: "default N=1 #3"}
