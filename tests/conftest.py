@@ -84,7 +84,8 @@ def tiny_neo_dir(tmp_path_factory) -> Path:
 
 def _tiny_gptlab_dir(folder: Path, objective: str = "ar") -> Path:
     """Our own checkpoint format with real (random) weights and a BPE tokenizer trained here:
-    2 layers, width 32, context 64; a diffusion model is bidirectional and knows its mask token."""
+    2 layers, width 32, context 64; a diffusion model is bidirectional, knows its mask token and has
+    rotary positions, as the trainer makes it."""
     from core.models.gpt import GPT, GPTConfig
     from core.models.loading import save_checkpoint
     from core.models.tokenizer import train_bpe
@@ -93,7 +94,8 @@ def _tiny_gptlab_dir(folder: Path, objective: str = "ar") -> Path:
     diffusion = objective == "diffusion"
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, d_model=32,
-                          causal=not diffusion, mask_token_id=tok.mask_id if diffusion else None))
+                          causal=not diffusion, mask_token_id=tok.mask_id if diffusion else None,
+                          positions="rotary" if diffusion else "learned"))
     save_checkpoint(folder, model, str(folder / "tokenizer.json"), objective=objective)
     return folder
 

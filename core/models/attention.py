@@ -120,6 +120,40 @@ def _softcapped(q, k, v, mask, scale, softcap, dropout):
     return weights @ v
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dimension (GPT-NeoX / Llama layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """``(a, b, c, d, ...) -> (-b, a, -d, c, ...)``: pairs of neighbours (GPT-J layout)."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dimensions of each head of ``x`` ``(B, heads, T, d_head)``
+    by the angles whose cos/sin are ``(T, r)`` (or ``(1, T, r)``); the rest pass unchanged
+    (partial rotary: Pythia rotates a quarter of each head)."""
+    r = cos.shape[-1]
+    if cos.dim() == 3:
+        cos, sin = cos[0], sin[0]
+    turn = rotate_every_two if interleaved else rotate_half
+    if r == x.shape[-1]:
+        return x * cos + turn(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + turn(rot) * sin, rest), dim=-1)
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``(T, head_dim)`` of RoPE's angles (Su et al. 2021; the GPT-NeoX / Llama
+    half-split layout) for ``positions`` ``(T,)``: our GPT's rotary positions."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     B, T, C = x.shape
     return x.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)

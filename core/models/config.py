@@ -13,6 +13,12 @@ from ..errors import LabError, shorten
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the CLI's --dtype choices and the sidebar's list
 DEFAULT_DTYPE = DTYPE_NAMES[0]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# How our GPT tells positions apart. GPT-2's learned table keeps a causal model loadable as
+# GPT2LMHeadModel; a bidirectional (masked-diffusion) model gets rotary positions, because with a
+# learned table it must first learn, from random vectors, which position is its neighbour, and on the
+# Shakespeare corpus it sat at the unigram loss for thousands of steps (with RoPE: broken out in 200).
+POSITIONS = ("learned", "rotary")
+ROTARY_BASE = 10000.0
 EXPORT_FORMATS = ("hf",)  # `export --format`: hf, a folder transformers loads as GPT2LMHeadModel
 
 # The largest sizes a config may name. Far above any GPT that exists (GPT-3 davinci: 96 layers,
@@ -36,6 +42,7 @@ class GPTConfig:
     tie_weights: bool = True
     layer_norm_eps: float = 1e-5
     mask_token_id: int | None = None  # the absorbing [MASK] token of a diffusion model
+    positions: str = "learned"      # "learned" (GPT-2's table) or "rotary" (RoPE on queries and keys)
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. "untrained": true)
 
     def __post_init__(self) -> None:
@@ -62,6 +69,11 @@ class GPTConfig:
             raise LabError(f"dropout must be in [0, 1) (got {self.dropout}).")
         if not 0.0 < self.layer_norm_eps < 1.0:
             raise LabError(f"layer_norm_eps must be in (0, 1) (got {self.layer_norm_eps}).")
+        if self.positions not in POSITIONS:
+            raise LabError(f"positions must be one of {', '.join(POSITIONS)} (got {shorten(repr(self.positions), 40)}).")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise LabError(f"Rotary positions need an even head size; d_model={self.d_model} / n_head={self.n_head} "
+                           f"is {self.head_dim}.")
         m = self.mask_token_id
         if m is not None and (isinstance(m, bool) or not isinstance(m, Integral) or not 0 <= m < self.vocab_size):
             raise LabError(f"mask_token_id must be a token id in 0..{self.vocab_size - 1} or null "
@@ -79,7 +91,8 @@ class GPTConfig:
         ln = d * (1 + b)
         block = 2 * ln + (3 * d * d + 3 * d * b) + (d * d + d * b) + (m * d * d + m * d * b) + (m * d * d + d * b)
         head = 0 if self.tie_weights else self.vocab_size * d
-        return self.vocab_size * d + self.block_size * d + self.n_layer * block + ln + head
+        table = self.block_size * d if self.positions == "learned" else 0
+        return self.vocab_size * d + table + self.n_layer * block + ln + head
 
     def to_dict(self) -> dict:
         return asdict(self)

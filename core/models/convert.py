@@ -79,6 +79,8 @@ def hf_gpt2_config(cfg: GPTConfig, eos_token_id: int | None = None):
 
     if not cfg.causal:
         raise LabError("A bidirectional (masked-diffusion) GPT has no GPT2Config: GPT-2 attends causally only.")
+    if cfg.positions != "learned":
+        raise LabError("A GPT with rotary positions has no GPT2Config: GPT-2 has a learned position table only.")
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model,
                       n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_expansion * cfg.d_model,
                       activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import apply_rotary, rotate_half, rotate_every_two  # noqa: F401  (re-exported)
 from .stack import LayerStack, MLPFn
 from ..errors import LabError
 
@@ -32,31 +33,6 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 # -- shared parts ---------------------------------------------------------------------------------
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dimension (GPT-NeoX / Llama layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """``(a, b, c, d, ...) -> (-b, a, -d, c, ...)``: pairs of neighbours (GPT-J layout)."""
-    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dimensions of each head of ``x`` ``(B, heads, T, d_head)``
-    by the angles whose cos/sin are ``(T, r)`` (or ``(1, T, r)``); the rest pass unchanged
-    (partial rotary: Pythia rotates a quarter of each head)."""
-    r = cos.shape[-1]
-    if cos.dim() == 3:
-        cos, sin = cos[0], sin[0]
-    turn = rotate_every_two if interleaved else rotate_half
-    if r == x.shape[-1]:
-        return x * cos + turn(x) * sin
-    rot, rest = x[..., :r], x[..., r:]
-    return torch.cat((rot * cos + turn(rot) * sin, rest), dim=-1)
-
 
 def gated_mlp(gate: MLPFn, up: MLPFn, down: MLPFn, act: MLPFn) -> tuple[MLPFn, MLPFn]:
     """``down(act(gate x) * up x)`` as (hidden, out): Llama's SwiGLU, Gemma's GeGLU."""

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, attend, merge_heads, split_heads
-from .config import PRESETS, GPTConfig, preset_config  # noqa: F401  (the model's config lives beside it)
+from .attention import KVCache, apply_rotary, attend, merge_heads, rotary_cos_sin, split_heads
+from .config import PRESETS, ROTARY_BASE, GPTConfig, preset_config  # noqa: F401  (the model's config lives beside it)
 from ..errors import LabError
 
 
@@ -22,6 +22,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.causal = cfg.causal
+        self.rotary = cfg.positions == "rotary"
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -30,13 +31,22 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, nh, T, hs)
-        offset = 0
+        offset = cache.length if cache is not None else 0
+        if self.rotary:
+            q, k = rotate(q, k, offset)
         if cache is not None:
-            offset = cache.length
             k, v = cache.update(layer, k, v)
         y = attend(q, k, v, causal=self.causal, q_offset=offset,
                    dropout=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys ``(B, heads, T, d_head)`` of tokens at positions ``offset..`` turned by RoPE,
+    so attention scores depend on how far apart two tokens are (a rotary GPT's only position signal)."""
+    pos = torch.arange(offset, offset + q.shape[-2], device=q.device)
+    cos, sin = rotary_cos_sin(pos, q.shape[-1], ROTARY_BASE, q.dtype)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class MLP(nn.Module):
@@ -68,9 +78,11 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model))
+        if cfg.positions == "learned":
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.d_model)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
-            wpe=nn.Embedding(cfg.block_size, cfg.d_model),
+            **parts,
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias),
@@ -94,7 +106,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -103,8 +115,10 @@ class GPT(nn.Module):
         if start_pos + T > self.config.block_size:
             raise LabError(f"Sequence of {start_pos + T} tokens exceeds the model's context of "
                            f"{self.config.block_size}; shorten the prompt or the generation.")
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+        return self.transformer.drop(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False):

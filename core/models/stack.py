@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, attend, attend_with_pattern, merge_heads, split_heads
-from .gpt import GPT
+from .gpt import GPT, rotate
 from .hookpoints import active_hooks, point_name
 from ..errors import LabError
 
@@ -107,6 +107,8 @@ class LayerStack:
         ids = ids.to(self.wte.weight.device)
         pos = torch.arange(start_pos, start_pos + T, device=ids.device)
         tok = self._at(None, "embed", None, self.wte(ids))
+        if self.wpe is None:                                           # rotary: positions turn q and k instead
+            return self.drop(tok)
         p = self.wpe(pos).to(self.wte.weight.device)                  # (T, C), broadcast over the batch
         if self._wants("pos_embed", None):                             # hooks see TransformerLens's (B, T, C)
             p = self._at(None, "pos_embed", None, p.expand(ids.shape[0], -1, -1))
@@ -336,16 +338,25 @@ class GPTLabStack(LayerStack):
         cfg = model.config
         self.n_layer, self.n_head, self.d_model = cfg.n_layer, cfg.n_head, cfg.d_model
         self.vocab_size, self.context_length, self.causal = cfg.vocab_size, cfg.block_size, cfg.causal
+        self.rotary = cfg.positions == "rotary"
         t = model.transformer
-        self.wte, self.wpe, self.drop, self.ln_f, self.lm_head = t.wte, t.wpe, t.drop, t.ln_f, model.lm_head
+        self.wte, self.drop, self.ln_f, self.lm_head = t.wte, t.drop, t.ln_f, model.lm_head
+        self.wpe = t.wpe if "wpe" in t else None
 
     @property
     def blocks(self):
         return self.model.transformer.h
 
+    @property
+    def qk_points_in_qkv(self) -> bool:
+        return self.rotary
+
     def _qkv(self, i, x, offset):
-        q, k, v = self.blocks[i].attn.c_attn(x).split(self.d_model, dim=2)
-        return tuple(split_heads(t, self.n_head) for t in (q, k, v))
+        q, k, v = (split_heads(t, self.n_head) for t in self.blocks[i].attn.c_attn(x).split(self.d_model, dim=2))
+        if not self.rotary:
+            return q, k, v
+        q, k = self._at_heads("q", i, q), self._at_heads("k", i, k)   # before the rotation, as TransformerLens
+        return (*rotate(q, k, offset), v)
 
     def _attn_out(self, i, y):
         attn = self.blocks[i].attn

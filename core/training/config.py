@@ -184,6 +184,7 @@ class TrainConfig:
         diffusion = self.objective == "diffusion"
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, dropout=self.dropout,
                          causal=not diffusion, mask_token_id=mask_token_id if diffusion else None,
+                         positions="rotary" if diffusion else "learned",
                          **self.model_sizes())
 
     def check_types(self) -> None:
