@@ -653,6 +653,13 @@ def _print_explanation(r) -> None:
             print(f"    #{fa.feature:<6} {fa.attribution:+.3f}  at {where or '-'}: {text}{sc}")
     print(f"total description: {r.total_description}")
     print(f"quality: {r.quality.text()}    interpretability: {r.interpretability.text()}")
+    if r.steps:
+        print("step by step (each denoising step: the tokens it revealed, and the features that drove them):")
+        for step in r.steps:
+            revealed = " ".join(f"{tok!r}" for _, tok in step.revealed)
+            print(f"  step {step.step}: revealed {revealed}")
+            for sf in step.features:
+                print(f"      layer {sf.layer} #{sf.feature:<6} {sf.attribution:+.3f}: {sf.explanation or '(no explanation)'}")
     print()
 
 

@@ -12,7 +12,11 @@ token-level attributions (what they did, summed token by token, not an average a
 
 Autoregressive models predict generated token ``j`` at position ``P + j - 1``. Diffusion models
 are attributed on their first denoising state, the prompt followed by masks, predicting every
-generated token at its own position: what the model brought to the blank canvas.
+generated token at its own position: what the model brought to the blank canvas. A diffusion
+completion is then explained step by step as well: each denoising step read the state the steps
+before it left (prompt, tokens revealed so far, masks) and revealed some tokens; the same
+attribution on that state, with those tokens as the target, names the features (over every layer)
+that drove that step.
 
 What is written (the reference pipeline's layout: per-layer descriptions, a total description,
 two scores):
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Union
 
 import torch
@@ -79,6 +83,25 @@ class LayerExplanation:
 
 
 @dataclass
+class StepFeature:
+    """A feature that drove one denoising step: its summed attribution on the tokens revealed then."""
+
+    layer: int
+    feature: int
+    attribution: float
+    explanation: str | None = None
+
+
+@dataclass
+class DenoisingStepExplanation:
+    step: int                          # 1-based, as the sampler counts
+    read: str                          # the generation as the model read it at this step, masks as [MASK]
+    revealed: list[tuple[int, str]]    # (position, token) revealed at this step
+    features: list[StepFeature]        # the features (every layer) that drove these tokens most, strongest first
+    mean_logprob: float                # of the revealed tokens, under the model at this step
+
+
+@dataclass
 class CompletionScore:
     """One of the two scores of an explained completion (module docstring), with its sample size."""
 
@@ -115,6 +138,7 @@ class CompletionExplanation:
     explainer: str
     objective: str
     seconds: float
+    steps: list[DenoisingStepExplanation] = field(default_factory=list)  # diffusion: one per step that revealed
 
     @property
     def layer_descriptions(self) -> list[str]:
@@ -151,23 +175,28 @@ class LayerExplained:
 
 
 @dataclass
+class StepExplained:
+    step: DenoisingStepExplanation
+    total_steps: int
+
+
+@dataclass
 class CompletionExplained:
     result: CompletionExplanation
 
 
-CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, CompletionExplained]
+CompletionEvent = Union[CompletionStarted, Generated, LayerExplained, StepExplained, CompletionExplained]
 
 
-def _generate(lm: "LoadedModel", prompt: str, settings) -> tuple[str, list[int], list[int], torch.Tensor,
-                                                                  list[tuple[int, int]]]:
-    """``(completion, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
+def _generate(lm: "LoadedModel", prompt: str, settings):
+    """``(result, prompt_ids, completion_ids, attribution input (1, T), targets [(position, token)])``."""
     sampler = sampler_for(lm)
     res = sampler.generate(lm, prompt, settings if settings is not None else completion_settings(lm))
     prompt_ids, new = sampler.token_ids(lm, res)
     if not new:
         raise LabError("The model ended the completion at once (end of text); try another prompt or sampling.")
     x, targets = sampler.reads(prompt_ids, new)  # prompt + masks for a diffusion model; no last token for a causal one
-    return res.completion, prompt_ids, new, torch.tensor([x]), targets
+    return res, prompt_ids, new, torch.tensor([x]), targets
 
 
 def completion_settings(lm: "LoadedModel", max_new_tokens: int = EXPLAIN_MAX_NEW_TOKENS, *,
@@ -231,7 +260,8 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
     layers = tset.layers if layers is None else sorted(layers)
     t0 = time.perf_counter()
     yield CompletionStarted(prompt=prompt, layers=layers)
-    completion, prompt_ids, new_ids, x, targets = _generate(lm, prompt, settings)
+    generated, prompt_ids, new_ids, x, targets = _generate(lm, prompt, settings)
+    completion = generated.completion
     yield Generated(completion=completion, n_tokens=len(new_ids))
     acts, attr, mean_lp = attribute(lm, tset, x, targets, layers)
 
@@ -271,13 +301,45 @@ def explain_completion(lm: "LoadedModel", tset: "TranscoderSet", prompt: str, *,
         yield LayerExplained(le)
     by_share = sorted(explained_layers, key=lambda l: l.share, reverse=True)
     total = explainer.describe_total([(l.layer, l.description) for l in by_share], prompt, completion)
+    steps: list[DenoisingStepExplanation] = []
+    if sampler_for(lm).denoises:
+        for step in denoising_steps(lm, tset, generated, layers, top_features):
+            for sf in step.features:
+                if store is not None:
+                    sf.explanation = _explanation_for(store, explainer, stored_ex, detector, sf.layer, sf.feature)[0]
+            steps.append(step)
+            yield StepExplained(step, total_steps=generated.steps)
     mean_lp_ok = mean_lp if math.isfinite(mean_lp) else None
     result = CompletionExplanation(
         prompt=prompt, completion=completion, tokens=tokens, n_prompt=len(prompt_ids), layers=explained_layers,
         total_description=total, quality=_quality(explainer, prompt, completion, mean_lp_ok, len(new_ids)),
         interpretability=_interpretability(judged, explainer.name), mean_logprob=mean_lp_ok,
-        explainer=explainer.name, objective=lm.objective, seconds=time.perf_counter() - t0)
+        explainer=explainer.name, objective=lm.objective, seconds=time.perf_counter() - t0, steps=steps)
     yield CompletionExplained(result)
+
+
+def denoising_steps(lm: "LoadedModel", tset: "TranscoderSet", result, layers: list[int],
+                    top_features: int) -> Iterator[DenoisingStepExplanation]:
+    """Each denoising step of a diffusion ``result`` that revealed tokens, explained (module
+    docstring): the state it read, the tokens it revealed, and the ``top_features`` features of any
+    layer with the largest attribution to them (explanations are filled in by the caller)."""
+    from ..generation.diffusion import render, state_masked
+
+    P = len(result.prompt_ids)
+    tok = lm.tokenizer
+    for s in range(1, len(result.states)):
+        revealed = [P + j for j, r in enumerate(result.reveal_step) if r == s]
+        if not revealed:
+            continue                     # a step that revealed nothing (more steps than tokens) did nothing
+        state = result.states[s - 1]
+        targets = [(p, result.states[s][p]) for p in revealed]
+        _, attr, mean_lp = attribute(lm, tset, torch.tensor([state]), targets, layers)
+        scored = [(float(v), i, f) for i in layers for f, v in enumerate(attr[i].sum(0).tolist())]
+        scored.sort(reverse=True)
+        features = [StepFeature(layer=i, feature=f, attribution=v) for v, i, f in scored[:top_features] if v > 0]
+        read = render(tok, state[P:], state_masked(result, s - 1))
+        yield DenoisingStepExplanation(step=s, read=read, revealed=[(p, tok.token_str(t)) for p, t in targets],
+                                       features=features, mean_logprob=mean_lp)
 
 
 def _on_this_text(detector, explanation: str, tokens: list[str], acts: list[float]) -> tuple[float | None, int]:
@@ -345,5 +407,5 @@ def run_explain_completion(*args, **kwargs) -> CompletionExplanation:
 
 
 __all__ = ["FeatureAttribution", "LayerExplanation", "CompletionExplanation", "CompletionStarted", "Generated",
-           "LayerExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
-           "run_explain_completion", "CompletionScore"]
+           "LayerExplained", "StepExplained", "CompletionExplained", "CompletionEvent", "attribute", "explain_completion",
+           "run_explain_completion", "CompletionScore", "DenoisingStepExplanation", "StepFeature", "denoising_steps"]

@@ -115,8 +115,8 @@ def _gen_ppl_lines(folder: Path) -> list[str]:
     return [
         "## Generative perplexity",
         "",
-        f"{GEN_PPL_SAMPLES} samples of {GEN_PPL_LENGTH} tokens each from a newline, scored by the AR `default` "
-        f"(`python -m core generate --model diffusion --prompt $'\\n' --gen-length {GEN_PPL_LENGTH} --diffusion-steps "
+        f"{GEN_PPL_SAMPLES} samples of {GEN_PPL_LENGTH} tokens each after the prompt `{GEN_PPL_PROMPT}`, scored by the "
+        f"AR `default` (`python -m core generate --model diffusion --prompt \"{GEN_PPL_PROMPT}\" --gen-length {GEN_PPL_LENGTH} --diffusion-steps "
         f"{GEN_PPL_LENGTH} --unmask random --temperature 1 --seed 1 --gen-ppl --gen-ppl-samples {GEN_PPL_SAMPLES}`):",
         "",
         "| text | perplexity under `default` |",
@@ -148,8 +148,8 @@ def _fill(staging: Path, run_dir: Path, step: int, meta: dict, commands: list[st
     samples = _samples(staging)
     diffusion = meta["objective"] == "diffusion"
     what = "masked-diffusion LM" if diffusion else "GPT"
-    kind = ("bidirectional masked-diffusion LM (MDLM's objective: each sequence masked at a random rate t, "
-            "the masked tokens predicted), sampled by unmasking step by step" if diffusion else "GPT")
+    kind = ("bidirectional masked-diffusion LM with rotary positions (MDLM's objective: each sequence masked at a "
+            "random rate t, the masked tokens predicted), sampled by unmasking step by step" if diffusion else "GPT")
     loss_name = "validation bound (negative ELBO)" if diffusion else "validation loss"
     lines = [
         f"# {name}: a small {what} trained on Shakespeare",

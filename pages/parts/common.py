@@ -250,3 +250,12 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str
         return None, str(e)
     except Exception as e:
         return None, f"{type(e).__name__}: {first_line(e)}"
+
+
+def visible(text: str | None) -> str:
+    """A token's text with its whitespace made visible (space ␣, newline ↵, tab ⇥; nothing ∅) and
+    any other unprintable character as its escape, so no cell or label is blank."""
+    if text is None:
+        return ""
+    text = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "∅"

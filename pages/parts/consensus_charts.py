@@ -19,6 +19,7 @@ import streamlit as st
 from core.consensus.engine import ConsensusDecodeResult
 from core.consensus.metrics import STAT_NAMES
 from core.errors import shorten
+from pages.parts.common import visible  # noqa: F401  (re-exported: the tests and pages name it here)
 from pages.parts.charts import (FAINT_COLOUR, PALETTE, SUMMARY_COLOUR, colours, first_seen, legend, log_values,
                                 styled, thin, y_axis)
 
@@ -232,15 +233,6 @@ def heatmap_chart(frame: pd.DataFrame) -> alt.Chart:
                                                                          reverse=True)),
                      tooltip=["i", "token i", "j", "token j", alt.Tooltip("cos:Q", format=".4f")]))
     return styled(chart, height=HEATMAP_HEIGHT)
-
-
-def visible(text: str | None) -> str:
-    """A token's text with its whitespace made visible (space ␣, newline ↵, tab ⇥; nothing ∅) and
-    any other unprintable character as its escape, so no cell or label is blank."""
-    if text is None:
-        return ""
-    text = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "∅"
 
 
 def decodings_frame(record: dict, b: int = 0) -> pd.DataFrame:

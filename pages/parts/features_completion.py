@@ -16,12 +16,13 @@ import streamlit as st
 from core.errors import LabError, first_line, is_out_of_memory, shorten
 from core.generation.sampler import sampler_for
 from core.interp.completion import (CompletionExplained, CompletionExplanation, CompletionStarted, Generated,
-                                    LayerExplained, completion_settings, explain_completion)
+                                    LayerExplained, StepExplained, completion_settings, explain_completion)
 from core.interp.config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES, EXPLAIN_TOP_FEATURES_MAX
 from core.interp.explain import BUILTIN, Explainer, load_explainer
 from core.interp.store import FeatureStore
 from core.interp.transcoder import TranscoderSet
 from core.models.loading import LoadedModel
+from pages.parts.common import visible
 from pages.parts.features_card import attribution_html, md_escape
 from core.interp.jobs import usable_path
 from pages.parts.features_jobs_view import device_options
@@ -105,6 +106,8 @@ def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None
     if can_open:
         st.caption("Each layer cites the features that drove the completion most (by attribution) and the tokens "
                    "they fired on; select a feature's row to open its card.")
+    if res.steps:
+        show_steps(res)
     for layer in res.layers:
         with st.container(border=True, key=xkey(f"layer_{layer.layer}")):
             st.markdown(f"**Layer {layer.layer}** · {layer.share:.0%} of the attribution")
@@ -130,6 +133,38 @@ def show_result(res: CompletionExplanation, open_card: Callable[[int, int], None
                     open_card(layer.layer, int(df.iloc[rows[0]]["feature"]))
 
 
+def steps_frame(res: CompletionExplanation) -> pd.DataFrame:
+    """One row per (denoising step, driving feature): what each step revealed and why."""
+    rows = []
+    for step in res.steps:
+        revealed = " ".join(visible(tok) for _, tok in step.revealed)
+        for rank, sf in enumerate(step.features or [None]):
+            rows.append({"step": step.step, "revealed": revealed if rank == 0 else "",
+                         "layer": sf.layer if sf else None, "feature": sf.feature if sf else None,
+                         "attribution": sf.attribution if sf else None,
+                         "explanation": (sf.explanation or "(no explanation)") if sf else "(no feature drove it)"})
+    return pd.DataFrame(rows)
+
+
+def show_steps(res: CompletionExplanation) -> None:
+    """A diffusion completion step by step: each denoising step's revealed tokens and the features
+    (of any layer) with the largest attribution to them, and the state a chosen step read."""
+    with st.container(border=True, key=xkey("steps_view")):
+        st.markdown(f"**Step by step** · {len(res.steps)} denoising steps revealed the completion")
+        st.caption("Each step read the text as the steps before it left it (masks where nothing was revealed yet) "
+                   "and revealed some tokens; the features listed drove those tokens most (activation x effect on "
+                   "their log-probability), over every layer.")
+        st.dataframe(steps_frame(res), hide_index=True, key=xkey("steps_view_table"),
+                     column_config={"attribution": st.column_config.NumberColumn(format="%+.4f"),
+                                    "explanation": st.column_config.TextColumn(width="large")})
+        chosen = st.select_slider("Step", [s.step for s in res.steps], key=xkey("steps_view_pick"),
+                                  help="The text as this step read it, and the tokens it revealed.")
+        step = next(s for s in res.steps if s.step == chosen)
+        st.code(res.prompt + step.read, language=None, wrap_lines=True)
+        st.caption(f"Step {step.step} revealed {' '.join(visible(t) for _, t in step.revealed)} · mean "
+                   f"log-probability {step.mean_logprob:.3f}")
+
+
 def run_explanation(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore | None, prompt: str, settings,
                     explainer: Explainer, top_features: int) -> CompletionExplanation | None:
     """Stream one explanation into a progress bar and a live view; the result, or None after st.error."""
@@ -152,6 +187,9 @@ def run_explanation(lm: LoadedModel, tset: TranscoderSet, store: FeatureStore | 
                 le = ev.explanation
                 bar.progress(min(1.0, done / total), text=f"Layer {le.layer} described")
                 view.markdown(f"**Layer {le.layer}:** {md_escape(le.description)}")
+            elif isinstance(ev, StepExplained):
+                bar.progress(min(1.0, ev.step.step / max(ev.total_steps, 1)),
+                             text=f"Denoising step {ev.step.step} of {ev.total_steps} explained")
             elif isinstance(ev, CompletionExplained):
                 result = ev.result
     except LabError as e:

@@ -26,6 +26,7 @@ import streamlit as st
 from core.errors import LabError
 from core.generation.autoregressive import GenerationResult, TokenInfo, encode_prompt, score_continuation
 from core.models.loading import LoadedModel
+from pages.parts.common import visible
 
 COLOUR_BY = ("log-probability", "rank")
 LOGP_FLOOR = math.log(1e-4)     # this probability and anything less is as red as it gets
@@ -75,11 +76,6 @@ class Scored:
     info: TokenInfo | None
     in_prompt: bool
     special: bool = False          # a start token (BOS) the tokenizer put before the prompt's text
-
-
-def visible(text: str) -> str:
-    """A token's text with its whitespace made visible, for tables and chart labels."""
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
 def rank_of(token: TokenInfo) -> int | None:

@@ -379,6 +379,32 @@ def test_diffusion_models_work_end_to_end(tiny_diffusion_dir):
     assert res.interpretability.value is None and res.total_description     # no store: nothing measured
     assert res.interpretability.n == 0 and res.quality.name == "perplexity" and res.quality.n == 6
 
+    # step by step: every step that revealed tokens, the state it read, the tokens it revealed, and the
+    # features whose attribution to those tokens is largest, over every layer
+    from core.generation.diffusion import generate as denoise
+    from core.interp.completion import StepExplained
+
+    gen = denoise(dm, "ROMEO:", DiffusionConfig(gen_length=6, steps=3, seed=0))
+    assert gen.completion == res.completion
+    assert [e.step.step for e in events if isinstance(e, StepExplained)] == [s.step for s in res.steps] == [1, 2, 3]
+    P = len(gen.prompt_ids)
+    assert sorted(p for s in res.steps for p, _ in s.revealed) == list(range(P, P + 6))   # each token once
+    first = res.steps[0]
+    assert first.read == "[MASK]" * 6
+    assert [t for _, t in first.revealed] == [dm.tokenizer.token_str(gen.completion_ids[p - P]) for p, _ in first.revealed]
+    # the step's features are the top of the same attribution computed here on the state it read
+    second = res.steps[1]
+    targets = [(p, gen.states[2][p]) for p, _ in second.revealed]
+    _, attr, lp = attribute(dm, tset, torch.tensor([gen.states[1]]), targets, tset.layers)
+    ranked = sorted(((float(attr[i].sum(0)[f]), i, f) for i in tset.layers for f in range(attr[i].shape[1])),
+                    reverse=True)
+    want = [(i, f) for v, i, f in ranked[:len(second.features)]]
+    assert [(sf.layer, sf.feature) for sf in second.features] == want
+    assert [sf.attribution for sf in second.features] == pytest.approx([v for v, _, _ in ranked[:len(want)]],
+                                                                       rel=1e-5, abs=1e-8)
+    assert second.mean_logprob == pytest.approx(lp) and "[MASK]" in second.read
+    assert second.read.count("[MASK]") == 6 - len(first.revealed)
+
 
 def test_cli_defaults_are_the_configs_and_help_needs_no_torch():
     """Each default is stated once: the flags' defaults are the config dataclasses' own, and the

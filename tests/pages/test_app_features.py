@@ -228,6 +228,40 @@ def test_explain_a_completion_with_the_builtin_and_an_lm_explainer(described, en
     assert f"Feature {first.feature} · layer {first.layer}" in [s.value for s in at.subheader]
 
 
+def test_a_diffusion_completion_is_explained_step_by_step(tmp_path_factory, env, tiny_diffusion_dir: Path):
+    """A masked-diffusion model's completion: besides the layers, a table of every denoising step that
+    revealed tokens, with the features that drove them, and the text a chosen step read."""
+    from core.interp.completion import completion_settings
+    from pages.parts.features_completion import steps_frame
+
+    model_dir, set_dir = described_feature_model(tmp_path_factory.mktemp("features-diffusion"), tiny_diffusion_dir,
+                                                 CORPUS, steps=20, n_tokens=1024)
+    at = page(model_dir, feat_section="Explain a completion")
+    at.text_area(key="feat_x_prompt").input("ROMEO:")
+    at.number_input(key="feat_x_max_new").set_value(6)
+    at.number_input(key="feat_x_steps").set_value(3)
+    at.button(key="feat_x_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+
+    lm = load_model(str(model_dir))
+    with FeatureStore(store_path(set_dir), readonly=True) as store:
+        expected = run_explain_completion(lm, load_transcoder_set(set_dir), "ROMEO:", store=store,
+                                          explainer=BuiltinExplainer(),
+                                          settings=completion_settings(lm, 6, temperature=None, seed=None, steps=3))
+    assert [s.step for s in expected.steps] == [1, 2, 3]
+    assert all(sf.explanation for s in expected.steps for sf in s.features)   # a described store names them
+    (shown,) = [d.value for d in at.dataframe if "revealed" in d.value.columns]   # a table without selection has no key
+    want = steps_frame(expected)
+    assert shown[["step", "revealed", "layer", "feature", "explanation"]].astype(str).values.tolist() == \
+        want[["step", "revealed", "layer", "feature", "explanation"]].astype(str).values.tolist()
+    assert shown["attribution"].tolist() == pytest.approx(want["attribution"].tolist(), rel=1e-4, abs=1e-7)
+    assert any(t.startswith("**Step by step** · 3 denoising steps") for t in texts(at.markdown))
+    # a chosen step shows the text it read: step 2 read the first step's tokens and masks elsewhere
+    at.select_slider(key="feat_x_steps_view_pick").set_value(2).run()
+    assert not at.exception
+    assert expected.prompt + expected.steps[1].read in [c.value for c in at.code]
+
+
 def test_an_imported_saelens_set_says_where_it_came_from(described, env, tmp_path: Path):
     """A set imported from SAELens folders (here: written as a TransformerLens fold_ln model's
     transcoders would be) opens like a trained one, and its card says what the import changed."""
