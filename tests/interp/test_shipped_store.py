@@ -15,7 +15,7 @@ from core.interp.scoring import GOOD_AUC, METHODS, quoted_tokens
 from core.interp.store import MIN_FIRING
 from core.models.loading import ASSETS, DEFAULT_DIR
 
-ASSETS_BUDGET = 80 * 1024**2      # DESIGN.md: assets/ under 80 MB (a diffusion default is coming)
+ASSETS_BUDGET = 80 * 1024**2      # DESIGN.md: assets/ under 80 MB, both shipped models included
 STORE_BUDGET = 20 * 1024**2       # the default's feature store's share of it
 
 

@@ -38,6 +38,19 @@ def test_home_shows_default_model_card():
     assert [p.label for p in at.page_link] == installed
 
 
+def test_picker_offers_both_shipped_models_and_loads_the_diffusion_one():
+    at = open_app()
+    assert at.sidebar.selectbox(key="model_choice").options[:2] == ["default", "diffusion"]
+    at.sidebar.selectbox(key="model_choice").set_value("diffusion").run()
+    assert not at.exception and not at.error
+    assert at.session_state["model_spec"] == "diffusion"
+    expected = load_model("diffusion").card()
+    assert metrics(at) == {"Layers": "4", "Width": "256", "Heads": "4", "Parameters": fmt_count(expected["parameters"]),
+                           "Context": "256"}
+    assert not at.warning  # trained: no untrained banner
+    assert "masked-diffusion LM trained on Shakespeare" in " ".join(texts(at.markdown))
+
+
 def test_picker_other_loads_fixture_and_updates_card(tiny_gptlab_dir: Path):
     at = open_app()
     at.sidebar.selectbox(key="model_choice").set_value("other…").run()
