@@ -278,10 +278,26 @@ def test_simulation_stop_answers_within_a_second(server, page):
     _no_exception(page)
 
 
-def test_generate_stop_answers_within_a_second(server, page):
-    """A long generation (the default model's whole context, seconds here), Stop after a second."""
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A GPT wide enough to take seconds for 250 tokens on any CPU (random weights, the default's
+    tokenizer): the default model writes them in about half a second on a quiet machine, sometimes
+    before Stop could be pressed."""
+    import torch
+
+    from core.models.gpt import GPT, GPTConfig
+    from core.models.loading import DEFAULT_DIR, save_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8192, block_size=256, n_layer=8, n_head=12, d_model=768))
+    return save_checkpoint(tmp_path_factory.mktemp("slow") / "gpt", model, str(DEFAULT_DIR / "tokenizer.json"),
+                           untrained=True)
+
+
+def test_generate_stop_answers_within_a_second(server, page, slow_model):
+    """A long generation (a model that takes seconds for it), Stop after a second."""
     url, _ = server
-    page.goto(f"{url}/generate")
+    page.goto(f"{url}/generate?model={slow_model}")
     page.get_by_role("textbox", name="Prompt").wait_for(timeout=90_000)
     _settle(page)
     _enter(page, "textbox", "Prompt", "ROMEO:")

@@ -24,7 +24,7 @@ def test_generate_steers_a_generation_and_shows_both_completions(server, page, t
     _press(page, page.get_by_role("button", name="Run with and without"), page.get_by_text("With interventions"))
     body = page.inner_text("body")
     assert "Without interventions" in body and "1.3=20" in body
-    assert page.locator("[data-testid=stCode]").count() >= 2
+    page.locator("[data-testid=stCode]").nth(1).wait_for(timeout=30_000)   # both completions, drawn after the labels
     _checked_screenshot(page, tmp_path, "interventions-generate")
 
 
