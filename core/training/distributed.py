@@ -69,9 +69,20 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        if (self.enabled or self.own_group) and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, ended_together: bool = False) -> None:
+        """Leave the process group. After a run every rank ended (``ended_together``), first wait
+        for the others: a rank that tore its gloo connections down while a peer was still finishing
+        its last collective now and then killed that peer with SIGABRT ("terminate called without
+        an active exception") although the run had succeeded. After a failure nobody waits: a
+        barrier with a dead or stuck peer would hang until the group's timeout."""
+        if not ((self.enabled or self.own_group) and dist.is_initialized()):
+            return
+        if ended_together and self.enabled:
+            try:
+                dist.barrier()
+            except Exception:  # a peer gone at the very end: leaving the group is all that is left to do
+                pass
+        dist.destroy_process_group()
 
 
 def init_distributed(device: str) -> Dist:

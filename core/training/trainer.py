@@ -698,6 +698,7 @@ class Trainer:
             raise
         self.files = runs_mod.RunFiles(self.run_dir, enabled=self.dist.main)
         old_handlers = self._install_signals()
+        ended_together = False  # every rank got to the end of the run (see Dist.close)
         try:
             self.files.write_config(cfg)
             self.files.clear_stop()
@@ -734,6 +735,7 @@ class Trainer:
             self.files.status(state, step=self.step, reason=self.stop_reason, val_loss=self.last_val)
             self.files.events.state(state, step=self.step)
             self.log(f"run {state} at step {self.step}" + (f" ({self.stop_reason})" if self.stop_reason else ""))
+            ended_together = True
             yield RunEnded(state=state, step=self.step, run_dir=str(self.run_dir),
                            checkpoint=str(self.last_ckpt) if self.last_ckpt else None, reason=self.stop_reason,
                            val_loss=self.last_val)
@@ -769,7 +771,7 @@ class Trainer:
             self.trackers.close(self.files.fields.get("state") or "failed")
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            self.dist.close()
+            self.dist.close(ended_together)
             if self.lock is not None:
                 self.lock.release()
 
