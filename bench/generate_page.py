@@ -9,6 +9,12 @@ settings; checked), interleaved so a noisy machine affects both alike. Goal: pag
     python bench/generate_page.py --repeats 7 --no-write
     python bench/generate_page.py --threads 0     # torch's own thread count in both (see below)
 
+The server and the command share one CPU core and the browser gets the others (``--no-pin`` leaves
+placement to the scheduler). Why: a user's browser draws on cores of its own; on this 2-core machine,
+unpinned, the browser's drawing (the live text, Streamlit's running indicator) lands on the
+server's core part of the time, and the page then decoded ~10% slower than the command although the
+loop and the engine are the same: the benchmark measured the scheduler, not the page.
+
 Both the app's server and the command run with ``--threads`` torch threads (1 by default). Why: the
 browser runs on the same machine as the server here, and a page run makes it draw while the engine
 decodes. With two OpenMP threads on a 2-core machine that anything else keeps busy, each parallel op
@@ -69,17 +75,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_core(pin: bool):
+    """A ``preexec_fn`` that keeps a child (the server, the command) on core 0, or None."""
+    return (lambda: os.sched_setaffinity(0, {0})) if pin else None
+
+
 def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 
 
-def start_app(runs: Path, threads: int) -> tuple[subprocess.Popen, str, Path]:
+def start_app(runs: Path, threads: int, pin: bool) -> tuple[subprocess.Popen, str, Path]:
     port = _free_port()
     log = runs / "console.log"
     env = {**thread_env(threads), "GPTLAB_RUNS": str(runs)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            preexec_fn=engine_core(pin))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -92,14 +104,14 @@ def start_app(runs: Path, threads: int) -> tuple[subprocess.Popen, str, Path]:
     raise SystemExit("streamlit did not start: " + log.read_text(errors="replace")[-2000:])
 
 
-def cli_run(model: str, prompt: str, n: int, seed: int, threads: int) -> tuple[float, int, str]:
+def cli_run(model: str, prompt: str, n: int, seed: int, threads: int, pin: bool) -> tuple[float, int, str]:
     """(tokens/s as the command prints it, tokens, completion text)."""
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "out.json"
         out = subprocess.run([sys.executable, "-m", "core", "generate", "--model", model, "--prompt", prompt,
                               "--max-new-tokens", str(n), "--seed", str(seed), "--json", str(saved)],
                              cwd=ROOT, env=thread_env(threads), capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, preexec_fn=engine_core(pin))
         m = CLI_LINE.search(out.stderr)
         if out.returncode != 0 or m is None:
             raise SystemExit(f"the command failed: {out.stderr[-2000:]}")
@@ -166,13 +178,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in the server and the command alike (0: torch's default); see above")
+    ap.add_argument("--no-pin", action="store_true", help="let the scheduler place server, command and browser")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
+    pin = not args.no_pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+    if pin:  # this process, Playwright's driver and the browser they start keep off core 0
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - {0})
+
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, log = start_app(Path(tmp), args.threads)
+        proc, url, log = start_app(Path(tmp), args.threads, pin)
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
@@ -190,7 +207,7 @@ def main() -> None:
                     seed = args.seed + i
                     enter(page, "spinbutton", "Seed", str(seed))
                     page.wait_for_timeout(1000)  # the browser and server idle before the command starts
-                    rate, tokens, completion = cli_run(args.model, args.prompt, n, seed, args.threads)
+                    rate, tokens, completion = cli_run(args.model, args.prompt, n, seed, args.threads, pin)
                     took = page_run(page, completion)
                     if i:
                         cli.append(rate)
@@ -223,13 +240,21 @@ def main() -> None:
             f"Compare mode, two settings of {n} tokens on the same prompt (engine, this process): decoded together "
             f"in one batched walk (core/generation/batched.py, as the page runs them) {both:.2f} s, one after the "
             f"other {one_by_one:.2f} s: **{one_by_one / both:.2f}x** faster together.\n")
-    body += ("\nWhere the page's time goes (timestamps in the page and the server, 2026-12-03, this machine, 1 thread): "
-             "from the click ~40 ms until the script reruns, ~80 ms drawing the page above the output, ~60 ms from "
-             "the call into the engine to its first token, then decoding at ~300 tokens/s against the command's "
-             "~480, with ~10 ms from the last token to the whole text on the page. The decoding gap is the server's "
-             "process sharing the 2 cores with the browser drawing the live text (the engine and the loop are the "
-             "command's). Before the live text was timed (a redraw per token) the same benchmark measured the page "
-             "at 74 tokens/s against 581 (0.13x).\n")
+    placed = ("the server and the command on core 0, the browser on the other cores" if pin else
+              "placement left to the scheduler")
+    body += (f"\nPlacement: {placed} (why: bench/generate_page.py).\n\n"
+             "Where the page's time goes (timestamps in the page and the server, 2026-12-04, this machine, 1 thread, "
+             "pinned): ~7 ms from the click until the script reruns, ~12-17 ms to the first token (sidebar, "
+             "controls, prompt encoding, prefill), decoding at the command's rate (~490 tokens/s; the live text "
+             "is redrawn every 80 ms, under 1.5 ms of the script's time per redraw), and 10-50 ms from the last "
+             "token to the whole text painted. Those ~30-70 ms of fixed cost, against ~0.4 s of decoding, are the "
+             "gap that remains. Unpinned, on this 2-core machine the browser's drawing shares the server's core "
+             "part of the time and the page decodes ~10% slower (0.79-1.02x in runs on a quiet machine, 0.48x "
+             "at a load average of 2.4). Streamlit's full garbage collection after every script run (~150-170 ms "
+             "with the interpreter lock held, once the model is loaded) is off, and the import-time heap is set "
+             "aside from the collector (.streamlit/config.toml, pages/parts/common.py): the page went from ~455 to "
+             "~475 tokens/s. Before the live text was timed (a redraw per token) the page measured 74 tokens/s "
+             "against 581 (0.13x).\n")
     print(body)
     if not args.no_write:
         write_section("Generate page vs command line (cpu)", body)

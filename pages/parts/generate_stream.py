@@ -3,9 +3,10 @@
 Why redraws are timed, not per token: each call into Streamlit builds a message, sends it to the
 browser and makes the browser lay the page out again; on a small model that costs more than a
 token, so redrawing per token made the page 5-20x slower than `python -m core generate` on the same
-model. The live text is redrawn at most every :data:`REDRAW_S` seconds (and the full result once at
-the end); a run's record is refreshed just before each redraw, so Stop, which Streamlit delivers at
-the page's next call into it, still keeps every token produced until then.
+model. The live text is redrawn at most every :data:`REDRAW_S` seconds, and once more the moment the
+last token is in (before the full result, whose token view takes longer to build); a run's record
+is refreshed just before each redraw, so Stop, which Streamlit delivers at the page's next call
+into it, still keeps every token produced until then.
 
 Compare mode decodes both settings in one batched walk (:mod:`core.generation.batched`) when
 neither uses beam search, so two settings take about the time of one.
@@ -64,15 +65,17 @@ def run_one(lm: LoadedModel, prompt: str, cfg: SamplingConfig, record: dict) -> 
     """Stream one generation into a live view below the caller's position, into ``record``."""
     live = st.empty()
     run = AUTOREGRESSIVE.start(lm, prompt, cfg)
-    pace, count = Pace(), 0
+    pace, count, drawn, completion = Pace(), 0, -1, ""
 
     def show(event) -> None:
-        nonlocal count
+        nonlocal count, drawn, completion
         if isinstance(event, TokenEvent):
-            count += 1
-            if pace.due():
-                record["result"] = run.result
-                draw_live(live, prompt, event.completion, count, cfg.max_new_tokens)
+            count, completion = count + 1, event.completion
+        # the whole text is drawn the moment it is complete: the result view below takes a while longer
+        if (isinstance(event, TokenEvent) and pace.due()) or (isinstance(event, Finished) and drawn != count):
+            record["result"] = run.result
+            draw_live(live, prompt, completion, count, cfg.max_new_tokens)
+            drawn = count
 
     stream_run(record, run, live, OUT_OF_MEMORY, show)
 

@@ -331,8 +331,9 @@ def test_live_view_is_redrawn_by_time_not_by_token(default_lm, monkeypatch):
     set_controls(at, max_new_tokens=60, seed=11)
     monkeypatch.setattr(generate_stream, "REDRAW_S", 3600.0)
     drawn = live_redraws(lambda: click_generate(at))
-    assert drawn == ["1 / 60 tokens…"]  # the first token, then nothing until the result
     want = generate(default_lm, PROMPT, SamplingConfig(max_new_tokens=60, seed=11))
+    # the first token, then nothing until the last one is in
+    assert drawn == ["1 / 60 tokens…", f"{len(want.tokens)} / 60 tokens…"]
     assert code(at) == shown(want.text)
     monkeypatch.setattr(generate_stream, "REDRAW_S", 0.0)
     drawn = live_redraws(lambda: click_generate(at))
