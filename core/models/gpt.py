@@ -6,6 +6,7 @@ bidirectional variant that the masked-diffusion objective trains.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,9 +45,18 @@ class CausalSelfAttention(nn.Module):
 def rotate(q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys ``(B, heads, T, d_head)`` of tokens at positions ``offset..`` turned by RoPE,
     so attention scores depend on how far apart two tokens are (a rotary GPT's only position signal)."""
-    pos = torch.arange(offset, offset + q.shape[-2], device=q.device)
-    cos, sin = rotary_cos_sin(pos, q.shape[-1], ROTARY_BASE, q.dtype)
+    cos, sin = _angles(offset, q.shape[-2], q.shape[-1], q.dtype, q.device, torch.is_inference_mode_enabled())
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+@functools.lru_cache(maxsize=16)
+def _angles(offset: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+            inference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions ``offset..offset+length``, made once per forward instead of once per
+    layer (every layer turns the same positions). ``inference`` is part of the key because a tensor
+    made under inference mode cannot be saved for a training step's backward."""
+    pos = torch.arange(offset, offset + length, device=device)
+    return rotary_cos_sin(pos, head_dim, ROTARY_BASE, dtype)
 
 
 class MLP(nn.Module):
