@@ -47,7 +47,6 @@ import torch
 from ..errors import LabError
 from ..generation.config import DiffusionConfig, SamplingConfig
 from ..generation.sampler import sampler_for
-from ..models.hooks import act_name
 from .config import EXPLAIN_MAX_NEW_TOKENS, EXPLAIN_TOP_FEATURES
 from .explain import BuiltinExplainer, Cited, Explainer, FeatureEvidence
 from .scoring import auc, score_feature
@@ -334,9 +333,11 @@ def denoising_steps(lm: "LoadedModel", tset: "TranscoderSet", result, layers: li
         state = result.states[s - 1]
         targets = [(p, result.states[s][p]) for p in revealed]
         _, attr, mean_lp = attribute(lm, tset, torch.tensor([state]), targets, layers)
-        scored = [(float(v), i, f) for i in layers for f, v in enumerate(attr[i].sum(0).tolist())]
-        scored.sort(reverse=True)
-        features = [StepFeature(layer=i, feature=f, attribution=v) for v, i, f in scored[:top_features] if v > 0]
+        per_feature = torch.stack([attr[i].sum(0) for i in layers])   # (layers, features)
+        best = per_feature.flatten().topk(min(top_features, per_feature.numel()))
+        width = per_feature.shape[1]
+        features = [StepFeature(layer=layers[j // width], feature=j % width, attribution=v)
+                    for v, j in zip(best.values.tolist(), best.indices.tolist()) if v > 0]
         read = render(tok, state[P:], state_masked(result, s - 1))
         yield DenoisingStepExplanation(step=s, read=read, revealed=[(p, tok.token_str(t)) for p, t in targets],
                                        features=features, mean_logprob=mean_lp)

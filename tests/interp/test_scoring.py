@@ -10,7 +10,7 @@ import pytest
 from core.interp import (BuiltinExplainer, Context, FeatureEvidence, FeatureStats, FeatureStore, RuleDetector,
                          RuleSimulator, balanced_accuracy, describe_store, detection_score,
                          interpretability_from_scores, quoted_tokens, simulation_score)
-from core.interp.scoring import auc, fuzz_windows, fuzzing_score, score_feature, score_label
+from core.interp.scoring import auc, fuzz_windows, fuzzing_score, score_label
 from core.interp.store import HIST_EDGES, Score
 
 VOCAB = [" the", " a", " king", " queen", " of", " and", " to", " my", " lord", " is", ",", ".", "\n", " dog"]
