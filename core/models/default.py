@@ -60,7 +60,7 @@ def held_out_loss(folder: Path) -> float:
     """The checkpoint's validation loss recomputed on its run's own validation set (the same windows,
     and for a diffusion model the same rates and masks, as the trainer's last validation)."""
     from ..training.data import prepare_data, validation_windows
-    from ..training.objective import sequence_bound, validation_masks
+    from ..training.objective import validation_loss_sum, validation_masks
 
     lm = load_model(str(folder))
     meta = lm.extra["training"]
@@ -70,19 +70,13 @@ def held_out_loss(folder: Path) -> float:
                         max_tokens=cfg.get("max_data_tokens"), log=lambda _: None)
     T = cfg["block_size"]
     windows = validation_windows(data.val, T, cfg["val_batches"] * cfg["batch_size"])
-    model, total = lm.model, 0.0
-    if lm.objective == "diffusion":
-        rates, masks = validation_masks(len(windows), T, cfg["seed"])
-    for i in range(0, len(windows), cfg["batch_size"]):
-        batch = windows[i:i + cfg["batch_size"]]
-        if lm.objective == "diffusion":
-            x0, mask = batch[:, :-1], masks[i:i + len(batch)]
-            mask_id = model.config.mask_token_id
-            total += sequence_bound(model(x0.masked_fill(mask, mask_id)), x0, mask, rates[i:i + len(batch)],
-                                    mask_id).double().sum().item()
-        else:
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-            total += loss.double().item() * len(batch)
+    model, total, B = lm.model, 0.0, cfg["batch_size"]
+    diffusion = lm.objective == "diffusion"
+    rates, masks = validation_masks(len(windows), T, cfg["seed"]) if diffusion else (None, None)
+    for i in range(0, len(windows), B):
+        total += validation_loss_sum(model, windows[i:i + B], lm.objective, model.config.mask_token_id,
+                                     rates[i:i + B] if diffusion else None,
+                                     masks[i:i + B] if diffusion else None).item()
     return total / len(windows)
 
 

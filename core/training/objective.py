@@ -96,3 +96,17 @@ def validation_masks(n_rows: int, seq_len: int, seed: int) -> tuple[torch.Tensor
     rates = validation_rates(n_rows)
     g = torch.Generator().manual_seed(seed + 1)
     return rates, torch.rand(n_rows, seq_len, generator=g) < rates[:, None]
+
+
+def validation_loss_sum(forward, batch: torch.Tensor, objective: str, mask_id: int | None = None,
+                        rates: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed loss (float64 scalar) of a validation ``batch`` of windows ``(B, T + 1)``: the
+    autoregressive cross-entropy per token times ``B``, or the diffusion bound of each sequence under
+    its fixed ``rates`` and ``masks``. One definition for the trainer's validation and for a saved
+    checkpoint's recomputation (core.models.default), so the two agree by construction.
+    ``forward`` is the model's call (the trainer's may be wrapped for DDP or FSDP)."""
+    if objective == "diffusion":
+        x0 = batch[:, :-1]
+        return sequence_bound(forward(x0.masked_fill(masks, mask_id)), x0, masks, rates, mask_id).double().sum()
+    _, loss = forward(batch[:, :-1], batch[:, 1:])
+    return loss.double() * len(batch)

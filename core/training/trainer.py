@@ -61,7 +61,7 @@ from .distributed import Dist, ensure_group, init_distributed
 from .memory import training_bytes
 from .metrics import flops_per_token, gpu_memory_gb, mfu, peak_flops
 from .parallel import build_sharded_gpt, check_fsdp_options, checkpoint_blocks, choose_parallel, full_value
-from .objective import diffusion_loss, sequence_bound, validation_masks
+from .objective import diffusion_loss, validation_loss_sum, validation_masks
 from .optim import Hyper, build_optimizers, resolve_hyper, set_lr
 from .schedules import lr_at
 from .trackers import TRACKING_DIR, Trackers, open_trackers
@@ -586,15 +586,12 @@ class Trainer:
                         self.fwd(self.val_pad[:, :-1].to(self.device))
                     continue
                 batch = self.val_windows[i:i + B].to(self.device)
+                diffusion = self.cfg.objective == "diffusion"
                 with self.autocast():
-                    if self.cfg.objective == "diffusion":
-                        x0, t = batch[:, :-1], self.val_rates[i:i + B].to(self.device)
-                        mask = self.val_masks[i:i + B].to(self.device)
-                        per_seq = sequence_bound(self.fwd(x0.masked_fill(mask, self.mask_id)), x0, mask, t, self.mask_id)
-                        total[0] += per_seq.sum().double()
-                    else:
-                        _, loss = self.fwd(batch[:, :-1], batch[:, 1:])
-                        total[0] += loss.double() * len(batch)
+                    total[0] += validation_loss_sum(
+                        self.fwd, batch, self.cfg.objective, self.mask_id,
+                        self.val_rates[i:i + B].to(self.device) if diffusion else None,
+                        self.val_masks[i:i + B].to(self.device) if diffusion else None)
                 total[1] += len(batch)
         finally:
             self.raw.train()
