@@ -15,8 +15,8 @@ from core.models.config import DTYPE_NAMES
 from core.models.loading import KNOWN_HUB_MODELS
 from core.models.shipped import shipped_names
 from pages.parts.common import (DEVICE_KEY, DTYPE_KEY, HOME, SPEC_KEY, TRUST_KEY, WORKBENCHES, checkpoint_specs,
-                                forget_outcome, freeze_startup_heap, load_outcome, model_from_url, model_to_url,
-                                spec_label, status_line)
+                                forget_outcome, load_outcome, model_from_url, model_to_url, spec_label, status_line)
+from pages.parts.server_process import prepare_server_process
 
 OTHER = "other…"
 CHOICE_KEY = "model_choice"        # the picker's selectbox
@@ -100,7 +100,7 @@ def model_sidebar() -> None:
             st.caption(status_line(model, error))
 
 
-freeze_startup_heap()
+prepare_server_process()
 st.set_page_config(page_title="GPT Lab", page_icon=":material/science:", layout="wide")
 pages = [st.Page(HOME.file, title=HOME.title, icon=HOME.icon, default=True)]
 pages += [st.Page(w.file, title=w.title, icon=w.icon) for w in WORKBENCHES if w.exists]

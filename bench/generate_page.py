@@ -7,7 +7,7 @@ settings; checked), interleaved so a noisy machine affects both alike. Goal: pag
 
     python bench/generate_page.py                 # the shipped default model, 200 new tokens
     python bench/generate_page.py --repeats 7 --no-write
-    python bench/generate_page.py --threads 0     # torch's own thread count in both (see below)
+    python bench/generate_page.py --threads 1     # OMP_NUM_THREADS=1 in the server and the command
 
 The server and the command share one CPU core and the browser gets the others (``--no-pin`` leaves
 placement to the scheduler). Why: a user's browser draws on cores of its own; on this 2-core machine,
@@ -15,13 +15,10 @@ unpinned, the browser's drawing (the live text, Streamlit's running indicator) l
 server's core part of the time, and the page then decoded ~10% slower than the command although the
 loop and the engine are the same: the benchmark measured the scheduler, not the page.
 
-Both the app's server and the command run with ``--threads`` torch threads (1 by default). Why: the
-browser runs on the same machine as the server here, and a page run makes it draw while the engine
-decodes. With two OpenMP threads on a 2-core machine that anything else keeps busy, each parallel op
-waits for a thread the scheduler has given away: measured on this shared machine, decoding the
-default model ran ~10x slower with 2 threads than with 1 whenever other work was running. The
-command, alone in its process, dodges that; the page, with its browser beside it, cannot. Equal
-threads in both compare the page with its engine, not with the machine's scheduler.
+Threads: each side's own choice unless ``--threads N`` sets both. The app's server leaves a core to
+the browser (pages/parts/server_process.py: with one torch thread per core, a parallel operation
+waits for the thread the browser's drawing pushed off its core, and the page decoded 2-4x slower);
+the command keeps torch's default. Pinned to one core, both take 1 thread.
 
 Needs Debian's chromium and Playwright (as the real-browser tests do).
 """
@@ -44,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import write_section  # noqa: E402
+from pages.parts.server_process import usable_cores  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 GOAL = 0.9
@@ -176,8 +174,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in the server and the command alike (0: torch's default); see above")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in the server and the command alike (0: each one's own choice); see above")
     ap.add_argument("--no-pin", action="store_true", help="let the scheduler place server, command and browser")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
@@ -220,17 +218,18 @@ def main() -> None:
     load = os.getloadavg()[0]
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # this process may be pinned off core 0 (with fewer cores than torch counted when it started)
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), usable_cores()))
     both, one_by_one = compare_walks(args.model, args.prompt, n, args.seed, args.repeats)
     c, w = statistics.median(cli), statistics.median(web)
-    threads = args.threads or f"torch's default ({torch.get_num_threads()})"
+    threads = (f"{args.threads} torch thread(s) in both" if args.threads else
+               "each one's own torch threads (on one core: 1 each)" if pin else "each one's own torch threads")
     ratio = w / c
     body = (f"The shipped `{args.model}` model, prompt {args.prompt!r}, {n} new tokens ({min(counts)}-{max(counts)} "
             f"before an end-of-text), seeds {args.seed + 1}-{args.seed + args.repeats} (sampling, top-5 alternatives recorded); median of {args.repeats} interleaved runs. The page is "
             f"timed in headless Chromium at 1400 px from the click on Generate to the whole completion on the "
-            f"page; the command line's figure is the tokens/s it prints (its engine, model loaded). Both run with "
-            f"{threads} torch thread(s) (why: bench/generate_page.py). Each round "
+            f"page; the command line's figure is the tokens/s it prints (its engine, model loaded). Threads: "
+            f"{threads} (why: bench/generate_page.py). Each round "
             f"runs the command, then the page, with the same seed: the page must show the command's text.\n\n"
             f"| generator | tokens/s (median) | runs |\n|---|---:|---|\n"
             f"| `python -m core generate` | {c:.0f} | {', '.join(f'{r:.0f}' for r in cli)} |\n"
@@ -248,12 +247,13 @@ def main() -> None:
              "controls, prompt encoding, prefill), decoding at the command's rate (~490 tokens/s; the live text "
              "is redrawn every 80 ms, under 1.5 ms of the script's time per redraw), and 10-50 ms from the last "
              "token to the whole text painted. Those ~30-70 ms of fixed cost, against ~0.4 s of decoding, are the "
-             "gap that remains. Unpinned, on this 2-core machine the browser's drawing shares the server's core "
-             "part of the time and the page decodes ~10% slower (0.79-1.02x in runs on a quiet machine, 0.48x "
-             "at a load average of 2.4). Streamlit's full garbage collection after every script run (~150-170 ms "
+             "gap that remains. Unpinned, on this 2-core machine the command takes both cores (torch's 2 threads: "
+             "646 tokens/s in one run of 5 rounds) while the page's server leaves one to the browser (423, 0.65x); "
+             "with 2 threads beside the drawing browser the page wrote 72-246 tokens/s "
+             "(pages/parts/server_process.py). Streamlit's full garbage collection after every script run (~150-170 ms "
              "with the interpreter lock held, once the model is loaded) is off, and the import-time heap is set "
-             "aside from the collector (.streamlit/config.toml, pages/parts/common.py): the page went from ~455 to "
-             "~475 tokens/s. Before the live text was timed (a redraw per token) the page measured 74 tokens/s "
+             "aside from the collector (.streamlit/config.toml, pages/parts/server_process.py): the page went from "
+             "~455 to ~475 tokens/s. Before the live text was timed (a redraw per token) the page measured 74 tokens/s "
              "against 581 (0.13x).\n")
     print(body)
     if not args.no_write:

@@ -7,7 +7,6 @@ Other pages may open a model elsewhere by setting ``st.session_state[SPEC_KEY]``
 """
 from __future__ import annotations
 
-import gc
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,25 +88,6 @@ def model_request() -> tuple[str, str, str, bool]:
     ss = st.session_state
     return (str(ss.get(SPEC_KEY) or "default").strip() or "default", ss.get(DEVICE_KEY, "cpu"),
             ss.get(DTYPE_KEY, DEFAULT_DTYPE), bool(ss.get(TRUST_KEY, False)))
-
-
-_HEAP_FROZEN = False
-
-
-def freeze_startup_heap() -> None:
-    """Once per server process: set what the imports built (torch, transformers, Streamlit: ~300,000
-    objects that live as long as the process) aside from the cyclic garbage collector.
-
-    Why: a full collection walks every tracked object, ~110 ms for the imports alone on this CPU,
-    and it holds the interpreter lock meanwhile, so a page's messages wait behind it. Streamlit's
-    collection after every script run is off in .streamlit/config.toml (``runner.postScriptGC``)
-    for the same reason; the collections Python starts by itself remain and now skip this part of
-    the heap. Models are not frozen: a model the cache drops must stay collectable."""
-    global _HEAP_FROZEN
-    if not _HEAP_FROZEN:
-        gc.collect()  # only what is alive is set aside
-        gc.freeze()
-        _HEAP_FROZEN = True
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading model…")
