@@ -57,6 +57,16 @@ def loss_chart(page):
     return page.locator("[data-testid=stVegaLiteChart]").first
 
 
+def drawn_box(locator, timeout_s: float = 20.0) -> dict:
+    """The element's box once it is drawn: a chart redrawn after a click is briefly replaced, and
+    a box asked for in that moment is None."""
+    deadline = time.monotonic() + timeout_s
+    while (box := locator.bounding_box()) is None:
+        assert time.monotonic() < deadline, "the chart was not drawn again"
+        locator.page.wait_for_timeout(50)
+    return box
+
+
 def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(server, page, tmp_path):
     _open(page, server, "training", "spinbutton", "Max steps")
     launch(page, "1")
@@ -74,7 +84,7 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     _settle(page)
     page.wait_for_timeout(1500)  # the charts finish drawing
 
-    chart = loss_chart(page).bounding_box()
+    chart = drawn_box(loss_chart(page))
     picker = page.locator("[data-testid=stMultiSelect]").filter(has_text="Show runs").bounding_box()
     assert abs(chart["width"] - picker["width"]) < 4  # the chart spans the page, as wide as the run picker above it
     assert LOSS_HEIGHT + 60 <= chart["height"] <= LOSS_HEIGHT + 300, chart  # the plot's height, axis and legend below
@@ -98,7 +108,7 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     for label in ("tokens seen", "training time"):
         page.get_by_text(label, exact=True).first.click()
         _settle(page)
-        box = loss_chart(page).bounding_box()
+        box = drawn_box(loss_chart(page))
         assert abs(box["height"] - chart["height"]) < 2 and abs(box["width"] - chart["width"]) < 2
     # line layers drawn (Vega draws one group per layer and run, named after the layer)
     line_layers = "el => new Set([...el.querySelectorAll('svg .mark-line')].map(e => e.getAttribute('class'))).size"
@@ -112,7 +122,7 @@ def test_dashboard_overlays_two_runs_with_a_legend_below_fixed_height_plots(serv
     assert page.get_by_test_id("stSliderThumbValue").first.inner_text() == "0.60"
     page.wait_for_function(f"() => ({line_layers})(document.querySelector('[data-testid=stVegaLiteChart]')) == 3",
                            timeout=30_000)  # the raw curve joins, faint, behind the smoothed one
-    box = loss_chart(page).bounding_box()
+    box = drawn_box(loss_chart(page))
     assert abs(box["height"] - chart["height"]) < 2
     _no_exception(page)
     show_controls_and_chart(page)
