@@ -173,18 +173,26 @@ def test_one_process_fsdp_checkpoint_resumes_exactly_on_two_processes(corpus, re
     assert read_status(run)["state"] == "finished"
 
 
+def _children(parent: int) -> list[int]:
+    """The pids of a running process's children (none once it is gone)."""
+    try:
+        return [int(pid) for task in Path(f"/proc/{parent}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    except OSError:
+        return []
+
+
 def _worker_with_rank(parent: int, rank: int, timeout: float = 60) -> int:
     """The pid of torchrun's worker process with RANK=rank."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            for pid in (task / "children").read_text().split():
-                try:
-                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if f"RANK={rank}".encode() in env:
-                    return int(pid)
+        for pid in _children(parent):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
         time.sleep(0.2)
     raise AssertionError(f"no worker with RANK={rank}")
 
@@ -220,7 +228,12 @@ def test_a_killed_rank_fails_the_run_with_a_sentence_and_the_run_resumes(corpus)
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:   # the test failed with the run still going: its workers go too
+            for pid in _children(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     before = {m["step"]: m["train_loss"] for m in read_metrics(run)}
