@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import write_section  # noqa: E402
-from pages.parts.server_process import usable_cores  # noqa: E402
+from core.devices import usable_cores  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 GOAL = 0.9

@@ -1,12 +1,22 @@
 """Device and dtype choice, shared by every command and page."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import LabError, fmt_bytes
 from .models.config import DEFAULT_DTYPE, DTYPE_NAMES
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are stated once, torch-free
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the system tells it, which a
+    container or `taskset` narrows below the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def available_devices() -> list[str]:

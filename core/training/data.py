@@ -40,6 +40,7 @@ import torch
 from tokenizers import Tokenizer as _Tok
 
 from ..corpus import SPEAKER_FORMAT, shakespeare_files, shakespeare_texts
+from ..devices import usable_cores
 from ..errors import LabError, first_line, shorten
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text, parse_json
 from ..jobs.process import process_alive, this_host
@@ -536,8 +537,7 @@ def _build_cache(source: TextSource, tokenizer_path: Path, folder: Path, val_fra
     try:
         router = _SplitRouter(tmp, dtype, val_fraction)
         seen, docs = 0, 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        log(f"tokenising {source.label} with {tok.name} on {cores} core(s)")
+        log(f"tokenising {source.label} with {tok.name} on {usable_cores()} core(s)")
         for ids, ends in encoded_pieces(source, tokenizer_path):
             if ends:
                 docs += 1

@@ -579,6 +579,7 @@ class Trainer:
         # under FSDP every rank runs the same number of forward passes (each gathers weights with
         # the others); a rank with fewer windows runs its last batch again and does not count it
         rows = self.val_rows if self.parallel == "fsdp" else len(self.val_windows)
+        diffusion = self.cfg.objective == "diffusion"
         try:
             for i in range(0, rows, B):
                 if i >= len(self.val_windows):
@@ -586,7 +587,6 @@ class Trainer:
                         self.fwd(self.val_pad[:, :-1].to(self.device))
                     continue
                 batch = self.val_windows[i:i + B].to(self.device)
-                diffusion = self.cfg.objective == "diffusion"
                 with self.autocast():
                     total[0] += validation_loss_sum(
                         self.fwd, batch, self.cfg.objective, self.mask_id,

@@ -22,14 +22,9 @@ import os
 
 import torch
 
+from core.devices import usable_cores
+
 _PREPARED = False
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def server_threads(default: int, cores: int) -> int:

@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from core.devices import usable_cores
 from pages.parts import server_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def _threads_after_prepare(env: dict) -> int:
 
 def test_prepare_sets_the_threads_unless_the_user_chose_them():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    cores = server_process.usable_cores()
+    cores = usable_cores()
     assert _threads_after_prepare(env) == server_process.server_threads(4, cores)
     assert _threads_after_prepare({**env, "OMP_NUM_THREADS": "3"}) == 4   # the user's setting is left alone
 
